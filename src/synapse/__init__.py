@@ -1,0 +1,15 @@
+"""Synapse: continual learning for the PyTorch training loop you already have.
+
+Replace ``loss.backward()`` with ``synapse.backward(loss, targets, inputs=inputs)``::
+
+    from synapse.rehearsal import ER
+    synapse = ER(model, buffer_size=500, buffer_sample_size=32, alpha=0.3, beta=0.5, method="der++")
+"""
+
+from ._base import Synapse
+from .buffer import ReservoirBuffer
+from .tasks import Task, TaskDict
+
+__all__ = ["Synapse", "TaskDict", "Task", "ReservoirBuffer", "__version__"]
+
+__version__ = "0.1.0"

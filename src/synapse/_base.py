@@ -1,0 +1,202 @@
+"""The one contract every method implements: ``backward``, ``end_task`` and the state dict."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Dict, List, Mapping, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ._validation import check_loss, check_targets_and_inputs, check_positive_int
+from .buffer import ReservoirBuffer, fresh_seed
+
+__all__ = ["Synapse", "BufferedSynapse", "unwrap_model"]
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module that really runs ``forward``: through DDP/DataParallel and ``torch.compile`` wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod  # type: ignore[assignment]
+        else:
+            return model
+
+
+def distributed_world() -> int:
+    """The world size when torch.distributed is running, else 1."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class Synapse(ABC):
+    """Base class of all continual-learning methods.
+
+    A method turns the user's ``loss.backward()`` into ``synapse.backward(loss, targets, **inputs)``.
+    Subclasses implement :meth:`_backward` (and optionally :meth:`_check`, :meth:`_end_task`,
+    :meth:`_method_state` and :meth:`_load_method_state`); validation, step counting, task bookkeeping,
+    the GradScaler and the state dict live here.
+
+    Args:
+        model: the model being trained; a DDP- or ``torch.compile``-wrapped model works too.
+        scaler: a ``torch.amp.GradScaler`` when training with mixed precision. ``backward`` then scales
+            the total loss itself: pass it the *unscaled* loss.
+    """
+
+    def __init__(self, model: nn.Module, *, scaler: Optional[torch.amp.GradScaler] = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ValueError("model has no parameters that require grad")
+        if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+            raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
+        self.model = model
+        self.module = unwrap_model(model)
+        self.scaler = scaler
+        self.num_steps = 0
+        self.num_tasks_ended = 0
+
+    # ------------------------------------------------------------------ public API
+    def backward(self, loss: Tensor, targets: Tensor, **model_inputs: Tensor) -> None:
+        """Use instead of ``loss.backward()``.
+
+        Args:
+            loss: the scalar loss of the current batch, unscaled.
+            targets: the batch's class indices, shape ``(batch,)``.
+            **model_inputs: the batch's inputs, named as ``model.forward``'s parameters
+                (``inputs=inputs`` for ``forward(self, inputs)``).
+
+        Everything is checked before any state changes: a rejected call leaves the object as it was.
+        """
+        check_loss(loss)
+        check_targets_and_inputs(targets, model_inputs)
+        self._check(loss, targets, model_inputs)
+        self._backward(loss, targets, model_inputs)
+        self.num_steps += 1
+
+    def end_task(self) -> None:
+        """Tell the method a task just ended (optional: every method also works task-free)."""
+        self._end_task()
+        self.num_tasks_ended += 1
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Counters, memories, importance tensors and RNG state: enough to resume bit-identically."""
+        return {
+            "method": type(self).__name__,
+            "num_steps": self.num_steps,
+            "num_tasks_ended": self.num_tasks_ended,
+            "state": self._method_state(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; tensors move to the model's current device."""
+        if not isinstance(state, Mapping) or "method" not in state or "state" not in state:
+            raise ValueError("not a Synapse state dict: expected keys 'method', 'num_steps', 'state'")
+        if state["method"] != type(self).__name__:
+            raise ValueError(f"state dict is for {state['method']}, but this object is {type(self).__name__}")
+        self._load_method_state(state["state"])
+        self.num_steps = int(state["num_steps"])
+        self.num_tasks_ended = int(state["num_tasks_ended"])
+
+    # ------------------------------------------------------------------ helpers for methods
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    def trainable_parameters(self) -> List[nn.Parameter]:
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+    def _run_backward(self, loss: Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def _grad_scale(self) -> Optional[Tensor]:
+        """The scaler's current scale as a device tensor (no sync), or None without a scaler."""
+        if self.scaler is None or not self.scaler.is_enabled():
+            return None
+        return self.scaler._get_scale_async()  # the public get_scale() would sync with .item()
+
+    # ------------------------------------------------------------------ hooks for methods
+    def _check(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
+        """Method-specific validation; must not mutate."""
+
+    @abstractmethod
+    def _backward(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
+        """Run the backward pass(es) for one step, leaving the final gradients in ``.grad``."""
+
+    def _end_task(self) -> None:
+        pass
+
+    def _method_state(self) -> Dict[str, Any]:
+        return {}
+
+    def _load_method_state(self, state: Mapping[str, Any]) -> None:
+        pass
+
+
+class BufferedSynapse(Synapse):
+    """A method with a :class:`ReservoirBuffer` of past inputs and targets (and whatever else it stores).
+
+    Each rank of a distributed run keeps its own reservoir of its own data stream, so the memory of a
+    run is ``world_size * buffer_size`` items; no communication is needed to insert or sample.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        buffer_size: int,
+        buffer_sample_size: int,
+        *,
+        scaler: Optional[torch.amp.GradScaler] = None,
+    ) -> None:
+        check_positive_int("buffer_size", buffer_size)
+        check_positive_int("buffer_sample_size", buffer_sample_size)
+        super().__init__(model, scaler=scaler)
+        self.buffer_sample_size = buffer_sample_size
+        rank = dist.get_rank() if distributed_world() > 1 else 0
+        # Offsetting by rank decorrelates the ranks' reservoirs under one global seed.
+        self.buffer = ReservoirBuffer(buffer_size, seed=(fresh_seed() + rank) % 2**62)
+        self._input_names: Optional[tuple] = None
+
+    def _check(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
+        if self._input_names is not None and tuple(model_inputs) != self._input_names:
+            raise ValueError(
+                f"model inputs {tuple(model_inputs)} differ from those of earlier steps {self._input_names}"
+            )
+        self.buffer.check_batch(self._stored_items(targets, model_inputs, check_only=True))
+
+    def _stored_items(
+        self, targets: Tensor, model_inputs: Mapping[str, Tensor], check_only: bool = False
+    ) -> Dict[str, Tensor]:
+        """The named tensors one step stores; ``check_only`` builds them for validation alone."""
+        items = {f"input:{k}": v for k, v in model_inputs.items()}
+        items["targets"] = targets
+        return items
+
+    def _store(self, targets: Tensor, model_inputs: Mapping[str, Tensor], keep: Optional[Tensor] = None) -> None:
+        self._input_names = tuple(model_inputs)
+        self._follow_model_device()
+        self.buffer.add(self._stored_items(targets, model_inputs), keep=keep)
+
+    def _follow_model_device(self) -> None:
+        if self.buffer.device is not None and self.buffer.device != self.device:
+            self.buffer.to(self.device)
+
+    def _sample(self, num_minibatches: int = 1) -> Dict[str, Tensor]:
+        """``num_minibatches`` independent minibatches, stacked along a leading dimension."""
+        self._follow_model_device()
+        return self.buffer.gather(self.buffer.sample_indices(self.buffer_sample_size, num_minibatches))
+
+    @staticmethod
+    def _inputs_of(sample: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+        return {k[len("input:"):]: v for k, v in sample.items() if k.startswith("input:")}
+
+    def _method_state(self) -> Dict[str, Any]:
+        return {"buffer": self.buffer.state_dict(), "input_names": list(self._input_names or [])}
+
+    def _load_method_state(self, state: Mapping[str, Any]) -> None:
+        if "buffer" not in state:
+            raise ValueError("state dict has no 'buffer'")
+        self.buffer.load_state_dict(state["buffer"], device=self.device)
+        self._input_names = tuple(state.get("input_names") or ()) or None

@@ -1,0 +1,63 @@
+"""Argument checks shared by every public constructor and by ``backward``.
+
+Each raises before anything is mutated, and names the argument, the value and what is accepted.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+
+def check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_non_negative(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def check_positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def check_loss(loss: Any) -> None:
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"loss must be a torch.Tensor, got {type(loss).__name__}")
+    if loss.numel() != 1 or loss.dim() > 1:
+        raise ValueError(f"loss must be a scalar tensor, got shape {tuple(loss.shape)}; reduce it first")
+    if not loss.requires_grad:
+        raise ValueError(
+            "loss does not require grad: was it computed under torch.no_grad() or from detached outputs?"
+        )
+
+
+def check_targets_and_inputs(targets: Any, model_inputs: Mapping[str, Any]) -> int:
+    """Check class-index targets and tensor inputs that share one batch size; return it."""
+    if not isinstance(targets, Tensor):
+        raise TypeError(f"targets must be a torch.Tensor of class indices, got {type(targets).__name__}")
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise TypeError(f"targets must hold integer class indices, got dtype {targets.dtype}")
+    if targets.dim() != 1:
+        raise ValueError(f"targets must be 1-d (batch,), got shape {tuple(targets.shape)}")
+    if not model_inputs:
+        raise ValueError(
+            "pass the model's inputs as keyword arguments named like model.forward's parameters, "
+            "e.g. synapse.backward(loss, targets, inputs=inputs)"
+        )
+    batch = targets.shape[0]
+    for name, value in model_inputs.items():
+        if not isinstance(value, Tensor):
+            raise TypeError(f"model input {name!r} must be a torch.Tensor, got {type(value).__name__}")
+        if value.dim() == 0 or value.shape[0] != batch:
+            raise ValueError(
+                f"model input {name!r} has batch size {value.shape[0] if value.dim() else 'none'}, "
+                f"but targets has {batch}"
+            )
+    return batch

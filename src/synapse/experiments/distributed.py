@@ -1,0 +1,58 @@
+"""torchrun support: process-group setup from the environment torchrun provides."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_from_env(device: str) -> World:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); NCCL on GPUs, gloo on CPU."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return World()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend=backend, timeout=timedelta(minutes=10))
+    return World(rank, size, local_rank)
+
+
+def device_for(requested: str, world: World) -> torch.device:
+    """``auto`` picks CUDA when present; each torchrun process takes its own local GPU."""
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(requested)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", world.local_rank % max(torch.cuda.device_count(), 1))
+        torch.cuda.set_device(device)
+    return device
+
+
+def any_rank(flag: bool, world: World, device: torch.device) -> bool:
+    """True on every rank if ``flag`` is True on any rank (so all ranks stop at the same step)."""
+    if world.size == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

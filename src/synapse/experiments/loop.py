@@ -1,0 +1,131 @@
+"""One training loop and one evaluation, shared by joint, sequential and continual runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from synapse import Synapse
+
+
+def random_crop_flip(images: Tensor, generator: torch.Generator, padding: int = 4) -> Tensor:
+    """Random crop after zero-padding and random horizontal flip, for a whole uint8 batch at once."""
+    n, c, h, w = images.shape
+    padded = F.pad(images, (padding, padding, padding, padding))
+    offsets = torch.randint(0, 2 * padding + 1, (2, n), generator=generator).to(images.device)
+    flips = (torch.rand(n, generator=generator) < 0.5).to(images.device)
+    rows = (offsets[0].unsqueeze(1) + torch.arange(h, device=images.device)).view(n, 1, h, 1)
+    cols = offsets[1].unsqueeze(1) + torch.arange(w, device=images.device)
+    cols = torch.where(flips.unsqueeze(1), cols.flip(1), cols).view(n, 1, 1, w)
+    batch = torch.arange(n, device=images.device).view(n, 1, 1, 1)
+    channel = torch.arange(c, device=images.device).view(1, c, 1, 1)
+    return padded[batch, channel, rows, cols]
+
+
+def shard(indices: Tensor, rank: int, world: int) -> Tensor:
+    """This rank's share of ``indices``, padded by wrapping so every rank gets as many (DistributedSampler's rule)."""
+    if world == 1:
+        return indices
+    total = -(-len(indices) // world) * world
+    padded = torch.cat([indices, indices[: total - len(indices)]]) if total > len(indices) else indices
+    return padded[rank::world]
+
+
+@dataclass
+class EpochResult:
+    loss_sum: float
+    correct: int
+    seen: int
+    completed: bool  # False when a stop was requested mid-epoch
+    next_batch: int
+
+
+def train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    synapse: Optional[Synapse],
+    images: Tensor,
+    labels: Tensor,
+    order: Tensor,
+    batch_size: int,
+    start_batch: int,
+    augment: bool,
+    generator: torch.Generator,
+    should_stop: Callable[[], bool],
+    on_step: Callable[[], None],
+) -> EpochResult:
+    """Train over ``order`` from batch ``start_batch``; stop early (resumably) when ``should_stop()``."""
+    model.train()
+    device = next(model.parameters()).device
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen = 0
+    num_batches = -(-len(order) // batch_size)
+    batch_index = start_batch
+    while batch_index < num_batches:
+        if should_stop():
+            break
+        idx = order[batch_index * batch_size : (batch_index + 1) * batch_size]
+        inputs = images[idx].to(device, non_blocking=True)
+        targets = labels[idx].to(device, non_blocking=True)
+        if augment:
+            inputs = random_crop_flip(inputs, generator)
+        outputs = model(inputs)
+        loss = F.cross_entropy(outputs, targets)
+        optimizer.zero_grad(set_to_none=True)
+        if synapse is None:
+            loss.backward()
+        else:
+            synapse.backward(loss, targets, inputs=inputs)
+        optimizer.step()
+        # Accumulated on the device: one host sync per epoch, not per step.
+        loss_sum += loss.detach() * len(idx)
+        correct += (outputs.detach().argmax(1) == targets).sum()
+        seen += len(idx)
+        batch_index += 1
+        on_step()
+    return EpochResult(float(loss_sum), int(correct), seen, batch_index >= num_batches, batch_index)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    test_sets: Sequence[Tuple[Tensor, Tensor]],
+    task_classes: Sequence[Sequence[int]],
+    batch_size: int = 512,
+    rank: int = 0,
+    world: int = 1,
+    progress: Callable[[Iterable], Iterable] = lambda it: it,
+) -> Tuple[List[float], List[float]]:
+    """Class-IL and Task-IL accuracy (fractions) on each task's test set.
+
+    Class-IL takes the argmax over all classes; Task-IL only over the task's own classes. In a
+    distributed run each rank scores a shard and the counts are summed, so the result covers the
+    whole test set exactly once.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    counts = torch.zeros(len(test_sets), 3, dtype=torch.int64, device=device)  # class-il, task-il, total
+    for t in progress(range(len(test_sets))):
+        images, labels = test_sets[t]
+        own = torch.as_tensor(list(task_classes[t]), device=device)
+        mine = torch.arange(rank, len(labels), world)  # every sample exactly once across ranks
+        for start in range(0, len(mine), batch_size):
+            idx = mine[start : start + batch_size]
+            x, y = images[idx].to(device), labels[idx].to(device)
+            logits = model(x)
+            counts[t, 0] += (logits.argmax(1) == y).sum()
+            counts[t, 1] += (own[logits.index_select(1, own).argmax(1)] == y).sum()
+            counts[t, 2] += len(idx)
+    if world > 1:
+        dist.all_reduce(counts)
+    model.train(was_training)
+    c = counts.cpu().double()
+    total = c[:, 2].clamp_min(1)
+    return (c[:, 0] / total).tolist(), (c[:, 1] / total).tolist()

@@ -1,0 +1,117 @@
+"""What a run shows and writes: per-task tables, the summary, results.json, the plot and the epoch log."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+from synapse import metrics
+
+SETTINGS = ("class_il", "task_il")
+LABELS = {"class_il": "Class-IL", "task_il": "Task-IL"}
+
+
+def accuracy_table(rows: Mapping[str, Sequence[Sequence[float]]], task_names: Sequence[str]) -> str:
+    """The latest row of each accuracy matrix, as percentages, one line per setting."""
+    width = max(7, *(len(n) for n in task_names))
+    header = f"{'':<9}" + "".join(f"{n:>{width + 1}}" for n in task_names) + f"{'mean':>{width + 1}}"
+    lines = [header]
+    for setting in SETTINGS:
+        last = rows[setting][-1]
+        cells = "".join(f"{100 * a:>{width + 1}.2f}" for a in last)
+        lines.append(f"{LABELS[setting]:<9}{cells}{100 * sum(last) / len(last):>{width + 1}.2f}")
+    return "\n".join(lines)
+
+
+def summarize(
+    accuracy: Mapping[str, List[List[float]]], untrained: Optional[Mapping[str, List[float]]]
+) -> Dict[str, Dict[str, Optional[float]]]:
+    """All metrics for both settings. Forgetting, BWT and FWT need one row per task (not joint runs)."""
+    out: Dict[str, Dict[str, Optional[float]]] = {
+        k: {} for k in ("average_accuracy", "average_incremental_accuracy", "forgetting", "bwt", "fwt")
+    }
+    for s in SETTINGS:
+        r = accuracy[s]
+        square = len(r) == len(r[-1])
+        out["average_accuracy"][s] = sum(r[-1]) / len(r[-1])
+        out["average_incremental_accuracy"][s] = metrics.average_incremental_accuracy(r) if square else None
+        out["forgetting"][s] = metrics.forgetting(r) if square else None
+        out["bwt"][s] = metrics.backward_transfer(r) if square else None
+        out["fwt"][s] = metrics.forward_transfer(r, untrained[s]) if square and untrained else None
+    return out
+
+
+def summary_text(summary: Mapping[str, Mapping[str, Optional[float]]], wall_time_s: float) -> str:
+    names = {
+        "average_accuracy": "final average accuracy",
+        "average_incremental_accuracy": "average incremental accuracy",
+        "forgetting": "forgetting",
+        "bwt": "backward transfer (BWT)",
+        "fwt": "forward transfer (FWT)",
+    }
+    lines = [f"{'':<30}{'Class-IL':>10}{'Task-IL':>10}"]
+    for key, label in names.items():
+        cells = "".join(
+            f"{'n/a':>10}" if summary[key][s] is None else f"{100 * summary[key][s]:>10.2f}"  # type: ignore[operator]
+            for s in SETTINGS
+        )
+        lines.append(f"{label:<30}{cells}")
+    lines.append(f"wall time: {wall_time_s:.1f} s")
+    return "\n".join(lines)
+
+
+def write_results(path: str, results: Mapping[str, Any]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=2)
+    os.replace(tmp, path)
+
+
+def write_epoch_log(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
+    fields = ["task", "epoch", "train_loss", "train_accuracy", "validation_accuracy", "seconds"]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row.get(k, "") for k in fields})
+
+
+def plot_accuracy(path: str, accuracy: Mapping[str, List[List[float]]], title: str) -> None:
+    """Both accuracy matrices as heatmaps, and the average accuracy after each task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for ax, s in zip(axes[:2], SETTINGS):
+        r = accuracy[s]
+        image = ax.imshow([[100 * a for a in row] for row in r], vmin=0, vmax=100, cmap="viridis")
+        ax.set_title(f"{LABELS[s]} accuracy (%)")
+        ax.set_xlabel("evaluated on task")
+        ax.set_ylabel("after training task")
+        ax.set_xticks(range(len(r[0])))
+        ax.set_yticks(range(len(r)))
+        for i, row in enumerate(r):
+            for j, a in enumerate(row):
+                ax.text(j, i, f"{100 * a:.0f}", ha="center", va="center", color="w" if a < 0.6 else "k", fontsize=8)
+        fig.colorbar(image, ax=ax, fraction=0.046)
+    ax = axes[2]
+    for s in SETTINGS:
+        r = accuracy[s]
+        seen = [100 * sum(row[: i + 1]) / (i + 1) for i, row in enumerate(r)] if len(r) == len(r[0]) else [
+            100 * sum(r[-1]) / len(r[-1])
+        ]
+        ax.plot(range(1, len(seen) + 1), seen, marker="o", label=LABELS[s])
+    ax.set_title("average accuracy on tasks seen so far")
+    ax.set_xlabel("tasks trained")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

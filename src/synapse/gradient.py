@@ -1,0 +1,95 @@
+"""Gradient constraints and projection: A-GEM."""
+
+from __future__ import annotations
+
+from typing import List, Mapping, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._base import BufferedSynapse, distributed_world
+from ._flat import FlatSpace
+from .functional import project_conflicting_
+
+__all__ = ["AGEM"]
+
+
+class AGEM(BufferedSynapse):
+    """Averaged Gradient Episodic Memory (Chaudhry et al. 2019, "Efficient Lifelong Learning with A-GEM").
+
+    Each step computes a reference gradient ``r`` of the cross-entropy on a minibatch from the memory.
+    If the current gradient ``g`` conflicts with it (``g.r < 0``) the applied gradient is the projection
+    ``g - (g.r / r.r) r`` (the paper's eq. 11), otherwise ``g`` itself. The choice is a clamp on the
+    device, never a Python branch on a GPU value, and both gradients live in flat workspaces allocated
+    once.
+
+    Deviation from the paper: the memory is a reservoir sample of the stream (as in the DER paper's
+    A-GEM baseline) rather than a per-task episodic memory filled at task ends, so the method works
+    without task boundaries.
+
+    Under DistributedDataParallel the current gradient is already averaged by DDP; the reference
+    gradient is all-reduced here, so every rank projects with the same two vectors.
+
+    Args:
+        model: the model being trained (may be wrapped in DDP or ``torch.compile``).
+        buffer_size: items kept in the reservoir (per rank in a distributed run).
+        buffer_sample_size: items in the reference minibatch.
+        scaler: a ``torch.amp.GradScaler`` for mixed precision; pass the unscaled loss to ``backward``.
+
+    Example:
+        >>> synapse = AGEM(model, buffer_size=500, buffer_sample_size=128)
+        >>> synapse.backward(loss, targets, inputs=inputs)   # instead of loss.backward()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        buffer_size: int = 1024,
+        buffer_sample_size: int = 32,
+        *,
+        scaler: Optional[torch.amp.GradScaler] = None,
+    ) -> None:
+        super().__init__(model, buffer_size, buffer_sample_size, scaler=scaler)
+        self._params: List[nn.Parameter] = self.trainable_parameters()
+        self._reference: Optional[FlatSpace] = None
+        self._current: Optional[FlatSpace] = None
+
+    def _workspaces(self) -> tuple:
+        if self._reference is None or self._reference.flat.device != self.device:
+            self._reference = FlatSpace(self._params)
+            self._current = FlatSpace(self._params)
+        return self._reference, self._current
+
+    def _backward(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
+        has_memory = len(self.buffer) > 0
+        if has_memory:
+            reference, current = self._workspaces()
+            self._reference_gradient(reference)
+        self._run_backward(loss)
+        if has_memory:
+            for p in self._params:
+                if p.grad is None:  # unused this step: its projected gradient may still be non-zero
+                    p.grad = torch.zeros_like(p)
+            grads = [p.grad for p in self._params]
+            torch._foreach_copy_(current.views, grads)
+            project_conflicting_(current.flat, reference.flat)
+            torch._foreach_copy_(grads, current.views)
+        self._store(targets, model_inputs)
+
+    def _reference_gradient(self, reference: FlatSpace) -> None:
+        sample = self._sample(1)
+        inputs = {k: v[0] for k, v in self._inputs_of(sample).items()}
+        # The inner module, not the DDP wrapper: this backward must not trigger DDP's gradient sync.
+        ref_loss = F.cross_entropy(self.module(**inputs), sample["targets"][0])
+        if self.scaler is not None:
+            ref_loss = self.scaler.scale(ref_loss)  # same scale as the current gradient
+        grads = torch.autograd.grad(ref_loss, self._params, allow_unused=True)
+        torch._foreach_copy_(
+            reference.views, [g if g is not None else torch.zeros_like(v) for g, v in zip(grads, reference.views)]
+        )
+        world = distributed_world()
+        if world > 1:
+            dist.all_reduce(reference.flat)
+            reference.flat.div_(world)

@@ -1,0 +1,174 @@
+"""Split a torchvision-style classification dataset into tasks of disjoint classes."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Hashable, Iterator, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+__all__ = ["Task", "TaskDict", "TaskSubset", "dataset_targets"]
+
+Transform = Callable[[Any], Any]
+
+
+def dataset_targets(dataset: Dataset) -> Tensor:
+    """All labels of ``dataset`` as an int64 tensor.
+
+    Uses the ``targets`` attribute of torchvision-style datasets; otherwise reads ``dataset[i][1]`` for
+    every item (slow, but it works for any map-style dataset of ``(input, label)`` pairs).
+    """
+    targets = getattr(dataset, "targets", None)
+    if targets is None:
+        targets = [int(dataset[i][1]) for i in range(len(dataset))]  # type: ignore[arg-type]
+    return torch.as_tensor(targets, dtype=torch.int64).reshape(-1)
+
+
+class TaskSubset(Dataset):
+    """The items of ``dataset`` at ``indices``, with the task's own transforms applied on access."""
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        indices: Tensor,
+        targets: Tensor,
+        transform: Optional[Transform] = None,
+        target_transform: Optional[Transform] = None,
+    ) -> None:
+        self.dataset = dataset
+        self.indices = indices
+        self.targets = targets
+        self.transform = transform
+        self.target_transform = target_transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Tuple[Any, Any]:
+        x, y = self.dataset[int(self.indices[i])]
+        if self.transform is not None:
+            x = self.transform(x)
+        if self.target_transform is not None:
+            y = self.target_transform(y)
+        return x, y
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task: its key, its train and test subsets, and the classes it covers."""
+
+    key: Hashable
+    train_set: TaskSubset
+    test_set: TaskSubset
+    targets: Tuple[int, ...]
+
+
+class TaskDict(Mapping[Hashable, Task], ABC):
+    """An ordered mapping ``key -> Task`` that splits one dataset by class.
+
+    Subclasses say where the data comes from by implementing :meth:`_train_set` and :meth:`_test_set`.
+    Samples whose class belongs to no task are left out, so a subset of the classes is a valid
+    experiment; a class listed under two tasks is an error. The split is vectorised: one lookup table
+    maps every label to its task at once.
+
+    Args:
+        root: where the dataset lives; passed to :meth:`_train_set` and :meth:`_test_set`.
+        key_to_targets: ``{task key: classes of that task}``, in task order.
+        key_to_transform: optional ``{task key: input transform}`` for tasks that need one.
+        key_to_target_transform: optional ``{task key: target transform}``.
+
+    Example:
+        >>> class SplitFashionMNIST(TaskDict):
+        ...     def _train_set(self, root):
+        ...         return torchvision.datasets.FashionMNIST(root, train=True)
+        ...     def _test_set(self, root):
+        ...         return torchvision.datasets.FashionMNIST(root, train=False)
+        >>> tasks = SplitFashionMNIST("data", {t: (2 * t, 2 * t + 1) for t in range(5)})
+        >>> x, y = tasks[0].train_set[0]
+    """
+
+    def __init__(
+        self,
+        root: str,
+        key_to_targets: Mapping[Hashable, Sequence[int]],
+        key_to_transform: Optional[Mapping[Hashable, Transform]] = None,
+        key_to_target_transform: Optional[Mapping[Hashable, Transform]] = None,
+    ) -> None:
+        classes = _check_split(key_to_targets, key_to_transform, key_to_target_transform)
+        self.root = root
+        train, test = self._train_set(root), self._test_set(root)
+        transforms = dict(key_to_transform or {})
+        target_transforms = dict(key_to_target_transform or {})
+        train_split = _split_by_class(dataset_targets(train), classes)
+        test_split = _split_by_class(dataset_targets(test), classes)
+        self._tasks: Dict[Hashable, Task] = {}
+        for key, task_classes in classes.items():
+            subsets = [
+                TaskSubset(ds, idx, tgt, transforms.get(key), target_transforms.get(key))
+                for ds, (idx, tgt) in ((train, train_split[key]), (test, test_split[key]))
+            ]
+            self._tasks[key] = Task(key, subsets[0], subsets[1], task_classes)
+
+    @abstractmethod
+    def _train_set(self, root: str) -> Dataset:
+        """The full training set (labels via ``targets`` or ``dataset[i][1]``)."""
+
+    @abstractmethod
+    def _test_set(self, root: str) -> Dataset:
+        """The full test set."""
+
+    def __getitem__(self, key: Hashable) -> Task:
+        return self._tasks[key]
+
+    def __iter__(self) -> Iterator[Hashable]:
+        return iter(self._tasks)
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{k!r}: {t.targets}" for k, t in self._tasks.items())
+        return f"{type(self).__name__}({parts})"
+
+
+def _check_split(
+    key_to_targets: Mapping[Hashable, Sequence[int]],
+    key_to_transform: Optional[Mapping[Hashable, Transform]],
+    key_to_target_transform: Optional[Mapping[Hashable, Transform]],
+) -> Dict[Hashable, Tuple[int, ...]]:
+    if not isinstance(key_to_targets, Mapping) or not key_to_targets:
+        raise ValueError(f"key_to_targets must be a non-empty mapping of task -> classes, got {key_to_targets!r}")
+    owner: Dict[int, Hashable] = {}
+    classes: Dict[Hashable, Tuple[int, ...]] = {}
+    for key, targets in key_to_targets.items():
+        if isinstance(targets, (str, bytes)) or not isinstance(targets, Sequence) or not targets:
+            raise ValueError(f"task {key!r} must list at least one class, got {targets!r}")
+        for c in targets:
+            if isinstance(c, bool) or not isinstance(c, int) or c < 0:
+                raise ValueError(f"task {key!r} has class {c!r}; classes are non-negative ints")
+            if c in owner:
+                raise ValueError(f"class {c} is assigned to both task {owner[c]!r} and task {key!r}")
+            owner[c] = key
+        classes[key] = tuple(targets)
+    for name, mapping in (("key_to_transform", key_to_transform), ("key_to_target_transform", key_to_target_transform)):
+        unknown = set(mapping or {}) - set(classes)
+        if unknown:
+            raise ValueError(f"{name} has keys {sorted(map(repr, unknown))} that are not tasks of key_to_targets")
+    return classes
+
+
+def _split_by_class(labels: Tensor, classes: Mapping[Hashable, Tuple[int, ...]]) -> Dict[Hashable, Tuple[Tensor, Tensor]]:
+    """``{task: (indices, labels)}`` of the samples whose label belongs to each task."""
+    num_labels = int(max(labels.max().item() if labels.numel() else 0, *(max(c) for c in classes.values()))) + 1
+    task_of_class = torch.full((num_labels,), -1, dtype=torch.int64)
+    for position, task_classes in enumerate(classes.values()):
+        task_of_class[list(task_classes)] = position
+    task_of_sample = task_of_class[labels]
+    # One stable sort groups the samples by task, keeping the dataset's order within each task.
+    order = torch.argsort(task_of_sample, stable=True)
+    counts = torch.bincount(task_of_sample + 1, minlength=len(classes) + 1).tolist()
+    groups = torch.split(order, counts)[1:]  # group 0 holds the samples of no task
+    return {key: (idx, labels[idx]) for key, idx in zip(classes, groups)}
