@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ._validation import check_loss, check_targets_and_inputs, check_positive_int
+from ._validation import check_loss, check_positive_int, check_targets_and_inputs
 from .buffer import ReservoirBuffer, fresh_seed
 
 __all__ = ["Synapse", "BufferedSynapse", "unwrap_model"]
@@ -108,6 +108,13 @@ class Synapse(ABC):
     def trainable_parameters(self) -> List[nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
 
+    def _gradients(self, params: List[nn.Parameter]) -> List[Tensor]:
+        """The ``.grad`` of each parameter, creating zeros for parameters this step did not reach."""
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        return [p.grad for p in params]  # type: ignore[misc]
+
     def _run_backward(self, loss: Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
@@ -190,7 +197,7 @@ class BufferedSynapse(Synapse):
 
     @staticmethod
     def _inputs_of(sample: Mapping[str, Tensor]) -> Dict[str, Tensor]:
-        return {k[len("input:"):]: v for k, v in sample.items() if k.startswith("input:")}
+        return {k[len("input:") :]: v for k, v in sample.items() if k.startswith("input:")}
 
     def _method_state(self) -> Dict[str, Any]:
         return {"buffer": self.buffer.state_dict(), "input_names": list(self._input_names or [])}

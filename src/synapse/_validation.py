@@ -33,9 +33,7 @@ def check_loss(loss: Any) -> None:
     if loss.numel() != 1 or loss.dim() > 1:
         raise ValueError(f"loss must be a scalar tensor, got shape {tuple(loss.shape)}; reduce it first")
     if not loss.requires_grad:
-        raise ValueError(
-            "loss does not require grad: was it computed under torch.no_grad() or from detached outputs?"
-        )
+        raise ValueError("loss does not require grad: was it computed under torch.no_grad() or from detached outputs?")
 
 
 def check_targets_and_inputs(targets: Any, model_inputs: Mapping[str, Any]) -> int:

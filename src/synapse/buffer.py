@@ -94,9 +94,7 @@ class ReservoirBuffer:
             raise ValueError(f"all buffer fields need the same batch size, got {sizes}")
         if self._storage:
             if set(items) != set(self._storage):
-                raise ValueError(
-                    f"buffer fields {sorted(items)} differ from the stored fields {sorted(self._storage)}"
-                )
+                raise ValueError(f"buffer fields {sorted(items)} differ from the stored fields {sorted(self._storage)}")
             for name, value in items.items():
                 shape, dtype = tuple(self._storage[name].shape[1:]), self._storage[name].dtype
                 if tuple(value.shape[1:]) != shape or value.dtype != dtype:
@@ -145,8 +143,7 @@ class ReservoirBuffer:
 
     def _allocate(self, items: Mapping[str, Tensor]) -> None:
         self._storage = {
-            k: torch.zeros((self.capacity, *v.shape[1:]), dtype=v.dtype, device=v.device)
-            for k, v in items.items()
+            k: torch.zeros((self.capacity, *v.shape[1:]), dtype=v.dtype, device=v.device) for k, v in items.items()
         }
 
     def widen(self, name: str, width: int) -> None:
@@ -183,9 +180,7 @@ class ReservoirBuffer:
     def gather(self, indices: Tensor) -> Dict[str, Tensor]:
         """The stored rows at ``indices`` (any shape), for every field."""
         flat = indices.reshape(-1)
-        return {
-            k: v.index_select(0, flat).view(*indices.shape, *v.shape[1:]) for k, v in self._storage.items()
-        }
+        return {k: v.index_select(0, flat).view(*indices.shape, *v.shape[1:]) for k, v in self._storage.items()}
 
     def _rng(self) -> torch.Generator:
         if self._generator is None:

@@ -69,10 +69,8 @@ class AGEM(BufferedSynapse):
             self._reference_gradient(reference)
         self._run_backward(loss)
         if has_memory:
-            for p in self._params:
-                if p.grad is None:  # unused this step: its projected gradient may still be non-zero
-                    p.grad = torch.zeros_like(p)
-            grads = [p.grad for p in self._params]
+            # A parameter unused this step still gets a gradient: its projection may be non-zero.
+            grads = self._gradients(self._params)
             torch._foreach_copy_(current.views, grads)
             project_conflicting_(current.flat, reference.flat)
             torch._foreach_copy_(grads, current.views)

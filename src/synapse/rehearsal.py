@@ -191,9 +191,7 @@ class ER(BufferedSynapse):
                     "in train mode with grad enabled on this batch before backward"
                 )
         if self._replay is not None and self._replay.user_batch != batch:
-            raise ValueError(
-                f"the last forward carried a batch of {self._replay.user_batch}, but targets has {batch}"
-            )
+            raise ValueError(f"the last forward carried a batch of {self._replay.user_batch}, but targets has {batch}")
         super()._check(loss, targets, model_inputs)
 
     def _stored_items(
@@ -202,9 +200,9 @@ class ER(BufferedSynapse):
         items = super()._stored_items(targets, model_inputs)
         if not self._stores_logits:
             return items
-        logits = self._last_logits
-        assert logits is not None
-        logits = logits.to(self.logits_dtype or logits.dtype)
+        assert self._last_logits is not None
+        produced_width = self._last_logits.shape[1]
+        logits = self._last_logits.to(self.logits_dtype or self._last_logits.dtype)
         stored = self.buffer.schema().get("logits")
         if stored is not None:
             width = stored[0][0]
@@ -213,9 +211,7 @@ class ER(BufferedSynapse):
             elif logits.shape[1] > width and check_only:
                 logits = logits[:, :width]  # will widen the buffer on store
         items["logits"] = logits
-        items["logit_width"] = torch.full(
-            (logits.shape[0],), self._last_logits.shape[1], dtype=torch.int32, device=logits.device
-        )
+        items["logit_width"] = torch.full((logits.shape[0],), produced_width, dtype=torch.int32, device=logits.device)
         return items
 
     def _backward(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:

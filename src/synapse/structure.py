@@ -99,10 +99,7 @@ class SI(Synapse):
         self._integrate_pending_step()
         self._run_backward(loss)
         params = [p.detach() for p in self._params]
-        for p in self._params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        grads = [p.grad for p in self._params]
+        grads = self._gradients(self._params)
         if self.num_consolidations > 0 and self.alpha > 0:
             penalty_grad = s["scratch"]
             torch._foreach_copy_(penalty_grad, params)

@@ -93,9 +93,9 @@ class TaskDict(Mapping[Hashable, Task], ABC):
     def __init__(
         self,
         root: str,
-        key_to_targets: Mapping[Hashable, Sequence[int]],
-        key_to_transform: Optional[Mapping[Hashable, Transform]] = None,
-        key_to_target_transform: Optional[Mapping[Hashable, Transform]] = None,
+        key_to_targets: Mapping[Any, Sequence[int]],
+        key_to_transform: Optional[Mapping[Any, Transform]] = None,
+        key_to_target_transform: Optional[Mapping[Any, Transform]] = None,
     ) -> None:
         classes = _check_split(key_to_targets, key_to_transform, key_to_target_transform)
         self.root = root
@@ -135,9 +135,9 @@ class TaskDict(Mapping[Hashable, Task], ABC):
 
 
 def _check_split(
-    key_to_targets: Mapping[Hashable, Sequence[int]],
-    key_to_transform: Optional[Mapping[Hashable, Transform]],
-    key_to_target_transform: Optional[Mapping[Hashable, Transform]],
+    key_to_targets: Mapping[Any, Sequence[int]],
+    key_to_transform: Optional[Mapping[Any, Transform]],
+    key_to_target_transform: Optional[Mapping[Any, Transform]],
 ) -> Dict[Hashable, Tuple[int, ...]]:
     if not isinstance(key_to_targets, Mapping) or not key_to_targets:
         raise ValueError(f"key_to_targets must be a non-empty mapping of task -> classes, got {key_to_targets!r}")
@@ -160,7 +160,9 @@ def _check_split(
     return classes
 
 
-def _split_by_class(labels: Tensor, classes: Mapping[Hashable, Tuple[int, ...]]) -> Dict[Hashable, Tuple[Tensor, Tensor]]:
+def _split_by_class(
+    labels: Tensor, classes: Mapping[Hashable, Tuple[int, ...]]
+) -> Dict[Hashable, Tuple[Tensor, Tensor]]:
     """``{task: (indices, labels)}`` of the samples whose label belongs to each task."""
     num_labels = int(max(labels.max().item() if labels.numel() else 0, *(max(c) for c in classes.values()))) + 1
     task_of_class = torch.full((num_labels,), -1, dtype=torch.int64)

@@ -39,7 +39,9 @@ def load_checkpoint(path: str, identity: Mapping[str, Any]) -> Dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a Synapse checkpoint ({type(e).__name__}: {e})") from e
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or not a Synapse checkpoint ({type(e).__name__}: {e})"
+        ) from e
     if not isinstance(state, dict) or state.get("format") != FORMAT or "identity" not in state:
         raise CheckpointError(f"checkpoint {path} is not a Synapse checkpoint of format {FORMAT}")
     mismatches = [

@@ -160,7 +160,9 @@ def _load_mnist(root: str) -> Tuple[Dataset, Dataset]:
     if files:
         return _idx_pair(files)
     return _torchvision(
-        "MNIST", "MNIST", root,
+        "MNIST",
+        "MNIST",
+        root,
         f"Run once with internet access to download it into --dataset_dir, or place the four IDX files in "
         f"{os.path.join(root, 'MNIST', 'raw')}.",
     )
@@ -173,7 +175,9 @@ def _load_fashion_mnist(root: str) -> Tuple[Dataset, Dataset]:
     if files:
         return _idx_pair(files)
     return _torchvision(
-        "Fashion-MNIST", "FashionMNIST", root,
+        "Fashion-MNIST",
+        "FashionMNIST",
+        root,
         "Install it with 'apt-get install dataset-fashion-mnist' (Debian/Ubuntu), or run once with internet access.",
     )
 
@@ -181,7 +185,9 @@ def _load_fashion_mnist(root: str) -> Tuple[Dataset, Dataset]:
 def _load_cifar(cls_name: str) -> Callable[[str], Tuple[Dataset, Dataset]]:
     def load(root: str) -> Tuple[Dataset, Dataset]:
         return _torchvision(
-            cls_name.replace("CIFAR", "CIFAR-"), cls_name, root,
+            cls_name.replace("CIFAR", "CIFAR-"),
+            cls_name,
+            root,
             "Run once with internet access to download it into --dataset_dir.",
         )
 
@@ -192,17 +198,56 @@ def _load_cifar(cls_name: str) -> Callable[[str], Tuple[Dataset, Dataset]]:
 # Learning rates are the paper's best for plain SGD fine-tuning (appendix, "SGD" rows).
 _MNIST_PROTOCOL = Protocol(model="mlp", num_epochs=1, batch_size=10, lr=0.03)
 _CIFAR_PROTOCOL = Protocol(model="resnet18-reduced", num_epochs=50, batch_size=32, lr=0.1)
-_GREY = dict(in_channels=1, image_size=28, augment=False)
-_RGB = dict(in_channels=3, image_size=32, augment=True)
 
 for _spec in (
-    DatasetSpec("mnist", 10, 2, mean=(0.1307,), std=(0.3081,), protocol=_MNIST_PROTOCOL, load=_load_mnist, **_GREY),
-    DatasetSpec("fashion-mnist", 10, 2, mean=(0.2860,), std=(0.3530,), protocol=_MNIST_PROTOCOL,
-                load=_load_fashion_mnist, **_GREY),
-    DatasetSpec("cifar10", 10, 2, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2615),
-                protocol=_CIFAR_PROTOCOL, load=_load_cifar("CIFAR10"), **_RGB),
-    DatasetSpec("cifar100", 100, 10, mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762),
-                protocol=_CIFAR_PROTOCOL, load=_load_cifar("CIFAR100"), **_RGB),
+    DatasetSpec(
+        "mnist",
+        10,
+        2,
+        mean=(0.1307,),
+        std=(0.3081,),
+        protocol=_MNIST_PROTOCOL,
+        load=_load_mnist,
+        in_channels=1,
+        image_size=28,
+        augment=False,
+    ),
+    DatasetSpec(
+        "fashion-mnist",
+        10,
+        2,
+        mean=(0.2860,),
+        std=(0.3530,),
+        protocol=_MNIST_PROTOCOL,
+        load=_load_fashion_mnist,
+        in_channels=1,
+        image_size=28,
+        augment=False,
+    ),
+    DatasetSpec(
+        "cifar10",
+        10,
+        2,
+        mean=(0.4914, 0.4822, 0.4465),
+        std=(0.2470, 0.2435, 0.2615),
+        protocol=_CIFAR_PROTOCOL,
+        load=_load_cifar("CIFAR10"),
+        in_channels=3,
+        image_size=32,
+        augment=True,
+    ),
+    DatasetSpec(
+        "cifar100",
+        100,
+        10,
+        mean=(0.5071, 0.4865, 0.4409),
+        std=(0.2673, 0.2564, 0.2762),
+        protocol=_CIFAR_PROTOCOL,
+        load=_load_cifar("CIFAR100"),
+        in_channels=3,
+        image_size=32,
+        augment=True,
+    ),
 ):
     DATASETS.register(_spec.name)(_spec)
 

@@ -20,8 +20,13 @@ METHODS: Registry[MethodFactory] = Registry("synapse type")
 def _replay(method: str) -> MethodFactory:
     def build(model: nn.Module, cfg: Mapping[str, Any]) -> Synapse:
         return ER(
-            model, cfg["buffer_size"], cfg["buffer_sample_size"], alpha=cfg["alpha"], beta=cfg["beta"],
-            method=method, fused=not cfg.get("unfused", False),
+            model,
+            cfg["buffer_size"],
+            cfg["buffer_sample_size"],
+            alpha=cfg["alpha"],
+            beta=cfg["beta"],
+            method=method,
+            fused=not cfg.get("unfused", False),
         )
 
     return build

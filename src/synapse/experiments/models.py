@@ -20,6 +20,9 @@ MODELS: Registry[ModelFactory] = Registry("model")
 class Normalize(nn.Module):
     """uint8 images -> float, scaled to [0, 1] and standardised per channel."""
 
+    mean: Tensor
+    scale: Tensor
+
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255.0, persistent=False)

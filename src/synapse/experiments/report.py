@@ -101,9 +101,11 @@ def plot_accuracy(path: str, accuracy: Mapping[str, List[List[float]]], title: s
     ax = axes[2]
     for s in SETTINGS:
         r = accuracy[s]
-        seen = [100 * sum(row[: i + 1]) / (i + 1) for i, row in enumerate(r)] if len(r) == len(r[0]) else [
-            100 * sum(r[-1]) / len(r[-1])
-        ]
+        seen = (
+            [100 * sum(row[: i + 1]) / (i + 1) for i, row in enumerate(r)]
+            if len(r) == len(r[0])
+            else [100 * sum(r[-1]) / len(r[-1])]
+        )
         ax.plot(range(1, len(seen) + 1), seen, marker="o", label=LABELS[s])
     ax.set_title("average accuracy on tasks seen so far")
     ax.set_xlabel("tasks trained")

@@ -27,9 +27,23 @@ from .models import create_model
 TRAINING_TYPES = ("joint", "sequential", "continual")
 # A checkpoint only resumes the experiment it came from: these settings must match.
 IDENTITY = (
-    "dataset", "model", "training_type", "synapse_type", "seed", "lr", "num_epochs", "batch_size",
-    "validation_ratio", "buffer_size", "buffer_sample_size", "alpha", "beta", "xi", "unfused",
-    "max_train_per_task", "max_test_per_task",
+    "dataset",
+    "model",
+    "training_type",
+    "synapse_type",
+    "seed",
+    "lr",
+    "num_epochs",
+    "batch_size",
+    "validation_ratio",
+    "buffer_size",
+    "buffer_sample_size",
+    "alpha",
+    "beta",
+    "xi",
+    "unfused",
+    "max_train_per_task",
+    "max_test_per_task",
 )
 
 
@@ -59,7 +73,7 @@ class Config:
     max_test_per_task: Optional[int] = None
     quiet: bool = False
 
-    def with_protocol(self, spec: DatasetSpec) -> "Config":
+    def with_protocol(self, spec: DatasetSpec) -> Config:
         """Fill unset values from the DER paper's protocol for the dataset."""
         p = spec.protocol
         batch = self.batch_size or p.batch_size
@@ -88,7 +102,7 @@ class _Signals:
         self.received: Optional[int] = None
         self._previous: Dict[int, Any] = {}
 
-    def __enter__(self) -> "_Signals":
+    def __enter__(self) -> _Signals:
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -121,7 +135,9 @@ class Experiment:
     """Runs one configuration end to end. ``run()`` returns the results dict also written to results.json."""
 
     def __init__(self, cfg: Config) -> None:
-        self.world: World = init_from_env(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.world: World = init_from_env(
+            cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        )
         self.device = device_for(cfg.device, self.world)
         self.spec, tensors, _ = load_tasks(cfg.dataset, cfg.dataset_dir)
         self.cfg = cfg.with_protocol(self.spec)
@@ -138,8 +154,12 @@ class Experiment:
         self.task_classes = list(self.spec.task_classes().values())
         assert self.cfg.model is not None
         model = create_model(
-            self.cfg.model, self.spec.in_channels, self.spec.image_size, self.spec.num_classes,
-            self.spec.mean, self.spec.std,
+            self.cfg.model,
+            self.spec.in_channels,
+            self.spec.image_size,
+            self.spec.num_classes,
+            self.spec.mean,
+            self.spec.std,
         ).to(self.device)
         if self.world.size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -147,12 +167,17 @@ class Experiment:
         self.model = model
         self.optimizer = torch.optim.SGD(model.parameters(), lr=self.cfg.lr)  # type: ignore[arg-type]
         cfg_dict = dataclasses.asdict(self.cfg)
-        self.synapse = METHODS[self.cfg.synapse_type](model, cfg_dict) if self.cfg.training_type == "continual" else None
+        self.synapse = (
+            METHODS[self.cfg.synapse_type](model, cfg_dict) if self.cfg.training_type == "continual" else None
+        )
         self.identity = {k: cfg_dict[k] for k in IDENTITY}
         self.identity["world_size"] = self.world.size
         self.ckpt_path = (
-            os.path.join(self.cfg.output_dir, "checkpoint.pt" if self.world.size == 1 else f"checkpoint-rank{self.world.rank}.pt")
-            if self.cfg.output_dir else None
+            os.path.join(
+                self.cfg.output_dir, "checkpoint.pt" if self.world.size == 1 else f"checkpoint-rank{self.world.rank}.pt"
+            )
+            if self.cfg.output_dir
+            else None
         )
         # Progress through the schedule, all of it checkpointed.
         self.stage, self.epoch, self.next_batch = 0, 0, 0
@@ -176,12 +201,19 @@ class Experiment:
     def progress(self, total: int, desc: str) -> Any:
         from tqdm import tqdm
 
-        return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True,
-                    disable=not (self.main and sys.stderr.isatty() and not self.cfg.quiet))
+        return tqdm(
+            total=total,
+            desc=desc,
+            leave=False,
+            dynamic_ncols=True,
+            disable=not (self.main and sys.stderr.isatty() and not self.cfg.quiet),
+        )
 
     # ------------------------------------------------------------------ run
     def run(self) -> Dict[str, Any]:
-        self.log("configuration:\n" + json.dumps({**dataclasses.asdict(self.cfg), "world_size": self.world.size}, indent=2))
+        self.log(
+            "configuration:\n" + json.dumps({**dataclasses.asdict(self.cfg), "world_size": self.world.size}, indent=2)
+        )
         if self.cfg.resume:
             self.restore()
         started = time.perf_counter() - self.elapsed
@@ -191,6 +223,7 @@ class Experiment:
         stages = self.stages()
         steps_done = 0
         with _Signals() as signals:
+
             def should_stop() -> bool:
                 # Ranks agree every 20 steps so that they stop together (a lone rank would hang DDP).
                 if self.world.size > 1 and steps_done % 20:
@@ -201,19 +234,31 @@ class Experiment:
                 name, x, y = stages[self.stage]
                 while self.epoch < self.cfg.num_epochs:  # type: ignore[operator]
                     if self.order is None:
-                        self.order = shard(torch.randperm(len(y), generator=self.data_gen), self.world.rank, self.world.size)
+                        self.order = shard(
+                            torch.randperm(len(y), generator=self.data_gen), self.world.rank, self.world.size
+                        )
                     bar = self.progress(-(-len(self.order) // self.cfg.batch_size), f"{name} epoch {self.epoch + 1}")  # type: ignore[operator]
                     bar.update(self.next_batch)
                     t0 = time.perf_counter()
 
-                    def on_step() -> None:
+                    def on_step(bar: Any = bar) -> None:
                         nonlocal steps_done
                         steps_done += 1
                         bar.update()
 
                     result = train_epoch(
-                        self.model, self.optimizer, self.synapse, x, y, self.order, self.cfg.batch_size,  # type: ignore[arg-type]
-                        self.next_batch, self.spec.augment, self.data_gen, should_stop, on_step,
+                        self.model,
+                        self.optimizer,
+                        self.synapse,
+                        x,
+                        y,
+                        self.order,
+                        self.cfg.batch_size,  # type: ignore[arg-type]
+                        self.next_batch,
+                        self.spec.augment,
+                        self.data_gen,
+                        should_stop,
+                        on_step,
                     )
                     bar.close()
                     if not result.completed:
@@ -227,7 +272,10 @@ class Experiment:
                 cil, til = self.evaluate()
                 self.accuracy["class_il"].append(cil)
                 self.accuracy["task_il"].append(til)
-                self.log(f"\nafter {name} (accuracy %):\n" + report.accuracy_table(self.accuracy, [f"task {t + 1}" for t in range(len(cil))]))
+                self.log(
+                    f"\nafter {name} (accuracy %):\n"
+                    + report.accuracy_table(self.accuracy, [f"task {t + 1}" for t in range(len(cil))])
+                )
                 self.stage, self.epoch = self.stage + 1, 0
                 self.elapsed = time.perf_counter() - started
                 self.save()
@@ -240,9 +288,11 @@ class Experiment:
 
     def finish_epoch(self, name: str, result: Any, seconds: float) -> None:
         row: Dict[str, Any] = {
-            "task": name, "epoch": self.epoch + 1,
+            "task": name,
+            "epoch": self.epoch + 1,
             "train_loss": result.loss_sum / max(result.seen, 1),
-            "train_accuracy": result.correct / max(result.seen, 1), "seconds": round(seconds, 3),
+            "train_accuracy": result.correct / max(result.seen, 1),
+            "seconds": round(seconds, 3),
         }
         if self.cfg.validation_ratio > 0:
             stage_tasks = range(len(self.val_sets)) if self.cfg.training_type == "joint" else [self.stage]
@@ -253,8 +303,10 @@ class Experiment:
             row["validation_accuracy"] = cil[0]
         self.epoch_log.append(row)
         val = f", validation accuracy {100 * row['validation_accuracy']:.2f}%" if "validation_accuracy" in row else ""
-        self.log(f"{name} epoch {row['epoch']}: loss {row['train_loss']:.4f}, train accuracy "
-                 f"{100 * row['train_accuracy']:.2f}%{val} ({seconds:.1f} s)")
+        self.log(
+            f"{name} epoch {row['epoch']}: loss {row['train_loss']:.4f}, train accuracy "
+            f"{100 * row['train_accuracy']:.2f}%{val} ({seconds:.1f} s)"
+        )
         self.epoch, self.next_batch, self.order = self.epoch + 1, 0, None
 
     def evaluate(self) -> Tuple[List[float], List[float]]:
@@ -278,7 +330,8 @@ class Experiment:
             report.write_results(os.path.join(out, "results.json"), results)
             report.write_epoch_log(os.path.join(out, "epoch_log.csv"), self.epoch_log)
             title = f"{self.cfg.dataset} / {self.cfg.training_type}" + (
-                f" / {self.cfg.synapse_type}" if self.cfg.training_type == "continual" else "")
+                f" / {self.cfg.synapse_type}" if self.cfg.training_type == "continual" else ""
+            )
             report.plot_accuracy(os.path.join(out, "accuracy_matrix.png"), self.accuracy, title)
             self.log(f"results written to {out}")
         return results
@@ -299,8 +352,13 @@ class Experiment:
                 "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             },
             "progress": {
-                "stage": self.stage, "epoch": self.epoch, "next_batch": self.next_batch, "order": self.order,
-                "accuracy": self.accuracy, "untrained": self.untrained, "epoch_log": self.epoch_log,
+                "stage": self.stage,
+                "epoch": self.epoch,
+                "next_batch": self.next_batch,
+                "order": self.order,
+                "accuracy": self.accuracy,
+                "untrained": self.untrained,
+                "epoch_log": self.epoch_log,
                 "elapsed": self.elapsed,
             },
         }
@@ -320,5 +378,12 @@ class Experiment:
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         p = state["progress"]
         self.stage, self.epoch, self.next_batch, self.order = p["stage"], p["epoch"], p["next_batch"], p["order"]
-        self.accuracy, self.untrained, self.epoch_log, self.elapsed = p["accuracy"], p["untrained"], p["epoch_log"], p["elapsed"]
-        self.log(f"resumed from {self.ckpt_path}: stage {self.stage + 1}, epoch {self.epoch + 1}, batch {self.next_batch}")
+        self.accuracy, self.untrained, self.epoch_log, self.elapsed = (
+            p["accuracy"],
+            p["untrained"],
+            p["epoch_log"],
+            p["elapsed"],
+        )
+        self.log(
+            f"resumed from {self.ckpt_path}: stage {self.stage + 1}, epoch {self.epoch + 1}, batch {self.next_batch}"
+        )
