@@ -1,0 +1,129 @@
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from synapse import ReservoirBuffer
+
+
+def stream_inclusion_counts(capacity, stream, batch, trials):
+    counts = np.zeros(stream)
+    for trial in range(trials):
+        buf = ReservoirBuffer(capacity, seed=trial)
+        ids = torch.arange(stream)
+        for start in range(0, stream, batch):
+            buf.add({"id": ids[start : start + batch]})
+        stored = buf.state_dict()["storage"]["id"][: len(buf)]
+        assert len(set(stored.tolist())) == capacity, "an item is stored twice"
+        counts[stored.numpy()] += 1
+    return counts
+
+
+@pytest.mark.parametrize("batch", [1, 3, 16])  # 16 > capacity: many rows of one batch compete for slots
+def test_reservoir_keeps_every_item_with_probability_capacity_over_n(batch):
+    capacity, stream, trials = 5, 40, 3000
+    counts = stream_inclusion_counts(capacity, stream, batch, trials)
+    expected = np.full(stream, trials * capacity / stream)
+    _, p = stats.chisquare(counts, expected)
+    assert p > 1e-3, f"inclusion counts are not uniform (p={p:.2g}): {counts}"
+
+
+def test_chi_square_detects_a_biased_buffer():
+    # The same statistic rejects a "keep the newest items" memory, so the test above can fail.
+    trials, capacity, stream = 3000, 5, 40
+    counts = np.zeros(stream)
+    counts[-capacity:] = trials
+    _, p = stats.chisquare(counts, np.full(stream, trials * capacity / stream))
+    assert p < 1e-10
+
+
+def test_fills_in_order_then_counts_seen():
+    buf = ReservoirBuffer(10, seed=0)
+    buf.add({"x": torch.arange(4)})
+    assert len(buf) == 4 and buf.num_seen == 4
+    assert buf.state_dict()["storage"]["x"][:4].tolist() == [0, 1, 2, 3]
+    buf.add({"x": torch.arange(4, 30)})
+    assert len(buf) == 10 and buf.num_seen == 30
+
+
+def test_sampling_is_without_replacement_and_in_range():
+    buf = ReservoirBuffer(50, seed=1)
+    buf.add({"x": torch.arange(30)})
+    idx = buf.sample_indices(20, num_minibatches=3)
+    assert idx.shape == (3, 20)
+    for row in idx:
+        assert len(set(row.tolist())) == 20
+        assert row.max() < 30
+    assert buf.sample_indices(100).shape == (1, 30)  # capped at len(buffer)
+
+
+def test_deterministic_under_manual_seed_and_seed_dependent():
+    def run(seed):
+        torch.manual_seed(seed)
+        buf = ReservoirBuffer(8)
+        for i in range(10):
+            buf.add({"x": torch.arange(i * 5, i * 5 + 5)})
+        return buf.state_dict()["storage"]["x"].tolist(), buf.sample_indices(4).tolist()
+
+    assert run(3) == run(3)
+    assert run(3) != run(4)
+
+
+def test_memory_is_exact_and_dtypes_are_kept():
+    buf = ReservoirBuffer(100, seed=0)
+    buf.add({"img": torch.zeros(4, 1, 28, 28, dtype=torch.uint8), "y": torch.zeros(4, dtype=torch.int64)})
+    assert buf.schema()["img"] == ((1, 28, 28), torch.uint8)
+    assert buf.bytes_per_item == 784 + 8
+    assert buf.nbytes == 100 * (784 + 8)
+
+
+def test_state_dict_resumes_identically():
+    torch.manual_seed(0)
+    a = ReservoirBuffer(6)
+    a.add({"x": torch.arange(10)})
+    b = ReservoirBuffer(6, seed=123)
+    b.load_state_dict(a.state_dict())
+    for buf in (a, b):
+        buf.add({"x": torch.arange(10, 40)})
+    assert torch.equal(a.state_dict()["storage"]["x"], b.state_dict()["storage"]["x"])
+    assert torch.equal(a.sample_indices(3), b.sample_indices(3))
+
+
+def test_rejected_batch_changes_nothing():
+    buf = ReservoirBuffer(4, seed=0)
+    buf.add({"x": torch.zeros(2, 3)})
+    before = {k: v.clone() for k, v in buf.state_dict()["storage"].items()}
+    with pytest.raises(ValueError, match="per-item shape"):
+        buf.add({"x": torch.zeros(2, 5)})
+    with pytest.raises(ValueError, match="dtype"):
+        buf.add({"x": torch.zeros(2, 3, dtype=torch.float64)})
+    with pytest.raises(ValueError, match="fields"):
+        buf.add({"y": torch.zeros(2, 3)})
+    assert buf.num_seen == 2
+    assert all(torch.equal(before[k], v) for k, v in buf.state_dict()["storage"].items())
+
+
+def test_non_finite_values_never_enter_and_rejected_rows_never_replace():
+    buf = ReservoirBuffer(3, seed=0)
+    buf.add({"z": torch.tensor([[1.0], [float("nan")], [float("inf")]])}, keep=torch.tensor([True, False, False]))
+    stored = buf.state_dict()["storage"]["z"]
+    assert torch.isfinite(stored).all()
+    assert len(buf) == 3
+    good = stored.clone()
+    for _ in range(20):  # once full, rejected rows never overwrite
+        buf.add({"z": torch.full((4, 1), 7.0)}, keep=torch.zeros(4, dtype=torch.bool))
+    assert torch.equal(buf.state_dict()["storage"]["z"], good)
+
+
+def test_invalid_capacity():
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="capacity"):
+            ReservoirBuffer(bad)
+
+
+def test_widen_pads_with_zeros():
+    buf = ReservoirBuffer(2, seed=0)
+    buf.add({"z": torch.ones(2, 3)})
+    buf.widen("z", 5)
+    z = buf.state_dict()["storage"]["z"]
+    assert z.shape == (2, 5) and z[:, :3].eq(1).all() and z[:, 3:].eq(0).all()
