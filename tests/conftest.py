@@ -9,7 +9,12 @@ FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 def mlp(num_classes: int = 10, in_features: int = 784) -> nn.Module:
     return nn.Sequential(
-        nn.Flatten(), nn.Linear(in_features, 100), nn.ReLU(), nn.Linear(100, 100), nn.ReLU(), nn.Linear(100, num_classes)
+        nn.Flatten(),
+        nn.Linear(in_features, 100),
+        nn.ReLU(),
+        nn.Linear(100, 100),
+        nn.ReLU(),
+        nn.Linear(100, num_classes),
     )
 
 

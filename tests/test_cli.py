@@ -83,7 +83,10 @@ def test_bad_flags_are_argparse_errors(flags, message, capsys):
 def test_missing_dataset_offline_is_one_clear_error(tmp_path):
     proc = subprocess.run(
         [sys.executable, "cli.py", "--dataset", "cifar10", "--dataset_dir", str(tmp_path), "--quiet"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 2
     assert "CIFAR-10 is not in" in proc.stderr and "internet" in proc.stderr
@@ -93,20 +96,57 @@ def test_missing_dataset_offline_is_one_clear_error(tmp_path):
 def test_help_explains_every_flag():
     proc = subprocess.run([sys.executable, "cli.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0
-    for flag in ("--dataset_dir", "--dataset", "--model", "--lr", "--training_type", "--synapse_type", "--num_epochs",
-                 "--batch_size", "--validation_ratio", "--buffer_size", "--buffer_sample_size", "--alpha", "--beta",
-                 "--xi", "--seed", "--device", "--num_workers", "--output_dir", "--resume"):
+    for flag in (
+        "--dataset_dir",
+        "--dataset",
+        "--model",
+        "--lr",
+        "--training_type",
+        "--synapse_type",
+        "--num_epochs",
+        "--batch_size",
+        "--validation_ratio",
+        "--buffer_size",
+        "--buffer_sample_size",
+        "--alpha",
+        "--beta",
+        "--xi",
+        "--seed",
+        "--device",
+        "--num_workers",
+        "--output_dir",
+        "--resume",
+    ):
         assert flag in proc.stdout
 
 
-RESUME_ARGS = ["--dataset", "fashion-mnist", "--max_train_per_task", "600", "--max_test_per_task", "200",
-               "--training_type", "continual", "--synapse_type", "der++", "--buffer_size", "100", "--seed", "3"]
+RESUME_ARGS = [
+    "--dataset",
+    "fashion-mnist",
+    "--max_train_per_task",
+    "600",
+    "--max_test_per_task",
+    "200",
+    "--training_type",
+    "continual",
+    "--synapse_type",
+    "der++",
+    "--buffer_size",
+    "100",
+    "--seed",
+    "3",
+]
 
 
 def run_until_killed_after(out_dir, marker):
     """Start the CLI and SIGKILL it as soon as it reports ``marker`` (no timers: it reads the output)."""
-    proc = subprocess.Popen([sys.executable, "-u", "cli.py", *RESUME_ARGS, "--output_dir", out_dir],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-u", "cli.py", *RESUME_ARGS, "--output_dir", out_dir],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         for line in proc.stdout:
             if marker in line:
@@ -122,12 +162,17 @@ def run_until_killed_after(out_dir, marker):
 @pytest.mark.slow
 def test_killed_and_resumed_equals_uninterrupted(tmp_path):
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
-    subprocess.run([sys.executable, "cli.py", *RESUME_ARGS, "--output_dir", full, "--quiet"], cwd=ROOT, check=True,
-                   timeout=300)
+    subprocess.run(
+        [sys.executable, "cli.py", *RESUME_ARGS, "--output_dir", full, "--quiet"], cwd=ROOT, check=True, timeout=300
+    )
     assert run_until_killed_after(killed, "checkpoint saved: task 2") == -signal.SIGKILL
     assert not os.path.exists(os.path.join(killed, "results.json"))
-    subprocess.run([sys.executable, "cli.py", *RESUME_ARGS, "--output_dir", killed, "--resume", "--quiet"], cwd=ROOT,
-                   check=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "cli.py", *RESUME_ARGS, "--output_dir", killed, "--resume", "--quiet"],
+        cwd=ROOT,
+        check=True,
+        timeout=300,
+    )
     a = json.load(open(os.path.join(full, "results.json")))
     b = json.load(open(os.path.join(killed, "results.json")))
     assert a["accuracy_matrix"] == b["accuracy_matrix"]
@@ -136,10 +181,16 @@ def test_killed_and_resumed_equals_uninterrupted(tmp_path):
 @pytest.mark.slow
 def test_sigterm_mid_task_stops_cleanly_and_resumes_exactly(tmp_path):
     full, stopped = str(tmp_path / "full"), str(tmp_path / "stopped")
-    subprocess.run([sys.executable, "cli.py", *RESUME_ARGS, "--output_dir", full, "--quiet"], cwd=ROOT, check=True,
-                   timeout=300)
-    proc = subprocess.Popen([sys.executable, "-u", "cli.py", *RESUME_ARGS, "--output_dir", stopped],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    subprocess.run(
+        [sys.executable, "cli.py", *RESUME_ARGS, "--output_dir", full, "--quiet"], cwd=ROOT, check=True, timeout=300
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-u", "cli.py", *RESUME_ARGS, "--output_dir", stopped],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     for line in proc.stdout:
         if "checkpoint saved: task 1" in line:
             proc.send_signal(signal.SIGTERM)  # lands somewhere in task 2 (or at its end)
@@ -147,8 +198,12 @@ def test_sigterm_mid_task_stops_cleanly_and_resumes_exactly(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "--resume" in err
-    subprocess.run([sys.executable, "cli.py", *RESUME_ARGS, "--output_dir", stopped, "--resume", "--quiet"], cwd=ROOT,
-                   check=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "cli.py", *RESUME_ARGS, "--output_dir", stopped, "--resume", "--quiet"],
+        cwd=ROOT,
+        check=True,
+        timeout=300,
+    )
     a = json.load(open(os.path.join(full, "results.json")))
     b = json.load(open(os.path.join(stopped, "results.json")))
     assert a["accuracy_matrix"] == b["accuracy_matrix"]

@@ -3,9 +3,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import mlp
 from torch import nn
 
-from conftest import mlp
 from synapse.gradient import AGEM
 from synapse.rehearsal import ER
 from synapse.structure import SI
@@ -43,7 +43,11 @@ def test_state_dict_resume_is_bit_identical(name):
     model = mlp()
     syn = ALL_METHODS[name](model)
     opt = train(model, syn, data[:15])
-    model_state, opt_state, syn_state = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()), syn.state_dict()
+    model_state, opt_state, syn_state = (
+        copy.deepcopy(model.state_dict()),
+        copy.deepcopy(opt.state_dict()),
+        syn.state_dict(),
+    )
     syn_state = copy.deepcopy(syn_state)
     train(model, syn, data[15:])  # uninterrupted
 
@@ -173,7 +177,9 @@ def test_agem_applies_the_projected_gradient():
     sample = ref_syn._sample(1)
     ref_loss = F.cross_entropy(snapshot(sample["input:input"][0]), sample["targets"][0])
     r = torch.cat([g.flatten() for g in torch.autograd.grad(ref_loss, list(snapshot.parameters()))])
-    g = torch.cat([gg.flatten() for gg in torch.autograd.grad(F.cross_entropy(snapshot(x), y), list(snapshot.parameters()))])
+    g = torch.cat(
+        [gg.flatten() for gg in torch.autograd.grad(F.cross_entropy(snapshot(x), y), list(snapshot.parameters()))]
+    )
     expected = g - min(torch.dot(g, r).item(), 0.0) / torch.dot(r, r).item() * r
     assert torch.allclose(applied, expected, atol=1e-5)
     assert torch.dot(applied, r).item() >= -1e-4
@@ -188,7 +194,7 @@ def test_si_path_integral_and_penalty_match_the_paper():
     start = [p.detach().clone() for p in model.parameters()]
     omega = [torch.zeros_like(p) for p in model.parameters()]
     x, y = torch.randn(16, 3), torch.randint(0, 2, (16,))
-    for step in range(5):
+    for _step in range(5):
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad()
         syn.backward(loss, y, input=x)

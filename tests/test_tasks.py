@@ -68,7 +68,10 @@ def test_bad_splits_are_errors():
 
 def test_per_task_transforms():
     tasks = make([0, 1], [0, 1])(
-        "root", {"a": [0], "b": [1]}, key_to_transform={"b": lambda x: -x}, key_to_target_transform={"a": lambda y: y + 10}
+        "root",
+        {"a": [0], "b": [1]},
+        key_to_transform={"b": lambda x: -x},
+        key_to_target_transform={"a": lambda y: y + 10},
     )
     assert tasks["a"].train_set[0] == (0, 10)
     assert tasks["b"].train_set[0] == (-1, 1)
@@ -85,7 +88,7 @@ def test_sixty_thousand_labels():
 
 def test_fashion_mnist_tasks(fashion_tasks):
     assert len(fashion_tasks) == 5
-    for t, (x, y, tx, ty) in enumerate(fashion_tasks):
+    for t, (x, y, _tx, ty) in enumerate(fashion_tasks):
         assert x.dtype == torch.uint8 and x.shape[1:] == (1, 28, 28)
         assert len(y) == 12_000 and len(ty) == 2_000
         assert set(y.unique().tolist()) == {2 * t, 2 * t + 1}

@@ -3,8 +3,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import mlp
+
 from synapse.gradient import AGEM
 from synapse.rehearsal import ER
 from synapse.structure import SI
@@ -66,15 +66,32 @@ BAD_CALLS = [
     ("targets batch size", lambda m, x, y: (F.cross_entropy(m(x), y), y[:4], {"input": x}), ValueError, "batch size"),
     ("float targets", lambda m, x, y: (F.cross_entropy(m(x), y), y.float(), {"input": x}), TypeError, "integer"),
     ("2-d targets", lambda m, x, y: (F.cross_entropy(m(x), y), y[:, None], {"input": x}), ValueError, "1-d"),
-    ("non-scalar loss", lambda m, x, y: (F.cross_entropy(m(x), y, reduction="none"), y, {"input": x}), ValueError, "scalar"),
-    ("loss without grad", lambda m, x, y: (F.cross_entropy(m(x), y).detach(), y, {"input": x}), ValueError, "require grad"),
+    (
+        "non-scalar loss",
+        lambda m, x, y: (F.cross_entropy(m(x), y, reduction="none"), y, {"input": x}),
+        ValueError,
+        "scalar",
+    ),
+    (
+        "loss without grad",
+        lambda m, x, y: (F.cross_entropy(m(x), y).detach(), y, {"input": x}),
+        ValueError,
+        "require grad",
+    ),
     ("no inputs", lambda m, x, y: (F.cross_entropy(m(x), y), y, {}), ValueError, "keyword"),
-    ("input of other shape", lambda m, x, y: (F.cross_entropy(m(x), y), y, {"input": x[:, :, :14]}), ValueError, "shape"),
+    (
+        "input of other shape",
+        lambda m, x, y: (F.cross_entropy(m(x), y), y, {"input": x[:, :, :14]}),
+        ValueError,
+        "shape",
+    ),
     ("input of other dtype", lambda m, x, y: (F.cross_entropy(m(x), y), y, {"input": x.double()}), ValueError, "dtype"),
 ]
 
 
-@pytest.mark.parametrize("make", [lambda m: ER(m, 20, 4), lambda m: ER(m, 20, 4, fused=False), lambda m: AGEM(m, 20, 4)])
+@pytest.mark.parametrize(
+    "make", [lambda m: ER(m, 20, 4), lambda m: ER(m, 20, 4, fused=False), lambda m: AGEM(m, 20, 4)]
+)
 @pytest.mark.parametrize("case", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
 def test_rejected_call_changes_nothing(make, case):
     _, build, error, match = case

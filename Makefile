@@ -1,0 +1,32 @@
+# Set-up and common tasks. Everything installs into .venv.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: venv demo test lint reproduce benchmark clean
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+
+venv: $(PY)
+
+# A real experiment: Split Fashion-MNIST, DER++ (buffer 500), about a minute on a laptop CPU.
+demo: $(PY)
+	$(PY) cli.py --dataset fashion-mnist --training_type continual --synapse_type der++ --buffer_size 500 --output_dir runs/demo
+
+test: $(PY)
+	$(PY) -m pytest -q
+
+lint: $(PY)
+	$(VENV)/bin/ruff check src tests benchmarks examples cli.py
+	$(VENV)/bin/mypy
+
+reproduce: $(PY)
+	$(PY) benchmarks/reproduce.py
+
+benchmark: $(PY)
+	$(PY) benchmarks/step_overhead.py
+
+clean:
+	rm -rf $(VENV) runs
