@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv demo test lint reproduce benchmark clean
+.PHONY: venv data demo test lint reproduce benchmark clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -11,12 +11,17 @@ $(PY):
 
 venv: $(PY)
 
+# Fashion-MNIST from Debian's package when possible (needs root); otherwise the CLI downloads it.
+data:
+	@test -d /usr/share/datasets/fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) \
+		|| echo "dataset-fashion-mnist not installed: the CLI will download Fashion-MNIST into ./datasets"
+
 # A real experiment: Split Fashion-MNIST, DER++ (buffer 500), about a minute on a laptop CPU.
-demo: $(PY)
+demo: $(PY) data
 	$(PY) cli.py --dataset fashion-mnist --training_type continual --synapse_type der++ --buffer_size 500 --output_dir runs/demo
 
-test: $(PY)
-	$(PY) -m pytest -q
+test: $(PY) data
+	$(VENV)/bin/python -m pytest -q
 
 lint: $(PY)
 	$(VENV)/bin/ruff check src tests benchmarks examples cli.py

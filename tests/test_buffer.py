@@ -103,16 +103,32 @@ def test_rejected_batch_changes_nothing():
     assert all(torch.equal(before[k], v) for k, v in buf.state_dict()["storage"].items())
 
 
-def test_non_finite_values_never_enter_and_rejected_rows_never_replace():
+def test_non_finite_values_are_stored_as_zero():
     buf = ReservoirBuffer(3, seed=0)
-    buf.add({"z": torch.tensor([[1.0], [float("nan")], [float("inf")]])}, keep=torch.tensor([True, False, False]))
-    stored = buf.state_dict()["storage"]["z"]
-    assert torch.isfinite(stored).all()
-    assert len(buf) == 3
-    good = stored.clone()
-    for _ in range(20):  # once full, rejected rows never overwrite
-        buf.add({"z": torch.full((4, 1), 7.0)}, keep=torch.zeros(4, dtype=torch.bool))
-    assert torch.equal(buf.state_dict()["storage"]["z"], good)
+    buf.add({"z": torch.tensor([[1.0], [float("nan")], [float("inf")]])})  # while filling
+    assert buf.state_dict()["storage"]["z"].flatten().tolist() == [1.0, 0.0, 0.0]
+    for _ in range(20):  # and when replacing
+        buf.add({"z": torch.full((4, 1), float("-inf"))})
+    assert torch.isfinite(buf.state_dict()["storage"]["z"]).all()
+
+
+def test_plan_resolves_duplicate_slots_as_sequential_insertion_would():
+    import numpy as np
+
+    from synapse.functional import reservoir_plan
+
+    for seed in range(50):
+        slots, rows = reservoir_plan(10, 40, 5, np.random.Generator(np.random.PCG64(seed)))
+        # Replay the same draws one item at a time.
+        rng = np.random.Generator(np.random.PCG64(seed))
+        t = np.arange(10, 50)
+        draws = rng.integers(0, t + 1)
+        final = {}
+        for row, j in enumerate(draws):
+            if j < 5:
+                final[int(j)] = row
+        assert dict(zip(slots.tolist(), rows.tolist())) == final
+        assert len(set(slots.tolist())) == len(slots)
 
 
 def test_invalid_capacity():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -54,6 +54,7 @@ class Synapse(ABC):
             raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
         self.model = model
         self.module = unwrap_model(model)
+        self._a_parameter = next(self.module.parameters())  # its device is the model's device
         self.scaler = scaler
         self.num_steps = 0
         self.num_tasks_ended = 0
@@ -103,7 +104,7 @@ class Synapse(ABC):
     # ------------------------------------------------------------------ helpers for methods
     @property
     def device(self) -> torch.device:
-        return next(self.module.parameters()).device
+        return self._a_parameter.device
 
     def trainable_parameters(self) -> List[nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
@@ -181,19 +182,20 @@ class BufferedSynapse(Synapse):
         items["targets"] = targets
         return items
 
-    def _store(self, targets: Tensor, model_inputs: Mapping[str, Tensor], keep: Optional[Tensor] = None) -> None:
+    def _store(self, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
+        """Offer the step's items to the buffer (already validated by :meth:`_check`)."""
         self._input_names = tuple(model_inputs)
         self._follow_model_device()
-        self.buffer.add(self._stored_items(targets, model_inputs), keep=keep)
+        self.buffer.add(self._stored_items(targets, model_inputs), validate=False)
 
     def _follow_model_device(self) -> None:
         if self.buffer.device is not None and self.buffer.device != self.device:
             self.buffer.to(self.device)
 
-    def _sample(self, num_minibatches: int = 1) -> Dict[str, Tensor]:
-        """``num_minibatches`` independent minibatches, stacked along a leading dimension."""
+    def _sample(self, num_minibatches: int = 1, names: Optional[Sequence[str]] = None) -> Dict[str, Tensor]:
+        """``num_minibatches`` independent minibatches (of all fields, or ``names``), stacked on a new dim 0."""
         self._follow_model_device()
-        return self.buffer.gather(self.buffer.sample_indices(self.buffer_sample_size, num_minibatches))
+        return self.buffer.gather(self.buffer.sample_indices(self.buffer_sample_size, num_minibatches), names)
 
     @staticmethod
     def _inputs_of(sample: Mapping[str, Tensor]) -> Dict[str, Tensor]:

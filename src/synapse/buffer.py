@@ -2,31 +2,47 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ._validation import check_positive_int
+from .functional import reservoir_plan
 
 __all__ = ["ReservoirBuffer", "fresh_seed"]
 
 
 def fresh_seed() -> int:
-    # Drawn from torch's global RNG so that torch.manual_seed decides the buffer's randomness.
+    """A seed drawn from torch's global RNG, so that ``torch.manual_seed`` decides the buffer's randomness."""
     return int(torch.randint(0, 2**62, (1,)).item())
+
+
+def to_device(indices: np.ndarray, device: torch.device) -> Tensor:
+    """Host indices as an int64 tensor on ``device``, copied asynchronously (pinned memory on CUDA)."""
+    t = torch.from_numpy(np.ascontiguousarray(indices, dtype=np.int64))
+    if device.type == "cpu":
+        return t
+    if device.type == "cuda":
+        t = t.pin_memory()  # a pageable host->device copy would synchronise the stream
+    return t.to(device, non_blocking=True)
 
 
 class ReservoirBuffer:
     """A fixed-capacity reservoir sample (Vitter's Algorithm R) of a stream of batches.
 
     Each item is a row across a set of named tensors (for example ``inputs``, ``targets`` and
-    ``logits``). Storage is allocated on the first :meth:`add`, with the shape, dtype and device of that
-    batch, and never grows afterwards: ``nbytes == capacity * bytes_per_item``.
+    ``logits``). Storage is allocated on the first :meth:`add`, with the shape, dtype and device of
+    that batch, and never grows afterwards: ``nbytes == capacity * bytes_per_item``. Inputs keep their
+    dtype (uint8 images stay uint8); non-finite floating values are stored as 0, so a diverged step
+    cannot poison the memory.
 
-    Insertion is vectorised over the batch and never synchronises host and device: the number of items
-    seen is a Python int, and every data-dependent decision is made with tensor ops. After ``n``
-    insertions each item is present with probability ``capacity / n``.
+    Which slot each new item takes is decided on the host, where the number of items seen already
+    lives: the random draws need no device values, so insertion never synchronises host and device,
+    and it launches one gather and one scatter per field -- none at all for the many batches that
+    replace nothing once the stream is long. After ``n`` insertions each item is present with
+    probability ``capacity / n``; minibatches are sampled without replacement.
 
     Args:
         capacity: the number of items kept.
@@ -46,16 +62,16 @@ class ReservoirBuffer:
         check_positive_int("capacity", capacity)
         self.capacity = capacity
         self.num_seen = 0
-        self._seed = fresh_seed() if seed is None else int(seed)
+        self._rng = np.random.Generator(np.random.PCG64(fresh_seed() if seed is None else int(seed)))
         self._storage: Dict[str, Tensor] = {}
-        self._generator: Optional[torch.Generator] = None
+        self._schema: Dict[str, Tuple[tuple, torch.dtype]] = {}
 
     # ------------------------------------------------------------------ inspection
     def __len__(self) -> int:
         return min(self.num_seen, self.capacity)
 
     @property
-    def names(self) -> tuple:
+    def names(self) -> Tuple[str, ...]:
         return tuple(self._storage)
 
     @property
@@ -71,9 +87,9 @@ class ReservoirBuffer:
         """Bytes held by the storage: exactly ``capacity * bytes_per_item`` (0 before the first add)."""
         return sum(t.numel() * t.element_size() for t in self._storage.values())
 
-    def schema(self) -> Dict[str, tuple]:
+    def schema(self) -> Dict[str, Tuple[tuple, torch.dtype]]:
         """``{name: (shape of one item, dtype)}`` of the stored fields."""
-        return {k: (tuple(t.shape[1:]), t.dtype) for k, t in self._storage.items()}
+        return self._schema
 
     def __repr__(self) -> str:
         return f"ReservoirBuffer(capacity={self.capacity}, len={len(self)}, num_seen={self.num_seen})"
@@ -83,68 +99,62 @@ class ReservoirBuffer:
         """Raise unless ``items`` can be added; returns the batch size. Changes nothing."""
         if not items:
             raise ValueError("items must hold at least one named tensor")
-        sizes = {}
+        batch = None
         for name, value in items.items():
             if not isinstance(value, Tensor):
                 raise TypeError(f"buffer field {name!r} must be a torch.Tensor, got {type(value).__name__}")
             if value.dim() == 0:
                 raise ValueError(f"buffer field {name!r} must have a batch dimension, got a 0-d tensor")
-            sizes[name] = value.shape[0]
-        if len(set(sizes.values())) != 1:
-            raise ValueError(f"all buffer fields need the same batch size, got {sizes}")
-        if self._storage:
-            if set(items) != set(self._storage):
-                raise ValueError(f"buffer fields {sorted(items)} differ from the stored fields {sorted(self._storage)}")
+            if batch is not None and value.shape[0] != batch:
+                sizes = {k: v.shape[0] for k, v in items.items()}
+                raise ValueError(f"all buffer fields need the same batch size, got {sizes}")
+            batch = value.shape[0]
+        if self._schema:
+            if items.keys() != self._schema.keys():
+                raise ValueError(f"buffer fields {sorted(items)} differ from the stored fields {sorted(self._schema)}")
             for name, value in items.items():
-                shape, dtype = tuple(self._storage[name].shape[1:]), self._storage[name].dtype
-                if tuple(value.shape[1:]) != shape or value.dtype != dtype:
+                shape, dtype = self._schema[name]
+                if value.shape[1:] != shape or value.dtype != dtype:
                     raise ValueError(
                         f"{name!r} has per-item shape {tuple(value.shape[1:])} and dtype {value.dtype}, "
                         f"but the buffer holds shape {shape} and dtype {dtype}"
                     )
-        return next(iter(sizes.values()))
+        assert batch is not None
+        return batch
 
     # ------------------------------------------------------------------ mutation
-    def add(self, items: Mapping[str, Tensor], keep: Optional[Tensor] = None) -> None:
-        """Offer a batch to the reservoir.
-
-        Args:
-            items: named tensors with a common batch dimension.
-            keep: optional boolean per row. A row with ``keep == False`` never replaces a stored item;
-                while the buffer is still filling it takes its reserved slot, so the reservoir stays
-                exact. Non-finite floating values are stored as 0 either way, so a diverged step can't
-                poison the memory.
-        """
-        batch = self.check_batch(items)
+    def add(self, items: Mapping[str, Tensor], *, validate: bool = True) -> None:
+        """Offer a batch to the reservoir (``validate=False`` skips a check the caller already made)."""
+        batch = self.check_batch(items) if validate else next(iter(items.values())).shape[0]
         if not self._storage:
             self._allocate(items)
+        slots, rows = reservoir_plan(self.num_seen, batch, self.capacity, self._rng)
+        self.num_seen += batch
+        if len(slots) == 0:
+            return  # nothing replaced: no device work at all
         device = self.device
         assert device is not None
-        items = {k: v.detach().to(device, non_blocking=True) for k, v in items.items()}
-        if keep is not None:
-            keep = keep.to(device)
-
-        from .functional import reservoir_destinations
-
-        dest, win, final_row_of_slot0 = reservoir_destinations(
-            self.num_seen, batch, self.capacity, self._rng(), device, keep
-        )
+        if self.num_seen <= self.capacity:  # still filling: row i goes to slot num_seen + i, a slice copy
+            for name, value in items.items():
+                self._storage[name][slots[0] : slots[0] + batch] = self._clean(value.detach())
+            return
+        both = to_device(np.concatenate([slots, rows]), device)
+        slot_index, row_index = both[: len(slots)], both[len(slots) :]
         for name, value in items.items():
-            store = self._storage[name]
-            if value.is_floating_point():
-                value = torch.nan_to_num(value, nan=0.0, posinf=0.0, neginf=0.0)
-            # Rows that lose rewrite slot 0 with the value slot 0 ends up with, so the duplicate
-            # writes agree and the result does not depend on write order.
-            winner0 = value.index_select(0, final_row_of_slot0.clamp_min(0).view(1))[0]
-            slot0 = torch.where(final_row_of_slot0 >= 0, winner0, store[0])
-            rows = torch.where(win.view(-1, *([1] * (value.dim() - 1))), value, slot0)
-            store.index_copy_(0, dest, rows)
-        self.num_seen += batch
+            self._storage[name].index_copy_(0, slot_index, self._clean(value.detach().index_select(0, row_index)))
+
+    @staticmethod
+    def _clean(value: Tensor) -> Tensor:
+        return torch.nan_to_num(value, nan=0.0, posinf=0.0, neginf=0.0) if value.is_floating_point() else value
 
     def _allocate(self, items: Mapping[str, Tensor]) -> None:
         self._storage = {
             k: torch.zeros((self.capacity, *v.shape[1:]), dtype=v.dtype, device=v.device) for k, v in items.items()
         }
+        self._update_schema()
+
+    def _update_schema(self) -> None:
+        self._schema = {k: (tuple(t.shape[1:]), t.dtype) for k, t in self._storage.items()}
 
     def widen(self, name: str, width: int) -> None:
         """Zero-pad field ``name`` along its last dimension to ``width`` (for heads that grow)."""
@@ -154,13 +164,13 @@ class ReservoirBuffer:
         new = old.new_zeros((*old.shape[:-1], width))
         new[..., : old.shape[-1]] = old
         self._storage[name] = new
+        self._update_schema()
 
     def to(self, device: torch.device | str) -> ReservoirBuffer:
-        """Move the storage (and the generator's stream) to ``device``, in place."""
+        """Move the storage to ``device``, in place (the generator lives on the host and is unaffected)."""
         device = torch.device(device)
         if self._storage and self.device != device:
             self._storage = {k: v.to(device) for k, v in self._storage.items()}
-            self._generator = None  # re-created on the new device, from a seed drawn from the old one
         return self
 
     # ------------------------------------------------------------------ sampling
@@ -173,21 +183,15 @@ class ReservoirBuffer:
         if n == 0:
             raise RuntimeError("cannot sample from an empty buffer")
         k = min(k, n)
-        keys = torch.rand((num_minibatches, n), generator=self._rng(), device=self.device)
-        # The k largest of n i.i.d. uniforms are a uniformly random k-subset.
-        return keys.topk(k, dim=1, sorted=False).indices
+        picks = np.stack([self._rng.choice(n, size=k, replace=False, shuffle=False) for _ in range(num_minibatches)])
+        assert self.device is not None
+        return to_device(picks, self.device)
 
-    def gather(self, indices: Tensor) -> Dict[str, Tensor]:
-        """The stored rows at ``indices`` (any shape), for every field."""
+    def gather(self, indices: Tensor, names: Optional[Iterable[str]] = None) -> Dict[str, Tensor]:
+        """The stored rows at ``indices`` (any shape), for every field or for ``names``."""
         flat = indices.reshape(-1)
-        return {k: v.index_select(0, flat).view(*indices.shape, *v.shape[1:]) for k, v in self._storage.items()}
-
-    def _rng(self) -> torch.Generator:
-        if self._generator is None:
-            device = self.device or torch.device("cpu")
-            self._generator = torch.Generator(device=device)
-            self._generator.manual_seed(self._seed)
-        return self._generator
+        fields = self._storage if names is None else {n: self._storage[n] for n in names}
+        return {k: v.index_select(0, flat).view(*indices.shape, *v.shape[1:]) for k, v in fields.items()}
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
@@ -195,31 +199,20 @@ class ReservoirBuffer:
         return {
             "capacity": self.capacity,
             "num_seen": self.num_seen,
-            "seed": self._seed,
             "storage": dict(self._storage),
-            "rng_state": self._generator.get_state() if self._generator is not None else None,
-            "rng_device": self._generator.device.type if self._generator is not None else None,
+            "rng_state": self._rng.bit_generator.state,
         }
 
     def load_state_dict(self, state: Mapping[str, Any], device: Optional[torch.device] = None) -> None:
         """Restore a :meth:`state_dict`, onto ``device`` if given (else where it was saved)."""
-        for key in ("capacity", "num_seen", "seed", "storage", "rng_state", "rng_device"):
+        for key in ("capacity", "num_seen", "storage", "rng_state"):
             if key not in state:
                 raise KeyError(f"buffer state is missing {key!r}")
         if int(state["capacity"]) != self.capacity:
-            raise ValueError(
-                f"checkpoint buffer capacity {state['capacity']} differs from this buffer's {self.capacity}"
-            )
-        storage = {k: (v.to(device) if device is not None else v.clone()) for k, v in state["storage"].items()}
-        self._storage = storage
+            raise ValueError(f"checkpoint buffer capacity {state['capacity']} differs from this buffer's {self.capacity}")
+        rng = np.random.Generator(np.random.PCG64())
+        rng.bit_generator.state = state["rng_state"]
+        self._storage = {k: (v.to(device) if device is not None else v).clone() for k, v in state["storage"].items()}
+        self._update_schema()
         self.num_seen = int(state["num_seen"])
-        self._seed = int(state["seed"])
-        self._generator = None
-        if state["rng_state"] is not None:
-            target = self.device or torch.device("cpu")
-            if state["rng_device"] == target.type:
-                self._rng().set_state(state["rng_state"])
-            else:
-                # Generator states are device-specific: continue with a seed derived from the saved one.
-                derived = int(torch.as_tensor(state["rng_state"]).to(torch.int64).sum().item())
-                self._seed = (self._seed * 1_000_003 + derived) % 2**62
+        self._rng = rng

@@ -1,4 +1,4 @@
-"""Pure tensor functions behind the methods: reservoir slots, replay losses and gradient projection.
+"""Pure functions behind the methods: reservoir slots, replay losses and gradient projection.
 
 None of them synchronises host and device, so they are safe in the hot path of ``backward``.
 """
@@ -7,48 +7,37 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["reservoir_destinations", "logit_distillation_loss", "project_conflicting_"]
+__all__ = ["reservoir_plan", "logit_distillation_loss", "project_conflicting_"]
 
 
-def reservoir_destinations(
-    num_seen: int,
-    batch: int,
-    capacity: int,
-    generator: torch.Generator,
-    device: torch.device,
-    keep: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """Where each row of a batch goes under Algorithm R, decided on the device.
+def reservoir_plan(num_seen: int, batch: int, capacity: int, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
+    """Which rows of the next batch enter the reservoir, and where (Algorithm R, vectorised on the host).
 
     Item ``t`` (0-based over the whole stream) fills slot ``t`` while ``t < capacity``; afterwards it
-    draws ``j ~ U{0..t}`` and replaces slot ``j`` if ``j < capacity``. When two rows of the batch pick
-    the same slot the later one wins, exactly as one-at-a-time insertion would.
+    draws ``j ~ U{0..t}`` and replaces slot ``j`` if ``j < capacity``. When several rows of the batch
+    pick the same slot the last one wins, exactly as one-at-a-time insertion would.
 
     Returns:
-        ``dest``: a slot for every row (losers point at slot 0),
-        ``win``: whether the row's value is the one that slot keeps,
-        ``slot0_winner``: the row that ends up in slot 0, or -1 if slot 0 keeps its value.
+        ``(slots, rows)``: distinct slots, and for each the batch row that ends up there (ascending).
     """
-    t = torch.arange(num_seen, num_seen + batch, device=device)
-    u = torch.rand(batch, generator=generator, device=device, dtype=torch.float64)
-    drawn = (u * (t + 1).to(torch.float64)).to(torch.int64).clamp_max(t)
-    slot = torch.where(t < capacity, t, drawn)
-    writes = slot < capacity
-    if keep is not None:
-        # A rejected row still fills its reserved slot while the buffer fills, so len() stays honest.
-        writes = writes & (keep | (t < capacity))
-    same_slot_later = (slot.unsqueeze(1) == slot.unsqueeze(0)) & writes.unsqueeze(0)
-    same_slot_later = same_slot_later.triu(diagonal=1)
-    win = writes & ~same_slot_later.any(dim=1)
-    wins_slot0 = win & (slot == 0)
-    rows = torch.arange(batch, device=device)
-    slot0_winner = torch.where(wins_slot0, rows, -1).max()
-    dest = torch.where(win, slot, 0)
-    return dest, win, slot0_winner
+    t = np.arange(num_seen, num_seen + batch)
+    slot = t.copy()
+    late = t >= capacity
+    if late.any():
+        slot[late] = rng.integers(0, t[late] + 1)
+    rows = np.flatnonzero(slot < capacity)
+    slots = slot[rows]
+    if len(slots) > 1:
+        # The last occurrence of each slot wins: unique over the reversed order finds it.
+        _, last_from_end = np.unique(slots[::-1], return_index=True)
+        keep = np.sort(len(slots) - 1 - last_from_end)
+        rows, slots = rows[keep], slots[keep]
+    return slots, rows
 
 
 def logit_distillation_loss(logits: Tensor, stored: Tensor, widths: Optional[Tensor] = None) -> Tensor:

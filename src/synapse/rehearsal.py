@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -115,6 +115,10 @@ class ER(BufferedSynapse):
         self._ragged_logits = False  # becomes True once rows of different logit widths coexist
         self._num_minibatches = 2 if method == "der++" else 1
         self._signature = inspect.signature(self.module.forward)
+        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        self._positions = {
+            name: i for i, (name, p) in enumerate(self._signature.parameters.items()) if p.kind in positional
+        }
         self._last_logits: Optional[Tensor] = None
         self._replay: Optional[_Replay] = None
         self._armed = True  # the next training forward may carry replay
@@ -138,19 +142,39 @@ class ER(BufferedSynapse):
         if not (self.fused and self._armed and self._training_forward(module)) or len(self.buffer) == 0:
             return None
         assert self._input_names is not None
-        sample = self._sample(self._num_minibatches)
-        bound = self._signature.bind(*args, **kwargs)
-        user_batch = 0
-        for name in self._input_names:
-            value = bound.arguments.get(name)
-            if not isinstance(value, Tensor):
-                raise TypeError(f"fused replay needs model input {name!r} as a tensor in forward()")
-            stored = sample[f"input:{name}"]
-            user_batch = value.shape[0]
-            bound.arguments[name] = torch.cat([value, stored.flatten(0, 1).to(value.dtype)])
+        new_args, new_kwargs = list(args), dict(kwargs)
+        slots = [self._locate(name, new_args, new_kwargs) for name in self._input_names]
+        container, key = slots[0]
+        user_batch = container[key].shape[0]
+        sample = self._sample(self._num_minibatches, self._replay_fields())
+        for (container, key), name in zip(slots, self._input_names):
+            container[key] = torch.cat([container[key], sample[f"input:{name}"].flatten(0, 1)])
         self._armed = False
         self._replay = _Replay(sample=sample, user_batch=user_batch)
-        return bound.args, bound.kwargs
+        return tuple(new_args), new_kwargs
+
+    def _locate(self, name: str, args: List[Any], kwargs: Dict[str, Any]) -> Tuple[Any, Any]:
+        """Where input ``name`` sits in this forward call: ``(kwargs, name)`` or ``(args, position)``."""
+        if name in kwargs:
+            where: Tuple[Any, Any] = (kwargs, name)
+        elif self._positions.get(name, len(args)) < len(args):
+            where = (args, self._positions[name])
+        else:
+            raise TypeError(f"fused replay could not find model input {name!r} in this forward call")
+        if not isinstance(where[0][where[1]], Tensor):
+            raise TypeError(f"fused replay needs model input {name!r} as a tensor, got {type(where[0][where[1]]).__name__}")
+        return where
+
+    def _replay_fields(self) -> List[str]:
+        """The buffer fields this method's replay loss reads."""
+        fields = [f"input:{n}" for n in self._input_names or ()]
+        if self.method != "der":
+            fields.append("targets")
+        if self._stores_logits:
+            fields.append("logits")
+        if self._ragged_logits:
+            fields.append("logit_width")
+        return fields
 
     def _post_forward(self, module: nn.Module, args: tuple, output: Any) -> Any:
         if not self._training_forward(module):
@@ -221,12 +245,9 @@ class ER(BufferedSynapse):
             if replay is not None and replay.outputs is not None:
                 total = loss + self._replay_loss(replay)
         self._run_backward(total)
-        keep = None
         if self._stores_logits:
             self._widen_logits_if_needed()
-            assert self._last_logits is not None
-            keep = torch.isfinite(loss.detach()) & torch.isfinite(self._last_logits).all(dim=1)
-        self._store(targets, model_inputs, keep)
+        self._store(targets, model_inputs)  # the buffer stores non-finite logits as 0
         self._replay = None
         self._last_logits = None
         self._armed = True
@@ -239,7 +260,7 @@ class ER(BufferedSynapse):
             self._ragged_logits = True
 
     def _separate_replay_forward(self) -> _Replay:
-        sample = self._sample(self._num_minibatches)
+        sample = self._sample(self._num_minibatches, self._replay_fields())
         inputs = {k: v.flatten(0, 1) for k, v in self._inputs_of(sample).items()}
         self._replaying = True
         try:
@@ -251,16 +272,15 @@ class ER(BufferedSynapse):
     def _replay_loss(self, replay: _Replay) -> Tensor:
         out, sample = replay.outputs, replay.sample
         assert out is not None
-        targets = sample["targets"]
         if self.method == "er":
-            return self.alpha * F.cross_entropy(out[0], targets[0])
+            return self.alpha * F.cross_entropy(out[0], sample["targets"][0])
         if self.method == "custom":
             assert self.custom_loss_fn is not None
-            return self.custom_loss_fn(out[0], sample["logits"][0], targets[0])
+            return self.custom_loss_fn(out[0], sample["logits"][0], sample["targets"][0])
         widths = sample["logit_width"][0] if self._ragged_logits else None
         loss = self.alpha * logit_distillation_loss(out[0], sample["logits"][0], widths)
         if self.method == "der++":
-            loss = loss + self.beta * F.cross_entropy(out[1], targets[1])
+            loss = loss + self.beta * F.cross_entropy(out[1], sample["targets"][1])
         return loss
 
     # ------------------------------------------------------------------ state

@@ -1,0 +1,203 @@
+"""Step overhead of every method, as the median step time over a plain ``loss.backward()`` step.
+
+All variants run in one process, interleaved in rounds so that drift affects them alike. Each step is
+the whole training step (forward, loss, backward through Synapse, optimizer step), timed after the
+buffer is full and after warm-up.
+
+    python benchmarks/step_overhead.py                       # CPU: MLP 784-100-100, batch 10 + 10
+    python benchmarks/step_overhead.py --device cuda         # GPU: resnet18-reduced, batch 32 + 32
+    python benchmarks/step_overhead.py --e2e                 # also the end-to-end DER++ reproduction run
+
+Also times a reference-style DER++ written the way common reference code does it (a Python loop per
+sample to insert, a separate forward and loss for each buffer minibatch), for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+
+import synapse  # noqa: E402
+from synapse.experiments.models import create_model  # noqa: E402
+from synapse.gradient import AGEM  # noqa: E402
+from synapse.rehearsal import ER  # noqa: E402
+from synapse.structure import SI  # noqa: E402
+
+
+class ReferenceStyleDERpp:
+    """DER++ as reference code commonly writes it: per-sample reservoir insertion in Python, a separate
+    forward pass per buffer minibatch, and host-side sampling. Used only as a speed baseline."""
+
+    def __init__(self, model: nn.Module, size: int, minibatch: int, alpha: float, beta: float) -> None:
+        self.model, self.size, self.minibatch, self.alpha, self.beta = model, size, minibatch, alpha, beta
+        self.seen = 0
+        self.x: Optional[torch.Tensor] = None
+
+    def backward(self, loss: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor, logits: torch.Tensor) -> None:
+        if self.seen > 0:
+            n = min(self.seen, self.size)
+            for term in ("der", "ce"):
+                idx = torch.from_numpy(__import__("numpy").random.choice(n, size=min(self.minibatch, n), replace=False))
+                idx = idx.to(inputs.device)
+                out = self.model(self.x[idx])
+                if term == "der":
+                    loss = loss + self.alpha * F.mse_loss(out, self.z[idx])
+                else:
+                    loss = loss + self.beta * F.cross_entropy(out, self.y[idx])
+        loss.backward()
+        if self.x is None:
+            self.x = torch.zeros(self.size, *inputs.shape[1:], dtype=inputs.dtype, device=inputs.device)
+            self.y = torch.zeros(self.size, dtype=targets.dtype, device=inputs.device)
+            self.z = torch.zeros(self.size, logits.shape[1], device=inputs.device)
+        for i in range(inputs.shape[0]):  # one sample at a time
+            j = self.seen if self.seen < self.size else int(__import__("numpy").random.randint(0, self.seen + 1))
+            if j < self.size:
+                self.x[j], self.y[j], self.z[j] = inputs[i], targets[i], logits[i].detach()
+            self.seen += 1
+
+
+def make_variants(buffer_size: int, mb: int) -> Dict[str, Optional[Callable[[nn.Module], object]]]:
+    alpha, beta = 0.3, 0.5
+    return {
+        "plain": None,
+        "ER (fused)": lambda m: ER(m, buffer_size, mb, alpha=1.0, method="er"),
+        "ER (unfused)": lambda m: ER(m, buffer_size, mb, alpha=1.0, method="er", fused=False),
+        "DER (fused)": lambda m: ER(m, buffer_size, mb, alpha=alpha, method="der"),
+        "DER (unfused)": lambda m: ER(m, buffer_size, mb, alpha=alpha, method="der", fused=False),
+        "DER++ (fused)": lambda m: ER(m, buffer_size, mb, alpha=alpha, beta=beta, method="der++"),
+        "DER++ (unfused)": lambda m: ER(m, buffer_size, mb, alpha=alpha, beta=beta, method="der++", fused=False),
+        "A-GEM": lambda m: AGEM(m, buffer_size, mb),
+        "SI": lambda m: SI(m, checkpoint_per_steps=10**9),
+        "DER++ reference-style": lambda m: ReferenceStyleDERpp(m, buffer_size, mb, alpha, beta),
+    }
+
+
+class Runner:
+    """One variant: its model, optimizer and method, stepping over a fixed pool of batches."""
+
+    def __init__(self, name, make, model_name, shape, classes, batch, device, seed=0):
+        torch.manual_seed(seed)
+        self.model = create_model(model_name, shape[0], shape[1], classes, [0.5] * shape[0], [0.25] * shape[0]).to(device)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01)
+        self.method = make(self.model) if make else None
+        self.name, self.device = name, device
+        g = torch.Generator().manual_seed(seed)
+        self.pool = [
+            (torch.randint(0, 256, (batch, *shape[:1], shape[1], shape[1]), generator=g, dtype=torch.uint8).to(device),
+             torch.randint(0, classes, (batch,), generator=g).to(device))
+            for _ in range(64)
+        ]
+        self.i = 0
+
+    def step(self) -> None:
+        x, y = self.pool[self.i % len(self.pool)]
+        self.i += 1
+        out = self.model(x)
+        loss = F.cross_entropy(out, y)
+        self.opt.zero_grad(set_to_none=True)
+        if self.method is None:
+            loss.backward()
+        elif isinstance(self.method, ReferenceStyleDERpp):
+            self.method.backward(loss, y, x, out)
+        else:
+            self.method.backward(loss, y, inputs=x)
+        self.opt.step()
+
+    def timed(self, steps: int) -> List[float]:
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        times = []
+        for _ in range(steps):
+            sync()
+            t0 = time.perf_counter()
+            self.step()
+            sync()
+            times.append(time.perf_counter() - t0)
+        return times
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--model", default=None, help="default: mlp on CPU, resnet18-reduced on CUDA")
+    p.add_argument("--batch", type=int, default=None, help="default: 10 on CPU, 32 on CUDA")
+    p.add_argument("--buffer_batch", type=int, default=None, help="default: the batch size")
+    p.add_argument("--buffer_size", type=int, default=500)
+    p.add_argument("--steps", type=int, default=200, help="timed steps per variant per round")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=100, help="steps after the buffer is full, before timing")
+    p.add_argument("--only", nargs="*", default=None, help="variants to run (plain always runs)")
+    p.add_argument("--e2e", action="store_true", help="also time the end-to-end DER++ reproduction (seed 0)")
+    p.add_argument("--json", default=None, help="write results here (default: benchmarks/results/step_overhead_<device>.json)")
+    args = p.parse_args()
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    gpu = device.type == "cuda"
+    model_name = args.model or ("resnet18-reduced" if gpu else "mlp")
+    batch = args.batch or (32 if gpu else 10)
+    mb = args.buffer_batch or batch
+    shape, classes = ((3, 32), 10) if model_name != "mlp" else ((1, 28), 10)
+
+    variants = make_variants(args.buffer_size, mb)
+    if args.only:
+        variants = {k: v for k, v in variants.items() if k == "plain" or k in args.only}
+    runners = [Runner(name, make, model_name, shape, classes, batch, device) for name, make in variants.items()]
+    fill = -(-args.buffer_size // batch)
+    for r in runners:
+        for _ in range(fill + args.warmup):
+            r.step()
+    times: Dict[str, List[float]] = {r.name: [] for r in runners}
+    for _ in range(args.rounds):  # interleaved, so slow drifts of the machine hit every variant alike
+        for r in runners:
+            times[r.name] += r.timed(args.steps)
+
+    plain = statistics.median(times["plain"])
+    rows = []
+    for name, t in times.items():
+        med = statistics.median(t)
+        rows.append({"variant": name, "median_ms": 1000 * med, "ratio_to_plain": med / plain})
+    device_name = torch.cuda.get_device_name(device) if gpu else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    header = (f"{model_name}, batch {batch} + buffer batch {mb}, buffer {args.buffer_size}, {device_name}, "
+              f"torch {torch.__version__}, median of {args.rounds * args.steps} steps")
+    print(header)
+    print(f"| {'variant':<24} | {'ms/step':>8} | {'x plain':>7} |")
+    print(f"|{'-' * 26}|{'-' * 10}|{'-' * 9}|")
+    for row in rows:
+        print(f"| {row['variant']:<24} | {row['median_ms']:>8.3f} | {row['ratio_to_plain']:>6.2f}x |")
+
+    result = {"setting": header, "device": str(device), "model": model_name, "batch": batch, "buffer_batch": mb,
+              "buffer_size": args.buffer_size, "torch": torch.__version__, "synapse": synapse.__version__, "rows": rows}
+    if args.e2e:
+        from reproduce import run_one  # noqa: E402
+
+        e2e = {}
+        for fused in (True, False):
+            r = run_one("der++", 500, seed=0, fused=fused)
+            e2e["fused" if fused else "unfused"] = {"wall_time_s": r["wall_time_s"],
+                                                   "class_il": r["average_accuracy"]["class_il"],
+                                                   "task_il": r["average_accuracy"]["task_il"]}
+            print(f"end-to-end Split Fashion-MNIST, DER++ buffer 500, seed 0, {'fused' if fused else 'unfused'}: "
+                  f"{r['wall_time_s']:.1f} s, Class-IL {100 * r['average_accuracy']['class_il']:.2f}%, "
+                  f"Task-IL {100 * r['average_accuracy']['task_il']:.2f}%")
+        result["end_to_end"] = e2e
+    path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"step_overhead_{device.type}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()
