@@ -89,14 +89,20 @@ class Runner:
 
     def __init__(self, name, make, model_name, shape, classes, batch, device, seed=0):
         torch.manual_seed(seed)
-        self.model = create_model(model_name, shape[0], shape[1], classes, [0.5] * shape[0], [0.25] * shape[0]).to(device)
+        self.model = create_model(model_name, shape[0], shape[1], classes, [0.5] * shape[0], [0.25] * shape[0]).to(
+            device
+        )
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01)
         self.method = make(self.model) if make else None
         self.name, self.device = name, device
         g = torch.Generator().manual_seed(seed)
         self.pool = [
-            (torch.randint(0, 256, (batch, *shape[:1], shape[1], shape[1]), generator=g, dtype=torch.uint8).to(device),
-             torch.randint(0, classes, (batch,), generator=g).to(device))
+            (
+                torch.randint(0, 256, (batch, *shape[:1], shape[1], shape[1]), generator=g, dtype=torch.uint8).to(
+                    device
+                ),
+                torch.randint(0, classes, (batch,), generator=g).to(device),
+            )
             for _ in range(64)
         ]
         self.i = 0
@@ -139,11 +145,16 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=100, help="steps after the buffer is full, before timing")
     p.add_argument("--only", nargs="*", default=None, help="variants to run (plain always runs)")
     p.add_argument("--e2e", action="store_true", help="also time the end-to-end DER++ reproduction (seed 0)")
-    p.add_argument("--json", default=None, help="write results here (default: benchmarks/results/step_overhead_<device>.json)")
+    p.add_argument(
+        "--json", default=None, help="write results here (default: benchmarks/results/step_overhead_<device>.json)"
+    )
     args = p.parse_args()
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     gpu = device.type == "cuda"
     model_name = args.model or ("resnet18-reduced" if gpu else "mlp")
     batch = args.batch or (32 if gpu else 10)
@@ -168,31 +179,52 @@ def main() -> None:
     for name, t in times.items():
         med = statistics.median(t)
         rows.append({"variant": name, "median_ms": 1000 * med, "ratio_to_plain": med / plain})
-    device_name = torch.cuda.get_device_name(device) if gpu else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-    header = (f"{model_name}, batch {batch} + buffer batch {mb}, buffer {args.buffer_size}, {device_name}, "
-              f"torch {torch.__version__}, median of {args.rounds * args.steps} steps")
+    device_name = (
+        torch.cuda.get_device_name(device)
+        if gpu
+        else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    )
+    header = (
+        f"{model_name}, batch {batch} + buffer batch {mb}, buffer {args.buffer_size}, {device_name}, "
+        f"torch {torch.__version__}, median of {args.rounds * args.steps} steps"
+    )
     print(header)
     print(f"| {'variant':<24} | {'ms/step':>8} | {'x plain':>7} |")
     print(f"|{'-' * 26}|{'-' * 10}|{'-' * 9}|")
     for row in rows:
         print(f"| {row['variant']:<24} | {row['median_ms']:>8.3f} | {row['ratio_to_plain']:>6.2f}x |")
 
-    result = {"setting": header, "device": str(device), "model": model_name, "batch": batch, "buffer_batch": mb,
-              "buffer_size": args.buffer_size, "torch": torch.__version__, "synapse": synapse.__version__, "rows": rows}
+    result = {
+        "setting": header,
+        "device": str(device),
+        "model": model_name,
+        "batch": batch,
+        "buffer_batch": mb,
+        "buffer_size": args.buffer_size,
+        "torch": torch.__version__,
+        "synapse": synapse.__version__,
+        "rows": rows,
+    }
     if args.e2e:
         from reproduce import run_one  # noqa: E402
 
         e2e = {}
         for fused in (True, False):
             r = run_one("der++", 500, seed=0, fused=fused)
-            e2e["fused" if fused else "unfused"] = {"wall_time_s": r["wall_time_s"],
-                                                   "class_il": r["average_accuracy"]["class_il"],
-                                                   "task_il": r["average_accuracy"]["task_il"]}
-            print(f"end-to-end Split Fashion-MNIST, DER++ buffer 500, seed 0, {'fused' if fused else 'unfused'}: "
-                  f"{r['wall_time_s']:.1f} s, Class-IL {100 * r['average_accuracy']['class_il']:.2f}%, "
-                  f"Task-IL {100 * r['average_accuracy']['task_il']:.2f}%")
+            e2e["fused" if fused else "unfused"] = {
+                "wall_time_s": r["wall_time_s"],
+                "class_il": r["average_accuracy"]["class_il"],
+                "task_il": r["average_accuracy"]["task_il"],
+            }
+            print(
+                f"end-to-end Split Fashion-MNIST, DER++ buffer 500, seed 0, {'fused' if fused else 'unfused'}: "
+                f"{r['wall_time_s']:.1f} s, Class-IL {100 * r['average_accuracy']['class_il']:.2f}%, "
+                f"Task-IL {100 * r['average_accuracy']['task_il']:.2f}%"
+            )
         result["end_to_end"] = e2e
-    path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"step_overhead_{device.type}.json")
+    path = args.json or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "results", f"step_overhead_{device.type}.json"
+    )
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump(result, f, indent=2)

@@ -122,7 +122,7 @@ def test_plan_resolves_duplicate_slots_as_sequential_insertion_would():
         # Replay the same draws one item at a time.
         rng = np.random.Generator(np.random.PCG64(seed))
         t = np.arange(10, 50)
-        draws = rng.integers(0, t + 1)
+        draws = (rng.random(len(t)) * (t + 1)).astype(np.int64)
         final = {}
         for row, j in enumerate(draws):
             if j < 5:

@@ -175,7 +175,7 @@ def test_agem_applies_the_projected_gradient():
     ref_syn = AGEM(snapshot, 50, 16)
     ref_syn.load_state_dict(syn_state)
     sample = ref_syn._sample(1)
-    ref_loss = F.cross_entropy(snapshot(sample["input:input"][0]), sample["targets"][0])
+    ref_loss = F.cross_entropy(snapshot(sample["input:input"]), sample["targets"])
     r = torch.cat([g.flatten() for g in torch.autograd.grad(ref_loss, list(snapshot.parameters()))])
     g = torch.cat(
         [gg.flatten() for gg in torch.autograd.grad(F.cross_entropy(snapshot(x), y), list(snapshot.parameters()))]

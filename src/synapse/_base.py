@@ -172,12 +172,11 @@ class BufferedSynapse(Synapse):
             raise ValueError(
                 f"model inputs {tuple(model_inputs)} differ from those of earlier steps {self._input_names}"
             )
-        self.buffer.check_batch(self._stored_items(targets, model_inputs, check_only=True))
+        # Only what the user passed needs checking: whatever a method adds is its own making.
+        self.buffer.check_batch(BufferedSynapse._stored_items(self, targets, model_inputs), partial=True)
 
-    def _stored_items(
-        self, targets: Tensor, model_inputs: Mapping[str, Tensor], check_only: bool = False
-    ) -> Dict[str, Tensor]:
-        """The named tensors one step stores; ``check_only`` builds them for validation alone."""
+    def _stored_items(self, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+        """The named tensors one step stores."""
         items = {f"input:{k}": v for k, v in model_inputs.items()}
         items["targets"] = targets
         return items
@@ -193,9 +192,10 @@ class BufferedSynapse(Synapse):
             self.buffer.to(self.device)
 
     def _sample(self, num_minibatches: int = 1, names: Optional[Sequence[str]] = None) -> Dict[str, Tensor]:
-        """``num_minibatches`` independent minibatches (of all fields, or ``names``), stacked on a new dim 0."""
+        """``num_minibatches`` independent minibatches (of all fields, or ``names``), one after the other
+        along dim 0: minibatch ``i`` is rows ``i*k:(i+1)*k`` with ``k = min(buffer_sample_size, len)``."""
         self._follow_model_device()
-        return self.buffer.gather(self.buffer.sample_indices(self.buffer_sample_size, num_minibatches), names)
+        return self.buffer.gather(self.buffer.sample_indices(self.buffer_sample_size, num_minibatches).view(-1), names)
 
     @staticmethod
     def _inputs_of(sample: Mapping[str, Tensor]) -> Dict[str, Tensor]:

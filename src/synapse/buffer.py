@@ -95,8 +95,11 @@ class ReservoirBuffer:
         return f"ReservoirBuffer(capacity={self.capacity}, len={len(self)}, num_seen={self.num_seen})"
 
     # ------------------------------------------------------------------ validation
-    def check_batch(self, items: Mapping[str, Tensor]) -> int:
-        """Raise unless ``items`` can be added; returns the batch size. Changes nothing."""
+    def check_batch(self, items: Mapping[str, Tensor], partial: bool = False) -> int:
+        """Raise unless ``items`` can be added; returns the batch size. Changes nothing.
+
+        With ``partial``, ``items`` may be a subset of the stored fields (the rest is checked elsewhere).
+        """
         if not items:
             raise ValueError("items must hold at least one named tensor")
         batch = None
@@ -110,7 +113,7 @@ class ReservoirBuffer:
                 raise ValueError(f"all buffer fields need the same batch size, got {sizes}")
             batch = value.shape[0]
         if self._schema:
-            if items.keys() != self._schema.keys():
+            if not (items.keys() <= self._schema.keys() if partial else items.keys() == self._schema.keys()):
                 raise ValueError(f"buffer fields {sorted(items)} differ from the stored fields {sorted(self._schema)}")
             for name, value in items.items():
                 shape, dtype = self._schema[name]
@@ -156,6 +159,15 @@ class ReservoirBuffer:
     def _update_schema(self) -> None:
         self._schema = {k: (tuple(t.shape[1:]), t.dtype) for k, t in self._storage.items()}
 
+    def add_field(self, name: str, fill: Tensor) -> None:
+        """Add field ``name`` to every item, each set to ``fill`` (a tensor of one item's shape)."""
+        if name in self._storage:
+            raise ValueError(f"buffer field {name!r} exists already")
+        if self._storage:
+            device = self.device
+            self._storage[name] = fill.to(device).expand(self.capacity, *fill.shape).clone()
+            self._update_schema()
+
     def widen(self, name: str, width: int) -> None:
         """Zero-pad field ``name`` along its last dimension to ``width`` (for heads that grow)."""
         old = self._storage[name]
@@ -183,7 +195,10 @@ class ReservoirBuffer:
         if n == 0:
             raise RuntimeError("cannot sample from an empty buffer")
         k = min(k, n)
-        picks = np.stack([self._rng.choice(n, size=k, replace=False, shuffle=False) for _ in range(num_minibatches)])
+        if k == n:
+            picks = self._rng.permuted(np.broadcast_to(np.arange(n), (num_minibatches, n)), axis=1)
+        else:  # the k smallest of n i.i.d. uniforms index a uniformly random k-subset
+            picks = np.argpartition(self._rng.random((num_minibatches, n)), k - 1, axis=1)[:, :k]
         assert self.device is not None
         return to_device(picks, self.device)
 
@@ -209,7 +224,9 @@ class ReservoirBuffer:
             if key not in state:
                 raise KeyError(f"buffer state is missing {key!r}")
         if int(state["capacity"]) != self.capacity:
-            raise ValueError(f"checkpoint buffer capacity {state['capacity']} differs from this buffer's {self.capacity}")
+            raise ValueError(
+                f"checkpoint buffer capacity {state['capacity']} differs from this buffer's {self.capacity}"
+            )
         rng = np.random.Generator(np.random.PCG64())
         rng.bit_generator.state = state["rng_state"]
         self._storage = {k: (v.to(device) if device is not None else v).clone() for k, v in state["storage"].items()}

@@ -25,14 +25,21 @@ def reservoir_plan(num_seen: int, batch: int, capacity: int, rng: np.random.Gene
     Returns:
         ``(slots, rows)``: distinct slots, and for each the batch row that ends up there (ascending).
     """
-    t = np.arange(num_seen, num_seen + batch)
-    slot = t.copy()
-    late = t >= capacity
-    if late.any():
-        slot[late] = rng.integers(0, t[late] + 1)
-    rows = np.flatnonzero(slot < capacity)
-    slots = slot[rows]
-    if len(slots) > 1:
+    filling = min(max(capacity - num_seen, 0), batch)  # rows that take the next free slots
+    rows = np.arange(filling)
+    slots = rows + num_seen
+    if filling == batch:
+        return slots, rows
+    t = np.arange(num_seen + filling, num_seen + batch)
+    # floor(U * (t + 1)) is uniform on {0..t}; float64 keeps it exact far beyond any realistic stream.
+    drawn = (rng.random(len(t)) * (t + 1)).astype(np.int64)
+    hits = np.flatnonzero(drawn < capacity)
+    if len(hits) == 0:
+        return slots, rows
+    rows = np.concatenate([rows, hits + filling])
+    slots = np.concatenate([slots, drawn[hits]])
+    ordered = np.sort(slots)
+    if len(slots) > 1 and (ordered[1:] == ordered[:-1]).any():
         # The last occurrence of each slot wins: unique over the reversed order finds it.
         _, last_from_end = np.unique(slots[::-1], return_index=True)
         keep = np.sort(len(slots) - 1 - last_from_end)

@@ -78,9 +78,8 @@ class AGEM(BufferedSynapse):
 
     def _reference_gradient(self, reference: FlatSpace) -> None:
         sample = self._sample(1)
-        inputs = {k: v[0] for k, v in self._inputs_of(sample).items()}
         # The inner module, not the DDP wrapper: this backward must not trigger DDP's gradient sync.
-        ref_loss = F.cross_entropy(self.module(**inputs), sample["targets"][0])
+        ref_loss = F.cross_entropy(self.module(**self._inputs_of(sample)), sample["targets"])
         if self.scaler is not None:
             ref_loss = self.scaler.scale(ref_loss)  # same scale as the current gradient
         grads = torch.autograd.grad(ref_loss, self._params, allow_unused=True)

@@ -25,9 +25,16 @@ CustomLossFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 class _Replay:
     """One step's replay minibatch(es) and, once the forward ran, the model's outputs on them."""
 
-    sample: Dict[str, Tensor]  # fields of shape (num_minibatches, k, ...)
+    sample: Dict[str, Tensor]  # fields of shape (num_minibatches * k, ...), minibatch after minibatch
     user_batch: int = 0
-    outputs: Optional[Tensor] = None  # (num_minibatches, k, num_logits)
+    outputs: Optional[Tensor] = None  # (num_minibatches * k, num_logits)
+
+    def part(self, tensor: Tensor, i: int, num_minibatches: int) -> Tensor:
+        """Minibatch ``i`` of a stacked field (no slicing, and no extra autograd node, for a single one)."""
+        if num_minibatches == 1:
+            return tensor
+        k = tensor.shape[0] // num_minibatches
+        return tensor[i * k : (i + 1) * k]
 
 
 class ER(BufferedSynapse):
@@ -148,7 +155,7 @@ class ER(BufferedSynapse):
         user_batch = container[key].shape[0]
         sample = self._sample(self._num_minibatches, self._replay_fields())
         for (container, key), name in zip(slots, self._input_names):
-            container[key] = torch.cat([container[key], sample[f"input:{name}"].flatten(0, 1)])
+            container[key] = torch.cat([container[key], sample[f"input:{name}"]])
         self._armed = False
         self._replay = _Replay(sample=sample, user_batch=user_batch)
         return tuple(new_args), new_kwargs
@@ -162,7 +169,9 @@ class ER(BufferedSynapse):
         else:
             raise TypeError(f"fused replay could not find model input {name!r} in this forward call")
         if not isinstance(where[0][where[1]], Tensor):
-            raise TypeError(f"fused replay needs model input {name!r} as a tensor, got {type(where[0][where[1]]).__name__}")
+            raise TypeError(
+                f"fused replay needs model input {name!r} as a tensor, got {type(where[0][where[1]]).__name__}"
+            )
         return where
 
     def _replay_fields(self) -> List[str]:
@@ -187,7 +196,7 @@ class ER(BufferedSynapse):
                     "use ER(..., fused=False)"
                 )
             b = replay.user_batch
-            replay.outputs = output[b:].unflatten(0, (self._num_minibatches, -1))
+            replay.outputs = output[b:]
             output = output[:b]
         if self._stores_logits and isinstance(output, Tensor):
             self._last_logits = output.detach()
@@ -218,24 +227,20 @@ class ER(BufferedSynapse):
             raise ValueError(f"the last forward carried a batch of {self._replay.user_batch}, but targets has {batch}")
         super()._check(loss, targets, model_inputs)
 
-    def _stored_items(
-        self, targets: Tensor, model_inputs: Mapping[str, Tensor], check_only: bool = False
-    ) -> Dict[str, Tensor]:
+    def _stored_items(self, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> Dict[str, Tensor]:
         items = super()._stored_items(targets, model_inputs)
         if not self._stores_logits:
             return items
         assert self._last_logits is not None
-        produced_width = self._last_logits.shape[1]
         logits = self._last_logits.to(self.logits_dtype or self._last_logits.dtype)
-        stored = self.buffer.schema().get("logits")
-        if stored is not None:
-            width = stored[0][0]
-            if logits.shape[1] < width:
-                logits = F.pad(logits, (0, width - logits.shape[1]))
-            elif logits.shape[1] > width and check_only:
-                logits = logits[:, :width]  # will widen the buffer on store
+        stored_width = self.buffer.schema()["logits"][0][0] if "logits" in self.buffer.schema() else logits.shape[1]
+        if logits.shape[1] < stored_width:  # a narrower head than some stored rows (models may vary)
+            logits = F.pad(logits, (0, stored_width - logits.shape[1]))
         items["logits"] = logits
-        items["logit_width"] = torch.full((logits.shape[0],), produced_width, dtype=torch.int32, device=logits.device)
+        if self._ragged_logits:  # rows of different widths coexist: remember each row's own
+            items["logit_width"] = torch.full(
+                (logits.shape[0],), self._last_logits.shape[1], dtype=torch.int32, device=logits.device
+            )
         return items
 
     def _backward(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
@@ -256,32 +261,42 @@ class ER(BufferedSynapse):
         stored = self.buffer.schema().get("logits")
         assert self._last_logits is not None
         if stored is not None and self._last_logits.shape[1] > stored[0][0]:
+            if not self._ragged_logits:  # every row stored so far has the old width
+                self.buffer.add_field("logit_width", torch.full((), stored[0][0], dtype=torch.int32))
             self.buffer.widen("logits", self._last_logits.shape[1])
             self._ragged_logits = True
 
     def _separate_replay_forward(self) -> _Replay:
         sample = self._sample(self._num_minibatches, self._replay_fields())
-        inputs = {k: v.flatten(0, 1) for k, v in self._inputs_of(sample).items()}
+        inputs = self._inputs_of(sample)
         self._replaying = True
         try:
             outputs = self.module(**inputs)
         finally:
             self._replaying = False
-        return _Replay(sample=sample, outputs=outputs.unflatten(0, (self._num_minibatches, -1)))
+        return _Replay(sample=sample, outputs=outputs)
 
     def _replay_loss(self, replay: _Replay) -> Tensor:
-        out, sample = replay.outputs, replay.sample
-        assert out is not None
+        assert replay.outputs is not None
+        m = self._num_minibatches
+
+        def part(name: str, i: int = 0) -> Tensor:
+            return replay.part(replay.outputs if name == "outputs" else replay.sample[name], i, m)  # type: ignore[arg-type]
+
         if self.method == "er":
-            return self.alpha * F.cross_entropy(out[0], sample["targets"][0])
+            return self._weighted(self.alpha, F.cross_entropy(part("outputs"), part("targets")))
         if self.method == "custom":
             assert self.custom_loss_fn is not None
-            return self.custom_loss_fn(out[0], sample["logits"][0], sample["targets"][0])
-        widths = sample["logit_width"][0] if self._ragged_logits else None
-        loss = self.alpha * logit_distillation_loss(out[0], sample["logits"][0], widths)
+            return self.custom_loss_fn(part("outputs"), part("logits"), part("targets"))
+        widths = part("logit_width") if self._ragged_logits else None
+        loss = self._weighted(self.alpha, logit_distillation_loss(part("outputs"), part("logits"), widths))
         if self.method == "der++":
-            loss = loss + self.beta * F.cross_entropy(out[1], sample["targets"][1])
+            loss = loss + self._weighted(self.beta, F.cross_entropy(part("outputs", 1), part("targets", 1)))
         return loss
+
+    @staticmethod
+    def _weighted(weight: float, loss: Tensor) -> Tensor:
+        return loss if weight == 1.0 else weight * loss  # skip a graph node for the common weight 1
 
     # ------------------------------------------------------------------ state
     def _method_state(self) -> Dict[str, Any]:
