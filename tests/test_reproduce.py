@@ -1,0 +1,16 @@
+"""The reproduction at one seed: the paper's orderings must hold (margins from the 3-seed run)."""
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+
+from reproduce import check_orderings, run_all, summarize  # noqa: E402
+
+
+@pytest.mark.slow
+def test_seq_mnist_protocol_orderings_on_fashion_mnist(fashion_tasks):
+    table = summarize(run_all("fashion-mnist", seeds=[0], workers=2))
+    assert check_orderings(table) == []
