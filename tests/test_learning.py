@@ -35,7 +35,7 @@ def class_il_accuracy(fashion_tasks, make_synapse, seed=0, lr=0.03):
         if synapse is not None:
             synapse.end_task()
     tests = [(tx[:TEST_PER_TASK], ty[:TEST_PER_TASK]) for _, _, tx, ty in fashion_tasks]
-    cil, til = evaluate(model, tests, [(2 * t, 2 * t + 1) for t in range(5)])
+    cil, til, _ = evaluate(model, tests, [(2 * t, 2 * t + 1) for t in range(5)])
     return sum(cil) / 5, sum(til) / 5
 
 

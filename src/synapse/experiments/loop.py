@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -92,6 +92,12 @@ def train_epoch(
     return EpochResult(float(loss_sum), int(correct), seen, batch_index >= num_batches, batch_index)
 
 
+class Evaluation(NamedTuple):
+    class_il: List[float]  # accuracy per task, as a fraction
+    task_il: List[float]
+    samples: List[int]  # test samples scored per task, over all ranks
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -101,7 +107,7 @@ def evaluate(
     rank: int = 0,
     world: int = 1,
     progress: Callable[[Iterable], Iterable] = lambda it: it,
-) -> Tuple[List[float], List[float]]:
+) -> Evaluation:
     """Class-IL and Task-IL accuracy (fractions) on each task's test set.
 
     Class-IL takes the argmax over all classes; Task-IL only over the task's own classes. In a
@@ -128,4 +134,4 @@ def evaluate(
     model.train(was_training)
     c = counts.cpu().double()
     total = c[:, 2].clamp_min(1)
-    return (c[:, 0] / total).tolist(), (c[:, 1] / total).tolist()
+    return Evaluation((c[:, 0] / total).tolist(), (c[:, 1] / total).tolist(), counts[:, 2].tolist())

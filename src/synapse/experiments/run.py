@@ -20,7 +20,7 @@ from . import report
 from .checkpoint import atomic_save, load_checkpoint
 from .datasets import DatasetSpec, load_tasks
 from .distributed import World, any_rank, device_for, init_from_env
-from .loop import evaluate, shard, train_epoch
+from .loop import Evaluation, evaluate, shard, train_epoch
 from .methods import METHODS
 from .models import create_model
 
@@ -45,6 +45,9 @@ IDENTITY = (
     "max_train_per_task",
     "max_test_per_task",
 )
+
+# Where the run is in its schedule, and what it measured so far: all of it goes into checkpoints.
+PROGRESS = ("stage", "epoch", "next_batch", "order", "accuracy", "untrained", "epoch_log", "test_samples", "elapsed")
 
 
 @dataclass
@@ -185,6 +188,7 @@ class Experiment:
         self.accuracy: Dict[str, List[List[float]]] = {"class_il": [], "task_il": []}
         self.untrained: Optional[Dict[str, List[float]]] = None
         self.epoch_log: List[Dict[str, Any]] = []
+        self.test_samples: List[int] = []
         self.elapsed = 0.0
 
     # ------------------------------------------------------------------ schedule
@@ -218,7 +222,7 @@ class Experiment:
             self.restore()
         started = time.perf_counter() - self.elapsed
         if self.untrained is None:
-            cil, til = self.evaluate()
+            cil, til, _ = self.evaluate()
             self.untrained = {"class_il": cil, "task_il": til}
         stages = self.stages()
         steps_done = 0
@@ -269,7 +273,7 @@ class Experiment:
                     self.finish_epoch(name, result, time.perf_counter() - t0)
                 if self.synapse is not None:
                     self.synapse.end_task()
-                cil, til = self.evaluate()
+                cil, til, self.test_samples = self.evaluate()
                 self.accuracy["class_il"].append(cil)
                 self.accuracy["task_il"].append(til)
                 self.log(
@@ -299,8 +303,8 @@ class Experiment:
             val_x = torch.cat([self.val_sets[t][0] for t in stage_tasks])
             val_y = torch.cat([self.val_sets[t][1] for t in stage_tasks])
             all_classes = [c for t in stage_tasks for c in self.task_classes[t]]
-            cil, _ = evaluate(self.model, [(val_x, val_y)], [all_classes], rank=self.world.rank, world=self.world.size)
-            row["validation_accuracy"] = cil[0]
+            result = evaluate(self.model, [(val_x, val_y)], [all_classes], rank=self.world.rank, world=self.world.size)
+            row["validation_accuracy"] = result.class_il[0]
         self.epoch_log.append(row)
         val = f", validation accuracy {100 * row['validation_accuracy']:.2f}%" if "validation_accuracy" in row else ""
         self.log(
@@ -309,7 +313,7 @@ class Experiment:
         )
         self.epoch, self.next_batch, self.order = self.epoch + 1, 0, None
 
-    def evaluate(self) -> Tuple[List[float], List[float]]:
+    def evaluate(self) -> Evaluation:
         return evaluate(self.model, self.test_sets, self.task_classes, rank=self.world.rank, world=self.world.size)
 
     def finish(self) -> Dict[str, Any]:
@@ -320,6 +324,7 @@ class Experiment:
             "accuracy_matrix": self.accuracy,
             "untrained_accuracy": self.untrained,
             **summary,
+            "test_samples_per_task": self.test_samples,
             "wall_time_s": self.elapsed,
             "epoch_log": self.epoch_log,
         }
@@ -351,16 +356,7 @@ class Experiment:
                 "data": self.data_gen.get_state(),
                 "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             },
-            "progress": {
-                "stage": self.stage,
-                "epoch": self.epoch,
-                "next_batch": self.next_batch,
-                "order": self.order,
-                "accuracy": self.accuracy,
-                "untrained": self.untrained,
-                "epoch_log": self.epoch_log,
-                "elapsed": self.elapsed,
-            },
+            "progress": {name: getattr(self, name) for name in PROGRESS},
         }
         atomic_save(state, self.ckpt_path)
 
@@ -376,14 +372,8 @@ class Experiment:
         self.data_gen.set_state(state["rng"]["data"])
         if state["rng"]["cuda"] is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
-        p = state["progress"]
-        self.stage, self.epoch, self.next_batch, self.order = p["stage"], p["epoch"], p["next_batch"], p["order"]
-        self.accuracy, self.untrained, self.epoch_log, self.elapsed = (
-            p["accuracy"],
-            p["untrained"],
-            p["epoch_log"],
-            p["elapsed"],
-        )
+        for name in PROGRESS:
+            setattr(self, name, state["progress"][name])
         self.log(
             f"resumed from {self.ckpt_path}: stage {self.stage + 1}, epoch {self.epoch + 1}, batch {self.next_batch}"
         )
