@@ -17,7 +17,7 @@ from torch import Tensor, nn
 import synapse
 
 from . import report
-from .checkpoint import atomic_save, load_checkpoint
+from .checkpoint import CheckpointError, atomic_save, load_checkpoint
 from .datasets import DatasetSpec, load_tasks
 from .distributed import World, any_rank, device_for, init_from_env
 from .loop import Evaluation, evaluate, shard, train_epoch
@@ -363,6 +363,18 @@ class Experiment:
     def restore(self) -> None:
         if self.ckpt_path is None:
             raise ValueError("--resume needs --output_dir, where the checkpoint is")
+        if not os.path.isfile(self.ckpt_path):
+            folder = os.path.dirname(self.ckpt_path) or "."
+            others = (
+                sorted(f for f in os.listdir(folder) if f.startswith("checkpoint") and f.endswith(".pt"))
+                if (os.path.isdir(folder))
+                else []
+            )
+            if others:
+                raise CheckpointError(
+                    f"{self.ckpt_path} does not exist, but {', '.join(others)} do: they were written by a run with "
+                    f"another number of processes (one file per rank); resume with that world size, not {self.world.size}"
+                )
         state = load_checkpoint(self.ckpt_path, self.identity)
         synapse._base.unwrap_model(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])

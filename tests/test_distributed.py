@@ -1,0 +1,151 @@
+"""Two gloo processes on the CPU under torchrun: DDP correctness of every method, and the CLI."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from synapse.functional import project_conflicting_
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.distributed
+TIMEOUT = 300
+
+
+def torchrun(*args, timeout=TIMEOUT, **kwargs):
+    """torchrun with 2 local processes; the whole process group is killed if it overruns (no hangs)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, text=True, **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"torchrun {' '.join(args)} did not finish in {timeout} s")
+    return proc.returncode, out, err
+
+
+@pytest.mark.parametrize("method", ["er", "der", "der++", "der++-unfused", "agem", "si"])
+def test_parameters_stay_identical_across_ranks(tmp_path, method):
+    code, _, err = torchrun(
+        "tests/ddp_worker.py", method, str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert code == 0, err[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for a, b in zip(r0["params"], r1["params"]):
+        assert torch.equal(a, b)
+    if method.startswith(("er", "der", "agem")):
+        # Each rank keeps its own reservoir of its own stream.
+        s0, s1 = (r["state"]["state"]["buffer"]["storage"]["input:input"] for r in (r0, r1))
+        assert not torch.equal(s0, s1)
+    if method == "si":
+        for name in ("omega", "importance", "anchor"):
+            for a, b in zip(r0["state"]["state"][name], r1["state"]["state"][name]):
+                assert torch.equal(a, b)
+    if method == "agem":
+        g = (r0["local_grad"] + r1["local_grad"]) / 2
+        ref = (r0["local_reference"] + r1["local_reference"]) / 2
+        expected = project_conflicting_(g.clone(), ref)
+        for r in (r0, r1):
+            assert torch.allclose(r["applied"], expected, atol=1e-5)
+
+
+CLI = [
+    "cli.py",
+    "--dataset",
+    "fashion-mnist",
+    "--max_train_per_task",
+    "600",
+    "--max_test_per_task",
+    "301",
+    "--training_type",
+    "continual",
+    "--synapse_type",
+    "der++",
+    "--buffer_size",
+    "100",
+    "--seed",
+    "1",
+]
+
+
+def results(folder):
+    with open(os.path.join(folder, "results.json")) as f:
+        return json.load(f)
+
+
+@pytest.mark.slow
+def test_two_process_cli_covers_the_full_test_set(tmp_path):
+    code, _, err = torchrun(*CLI, "--output_dir", str(tmp_path / "ddp"), "--quiet", stderr=subprocess.PIPE)
+    assert code == 0, err[-3000:]
+    ddp = results(tmp_path / "ddp")
+    assert ddp["config"]["world_size"] == 2
+    assert ddp["test_samples_per_task"] == [301] * 5  # an odd count: every sample scored exactly once
+    single_dir = str(tmp_path / "single")
+    subprocess.run([sys.executable, *CLI, "--output_dir", single_dir, "--quiet"], cwd=ROOT, check=True, timeout=TIMEOUT)
+    single = results(single_dir)
+    # Same range: 2 ranks take half the steps with twice the data per step.
+    for setting in ("class_il", "task_il"):
+        assert abs(ddp["average_accuracy"][setting] - single["average_accuracy"][setting]) < 0.15
+    assert ddp["average_accuracy"]["class_il"] > 0.4  # far above fine-tuning's 0.2
+    assert not os.path.exists(tmp_path / "ddp" / "checkpoint.pt")
+    assert os.path.exists(tmp_path / "ddp" / "checkpoint-rank0.pt") and os.path.exists(
+        tmp_path / "ddp" / "checkpoint-rank1.pt"
+    )
+
+
+@pytest.mark.slow
+def test_two_process_kill_and_resume_equals_uninterrupted(tmp_path):
+    full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
+    code, _, err = torchrun(*CLI, "--output_dir", full, "--quiet", stderr=subprocess.PIPE)
+    assert code == 0, err[-3000:]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        *CLI,
+        "--output_dir",
+        killed,
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        for line in proc.stdout:
+            if "checkpoint saved: task 2" in line:
+                break
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers, at once
+        proc.wait(timeout=60)
+    assert not os.path.exists(os.path.join(killed, "results.json"))
+    code, _, err = torchrun(*CLI, "--output_dir", killed, "--resume", "--quiet", stderr=subprocess.PIPE)
+    assert code == 0, err[-3000:]
+    assert results(full)["accuracy_matrix"] == results(killed)["accuracy_matrix"]
+
+
+@pytest.mark.slow
+def test_resuming_with_another_world_size_is_a_clear_error(tmp_path):
+    out = str(tmp_path)
+    code, _, err = torchrun(*CLI, "--output_dir", out, "--quiet", "--max_train_per_task", "50", stderr=subprocess.PIPE)
+    assert code == 0, err[-3000:]
+    proc = subprocess.run(
+        [sys.executable, *CLI, "--max_train_per_task", "50", "--output_dir", out, "--resume"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert proc.returncode == 2
+    assert "checkpoint-rank0.pt, checkpoint-rank1.pt do" in proc.stderr and "world size" in proc.stderr
