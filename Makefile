@@ -16,7 +16,7 @@ data:
 	@test -d /usr/share/datasets/fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) \
 		|| echo "dataset-fashion-mnist not installed: the CLI will download Fashion-MNIST into ./datasets"
 
-# A real experiment: Split Fashion-MNIST, DER++ (buffer 500), about a minute on a laptop CPU.
+# A real experiment: Split Fashion-MNIST, DER++ (buffer 500): well under a minute on a laptop CPU.
 demo: $(PY) data
 	$(PY) cli.py --dataset fashion-mnist --training_type continual --synapse_type der++ --buffer_size 500 --output_dir runs/demo
 

@@ -92,8 +92,8 @@ def plot_accuracy(path: str, accuracy: Mapping[str, List[List[float]]], title: s
         ax.set_title(f"{LABELS[s]} accuracy (%)")
         ax.set_xlabel("evaluated on task")
         ax.set_ylabel("after training task")
-        ax.set_xticks(range(len(r[0])))
-        ax.set_yticks(range(len(r)))
+        ax.set_xticks(range(len(r[0])), [str(j + 1) for j in range(len(r[0]))])
+        ax.set_yticks(range(len(r)), [str(i + 1) for i in range(len(r))] if len(r) > 1 else ["all"])
         for i, row in enumerate(r):
             for j, a in enumerate(row):
                 ax.text(j, i, f"{100 * a:.0f}", ha="center", va="center", color="w" if a < 0.6 else "k", fontsize=8)
@@ -107,6 +107,7 @@ def plot_accuracy(path: str, accuracy: Mapping[str, List[List[float]]], title: s
             else [100 * sum(r[-1]) / len(r[-1])]
         )
         ax.plot(range(1, len(seen) + 1), seen, marker="o", label=LABELS[s])
+    ax.set_xticks(range(1, len(accuracy["class_il"]) + 1))
     ax.set_title("average accuracy on tasks seen so far")
     ax.set_xlabel("tasks trained")
     ax.set_ylabel("accuracy (%)")
