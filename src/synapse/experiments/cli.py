@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--num_workers",
         type=_number(int, 0),
         default=d.num_workers,
-        help="data-loading workers; datasets are held in memory as tensors, so 0 is usually fastest",
+        help="accepted for compatibility with DataLoader-based scripts, without effect: each task is held in memory "
+        "as uint8 tensors and batched by indexing, with augmentation batched on the device",
     )
     g = p.add_argument_group("training")
     g.add_argument(
