@@ -44,9 +44,9 @@ def main(method: str, out_dir: str, steps: int = 12) -> None:
             record["local_grad"] = torch.cat([t.flatten() for t in local])
             real_all_reduce = dist.all_reduce
 
-            def recording_all_reduce(tensor, *args, **kwargs):
+            def recording_all_reduce(tensor, *args, real=real_all_reduce, **kwargs):
                 record["local_reference"] = tensor.clone()
-                return real_all_reduce(tensor, *args, **kwargs)
+                return real(tensor, *args, **kwargs)
 
             dist.all_reduce = recording_all_reduce
         loss = F.cross_entropy(model(x), y)

@@ -3,8 +3,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import mlp
 
+from conftest import mlp
 from synapse.gradient import AGEM
 from synapse.rehearsal import ER
 from synapse.structure import SI

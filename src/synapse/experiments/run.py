@@ -363,18 +363,17 @@ class Experiment:
     def restore(self) -> None:
         if self.ckpt_path is None:
             raise ValueError("--resume needs --output_dir, where the checkpoint is")
-        if not os.path.isfile(self.ckpt_path):
-            folder = os.path.dirname(self.ckpt_path) or "."
-            others = (
-                sorted(f for f in os.listdir(folder) if f.startswith("checkpoint") and f.endswith(".pt"))
-                if (os.path.isdir(folder))
-                else []
+        folder = os.path.dirname(self.ckpt_path) or "."
+        others = (
+            sorted(f for f in os.listdir(folder) if f.startswith("checkpoint") and f.endswith(".pt"))
+            if (os.path.isdir(folder))
+            else []
+        )
+        if not os.path.isfile(self.ckpt_path) and others:
+            raise CheckpointError(
+                f"{self.ckpt_path} does not exist, but {', '.join(others)} do: they were written by a run with another "
+                f"number of processes (one file per rank); resume with that world size, not {self.world.size}"
             )
-            if others:
-                raise CheckpointError(
-                    f"{self.ckpt_path} does not exist, but {', '.join(others)} do: they were written by a run with "
-                    f"another number of processes (one file per rank); resume with that world size, not {self.world.size}"
-                )
         state = load_checkpoint(self.ckpt_path, self.identity)
         synapse._base.unwrap_model(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
