@@ -23,6 +23,7 @@ import sys
 import time
 from typing import Callable, Dict, List, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,7 +50,7 @@ class ReferenceStyleDERpp:
         if self.seen > 0:
             n = min(self.seen, self.size)
             for term in ("der", "ce"):
-                idx = torch.from_numpy(__import__("numpy").random.choice(n, size=min(self.minibatch, n), replace=False))
+                idx = torch.from_numpy(np.random.choice(n, size=min(self.minibatch, n), replace=False))
                 idx = idx.to(inputs.device)
                 out = self.model(self.x[idx])
                 if term == "der":
@@ -62,7 +63,7 @@ class ReferenceStyleDERpp:
             self.y = torch.zeros(self.size, dtype=targets.dtype, device=inputs.device)
             self.z = torch.zeros(self.size, logits.shape[1], device=inputs.device)
         for i in range(inputs.shape[0]):  # one sample at a time
-            j = self.seen if self.seen < self.size else int(__import__("numpy").random.randint(0, self.seen + 1))
+            j = self.seen if self.seen < self.size else int(np.random.randint(0, self.seen + 1))
             if j < self.size:
                 self.x[j], self.y[j], self.z[j] = inputs[i], targets[i], logits[i].detach()
             self.seen += 1
@@ -133,6 +134,20 @@ class Runner:
         return times
 
 
+def write_readme_section(name: str, text: str) -> None:
+    """Replace what stands between ``<!-- name -->`` and ``<!-- /name -->`` in README.md."""
+    readme = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "README.md")
+    with open(readme) as f:
+        content = f.read()
+    start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+    if start not in content:
+        raise SystemExit(f"README.md has no {start} marker")
+    head, rest = content.split(start, 1)
+    tail = rest.split(end, 1)[1] if end in rest else rest
+    with open(readme, "w") as f:
+        f.write(f"{head}{start}\n{text}\n{end}{tail}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto")
@@ -188,11 +203,10 @@ def main() -> None:
         f"{model_name}, batch {batch} + buffer batch {mb}, buffer {args.buffer_size}, {device_name}, "
         f"torch {torch.__version__}, median of {args.rounds * args.steps} steps"
     )
+    table = [f"| {'variant':<24} | {'ms/step':>8} | {'x plain':>7} |", f"|{'-' * 26}|{'-' * 10}|{'-' * 9}|"]
+    table += [f"| {r['variant']:<24} | {r['median_ms']:>8.3f} | {r['ratio_to_plain']:>6.2f}x |" for r in rows]
     print(header)
-    print(f"| {'variant':<24} | {'ms/step':>8} | {'x plain':>7} |")
-    print(f"|{'-' * 26}|{'-' * 10}|{'-' * 9}|")
-    for row in rows:
-        print(f"| {row['variant']:<24} | {row['median_ms']:>8.3f} | {row['ratio_to_plain']:>6.2f}x |")
+    print("\n".join(table))
 
     result = {
         "setting": header,
@@ -222,6 +236,16 @@ def main() -> None:
                 f"Task-IL {100 * r['average_accuracy']['task_il']:.2f}%"
             )
         result["end_to_end"] = e2e
+    if args.readme:
+        lines = [f"{header}:", "", *table]
+        if "end_to_end" in result:
+            for mode, e in result["end_to_end"].items():
+                lines.append("")
+                lines.append(
+                    f"End-to-end Split Fashion-MNIST reproduction, DER++ buffer 500, seed 0, {mode}: "
+                    f"{e['wall_time_s']:.1f} s, Class-IL {100 * e['class_il']:.2f}%, Task-IL {100 * e['task_il']:.2f}%."
+                )
+        write_readme_section(f"step-overhead-{device.type}", "\n".join(lines))
     path = args.json or os.path.join(
         os.path.dirname(os.path.abspath(__file__)), "results", f"step_overhead_{device.type}.json"
     )
