@@ -80,7 +80,7 @@ def make_variants(buffer_size: int, mb: int) -> Dict[str, Optional[Callable[[nn.
         "DER++ (fused)": lambda m: ER(m, buffer_size, mb, alpha=alpha, beta=beta, method="der++"),
         "DER++ (unfused)": lambda m: ER(m, buffer_size, mb, alpha=alpha, beta=beta, method="der++", fused=False),
         "A-GEM": lambda m: AGEM(m, buffer_size, mb),
-        "SI": lambda m: SI(m, checkpoint_per_steps=10**9),
+        "SI": lambda m: SI(m, checkpoint_per_steps=100),  # consolidated: the penalty is part of the step
         "DER++ reference-style": lambda m: ReferenceStyleDERpp(m, buffer_size, mb, alpha, beta),
     }
 
@@ -163,6 +163,7 @@ def main() -> None:
     p.add_argument(
         "--json", default=None, help="write results here (default: benchmarks/results/step_overhead_<device>.json)"
     )
+    p.add_argument("--readme", action="store_true", help="also put the table into README.md (between its markers)")
     args = p.parse_args()
 
     device = torch.device(

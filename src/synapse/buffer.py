@@ -203,10 +203,9 @@ class ReservoirBuffer:
         return to_device(picks, self.device)
 
     def gather(self, indices: Tensor, names: Optional[Iterable[str]] = None) -> Dict[str, Tensor]:
-        """The stored rows at ``indices`` (any shape), for every field or for ``names``."""
-        flat = indices.reshape(-1)
-        fields = self._storage if names is None else {n: self._storage[n] for n in names}
-        return {k: v.index_select(0, flat).view(*indices.shape, *v.shape[1:]) for k, v in fields.items()}
+        """The stored rows at 1-d ``indices``, for every field or for ``names``."""
+        names = self._storage if names is None else names
+        return {k: self._storage[k].index_select(0, indices) for k in names}
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:

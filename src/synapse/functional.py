@@ -34,12 +34,11 @@ def reservoir_plan(num_seen: int, batch: int, capacity: int, rng: np.random.Gene
     # floor(U * (t + 1)) is uniform on {0..t}; float64 keeps it exact far beyond any realistic stream.
     drawn = (rng.random(len(t)) * (t + 1)).astype(np.int64)
     hits = np.flatnonzero(drawn < capacity)
-    if len(hits) == 0:
-        return slots, rows
-    rows = np.concatenate([rows, hits + filling])
-    slots = np.concatenate([slots, drawn[hits]])
-    ordered = np.sort(slots)
-    if len(slots) > 1 and (ordered[1:] == ordered[:-1]).any():
+    if filling:
+        rows, slots = np.concatenate([rows, hits + filling]), np.concatenate([slots, drawn[hits]])
+    else:
+        rows, slots = hits, drawn[hits]
+    if len(slots) > 1 and len(np.unique(slots)) < len(slots):
         # The last occurrence of each slot wins: unique over the reversed order finds it.
         _, last_from_end = np.unique(slots[::-1], return_index=True)
         keep = np.sort(len(slots) - 1 - last_from_end)

@@ -8,11 +8,17 @@ import torch
 from torch import Tensor, nn
 
 from ._base import Synapse
+from ._flat import FlatSpace
 from ._validation import check_non_negative, check_positive, check_positive_int
 
 __all__ = ["SI"]
 
-_STATE_TENSORS = ("omega", "importance", "anchor", "prev_params", "prev_grads")
+# Saved in the state dict. The rest are workspaces: "params" (this step's parameters), "scratch", and the
+# penalty's gradient 2 alpha Omega (theta - theta*) precomputed as slope * theta + offset, with
+# slope = 2 alpha Omega and offset = -slope * theta* (both fixed between consolidations), so a step
+# pays one pass over the parameters for it.
+_STATE = ("omega", "importance", "anchor", "prev_params", "prev_grads")
+_WORKSPACES = ("params", "scratch", "slope", "offset")
 
 
 class SI(Synapse):
@@ -72,71 +78,72 @@ class SI(Synapse):
         self.checkpoint_per_steps = checkpoint_per_steps
         self.path_integral = path_integral
         self._params: List[nn.Parameter] = self.trainable_parameters()
-        self._state: Dict[str, List[Tensor]] = {}
+        self._flat: Dict[str, FlatSpace] = {}
         self._has_pending_step = False  # prev_params/prev_grads describe a step not yet integrated
         self.num_consolidations = 0
         self._steps_since_consolidation = 0
 
     # ------------------------------------------------------------------ workspaces
-    def _tensors(self) -> Dict[str, List[Tensor]]:
-        if not self._state or self._state["omega"][0].device != self.device:
-            if self._state:
-                self._state = {k: [t.to(self.device) for t in v] for k, v in self._state.items()}
+    def _spaces(self) -> Dict[str, FlatSpace]:
+        """Flat float32 vectors over all trainable parameters, allocated once on the model's device."""
+        if not self._flat or self._flat["omega"].flat.device != self.device:
+            if self._flat:
+                self._flat = {k: FlatSpace(self._params, v.flat.to(self.device)) for k, v in self._flat.items()}
             else:
-                zeros = lambda: [torch.zeros_like(p, dtype=torch.float32) for p in self._params]  # noqa: E731
-                self._state = {name: zeros() for name in (*_STATE_TENSORS, "scratch")}
-                torch._foreach_copy_(self._state["anchor"], [p.detach() for p in self._params])
-        return self._state
+                self._flat = {name: FlatSpace(self._params) for name in (*_STATE, *_WORKSPACES)}
+                torch._foreach_copy_(self._flat["anchor"].views, [p.detach() for p in self._params])
+        return self._flat
+
+    def _snapshot_parameters(self) -> Tensor:
+        """Copy the current parameters into the flat ``params`` workspace and return it."""
+        space = self._spaces()["params"]
+        torch._foreach_copy_(space.views, [p.detach() for p in self._params])
+        return space.flat
 
     @property
     def importance(self) -> List[Tensor]:
         """The consolidated importance ``Omega``, one tensor per trainable parameter."""
-        return self._tensors()["importance"]
+        return self._spaces()["importance"].views
 
     # ------------------------------------------------------------------ backward
     def _backward(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
-        s = self._tensors()
-        self._integrate_pending_step()
+        s = self._spaces()
+        theta = self._snapshot_parameters()
+        self._integrate_pending_step(theta)
         self._run_backward(loss)
-        params = [p.detach() for p in self._params]
         grads = self._gradients(self._params)
-        if self.num_consolidations > 0 and self.alpha > 0:
-            penalty_grad = s["scratch"]
-            torch._foreach_copy_(penalty_grad, params)
-            torch._foreach_sub_(penalty_grad, s["anchor"])
-            torch._foreach_mul_(penalty_grad, s["importance"])
-            scale = self._grad_scale()
-            if scale is not None:
-                torch._foreach_mul_(penalty_grad, scale)
-            torch._foreach_add_(grads, penalty_grad, alpha=2 * self.alpha)
-        torch._foreach_copy_(s["prev_params"], params)
-        torch._foreach_copy_(s["prev_grads"], grads)
         scale = self._grad_scale()
+        if self.num_consolidations > 0 and self.alpha > 0:
+            # d/dtheta of alpha * sum Omega (theta - theta*)^2, added to .grad directly.
+            penalty_grad = torch.addcmul(s["offset"].flat, s["slope"].flat, theta, value=1, out=s["scratch"].flat)
+            if scale is not None:
+                penalty_grad.mul_(scale)
+            torch._foreach_add_(grads, s["scratch"].views)
+        # This step's parameters become the previous ones: swap the buffers instead of copying.
+        s["prev_params"], s["params"] = s["params"], s["prev_params"]
+        torch._foreach_copy_(s["prev_grads"].views, grads)
         if scale is not None:
-            torch._foreach_div_(s["prev_grads"], scale)
+            s["prev_grads"].flat.div_(scale)
         self._has_pending_step = True
         self._steps_since_consolidation += 1
         if self._steps_since_consolidation >= self.checkpoint_per_steps:
             self.consolidate(include_pending_step=False)
 
-    def _integrate_pending_step(self) -> None:
+    def _integrate_pending_step(self, theta: Tensor) -> None:
         """omega -= g * (theta_now - theta_then) for the step since the last backward."""
         if not self._has_pending_step:
             return
-        s = self._state
-        contribution = s["scratch"]
-        if self.path_integral == "sgd":
-            torch._foreach_copy_(contribution, s["prev_grads"])
-            torch._foreach_mul_(contribution, s["prev_grads"])
-            torch._foreach_mul_(contribution, -self.model_lr)
+        s = self._flat
+        g, omega = s["prev_grads"].flat, s["omega"].flat
+        if self.path_integral == "sgd":  # plain SGD moved theta by -lr * g
+            change = torch.mul(g, -self.model_lr, out=s["scratch"].flat)
         else:
-            torch._foreach_copy_(contribution, [p.detach() for p in self._params])
-            torch._foreach_sub_(contribution, s["prev_params"])
-            torch._foreach_mul_(contribution, s["prev_grads"])
-        if self.scaler is not None:
-            # A step the scaler skipped had inf/nan gradients and no parameter change.
-            contribution = [torch.nan_to_num(c, nan=0.0, posinf=0.0, neginf=0.0) for c in contribution]
-        torch._foreach_sub_(s["omega"], contribution)
+            change = torch.sub(theta, s["prev_params"].flat, out=s["scratch"].flat)
+        if self.scaler is None:
+            omega.addcmul_(change, g, value=-1)
+        else:
+            # A step the scaler skipped had inf/nan gradients and no parameter change: it adds nothing.
+            omega.sub_(change.mul_(g).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0))
         self._has_pending_step = False
 
     def _end_task(self) -> None:
@@ -149,40 +156,41 @@ class SI(Synapse):
         ``include_pending_step`` the optimizer step that followed the last ``backward`` is integrated
         first (right after ``optimizer.step()``, as at a task end).
         """
-        s = self._tensors()
+        s = self._spaces()
+        theta = self._snapshot_parameters()
         if include_pending_step:
-            self._integrate_pending_step()
-        params = [p.detach() for p in self._params]
-        denominator = torch._foreach_sub(params, s["anchor"])
-        torch._foreach_mul_(denominator, denominator)
-        torch._foreach_add_(denominator, self.xi)
-        torch._foreach_add_(s["importance"], torch._foreach_div(s["omega"], denominator))
-        torch._foreach_zero_(s["omega"])
-        torch._foreach_copy_(s["anchor"], params)
+            self._integrate_pending_step(theta)
+        denominator = torch.sub(theta, s["anchor"].flat, out=s["scratch"].flat).square_().add_(self.xi)
+        s["importance"].flat.add_(s["omega"].flat / denominator)
+        s["omega"].flat.zero_()
+        s["anchor"].flat.copy_(theta)
+        self._precompute_penalty()
         self.num_consolidations += 1
         self._steps_since_consolidation = 0
 
+    def _precompute_penalty(self) -> None:
+        s = self._flat
+        torch.mul(s["importance"].flat, 2 * self.alpha, out=s["slope"].flat)
+        torch.mul(s["slope"].flat, s["anchor"].flat, out=s["offset"].flat).neg_()
+
     # ------------------------------------------------------------------ state
     def _method_state(self) -> Dict[str, Any]:
-        s = self._tensors()
+        s = self._spaces()
         return {
-            **{name: [t.clone() for t in s[name]] for name in _STATE_TENSORS},
+            **{name: s[name].flat.clone() for name in _STATE},
             "has_pending_step": self._has_pending_step,
             "num_consolidations": self.num_consolidations,
             "steps_since_consolidation": self._steps_since_consolidation,
         }
 
     def _load_method_state(self, state: Mapping[str, Any]) -> None:
-        shapes = [tuple(p.shape) for p in self._params]
-        for name in _STATE_TENSORS:
-            if name not in state:
-                raise ValueError(f"SI state is missing {name!r}")
-            got = [tuple(t.shape) for t in state[name]]
-            if got != shapes:
-                raise ValueError(f"SI state {name!r} has shapes {got}, but the model's parameters have {shapes}")
-        loaded = {name: [t.to(self.device, torch.float32).clone() for t in state[name]] for name in _STATE_TENSORS}
-        loaded["scratch"] = [torch.zeros_like(t) for t in loaded["omega"]]
-        self._state = loaded
+        missing = [name for name in _STATE if name not in state]
+        if missing:
+            raise ValueError(f"SI state is missing {missing}")
+        loaded = {name: FlatSpace(self._params, state[name].to(self.device, torch.float32).clone()) for name in _STATE}
+        loaded.update({name: FlatSpace(self._params) for name in _WORKSPACES})
+        self._flat = loaded
+        self._precompute_penalty()
         self._has_pending_step = bool(state["has_pending_step"])
         self.num_consolidations = int(state["num_consolidations"])
         self._steps_since_consolidation = int(state["steps_since_consolidation"])
