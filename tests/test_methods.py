@@ -315,3 +315,51 @@ def test_torch_compiled_model():
         syn.backward(F.cross_entropy(out, y), y, input=x)
         opt.step()
     assert len(syn.buffer) == 30
+
+
+def live_tensors():
+    import gc
+    import warnings
+
+    gc.collect()
+    with warnings.catch_warnings():  # isinstance() on deprecated module attributes warns
+        warnings.simplefilter("ignore")
+        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+
+@pytest.mark.parametrize("name", ["der++", "der++ unfused", "agem", "si"])
+def test_nothing_accumulates_over_a_thousand_steps(name):
+    model = mlp()
+    syn = ALL_METHODS[name](model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    data = batches(10)
+    train(model, syn, data * 10)  # the buffer is full
+    before_tensors = live_tensors()
+    before_bytes = sum(t.nbytes for t in _tensors_in(syn.state_dict()))
+    train(model, syn, data * 100)
+    assert live_tensors() <= before_tensors
+    assert sum(t.nbytes for t in _tensors_in(syn.state_dict())) == before_bytes
+    del opt
+
+
+def _tensors_in(state):
+    if isinstance(state, torch.Tensor):
+        yield state
+    elif isinstance(state, dict):
+        for v in state.values():
+            yield from _tensors_in(v)
+    elif isinstance(state, (list, tuple)):
+        for v in state:
+            yield from _tensors_in(v)
+
+
+def test_bf16_logits_halve_their_memory_and_still_learn():
+    model = mlp()
+    syn = ER(model, 50, 8, method="der", logits_dtype=torch.bfloat16)
+    train(model, syn, batches(10))
+    assert syn.buffer.schema()["logits"][1] == torch.bfloat16
+    assert syn.buffer.bytes_per_item == 784 * 4 + 8 + 10 * 2
+    x, y = batches(1, seed=3)[0]
+    model.zero_grad()
+    syn.backward(F.cross_entropy(model(x), y), y, input=x)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())

@@ -9,7 +9,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -314,7 +314,24 @@ class Experiment:
         self.epoch, self.next_batch, self.order = self.epoch + 1, 0, None
 
     def evaluate(self) -> Evaluation:
-        return evaluate(self.model, self.test_sets, self.task_classes, rank=self.world.rank, world=self.world.size)
+        bar = self.progress(len(self.test_sets), "evaluating")
+
+        def tasks(it: Iterable) -> Iterable:
+            for t in it:
+                yield t
+                bar.update()
+
+        try:
+            return evaluate(
+                self.model,
+                self.test_sets,
+                self.task_classes,
+                rank=self.world.rank,
+                world=self.world.size,
+                progress=tasks,
+            )
+        finally:
+            bar.close()
 
     def finish(self) -> Dict[str, Any]:
         summary = report.summarize(self.accuracy, self.untrained)
