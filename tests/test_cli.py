@@ -138,75 +138,64 @@ RESUME_ARGS = [
 ]
 
 
-def run_until_killed_after(out_dir, marker):
-    """Start the CLI and SIGKILL it as soon as it reports ``marker`` (no timers: it reads the output)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-u", "cli.py", *RESUME_ARGS, "--output_dir", out_dir],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        for line in proc.stdout:
-            if marker in line:
-                proc.kill()
-                break
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    return proc.returncode
+def cli(out_dir, *extra):
+    """Run the CLI to completion in a subprocess with the resume-test arguments."""
+    cmd = [sys.executable, "cli.py", *RESUME_ARGS, "--output_dir", out_dir, "--quiet", *extra]
+    subprocess.run(cmd, cwd=ROOT, check=True, timeout=300)
 
 
-@pytest.mark.slow
-def test_killed_and_resumed_equals_uninterrupted(tmp_path):
-    full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
-    subprocess.run(
-        [sys.executable, "cli.py", *RESUME_ARGS, "--output_dir", full, "--quiet"], cwd=ROOT, check=True, timeout=300
-    )
-    assert run_until_killed_after(killed, "checkpoint saved: task 2") == -signal.SIGKILL
-    assert not os.path.exists(os.path.join(killed, "results.json"))
-    subprocess.run(
-        [sys.executable, "cli.py", *RESUME_ARGS, "--output_dir", killed, "--resume", "--quiet"],
-        cwd=ROOT,
-        check=True,
-        timeout=300,
-    )
-    a = json.load(open(os.path.join(full, "results.json")))
-    b = json.load(open(os.path.join(killed, "results.json")))
-    assert a["accuracy_matrix"] == b["accuracy_matrix"]
+def accuracy_matrices(out_dir):
+    with open(os.path.join(out_dir, "results.json")) as f:
+        return json.load(f)["accuracy_matrix"]
 
 
-@pytest.mark.slow
-def test_sigterm_mid_task_stops_cleanly_and_resumes_exactly(tmp_path):
-    full, stopped = str(tmp_path / "full"), str(tmp_path / "stopped")
-    subprocess.run(
-        [sys.executable, "cli.py", *RESUME_ARGS, "--output_dir", full, "--quiet"], cwd=ROOT, check=True, timeout=300
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-u", "cli.py", *RESUME_ARGS, "--output_dir", stopped],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("uninterrupted"))
+    cli(out)
+    return accuracy_matrices(out)
+
+
+def start(out_dir, **popen):
+    cmd = [sys.executable, "-u", "cli.py", *RESUME_ARGS, "--output_dir", out_dir]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True, **popen)
+
+
+def wait_for(proc, marker):
+    """Read the run's output until ``marker`` (no timers: the run says when it got there)."""
     for line in proc.stdout:
-        if "checkpoint saved: task 1" in line:
-            proc.send_signal(signal.SIGTERM)  # lands somewhere in task 2 (or at its end)
-            break
+        if marker in line:
+            return
+    pytest.fail(f"the run ended without printing {marker!r}")
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_equals_uninterrupted(tmp_path, uninterrupted):
+    killed = str(tmp_path)
+    proc = start(killed, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(proc, "checkpoint saved: task 2")
+        proc.kill()
+    finally:
+        proc.kill()
+        proc.wait(timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    assert not os.path.exists(os.path.join(killed, "results.json"))
+    cli(killed, "--resume")
+    assert accuracy_matrices(killed) == uninterrupted
+
+
+@pytest.mark.slow
+def test_sigterm_mid_task_stops_cleanly_and_resumes_exactly(tmp_path, uninterrupted):
+    stopped = str(tmp_path)
+    proc = start(stopped, stderr=subprocess.PIPE)
+    wait_for(proc, "checkpoint saved: task 1")
+    proc.send_signal(signal.SIGTERM)  # lands somewhere in task 2 (or at its end)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "--resume" in err
-    subprocess.run(
-        [sys.executable, "cli.py", *RESUME_ARGS, "--output_dir", stopped, "--resume", "--quiet"],
-        cwd=ROOT,
-        check=True,
-        timeout=300,
-    )
-    a = json.load(open(os.path.join(full, "results.json")))
-    b = json.load(open(os.path.join(stopped, "results.json")))
-    assert a["accuracy_matrix"] == b["accuracy_matrix"]
+    cli(stopped, "--resume")
+    assert accuracy_matrices(stopped) == uninterrupted
 
 
 def test_checkpoints_load_with_weights_only_and_mismatches_are_named(tmp_path, capsys):
