@@ -223,6 +223,12 @@ class ER(BufferedSynapse):
                     f"last training forward of the model gave {got} for a batch of {batch}: call the model "
                     "in train mode with grad enabled on this batch before backward"
                 )
+            stored = self.buffer.schema().get("logits")
+            if stored is not None and logits.shape[1] < stored[0][0]:
+                raise ValueError(
+                    f"the model now outputs {logits.shape[1]} logits but the buffer stores {stored[0][0]}: "
+                    "heads may grow between tasks, not shrink"
+                )
         if self._replay is not None and self._replay.user_batch != batch:
             raise ValueError(f"the last forward carried a batch of {self._replay.user_batch}, but targets has {batch}")
         super()._check(loss, targets, model_inputs)
@@ -233,9 +239,6 @@ class ER(BufferedSynapse):
             return items
         assert self._last_logits is not None
         logits = self._last_logits.to(self.logits_dtype or self._last_logits.dtype)
-        stored_width = self.buffer.schema()["logits"][0][0] if "logits" in self.buffer.schema() else logits.shape[1]
-        if logits.shape[1] < stored_width:  # a narrower head than some stored rows (models may vary)
-            logits = F.pad(logits, (0, stored_width - logits.shape[1]))
         items["logits"] = logits
         if self._ragged_logits:  # rows of different widths coexist: remember each row's own
             items["logit_width"] = torch.full(
@@ -277,21 +280,21 @@ class ER(BufferedSynapse):
         return _Replay(sample=sample, outputs=outputs)
 
     def _replay_loss(self, replay: _Replay) -> Tensor:
-        assert replay.outputs is not None
-        m = self._num_minibatches
+        out, sample = replay.outputs, replay.sample
+        assert out is not None
 
-        def part(name: str, i: int = 0) -> Tensor:
-            return replay.part(replay.outputs if name == "outputs" else replay.sample[name], i, m)  # type: ignore[arg-type]
+        def part(tensor: Tensor, i: int = 0) -> Tensor:
+            return replay.part(tensor, i, self._num_minibatches)
 
         if self.method == "er":
-            return self._weighted(self.alpha, F.cross_entropy(part("outputs"), part("targets")))
+            return self._weighted(self.alpha, F.cross_entropy(part(out), part(sample["targets"])))
         if self.method == "custom":
             assert self.custom_loss_fn is not None
-            return self.custom_loss_fn(part("outputs"), part("logits"), part("targets"))
-        widths = part("logit_width") if self._ragged_logits else None
-        loss = self._weighted(self.alpha, logit_distillation_loss(part("outputs"), part("logits"), widths))
+            return self.custom_loss_fn(part(out), part(sample["logits"]), part(sample["targets"]))
+        widths = part(sample["logit_width"]) if self._ragged_logits else None
+        loss = self._weighted(self.alpha, logit_distillation_loss(part(out), part(sample["logits"]), widths))
         if self.method == "der++":
-            loss = loss + self._weighted(self.beta, F.cross_entropy(part("outputs", 1), part("targets", 1)))
+            loss = loss + self._weighted(self.beta, F.cross_entropy(part(out, 1), part(sample["targets"], 1)))
         return loss
 
     @staticmethod
