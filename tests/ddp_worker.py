@@ -21,6 +21,7 @@ METHODS = {
     "der": lambda m: ER(m, 30, 6, method="der"),
     "der++": lambda m: ER(m, 30, 6, alpha=0.5, beta=0.5),
     "der++-unfused": lambda m: ER(m, 30, 6, alpha=0.5, beta=0.5, fused=False),
+    "er-global": lambda m: ER(m, 31, 6, method="er", buffer_scope="global"),
     "agem": lambda m: AGEM(m, 30, 6),
     "si": lambda m: SI(m, checkpoint_per_steps=5),
 }

@@ -29,7 +29,7 @@ def torchrun(*args, timeout=TIMEOUT, **kwargs):
     return proc.returncode, out, err
 
 
-@pytest.mark.parametrize("method", ["er", "der", "der++", "der++-unfused", "agem", "si"])
+@pytest.mark.parametrize("method", ["er", "der", "der++", "der++-unfused", "er-global", "agem", "si"])
 def test_parameters_stay_identical_across_ranks(tmp_path, method):
     code, _, err = torchrun(
         "tests/ddp_worker.py", method, str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE
@@ -42,6 +42,9 @@ def test_parameters_stay_identical_across_ranks(tmp_path, method):
         # Each rank keeps its own reservoir of its own stream.
         s0, s1 = (r["state"]["state"]["buffer"]["storage"]["input:input"] for r in (r0, r1))
         assert not torch.equal(s0, s1)
+    if method == "er-global":  # 31 items in all, split across the two ranks
+        capacities = [r["state"]["state"]["buffer"]["capacity"] for r in (r0, r1)]
+        assert capacities == [16, 15]
     if method == "si":
         for name in ("omega", "importance", "anchor"):
             assert torch.equal(r0["state"]["state"][name], r1["state"]["state"][name])

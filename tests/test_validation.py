@@ -23,6 +23,7 @@ from synapse.structure import SI
         (lambda m: ER(m, method="custom"), "custom_loss_fn"),
         (lambda m: ER(m, method="er", custom_loss_fn=lambda *a: 0), "custom_loss_fn"),
         (lambda m: AGEM(m, buffer_size=0), "buffer_size"),
+        (lambda m: ER(m, buffer_scope="node"), "buffer_scope"),
         (lambda m: AGEM(m, buffer_sample_size=-1), "buffer_sample_size"),
         (lambda m: SI(m, xi=-0.1), "xi"),
         (lambda m: SI(m, alpha=-1), "alpha"),

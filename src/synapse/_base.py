@@ -146,8 +146,10 @@ class Synapse(ABC):
 class BufferedSynapse(Synapse):
     """A method with a :class:`ReservoirBuffer` of past inputs and targets (and whatever else it stores).
 
-    Each rank of a distributed run keeps its own reservoir of its own data stream, so the memory of a
-    run is ``world_size * buffer_size`` items; no communication is needed to insert or sample.
+    Each rank of a distributed run keeps its own reservoir of its own data stream; no communication is
+    needed to insert or sample. With ``buffer_scope='rank'`` (the default) each rank holds
+    ``buffer_size`` items, so the run holds ``world_size * buffer_size``; with ``'global'`` the ranks
+    split ``buffer_size`` between them.
     """
 
     def __init__(
@@ -156,15 +158,22 @@ class BufferedSynapse(Synapse):
         buffer_size: int,
         buffer_sample_size: int,
         *,
+        buffer_scope: str = "rank",
         scaler: Optional[torch.amp.GradScaler] = None,
     ) -> None:
         check_positive_int("buffer_size", buffer_size)
         check_positive_int("buffer_sample_size", buffer_sample_size)
+        if buffer_scope not in ("rank", "global"):
+            raise ValueError(f"buffer_scope must be 'rank' or 'global', got {buffer_scope!r}")
+        world = distributed_world()
+        if buffer_scope == "global" and buffer_size < world:
+            raise ValueError(f"buffer_size={buffer_size} cannot be split across {world} ranks (buffer_scope='global')")
         super().__init__(model, scaler=scaler)
         self.buffer_sample_size = buffer_sample_size
-        rank = dist.get_rank() if distributed_world() > 1 else 0
+        rank = dist.get_rank() if world > 1 else 0
+        capacity = buffer_size if buffer_scope == "rank" else buffer_size // world + (rank < buffer_size % world)
         # Offsetting by rank decorrelates the ranks' reservoirs under one global seed.
-        self.buffer = ReservoirBuffer(buffer_size, seed=(fresh_seed() + rank) % 2**62)
+        self.buffer = ReservoirBuffer(capacity, seed=(fresh_seed() + rank) % 2**62)
         self._input_names: Optional[tuple] = None
 
     def _check(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:

@@ -36,6 +36,8 @@ class AGEM(BufferedSynapse):
         model: the model being trained (may be wrapped in DDP or ``torch.compile``).
         buffer_size: items kept in the reservoir (per rank in a distributed run).
         buffer_sample_size: items in the reference minibatch.
+        buffer_scope: ``'rank'`` (default): every rank of a distributed run keeps ``buffer_size`` items of
+            its own stream; ``'global'``: ``buffer_size`` is the whole run's budget, split across ranks.
         scaler: a ``torch.amp.GradScaler`` for mixed precision; pass the unscaled loss to ``backward``.
 
     Example:
@@ -49,9 +51,10 @@ class AGEM(BufferedSynapse):
         buffer_size: int = 1024,
         buffer_sample_size: int = 32,
         *,
+        buffer_scope: str = "rank",
         scaler: Optional[torch.amp.GradScaler] = None,
     ) -> None:
-        super().__init__(model, buffer_size, buffer_sample_size, scaler=scaler)
+        super().__init__(model, buffer_size, buffer_sample_size, buffer_scope=buffer_scope, scaler=scaler)
         self._params: List[nn.Parameter] = self.trainable_parameters()
         self._reference: Optional[FlatSpace] = None
         self._current: Optional[FlatSpace] = None

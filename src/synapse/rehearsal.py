@@ -76,6 +76,8 @@ class ER(BufferedSynapse):
         fused: replay inside the user's forward (see above).
         logits_dtype: dtype for stored logits, e.g. ``torch.bfloat16`` to halve their memory;
             by default the output's dtype.
+        buffer_scope: ``'rank'`` (default): every rank of a distributed run keeps ``buffer_size`` items of
+            its own stream; ``'global'``: ``buffer_size`` is the whole run's budget, split across ranks.
         scaler: a ``torch.amp.GradScaler`` for mixed precision; pass the unscaled loss to ``backward``.
 
     Example:
@@ -99,6 +101,7 @@ class ER(BufferedSynapse):
         *,
         fused: bool = True,
         logits_dtype: Optional[torch.dtype] = None,
+        buffer_scope: str = "rank",
         scaler: Optional[torch.amp.GradScaler] = None,
     ) -> None:
         check_non_negative("alpha", alpha)
@@ -111,7 +114,7 @@ class ER(BufferedSynapse):
             raise ValueError(f"custom_loss_fn is only used with method='custom', got method={method!r}")
         if logits_dtype is not None and not (isinstance(logits_dtype, torch.dtype) and logits_dtype.is_floating_point):
             raise ValueError(f"logits_dtype must be a floating torch.dtype or None, got {logits_dtype!r}")
-        super().__init__(model, buffer_size, buffer_sample_size, scaler=scaler)
+        super().__init__(model, buffer_size, buffer_sample_size, buffer_scope=buffer_scope, scaler=scaler)
         self.alpha = float(alpha)
         self.beta = float(beta)
         self.method = method

@@ -131,7 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--buffer_size",
         type=_number(int, 0, low_open=True),
         default=d.buffer_size,
-        help="replay memory size in items (per process under torchrun)",
+        help="replay memory size in items (per process under torchrun, unless --buffer_scope global)",
+    )
+    g.add_argument(
+        "--buffer_scope",
+        default=d.buffer_scope,
+        choices=("rank", "global"),
+        help="under torchrun: rank = every process keeps --buffer_size items; global = they share --buffer_size",
     )
     g.add_argument(
         "--buffer_sample_size",

@@ -27,6 +27,7 @@ def _replay(method: str) -> MethodFactory:
             beta=cfg["beta"],
             method=method,
             fused=not cfg.get("unfused", False),
+            buffer_scope=cfg.get("buffer_scope", "rank"),
         )
 
     return build
@@ -38,7 +39,7 @@ for _name in ("er", "der", "der++"):
 
 @METHODS.register("agem")
 def _agem(model: nn.Module, cfg: Mapping[str, Any]) -> Synapse:
-    return AGEM(model, cfg["buffer_size"], cfg["buffer_sample_size"])
+    return AGEM(model, cfg["buffer_size"], cfg["buffer_sample_size"], buffer_scope=cfg.get("buffer_scope", "rank"))
 
 
 @METHODS.register("si")

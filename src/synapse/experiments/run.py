@@ -37,6 +37,7 @@ IDENTITY = (
     "batch_size",
     "validation_ratio",
     "buffer_size",
+    "buffer_scope",
     "buffer_sample_size",
     "alpha",
     "beta",
@@ -62,6 +63,7 @@ class Config:
     batch_size: Optional[int] = None
     validation_ratio: float = 0.0
     buffer_size: int = 500
+    buffer_scope: str = "rank"
     buffer_sample_size: Optional[int] = None
     alpha: float = 0.3
     beta: float = 0.5
