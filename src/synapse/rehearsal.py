@@ -44,7 +44,9 @@ class ER(BufferedSynapse):
     stored logits ``z'``, ``f`` the model):
 
     * ``'er'``: ``L + alpha * CE(f(x'), y')`` -- Experience Replay as in Chaudhry et al. 2019,
-      "On Tiny Episodic Memories in Continual Learning", with reservoir sampling.
+      "On Tiny Episodic Memories in Continual Learning", with reservoir sampling. (The paper averages
+      the cross-entropy over the union of both batches; with batches of ``B`` and ``k`` items that is
+      this objective with ``alpha = k / B``, scaled by ``B / (B + k)``.)
     * ``'der'``: ``L + alpha * MSE(f(x'), z')`` -- Buzzega et al. 2020, "Dark Experience for General
       Continual Learning: a Strong, Simple Baseline", eq. 4.
     * ``'der++'``: ``L + alpha * MSE(f(x'), z') + beta * CE(f(x''), y'')`` with ``(x'', y'')`` a second,
