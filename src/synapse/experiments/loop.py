@@ -13,12 +13,23 @@ from torch import Tensor, nn
 from synapse import Synapse
 
 
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """Copy a host tensor to ``device`` without stalling the GPU (through pinned memory on CUDA)."""
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 def random_crop_flip(images: Tensor, generator: torch.Generator, padding: int = 4) -> Tensor:
-    """Random crop after zero-padding and random horizontal flip, for a whole uint8 batch at once."""
+    """Random crop after zero-padding and random horizontal flip, for a whole uint8 batch at once.
+
+    The randomness comes from a CPU ``generator`` (checkpointed with the run); the work runs on the
+    images' device.
+    """
     n, c, h, w = images.shape
     padded = F.pad(images, (padding, padding, padding, padding))
-    offsets = torch.randint(0, 2 * padding + 1, (2, n), generator=generator).to(images.device)
-    flips = (torch.rand(n, generator=generator) < 0.5).to(images.device)
+    offsets = to_device(torch.randint(0, 2 * padding + 1, (2, n), generator=generator), images.device)
+    flips = to_device(torch.rand(n, generator=generator) < 0.5, images.device)
     rows = (offsets[0].unsqueeze(1) + torch.arange(h, device=images.device)).view(n, 1, h, 1)
     cols = offsets[1].unsqueeze(1) + torch.arange(w, device=images.device)
     cols = torch.where(flips.unsqueeze(1), cols.flip(1), cols).view(n, 1, 1, w)
@@ -59,7 +70,10 @@ def train_epoch(
     should_stop: Callable[[], bool],
     on_step: Callable[[], None],
 ) -> EpochResult:
-    """Train over ``order`` from batch ``start_batch``; stop early (resumably) when ``should_stop()``."""
+    """Train over ``order`` from batch ``start_batch``; stop early (resumably) when ``should_stop()``.
+
+    ``images``, ``labels`` and ``order`` live on the model's device, so a batch is one gather there.
+    """
     model.train()
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), device=device)
@@ -71,8 +85,7 @@ def train_epoch(
         if should_stop():
             break
         idx = order[batch_index * batch_size : (batch_index + 1) * batch_size]
-        inputs = images[idx].to(device, non_blocking=True)
-        targets = labels[idx].to(device, non_blocking=True)
+        inputs, targets = images[idx], labels[idx]
         if augment:
             inputs = random_crop_flip(inputs, generator)
         outputs = model(inputs)
@@ -121,10 +134,10 @@ def evaluate(
     for t in progress(range(len(test_sets))):
         images, labels = test_sets[t]
         own = torch.as_tensor(list(task_classes[t]), device=device)
-        mine = torch.arange(rank, len(labels), world)  # every sample exactly once across ranks
+        mine = torch.arange(rank, len(labels), world, device=labels.device)  # each sample once across ranks
         for start in range(0, len(mine), batch_size):
             idx = mine[start : start + batch_size]
-            x, y = images[idx].to(device), labels[idx].to(device)
+            x, y = images[idx], labels[idx]
             logits = model(x)
             counts[t, 0] += (logits.argmax(1) == y).sum()
             counts[t, 1] += (own[logits.index_select(1, own).argmax(1)] == y).sum()
