@@ -143,3 +143,35 @@ def test_widen_pads_with_zeros():
     buf.widen("z", 5)
     z = buf.state_dict()["storage"]["z"]
     assert z.shape == (2, 5) and z[:, :3].eq(1).all() and z[:, 3:].eq(0).all()
+
+
+@pytest.mark.parametrize("n, k", [(6, 2), (6, 4), (5, 5)])  # rejection branch, partition branch, permutation
+def test_replay_minibatches_are_uniform_distinct_subsets(n, k):
+    import itertools
+
+    import numpy as np
+
+    from synapse.functional import distinct_subsets
+
+    picks = distinct_subsets(np.random.Generator(np.random.PCG64(0)), n, k, 20_000)
+    assert picks.shape == (20_000, k)
+    assert all(len(set(row)) == k for row in picks.tolist())
+    subsets = list(itertools.combinations(range(n), k))
+    counts = np.zeros(len(subsets))
+    index = {s: i for i, s in enumerate(subsets)}
+    for row in np.sort(picks, axis=1):
+        counts[index[tuple(row.tolist())]] += 1
+    if len(subsets) > 1:
+        _, p = stats.chisquare(counts)
+        assert p > 1e-3, counts
+
+
+def test_sampling_state_resumes_identically_once_full():
+    torch.manual_seed(0)
+    a = ReservoirBuffer(20)
+    a.add({"x": torch.arange(50)})
+    a.sample_indices(4, 2)  # draws a block of future minibatches
+    b = ReservoirBuffer(20, seed=7)
+    b.load_state_dict(a.state_dict())
+    for _ in range(100):  # across the end of the block
+        assert torch.equal(a.sample_indices(4, 2), b.sample_indices(4, 2))

@@ -363,3 +363,18 @@ def test_bf16_logits_halve_their_memory_and_still_learn():
     model.zero_grad()
     syn.backward(F.cross_entropy(model(x), y), y, input=x)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_a_forward_without_backward_does_not_poison_the_next_step():
+    model = mlp()
+    syn = ER(model, 30, 6, method="der++")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    train(model, syn, batches(5))
+    x, y = batches(1, seed=9)[0]
+    model(x)  # replay rode along, but this step is abandoned...
+    opt.step()  # ...and the parameters move on
+    out = model(x)
+    assert out.shape == (8, 10)
+    opt.zero_grad()
+    syn.backward(F.cross_entropy(out, y), y, input=x)  # uses this forward's replay, not the stale one
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -58,6 +58,7 @@ class Synapse(ABC):
         self.scaler = scaler
         self.num_steps = 0
         self.num_tasks_ended = 0
+        self._constants: Dict[Tuple[float, torch.dtype, torch.device], Tensor] = {}
 
     # ------------------------------------------------------------------ public API
     def backward(self, loss: Tensor, targets: Tensor, **model_inputs: Tensor) -> None:
@@ -116,8 +117,29 @@ class Synapse(ABC):
                 p.grad = torch.zeros_like(p)
         return [p.grad for p in params]  # type: ignore[misc]
 
-    def _run_backward(self, loss: Tensor) -> None:
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+    def _run_backward(self, loss: Tensor, terms: Sequence[Tuple[float, Tensor]] = ()) -> None:
+        """One backward pass of ``loss + sum(weight * term)``.
+
+        Without a scaler the terms are extra roots of the same backward and their weights are the
+        gradients fed into them, so neither the weighting nor the sum adds a node to the graph.
+        """
+        if self.scaler is not None:
+            total = loss + sum(w * t for w, t in terms) if terms else loss
+            self.scaler.scale(total).backward()
+        elif not terms:
+            loss.backward()
+        else:
+            roots = [loss, *(t for _, t in terms)]
+            seeds = [None, *(None if w == 1.0 else self._constant(w, t) for w, t in terms)]
+            torch.autograd.backward(roots, seeds)
+
+    def _constant(self, value: float, like: Tensor) -> Tensor:
+        """A cached 0-d tensor holding ``value`` with ``like``'s dtype and device."""
+        key = (value, like.dtype, like.device)
+        cached = self._constants.get(key)
+        if cached is None:
+            cached = self._constants[key] = torch.full((), value, dtype=like.dtype, device=like.device)
+        return cached
 
     def _grad_scale(self) -> Optional[Tensor]:
         """The scaler's current scale as a device tensor (no sync), or None without a scaler."""

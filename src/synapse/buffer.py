@@ -9,9 +9,13 @@ import torch
 from torch import Tensor
 
 from ._validation import check_positive_int
-from .functional import reservoir_plan
+from .functional import distinct_subsets, reservoir_plan
 
 __all__ = ["ReservoirBuffer", "fresh_seed"]
+
+# Once the buffer is full its population is fixed, so replay indices are drawn for this many steps at
+# a time: one generator call and one host-to-device copy instead of one per step.
+SAMPLE_BLOCK = 64
 
 
 def fresh_seed() -> int:
@@ -65,6 +69,8 @@ class ReservoirBuffer:
         self._rng = np.random.Generator(np.random.PCG64(fresh_seed() if seed is None else int(seed)))
         self._storage: Dict[str, Tensor] = {}
         self._schema: Dict[str, Tuple[tuple, torch.dtype]] = {}
+        self._block: Optional[Tensor] = None  # (SAMPLE_BLOCK, num_minibatches, k) pre-drawn indices
+        self._block_pos = 0
 
     # ------------------------------------------------------------------ inspection
     def __len__(self) -> int:
@@ -183,6 +189,7 @@ class ReservoirBuffer:
         device = torch.device(device)
         if self._storage and self.device != device:
             self._storage = {k: v.to(device) for k, v in self._storage.items()}
+            self._block = None if self._block is None else self._block.to(device)
         return self
 
     # ------------------------------------------------------------------ sampling
@@ -195,12 +202,16 @@ class ReservoirBuffer:
         if n == 0:
             raise RuntimeError("cannot sample from an empty buffer")
         k = min(k, n)
-        if k == n:
-            picks = self._rng.permuted(np.broadcast_to(np.arange(n), (num_minibatches, n)), axis=1)
-        else:  # the k smallest of n i.i.d. uniforms index a uniformly random k-subset
-            picks = np.argpartition(self._rng.random((num_minibatches, n)), k - 1, axis=1)[:, :k]
         assert self.device is not None
-        return to_device(picks, self.device)
+        if n < self.capacity:  # still filling: the population changes with every batch
+            return to_device(distinct_subsets(self._rng, n, k, num_minibatches), self.device)
+        block = self._block
+        if block is None or block.shape[1:] != (num_minibatches, k) or self._block_pos == len(block):
+            picks = distinct_subsets(self._rng, n, k, SAMPLE_BLOCK * num_minibatches)
+            block = self._block = to_device(picks.reshape(SAMPLE_BLOCK, num_minibatches, k), self.device)
+            self._block_pos = 0
+        self._block_pos += 1
+        return block[self._block_pos - 1]
 
     def gather(self, indices: Tensor, names: Optional[Iterable[str]] = None) -> Dict[str, Tensor]:
         """The stored rows at 1-d ``indices``, for every field or for ``names``."""
@@ -215,6 +226,8 @@ class ReservoirBuffer:
             "num_seen": self.num_seen,
             "storage": dict(self._storage),
             "rng_state": self._rng.bit_generator.state,
+            "sample_block": None if self._block is None else self._block.cpu(),
+            "sample_block_pos": self._block_pos,
         }
 
     def load_state_dict(self, state: Mapping[str, Any], device: Optional[torch.device] = None) -> None:
@@ -230,5 +243,8 @@ class ReservoirBuffer:
         rng.bit_generator.state = state["rng_state"]
         self._storage = {k: (v.to(device) if device is not None else v).clone() for k, v in state["storage"].items()}
         self._update_schema()
+        block = state.get("sample_block")
+        self._block = None if block is None or self.device is None else block.to(self.device)
+        self._block_pos = int(state.get("sample_block_pos", 0))
         self.num_seen = int(state["num_seen"])
         self._rng = rng

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["reservoir_plan", "logit_distillation_loss", "project_conflicting_"]
+__all__ = ["reservoir_plan", "distinct_subsets", "logit_distillation_loss", "project_conflicting_"]
 
 
 def reservoir_plan(num_seen: int, batch: int, capacity: int, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
@@ -46,6 +46,26 @@ def reservoir_plan(num_seen: int, batch: int, capacity: int, rng: np.random.Gene
     return slots, rows
 
 
+def distinct_subsets(rng: np.random.Generator, n: int, k: int, rows: int) -> np.ndarray:
+    """``rows`` independent, uniformly random ``k``-subsets of ``range(n)``, as a ``(rows, k)`` array.
+
+    Small ``k`` draws ``k`` integers per row and redraws the rows that repeat one (rejection keeps the
+    distribution exactly uniform over subsets, and is cheap while ``k * k <= 2 n``); larger ``k`` takes
+    the ``k`` smallest of ``n`` uniforms per row.
+    """
+    if k == n:
+        return rng.permuted(np.broadcast_to(np.arange(n), (rows, n)), axis=1)
+    if k * k > 2 * n:
+        return np.argpartition(rng.random((rows, n)), k - 1, axis=1)[:, :k]
+    picks = rng.integers(0, n, size=(rows, k))
+    redo = np.arange(rows)
+    while len(redo):
+        ordered = np.sort(picks[redo], axis=1)
+        redo = redo[(ordered[:, 1:] == ordered[:, :-1]).any(axis=1)]
+        picks[redo] = rng.integers(0, n, size=(len(redo), k))
+    return picks
+
+
 def logit_distillation_loss(logits: Tensor, stored: Tensor, widths: Optional[Tensor] = None) -> Tensor:
     """DER's term: mean squared error between current logits and logits stored in the buffer.
 
@@ -59,7 +79,7 @@ def logit_distillation_loss(logits: Tensor, stored: Tensor, widths: Optional[Ten
             f"the model outputs {logits.shape[-1]} logits but the buffer stores {stored_width}: "
             "heads may grow between tasks, not shrink"
         )
-    current = logits[..., :stored_width]
+    current = logits if logits.shape[-1] == stored_width else logits[..., :stored_width]
     stored = stored.to(current.dtype)
     if widths is None:
         return F.mse_loss(current, stored)

@@ -28,6 +28,7 @@ class _Replay:
     sample: Dict[str, Tensor]  # fields of shape (num_minibatches * k, ...), minibatch after minibatch
     user_batch: int = 0
     outputs: Optional[Tensor] = None  # (num_minibatches * k, num_logits)
+    parameters_version: int = -1  # a parameter's version counter when the forward ran
 
     def part(self, tensor: Tensor, i: int, num_minibatches: int) -> Tensor:
         """Minibatch ``i`` of a stacked field (no slicing, and no extra autograd node, for a single one)."""
@@ -151,6 +152,9 @@ class ER(BufferedSynapse):
         return module.training and torch.is_grad_enabled() and not self._replaying
 
     def _pre_forward(self, module: nn.Module, args: tuple, kwargs: Dict[str, Any]) -> Optional[tuple]:
+        if self._replay is not None and self._replay.parameters_version != self._a_parameter._version:
+            # A forward whose backward never came, and the optimizer stepped since: start afresh.
+            self._replay, self._armed = None, True
         if not (self.fused and self._armed and self._training_forward(module)) or len(self.buffer) == 0:
             return None
         assert self._input_names is not None
@@ -162,7 +166,7 @@ class ER(BufferedSynapse):
         for (container, key), name in zip(slots, self._input_names):
             container[key] = torch.cat([container[key], sample[f"input:{name}"]])
         self._armed = False
-        self._replay = _Replay(sample=sample, user_batch=user_batch)
+        self._replay = _Replay(sample=sample, user_batch=user_batch, parameters_version=self._a_parameter._version)
         return tuple(new_args), new_kwargs
 
     def _locate(self, name: str, args: List[Any], kwargs: Dict[str, Any]) -> Tuple[Any, Any]:
@@ -252,12 +256,12 @@ class ER(BufferedSynapse):
         return items
 
     def _backward(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
-        total = loss
+        terms: List[Tuple[float, Tensor]] = []
         if len(self.buffer) > 0:
             replay = self._replay if self.fused else self._separate_replay_forward()
             if replay is not None and replay.outputs is not None:
-                total = loss + self._replay_loss(replay)
-        self._run_backward(total)
+                terms = self._replay_terms(replay)
+        self._run_backward(loss, terms)
         if self._stores_logits:
             self._widen_logits_if_needed()
         self._store(targets, model_inputs)  # the buffer stores non-finite logits as 0
@@ -284,7 +288,8 @@ class ER(BufferedSynapse):
             self._replaying = False
         return _Replay(sample=sample, outputs=outputs)
 
-    def _replay_loss(self, replay: _Replay) -> Tensor:
+    def _replay_terms(self, replay: _Replay) -> List[Tuple[float, Tensor]]:
+        """The replay loss as ``(weight, term)`` pairs, summed by :meth:`_run_backward`."""
         out, sample = replay.outputs, replay.sample
         assert out is not None
 
@@ -292,19 +297,15 @@ class ER(BufferedSynapse):
             return replay.part(tensor, i, self._num_minibatches)
 
         if self.method == "er":
-            return self._weighted(self.alpha, F.cross_entropy(part(out), part(sample["targets"])))
+            return [(self.alpha, F.cross_entropy(part(out), part(sample["targets"])))]
         if self.method == "custom":
             assert self.custom_loss_fn is not None
-            return self.custom_loss_fn(part(out), part(sample["logits"]), part(sample["targets"]))
+            return [(1.0, self.custom_loss_fn(part(out), part(sample["logits"]), part(sample["targets"])))]
         widths = part(sample["logit_width"]) if self._ragged_logits else None
-        loss = self._weighted(self.alpha, logit_distillation_loss(part(out), part(sample["logits"]), widths))
+        terms = [(self.alpha, logit_distillation_loss(part(out), part(sample["logits"]), widths))]
         if self.method == "der++":
-            loss = loss + self._weighted(self.beta, F.cross_entropy(part(out, 1), part(sample["targets"], 1)))
-        return loss
-
-    @staticmethod
-    def _weighted(weight: float, loss: Tensor) -> Tensor:
-        return loss if weight == 1.0 else weight * loss  # skip a graph node for the common weight 1
+            terms.append((self.beta, F.cross_entropy(part(out, 1), part(sample["targets"], 1))))
+        return terms
 
     # ------------------------------------------------------------------ state
     def _method_state(self) -> Dict[str, Any]:
