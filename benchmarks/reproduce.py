@@ -196,6 +196,21 @@ def check_orderings(table) -> List[str]:
     return failures
 
 
+NOTES_FASHION_MNIST = """\
+- Fashion-MNIST is a harder dataset than MNIST, so these numbers are not comparable with the paper's
+  Seq-MNIST table; the hyperparameters, tuned by the paper on MNIST, are used unchanged.
+- Where this differs from the paper's ordering: at buffer 200, DER++ (the paper's 128-item buffer
+  minibatches with beta = 1) is level with ER and below DER, while the paper has DER++ slightly above
+  DER. Investigated: the DER++ objective, the stored logits (the user's own forward, before the
+  optimizer step), the pairing of the two replay minibatches with their outputs, and evaluation are
+  covered by unit tests (fused and unfused replay give the same gradients; A-GEM's projection and SI's
+  path integral match hand computations); and changing the DER++-200 minibatch size (10 vs 128) or
+  beta (0.5 vs 1) moved it by about as much as changing the seed. We read it as the MNIST-tuned DER++-200 setting transferring less well to Fashion-MNIST, not
+  as a defect, and publish the paper's hyperparameters as they are.
+- A-GEM keeps a reservoir memory (as the DER paper's A-GEM baseline does) rather than per-task
+  episodic memories; ER's objective is converted from the paper's averaged loss exactly (see `BEST`)."""
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -253,6 +268,8 @@ def render(
         if not failures
         else "Failed checks:\n" + "\n".join(f"- {f}" for f in failures)
     )
+    if dataset == "fashion-mnist":
+        lines += ["", "## Notes", "", NOTES_FASHION_MNIST]
     return "\n".join(lines) + "\n"
 
 
