@@ -205,8 +205,9 @@ NOTES_FASHION_MNIST = """\
   optimizer step), the pairing of the two replay minibatches with their outputs, and evaluation are
   covered by unit tests (fused and unfused replay give the same gradients; A-GEM's projection and SI's
   path integral match hand computations); and changing the DER++-200 minibatch size (10 vs 128) or
-  beta (0.5 vs 1) moved it by about as much as changing the seed. We read it as the MNIST-tuned DER++-200 setting transferring less well to Fashion-MNIST, not
-  as a defect, and publish the paper's hyperparameters as they are.
+  beta (0.5 vs 1) moved it by about as much as changing the seed. We read it as the MNIST-tuned
+  DER++-200 setting transferring less well to Fashion-MNIST, not as a defect, and publish the paper's
+  hyperparameters as they are.
 - A-GEM keeps a reservoir memory (as the DER paper's A-GEM baseline does) rather than per-task
   episodic memories; ER's objective is converted from the paper's averaged loss exactly (see `BEST`)."""
 
