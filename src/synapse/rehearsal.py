@@ -247,7 +247,9 @@ class ER(BufferedSynapse):
         if not self._stores_logits:
             return items
         assert self._last_logits is not None
-        logits = self._last_logits.to(self.logits_dtype or self._last_logits.dtype)
+        stored = self.buffer.schema().get("logits")
+        # Stored logits keep one dtype (e.g. if autocast is switched on or off mid-run).
+        logits = self._last_logits.to(stored[1] if stored else self.logits_dtype or self._last_logits.dtype)
         items["logits"] = logits
         if self._ragged_logits:  # rows of different widths coexist: remember each row's own
             items["logit_width"] = torch.full(
