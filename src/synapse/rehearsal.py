@@ -133,8 +133,7 @@ class ER(BufferedSynapse):
             name: i for i, (name, p) in enumerate(self._signature.parameters.items()) if p.kind in positional
         }
         self._last_logits: Optional[Tensor] = None
-        self._replay: Optional[_Replay] = None
-        self._armed = True  # the next training forward may carry replay
+        self._replay: Optional[_Replay] = None  # pending until backward; while set, forwards carry no replay
         self._replaying = False  # our own replay forward is running: hooks stand aside
         self._hooks = [
             self.module.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
@@ -154,8 +153,8 @@ class ER(BufferedSynapse):
     def _pre_forward(self, module: nn.Module, args: tuple, kwargs: Dict[str, Any]) -> Optional[tuple]:
         if self._replay is not None and self._replay.parameters_version != self._a_parameter._version:
             # A forward whose backward never came, and the optimizer stepped since: start afresh.
-            self._replay, self._armed = None, True
-        if not (self.fused and self._armed and self._training_forward(module)) or len(self.buffer) == 0:
+            self._replay = None
+        if not (self.fused and self._replay is None and self._training_forward(module)) or len(self.buffer) == 0:
             return None
         assert self._input_names is not None
         new_args, new_kwargs = list(args), dict(kwargs)
@@ -165,7 +164,6 @@ class ER(BufferedSynapse):
         sample = self._sample(self._num_minibatches, self._replay_fields())
         for (container, key), name in zip(slots, self._input_names):
             container[key] = torch.cat([container[key], sample[f"input:{name}"]])
-        self._armed = False
         self._replay = _Replay(sample=sample, user_batch=user_batch, parameters_version=self._a_parameter._version)
         return tuple(new_args), new_kwargs
 
@@ -269,7 +267,6 @@ class ER(BufferedSynapse):
         self._store(targets, model_inputs)  # the buffer stores non-finite logits as 0
         self._replay = None
         self._last_logits = None
-        self._armed = True
 
     def _widen_logits_if_needed(self) -> None:
         stored = self.buffer.schema().get("logits")
