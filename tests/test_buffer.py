@@ -175,3 +175,25 @@ def test_sampling_state_resumes_identically_once_full():
     b.load_state_dict(a.state_dict())
     for _ in range(100):  # across the end of the block
         assert torch.equal(a.sample_indices(4, 2), b.sample_indices(4, 2))
+
+
+def test_reservoir_stays_uniform_across_draw_blocks():
+    # A stream longer than two blocks of pre-drawn replacements, fed in uneven batches.
+    import numpy as np
+
+    from synapse.buffer import DRAW_BLOCK
+
+    stream, capacity, trials, bins = 2 * DRAW_BLOCK + 1000, 6, 400, 9
+    sizes = [7, 13, 1, 32]
+    counts = np.zeros(bins)
+    for trial in range(trials):
+        buf = ReservoirBuffer(capacity, seed=trial)
+        start, i = 0, 0
+        while start < stream:
+            size = min(sizes[i % len(sizes)], stream - start)
+            buf.add({"id": torch.arange(start, start + size)})
+            start, i = start + size, i + 1
+        kept = buf.state_dict()["storage"]["id"].numpy()
+        counts += np.bincount(kept * bins // stream, minlength=bins)
+    _, p = stats.chisquare(counts)  # every stretch of the stream equally represented
+    assert p > 1e-3, counts

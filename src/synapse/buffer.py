@@ -9,13 +9,16 @@ import torch
 from torch import Tensor
 
 from ._validation import check_positive_int
-from .functional import distinct_subsets, reservoir_plan
+from .functional import distinct_subsets, last_wins, reservoir_draws, reservoir_plan
 
 __all__ = ["ReservoirBuffer", "fresh_seed"]
 
 # Once the buffer is full its population is fixed, so replay indices are drawn for this many steps at
 # a time: one generator call and one host-to-device copy instead of one per step.
 SAMPLE_BLOCK = 64
+# Replacement draws do not depend on how the stream is cut into batches, so they are made for this
+# many future items at once; a batch then only looks up which of its items replace a slot.
+DRAW_BLOCK = 4096
 
 
 def fresh_seed() -> int:
@@ -71,6 +74,9 @@ class ReservoirBuffer:
         self._schema: Dict[str, Tuple[tuple, torch.dtype]] = {}
         self._block: Optional[Tensor] = None  # (SAMPLE_BLOCK, num_minibatches, k) pre-drawn indices
         self._block_pos = 0
+        self._draws: Optional[np.ndarray] = None  # uniforms of stream items _draws_first, _draws_first + 1, ...
+        self._draws_first = 0
+        self._hits: Tuple[np.ndarray, np.ndarray] = (np.empty(0, np.int64), np.empty(0, np.int64))
 
     # ------------------------------------------------------------------ inspection
     def __len__(self) -> int:
@@ -137,7 +143,7 @@ class ReservoirBuffer:
         batch = self.check_batch(items) if validate else next(iter(items.values())).shape[0]
         if not self._storage:
             self._allocate(items)
-        slots, rows = reservoir_plan(self.num_seen, batch, self.capacity, self._rng)
+        slots, rows = self._plan(batch)
         self.num_seen += batch
         if len(slots) == 0:
             return  # nothing replaced: no device work at all
@@ -147,10 +153,29 @@ class ReservoirBuffer:
             for name, value in items.items():
                 self._storage[name][slots[0] : slots[0] + batch] = self._clean(value.detach())
             return
-        both = to_device(np.concatenate([slots, rows]), device)
-        slot_index, row_index = both[: len(slots)], both[len(slots) :]
+        if device.type == "cpu":
+            slot_index, row_index = torch.from_numpy(slots), torch.from_numpy(rows)
+        else:  # one host-to-device copy for both
+            both = to_device(np.concatenate([slots, rows]), device)
+            slot_index, row_index = both[: len(slots)], both[len(slots) :]
         for name, value in items.items():
             self._storage[name].index_copy_(0, slot_index, self._clean(value.detach().index_select(0, row_index)))
+
+    def _plan(self, batch: int) -> Tuple[np.ndarray, np.ndarray]:
+        """``(slots, rows)`` for the next batch (see :func:`synapse.functional.reservoir_plan`)."""
+        n = self.num_seen
+        if n < self.capacity or batch > DRAW_BLOCK:  # filling: a one-off plan
+            return reservoir_plan(n, batch, self.capacity, self._rng)
+        if self._draws is None or n + batch > self._draws_first + len(self._draws):
+            self._set_draws(n, self._rng.random(DRAW_BLOCK))
+        offsets, slots = self._hits
+        start = n - self._draws_first
+        lo, hi = np.searchsorted(offsets, (start, start + batch))
+        return last_wins(slots[lo:hi], offsets[lo:hi] - start)
+
+    def _set_draws(self, first: int, uniforms: np.ndarray) -> None:
+        self._draws, self._draws_first = uniforms, first
+        self._hits = reservoir_draws(first, uniforms, self.capacity)
 
     @staticmethod
     def _clean(value: Tensor) -> Tensor:
@@ -228,6 +253,8 @@ class ReservoirBuffer:
             "rng_state": self._rng.bit_generator.state,
             "sample_block": None if self._block is None else self._block.cpu(),
             "sample_block_pos": self._block_pos,
+            "draws": None if self._draws is None else torch.from_numpy(self._draws.copy()),
+            "draws_first": self._draws_first,
         }
 
     def load_state_dict(self, state: Mapping[str, Any], device: Optional[torch.device] = None) -> None:
@@ -246,5 +273,10 @@ class ReservoirBuffer:
         block = state.get("sample_block")
         self._block = None if block is None or self.device is None else block.to(self.device)
         self._block_pos = int(state.get("sample_block_pos", 0))
+        draws = state.get("draws")
+        if draws is None:
+            self._draws = None
+        else:
+            self._set_draws(int(state["draws_first"]), draws.numpy().astype(np.float64))
         self.num_seen = int(state["num_seen"])
         self._rng = rng

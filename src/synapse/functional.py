@@ -12,15 +12,48 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["reservoir_plan", "distinct_subsets", "logit_distillation_loss", "project_conflicting_"]
+__all__ = [
+    "reservoir_plan",
+    "reservoir_draws",
+    "last_wins",
+    "distinct_subsets",
+    "logit_distillation_loss",
+    "project_conflicting_",
+]
+
+
+def reservoir_draws(first: int, uniforms: np.ndarray, capacity: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Algorithm R's replacements for the stream items ``first, first + 1, ...`` (one uniform each).
+
+    Item ``t >= capacity`` draws ``j = floor(u_t * (t + 1))``, uniform on ``{0..t}``, and replaces slot
+    ``j`` if ``j < capacity`` (float64 keeps this exact far beyond any realistic stream). Items below
+    ``capacity`` fill their own slot and are not listed.
+
+    Returns:
+        ``(offsets, slots)``: the replacing items as offsets from ``first`` (ascending), and their slots.
+    """
+    t = first + np.arange(len(uniforms))
+    drawn = (uniforms * (t + 1)).astype(np.int64)
+    offsets = np.flatnonzero((drawn < capacity) & (t >= capacity))
+    return offsets, drawn[offsets]
+
+
+def last_wins(slots: np.ndarray, rows: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Keep, for each slot written more than once by one batch, only the last row (as sequential
+    insertion would); ``rows`` ascending."""
+    if len(slots) > 1 and len(np.unique(slots)) < len(slots):
+        _, last_from_end = np.unique(slots[::-1], return_index=True)
+        keep = np.sort(len(slots) - 1 - last_from_end)
+        return slots[keep], rows[keep]
+    return slots, rows
 
 
 def reservoir_plan(num_seen: int, batch: int, capacity: int, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
     """Which rows of the next batch enter the reservoir, and where (Algorithm R, vectorised on the host).
 
     Item ``t`` (0-based over the whole stream) fills slot ``t`` while ``t < capacity``; afterwards it
-    draws ``j ~ U{0..t}`` and replaces slot ``j`` if ``j < capacity``. When several rows of the batch
-    pick the same slot the last one wins, exactly as one-at-a-time insertion would.
+    replaces a slot as :func:`reservoir_draws` says. When several rows of the batch pick the same slot
+    the last one wins, exactly as one-at-a-time insertion would.
 
     Returns:
         ``(slots, rows)``: distinct slots, and for each the batch row that ends up there (ascending).
@@ -30,20 +63,8 @@ def reservoir_plan(num_seen: int, batch: int, capacity: int, rng: np.random.Gene
     slots = rows + num_seen
     if filling == batch:
         return slots, rows
-    t = np.arange(num_seen + filling, num_seen + batch)
-    # floor(U * (t + 1)) is uniform on {0..t}; float64 keeps it exact far beyond any realistic stream.
-    drawn = (rng.random(len(t)) * (t + 1)).astype(np.int64)
-    hits = np.flatnonzero(drawn < capacity)
-    if filling:
-        rows, slots = np.concatenate([rows, hits + filling]), np.concatenate([slots, drawn[hits]])
-    else:
-        rows, slots = hits, drawn[hits]
-    if len(slots) > 1 and len(np.unique(slots)) < len(slots):
-        # The last occurrence of each slot wins: unique over the reversed order finds it.
-        _, last_from_end = np.unique(slots[::-1], return_index=True)
-        keep = np.sort(len(slots) - 1 - last_from_end)
-        rows, slots = rows[keep], slots[keep]
-    return slots, rows
+    hits, drawn = reservoir_draws(num_seen + filling, rng.random(batch - filling), capacity)
+    return last_wins(np.concatenate([slots, drawn]), np.concatenate([rows, hits + filling]))
 
 
 def distinct_subsets(rng: np.random.Generator, n: int, k: int, rows: int) -> np.ndarray:
