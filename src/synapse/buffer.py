@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
 import numpy as np
@@ -19,6 +20,7 @@ SAMPLE_BLOCK = 64
 # Replacement draws do not depend on how the stream is cut into batches, so they are made for this
 # many future items at once; a batch then only looks up which of its items replace a slot.
 DRAW_BLOCK = 4096
+_NO_SLOTS = np.empty(0, dtype=np.int64)
 
 
 def fresh_seed() -> int:
@@ -76,7 +78,8 @@ class ReservoirBuffer:
         self._block_pos = 0
         self._draws: Optional[np.ndarray] = None  # uniforms of stream items _draws_first, _draws_first + 1, ...
         self._draws_first = 0
-        self._hits: Tuple[np.ndarray, np.ndarray] = (np.empty(0, np.int64), np.empty(0, np.int64))
+        self._hits: Tuple[np.ndarray, np.ndarray] = (_NO_SLOTS, _NO_SLOTS)
+        self._hit_list: list = []
 
     # ------------------------------------------------------------------ inspection
     def __len__(self) -> int:
@@ -170,12 +173,16 @@ class ReservoirBuffer:
             self._set_draws(n, self._rng.random(DRAW_BLOCK))
         offsets, slots = self._hits
         start = n - self._draws_first
-        lo, hi = np.searchsorted(offsets, (start, start + batch))
+        # bisect on a list: the common batch that replaces nothing costs two C-level lookups
+        lo, hi = bisect_left(self._hit_list, start), bisect_left(self._hit_list, start + batch)
+        if lo == hi:
+            return _NO_SLOTS, _NO_SLOTS
         return last_wins(slots[lo:hi], offsets[lo:hi] - start)
 
     def _set_draws(self, first: int, uniforms: np.ndarray) -> None:
         self._draws, self._draws_first = uniforms, first
         self._hits = reservoir_draws(first, uniforms, self.capacity)
+        self._hit_list = self._hits[0].tolist()
 
     @staticmethod
     def _clean(value: Tensor) -> Tensor:
