@@ -106,7 +106,7 @@ def logit_distillation_loss(logits: Tensor, stored: Tensor, widths: Optional[Ten
             raise ValueError(f"logits of shape {tuple(current.shape)} against stored {tuple(stored.shape)}")
         # The op behind F.mse_loss, minus its Python-side broadcasting: shapes are equal here, and this
         # runs every step.
-        return torch._C._nn.mse_loss(current, stored, 1)  # 1: mean reduction
+        return torch._C._nn.mse_loss(current, stored, 1)  # type: ignore[arg-type]  # 1 = mean (the stub says str)
     mask = (torch.arange(stored_width, device=stored.device) < widths.unsqueeze(-1)).to(current.dtype)
     return ((current - stored).square() * mask).sum() / mask.sum().clamp_min(1)
 
