@@ -44,9 +44,9 @@ def finetune(fashion_tasks):
     return class_il_accuracy(fashion_tasks, None)
 
 
-# Measured with seed 0 on this subset: fine-tuning 0.199 Class-IL; ER 0.726, DER++ 0.790 (fused and
-# unfused alike: the MLP has no BatchNorm, so both paths compute the same thing);
-# asserted margins leave room for platform noise.
+# Measured with seed 0 on this subset: fine-tuning 0.199 Class-IL; ER 0.751, DER++ 0.764 fused and
+# 0.768 unfused (the MLP has no BatchNorm, so both paths compute the same gradients up to float
+# rounding); the asserted margin of 0.30 leaves room for platform noise.
 @pytest.mark.parametrize(
     "name, make, margin",
     [
