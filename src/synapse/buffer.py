@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._device import to_device
 from ._validation import check_positive_int
 from .functional import distinct_subsets, last_wins, reservoir_draws, reservoir_plan
 
@@ -28,14 +29,9 @@ def fresh_seed() -> int:
     return int(torch.randint(0, 2**62, (1,)).item())
 
 
-def to_device(indices: np.ndarray, device: torch.device) -> Tensor:
-    """Host indices as an int64 tensor on ``device``, copied asynchronously (pinned memory on CUDA)."""
-    t = torch.from_numpy(np.ascontiguousarray(indices, dtype=np.int64))
-    if device.type == "cpu":
-        return t
-    if device.type == "cuda":
-        t = t.pin_memory()  # a pageable host->device copy would synchronise the stream
-    return t.to(device, non_blocking=True)
+def indices_on(indices: np.ndarray, device: torch.device) -> Tensor:
+    """Host indices as an int64 tensor on ``device``."""
+    return to_device(torch.from_numpy(np.ascontiguousarray(indices, dtype=np.int64)), device)
 
 
 class ReservoirBuffer:
@@ -159,7 +155,7 @@ class ReservoirBuffer:
         if device.type == "cpu":
             slot_index, row_index = torch.from_numpy(slots), torch.from_numpy(rows)
         else:  # one host-to-device copy for both
-            both = to_device(np.concatenate([slots, rows]), device)
+            both = indices_on(np.concatenate([slots, rows]), device)
             slot_index, row_index = both[: len(slots)], both[len(slots) :]
         for name, value in items.items():
             self._storage[name].index_copy_(0, slot_index, self._clean(value.detach().index_select(0, row_index)))
@@ -236,11 +232,11 @@ class ReservoirBuffer:
         k = min(k, n)
         assert self.device is not None
         if n < self.capacity:  # still filling: the population changes with every batch
-            return to_device(distinct_subsets(self._rng, n, k, num_minibatches), self.device)
+            return indices_on(distinct_subsets(self._rng, n, k, num_minibatches), self.device)
         block = self._block
         if block is None or block.shape[1:] != (num_minibatches, k) or self._block_pos == len(block):
             picks = distinct_subsets(self._rng, n, k, SAMPLE_BLOCK * num_minibatches)
-            block = self._block = to_device(picks.reshape(SAMPLE_BLOCK, num_minibatches, k), self.device)
+            block = self._block = indices_on(picks.reshape(SAMPLE_BLOCK, num_minibatches, k), self.device)
             self._block_pos = 0
         self._block_pos += 1
         return block[self._block_pos - 1]

@@ -11,13 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from synapse import Synapse
-
-
-def to_device(t: Tensor, device: torch.device) -> Tensor:
-    """Copy a host tensor to ``device`` without stalling the GPU (through pinned memory on CUDA)."""
-    if device.type == "cuda":
-        t = t.pin_memory()
-    return t.to(device, non_blocking=True)
+from synapse._device import to_device
 
 
 def random_crop_flip(images: Tensor, generator: torch.Generator, padding: int = 4) -> Tensor:
