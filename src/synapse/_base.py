@@ -58,7 +58,7 @@ class Synapse(ABC):
         self.scaler = scaler
         self.num_steps = 0
         self.num_tasks_ended = 0
-        self._constants: Dict[Tuple[float, torch.dtype, torch.device], Tensor] = {}
+        self._constants: Dict[Tuple[float, torch.Size, torch.dtype, torch.device], Tensor] = {}
 
     # ------------------------------------------------------------------ public API
     def backward(self, loss: Tensor, targets: Tensor, **model_inputs: Tensor) -> None:
@@ -121,24 +121,23 @@ class Synapse(ABC):
         """One backward pass of ``loss + sum(weight * term)``.
 
         Without a scaler the terms are extra roots of the same backward and their weights are the
-        gradients fed into them, so neither the weighting nor the sum adds a node to the graph.
+        gradients fed into them, so neither the weighting nor the sum adds a node to the graph. The
+        seeds are cached tensors: left to autograd, each root would get a freshly allocated one.
         """
         if self.scaler is not None:
             total = loss + sum(w * t for w, t in terms) if terms else loss
             self.scaler.scale(total).backward()
-        elif not terms:
-            loss.backward()
-        else:
-            roots = [loss, *(t for _, t in terms)]
-            seeds = [None, *(None if w == 1.0 else self._constant(w, t) for w, t in terms)]
-            torch.autograd.backward(roots, seeds)
+            return
+        roots = (loss, *(t for _, t in terms))
+        seeds = (self._constant(1.0, loss), *(self._constant(w, t) for w, t in terms))
+        torch.autograd.backward(roots, seeds)
 
     def _constant(self, value: float, like: Tensor) -> Tensor:
-        """A cached 0-d tensor holding ``value`` with ``like``'s dtype and device."""
-        key = (value, like.dtype, like.device)
+        """A cached tensor filled with ``value``, with ``like``'s shape, dtype and device (never written to)."""
+        key = (value, like.shape, like.dtype, like.device)
         cached = self._constants.get(key)
         if cached is None:
-            cached = self._constants[key] = torch.full((), value, dtype=like.dtype, device=like.device)
+            cached = self._constants[key] = torch.full(like.shape, value, dtype=like.dtype, device=like.device)
         return cached
 
     def _grad_scale(self) -> Optional[Tensor]:
@@ -203,8 +202,9 @@ class BufferedSynapse(Synapse):
             raise ValueError(
                 f"model inputs {tuple(model_inputs)} differ from those of earlier steps {self._input_names}"
             )
-        # Only what the user passed needs checking: whatever a method adds is its own making.
-        self.buffer.check_batch(BufferedSynapse._stored_items(self, targets, model_inputs), partial=True)
+        # Types and batch sizes were checked by backward; only what the user passed needs checking
+        # against the stored layout: whatever a method adds is its own making.
+        self.buffer.check_layout(BufferedSynapse._stored_items(self, targets, model_inputs), partial=True)
 
     def _stored_items(self, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> Dict[str, Tensor]:
         """The named tensors one step stores."""
@@ -226,7 +226,7 @@ class BufferedSynapse(Synapse):
         """``num_minibatches`` independent minibatches (of all fields, or ``names``), one after the other
         along dim 0: minibatch ``i`` is rows ``i*k:(i+1)*k`` with ``k = min(buffer_sample_size, len)``."""
         self._follow_model_device()
-        return self.buffer.gather(self.buffer.sample_indices(self.buffer_sample_size, num_minibatches).view(-1), names)
+        return self.buffer.sample(self.buffer_sample_size, num_minibatches, names)
 
     @staticmethod
     def _inputs_of(sample: Mapping[str, Tensor]) -> Dict[str, Tensor]:

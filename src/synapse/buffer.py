@@ -22,6 +22,11 @@ SAMPLE_BLOCK = 64
 # many future items at once; a batch then only looks up which of its items replace a slot.
 DRAW_BLOCK = 4096
 _NO_SLOTS = np.empty(0, dtype=np.int64)
+# Dtypes a CPU tensor can share with numpy (no bfloat16, no complex: those take the torch path).
+_NUMPY_DTYPES = frozenset(
+    {torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64}
+    | {torch.float16, torch.float32, torch.float64}
+)
 
 
 def fresh_seed() -> int:
@@ -71,11 +76,13 @@ class ReservoirBuffer:
         self._storage: Dict[str, Tensor] = {}
         self._schema: Dict[str, Tuple[tuple, torch.dtype]] = {}
         self._block: Optional[Tensor] = None  # (SAMPLE_BLOCK, num_minibatches, k) pre-drawn indices
+        self._block_rows: Tuple[Tensor, ...] = ()  # the block's rows, one per step
         self._block_pos = 0
         self._draws: Optional[np.ndarray] = None  # uniforms of stream items _draws_first, _draws_first + 1, ...
         self._draws_first = 0
         self._hits: Tuple[np.ndarray, np.ndarray] = (_NO_SLOTS, _NO_SLOTS)
         self._hit_list: list = []
+        self._host: Optional[Dict[str, np.ndarray]] = None  # see _storage_changed
 
     # ------------------------------------------------------------------ inspection
     def __len__(self) -> int:
@@ -123,18 +130,24 @@ class ReservoirBuffer:
                 sizes = {k: v.shape[0] for k, v in items.items()}
                 raise ValueError(f"all buffer fields need the same batch size, got {sizes}")
             batch = value.shape[0]
-        if self._schema:
-            if not (items.keys() <= self._schema.keys() if partial else items.keys() == self._schema.keys()):
-                raise ValueError(f"buffer fields {sorted(items)} differ from the stored fields {sorted(self._schema)}")
-            for name, value in items.items():
-                shape, dtype = self._schema[name]
-                if value.shape[1:] != shape or value.dtype != dtype:
-                    raise ValueError(
-                        f"{name!r} has per-item shape {tuple(value.shape[1:])} and dtype {value.dtype}, "
-                        f"but the buffer holds shape {shape} and dtype {dtype}"
-                    )
+        self.check_layout(items, partial)
         assert batch is not None
         return batch
+
+    def check_layout(self, items: Mapping[str, Tensor], partial: bool = False) -> None:
+        """Raise unless the fields of ``items`` (batches of tensors) match the stored fields' names,
+        per-item shapes and dtypes; anything goes before the first :meth:`add`."""
+        if not self._schema:
+            return
+        if not (items.keys() <= self._schema.keys() if partial else items.keys() == self._schema.keys()):
+            raise ValueError(f"buffer fields {sorted(items)} differ from the stored fields {sorted(self._schema)}")
+        for name, value in items.items():
+            shape, dtype = self._schema[name]
+            if value.shape[1:] != shape or value.dtype != dtype:
+                raise ValueError(
+                    f"{name!r} has per-item shape {tuple(value.shape[1:])} and dtype {value.dtype}, "
+                    f"but the buffer holds shape {shape} and dtype {dtype}"
+                )
 
     # ------------------------------------------------------------------ mutation
     def add(self, items: Mapping[str, Tensor], *, validate: bool = True) -> None:
@@ -152,11 +165,13 @@ class ReservoirBuffer:
             for name, value in items.items():
                 self._storage[name][slots[0] : slots[0] + batch] = self._clean(value.detach())
             return
-        if device.type == "cpu":
-            slot_index, row_index = torch.from_numpy(slots), torch.from_numpy(rows)
-        else:  # one host-to-device copy for both
-            both = indices_on(np.concatenate([slots, rows]), device)
-            slot_index, row_index = both[: len(slots)], both[len(slots) :]
+        if self._host is not None and all(v.device.type == "cpu" for v in items.values()):
+            # A few rows on the host: numpy's indexing costs a fraction of a torch op's dispatch.
+            for name, value in items.items():
+                self._write_host_rows(self._host[name], slots, value.detach().numpy(), rows)
+            return
+        both = indices_on(np.concatenate([slots, rows]), device)  # one host-to-device copy for both
+        slot_index, row_index = both[: len(slots)], both[len(slots) :]
         for name, value in items.items():
             self._storage[name].index_copy_(0, slot_index, self._clean(value.detach().index_select(0, row_index)))
 
@@ -181,6 +196,20 @@ class ReservoirBuffer:
         self._hit_list = self._hits[0].tolist()
 
     @staticmethod
+    def _write_host_rows(storage: np.ndarray, slots: np.ndarray, values: np.ndarray, rows: np.ndarray) -> None:
+        """``storage[slots] = values[rows]``, non-finite floats as 0."""
+        if len(slots) == 1:  # the common case: plain indexing, cheaper than any gather
+            slot = int(slots[0])
+            storage[slot] = values[int(rows[0])]
+            written = storage[slot : slot + 1]  # a view: cleaning it cleans the storage
+        else:
+            written = values.take(rows, axis=0)  # a copy, cleaned before it is written
+        if written.dtype.kind == "f" and not np.isfinite(written).all():
+            written[~np.isfinite(written)] = 0
+        if len(slots) > 1:
+            storage[slots] = written
+
+    @staticmethod
     def _clean(value: Tensor) -> Tensor:
         return torch.nan_to_num(value, nan=0.0, posinf=0.0, neginf=0.0) if value.is_floating_point() else value
 
@@ -188,10 +217,13 @@ class ReservoirBuffer:
         self._storage = {
             k: torch.zeros((self.capacity, *v.shape[1:]), dtype=v.dtype, device=v.device) for k, v in items.items()
         }
-        self._update_schema()
+        self._storage_changed()
 
-    def _update_schema(self) -> None:
+    def _storage_changed(self) -> None:
         self._schema = {k: (tuple(t.shape[1:]), t.dtype) for k, t in self._storage.items()}
+        # numpy views of CPU storage, for the few-row writes of insertion; None where numpy cannot help
+        host = all(t.device.type == "cpu" and t.dtype in _NUMPY_DTYPES for t in self._storage.values())
+        self._host = {k: t.numpy() for k, t in self._storage.items()} if host and self._storage else None
 
     def add_field(self, name: str, fill: Tensor) -> None:
         """Add field ``name`` to every item, each set to ``fill`` (a tensor of one item's shape)."""
@@ -200,7 +232,7 @@ class ReservoirBuffer:
         if self._storage:
             device = self.device
             self._storage[name] = fill.to(device).expand(self.capacity, *fill.shape).clone()
-            self._update_schema()
+            self._storage_changed()
 
     def widen(self, name: str, width: int) -> None:
         """Zero-pad field ``name`` along its last dimension to ``width`` (for heads that grow)."""
@@ -210,14 +242,15 @@ class ReservoirBuffer:
         new = old.new_zeros((*old.shape[:-1], width))
         new[..., : old.shape[-1]] = old
         self._storage[name] = new
-        self._update_schema()
+        self._storage_changed()
 
     def to(self, device: torch.device | str) -> ReservoirBuffer:
         """Move the storage to ``device``, in place (the generator lives on the host and is unaffected)."""
         device = torch.device(device)
         if self._storage and self.device != device:
             self._storage = {k: v.to(device) for k, v in self._storage.items()}
-            self._block = None if self._block is None else self._block.to(device)
+            self._storage_changed()
+            self._set_block(None if self._block is None else self._block.to(device))
         return self
 
     # ------------------------------------------------------------------ sampling
@@ -226,20 +259,34 @@ class ReservoirBuffer:
 
         Returns a ``(num_minibatches, min(k, len(self)))`` int64 tensor on the buffer's device.
         """
+        return self._next_indices(k, num_minibatches).view(num_minibatches, -1)
+
+    def sample(self, k: int, num_minibatches: int = 1, names: Optional[Iterable[str]] = None) -> Dict[str, Tensor]:
+        """``num_minibatches`` independent minibatches as by :meth:`sample_indices`, gathered and stacked
+        along dim 0 (minibatch ``i`` is rows ``i * k' : (i + 1) * k'`` with ``k' = min(k, len)``)."""
+        return self.gather(self._next_indices(k, num_minibatches), names)
+
+    def _next_indices(self, k: int, num_minibatches: int) -> Tensor:
+        """The next minibatches' indices, flat: ``num_minibatches * min(k, len)`` of them."""
         n = len(self)
         if n == 0:
             raise RuntimeError("cannot sample from an empty buffer")
         k = min(k, n)
         assert self.device is not None
         if n < self.capacity:  # still filling: the population changes with every batch
-            return indices_on(distinct_subsets(self._rng, n, k, num_minibatches), self.device)
+            return indices_on(distinct_subsets(self._rng, n, k, num_minibatches).reshape(-1), self.device)
         block = self._block
         if block is None or block.shape[1:] != (num_minibatches, k) or self._block_pos == len(block):
             picks = distinct_subsets(self._rng, n, k, SAMPLE_BLOCK * num_minibatches)
-            block = self._block = indices_on(picks.reshape(SAMPLE_BLOCK, num_minibatches, k), self.device)
+            self._set_block(indices_on(picks.reshape(SAMPLE_BLOCK, num_minibatches, k), self.device))
             self._block_pos = 0
         self._block_pos += 1
-        return block[self._block_pos - 1]
+        return self._block_rows[self._block_pos - 1]
+
+    def _set_block(self, block: Optional[Tensor]) -> None:
+        self._block = block
+        # Split once into one flat row per step, rather than indexing and reshaping on every step.
+        self._block_rows = () if block is None else block.view(len(block), -1).unbind(0)
 
     def gather(self, indices: Tensor, names: Optional[Iterable[str]] = None) -> Dict[str, Tensor]:
         """The stored rows at 1-d ``indices``, for every field or for ``names``."""
@@ -272,9 +319,9 @@ class ReservoirBuffer:
         rng = np.random.Generator(np.random.PCG64())
         rng.bit_generator.state = state["rng_state"]
         self._storage = {k: (v.to(device) if device is not None else v).clone() for k, v in state["storage"].items()}
-        self._update_schema()
+        self._storage_changed()
         block = state.get("sample_block")
-        self._block = None if block is None or self.device is None else block.to(self.device)
+        self._set_block(None if block is None or self.device is None else block.to(self.device))
         self._block_pos = int(state.get("sample_block_pos", 0))
         draws = state.get("draws")
         if draws is None:

@@ -40,7 +40,8 @@ def reservoir_draws(first: int, uniforms: np.ndarray, capacity: int) -> Tuple[np
 def last_wins(slots: np.ndarray, rows: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """Keep, for each slot written more than once by one batch, only the last row (as sequential
     insertion would); ``rows`` ascending."""
-    if len(slots) > 1 and len(np.unique(slots)) < len(slots):
+    # A set, not np.unique: a batch replaces a handful of slots, and this runs on most steps.
+    if len(slots) > 1 and len(set(slots.tolist())) < len(slots):
         _, last_from_end = np.unique(slots[::-1], return_index=True)
         keep = np.sort(len(slots) - 1 - last_from_end)
         return slots[keep], rows[keep]
@@ -100,7 +101,8 @@ def logit_distillation_loss(logits: Tensor, stored: Tensor, widths: Optional[Ten
             "heads may grow between tasks, not shrink"
         )
     current = logits if logits.shape[-1] == stored_width else logits[..., :stored_width]
-    stored = stored.to(current.dtype)
+    if stored.dtype != current.dtype:
+        stored = stored.to(current.dtype)
     if widths is None:
         if current.shape != stored.shape:
             raise ValueError(f"logits of shape {tuple(current.shape)} against stored {tuple(stored.shape)}")

@@ -26,15 +26,20 @@ class _Replay:
     """One step's replay minibatch(es) and, once the forward ran, the model's outputs on them."""
 
     sample: Dict[str, Tensor]  # fields of shape (num_minibatches * k, ...), minibatch after minibatch
+    num_minibatches: int
     user_batch: int = 0
-    outputs: Optional[Tensor] = None  # (num_minibatches * k, num_logits)
+    outputs: Optional[List[Tensor]] = None  # the model's outputs, one (k, num_logits) tensor per minibatch
     parameters_version: int = -1  # a parameter's version counter when the forward ran
 
-    def part(self, tensor: Tensor, i: int, num_minibatches: int) -> Tensor:
-        """Minibatch ``i`` of a stacked field (no slicing, and no extra autograd node, for a single one)."""
-        if num_minibatches == 1:
+    @property
+    def minibatch_size(self) -> int:
+        return next(iter(self.sample.values())).shape[0] // self.num_minibatches
+
+    def part(self, tensor: Tensor, i: int) -> Tensor:
+        """Minibatch ``i`` of a stacked field (no slicing for a single one)."""
+        if self.num_minibatches == 1:
             return tensor
-        k = tensor.shape[0] // num_minibatches
+        k = self.minibatch_size
         return tensor[i * k : (i + 1) * k]
 
 
@@ -164,7 +169,9 @@ class ER(BufferedSynapse):
         sample = self._sample(self._num_minibatches, self._replay_fields())
         for (container, key), name in zip(slots, self._input_names):
             container[key] = torch.cat([container[key], sample[f"input:{name}"]])
-        self._replay = _Replay(sample=sample, user_batch=user_batch, parameters_version=self._a_parameter._version)
+        self._replay = _Replay(
+            sample, self._num_minibatches, user_batch=user_batch, parameters_version=self._a_parameter._version
+        )
         return tuple(new_args), new_kwargs
 
     def _locate(self, name: str, args: List[Any], kwargs: Dict[str, Any]) -> Tuple[Any, Any]:
@@ -202,9 +209,11 @@ class ER(BufferedSynapse):
                     f"fused replay needs the model to return a logits tensor, got {type(output).__name__}; "
                     "use ER(..., fused=False)"
                 )
-            b = replay.user_batch
-            replay.outputs = output[b:]
-            output = output[:b]
+            # One split, not a slice per piece: its backward is one concatenation, where slices' would
+            # each scatter into a zero tensor of the full output's size.
+            output, *replay.outputs = output.split(
+                [replay.user_batch, *[replay.minibatch_size] * replay.num_minibatches]
+            )
         if self._stores_logits and isinstance(output, Tensor):
             self._last_logits = output.detach()
         return output if replay is not None and output is not None else None
@@ -247,8 +256,9 @@ class ER(BufferedSynapse):
         assert self._last_logits is not None
         stored = self.buffer.schema().get("logits")
         # Stored logits keep one dtype (e.g. if autocast is switched on or off mid-run).
-        logits = self._last_logits.to(stored[1] if stored else self.logits_dtype or self._last_logits.dtype)
-        items["logits"] = logits
+        logits = self._last_logits
+        dtype = stored[1] if stored else self.logits_dtype or logits.dtype
+        items["logits"] = logits = logits if logits.dtype == dtype else logits.to(dtype)
         if self._ragged_logits:  # rows of different widths coexist: remember each row's own
             items["logit_width"] = torch.full(
                 (logits.shape[0],), self._last_logits.shape[1], dtype=torch.int32, device=logits.device
@@ -285,25 +295,23 @@ class ER(BufferedSynapse):
             outputs = self.module(**inputs)
         finally:
             self._replaying = False
-        return _Replay(sample=sample, outputs=outputs)
+        replay = _Replay(sample, self._num_minibatches)
+        replay.outputs = list(outputs.split(replay.minibatch_size))
+        return replay
 
     def _replay_terms(self, replay: _Replay) -> List[Tuple[float, Tensor]]:
         """The replay loss as ``(weight, term)`` pairs, summed by :meth:`_run_backward`."""
-        out, sample = replay.outputs, replay.sample
+        out, sample, part = replay.outputs, replay.sample, replay.part
         assert out is not None
-
-        def part(tensor: Tensor, i: int = 0) -> Tensor:
-            return replay.part(tensor, i, self._num_minibatches)
-
         if self.method == "er":
-            return [(self.alpha, F.cross_entropy(part(out), part(sample["targets"])))]
+            return [(self.alpha, F.cross_entropy(out[0], sample["targets"]))]
         if self.method == "custom":
             assert self.custom_loss_fn is not None
-            return [(1.0, self.custom_loss_fn(part(out), part(sample["logits"]), part(sample["targets"])))]
-        widths = part(sample["logit_width"]) if self._ragged_logits else None
-        terms = [(self.alpha, logit_distillation_loss(part(out), part(sample["logits"]), widths))]
+            return [(1.0, self.custom_loss_fn(out[0], sample["logits"], sample["targets"]))]
+        widths = part(sample["logit_width"], 0) if self._ragged_logits else None
+        terms = [(self.alpha, logit_distillation_loss(out[0], part(sample["logits"], 0), widths))]
         if self.method == "der++":
-            terms.append((self.beta, F.cross_entropy(part(out, 1), part(sample["targets"], 1))))
+            terms.append((self.beta, F.cross_entropy(out[1], part(sample["targets"], 1))))
         return terms
 
     # ------------------------------------------------------------------ state
