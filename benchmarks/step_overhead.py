@@ -21,7 +21,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -69,7 +69,98 @@ class ReferenceStyleDERpp:
             self.seen += 1
 
 
-def make_variants(buffer_size: int, mb: int) -> Dict[str, Optional[Callable[[nn.Module], object]]]:
+class Floor:
+    """The irreducible work of a method, hand-written without any of a library's bookkeeping: no input
+    validation, no reservoir insertion, no hooks; replay indices drawn with replacement in advance from a
+    buffer of random items. What a method costs above its floor is what Synapse adds.
+
+    ``kind``: ``'er'``, ``'der'``, ``'der++'`` (fused: the replay rows ride in the user's forward, one
+    backward), ``'agem'`` (a reference gradient, flat copies, the projection) or ``'si'`` (its six passes
+    over the parameters: snapshot, change, path integral, penalty, add to the gradients, keep them).
+    """
+
+    def __init__(
+        self, model: nn.Module, kind: str, size: int, minibatch: int, alpha: float, beta: float, item: Tuple[int, ...]
+    ) -> None:
+        self.model, self.kind = model, kind
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        device = self.params[0].device
+        self.one = torch.ones((), device=device)
+        self.weights = [torch.full((), w, device=device) for w in (alpha, beta)]
+        g = torch.Generator().manual_seed(1)
+        classes = [m for m in model.modules() if isinstance(m, nn.Linear)][-1].out_features
+        self.x = torch.randint(0, 256, (size, *item), generator=g, dtype=torch.uint8).to(device)
+        self.y = torch.randint(0, classes, (size,), generator=g).to(device)
+        self.z = torch.randn(size, classes, generator=g).to(device)
+        rows = 2 if kind == "der++" else 1
+        self.blocks = torch.randint(0, size, (64, rows * minibatch), generator=g).to(device).unbind(0)
+        self.k, self.step = minibatch, 0
+        numel = sum(p.numel() for p in self.params)
+        self.flat = {n: torch.zeros(numel, device=device) for n in ("a", "b", "c", "d", "e", "f", "g")}
+        self.views = {n: _views(f, self.params) for n, f in self.flat.items()}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind in ("agem", "si"):
+            return self.model(x)
+        self.idx = self.blocks[self.step % len(self.blocks)]
+        self.step += 1
+        out = self.model(torch.cat([x, self.x.index_select(0, self.idx)]))
+        user, *self.replayed = out.split([x.shape[0], *[self.k] * (len(self.idx) // self.k)])
+        return user
+
+    def backward(self, loss: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor, logits: torch.Tensor) -> None:
+        getattr(self, f"_{self.kind.replace('+', 'p')}")(loss, inputs)
+
+    def _er(self, loss: torch.Tensor, inputs: torch.Tensor) -> None:
+        term = F.cross_entropy(self.replayed[0], self.y.index_select(0, self.idx))
+        torch.autograd.backward((loss, term), (self.one, self.weights[0]))
+
+    def _der(self, loss: torch.Tensor, inputs: torch.Tensor) -> None:
+        term = F.mse_loss(self.replayed[0], self.z.index_select(0, self.idx))
+        torch.autograd.backward((loss, term), (self.one, self.weights[0]))
+
+    def _derpp(self, loss: torch.Tensor, inputs: torch.Tensor) -> None:
+        first, second = self.idx.split(self.k)
+        der = F.mse_loss(self.replayed[0], self.z.index_select(0, first))
+        ce = F.cross_entropy(self.replayed[1], self.y.index_select(0, second))
+        torch.autograd.backward((loss, der, ce), (self.one, *self.weights))
+
+    def _agem(self, loss: torch.Tensor, inputs: torch.Tensor) -> None:
+        idx = self.blocks[self.step % len(self.blocks)]
+        self.step += 1
+        ref_loss = F.cross_entropy(self.model(self.x.index_select(0, idx)), self.y.index_select(0, idx))
+        torch._foreach_copy_(self.views["a"], torch.autograd.grad(ref_loss, self.params, self.one))
+        torch.autograd.backward((loss,), (self.one,))
+        grads = [p.grad for p in self.params]
+        torch._foreach_copy_(self.views["b"], grads)
+        g, r = self.flat["b"], self.flat["a"]
+        g.addcmul_(r, torch.dot(g, r).clamp(max=0) / torch.dot(r, r).clamp_min(1e-12), value=-1)
+        torch._foreach_copy_(grads, self.views["b"])
+
+    def _si(self, loss: torch.Tensor, inputs: torch.Tensor) -> None:
+        f, v = self.flat, self.views
+        torch._foreach_copy_(v["a"], [p.detach() for p in self.params])  # theta
+        torch.sub(f["a"], f["b"], out=f["c"])  # its change since the last step
+        f["d"].addcmul_(f["c"], f["e"], value=-1)  # the path integral
+        torch.autograd.backward((loss,), (self.one,))
+        grads = [p.grad for p in self.params]
+        torch.addcmul(f["g"], f["f"], f["a"], out=f["c"])  # the penalty's gradient
+        torch._foreach_add_(grads, v["c"])
+        f["a"], f["b"], v["a"], v["b"] = f["b"], f["a"], v["b"], v["a"]
+        torch._foreach_copy_(v["e"], grads)
+
+
+def _views(flat: torch.Tensor, params: List[torch.Tensor]) -> List[torch.Tensor]:
+    views, offset = [], 0
+    for p in params:
+        views.append(flat[offset : offset + p.numel()].view_as(p))
+        offset += p.numel()
+    return views
+
+
+def make_variants(
+    buffer_size: int, mb: int, item: Tuple[int, ...]
+) -> Dict[str, Optional[Callable[[nn.Module], object]]]:
     alpha, beta = 0.3, 0.5
     return {
         "plain": None,
@@ -82,6 +173,11 @@ def make_variants(buffer_size: int, mb: int) -> Dict[str, Optional[Callable[[nn.
         "A-GEM": lambda m: AGEM(m, buffer_size, mb),
         "SI": lambda m: SI(m, checkpoint_per_steps=100),  # consolidated: the penalty is part of the step
         "DER++ reference-style": lambda m: ReferenceStyleDERpp(m, buffer_size, mb, alpha, beta),
+        "floor: ER": lambda m: Floor(m, "er", buffer_size, mb, 1.0, beta, item),
+        "floor: DER": lambda m: Floor(m, "der", buffer_size, mb, alpha, beta, item),
+        "floor: DER++": lambda m: Floor(m, "der++", buffer_size, mb, alpha, beta, item),
+        "floor: A-GEM": lambda m: Floor(m, "agem", buffer_size, mb, alpha, beta, item),
+        "floor: SI": lambda m: Floor(m, "si", buffer_size, mb, alpha, beta, item),
     }
 
 
@@ -111,12 +207,12 @@ class Runner:
     def step(self) -> None:
         x, y = self.pool[self.i % len(self.pool)]
         self.i += 1
-        out = self.model(x)
+        out = self.method.forward(x) if isinstance(self.method, Floor) else self.model(x)
         loss = F.cross_entropy(out, y)
         self.opt.zero_grad(set_to_none=True)
         if self.method is None:
             loss.backward()
-        elif isinstance(self.method, ReferenceStyleDERpp):
+        elif isinstance(self.method, (ReferenceStyleDERpp, Floor)):
             self.method.backward(loss, y, x, out)
         else:
             self.method.backward(loss, y, inputs=x)
@@ -177,7 +273,7 @@ def main() -> None:
     mb = args.buffer_batch or batch
     shape, classes = ((3, 32), 10) if model_name != "mlp" else ((1, 28), 10)
 
-    variants = make_variants(args.buffer_size, mb)
+    variants = make_variants(args.buffer_size, mb, (shape[0], shape[1], shape[1]))
     if args.only:
         variants = {k: v for k, v in variants.items() if k == "plain" or k in args.only}
     runners = [Runner(name, make, model_name, shape, classes, batch, device) for name, make in variants.items()]

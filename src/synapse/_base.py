@@ -196,6 +196,7 @@ class BufferedSynapse(Synapse):
         # Offsetting by rank decorrelates the ranks' reservoirs under one global seed.
         self.buffer = ReservoirBuffer(capacity, seed=(fresh_seed() + rank) % 2**62)
         self._input_names: Optional[tuple] = None
+        self._stores_targets = True  # a method whose loss never reads them may store none
 
     def _check(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
         if self._input_names is not None and tuple(model_inputs) != self._input_names:
@@ -209,7 +210,8 @@ class BufferedSynapse(Synapse):
     def _stored_items(self, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> Dict[str, Tensor]:
         """The named tensors one step stores."""
         items = {f"input:{k}": v for k, v in model_inputs.items()}
-        items["targets"] = targets
+        if self._stores_targets:
+            items["targets"] = targets
         return items
 
     def _store(self, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:

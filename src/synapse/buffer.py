@@ -83,6 +83,7 @@ class ReservoirBuffer:
         self._hits: Tuple[np.ndarray, np.ndarray] = (_NO_SLOTS, _NO_SLOTS)
         self._hit_list: list = []
         self._host: Optional[Dict[str, np.ndarray]] = None  # see _storage_changed
+        self._device: Optional[torch.device] = None
 
     # ------------------------------------------------------------------ inspection
     def __len__(self) -> int:
@@ -94,7 +95,7 @@ class ReservoirBuffer:
 
     @property
     def device(self) -> Optional[torch.device]:
-        return next(iter(self._storage.values())).device if self._storage else None
+        return self._device
 
     @property
     def bytes_per_item(self) -> int:
@@ -165,8 +166,7 @@ class ReservoirBuffer:
             for name, value in items.items():
                 self._storage[name][slots[0] : slots[0] + batch] = self._clean(value.detach())
             return
-        if self._host is not None and all(v.device.type == "cpu" for v in items.values()):
-            # A few rows on the host: numpy's indexing costs a fraction of a torch op's dispatch.
+        if self._host is not None:  # CPU storage (so CPU items): numpy indexing costs a fraction of a torch op
             for name, value in items.items():
                 self._write_host_rows(self._host[name], slots, value.detach().numpy(), rows)
             return
@@ -221,6 +221,7 @@ class ReservoirBuffer:
 
     def _storage_changed(self) -> None:
         self._schema = {k: (tuple(t.shape[1:]), t.dtype) for k, t in self._storage.items()}
+        self._device = next(iter(self._storage.values())).device if self._storage else None
         # numpy views of CPU storage, for the few-row writes of insertion; None where numpy cannot help
         host = all(t.device.type == "cpu" and t.dtype in _NUMPY_DTYPES for t in self._storage.values())
         self._host = {k: t.numpy() for k, t in self._storage.items()} if host and self._storage else None
@@ -272,13 +273,14 @@ class ReservoirBuffer:
         if n == 0:
             raise RuntimeError("cannot sample from an empty buffer")
         k = min(k, n)
-        assert self.device is not None
+        device = self._device
+        assert device is not None
         if n < self.capacity:  # still filling: the population changes with every batch
-            return indices_on(distinct_subsets(self._rng, n, k, num_minibatches).reshape(-1), self.device)
+            return indices_on(distinct_subsets(self._rng, n, k, num_minibatches).reshape(-1), device)
         block = self._block
         if block is None or block.shape[1:] != (num_minibatches, k) or self._block_pos == len(block):
             picks = distinct_subsets(self._rng, n, k, SAMPLE_BLOCK * num_minibatches)
-            self._set_block(indices_on(picks.reshape(SAMPLE_BLOCK, num_minibatches, k), self.device))
+            self._set_block(indices_on(picks.reshape(SAMPLE_BLOCK, num_minibatches, k), device))
             self._block_pos = 0
         self._block_pos += 1
         return self._block_rows[self._block_pos - 1]

@@ -130,6 +130,7 @@ class ER(BufferedSynapse):
         self.fused = bool(fused)
         self.logits_dtype = logits_dtype
         self._stores_logits = method != "er"
+        self._stores_targets = method != "der"  # DER's loss reads inputs and logits only (paper, Alg. 1)
         self._ragged_logits = False  # becomes True once rows of different logit widths coexist
         self._num_minibatches = 2 if method == "der++" else 1
         self._signature = inspect.signature(self.module.forward)
@@ -138,6 +139,7 @@ class ER(BufferedSynapse):
             name: i for i, (name, p) in enumerate(self._signature.parameters.items()) if p.kind in positional
         }
         self._last_logits: Optional[Tensor] = None
+        self._fields: Tuple[Any, List[str]] = (None, [])  # (what they depend on, the replayed fields)
         self._replay: Optional[_Replay] = None  # pending until backward; while set, forwards carry no replay
         self._replaying = False  # our own replay forward is running: hooks stand aside
         self._hooks = [
@@ -189,15 +191,18 @@ class ER(BufferedSynapse):
         return where
 
     def _replay_fields(self) -> List[str]:
-        """The buffer fields this method's replay loss reads."""
-        fields = [f"input:{n}" for n in self._input_names or ()]
-        if self.method != "der":
-            fields.append("targets")
-        if self._stores_logits:
-            fields.append("logits")
-        if self._ragged_logits:
-            fields.append("logit_width")
-        return fields
+        """The buffer fields this method's replay loss reads (cached: this runs every step)."""
+        key = (self._input_names, self._ragged_logits)
+        if self._fields[0] != key:
+            fields = [f"input:{n}" for n in self._input_names or ()]
+            if self.method != "der":
+                fields.append("targets")
+            if self._stores_logits:
+                fields.append("logits")
+            if self._ragged_logits:
+                fields.append("logit_width")
+            self._fields = (key, fields)
+        return self._fields[1]
 
     def _post_forward(self, module: nn.Module, args: tuple, output: Any) -> Any:
         if not self._training_forward(module):

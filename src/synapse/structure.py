@@ -94,9 +94,9 @@ class SI(Synapse):
                 torch._foreach_copy_(self._flat["anchor"].views, [p.detach() for p in self._params])
         return self._flat
 
-    def _snapshot_parameters(self) -> Tensor:
+    def _snapshot_parameters(self, spaces: Dict[str, FlatSpace]) -> Tensor:
         """Copy the current parameters into the flat ``params`` workspace and return it."""
-        space = self._spaces()["params"]
+        space = spaces["params"]
         torch._foreach_copy_(space.views, [p.detach() for p in self._params])
         return space.flat
 
@@ -108,7 +108,7 @@ class SI(Synapse):
     # ------------------------------------------------------------------ backward
     def _backward(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
         s = self._spaces()
-        theta = self._snapshot_parameters()
+        theta = self._snapshot_parameters(s)
         self._integrate_pending_step(theta)
         self._run_backward(loss)
         grads = self._gradients(self._params)
@@ -157,7 +157,7 @@ class SI(Synapse):
         first (right after ``optimizer.step()``, as at a task end).
         """
         s = self._spaces()
-        theta = self._snapshot_parameters()
+        theta = self._snapshot_parameters(s)
         if include_pending_step:
             self._integrate_pending_step(theta)
         denominator = torch.sub(theta, s["anchor"].flat, out=s["scratch"].flat).square_().add_(self.xi)
