@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from . import _autograd
 from ._validation import check_loss, check_positive_int, check_targets_and_inputs
 from .buffer import ReservoirBuffer, fresh_seed
 
@@ -128,9 +129,11 @@ class Synapse(ABC):
             total = loss + sum(w * t for w, t in terms) if terms else loss
             self.scaler.scale(total).backward()
             return
-        roots = (loss, *(t for _, t in terms))
-        seeds = (self._constant(1.0, loss), *(self._constant(w, t) for w, t in terms))
-        torch.autograd.backward(roots, seeds)
+        roots, seeds = [loss], [self._constant(1.0, loss)]
+        for weight, term in terms:
+            roots.append(term)
+            seeds.append(self._constant(weight, term))
+        _autograd.backward(roots, seeds)
 
     def _constant(self, value: float, like: Tensor) -> Tensor:
         """A cached tensor filled with ``value``, with ``like``'s shape, dtype and device (never written to)."""

@@ -9,6 +9,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import _autograd
 from ._base import BufferedSynapse, distributed_world
 from ._flat import FlatSpace
 from .functional import project_conflicting_
@@ -85,7 +86,7 @@ class AGEM(BufferedSynapse):
         ref_loss = F.cross_entropy(self.module(**self._inputs_of(sample)), sample["targets"])
         if self.scaler is not None:
             ref_loss = self.scaler.scale(ref_loss)  # same scale as the current gradient
-        grads = torch.autograd.grad(ref_loss, self._params, self._constant(1.0, ref_loss), allow_unused=True)
+        grads = _autograd.grad(ref_loss, self._constant(1.0, ref_loss), self._params)
         torch._foreach_copy_(
             reference.views, [g if g is not None else torch.zeros_like(v) for g, v in zip(grads, reference.views)]
         )
