@@ -127,8 +127,8 @@ def test_plan_resolves_duplicate_slots_as_sequential_insertion_would():
         for row, j in enumerate(draws):
             if j < 5:
                 final[int(j)] = row
-        assert dict(zip(slots.tolist(), rows.tolist())) == final
-        assert len(set(slots.tolist())) == len(slots)
+        assert dict(zip(slots, rows)) == final
+        assert len(set(slots)) == len(slots)
 
 
 def test_invalid_capacity():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -21,7 +21,6 @@ SAMPLE_BLOCK = 64
 # Replacement draws do not depend on how the stream is cut into batches, so they are made for this
 # many future items at once; a batch then only looks up which of its items replace a slot.
 DRAW_BLOCK = 4096
-_NO_SLOTS = np.empty(0, dtype=np.int64)
 # Dtypes a CPU tensor can share with numpy (no bfloat16, no complex: those take the torch path).
 _NUMPY_DTYPES = frozenset(
     {torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64}
@@ -80,8 +79,8 @@ class ReservoirBuffer:
         self._block_pos = 0
         self._draws: Optional[np.ndarray] = None  # uniforms of stream items _draws_first, _draws_first + 1, ...
         self._draws_first = 0
-        self._hits: Tuple[np.ndarray, np.ndarray] = (_NO_SLOTS, _NO_SLOTS)
-        self._hit_list: list = []
+        self._hit_offsets: List[int] = []  # the drawn items that replace a slot, as offsets from _draws_first
+        self._hit_slots: List[int] = []  # and the slot each replaces
         self._host: Optional[Dict[str, np.ndarray]] = None  # see _storage_changed
         self._device: Optional[torch.device] = None
 
@@ -158,10 +157,8 @@ class ReservoirBuffer:
             self._allocate(items)
         slots, rows = self._plan(batch)
         self.num_seen += batch
-        if len(slots) == 0:
+        if not slots:
             return  # nothing replaced: no device work at all
-        device = self.device
-        assert device is not None
         if self.num_seen <= self.capacity:  # still filling: row i goes to slot num_seen + i, a slice copy
             for name, value in items.items():
                 self._storage[name][slots[0] : slots[0] + batch] = self._clean(value.detach())
@@ -170,38 +167,37 @@ class ReservoirBuffer:
             for name, value in items.items():
                 self._write_host_rows(self._host[name], slots, value.detach().numpy(), rows)
             return
-        both = indices_on(np.concatenate([slots, rows]), device)  # one host-to-device copy for both
+        assert self._device is not None
+        both = indices_on(np.array(slots + rows), self._device)  # one host-to-device copy for both
         slot_index, row_index = both[: len(slots)], both[len(slots) :]
         for name, value in items.items():
             self._storage[name].index_copy_(0, slot_index, self._clean(value.detach().index_select(0, row_index)))
 
-    def _plan(self, batch: int) -> Tuple[np.ndarray, np.ndarray]:
+    def _plan(self, batch: int) -> Tuple[List[int], List[int]]:
         """``(slots, rows)`` for the next batch (see :func:`synapse.functional.reservoir_plan`)."""
         n = self.num_seen
         if n < self.capacity or batch > DRAW_BLOCK:  # filling: a one-off plan
             return reservoir_plan(n, batch, self.capacity, self._rng)
         if self._draws is None or n + batch > self._draws_first + len(self._draws):
             self._set_draws(n, self._rng.random(DRAW_BLOCK))
-        offsets, slots = self._hits
+        # Python lists and bisect: the common batch that replaces nothing costs two C-level lookups, and
+        # one that replaces a few slots no numpy call.
         start = n - self._draws_first
-        # bisect on a list: the common batch that replaces nothing costs two C-level lookups
-        lo, hi = bisect_left(self._hit_list, start), bisect_left(self._hit_list, start + batch)
-        if lo == hi:
-            return _NO_SLOTS, _NO_SLOTS
-        return last_wins(slots[lo:hi], offsets[lo:hi] - start)
+        lo, hi = bisect_left(self._hit_offsets, start), bisect_left(self._hit_offsets, start + batch)
+        slots, rows = self._hit_slots[lo:hi], [offset - start for offset in self._hit_offsets[lo:hi]]
+        return last_wins(slots, rows) if len(slots) > 1 else (slots, rows)
 
     def _set_draws(self, first: int, uniforms: np.ndarray) -> None:
         self._draws, self._draws_first = uniforms, first
-        self._hits = reservoir_draws(first, uniforms, self.capacity)
-        self._hit_list = self._hits[0].tolist()
+        offsets, slots = reservoir_draws(first, uniforms, self.capacity)
+        self._hit_offsets, self._hit_slots = offsets.tolist(), slots.tolist()
 
     @staticmethod
-    def _write_host_rows(storage: np.ndarray, slots: np.ndarray, values: np.ndarray, rows: np.ndarray) -> None:
+    def _write_host_rows(storage: np.ndarray, slots: List[int], values: np.ndarray, rows: List[int]) -> None:
         """``storage[slots] = values[rows]``, non-finite floats as 0."""
         if len(slots) == 1:  # the common case: plain indexing, cheaper than any gather
-            slot = int(slots[0])
-            storage[slot] = values[int(rows[0])]
-            written = storage[slot : slot + 1]  # a view: cleaning it cleans the storage
+            storage[slots[0]] = values[rows[0]]
+            written = storage[slots[0] : slots[0] + 1]  # a view: cleaning it cleans the storage
         else:
             written = values.take(rows, axis=0)  # a copy, cleaned before it is written
         if written.dtype.kind == "f" and not np.isfinite(written).all():

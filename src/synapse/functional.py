@@ -5,7 +5,7 @@ None of them synchronises host and device, so they are safe in the hot path of `
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Iterable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -37,18 +37,14 @@ def reservoir_draws(first: int, uniforms: np.ndarray, capacity: int) -> Tuple[np
     return offsets, drawn[offsets]
 
 
-def last_wins(slots: np.ndarray, rows: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+def last_wins(slots: Iterable[int], rows: Iterable[int]) -> Tuple[List[int], List[int]]:
     """Keep, for each slot written more than once by one batch, only the last row (as sequential
-    insertion would); ``rows`` ascending."""
-    # A set, not np.unique: a batch replaces a handful of slots, and this runs on most steps.
-    if len(slots) > 1 and len(set(slots.tolist())) < len(slots):
-        _, last_from_end = np.unique(slots[::-1], return_index=True)
-        keep = np.sort(len(slots) - 1 - last_from_end)
-        return slots[keep], rows[keep]
-    return slots, rows
+    insertion would); ``rows`` must be in stream order."""
+    last = dict(zip(slots, rows))  # a later row overwrites an earlier one's entry
+    return list(last), list(last.values())
 
 
-def reservoir_plan(num_seen: int, batch: int, capacity: int, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
+def reservoir_plan(num_seen: int, batch: int, capacity: int, rng: np.random.Generator) -> Tuple[List[int], List[int]]:
     """Which rows of the next batch enter the reservoir, and where (Algorithm R, vectorised on the host).
 
     Item ``t`` (0-based over the whole stream) fills slot ``t`` while ``t < capacity``; afterwards it
@@ -56,15 +52,15 @@ def reservoir_plan(num_seen: int, batch: int, capacity: int, rng: np.random.Gene
     the last one wins, exactly as one-at-a-time insertion would.
 
     Returns:
-        ``(slots, rows)``: distinct slots, and for each the batch row that ends up there (ascending).
+        ``(slots, rows)``: distinct slots, and for each the batch row that ends up there.
     """
     filling = min(max(capacity - num_seen, 0), batch)  # rows that take the next free slots
-    rows = np.arange(filling)
-    slots = rows + num_seen
+    rows = list(range(filling))
+    slots = list(range(num_seen, num_seen + filling))
     if filling == batch:
         return slots, rows
     hits, drawn = reservoir_draws(num_seen + filling, rng.random(batch - filling), capacity)
-    return last_wins(np.concatenate([slots, drawn]), np.concatenate([rows, hits + filling]))
+    return last_wins(slots + drawn.tolist(), rows + (hits + filling).tolist())
 
 
 def distinct_subsets(rng: np.random.Generator, n: int, k: int, rows: int) -> np.ndarray:
