@@ -82,7 +82,7 @@ class Floor:
     def __init__(
         self, model: nn.Module, kind: str, size: int, minibatch: int, alpha: float, beta: float, item: Tuple[int, ...]
     ) -> None:
-        self.model, self.kind = model, kind
+        self.model, self.kind, self.alpha = model, kind, alpha
         self.params = [p for p in model.parameters() if p.requires_grad]
         device = self.params[0].device
         self.one = torch.ones((), device=device)
@@ -116,14 +116,18 @@ class Floor:
         torch.autograd.backward((loss, term), (self.one, self.weights[0]))
 
     def _der(self, loss: torch.Tensor, inputs: torch.Tensor) -> None:
-        term = F.mse_loss(self.replayed[0], self.z.index_select(0, self.idx))
-        torch.autograd.backward((loss, term), (self.one, self.weights[0]))
+        torch.autograd.backward((loss, self.replayed[0]), (self.one, self._der_gradient(self.idx)))
 
     def _derpp(self, loss: torch.Tensor, inputs: torch.Tensor) -> None:
         first, second = self.idx.split(self.k)
-        der = F.mse_loss(self.replayed[0], self.z.index_select(0, first))
         ce = F.cross_entropy(self.replayed[1], self.y.index_select(0, second))
-        torch.autograd.backward((loss, der, ce), (self.one, *self.weights))
+        roots = (loss, ce, self.replayed[0])
+        torch.autograd.backward(roots, (self.one, self.weights[1], self._der_gradient(first)))
+
+    def _der_gradient(self, idx: torch.Tensor) -> torch.Tensor:
+        """d/d(logits) of alpha * MSE(logits, stored): DER's term needs no node in the graph."""
+        out = self.replayed[0].detach()
+        return torch.sub(out, self.z.index_select(0, idx)).mul_(2 * self.alpha / out.numel())
 
     def _agem(self, loss: torch.Tensor, inputs: torch.Tensor) -> None:
         idx = self.blocks[self.step % len(self.blocks)]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from synapse import metrics
-from synapse.functional import logit_distillation_loss, project_conflicting_
+from synapse.functional import logit_distillation_grad, logit_distillation_loss, project_conflicting_
 
 R = [
     [0.9, 0.1, 0.0],
@@ -96,3 +96,19 @@ def test_logit_distillation_rejects_a_shrunk_head():
     with pytest.raises(ValueError, match="shrink"):
         logit_distillation_loss(torch.zeros(1, 2), torch.zeros(1, 3))
     assert math.isfinite(logit_distillation_loss(torch.zeros(1, 3), torch.zeros(1, 3)).item())
+
+
+@pytest.mark.parametrize(
+    "current_width, stored_width, widths",
+    [(4, 4, None), (6, 4, None), (6, 6, [2, 6, 4])],
+    ids=["same width", "grown head", "rows of different widths"],
+)
+def test_logit_distillation_grad_is_the_gradient_of_the_weighted_loss(current_width, stored_width, widths):
+    g = torch.Generator().manual_seed(0)
+    current = torch.randn(3, current_width, generator=g, dtype=torch.float64, requires_grad=True)
+    stored = torch.randn(3, stored_width, generator=g, dtype=torch.float64)
+    widths = None if widths is None else torch.tensor(widths)
+    (expected,) = torch.autograd.grad(0.3 * logit_distillation_loss(current, stored, widths), current)
+    got = logit_distillation_grad(current, stored, widths, weight=0.3)
+    assert not got.requires_grad
+    assert torch.allclose(got, expected, rtol=1e-12, atol=1e-15)

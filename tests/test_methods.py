@@ -292,6 +292,28 @@ def test_autocast_with_grad_scaler_on_cpu():
             syn.remove_hooks()
 
 
+@pytest.mark.parametrize("method", ["er", "der", "der++"])
+def test_grad_scaler_scales_every_replay_term_alike(method):
+    # A power-of-two scale is exact in floating point: scaled training, unscaled by the scaler before each
+    # step, must follow the unscaled run. A replay term left unscaled would be divided by 1024 instead.
+    params = []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=10**6)):
+        torch.manual_seed(0)
+        model = mlp()
+        syn = ER(model, 20, 6, alpha=0.5, method=method, scaler=scaler)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        for x, y in batches(12):
+            opt.zero_grad()
+            syn.backward(F.cross_entropy(model(x), y), y, input=x)
+            if scaler is None:
+                opt.step()
+            else:
+                scaler.step(opt)
+                scaler.update()
+        params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.allclose(params[0], params[1], rtol=1e-6, atol=1e-7)
+
+
 def test_state_follows_the_model_to_another_device_in_the_state_dict():
     # CPU -> CPU through map_location-like moves; CUDA is covered by the gpu tests.
     model = mlp()

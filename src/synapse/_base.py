@@ -118,21 +118,32 @@ class Synapse(ABC):
                 p.grad = torch.zeros_like(p)
         return [p.grad for p in params]  # type: ignore[misc]
 
-    def _run_backward(self, loss: Tensor, terms: Sequence[Tuple[float, Tensor]] = ()) -> None:
-        """One backward pass of ``loss + sum(weight * term)``.
+    def _run_backward(
+        self,
+        loss: Tensor,
+        terms: Sequence[Tuple[float, Tensor]] = (),
+        seeded: Sequence[Tuple[Tensor, Tensor]] = (),
+    ) -> None:
+        """One backward pass of ``loss + sum(weight * term)``, plus, for each ``(output, gradient)`` in
+        ``seeded``, a term whose gradient with respect to ``output`` is already known (and is ours to scale).
 
         Without a scaler the terms are extra roots of the same backward and their weights are the
         gradients fed into them, so neither the weighting nor the sum adds a node to the graph. The
         seeds are cached tensors: left to autograd, each root would get a freshly allocated one.
         """
         if self.scaler is not None:
-            total = loss + sum(w * t for w, t in terms) if terms else loss
-            self.scaler.scale(total).backward()
-            return
+            loss = self.scaler.scale(loss + sum(w * t for w, t in terms) if terms else loss)
+            terms = ()
+            scale = self._grad_scale()
+            if scale is not None:
+                seeded = [(output, gradient.mul_(scale)) for output, gradient in seeded]
         roots, seeds = [loss], [self._constant(1.0, loss)]
         for weight, term in terms:
             roots.append(term)
             seeds.append(self._constant(weight, term))
+        for output, gradient in seeded:
+            roots.append(output)
+            seeds.append(gradient)
         _autograd.backward(roots, seeds)
 
     def _constant(self, value: float, like: Tensor) -> Tensor:

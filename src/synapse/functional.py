@@ -9,6 +9,7 @@ from typing import Iterable, List, Optional, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "last_wins",
     "distinct_subsets",
     "logit_distillation_loss",
+    "logit_distillation_grad",
     "project_conflicting_",
 ]
 
@@ -90,6 +92,38 @@ def logit_distillation_loss(logits: Tensor, stored: Tensor, widths: Optional[Ten
     columns that existed at insertion are compared. ``widths`` gives each row's stored width when rows
     differ; columns past it are padding and are ignored.
     """
+    current, stored, mask = _compared_logits(logits, stored, widths)
+    if mask is None:
+        return F.mse_loss(current, stored)
+    return ((current - stored).square() * mask).sum() / mask.sum().clamp_min(1)
+
+
+def logit_distillation_grad(
+    logits: Tensor, stored: Tensor, widths: Optional[Tensor] = None, weight: float = 1.0
+) -> Tensor:
+    """The gradient of ``weight * logit_distillation_loss(logits, stored, widths)`` with respect to
+    ``logits``, computed directly: ``2 weight (logits - stored) / n`` on the compared entries (``n`` of
+    them), zero elsewhere. Fed to backward as the seed of ``logits``, it spares the loss its forward op
+    and its node in the graph. The result is detached and new, so the caller may scale it in place.
+    """
+    current, stored, mask = _compared_logits(logits.detach(), stored, widths)
+    diff = torch.sub(current, stored)
+    if mask is None:
+        diff.mul_(2 * weight / diff.numel())
+    else:
+        diff.mul_(mask).mul_(2 * weight).div_(mask.sum().clamp_min(1))
+    if diff.shape == logits.shape:
+        return diff
+    grad = logits.new_zeros(logits.shape)
+    grad[..., : diff.shape[-1]] = diff
+    return grad
+
+
+def _compared_logits(
+    logits: Tensor, stored: Tensor, widths: Optional[Tensor]
+) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """``(current, stored, mask)``: the columns of ``logits`` the stored logits cover, the stored logits in
+    the same dtype, and a 0/1 mask of the entries that count (None: all of them)."""
     stored_width = stored.shape[-1]
     if logits.shape[-1] < stored_width:
         raise ValueError(
@@ -102,11 +136,9 @@ def logit_distillation_loss(logits: Tensor, stored: Tensor, widths: Optional[Ten
     if widths is None:
         if current.shape != stored.shape:
             raise ValueError(f"logits of shape {tuple(current.shape)} against stored {tuple(stored.shape)}")
-        # The op behind F.mse_loss, minus its Python-side broadcasting: shapes are equal here, and this
-        # runs every step.
-        return torch._C._nn.mse_loss(current, stored, 1)  # type: ignore[arg-type]  # 1 = mean (the stub says str)
+        return current, stored, None
     mask = (torch.arange(stored_width, device=stored.device) < widths.unsqueeze(-1)).to(current.dtype)
-    return ((current - stored).square() * mask).sum() / mask.sum().clamp_min(1)
+    return current, stored, mask
 
 
 def project_conflicting_(grad: Tensor, reference: Tensor, eps: float = 1e-12) -> Tensor:

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ._base import BufferedSynapse
 from ._validation import check_non_negative
-from .functional import logit_distillation_loss
+from .functional import logit_distillation_grad
 
 __all__ = ["ER"]
 
@@ -271,12 +271,12 @@ class ER(BufferedSynapse):
         return items
 
     def _backward(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
-        terms: List[Tuple[float, Tensor]] = []
+        terms: Tuple[List[Tuple[float, Tensor]], List[Tuple[Tensor, Tensor]]] = ([], [])
         if len(self.buffer) > 0:
             replay = self._replay if self.fused else self._separate_replay_forward()
             if replay is not None and replay.outputs is not None:
                 terms = self._replay_terms(replay)
-        self._run_backward(loss, terms)
+        self._run_backward(loss, *terms)
         if self._stores_logits:
             self._widen_logits_if_needed()
         self._store(targets, model_inputs)  # the buffer stores non-finite logits as 0
@@ -304,20 +304,21 @@ class ER(BufferedSynapse):
         replay.outputs = list(outputs.split(replay.minibatch_size))
         return replay
 
-    def _replay_terms(self, replay: _Replay) -> List[Tuple[float, Tensor]]:
-        """The replay loss as ``(weight, term)`` pairs, summed by :meth:`_run_backward`."""
+    def _replay_terms(self, replay: _Replay) -> Tuple[List[Tuple[float, Tensor]], List[Tuple[Tensor, Tensor]]]:
+        """The replay loss for :meth:`_run_backward`: ``(weight, term)`` pairs, and ``(outputs, gradient)``
+        pairs for DER's logit matching, whose gradient is computed directly."""
         out, sample, part = replay.outputs, replay.sample, replay.part
         assert out is not None
         if self.method == "er":
-            return [(self.alpha, F.cross_entropy(out[0], sample["targets"]))]
+            return [(self.alpha, F.cross_entropy(out[0], sample["targets"]))], []
         if self.method == "custom":
             assert self.custom_loss_fn is not None
-            return [(1.0, self.custom_loss_fn(out[0], sample["logits"], sample["targets"]))]
+            return [(1.0, self.custom_loss_fn(out[0], sample["logits"], sample["targets"]))], []
         widths = part(sample["logit_width"], 0) if self._ragged_logits else None
-        terms = [(self.alpha, logit_distillation_loss(out[0], part(sample["logits"], 0), widths))]
+        seeded = [(out[0], logit_distillation_grad(out[0], part(sample["logits"], 0), widths, self.alpha))]
         if self.method == "der++":
-            terms.append((self.beta, F.cross_entropy(out[1], part(sample["targets"], 1))))
-        return terms
+            return [(self.beta, F.cross_entropy(out[1], part(sample["targets"], 1)))], seeded
+        return [], seeded
 
     # ------------------------------------------------------------------ state
     def _method_state(self) -> Dict[str, Any]:
