@@ -111,7 +111,7 @@ class Synapse(ABC):
     def trainable_parameters(self) -> List[nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
 
-    def _gradients(self, params: List[nn.Parameter]) -> List[Tensor]:
+    def _gradients(self, params: Sequence[nn.Parameter]) -> List[Tensor]:
         """The ``.grad`` of each parameter, creating zeros for parameters this step did not reach."""
         for p in params:
             if p.grad is None:

@@ -50,7 +50,9 @@ class ReservoirBuffer:
     Which slot each new item takes is decided on the host, where the number of items seen already
     lives: the random draws need no device values, so insertion never synchronises host and device,
     and it launches one gather and one scatter per field -- none at all for the many batches that
-    replace nothing once the stream is long. After ``n`` insertions each item is present with
+    replace nothing once the stream is long. (CPU storage of numpy-compatible dtypes is written through
+    numpy views instead: for the one or two rows a batch typically replaces, numpy's indexing costs a
+    fraction of a torch operator's dispatch.) After ``n`` insertions each item is present with
     probability ``capacity / n``; minibatches are sampled without replacement.
 
     Args:

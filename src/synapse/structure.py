@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -77,7 +77,7 @@ class SI(Synapse):
         self.xi = float(xi)
         self.checkpoint_per_steps = checkpoint_per_steps
         self.path_integral = path_integral
-        self._params: List[nn.Parameter] = self.trainable_parameters()
+        self._params: Tuple[nn.Parameter, ...] = tuple(self.trainable_parameters())
         self._flat: Dict[str, FlatSpace] = {}
         self._has_pending_step = False  # prev_params/prev_grads describe a step not yet integrated
         self.num_consolidations = 0
