@@ -31,6 +31,8 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
 import synapse  # noqa: E402
+from synapse._autograd import backward as seeded_backward  # noqa: E402
+from synapse._autograd import grad as seeded_grad  # noqa: E402
 from synapse.experiments.models import create_model  # noqa: E402
 from synapse.gradient import AGEM  # noqa: E402
 from synapse.rehearsal import ER  # noqa: E402
@@ -77,6 +79,7 @@ class Floor:
     ``kind``: ``'er'``, ``'der'``, ``'der++'`` (fused: the replay rows ride in the user's forward, one
     backward), ``'agem'`` (a reference gradient, flat copies, the projection) or ``'si'`` (its six passes
     over the parameters: snapshot, change, path integral, penalty, add to the gradients, keep them).
+    Backward passes use Synapse's seeded backward, the cheapest way into autograd this code knows.
     """
 
     def __init__(
@@ -113,16 +116,16 @@ class Floor:
 
     def _er(self, loss: torch.Tensor, inputs: torch.Tensor) -> None:
         term = F.cross_entropy(self.replayed[0], self.y.index_select(0, self.idx))
-        torch.autograd.backward((loss, term), (self.one, self.weights[0]))
+        seeded_backward((loss, term), (self.one, self.weights[0]))
 
     def _der(self, loss: torch.Tensor, inputs: torch.Tensor) -> None:
-        torch.autograd.backward((loss, self.replayed[0]), (self.one, self._der_gradient(self.idx)))
+        seeded_backward((loss, self.replayed[0]), (self.one, self._der_gradient(self.idx)))
 
     def _derpp(self, loss: torch.Tensor, inputs: torch.Tensor) -> None:
         first, second = self.idx.split(self.k)
         ce = F.cross_entropy(self.replayed[1], self.y.index_select(0, second))
         roots = (loss, ce, self.replayed[0])
-        torch.autograd.backward(roots, (self.one, self.weights[1], self._der_gradient(first)))
+        seeded_backward(roots, (self.one, self.weights[1], self._der_gradient(first)))
 
     def _der_gradient(self, idx: torch.Tensor) -> torch.Tensor:
         """d/d(logits) of alpha * MSE(logits, stored): DER's term needs no node in the graph."""
@@ -133,8 +136,8 @@ class Floor:
         idx = self.blocks[self.step % len(self.blocks)]
         self.step += 1
         ref_loss = F.cross_entropy(self.model(self.x.index_select(0, idx)), self.y.index_select(0, idx))
-        torch._foreach_copy_(self.views["a"], torch.autograd.grad(ref_loss, self.params, self.one))
-        torch.autograd.backward((loss,), (self.one,))
+        torch._foreach_copy_(self.views["a"], seeded_grad(ref_loss, self.one, self.params))
+        seeded_backward((loss,), (self.one,))
         grads = [p.grad for p in self.params]
         torch._foreach_copy_(self.views["b"], grads)
         g, r = self.flat["b"], self.flat["a"]
@@ -146,7 +149,7 @@ class Floor:
         torch._foreach_copy_(v["a"], [p.detach() for p in self.params])  # theta
         torch.sub(f["a"], f["b"], out=f["c"])  # its change since the last step
         f["d"].addcmul_(f["c"], f["e"], value=-1)  # the path integral
-        torch.autograd.backward((loss,), (self.one,))
+        seeded_backward((loss,), (self.one,))
         grads = [p.grad for p in self.params]
         torch.addcmul(f["g"], f["f"], f["a"], out=f["c"])  # the penalty's gradient
         torch._foreach_add_(grads, v["c"])
