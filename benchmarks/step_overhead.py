@@ -33,7 +33,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import synapse  # noqa: E402
 from synapse._autograd import backward as seeded_backward  # noqa: E402
 from synapse._autograd import grad as seeded_grad  # noqa: E402
+from synapse._flat import FlatSpace  # noqa: E402
 from synapse.experiments.models import create_model  # noqa: E402
+from synapse.functional import logit_distillation_grad, project_conflicting_  # noqa: E402
 from synapse.gradient import AGEM  # noqa: E402
 from synapse.rehearsal import ER  # noqa: E402
 from synapse.structure import SI  # noqa: E402
@@ -98,9 +100,7 @@ class Floor:
         rows = 2 if kind == "der++" else 1
         self.blocks = torch.randint(0, size, (64, rows * minibatch), generator=g).to(device).unbind(0)
         self.k, self.step = minibatch, 0
-        numel = sum(p.numel() for p in self.params)
-        self.flat = {n: torch.zeros(numel, device=device) for n in ("a", "b", "c", "d", "e", "f", "g")}
-        self.views = {n: _views(f, self.params) for n, f in self.flat.items()}
+        self.spaces = {n: FlatSpace(self.params) for n in ("a", "b", "c", "d", "e", "f", "g")}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind in ("agem", "si"):
@@ -128,41 +128,31 @@ class Floor:
         seeded_backward(roots, (self.one, self.weights[1], self._der_gradient(first)))
 
     def _der_gradient(self, idx: torch.Tensor) -> torch.Tensor:
-        """d/d(logits) of alpha * MSE(logits, stored): DER's term needs no node in the graph."""
-        out = self.replayed[0].detach()
-        return torch.sub(out, self.z.index_select(0, idx)).mul_(2 * self.alpha / out.numel())
+        return logit_distillation_grad(self.replayed[0], self.z.index_select(0, idx), weight=self.alpha)
 
     def _agem(self, loss: torch.Tensor, inputs: torch.Tensor) -> None:
         idx = self.blocks[self.step % len(self.blocks)]
         self.step += 1
         ref_loss = F.cross_entropy(self.model(self.x.index_select(0, idx)), self.y.index_select(0, idx))
-        torch._foreach_copy_(self.views["a"], seeded_grad(ref_loss, self.one, self.params))
+        reference, current = self.spaces["a"], self.spaces["b"]
+        torch._foreach_copy_(reference.views, seeded_grad(ref_loss, self.one, self.params))
         seeded_backward((loss,), (self.one,))
         grads = [p.grad for p in self.params]
-        torch._foreach_copy_(self.views["b"], grads)
-        g, r = self.flat["b"], self.flat["a"]
-        g.addcmul_(r, torch.dot(g, r).clamp(max=0) / torch.dot(r, r).clamp_min(1e-12), value=-1)
-        torch._foreach_copy_(grads, self.views["b"])
+        torch._foreach_copy_(current.views, grads)
+        project_conflicting_(current.flat, reference.flat)
+        torch._foreach_copy_(grads, current.views)
 
     def _si(self, loss: torch.Tensor, inputs: torch.Tensor) -> None:
-        f, v = self.flat, self.views
-        torch._foreach_copy_(v["a"], [p.detach() for p in self.params])  # theta
-        torch.sub(f["a"], f["b"], out=f["c"])  # its change since the last step
-        f["d"].addcmul_(f["c"], f["e"], value=-1)  # the path integral
+        s = self.spaces
+        torch._foreach_copy_(s["a"].views, [p.detach() for p in self.params])  # theta
+        torch.sub(s["a"].flat, s["b"].flat, out=s["c"].flat)  # its change since the last step
+        s["d"].flat.addcmul_(s["c"].flat, s["e"].flat, value=-1)  # the path integral
         seeded_backward((loss,), (self.one,))
         grads = [p.grad for p in self.params]
-        torch.addcmul(f["g"], f["f"], f["a"], out=f["c"])  # the penalty's gradient
-        torch._foreach_add_(grads, v["c"])
-        f["a"], f["b"], v["a"], v["b"] = f["b"], f["a"], v["b"], v["a"]
-        torch._foreach_copy_(v["e"], grads)
-
-
-def _views(flat: torch.Tensor, params: List[torch.Tensor]) -> List[torch.Tensor]:
-    views, offset = [], 0
-    for p in params:
-        views.append(flat[offset : offset + p.numel()].view_as(p))
-        offset += p.numel()
-    return views
+        torch.addcmul(s["g"].flat, s["f"].flat, s["a"].flat, out=s["c"].flat)  # the penalty's gradient
+        torch._foreach_add_(grads, s["c"].views)
+        s["a"], s["b"] = s["b"], s["a"]
+        torch._foreach_copy_(s["e"].views, grads)
 
 
 def make_variants(

@@ -209,7 +209,8 @@ def test_host_writes_equal_the_torch_path(monkeypatch):
             z = torch.randn(7, 4, generator=g)
             z[step % 7, step % 4] = (float("nan"), float("inf"), 1.0)[step % 3]
             x = torch.randint(0, 256, (7, 2, 3), generator=g, dtype=torch.uint8)
-            buf.add({"x": x, "y": torch.arange(7), "z": z})
+            w = z[:, 0].clone()  # a 1-d float field, non-finite values included
+            buf.add({"x": x, "y": torch.arange(7), "z": z, "w": w})
         return buf.state_dict()["storage"]
 
     host = fill(ReservoirBuffer(20, seed=0))
@@ -218,4 +219,4 @@ def test_host_writes_equal_the_torch_path(monkeypatch):
     reference = fill(reference_buffer)
     assert reference_buffer._host is None  # the torch path really ran
     assert all(torch.equal(host[k], reference[k]) for k in reference)
-    assert torch.isfinite(host["z"]).all()
+    assert torch.isfinite(host["z"]).all() and torch.isfinite(host["w"]).all()

@@ -33,6 +33,13 @@ def fresh_seed() -> int:
     return int(torch.randint(0, 2**62, (1,)).item())
 
 
+def _zero_non_finite(array: np.ndarray) -> np.ndarray:
+    """Set non-finite floats of ``array`` to 0, in place; return it."""
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        array[~np.isfinite(array)] = 0
+    return array
+
+
 def indices_on(indices: np.ndarray, device: torch.device) -> Tensor:
     """Host indices as an int64 tensor on ``device``."""
     return to_device(torch.from_numpy(np.ascontiguousarray(indices, dtype=np.int64)), device)
@@ -199,13 +206,9 @@ class ReservoirBuffer:
         """``storage[slots] = values[rows]``, non-finite floats as 0."""
         if len(slots) == 1:  # the common case: plain indexing, cheaper than any gather
             storage[slots[0]] = values[rows[0]]
-            written = storage[slots[0] : slots[0] + 1]  # a view: cleaning it cleans the storage
+            _zero_non_finite(storage[slots[0] : slots[0] + 1])  # a view (even of a 1-d field): cleans the storage
         else:
-            written = values.take(rows, axis=0)  # a copy, cleaned before it is written
-        if written.dtype.kind == "f" and not np.isfinite(written).all():
-            written[~np.isfinite(written)] = 0
-        if len(slots) > 1:
-            storage[slots] = written
+            storage[slots] = _zero_non_finite(values.take(rows, axis=0))
 
     @staticmethod
     def _clean(value: Tensor) -> Tensor:
