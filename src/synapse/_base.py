@@ -3,17 +3,30 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import _autograd
+from ._capture import ForwardCapture, ReplaySource
 from ._validation import check_loss, check_positive_int, check_targets_and_inputs
 from .buffer import ReservoirBuffer, fresh_seed
 
-__all__ = ["Synapse", "BufferedSynapse", "unwrap_model"]
+__all__ = ["Synapse", "BufferedSynapse", "TaskBatch", "named_batches", "unwrap_model"]
+
+# One batch of a task-end data pass, in the form ``backward`` takes it (less the loss):
+# ``(targets, {name: input})`` with the inputs named as ``model.forward``'s parameters.
+TaskBatch = Tuple[Tensor, Mapping[str, Tensor]]
+CURRENT_LOSS = ("method", "user")
+
+
+def named_batches(pairs: Iterable[Tuple[Any, Tensor]], name: str = "inputs") -> Iterator[TaskBatch]:
+    """``(inputs, targets)`` pairs (what a ``DataLoader`` yields) as ``(targets, {name: inputs})`` batches,
+    the form :meth:`Synapse.end_task` takes: ``synapse.end_task(named_batches(loader))``."""
+    for inputs, targets in pairs:
+        yield targets, {name: inputs}
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -40,11 +53,23 @@ class Synapse(ABC):
     :meth:`_method_state` and :meth:`_load_method_state`); validation, step counting, task bookkeeping,
     the GradScaler and the state dict live here.
 
+    What the base gives a method (see ``docs/architecture.md``): argument validation before any state
+    changes, step and task counters, the GradScaler, the state dict, one-backward-pass assembly of weighted
+    terms (:meth:`_run_backward`), and, on request, a :class:`~synapse._capture.ForwardCapture` of the
+    user's training forward (:meth:`_capture_forward`). Class attributes describe the method to the CLI
+    and the contract tests:
+
+    * ``needs_task_boundaries``: the method cannot run task-free (e.g. GEM's per-task memories);
+    * ``needs_task_data``: :meth:`end_task` needs the finished task's data (e.g. EWC's Fisher).
+
     Args:
         model: the model being trained; a DDP- or ``torch.compile``-wrapped model works too.
         scaler: a ``torch.amp.GradScaler`` when training with mixed precision. ``backward`` then scales
             the total loss itself: pass it the *unscaled* loss.
     """
+
+    needs_task_boundaries: bool = False
+    needs_task_data: bool = False
 
     def __init__(self, model: nn.Module, *, scaler: Optional[torch.amp.GradScaler] = None) -> None:
         if not isinstance(model, nn.Module):
@@ -60,6 +85,7 @@ class Synapse(ABC):
         self.num_steps = 0
         self.num_tasks_ended = 0
         self._constants: Dict[Tuple[float, torch.Size, torch.dtype, torch.device], Tensor] = {}
+        self._capture: Optional[ForwardCapture] = None
 
     # ------------------------------------------------------------------ public API
     def backward(self, loss: Tensor, targets: Tensor, **model_inputs: Tensor) -> None:
@@ -79,10 +105,32 @@ class Synapse(ABC):
         self._backward(loss, targets, model_inputs)
         self.num_steps += 1
 
-    def end_task(self) -> None:
-        """Tell the method a task just ended (optional: every method also works task-free)."""
-        self._end_task()
+    def end_task(self, data: Optional[Iterable[TaskBatch]] = None) -> None:
+        """Tell the method a task just ended.
+
+        Args:
+            data: optionally, the finished task's training data as an iterable of ``(targets, inputs)``
+                batches, ``inputs`` a dict named like ``backward``'s keywords (:func:`named_batches` turns
+                a ``DataLoader`` of ``(x, y)`` pairs into that form). Methods that estimate something over
+                the task (EWC's Fisher) read it; the others ignore it. A method whose class says
+                ``needs_task_data`` raises without it.
+        """
+        if data is None and self.needs_task_data:
+            raise ValueError(
+                f"{type(self).__name__}.end_task needs the finished task's data: "
+                "end_task(data) with data an iterable of (targets, {name: inputs}) batches, e.g. named_batches(loader)"
+            )
+        if data is not None and (isinstance(data, (Tensor, Mapping, str)) or not hasattr(data, "__iter__")):
+            raise TypeError(
+                f"data must be an iterable of (targets, {{name: inputs}}) batches, got {type(data).__name__}"
+            )
+        self._end_task(data)
         self.num_tasks_ended += 1
+
+    def remove_hooks(self) -> None:
+        """Detach from the model's forward (a method that captured it cannot train afterwards)."""
+        if self._capture is not None:
+            self._capture.remove()
 
     def state_dict(self) -> Dict[str, Any]:
         """Counters, memories, importance tensors and RNG state: enough to resume bit-identically."""
@@ -108,6 +156,31 @@ class Synapse(ABC):
     def device(self) -> torch.device:
         return self._a_parameter.device
 
+    def _capture_forward(self, replay_source: Optional[ReplaySource] = None) -> ForwardCapture:
+        """Hook the user's training forward (once): live outputs, and fused replay rows from ``replay_source``."""
+        if self._capture is None:
+            self._capture = ForwardCapture(self.module, self._a_parameter, replay_source)
+        return self._capture
+
+    @staticmethod
+    def _check_current_loss(current_loss: str) -> str:
+        if current_loss not in CURRENT_LOSS:
+            raise ValueError(f"current_loss must be one of {CURRENT_LOSS}, got {current_loss!r}")
+        return current_loss
+
+    @staticmethod
+    def _iter_task_data(data: Iterable[TaskBatch]) -> Iterator[Tuple[Tensor, Dict[str, Tensor]]]:
+        """The batches of a task-end pass, each checked as ``backward`` checks its arguments."""
+        for item in data:
+            if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[1], Mapping)):
+                raise TypeError(
+                    "each batch of end_task(data) must be (targets, {name: inputs}), got "
+                    f"{type(item).__name__}; wrap a loader of (x, y) pairs with synapse.named_batches(loader)"
+                )
+            targets, inputs = item[0], dict(item[1])
+            check_targets_and_inputs(targets, inputs)
+            yield targets, inputs
+
     def trainable_parameters(self) -> List[nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
 
@@ -123,21 +196,25 @@ class Synapse(ABC):
         loss: Tensor,
         terms: Sequence[Tuple[float, Tensor]] = (),
         seeded: Sequence[Tuple[Tensor, Tensor]] = (),
+        loss_weight: float = 1.0,
     ) -> None:
-        """One backward pass of ``loss + sum(weight * term)``, plus, for each ``(output, gradient)`` in
-        ``seeded``, a term whose gradient with respect to ``output`` is already known (and is ours to scale).
+        """One backward pass of ``loss_weight * loss + sum(weight * term)``, plus, for each
+        ``(output, gradient)`` in ``seeded``, a term whose gradient with respect to ``output`` is already
+        known (and is ours to scale).
 
         Without a scaler the terms are extra roots of the same backward and their weights are the
         gradients fed into them, so neither the weighting nor the sum adds a node to the graph. The
         seeds are cached tensors: left to autograd, each root would get a freshly allocated one.
         """
         if self.scaler is not None:
+            if loss_weight != 1.0:
+                loss = loss * loss_weight
             loss = self.scaler.scale(loss + sum(w * t for w, t in terms) if terms else loss)
-            terms = ()
+            terms, loss_weight = (), 1.0
             scale = self._grad_scale()
             if scale is not None:
                 seeded = [(output, gradient.mul_(scale)) for output, gradient in seeded]
-        roots, seeds = [loss], [self._constant(1.0, loss)]
+        roots, seeds = [loss], [self._constant(loss_weight, loss)]
         for weight, term in terms:
             roots.append(term)
             seeds.append(self._constant(weight, term))
@@ -168,7 +245,7 @@ class Synapse(ABC):
     def _backward(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
         """Run the backward pass(es) for one step, leaving the final gradients in ``.grad``."""
 
-    def _end_task(self) -> None:
+    def _end_task(self, data: Optional[Iterable[TaskBatch]]) -> None:
         pass
 
     def _method_state(self) -> Dict[str, Any]:
@@ -231,6 +308,8 @@ class BufferedSynapse(Synapse):
     def _store(self, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
         """Offer the step's items to the buffer (already validated by :meth:`_check`)."""
         self._input_names = tuple(model_inputs)
+        if self._capture is not None:
+            self._capture.input_names = self._input_names
         self._follow_model_device()
         self.buffer.add(self._stored_items(targets, model_inputs), validate=False)
 
@@ -256,3 +335,5 @@ class BufferedSynapse(Synapse):
             raise ValueError("state dict has no 'buffer'")
         self.buffer.load_state_dict(state["buffer"], device=self.device)
         self._input_names = tuple(state.get("input_names") or ()) or None
+        if self._capture is not None:
+            self._capture.input_names = self._input_names

@@ -9,10 +9,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _autograd
-from ._base import BufferedSynapse, distributed_world
-from ._flat import FlatSpace
-from .functional import project_conflicting_
+from .. import _autograd
+from .._base import BufferedSynapse, distributed_world
+from .._flat import FlatSpace
+from ..functional import project_conflicting_
 
 __all__ = ["AGEM"]
 

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from ._base import Synapse
-from ._flat import FlatSpace
-from ._validation import check_non_negative, check_positive, check_positive_int
+from .._base import Synapse, TaskBatch
+from .._flat import FlatSpace
+from .._validation import check_non_negative, check_positive, check_positive_int
 
 __all__ = ["SI"]
 
@@ -147,7 +147,7 @@ class SI(Synapse):
             omega.sub_(change.mul_(g).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0))
         self._has_pending_step = False
 
-    def _end_task(self) -> None:
+    def _end_task(self, data: Optional[Iterable[TaskBatch]]) -> None:
         self.consolidate()
 
     def consolidate(self, include_pending_step: bool = True) -> None:

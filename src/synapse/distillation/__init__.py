@@ -1,0 +1,3 @@
+"""Distillation: regularising the outputs against an earlier model."""
+
+__all__: list = []

@@ -1,0 +1,5 @@
+"""Gradient constraints and projection: A-GEM."""
+
+from .agem import AGEM
+
+__all__ = ["AGEM"]

@@ -1,0 +1,5 @@
+"""Structural regularisation: importance-weighted penalties on the weights. Synaptic Intelligence."""
+
+from .si import SI
+
+__all__ = ["SI"]
