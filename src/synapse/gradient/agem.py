@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from .. import _autograd
 from .._base import BufferedSynapse, distributed_world
 from .._flat import FlatSpace
+from ..catalog import MethodSpec, register
 from ..functional import project_conflicting_
 
 __all__ = ["AGEM"]
@@ -94,3 +95,14 @@ class AGEM(BufferedSynapse):
         if world > 1:
             dist.all_reduce(reference.flat)
             reference.flat.div_(world)
+
+
+register(
+    MethodSpec(
+        "agem",
+        AGEM,
+        family="gradient",
+        paper="Chaudhry et al. 2019, *Efficient Lifelong Learning with A-GEM*",
+        summary="project the gradient when it conflicts with a memory minibatch's",
+    )
+)

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from .._base import BufferedSynapse
 from .._capture import Replay
 from .._validation import check_non_negative
+from ..catalog import HParam, MethodSpec, register
 from ..functional import logit_distillation_grad
 
 __all__ = ["ER"]
@@ -241,3 +242,46 @@ class ER(BufferedSynapse):
     def _load_method_state(self, state: Mapping[str, Any]) -> None:
         super()._load_method_state(state)
         self._ragged_logits = bool(state.get("ragged_logits", False))
+
+
+_ER_PAPER = "Chaudhry et al. 2019, *On Tiny Episodic Memories in Continual Learning*"
+_DER_PAPER = "Buzzega et al. 2020, *Dark Experience for General Continual Learning: a Strong, Simple Baseline*"
+register(
+    MethodSpec(
+        "er",
+        ER,
+        family="rehearsal",
+        paper=_ER_PAPER,
+        summary="Experience Replay: cross-entropy on a reservoir minibatch",
+        fixed={"method": "er"},
+        hparams=(
+            HParam("alpha", float, 1.0, "weight of the replay cross-entropy", low=0.0),
+            HParam("joint_mean", bool, False, "one mean over the batch and the replay minibatch (alpha must be 1)"),
+        ),
+    )
+)
+register(
+    MethodSpec(
+        "der",
+        ER,
+        family="rehearsal",
+        paper=_DER_PAPER,
+        summary="Dark Experience Replay: match the logits stored with each sample",
+        fixed={"method": "der"},
+        hparams=(HParam("alpha", float, 0.3, "weight of the logit-matching MSE", low=0.0),),
+    )
+)
+register(
+    MethodSpec(
+        "der++",
+        ER,
+        family="rehearsal",
+        paper=_DER_PAPER,
+        summary="DER plus cross-entropy on a second, independent minibatch",
+        fixed={"method": "der++"},
+        hparams=(
+            HParam("alpha", float, 0.3, "weight of the logit-matching MSE", low=0.0),
+            HParam("beta", float, 0.5, "weight of the replay cross-entropy", low=0.0),
+        ),
+    )
+)

@@ -10,15 +10,14 @@ from torch import Tensor, nn
 from .._base import Synapse, TaskBatch
 from .._flat import FlatSpace
 from .._validation import check_non_negative, check_positive, check_positive_int
+from ..catalog import HParam, MethodSpec, register
+from ._penalty import QuadraticPenalty
 
 __all__ = ["SI"]
 
-# Saved in the state dict. The rest are workspaces: "params" (this step's parameters), "scratch", and the
-# penalty's gradient 2 alpha Omega (theta - theta*) precomputed as slope * theta + offset, with
-# slope = 2 alpha Omega and offset = -slope * theta* (both fixed between consolidations), so a step
-# pays one pass over the parameters for it.
+# Saved in the state dict. The rest are workspaces: "params" (this step's parameters) and "scratch".
 _STATE = ("omega", "importance", "anchor", "prev_params", "prev_grads")
-_WORKSPACES = ("params", "scratch", "slope", "offset")
+_WORKSPACES = ("params", "scratch")
 
 
 class SI(Synapse):
@@ -79,6 +78,7 @@ class SI(Synapse):
         self.path_integral = path_integral
         self._params: Tuple[nn.Parameter, ...] = tuple(self.trainable_parameters())
         self._flat: Dict[str, FlatSpace] = {}
+        self._penalty = QuadraticPenalty(self._params)
         self._has_pending_step = False  # prev_params/prev_grads describe a step not yet integrated
         self.num_consolidations = 0
         self._steps_since_consolidation = 0
@@ -89,6 +89,7 @@ class SI(Synapse):
         if not self._flat or self._flat["omega"].flat.device != self.device:
             if self._flat:
                 self._flat = {k: FlatSpace(self._params, v.flat.to(self.device)) for k, v in self._flat.items()}
+                self._precompute_penalty()
             else:
                 self._flat = {name: FlatSpace(self._params) for name in (*_STATE, *_WORKSPACES)}
                 torch._foreach_copy_(self._flat["anchor"].views, [p.detach() for p in self._params])
@@ -114,12 +115,8 @@ class SI(Synapse):
         self._run_backward(loss)
         grads = self._gradients(self._params)
         scale = self._grad_scale()
-        if self.num_consolidations > 0 and self.alpha > 0:
-            # d/dtheta of alpha * sum Omega (theta - theta*)^2, added to .grad directly.
-            penalty_grad = torch.addcmul(s["offset"].flat, s["slope"].flat, theta, value=1, out=s["scratch"].flat)
-            if scale is not None:
-                penalty_grad.mul_(scale)
-            torch._foreach_add_(grads, s["scratch"].views)
+        if self.num_consolidations > 0:
+            self._penalty.add_gradient_(grads, theta, scale)  # d/dtheta of alpha sum Omega (theta - theta*)^2
         # This step's parameters become the previous ones: swap the buffers instead of copying.
         s["prev_params"], s["params"] = s["params"], s["prev_params"]
         torch._foreach_copy_(s["prev_grads"].views, grads)
@@ -170,9 +167,7 @@ class SI(Synapse):
         self._steps_since_consolidation = 0
 
     def _precompute_penalty(self) -> None:
-        s = self._flat
-        torch.mul(s["importance"].flat, 2 * self.alpha, out=s["slope"].flat)
-        torch.mul(s["slope"].flat, s["anchor"].flat, out=s["offset"].flat).neg_()
+        self._penalty.refresh(self._flat["importance"].flat, self._flat["anchor"].flat, self.alpha)
 
     # ------------------------------------------------------------------ state
     def _method_state(self) -> Dict[str, Any]:
@@ -195,3 +190,19 @@ class SI(Synapse):
         self._has_pending_step = bool(state["has_pending_step"])
         self.num_consolidations = int(state["num_consolidations"])
         self._steps_since_consolidation = int(state["steps_since_consolidation"])
+
+
+register(
+    MethodSpec(
+        "si",
+        SI,
+        family="structure",
+        paper="Zenke, Poole & Ganguli 2017, *Continual Learning Through Synaptic Intelligence*",
+        summary="path-integral importance, quadratic penalty",
+        hparams=(
+            HParam("alpha", float, 0.5, "penalty strength c", low=0.0),
+            HParam("xi", float, 0.01, "damping of the consolidation", low=0.0, low_open=True),
+            HParam("checkpoint_per_steps", int, 1250, "consolidate every this many steps (task-free)", low=1),
+        ),
+    )
+)
