@@ -1,7 +1,8 @@
 """Models by name: the DER paper's ``mlp`` and ``resnet18-reduced``, plus any torchvision classifier.
 
-Every model takes uint8 images ``(N, C, H, W)`` and normalises them itself, so the replay buffer keeps
-inputs as uint8 (a quarter of float32's memory).
+Every model takes uint8 images ``(N, C, H, W)`` and scales them itself, so the replay buffer keeps
+inputs as uint8 (a quarter of float32's memory). The scaling is either ``ToTensor``'s (pixels in
+[0, 1], what the DER authors' Seq-MNIST uses) or a per-channel standardisation (their CIFAR one).
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ from torch import Tensor, nn
 
 from .registry import Registry
 
+INITS = ("default", "xavier")
+
 ModelFactory = Callable[[int, int, int], nn.Module]  # (in_channels, image_size, num_classes)
 MODELS: Registry[ModelFactory] = Registry("model")
 
 
 class Normalize(nn.Module):
-    """uint8 images -> float, scaled to [0, 1] and standardised per channel."""
+    """uint8 images -> float, scaled to [0, 1] and standardised per channel (``mean=0, std=1``: [0, 1] only)."""
 
     mean: Tensor
     scale: Tensor
@@ -97,10 +100,39 @@ def model_names() -> List[str]:
     return names
 
 
+def xavier_init_(model: nn.Module) -> nn.Module:
+    """Glorot-uniform weights and zero biases for every ``nn.Linear``: ``U(-a, a)`` with
+    ``a = sqrt(6 / (fan_in + fan_out))`` (Glorot & Bengio 2010). The DER authors' MNIST network is
+    initialised this way; other layers keep PyTorch's default."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    return model
+
+
 def create_model(
-    name: str, in_channels: int, image_size: int, num_classes: int, mean: Sequence[float], std: Sequence[float]
+    name: str,
+    in_channels: int,
+    image_size: int,
+    num_classes: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    normalize: bool = True,
+    init: str = "default",
 ) -> nn.Module:
-    """Build model ``name`` for uint8 images of the given shape, normalisation included."""
+    """Build model ``name`` for uint8 images of the given shape, input scaling included.
+
+    Args:
+        normalize: standardise with ``mean``/``std``; otherwise pixels are only scaled to [0, 1].
+        init: ``'default'`` (PyTorch's) or ``'xavier'`` (:func:`xavier_init_`).
+    """
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    if not normalize:
+        mean, std = (0.0,) * in_channels, (1.0,) * in_channels
     if name in MODELS:
         backbone = MODELS[name](in_channels, image_size, num_classes)
     else:
@@ -112,6 +144,8 @@ def create_model(
         if in_channels != 3:
             # torchvision's classifiers expect RGB: repeat grey channels rather than edit their stems.
             backbone = nn.Sequential(_RepeatChannels(3 // in_channels), backbone)
+    if init == "xavier":
+        xavier_init_(backbone)
     return Classifier(Normalize(mean, std), backbone)
 
 
