@@ -6,10 +6,10 @@ Replace ``loss.backward()`` with ``synapse.backward(loss, targets, inputs=inputs
     synapse = ER(model, buffer_size=500, buffer_sample_size=32, alpha=0.3, beta=0.5, method="der++")
 """
 
-from ._base import Synapse
+from ._base import Synapse, named_batches
 from .buffer import ReservoirBuffer
 from .tasks import Task, TaskDict
 
-__all__ = ["Synapse", "TaskDict", "Task", "ReservoirBuffer", "__version__"]
+__all__ = ["Synapse", "TaskDict", "Task", "ReservoirBuffer", "named_batches", "__version__"]
 
 __version__ = "0.1.0"

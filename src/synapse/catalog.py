@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from torch import nn
 
-__all__ = ["HParam", "MethodSpec", "register", "get", "names", "specs"]
+__all__ = ["HParam", "MethodSpec", "register", "get", "names", "specs", "methods_table"]
 
 FAMILIES = ("rehearsal", "gradient", "structure", "distillation")
 # Arguments the experiment program sets from its own flags rather than from method hyperparameters.
@@ -180,3 +180,13 @@ def get(name: str) -> MethodSpec:
     if name not in _REGISTRY:
         raise KeyError(f"unknown method {name!r}; choose from {', '.join(_REGISTRY)}")
     return _REGISTRY[name]
+
+
+def methods_table() -> str:
+    """The README's methods table, in markdown: one row per registered method."""
+    rows = ["| Family | CLI name | Class | What it does | Paper |", "|---|---|---|---|---|"]
+    for spec in specs():
+        fixed = "".join(f", {k}={v!r}" for k, v in spec.fixed.items())
+        call = f"`{spec.cls.__module__.rsplit('.', 1)[0]}.{spec.cls.__name__}(model{fixed})`"
+        rows.append(f"| {spec.family} | `{spec.name}` | {call} | {spec.summary} | {spec.paper} |")
+    return "\n".join(rows)
