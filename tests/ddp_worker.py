@@ -12,19 +12,19 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from conftest import mlp  # noqa: E402
-from synapse.gradient import AGEM  # noqa: E402
-from synapse.rehearsal import ER  # noqa: E402
-from synapse.structure import SI  # noqa: E402
+from synapse import catalog  # noqa: E402
 
-METHODS = {
-    "er": lambda m: ER(m, 30, 6, method="er"),
-    "der": lambda m: ER(m, 30, 6, method="der"),
-    "der++": lambda m: ER(m, 30, 6, alpha=0.5, beta=0.5),
-    "der++-unfused": lambda m: ER(m, 30, 6, alpha=0.5, beta=0.5, fused=False),
-    "er-global": lambda m: ER(m, 31, 6, method="er", buffer_scope="global"),
-    "agem": lambda m: AGEM(m, 30, 6),
-    "si": lambda m: SI(m, checkpoint_per_steps=5),
+# Every registered method, plus the variants whose options change how ranks interact.
+VARIANTS = {
+    "der++-unfused": ("der++", {"buffer_size": 30, "fused": False}),
+    "er-global": ("er", {"buffer_size": 31, "buffer_scope": "global"}),
 }
+TASK_END = 6  # a task ends after this many steps (its data passed), so task-end passes run under DDP too
+
+
+def build(name: str, model: nn.Module):
+    base, run_args = VARIANTS.get(name, (name, {"buffer_size": 30}))
+    return catalog.get(base).create(model, buffer_sample_size=6, **run_args)
 
 
 def main(method: str, out_dir: str, steps: int = 12) -> None:
@@ -32,12 +32,14 @@ def main(method: str, out_dir: str, steps: int = 12) -> None:
     rank = dist.get_rank()
     torch.manual_seed(0)  # the same initial model on every rank
     model = nn.parallel.DistributedDataParallel(mlp())
-    syn = METHODS[method](model)
+    syn = build(method, model)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     g = torch.Generator().manual_seed(100 + rank)  # every rank sees its own data
     record = {}
+    task = []
     for step in range(steps):
         x, y = torch.randn(8, 1, 28, 28, generator=g), torch.randint(0, 10, (8,), generator=g)
+        task.append((y, {"input": x}))
         last = step == steps - 1
         if last and method == "agem":
             inner = copy.deepcopy(model.module)
@@ -57,6 +59,9 @@ def main(method: str, out_dir: str, steps: int = 12) -> None:
             dist.all_reduce = real_all_reduce
             record["applied"] = torch.cat([p.grad.flatten() for p in model.parameters()])
         opt.step()
+        if (step + 1) % TASK_END == 0 and not last:
+            syn.end_task(task)
+            task = []
     record["params"] = [p.detach().clone() for p in model.parameters()]
     record["state"] = syn.state_dict()
     torch.save(record, os.path.join(out_dir, f"rank{rank}.pt"))

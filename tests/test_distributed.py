@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from synapse import catalog
 from synapse.functional import project_conflicting_
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,7 +30,7 @@ def torchrun(*args, timeout=TIMEOUT, **kwargs):
     return proc.returncode, out, err
 
 
-@pytest.mark.parametrize("method", ["er", "der", "der++", "der++-unfused", "er-global", "agem", "si"])
+@pytest.mark.parametrize("method", [*catalog.names(), "der++-unfused", "er-global"])
 def test_parameters_stay_identical_across_ranks(tmp_path, method):
     code, _, err = torchrun(
         "tests/ddp_worker.py", method, str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE
