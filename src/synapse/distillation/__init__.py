@@ -1,3 +1,5 @@
 """Distillation: regularising the outputs against an earlier model."""
 
-__all__: list = []
+from .lwf import LwF
+
+__all__ = ["LwF"]

@@ -1,4 +1,4 @@
-"""Replay losses: DER's logit matching, with its gradient in closed form."""
+"""Replay losses: DER's logit matching, with its gradient in closed form; ER-ACE's asymmetric cross-entropy."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["logit_distillation_loss", "logit_distillation_grad"]
+__all__ = ["logit_distillation_loss", "logit_distillation_grad", "asymmetric_cross_entropy", "ace_class_mask"]
 
 
 def logit_distillation_loss(logits: Tensor, stored: Tensor, widths: Optional[Tensor] = None) -> Tensor:
@@ -65,3 +65,37 @@ def _compared_logits(
         return current, stored, None
     mask = (torch.arange(stored_width, device=stored.device) < widths.unsqueeze(-1)).to(current.dtype)
     return current, stored, mask
+
+
+def asymmetric_cross_entropy(logits: Tensor, targets: Tensor, class_mask: Tensor) -> Tensor:
+    """ER-ACE's loss on the incoming batch: the mean cross-entropy with the softmax taken over the columns
+    ``class_mask`` allows only, ``-mean_i log( exp(z_i[y_i]) / sum_{c in C} exp(z_i[c]) )``.
+
+    Args:
+        logits: ``(batch, classes)``.
+        targets: ``(batch,)`` class indices; each must be an allowed column.
+        class_mask: bool, ``(classes,)`` or ``(batch, classes)``: the columns ``C`` the softmax normalises over.
+
+    The excluded logits are replaced by the dtype's most negative finite value, so they add nothing to the
+    normaliser and receive no gradient.
+    """
+    return F.cross_entropy(logits.where(class_mask, torch.finfo(logits.dtype).min), targets)
+
+
+def ace_class_mask(
+    targets: Tensor,
+    num_classes: int,
+    largest_seen: Optional[Tensor] = None,
+    classes: Optional[Tensor] = None,
+) -> Tensor:
+    """The columns ER-ACE's incoming term normalises over, as a bool ``(num_classes,)`` mask: the classes
+    present in ``targets`` (together with ``classes``, a bool mask, when given), and every class from
+    ``largest_seen`` (a 0-d index tensor; ``targets.max()`` when None) upward, i.e. those not seen yet.
+
+    Built on the device with no host sync: no ``unique``, no ``nonzero``.
+    """
+    if largest_seen is None:
+        largest_seen = targets.max()
+    arange = torch.arange(num_classes, device=targets.device)
+    allowed = torch.ge(arange, largest_seen).index_fill_(0, targets.long(), True)
+    return allowed if classes is None else allowed.logical_or_(classes)

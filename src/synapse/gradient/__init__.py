@@ -1,5 +1,6 @@
-"""Gradient constraints and projection: A-GEM."""
+"""Gradient constraints and projection: A-GEM, GEM."""
 
 from .agem import AGEM
+from .gem import GEM
 
-__all__ = ["AGEM"]
+__all__ = ["AGEM", "GEM"]

@@ -189,11 +189,20 @@ class ER(BufferedSynapse):
                 if self.joint_mean:  # (B L + k CE') / (B + k): weights known on the host
                     batch, k = targets.shape[0], replay.minibatch_size
                     loss_weight, terms = batch / (batch + k), ([(k / (batch + k), terms[0][0][1])], [])
-        self._run_backward(loss, *terms, loss_weight=loss_weight)
+        self._run_backward(self._current_term(loss, targets), *terms, loss_weight=loss_weight)
         if self._stores_logits:
             self._widen_logits_if_needed()
         self._store(targets, model_inputs)  # the buffer stores non-finite logits as 0
+        self._commit_step()
         self._forward.clear()
+
+    def _current_term(self, loss: Tensor, targets: Tensor) -> Tensor:
+        """The current batch's root of the backward: the user's loss, unless a subclass owns the term
+        (ER-ACE). Called before anything is mutated; state it changes waits for :meth:`_commit_step`."""
+        return loss
+
+    def _commit_step(self) -> None:
+        """Apply state a subclass computed for this step, once the step has succeeded."""
 
     def _stored_logits(self) -> Tensor:
         """The logits this step stores: the user's forward's outputs, detached."""

@@ -1,0 +1,294 @@
+"""Learning without Forgetting: distil a frozen copy of the model's old-class outputs on the current inputs."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .._base import Synapse, TaskBatch, distributed_world
+from .._validation import check_non_negative, check_positive
+from ..catalog import HParam, MethodSpec, register
+from ..functional import soft_distillation_grad
+
+__all__ = ["LwF"]
+
+TEACHER_DTYPES = (None, torch.bfloat16, torch.float16)
+
+
+class LwF(Synapse):
+    """Learning without Forgetting (Li & Hoiem 2016, "Learning without Forgetting", ECCV 2016; TPAMI 2017).
+
+    At each :meth:`end_task` the method keeps a frozen copy of the model (the *teacher*) and the set ``O``
+    of the classes seen so far (every class that appeared in ``targets``). At every later step it adds the
+    paper's knowledge-distillation term on the current batch::
+
+        total = L + alpha * L_old
+        L_old = -(1/B) sum_b sum_{j in O} p_bj log q_bj
+        p_b = softmax_O(z_teacher(x_b) / T),   q_b = softmax_O(z(x_b) / T)
+
+    ``L`` is the user's loss, untouched and with weight 1; ``z`` are the live logits of the user's own
+    forward (captured, with their graph), ``z_teacher`` those of the frozen copy on the same inputs, and
+    ``softmax_O`` normalises over the old classes only: the other columns are left out of both
+    distributions and get no distillation gradient. This is the paper's eq. 2 (its modified
+    probabilities ``y^(1/T) / sum y^(1/T)`` of the old head's softmax ``y`` are ``softmax(z / T)``) with
+    its loss-balance weight ``lambda_o`` as ``alpha`` (1 in the paper) and ``T = 2``. The gradient
+    ``alpha (q - p) / (B T)`` is seeded into the logits directly, so the term adds no graph and one
+    backward still does everything. Before the first :meth:`end_task` there is no teacher and ``backward``
+    is a plain ``loss.backward()``.
+
+    The teacher costs one forward per step: under ``torch.no_grad()``, in eval mode, with frozen
+    parameters, on the model's device, optionally under ``torch.autocast`` in ``teacher_dtype``.
+
+    Deviations, all forced by running inside the user's loop or by a single-head model:
+
+    * **The teacher runs on each step's inputs.** The paper (Alg. 1) records the old model's responses
+      on the new task's images once, before training on it; the DER authors' Mammoth (``models/lwf.py``)
+      likewise stores logits per training image at the task start, computed on the non-augmented
+      images. The frozen copy gives the same targets for the same inputs, needs no pass over the data,
+      and with augmentation distils on exactly the inputs the student sees.
+    * **One softmax over all old classes.** The paper has a head per old task, each with its own
+      softmax and its own ``L_old`` term; a single head (class-incremental) distils the union of the old
+      classes in one distribution, as Mammoth does.
+    * **No warm-up.** The paper first trains only the new head (shared and old weights frozen); Mammoth
+      does so for ``n_epochs`` on the classifier at each task start. The loop is the user's.
+    * **The new-task loss is the user's ``loss``.** The paper's ``L_new`` is the cross-entropy of the
+      new head; Mammoth's cross-entropy leaves the not-yet-seen classes' columns out. The weight decay
+      ``R`` is the optimizer's (Mammoth's best seq-mnist arguments: ``lr=0.03``, ``alpha=1``,
+      ``softmax_temp=2``, ``optim_wd=5e-4``, batch 10, one epoch).
+    * **Old classes come from the targets** (the classes seen in a ``backward`` before an
+      :meth:`end_task`) rather than from known class ranges per task; in a distributed run the ranks'
+      sets are united at :meth:`end_task`. Targets outside ``[0, classes)`` mark nothing.
+    * **No ``T**2`` factor.** Hinton et al. (2015) scale soft-target terms by ``T**2`` so that their
+      gradients keep their size as ``T`` changes; neither the paper's ``L_old`` nor Mammoth does, and
+      ``alpha`` is tuned without it. Pass ``alpha * T**2`` for Hinton's scaling.
+
+    Mammoth differs further: it hard-codes ``T = 2`` in its smoothing (its ``softmax_temp`` flag is
+    unused) and takes the log of a re-normalised softmax, which is the same function as ``log_softmax``.
+
+    A head that grows between tasks is fine: the teacher's logits are narrower, only its columns are
+    compared, and the new columns get no distillation gradient. A head that shrinks raises.
+
+    Args:
+        model: the model being trained (may be wrapped in DDP or ``torch.compile``). It must return a
+            ``(batch, classes)`` logits tensor, and ``backward``'s keywords must name ``forward``'s
+            parameters: the teacher is called as ``teacher(**model_inputs)``.
+        alpha: weight of the distillation term (the paper's ``lambda_o``).
+        temperature: the softmax temperature ``T`` (> 0).
+        teacher_dtype: ``torch.bfloat16`` or ``torch.float16`` to run the teacher under autocast in that
+            dtype; None (default) runs it in the model's dtype.
+        scaler: a ``torch.amp.GradScaler`` for mixed precision; pass the unscaled loss to ``backward``.
+
+    Example:
+        >>> synapse = LwF(model, alpha=1.0, temperature=2.0)
+        >>> for task in tasks:
+        ...     for inputs, targets in task:
+        ...         optimizer.zero_grad()
+        ...         loss = criterion(model(inputs), targets)
+        ...         synapse.backward(loss, targets, inputs=inputs)
+        ...         optimizer.step()
+        ...     synapse.end_task()   # the model as it is now becomes the teacher
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        alpha: float = 1.0,
+        temperature: float = 2.0,
+        *,
+        teacher_dtype: Optional[torch.dtype] = None,
+        scaler: Optional[torch.amp.GradScaler] = None,
+    ) -> None:
+        check_non_negative("alpha", alpha)
+        check_positive("temperature", temperature)
+        if not any(teacher_dtype is d for d in TEACHER_DTYPES):
+            raise ValueError(f"teacher_dtype must be None, torch.bfloat16 or torch.float16, got {teacher_dtype!r}")
+        super().__init__(model, scaler=scaler)
+        self.alpha = float(alpha)
+        self.temperature = float(temperature)
+        self.teacher_dtype = teacher_dtype
+        self.teacher: Optional[nn.Module] = None
+        # Classes seen in targets, one flag per output column: a view [1:-1] of a store with a slot at
+        # each end, where targets below 0 and past the last column land (so the scatter never syncs).
+        self._seen_store: Optional[Tensor] = None
+        self.old_classes: Optional[Tensor] = None  # the seen flags frozen at the last end_task
+        self._log_mask: Optional[Tensor] = None  # old_classes at the teacher's width, additive (0 / -inf)
+        self._forward = self._capture_forward()
+
+    @property
+    def seen_classes(self) -> Optional[Tensor]:
+        """Bool flags over the output columns: the classes that appeared in ``targets`` so far."""
+        return None if self._seen_store is None else self._seen_store[1:-1]
+
+    # ------------------------------------------------------------------ backward
+    def _check(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
+        self._forward.check_input_names(list(model_inputs))  # the teacher is called with them
+        outputs = self._forward.checked_outputs("lwf", targets.shape[0])
+        seen = self.seen_classes
+        if seen is not None and outputs.shape[1] < seen.shape[0]:
+            raise ValueError(
+                f"the model now outputs {outputs.shape[1]} logits but earlier steps had {seen.shape[0]}: "
+                "heads may grow between tasks, not shrink"
+            )
+
+    def _backward(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
+        outputs = self._forward.outputs
+        assert outputs is not None  # checked by _check
+        self._follow_model_device()
+        seeded = () if self.teacher is None else (self._distillation(outputs, model_inputs),)
+        self._run_backward(loss, seeded=seeded)
+        self._see(targets, outputs.shape[1])
+        self._forward.clear()
+
+    def _distillation(self, outputs: Tensor, model_inputs: Mapping[str, Tensor]) -> Tuple[Tensor, Tensor]:
+        """``(logits, gradient)``: the student's compared logits and the distillation term's gradient."""
+        assert self.teacher is not None and self.old_classes is not None
+        autocast = (
+            torch.autocast(self.device.type, dtype=self.teacher_dtype)
+            if self.teacher_dtype is not None
+            else contextlib.nullcontext()
+        )
+        with torch.no_grad(), autocast:
+            teacher_logits = self.teacher(**model_inputs)
+        if not isinstance(teacher_logits, Tensor) or teacher_logits.dim() != 2 or len(teacher_logits) != len(outputs):
+            got = tuple(teacher_logits.shape) if isinstance(teacher_logits, Tensor) else type(teacher_logits).__name__
+            raise ValueError(f"the teacher returned {got} for a batch of {len(outputs)}; expected (batch, classes)")
+        width = teacher_logits.shape[1]
+        if outputs.shape[1] < width or self.old_classes.shape[0] > width:
+            raise ValueError(
+                f"the model outputs {outputs.shape[1]} logits, the teacher {width} and "
+                f"{self.old_classes.shape[0]} columns were seen before the task ended: heads may grow between "
+                "tasks, not shrink"
+            )
+        # Columns past the teacher's (a head that grew) are not a root: they get no distillation gradient.
+        student = outputs if outputs.shape[1] == width else outputs[:, :width]
+        grad = soft_distillation_grad(student, teacher_logits, self.temperature, self._mask_at(width), self.alpha)
+        return student, grad
+
+    def _mask_at(self, width: int) -> Tensor:
+        """The old-class mask in additive form at the teacher's width (built once per task)."""
+        if self._log_mask is None or self._log_mask.shape[0] != width:
+            assert self.old_classes is not None
+            mask = torch.full((width,), float("-inf"), device=self.device)
+            mask[: self.old_classes.shape[0]].masked_fill_(self.old_classes, 0.0)
+            self._log_mask = mask
+        return self._log_mask
+
+    def _see(self, targets: Tensor, width: int) -> None:
+        """Flag the targets' classes as seen (no host sync: out-of-range targets land in the end slots)."""
+        store = self._seen_store
+        if store is None or store.shape[0] != width + 2:  # first step, or the head grew
+            grown = torch.zeros(width + 2, dtype=torch.bool, device=self.device)
+            if store is not None:
+                grown[: store.shape[0] - 1] = store[:-1]
+            self._seen_store = store = grown
+        index = targets.to(self.device, torch.long).clamp(-1, width).add_(1)
+        store.scatter_(0, index, True)
+
+    def _follow_model_device(self) -> None:
+        device = self.device
+        if self._seen_store is not None and self._seen_store.device != device:
+            self._seen_store = self._seen_store.to(device)
+        if self.old_classes is not None and self.old_classes.device != device:
+            self.old_classes = self.old_classes.to(device)
+            self._log_mask = None
+        if self.teacher is not None and next(self.teacher.parameters()).device != device:
+            self.teacher.to(device)
+
+    # ------------------------------------------------------------------ task end
+    def _end_task(self, data: Optional[Iterable[TaskBatch]]) -> None:
+        seen = self.seen_classes
+        if seen is None:
+            return  # no step yet: no class to distil, no teacher
+        if distributed_world() > 1:  # every rank distils the same classes: the union of the ranks' sets
+            flags = seen.to(torch.int32)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            seen.copy_(flags.bool())
+        if not bool(seen.any()):  # one sync per task end, never in backward
+            return
+        self.teacher = self._frozen_copy()
+        self.old_classes = seen.clone()
+        self._log_mask = None
+
+    def _frozen_copy(self, weights: Optional[Mapping[str, Tensor]] = None) -> nn.Module:
+        """A copy of the model (the capture's hooks are inert in it), optionally with ``weights`` loaded,
+        in eval mode with frozen parameters."""
+        teacher = copy.deepcopy(self.module)
+        if weights is not None:
+            _load_weights(teacher, weights)
+        teacher.eval().requires_grad_(False)
+        for p in teacher.parameters():
+            p.grad = None
+        return teacher.to(self.device)
+
+    # ------------------------------------------------------------------ state
+    def _method_state(self) -> Dict[str, Any]:
+        seen, old, teacher = self.seen_classes, self.old_classes, self.teacher
+        return {
+            "seen_classes": None if seen is None else seen.clone(),
+            "old_classes": None if old is None else old.clone(),
+            # The weights only: a loader rebuilds the module from the model it is given.
+            "teacher": None if teacher is None else {k: v.clone() for k, v in teacher.state_dict().items()},
+        }
+
+    def _load_method_state(self, state: Mapping[str, Any]) -> None:
+        missing = [k for k in ("seen_classes", "old_classes", "teacher") if k not in state]
+        if missing:
+            raise ValueError(f"LwF state is missing {missing}")
+        seen, old, weights = state["seen_classes"], state["old_classes"], state["teacher"]
+        for name, value in (("seen_classes", seen), ("old_classes", old)):
+            if value is not None and not (isinstance(value, Tensor) and value.dtype == torch.bool and value.dim() == 1):
+                raise ValueError(f"LwF state {name!r} must be a 1-d bool tensor or None")
+        if (weights is None) != (old is None):
+            raise ValueError("LwF state must have both a teacher and its old classes, or neither")
+        teacher = None if weights is None else self._frozen_copy(weights)  # built before anything changes
+        if seen is None:
+            self._seen_store = None
+        else:
+            self._seen_store = torch.zeros(seen.shape[0] + 2, dtype=torch.bool, device=self.device)
+            self._seen_store[1:-1] = seen
+        self.old_classes = None if old is None else old.to(self.device).clone()
+        self.teacher = teacher
+        self._log_mask = None
+
+
+def _load_weights(module: nn.Module, weights: Mapping[str, Tensor]) -> None:
+    """``module.load_state_dict(weights)``, where a tensor whose shape differs (the model's head grew since
+    the teacher was taken) takes the saved shape: the teacher is rebuilt as it was."""
+    own = module.state_dict()
+    if set(own) != set(weights):
+        raise ValueError(
+            f"the saved teacher's entries differ from the model's: missing {sorted(set(own) - set(weights))}, "
+            f"unexpected {sorted(set(weights) - set(own))}"
+        )
+    for name, saved in weights.items():
+        if own[name].shape == saved.shape:
+            continue
+        owner_name, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = nn.Parameter(torch.empty_like(saved), requires_grad=False)
+        elif leaf in owner._buffers:
+            owner._buffers[leaf] = torch.empty_like(saved)
+        else:
+            raise ValueError(f"the saved teacher's {name!r} has shape {tuple(saved.shape)}, the model's differs")
+    module.load_state_dict(weights)
+
+
+register(
+    MethodSpec(
+        "lwf",
+        LwF,
+        family="distillation",
+        paper="Li & Hoiem 2016, *Learning without Forgetting*",
+        summary="distil a frozen copy's temperature-softened old-class outputs on the current inputs",
+        hparams=(
+            HParam("alpha", float, 1.0, "weight of the distillation term (lambda_o)", low=0.0),
+            HParam("temperature", float, 2.0, "softmax temperature T", low=0.0, low_open=True),
+        ),
+    )
+)

@@ -1,0 +1,235 @@
+"""Gradient Episodic Memory: one constraint per past task, enforced by GEM's dual QP."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Union
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import _autograd
+from .._base import Synapse, TaskBatch, distributed_world
+from .._flat import FlatSpace
+from .._validation import check_non_negative, check_positive_int
+from ..buffer import fresh_seed
+from ..catalog import HParam, MethodSpec, register
+from ..episodic import EpisodicMemory
+from ..functional import gem_project_
+
+__all__ = ["GEM"]
+
+# The authors' code adds this to the diagonal of G G' before solving the QP.
+QP_EPS = 1e-3
+
+
+class GEM(Synapse):
+    """Gradient Episodic Memory (Lopez-Paz & Ranzato 2017, "Gradient Episodic Memory for Continual Learning").
+
+    GEM keeps an episodic memory ``M_k`` per past task ``k`` and, at each step, asks that the update
+    increase no past task's loss on its memory (the paper's eq. 6-7): with ``g`` the gradient of the
+    current batch's loss and ``g_k = grad L(f, M_k)`` the gradient of the cross-entropy on the whole
+    memory of task ``k``,
+
+        ``<g, g_k> >= 0``  for every past task ``k``.
+
+    If any constraint is violated, ``g`` is replaced by its projection ``g~``: the paper's primal
+    ``min_z 1/2 ||g - z||^2  s.t.  G z >= 0`` (eq. 10, ``G`` the ``t x p`` matrix of the ``g_k``) through
+    its dual (eq. 11)
+
+        ``v* = argmin_v 1/2 v' G G' v + g' G' v``  subject to  ``v >= gamma``,      ``g~ = G' v* + g``.
+
+    ``gamma`` is the paper's margin ("adding a small constant gamma >= 0 to v*", which biases the update
+    towards backward transfer); like the authors' code (and Mammoth's), it enters the QP as the lower
+    bound on ``v``, with ``1e-3`` added to the diagonal of ``G G'``. As in that code, a gradient that
+    violates no constraint is left exactly as it is. With one past task and ``gamma = 0`` the projection
+    is A-GEM's (up to the ``1e-3``).
+
+    The QP has one variable per past task. :func:`~synapse.functional.gem_dual` solves it exactly on the
+    device for up to :data:`~synapse.functional.GEM_EXACT_LIMIT` (10) past tasks, by solving every face
+    of the constraint set in one batched call and keeping the best feasible one; beyond that it runs a
+    fixed number of accelerated projected-gradient iterations and then solves exactly on the support they
+    found (exact whenever that support is right). Neither path branches on a device value, so
+    ``backward`` makes no host sync: the violation test is a multiplication by a device flag.
+
+    The memory: GEM's code gives every task a fixed share of a memory sized for a known number of
+    tasks, filled with the last examples of each task. A user's loop need not know the number of tasks,
+    so here the ``buffer_size`` items are split evenly among the tasks seen so far, each task's share
+    being a uniformly random sample of its stream (see :class:`~synapse.episodic.EpisodicMemory`): while
+    task ``T`` runs, each of the ``T`` past tasks holds ``buffer_size // (T + 1)`` items. The memory fills
+    from the batches passed to ``backward``; ``end_task``'s ``data`` is not needed.
+
+    Deviations, all stated above or here:
+
+    * the memory is a random sample of each task rather than its last examples, with per-task shares
+      that shrink as tasks arrive (Mammoth's GEM likewise fills ``buffer_size // n_tasks`` per task);
+    * the reference loss is the plain cross-entropy over the model's whole output (single head, as in
+      Mammoth), not the paper's task-masked output of its multi-head experiments;
+    * ``buffer_sample_size=k`` (an option; the default ``None`` is the paper's whole memory) computes each
+      ``g_k`` on ``k`` items drawn at random from task ``k``'s memory;
+    * more than 10 past tasks: the iterative QP solve above;
+    * under a GradScaler the ``1e-3`` is multiplied by the squared scale, so the scaled gradients give the
+      same ``v*`` as unscaled ones.
+
+    **Task boundaries are required** (``needs_task_boundaries``): a task's memory becomes a constraint
+    when :meth:`end_task` is called. Without ``end_task`` calls there is no past task, and GEM is plain
+    training (the CLI refuses task-free streams for this method).
+
+    Under DistributedDataParallel each rank keeps its own memory of its own stream; the current gradient
+    is averaged by DDP and the reference gradients are all-reduced here (one call for the whole ``G``),
+    so every rank solves the same QP. Every rank must end the same tasks.
+
+    Args:
+        model: the model being trained (may be wrapped in DDP or ``torch.compile``).
+        buffer_size: items kept in the episodic memory over all tasks (per rank in a distributed run).
+        buffer_sample_size: ``None`` (default): each reference gradient uses the task's whole memory, as
+            the paper does; an int ``k``: at most ``k`` items of it, drawn at random each step.
+        gamma: the margin (the authors' ``memory_strength``), ``>= 0``; the QP's lower bound on ``v``.
+        buffer_scope: ``'rank'`` (default): every rank of a distributed run keeps ``buffer_size`` items of
+            its own stream; ``'global'``: ``buffer_size`` is the whole run's budget, split across ranks.
+        scaler: a ``torch.amp.GradScaler`` for mixed precision; pass the unscaled loss to ``backward``.
+
+    Example:
+        >>> synapse = GEM(model, buffer_size=200, gamma=0.5)
+        >>> for task in tasks:
+        ...     for inputs, targets in task:
+        ...         optimizer.zero_grad()
+        ...         loss = criterion(model(inputs), targets)
+        ...         synapse.backward(loss, targets, inputs=inputs)   # instead of loss.backward()
+        ...         optimizer.step()
+        ...     synapse.end_task()
+    """
+
+    needs_task_boundaries = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        buffer_size: int = 1024,
+        buffer_sample_size: Optional[int] = None,
+        gamma: float = 0.5,
+        *,
+        buffer_scope: str = "rank",
+        scaler: Optional[torch.amp.GradScaler] = None,
+    ) -> None:
+        check_positive_int("buffer_size", buffer_size)
+        if buffer_sample_size is not None:
+            check_positive_int("buffer_sample_size", buffer_sample_size)
+        check_non_negative("gamma", gamma)
+        if buffer_scope not in ("rank", "global"):
+            raise ValueError(f"buffer_scope must be 'rank' or 'global', got {buffer_scope!r}")
+        world = distributed_world()
+        if buffer_scope == "global" and buffer_size < world:
+            raise ValueError(f"buffer_size={buffer_size} cannot be split across {world} ranks (buffer_scope='global')")
+        super().__init__(model, scaler=scaler)
+        rank = dist.get_rank() if world > 1 else 0
+        capacity = buffer_size if buffer_scope == "rank" else buffer_size // world + (rank < buffer_size % world)
+        # Offsetting by rank decorrelates the ranks' memories under one global seed.
+        self.memory = EpisodicMemory(capacity, seed=(fresh_seed() + rank) % 2**62)
+        self.buffer_sample_size = buffer_sample_size
+        self.gamma = float(gamma)
+        self._params: List[nn.Parameter] = self.trainable_parameters()
+        self._references: Optional[Tensor] = None  # (past tasks, parameters): G, one row per past task
+        self._reference_rows: List[FlatSpace] = []  # each row of G viewed per parameter
+        self._current: Optional[FlatSpace] = None
+        self._input_names: Optional[tuple] = None
+
+    # ------------------------------------------------------------------ backward
+    def _items(self, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+        return {**{f"input:{k}": v for k, v in model_inputs.items()}, "targets": targets}
+
+    def _check(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
+        if self._input_names is not None and tuple(model_inputs) != self._input_names:
+            raise ValueError(
+                f"model inputs {tuple(model_inputs)} differ from those of earlier steps {self._input_names}"
+            )
+        self.memory.check_batch(self._items(targets, model_inputs))
+
+    def _backward(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
+        past_tasks = self.memory.num_tasks  # a host int: the branch below reads no device value
+        if past_tasks:
+            references, current = self._workspaces(past_tasks)
+            self._reference_gradients()
+        self._run_backward(loss)
+        if past_tasks:
+            # A parameter unused this step still gets a gradient: its projection may be non-zero.
+            grads = self._gradients(self._params)
+            torch._foreach_copy_(current.views, grads)
+            gem_project_(current.flat, references, self.gamma, self._qp_eps())
+            torch._foreach_copy_(grads, current.views)
+        self._input_names = tuple(model_inputs)
+        self._follow_model_device()
+        self.memory.add(self._items(targets, model_inputs), validate=False)
+
+    def _workspaces(self, past_tasks: int) -> tuple:
+        """``G`` as a ``(past_tasks, p)`` float32 matrix and the current gradient's flat copy, allocated
+        when the number of past tasks or the device changes (once per task)."""
+        references = self._references
+        if references is None or references.shape[0] != past_tasks or references.device != self.device:
+            numel = sum(p.numel() for p in self._params)
+            references = self._references = torch.zeros(past_tasks, numel, device=self.device)
+            self._reference_rows = [FlatSpace(self._params, row) for row in references]
+            self._current = FlatSpace(self._params)
+        assert self._current is not None
+        return references, self._current
+
+    def _reference_gradients(self) -> None:
+        """Row ``k`` of ``G``: the gradient of the cross-entropy on past task ``k``'s memory."""
+        self._follow_model_device()
+        names = [f"input:{n}" for n in self._input_names or ()] + ["targets"]
+        for row, batch in zip(self._reference_rows, self.memory.sample_tasks(self.buffer_sample_size, names)):
+            inputs = {name[len("input:") :]: batch[name] for name in names[:-1]}
+            # The inner module, not the DDP wrapper: this backward must not trigger DDP's gradient sync.
+            ref_loss = F.cross_entropy(self.module(**inputs), batch["targets"])
+            if self.scaler is not None:
+                ref_loss = self.scaler.scale(ref_loss)  # the same scale as the current gradient
+            grads = _autograd.grad(ref_loss, self._constant(1.0, ref_loss), self._params)
+            reached = [(v, g) for v, g in zip(row.views, grads) if g is not None]
+            torch._foreach_copy_([v for v, _ in reached], [g for _, g in reached])
+            for v, g in zip(row.views, grads):
+                if g is None:  # a parameter this loss does not reach
+                    v.zero_()
+        world = distributed_world()
+        if world > 1:
+            assert self._references is not None
+            dist.all_reduce(self._references)
+            self._references.div_(world)
+
+    def _qp_eps(self) -> Union[float, Tensor]:
+        """The authors' ``1e-3``, times the squared loss scale under a GradScaler (``G`` and ``g`` are scaled)."""
+        scale = self._grad_scale()
+        return QP_EPS if scale is None else QP_EPS * scale.double().square()
+
+    def _follow_model_device(self) -> None:
+        if self.memory.device is not None and self.memory.device != self.device:
+            self.memory.to(self.device)
+
+    # ------------------------------------------------------------------ task boundaries and state
+    def _end_task(self, data: Optional[Iterable[TaskBatch]]) -> None:
+        self.memory.end_task()  # the memory fills from the stream; the task's data is not needed
+
+    def _method_state(self) -> Dict[str, Any]:
+        return {"memory": self.memory.state_dict(), "input_names": list(self._input_names or [])}
+
+    def _load_method_state(self, state: Mapping[str, Any]) -> None:
+        if "memory" not in state:
+            raise ValueError("state dict has no 'memory'")
+        self.memory.load_state_dict(state["memory"], device=self.device)
+        self._input_names = tuple(state.get("input_names") or ()) or None
+
+
+register(
+    MethodSpec(
+        "gem",
+        GEM,
+        family="gradient",
+        paper="Lopez-Paz & Ranzato 2017, *Gradient Episodic Memory for Continual Learning*",
+        summary="project the gradient, through a small QP, so that no past task's memory loss increases",
+        hparams=(
+            HParam(
+                "gamma", float, 0.5, "margin: the QP's lower bound on the dual variables (memory strength)", low=0.0
+            ),
+        ),
+    )
+)

@@ -1,0 +1,227 @@
+"""ER-ACE: Experience Replay with an asymmetric cross-entropy on the incoming batch."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .._base import CURRENT_LOSS, TaskBatch
+from ..catalog import HParam, MethodSpec, register
+from ..functional import ace_class_mask, asymmetric_cross_entropy
+from .er import ER
+
+__all__ = ["ERACE"]
+
+MASKS = ("batch", "task")
+
+
+class ERACE(ER):
+    """ER-ACE, from Caccia et al. 2022, "New Insights on Reducing Abrupt Representation Change in Online
+    Continual Learning" (ICLR 2022).
+
+    Experience Replay in which the incoming batch only competes with its own classes: its cross-entropy
+    is taken with the softmax restricted to a set of columns ``C``, while the replayed minibatch keeps the
+    plain cross-entropy over every class. New classes then adapt to the old ones instead of pushing the
+    old classes' representations around when they first appear. With ``f`` the model, ``(x, y)`` the
+    incoming batch of ``B`` and ``(x', y')`` a reservoir minibatch of ``k``::
+
+        L = ACE(f(x), y; C) + alpha * CE(f(x'), y')
+        ACE(z, y; C) = -(1/B) sum_i log( exp(z_i[y_i]) / sum_{c in C} exp(z_i[c]) )
+
+    (:func:`synapse.functional.asymmetric_cross_entropy`; ``C`` from
+    :func:`synapse.functional.ace_class_mask`). The paper restricts the incoming batch's softmax to the
+    current classes; its authors' code (``pclucas14/AML``, ``methods/er_ace.py``) and the DER authors'
+    port (``aimagelab/mammoth``, ``models/er_ace.py``) build ``C`` as the classes *present in the
+    incoming batch* together with every class from the largest label seen so far upward (those not seen
+    yet, so that they stay below the new ones; the largest seen class itself included). ``mask`` chooses:
+
+    * ``'batch'`` (default, the authors' code): ``C = {y_i} ∪ {c : c >= m}``, with ``m`` the largest
+      label seen so far, this batch included;
+    * ``'task'``: ``C = {labels seen since the last end_task(), this batch included} ∪ {c : c >= m}``.
+      Without task boundaries this grows to every class seen (plus those from ``m`` up): nearly plain ER.
+
+    The paper weighs both terms equally, hence ``alpha = 1`` (mammoth has no tuned value for seq-mnist).
+
+    **The user's loss.** ER-ACE owns the current-batch term. With ``current_loss='method'`` (the default,
+    as the paper) the ACE term is computed from the live outputs of the user's last training forward (the
+    one that produced ``loss``) and from ``targets``; the ``loss`` passed to :meth:`backward` is checked
+    (a scalar that requires grad) and then *replaced*: it is not backpropagated, and its own graph is left
+    to be freed with it. Whatever it was (cross-entropy, label smoothing, an extra regulariser), only
+    ``ACE + alpha * CE'`` reaches the gradients. With ``current_loss='user'`` the user's loss is
+    backpropagated instead of the ACE term: ``L_user + alpha * CE(f(x'), y')``, plain ER (the ablation
+    with ACE off).
+
+    Sampling, storage, fused replay and the state dict are ER's (``method='er'``): a reservoir buffer,
+    one replay minibatch of ``min(buffer_sample_size, len(buffer))`` per step.
+
+    Deviations from the authors' code, all named:
+
+    * ``C`` is applied from the first step. Both codes leave the first task's loss unmasked
+      (``task > 0``); with the not-yet-seen classes in ``C`` this differs only for a first-task batch that
+      lacks one of the classes below the largest label seen, and it keeps the method ACE on task-free
+      streams, where no task index exists.
+    * Replay starts as soon as the buffer holds anything, as in ER and the authors' task-free code path;
+      mammoth's port replays from the second task on.
+    * With ``fused=True`` the replay minibatch rides in the user's forward, so BatchNorm sees both batches
+      together (as in ER); ``fused=False`` gives a separate replay forward, as in both codes.
+    * Excluded logits are set to the dtype's most negative finite value (as mammoth), not the authors'
+      ``-1e9``; both give them zero probability and zero gradient.
+    * mammoth skips the "not seen yet" columns once the largest label seen is the last class; here, as in
+      the authors' code, the largest seen class is always in ``C``.
+    * In a distributed run each rank builds ``C`` from its own batch and its own labels seen (the union
+      over ranks would cost a collective per step); the gradients are averaged as usual.
+
+    With ``current_loss='method'`` the model must return a ``(batch, classes)`` logits tensor from a
+    training-mode forward with grad enabled on this batch; :meth:`backward` raises otherwise.
+
+    Args:
+        model: the model being trained (may be wrapped in DDP or ``torch.compile``).
+        buffer_size: items kept in the reservoir (per rank in a distributed run).
+        buffer_sample_size: items per replay minibatch.
+        alpha: weight of the replay cross-entropy.
+        mask: ``'batch'`` or ``'task'``: the classes the incoming batch's softmax spans (see above).
+        current_loss: ``'method'`` (ACE replaces the user's loss) or ``'user'`` (the user's loss is kept).
+        fused: replay inside the user's forward (see :class:`~synapse.rehearsal.ER`).
+        buffer_scope: ``'rank'`` or ``'global'`` (see :class:`~synapse.rehearsal.ER`).
+        scaler: a ``torch.amp.GradScaler`` for mixed precision; pass the unscaled loss to ``backward``.
+
+    Example:
+        >>> synapse = ERACE(model, buffer_size=500, buffer_sample_size=32)
+        >>> for inputs, targets in loader:
+        ...     optimizer.zero_grad()
+        ...     loss = criterion(model(inputs), targets)  # checked, then replaced by the ACE term
+        ...     synapse.backward(loss, targets, inputs=inputs)
+        ...     optimizer.step()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        buffer_size: int = 1024,
+        buffer_sample_size: int = 32,
+        alpha: float = 1.0,
+        *,
+        mask: str = "batch",
+        current_loss: str = "method",
+        fused: bool = True,
+        buffer_scope: str = "rank",
+        scaler: Optional[torch.amp.GradScaler] = None,
+    ) -> None:
+        if mask not in MASKS:
+            raise ValueError(f"mask must be one of {MASKS}, got {mask!r}")
+        current_loss = self._check_current_loss(current_loss)
+        super().__init__(
+            model,
+            buffer_size,
+            buffer_sample_size,
+            alpha,
+            method="er",
+            fused=fused,
+            buffer_scope=buffer_scope,
+            scaler=scaler,
+        )
+        self.mask = mask
+        self.current_loss = current_loss
+        # Device tensors, so that no step reads a label on the host.
+        self._largest_seen: Optional[Tensor] = None  # 0-d: the largest label seen so far
+        self._task_classes: Optional[Tensor] = None  # bool (classes,): labels seen this task (mask='task')
+        self._pending: List[Any] = []  # this step's (largest_seen, task_classes), applied once it succeeded
+
+    # ------------------------------------------------------------------ backward
+    def _check(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
+        if self.current_loss == "method":
+            if targets.shape[0] == 0:
+                raise ValueError("ER-ACE needs a non-empty batch: targets has no rows")
+            logits = self._forward.checked_outputs("ER-ACE", targets.shape[0])
+            if targets.device != logits.device:
+                raise ValueError(f"targets are on {targets.device} but the model's outputs on {logits.device}")
+        super()._check(loss, targets, model_inputs)
+
+    def _current_term(self, loss: Tensor, targets: Tensor) -> Tensor:
+        # The ACE term becomes the root in place of the user's loss, whose graph is then never walked
+        # (a zero weight on it would still run its backward).
+        if self.current_loss == "user":
+            return loss
+        term, *self._pending = self._ace_term(targets)
+        return term
+
+    def _commit_step(self) -> None:
+        # Committed last: a step that raised leaves the seen classes as they were.
+        if self._pending:
+            self._largest_seen, self._task_classes = self._pending
+            self._pending = []
+
+    def _ace_term(self, targets: Tensor) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        """The ACE term on the user's outputs, and the seen-class state this step leads to."""
+        logits = self._forward.outputs
+        assert logits is not None  # checked by _check
+        num_classes, device = logits.shape[1], logits.device
+        targets = targets.long()
+        largest = targets.max()
+        if self._largest_seen is not None:
+            largest = torch.maximum(largest, self._largest_seen.to(device))
+        task_classes = None
+        if self.mask == "task":
+            task_classes = self._resized(self._task_classes, num_classes, device).index_fill_(0, targets, True)
+        allowed = ace_class_mask(targets, num_classes, largest, task_classes)
+        return asymmetric_cross_entropy(logits, targets, allowed), largest, task_classes
+
+    @staticmethod
+    def _resized(classes: Optional[Tensor], num_classes: int, device: torch.device) -> Tensor:
+        """A fresh copy of a class mask with ``num_classes`` columns (heads may grow between tasks)."""
+        out = torch.zeros(num_classes, dtype=torch.bool, device=device)
+        if classes is not None:
+            width = min(num_classes, classes.shape[0])
+            out[:width] = classes[:width]
+        return out
+
+    def _end_task(self, data: Optional[Iterable[TaskBatch]]) -> None:
+        self._task_classes = None  # a new task has no classes of its own yet
+
+    # ------------------------------------------------------------------ state
+    def _method_state(self) -> Dict[str, Any]:
+        state = super()._method_state()
+        state["largest_seen"] = self._largest_seen
+        state["task_classes"] = self._task_classes
+        return state
+
+    def _load_method_state(self, state: Mapping[str, Any]) -> None:
+        for key in ("largest_seen", "task_classes"):
+            value = state.get(key)
+            if value is not None and not isinstance(value, Tensor):
+                raise ValueError(f"state dict's {key!r} must be a tensor or None, got {type(value).__name__}")
+        super()._load_method_state(state)
+        largest, classes = state.get("largest_seen"), state.get("task_classes")
+        self._largest_seen = None if largest is None else largest.to(self.device, torch.long)
+        self._task_classes = None if classes is None else classes.to(self.device, torch.bool)
+
+
+_PAPER = "Caccia et al. 2022, *New Insights on Reducing Abrupt Representation Change in Online Continual Learning*"
+register(
+    MethodSpec(
+        "er-ace",
+        ERACE,
+        family="rehearsal",
+        paper=_PAPER,
+        summary="ER with an asymmetric cross-entropy: the incoming batch's softmax spans only its own classes",
+        hparams=(
+            HParam("alpha", float, 1.0, "weight of the replay cross-entropy", low=0.0),
+            HParam(
+                "mask",
+                str,
+                "batch",
+                "classes of the incoming batch's softmax: this batch's or this task's",
+                choices=MASKS,
+            ),
+            HParam(
+                "current_loss",
+                str,
+                "method",
+                "'method': ACE replaces the loss passed to backward; 'user': keep it (plain ER)",
+                choices=CURRENT_LOSS,
+            ),
+        ),
+    )
+)
