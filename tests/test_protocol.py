@@ -91,3 +91,39 @@ def test_joint_mean_needs_er_and_alpha_one():
         ER(mlp(), method="der", joint_mean=True)
     with pytest.raises(ValueError, match="joint_mean"):
         ER(mlp(), method="er", alpha=0.5, joint_mean=True)
+
+
+def test_agem_episodic_memory_constrains_only_with_finished_tasks():
+    from synapse.functional import project_conflicting_
+    from synapse.gradient import AGEM
+
+    torch.manual_seed(0)
+    model = mlp()
+    syn = AGEM(model, buffer_size=20, buffer_sample_size=30, memory="episodic")
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(4, 1, 28, 28, generator=g), torch.randint(0, 10, (4,), generator=g)) for _ in range(5)]
+
+    def plain_grad(x, y):
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    for i, (x, y) in enumerate(data):
+        want = plain_grad(x, y)
+        if i >= 3:  # task 2: the reference is the gradient on all 12 items of task 1 (k = 30 > 12)
+            mx, my = syn.buffer.task(0)["input:input"], syn.buffer.task(0)["targets"]
+            want = project_conflicting_(want, plain_grad(mx, my))
+        model.zero_grad()
+        syn.backward(F.cross_entropy(model(x), y), y, input=x)
+        got = torch.cat([p.grad.flatten() for p in model.parameters()])
+        assert torch.allclose(got, want, atol=1e-6), i
+        if i == 2:
+            syn.end_task()
+            assert syn.buffer.task_sizes == (12,)  # every item of task 1 (12 < the share of 20)
+
+
+def test_agem_memory_choice_is_checked():
+    from synapse.gradient import AGEM
+
+    with pytest.raises(ValueError, match="memory"):
+        AGEM(mlp(), memory="ring")

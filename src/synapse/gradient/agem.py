@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Mapping, Optional
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -10,12 +10,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _autograd
-from .._base import BufferedSynapse, distributed_world
+from .._base import BufferedSynapse, TaskBatch, distributed_world
 from .._flat import FlatSpace
-from ..catalog import MethodSpec, register
+from ..buffer import fresh_seed
+from ..catalog import HParam, MethodSpec, register
+from ..episodic import EpisodicMemory
 from ..functional import project_conflicting_
 
 __all__ = ["AGEM"]
+
+MEMORIES = ("reservoir", "episodic")
 
 
 class AGEM(BufferedSynapse):
@@ -27,9 +31,17 @@ class AGEM(BufferedSynapse):
     device, never a Python branch on a GPU value, and both gradients live in flat workspaces allocated
     once.
 
-    Deviation from the paper: the memory is a reservoir sample of the stream (as in the DER paper's
-    A-GEM baseline) rather than a per-task episodic memory filled at task ends, so the method works
-    without task boundaries.
+    The memory (``memory``):
+
+    * ``'reservoir'`` (default): a reservoir sample of the whole stream, current task included, so the
+      method works without task boundaries. This deviates from the paper; it is the DER authors'
+      ``agem_r`` baseline.
+    * ``'episodic'``: the paper's episodic memory. Each task's items fill its own share of the memory
+      during the task (:class:`~synapse.episodic.EpisodicMemory`: a random sample of the task), and the
+      reference minibatch is drawn from the tasks that have *ended*, so the first task trains plainly.
+      The paper (and the DER authors' ``agem``) gives each task ``buffer_size // num_tasks`` items with
+      ``num_tasks`` known in advance; here the budget is split evenly among the tasks seen so far, which
+      ends at the same shares without knowing the number of tasks. Needs :meth:`end_task` calls.
 
     Under DistributedDataParallel the current gradient is already averaged by DDP; the reference
     gradient is all-reduced here, so every rank projects with the same two vectors.
@@ -38,6 +50,7 @@ class AGEM(BufferedSynapse):
         model: the model being trained (may be wrapped in DDP or ``torch.compile``).
         buffer_size: items kept in the reservoir (per rank in a distributed run).
         buffer_sample_size: items in the reference minibatch.
+        memory: ``'reservoir'`` (default, task-free) or ``'episodic'`` (the paper's, per task; see above).
         buffer_scope: ``'rank'`` (default): every rank of a distributed run keeps ``buffer_size`` items of
             its own stream; ``'global'``: ``buffer_size`` is the whole run's budget, split across ranks.
         scaler: a ``torch.amp.GradScaler`` for mixed precision; pass the unscaled loss to ``backward``.
@@ -55,8 +68,14 @@ class AGEM(BufferedSynapse):
         *,
         buffer_scope: str = "rank",
         scaler: Optional[torch.amp.GradScaler] = None,
+        memory: str = "reservoir",
     ) -> None:
+        if memory not in MEMORIES:
+            raise ValueError(f"memory must be one of {MEMORIES}, got {memory!r}")
         super().__init__(model, buffer_size, buffer_sample_size, buffer_scope=buffer_scope, scaler=scaler)
+        self.memory = memory
+        if memory == "episodic":  # the same budget, split per task instead of one reservoir
+            self.buffer = EpisodicMemory(self.buffer.capacity, seed=fresh_seed())  # type: ignore[assignment]
         self._params: List[nn.Parameter] = self.trainable_parameters()
         self._reference: Optional[FlatSpace] = None
         self._current: Optional[FlatSpace] = None
@@ -67,8 +86,24 @@ class AGEM(BufferedSynapse):
             self._current = FlatSpace(self._params)
         return self._reference, self._current
 
+    def _has_reference(self) -> bool:
+        """Whether a reference minibatch exists (host counters only)."""
+        if isinstance(self.buffer, EpisodicMemory):
+            return self.buffer.num_tasks > 0  # only finished tasks are constraints
+        return len(self.buffer) > 0
+
+    def _sample(self, num_minibatches: int = 1, names: Optional[Sequence[str]] = None) -> Dict[str, Tensor]:
+        if isinstance(self.buffer, EpisodicMemory):
+            self._follow_model_device()
+            return self.buffer.sample(self.buffer_sample_size, names)
+        return super()._sample(num_minibatches, names)
+
+    def _end_task(self, data: Optional[Iterable[TaskBatch]]) -> None:
+        if isinstance(self.buffer, EpisodicMemory):
+            self.buffer.end_task()
+
     def _backward(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
-        has_memory = len(self.buffer) > 0
+        has_memory = self._has_reference()
         if has_memory:
             reference, current = self._workspaces()
             self._reference_gradient(reference)
@@ -104,5 +139,14 @@ register(
         family="gradient",
         paper="Chaudhry et al. 2019, *Efficient Lifelong Learning with A-GEM*",
         summary="project the gradient when it conflicts with a memory minibatch's",
+        hparams=(
+            HParam(
+                "memory",
+                str,
+                "reservoir",
+                "reservoir: one sample of the stream (task-free); episodic: per task, past tasks only",
+                choices=MEMORIES,
+            ),
+        ),
     )
 )
