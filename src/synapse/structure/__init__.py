@@ -1,5 +1,7 @@
-"""Structural regularisation: importance-weighted penalties on the weights. Synaptic Intelligence."""
+"""Structural regularisation: importance-weighted penalties on the weights (SI, EWC, MAS)."""
 
+from .ewc import EWC
+from .mas import MAS
 from .si import SI
 
-__all__ = ["SI"]
+__all__ = ["SI", "EWC", "MAS"]
