@@ -7,6 +7,14 @@ buffer is full and after warm-up.
     python benchmarks/step_overhead.py                       # CPU: MLP 784-100-100, batch 10 + 10
     python benchmarks/step_overhead.py --device cuda         # GPU: resnet18-reduced, batch 32 + 32
     python benchmarks/step_overhead.py --e2e                 # also the end-to-end DER++ reproduction run
+    python benchmarks/step_overhead.py --device cuda --compile   # every variant on torch.compile(model)
+    python benchmarks/step_overhead.py --from-json a.json [b.json ...] [--readme]   # render saved results
+
+With ``--compile`` every variant's model is ``torch.compile(model)`` and the method is attached to the
+compiled module, as the README tells users to do (``compiled = torch.compile(model); ER(compiled, ...)``),
+so compiled plain is compared with compiled replay. ``--from-json`` runs nothing: it prints the table of
+each saved result (and with ``--readme`` puts them into README.md), naming the device and the torch
+version that the JSON recorded.
 
 Also times a reference-style DER++ written the way common reference code does it (a Python loop per
 sample to insert, a separate forward and loss for each buffer minibatch), for comparison.
@@ -21,7 +29,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -29,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+README = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "README.md"))
 
 import synapse  # noqa: E402
 from synapse._autograd import backward as seeded_backward  # noqa: E402
@@ -179,13 +188,16 @@ def make_variants(
 
 
 class Runner:
-    """One variant: its model, optimizer and method, stepping over a fixed pool of batches."""
+    """One variant: its model, optimizer and method, stepping over a fixed pool of batches.
 
-    def __init__(self, name, make, model_name, shape, classes, batch, device, seed=0):
+    ``compile_backend``: when given, the model is ``torch.compile``d with that backend before the method
+    is attached to it, the way the README tells users to combine the two.
+    """
+
+    def __init__(self, name, make, model_name, shape, classes, batch, device, seed=0, compile_backend=None):
         torch.manual_seed(seed)
-        self.model = create_model(model_name, shape[0], shape[1], classes, [0.5] * shape[0], [0.25] * shape[0]).to(
-            device
-        )
+        model = create_model(model_name, shape[0], shape[1], classes, [0.5] * shape[0], [0.25] * shape[0]).to(device)
+        self.model = torch.compile(model, backend=compile_backend) if compile_backend else model
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01)
         self.method = make(self.model) if make else None
         self.name, self.device = name, device
@@ -261,21 +273,94 @@ def end_to_end_lines(summary: Dict[str, Dict[str, Any]]) -> List[str]:
     return lines
 
 
+def table_lines(rows: Sequence[Mapping[str, Any]]) -> List[str]:
+    """The markdown table of ``rows`` (variant, ms per step, ratio to plain)."""
+    table = [f"| {'variant':<24} | {'ms/step':>8} | {'x plain':>7} |", f"|{'-' * 26}|{'-' * 10}|{'-' * 9}|"]
+    table += [f"| {r['variant']:<24} | {r['median_ms']:>8.3f} | {r['ratio_to_plain']:>6.2f}x |" for r in rows]
+    return table
+
+
+def render(result: Mapping[str, Any]) -> List[str]:
+    """A saved (or fresh) result as README text: its setting, which names the device and the torch version,
+    the table, and the end-to-end lines when it has them."""
+    header = result["setting"]
+    for recorded in (result.get("device_name"), result.get("torch") and f"torch {result['torch']}"):
+        if recorded and recorded not in header:  # results written by hand or by an older version
+            header += f", {recorded}"
+    lines = [f"{header}:", "", *table_lines(result["rows"])]
+    if result.get("end_to_end"):
+        lines += ["", *end_to_end_lines(result["end_to_end"])]
+    return lines
+
+
+def load_result(path: str) -> Dict[str, Any]:
+    """A result written by this benchmark's ``--json``, checked, so that a wrong file is a clear error."""
+    try:
+        with open(path) as f:
+            result = json.load(f)
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror or e}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not JSON ({e})") from None
+    problem = None
+    if not isinstance(result, dict):
+        problem = f"it holds a {type(result).__name__}, not an object"
+    elif not isinstance(result.get("setting"), str) or not isinstance(result.get("device"), str):
+        problem = "it has no 'setting' or 'device' string"
+    elif not isinstance(result.get("rows"), list) or not result["rows"]:
+        problem = "it has no 'rows' list"
+    else:
+        for row in result["rows"]:
+            fields_ok = isinstance(row, dict) and isinstance(row.get("variant"), str)
+            numbers_ok = fields_ok and all(
+                isinstance(row.get(k), (int, float)) and not isinstance(row.get(k), bool)
+                for k in ("median_ms", "ratio_to_plain")
+            )
+            if not numbers_ok:
+                problem = f"row {row!r} lacks a 'variant' name or a numeric 'median_ms' and 'ratio_to_plain'"
+                break
+    if problem:
+        raise ValueError(f"{path} is not a result of benchmarks/step_overhead.py: {problem}")
+    return result
+
+
+def from_json(paths: Sequence[str], readme: bool) -> None:
+    """Print the tables of saved results, and with ``readme`` put them into README.md; runs nothing."""
+    results = [load_result(p) for p in paths]
+    kinds = sorted({torch.device(r["device"]).type for r in results})
+    if readme and len(kinds) > 1:
+        raise ValueError(f"--readme puts one device's tables in its section; these results are from {kinds}")
+    text = "\n\n".join("\n".join(render(r)) for r in results)
+    print(text)
+    if readme:
+        write_readme_section(f"step-overhead-{kinds[0]}", text)
+        print(f"written into README.md (step-overhead-{kinds[0]})")
+
+
+# What only a measurement uses: --from-json says which of these it was given, since it would ignore them.
+MEASUREMENT_OPTIONS = (
+    "device", "model", "batch", "buffer_batch", "buffer_size", "steps", "rounds", "warmup", "only", "e2e",
+    "e2e_seeds", "json", "compile", "compile_backend",
+)  # fmt: skip
+
+
 def write_readme_section(name: str, text: str) -> None:
-    """Replace what stands between ``<!-- name -->`` and ``<!-- /name -->`` in README.md."""
-    readme = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "README.md")
-    with open(readme) as f:
+    """Replace what stands between ``<!-- name -->`` and ``<!-- /name -->`` in README.md (``README``).
+
+    Both markers must be there, in that order; otherwise the README is left as it was.
+    """
+    with open(README) as f:
         content = f.read()
     start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
-    if start not in content:
-        raise SystemExit(f"README.md has no {start} marker")
+    if start not in content or end not in content.split(start, 1)[1]:
+        raise SystemExit(f"{README} lacks the markers {start} ... {end}; it was not changed")
     head, rest = content.split(start, 1)
-    tail = rest.split(end, 1)[1] if end in rest else rest
-    with open(readme, "w") as f:
+    tail = rest.split(end, 1)[1]
+    with open(README, "w") as f:
         f.write(f"{head}{start}\n{text}\n{end}{tail}")
 
 
-def main() -> None:
+def main(argv: Optional[Sequence[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto")
     p.add_argument("--model", default=None, help="default: mlp on CPU, resnet18-reduced on CUDA")
@@ -292,7 +377,38 @@ def main() -> None:
         "--json", default=None, help="write results here (default: benchmarks/results/step_overhead_<device>.json)"
     )
     p.add_argument("--readme", action="store_true", help="also put the table into README.md (between its markers)")
-    args = p.parse_args()
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile every variant's model, then attach the method to the compiled module",
+    )
+    p.add_argument(
+        "--compile_backend", default="inductor", help="the torch.compile backend of --compile (e.g. inductor, eager)"
+    )
+    p.add_argument(
+        "--from-json",
+        dest="from_json",
+        nargs="+",
+        metavar="FILE",
+        default=None,
+        help="run nothing: render the tables of results saved by --json (with --readme: into README.md)",
+    )
+    args = p.parse_args(argv)
+    if args.from_json:
+        given = [f"--{k}" for k in MEASUREMENT_OPTIONS if getattr(args, k) != p.get_default(k)]
+        if given:
+            p.error(f"--from-json renders saved results and measures nothing; drop {', '.join(given)}")
+        try:
+            from_json(args.from_json, args.readme)
+        except ValueError as e:
+            p.error(str(e))
+        return
+    if args.compile:
+        # Every variant compiles its own model, and the methods' hooks make their graphs differ: without
+        # room for them all, dynamo would fall back to eager for the later variants without a word.
+        for limit in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, limit):
+                setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 256))
 
     device = torch.device(
         "cuda"
@@ -308,7 +424,11 @@ def main() -> None:
     variants = make_variants(args.buffer_size, mb, (shape[0], shape[1], shape[1]))
     if args.only:
         variants = {k: v for k, v in variants.items() if k == "plain" or k in args.only}
-    runners = [Runner(name, make, model_name, shape, classes, batch, device) for name, make in variants.items()]
+    backend = args.compile_backend if args.compile else None
+    runners = [
+        Runner(name, make, model_name, shape, classes, batch, device, compile_backend=backend)
+        for name, make in variants.items()
+    ]
     fill = -(-args.buffer_size // batch)
     for r in runners:
         for _ in range(fill + args.warmup):
@@ -328,18 +448,18 @@ def main() -> None:
         if gpu
         else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
     )
+    compiled = f"torch.compile(model, backend={args.compile_backend!r})" if args.compile else None
     header = (
-        f"{model_name}, batch {batch} + buffer batch {mb}, buffer {args.buffer_size}, {device_name}, "
-        f"torch {torch.__version__}, median of {args.rounds * args.steps} steps"
+        f"{model_name}{f' under {compiled}' if compiled else ''}, batch {batch} + buffer batch {mb}, "
+        f"buffer {args.buffer_size}, {device_name}, torch {torch.__version__}, "
+        f"median of {args.rounds * args.steps} steps"
     )
-    table = [f"| {'variant':<24} | {'ms/step':>8} | {'x plain':>7} |", f"|{'-' * 26}|{'-' * 10}|{'-' * 9}|"]
-    table += [f"| {r['variant']:<24} | {r['median_ms']:>8.3f} | {r['ratio_to_plain']:>6.2f}x |" for r in rows]
-    print(header)
-    print("\n".join(table))
 
     result = {
         "setting": header,
         "device": str(device),
+        "device_name": device_name,
+        "compiled": compiled,
         "model": model_name,
         "batch": batch,
         "buffer_batch": mb,
@@ -348,16 +468,14 @@ def main() -> None:
         "synapse": synapse.__version__,
         "rows": rows,
     }
+    print(header)
+    print("\n".join(table_lines(rows)))
     if args.e2e:
         result["end_to_end"] = end_to_end(args.e2e_seeds)
     if args.readme:
-        lines = [f"{header}:", "", *table]
-        if "end_to_end" in result:
-            lines += ["", *end_to_end_lines(result["end_to_end"])]
-        write_readme_section(f"step-overhead-{device.type}", "\n".join(lines))
-    path = args.json or os.path.join(
-        os.path.dirname(os.path.abspath(__file__)), "results", f"step_overhead_{device.type}.json"
-    )
+        write_readme_section(f"step-overhead-{device.type}", "\n".join(render(result)))
+    name = f"step_overhead_{device.type}{'_compiled' if args.compile else ''}.json"
+    path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", name)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump(result, f, indent=2)

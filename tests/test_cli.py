@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from synapse.experiments.cli import main
+from synapse.experiments.cli import SMALL_MODEL_THREADS, default_threads, main
+from synapse.experiments.run import Config, Experiment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--dataset", "fashion-mnist", "--max_train_per_task", "300", "--max_test_per_task", "200", "--quiet"]
@@ -217,3 +218,97 @@ def test_checkpoints_load_with_weights_only_and_mismatches_are_named(tmp_path, c
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert main([*SMALL, "--output_dir", str(tmp_path), "--resume"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- the cli extra
+# Runs cli.py as a user would, with the extra's modules made unimportable: None in sys.modules is what
+# Python itself uses to block an import.
+WITHOUT_EXTRAS = (
+    "import runpy, sys; sys.modules.update(dict.fromkeys(sys.argv[1].split(','))); "
+    "sys.argv = sys.argv[2:]; runpy.run_path('cli.py', run_name='__main__')"
+)
+
+
+def run_without(modules, *args):
+    cmd = [sys.executable, "-c", WITHOUT_EXTRAS, ",".join(modules), "cli.py", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_without_its_extra_is_one_clear_line_and_exit_2(tmp_path):
+    proc = run_without(["tqdm", "matplotlib", "torchvision"], "--quiet", "--output_dir", str(tmp_path))
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "pip install -e '.[cli]'" in lines[0] and "torchvision, matplotlib, tqdm are not installed" in lines[0]
+    assert not os.listdir(tmp_path)  # nothing ran
+
+
+def test_cli_names_only_the_missing_modules(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    assert main(["--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "tqdm is not installed" in err and "matplotlib" not in err.split("installed")[0]
+
+
+def test_help_works_without_the_extra_and_names_it(capsys, monkeypatch):
+    for name in ("tqdm", "matplotlib", "torchvision"):
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--threads" in out and "pip install -e '.[cli]'" in out
+
+
+# ---------------------------------------------------------------------------- --threads
+@pytest.fixture
+def keep_threads():
+    """--threads sets torch's thread count for the whole process: put it back for the other tests."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two", "1.5"])
+def test_bad_threads_are_argparse_errors(value, capsys, keep_threads):
+    before = torch.get_num_threads()
+    with pytest.raises(SystemExit) as e:
+        main(["--threads", value])
+    assert e.value.code == 2 and "--threads" in capsys.readouterr().err
+    assert torch.get_num_threads() == before
+
+
+def test_threads_are_applied_printed_and_put_back(tmp_path, capsys, keep_threads):
+    torch.set_num_threads(2)
+    args = ["--max_train_per_task", "50", "--max_test_per_task", "50", "--output_dir", str(tmp_path)]
+    assert main([*args, "--threads", "1"]) == 0
+    assert '"threads": 1' in capsys.readouterr().out  # the count in effect, printed with the configuration
+    assert json.loads((tmp_path / "results.json").read_text())["config"]["threads"] == 1
+    assert torch.get_num_threads() == 2  # main() leaves the process as it found it
+
+
+def test_experiment_records_the_threads_in_effect(keep_threads):
+    torch.set_num_threads(3)
+    assert Experiment(Config(max_train_per_task=10, max_test_per_task=10)).cfg.threads == 3
+    assert Experiment(Config(max_train_per_task=10, max_test_per_task=10, threads=1)).cfg.threads == 1
+    assert torch.get_num_threads() == 1
+
+
+def test_default_threads(monkeypatch, keep_threads):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert default_threads("fashion-mnist", None) == min(cpus, SMALL_MODEL_THREADS)
+    assert default_threads("fashion-mnist", "mlp") == min(cpus, SMALL_MODEL_THREADS)
+    torch.set_num_threads(3)
+    assert default_threads("cifar10", None) == 3  # a larger model keeps torch's default
+    assert default_threads("fashion-mnist", "resnet18-reduced") == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # torchrun's setting, or the user's, is kept
+    assert default_threads("fashion-mnist", None) == 3
+
+
+def test_experiment_rejects_bad_threads(keep_threads):
+    before = torch.get_num_threads()
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="threads must be a positive int or None"):
+            Experiment(Config(threads=bad))
+    assert torch.get_num_threads() == before

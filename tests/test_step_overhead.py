@@ -1,12 +1,19 @@
 """The step-overhead benchmark runs every variant, floors included, and writes its JSON (timings are not
-asserted: speed is measured by the benchmark itself, side by side, not by tests)."""
+asserted: speed is measured by the benchmark itself, side by side, not by tests). Saved results render
+into tables, and into README.md between the device's markers, without running anything."""
 
 import json
 import os
 import subprocess
 import sys
 
+import pytest
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import step_overhead  # noqa: E402
 
 
 def test_step_overhead_runs_every_variant(tmp_path):
@@ -19,3 +26,101 @@ def test_step_overhead_runs_every_variant(tmp_path):
     assert expected <= rows.keys()
     assert all(r["median_ms"] > 0 for r in rows.values())
     assert rows["plain"]["ratio_to_plain"] == 1.0
+
+
+def saved(tmp_path, name="result.json", **fields):
+    result = {
+        "setting": "resnet18-reduced, batch 32 + buffer batch 32, Test GPU X1, torch 9.9.9, median of 5 steps",
+        "device": "cuda",
+        "torch": "9.9.9",
+        "rows": [
+            {"variant": "plain", "median_ms": 9.0, "ratio_to_plain": 1.0},
+            {"variant": "ER (fused)", "median_ms": 9.45, "ratio_to_plain": 1.05},
+            {"variant": "A-GEM", "median_ms": 17.73, "ratio_to_plain": 1.97},
+        ],
+        **fields,
+    }
+    path = tmp_path / name
+    path.write_text(json.dumps(result))
+    return str(path)
+
+
+def test_from_json_renders_the_table_with_device_and_torch(tmp_path, capsys):
+    step_overhead.main(["--from-json", saved(tmp_path)])
+    out = capsys.readouterr().out
+    assert out.startswith("resnet18-reduced, batch 32") and "Test GPU X1" in out and "torch 9.9.9" in out
+    assert "| ER (fused)               |    9.450 |   1.05x |" in out
+    assert "| A-GEM                    |   17.730 |   1.97x |" in out
+
+
+def test_from_json_names_device_and_torch_missing_from_the_setting(tmp_path, capsys):
+    path = saved(tmp_path, setting="mlp, batch 10", device_name="Test GPU X2", torch="1.2.3")
+    step_overhead.main(["--from-json", path])
+    assert capsys.readouterr().out.startswith("mlp, batch 10, Test GPU X2, torch 1.2.3:")
+
+
+def test_from_json_writes_the_readme_between_the_markers_only(tmp_path, monkeypatch):
+    readme = tmp_path / "README.md"
+    before = "# Title\n\n<!-- step-overhead-cpu -->\ncpu table\n<!-- /step-overhead-cpu -->\n\nGPU:\n\n"
+    after = "\n\n## Development\n"
+    readme.write_text(f"{before}<!-- step-overhead-cuda -->\nold\n<!-- /step-overhead-cuda -->{after}")
+    monkeypatch.setattr(step_overhead, "README", str(readme))
+    eager = saved(tmp_path)
+    compiled = saved(tmp_path, "compiled.json", setting="resnet18-reduced under torch.compile, Test GPU X1")
+    step_overhead.main(["--from-json", eager, compiled, "--readme"])
+    text = readme.read_text()
+    assert text.startswith(before) and text.endswith(after) and "old" not in text
+    section = text.split("<!-- step-overhead-cuda -->\n")[1].split("\n<!-- /step-overhead-cuda -->")[0]
+    assert section.count("| plain ") == 2 and "under torch.compile, Test GPU X1, torch 9.9.9:" in section
+
+
+@pytest.mark.parametrize(
+    "content, flags, message",
+    [
+        (None, [], "cannot read"),
+        ("not json", [], "is not JSON"),
+        ('{"setting": "s", "device": "cuda", "rows": []}', [], "no 'rows'"),
+        ('{"setting": "s", "device": "cuda", "rows": [{"variant": "plain"}]}', [], "numeric 'median_ms'"),
+        ('{"setting": "s", "device": "cuda", "rows": [{"variant": "plain"}]}', ["--compile"], "drop --compile"),
+    ],
+)
+def test_from_json_rejects_bad_input_and_leaves_the_readme(tmp_path, monkeypatch, capsys, content, flags, message):
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- step-overhead-cuda -->\nold\n<!-- /step-overhead-cuda -->\n")
+    monkeypatch.setattr(step_overhead, "README", str(readme))
+    path = tmp_path / "bad.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit) as e:
+        step_overhead.main(["--from-json", str(path), "--readme", *flags])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert "old" in readme.read_text()
+
+
+def test_readme_without_its_markers_is_left_alone(tmp_path, monkeypatch):
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- step-overhead-cuda -->\nno end marker\n")
+    monkeypatch.setattr(step_overhead, "README", str(readme))
+    with pytest.raises(SystemExit, match="lacks the markers"):
+        step_overhead.main(["--from-json", saved(tmp_path), "--readme"])
+    assert readme.read_text() == "<!-- step-overhead-cuda -->\nno end marker\n"
+
+
+def test_compile_compiles_every_variant_before_its_method(tmp_path, monkeypatch):
+    """``--compile`` hands each method the compiled module. torch.compile is replaced by a recorder, so
+    this checks the wiring in milliseconds; compiled steps themselves run in benchmarks/gpu_checks.sh."""
+    compiled = []
+
+    def fake_compile(model, backend=None):
+        compiled.append((type(model).__name__, backend))
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    out = tmp_path / "compiled.json"
+    variants = ["plain", "ER (fused)", "SI", "floor: ER"]
+    args = ["--compile", "--compile_backend", "eager", "--steps", "1", "--rounds", "1", "--warmup", "1"]
+    step_overhead.main([*args, "--buffer_size", "20", "--only", *variants[1:], "--json", str(out)])
+    assert compiled == [("Classifier", "eager")] * len(variants)
+    result = json.loads(out.read_text())
+    assert result["compiled"] == "torch.compile(model, backend='eager')"
+    assert "under torch.compile" in result["setting"] and [r["variant"] for r in result["rows"]] == variants

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Hashable, Iterator, Mapping, Optional, Sequence, Tuple
@@ -69,18 +70,29 @@ class Task:
 class TaskDict(Mapping[Hashable, Task], ABC):
     """An ordered mapping ``key -> Task`` that splits one dataset by class.
 
-    Subclasses say where the data comes from by implementing :meth:`_train_set` and :meth:`_test_set`.
-    Samples whose class belongs to no task are left out, so a subset of the classes is a valid
-    experiment; a class listed under two tasks is an error. The split is vectorised: one lookup table
-    maps every label to its task at once.
+    Subclasses say where the data comes from through ``_train_set`` and ``_test_set``, in either of two
+    forms: methods that take ``root`` (the form used throughout this package), or properties that take
+    no argument and may read ``self.root`` (the form of Synapse's first documentation, so that code
+    written from it keeps working). Each is read exactly once, while the instance is built, after
+    ``root`` and the split's mappings are stored on the instance. Samples whose class belongs to no task
+    are left out, so a subset of the classes is a valid experiment; a class listed under two tasks is an
+    error. The split is vectorised: one lookup table maps every label to its task at once.
 
     Args:
-        root: where the dataset lives; passed to :meth:`_train_set` and :meth:`_test_set`.
+        root: where the dataset lives; passed to ``_train_set``/``_test_set`` methods, and stored as
+            ``self.root`` for the property form.
         key_to_targets: ``{task key: classes of that task}``, in task order.
         key_to_transform: optional ``{task key: input transform}`` for tasks that need one.
         key_to_target_transform: optional ``{task key: target transform}``.
 
+    Raises:
+        ValueError: the split is malformed (no tasks, a task without classes, a class in two tasks, a
+            transform for a key that is not a task).
+        TypeError: ``_train_set`` or ``_test_set`` gives something that is not a map-style dataset.
+
     Example:
+        The method form, which receives ``root``:
+
         >>> class SplitFashionMNIST(TaskDict):
         ...     def _train_set(self, root):
         ...         return torchvision.datasets.FashionMNIST(root, train=True)
@@ -88,6 +100,19 @@ class TaskDict(Mapping[Hashable, Task], ABC):
         ...         return torchvision.datasets.FashionMNIST(root, train=False)
         >>> tasks = SplitFashionMNIST("data", {t: (2 * t, 2 * t + 1) for t in range(5)})
         >>> x, y = tasks[0].train_set[0]
+
+        The property form, which reads ``self.root``:
+
+        >>> class CIFAR10TaskDict(TaskDict):
+        ...     @property
+        ...     def _train_set(self):
+        ...         return self._create_dataset(train=True)
+        ...     @property
+        ...     def _test_set(self):
+        ...         return self._create_dataset(train=False)
+        ...     def _create_dataset(self, train):
+        ...         return torchvision.datasets.CIFAR10(self.root, train=train, download=True)
+        >>> tasks = CIFAR10TaskDict(root="datasets", key_to_targets={"1": [0, 1], "2": [2, 3], "3": [4, 5]})
     """
 
     def __init__(
@@ -98,27 +123,51 @@ class TaskDict(Mapping[Hashable, Task], ABC):
         key_to_target_transform: Optional[Mapping[Any, Transform]] = None,
     ) -> None:
         classes = _check_split(key_to_targets, key_to_transform, key_to_target_transform)
+        # Stored before the datasets are read: the property form builds its dataset from these.
         self.root = root
-        train, test = self._train_set(root), self._test_set(root)
-        transforms = dict(key_to_transform or {})
-        target_transforms = dict(key_to_target_transform or {})
+        self.key_to_targets: Dict[Hashable, Tuple[int, ...]] = classes
+        self.key_to_transform: Dict[Hashable, Transform] = dict(key_to_transform or {})
+        self.key_to_target_transform: Dict[Hashable, Transform] = dict(key_to_target_transform or {})
+        train, test = self._read_dataset("_train_set"), self._read_dataset("_test_set")
         train_split = _split_by_class(dataset_targets(train), classes)
         test_split = _split_by_class(dataset_targets(test), classes)
         self._tasks: Dict[Hashable, Task] = {}
         for key, task_classes in classes.items():
+            transform, target_transform = self.key_to_transform.get(key), self.key_to_target_transform.get(key)
             subsets = [
-                TaskSubset(ds, idx, tgt, transforms.get(key), target_transforms.get(key))
+                TaskSubset(ds, idx, tgt, transform, target_transform)
                 for ds, (idx, tgt) in ((train, train_split[key]), (test, test_split[key]))
             ]
             self._tasks[key] = Task(key, subsets[0], subsets[1], task_classes)
 
+    def _read_dataset(self, name: str) -> Dataset:
+        """The dataset that ``_train_set`` or ``_test_set`` (``name``) describes, in either form.
+
+        A method is called with ``self.root`` (or with nothing, if it takes no argument); a property, or
+        any other attribute, is read as it is. Whatever comes back must be a map-style dataset.
+        """
+        source = getattr(self, name)  # the property form is evaluated here, once
+        if inspect.ismethod(source) or inspect.isfunction(source):
+            takes_root = any(
+                p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
+                for p in inspect.signature(source).parameters.values()
+            )
+            source = source(self.root) if takes_root else source()
+        if not (hasattr(source, "__getitem__") and hasattr(source, "__len__")):
+            raise TypeError(
+                f"{type(self).__name__}.{name} gave {type(source).__name__}, not a dataset: define "
+                f"'{name}(self, root)' or a property '{name}' that returns a map-style dataset "
+                "(with __len__ and __getitem__ giving (input, label) pairs)"
+            )
+        return source
+
     @abstractmethod
     def _train_set(self, root: str) -> Dataset:
-        """The full training set (labels via ``targets`` or ``dataset[i][1]``)."""
+        """The full training set (labels via ``targets`` or ``dataset[i][1]``); may be a property instead."""
 
     @abstractmethod
     def _test_set(self, root: str) -> Dataset:
-        """The full test set."""
+        """The full test set; may be a property instead."""
 
     def __getitem__(self, key: Hashable) -> Task:
         return self._tasks[key]

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
+import torch
+
+from ._extras import missing_extras_message, missing_modules
 from .checkpoint import CheckpointError
 from .datasets import DATASETS, DatasetUnavailable
 from .methods import METHODS
@@ -52,6 +56,32 @@ def _model_name(text: str) -> str:
     return text
 
 
+# The MNIST-like protocols train a 784-100-100 MLP at batch 10: each step is far too small to share
+# among threads, and torch's default of one thread per core only adds waiting. benchmarks/threads.py,
+# training time of the CLI demo (benchmarks/results/threads_*.json): on an idle 16-core host, medians of
+# 3 runs, 1 thread 5.5 s, 2 6.3 s, 4 6.9 s, 8 7.0 s, 16 (torch's default there) 6.7 s, with runs of one
+# count up to 30% apart (pooled with a second pass, 1 thread stays fastest: 5.5 s against 5.8 to 7.0 s);
+# on an idle 2-core VM, 1 thread 4.9 s and 2 threads 5.3 s; on that VM busy with other work, 1 thread
+# 15 s and 2 threads 153 s. One thread is never the slow choice, and it is the only safe one on a busy
+# machine.
+SMALL_MODEL_THREADS = 1
+SMALL_MODELS = ("mlp",)
+
+
+def default_threads(dataset: str, model: Optional[str]) -> int:
+    """The CPU threads a run gets when ``--threads`` is not given.
+
+    ``OMP_NUM_THREADS``, when set (torchrun sets it to 1 for several processes per machine), is torch's
+    own setting and is kept. Otherwise the small models of the MNIST-like protocols get
+    ``SMALL_MODEL_THREADS`` (or fewer, where fewer CPUs are available), and larger models get torch's
+    default (one thread per core).
+    """
+    if os.environ.get("OMP_NUM_THREADS") or (model or DATASETS[dataset].protocol.model) not in SMALL_MODELS:
+        return torch.get_num_threads()
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cpus, SMALL_MODEL_THREADS))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="synapse",
@@ -59,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
         "continual-learning metrics. Unset options follow the DER paper's protocol for the dataset "
         "(Buzzega et al. 2020): MNIST-like: mlp, 1 epoch, batch 10; CIFAR: resnet18-reduced, 50 epochs, batch 32.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Needs the 'cli' extra (torchvision, matplotlib, tqdm): pip install -e '.[cli]' in a checkout, "
+        "or pip install 'torch-synapse[cli]'.",
     )
     d = Config()
     g = p.add_argument_group("data")
@@ -123,6 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--seed", type=int, default=d.seed, help="seed for initialisation, data order and the buffer")
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
+    g.add_argument(
+        "--threads",
+        type=_number(int, 0, low_open=True),
+        default=None,
+        help="CPU threads for torch (default: OMP_NUM_THREADS if set; otherwise "
+        f"{SMALL_MODEL_THREADS} for the small MLP of the MNIST-like protocols, whose tiny steps more threads only "
+        "slow down, and torch's default, one per core, for larger models); printed with the configuration",
+    )
     g = p.add_argument_group("continual learning")
     g.add_argument(
         "--synapse_type", default=d.synapse_type, choices=METHODS.names(), help="the method for continual runs"
@@ -167,12 +207,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _asks_for_help(argv: Sequence[str]) -> bool:
+    """Whether argparse would print the help (``-h``, ``--help`` or an abbreviation such as ``--he``)."""
+    return any(a == "-h" or (a.startswith("--h") and "--help".startswith(a)) for a in argv)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Before anything else, so that a run never starts and then fails at its first progress bar or plot.
+    # The help needs none of the extras and says how to install them, so it is always shown.
+    missing = missing_modules()
+    if missing and not _asks_for_help(argv):
+        print(missing_extras_message(missing), file=sys.stderr)
+        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.resume and not args.output_dir:
         parser.error("--resume needs --output_dir (the folder holding the checkpoint)")
+    if args.threads is None:
+        args.threads = default_threads(args.dataset, args.model)
     cfg = Config(**{k: v for k, v in vars(args).items()})
+    threads_before = torch.get_num_threads()  # put back at the end, for callers of main() in-process
     try:
         Experiment(cfg).run()
     except (DatasetUnavailable, CheckpointError) as e:
@@ -185,6 +240,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .distributed import shutdown
 
         shutdown()
+        torch.set_num_threads(threads_before)
     return 0
 
 

@@ -77,6 +77,9 @@ class Config:
     max_train_per_task: Optional[int] = None
     max_test_per_task: Optional[int] = None
     quiet: bool = False
+    # CPU threads for torch; None leaves the process's setting alone. Either way the count in effect is
+    # recorded here by Experiment, so that the printed configuration and results.json show it.
+    threads: Optional[int] = None
 
     def with_protocol(self, spec: DatasetSpec) -> Config:
         """Fill unset values from the DER paper's protocol for the dataset."""
@@ -140,6 +143,11 @@ class Experiment:
     """Runs one configuration end to end. ``run()`` returns the results dict also written to results.json."""
 
     def __init__(self, cfg: Config) -> None:
+        if cfg.threads is not None:
+            if isinstance(cfg.threads, bool) or not isinstance(cfg.threads, int) or cfg.threads < 1:
+                raise ValueError(f"threads must be a positive int or None, got {cfg.threads!r}")
+            torch.set_num_threads(cfg.threads)
+        cfg = dataclasses.replace(cfg, threads=torch.get_num_threads())
         self.world: World = init_from_env(
             cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         )
