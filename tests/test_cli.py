@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from synapse import catalog
 from synapse.experiments.cli import SMALL_MODEL_THREADS, default_threads, main
 from synapse.experiments.run import Config, Experiment
 
@@ -44,11 +45,37 @@ def test_baselines(tmp_path, training_type):
     assert (tmp_path / "epoch_log.csv").read_text().startswith("task,epoch,train_loss")
 
 
-@pytest.mark.parametrize("synapse_type", ["er", "der", "der++", "agem", "si"])
+@pytest.mark.parametrize("synapse_type", catalog.names())
 def test_continual(tmp_path, synapse_type):
     r = run_cli(tmp_path, "--training_type", "continual", "--synapse_type", synapse_type, "--buffer_size", "100")
     check_results(r, 5)
     assert r["config"]["synapse_type"] == synapse_type
+    # results.json records every hyperparameter the method ran with, defaults included.
+    assert r["config"]["method_args"] == catalog.get(synapse_type).defaults()
+
+
+def test_method_hyperparameters_by_flag_and_by_name(tmp_path):
+    r = run_cli(tmp_path, "--synapse_type", "der++", "--alpha", "0.2", "--method_args", "beta=0.7")
+    assert r["config"]["method_args"] == {"alpha": 0.2, "beta": 0.7}
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--synapse_type", "si", "--beta", "0.5"], "--beta is not a hyperparameter of si"),
+        (["--synapse_type", "der++", "--alpha", "-1"], "alpha must be finite and >= 0"),
+        (["--synapse_type", "ewc", "--method_args", "lambda=3"], "ewc has no hyperparameter lambda"),
+        (["--synapse_type", "er", "--method_args", "alpha"], "KEY=VALUE"),
+        (["--synapse_type", "er-ace", "--mask", "all"], "mask must be one of"),
+        (["--training_type", "joint", "--alpha", "0.1"], "need --training_type continual"),
+    ],
+)
+def test_bad_method_hyperparameters_are_argparse_errors(flags, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(flags)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
 
 
 def test_validation_split_is_reported(tmp_path):
@@ -109,16 +136,20 @@ def test_help_explains_every_flag():
         "--validation_ratio",
         "--buffer_size",
         "--buffer_sample_size",
-        "--alpha",
-        "--beta",
-        "--xi",
+        "--method_args",
+        "--normalize",
+        "--init",
+        "--weight_decay",
         "--seed",
         "--device",
         "--num_workers",
         "--output_dir",
         "--resume",
+        *(f"--{h.name}" for spec in catalog.specs() for h in spec.hparams),
     ):
         assert flag in proc.stdout
+    for spec in catalog.specs():  # one group per method, with its paper
+        assert f"{spec.name}: {spec.summary}" in proc.stdout
 
 
 RESUME_ARGS = [

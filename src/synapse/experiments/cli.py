@@ -5,15 +5,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
+
+from synapse import catalog
 
 from ._extras import missing_extras_message, missing_modules
 from .checkpoint import CheckpointError
 from .datasets import DATASETS, DatasetUnavailable
-from .methods import METHODS
-from .models import model_names
+from .models import INITS, model_names
 from .run import TRAINING_TYPES, Config, Experiment, StopRequested
 
 
@@ -126,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="accepted for compatibility with DataLoader-based scripts, without effect: each task is held in memory "
         "as uint8 tensors and batched by indexing, with augmentation batched on the device",
     )
+    g.add_argument(
+        "--evaluate_on",
+        choices=("test", "validation"),
+        default=d.evaluate_on,
+        help="score the accuracy matrix on the test sets, or on the held-out --validation_ratio of each task's "
+        "training data (for choosing hyperparameters without touching the test sets)",
+    )
     g = p.add_argument_group("training")
     g.add_argument(
         "--model",
@@ -153,6 +161,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="batch size (per process under torchrun)",
     )
+    g.add_argument(
+        "--normalize",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="standardise inputs per channel (default: the protocol's; MNIST-like: no, pixels in [0, 1] as the DER "
+        "authors' code; CIFAR: yes)",
+    )
+    g.add_argument(
+        "--init",
+        choices=INITS,
+        default=None,
+        help="initialisation (default: the protocol's; MNIST-like: xavier, as the DER authors' MLP; CIFAR: default)",
+    )
     g.add_argument("--seed", type=int, default=d.seed, help="seed for initialisation, data order and the buffer")
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
     g.add_argument(
@@ -165,7 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("continual learning")
     g.add_argument(
-        "--synapse_type", default=d.synapse_type, choices=METHODS.names(), help="the method for continual runs"
+        "--synapse_type",
+        default=d.synapse_type,
+        choices=catalog.names(),
+        help="the method for continual runs (its hyperparameters: the groups below)",
     )
     g.add_argument(
         "--buffer_size",
@@ -186,18 +210,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="items per replay minibatch (default: the batch size)",
     )
     g.add_argument(
-        "--alpha",
-        type=_number(float, 0, high=None),
-        default=d.alpha,
-        help="ER: replay CE weight; DER/DER++: logit MSE weight; SI: penalty strength c",
-    )
-    g.add_argument("--beta", type=_number(float, 0, high=None), default=d.beta, help="DER++: replay CE weight")
-    g.add_argument("--xi", type=_number(float, 0, low_open=True, high=None), default=d.xi, help="SI: damping xi")
-    g.add_argument(
         "--unfused",
         action="store_true",
         help="ER family: replay in a separate forward pass instead of inside the model's forward",
     )
+    g.add_argument(
+        "--method_args",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="the method's hyperparameters by name, as an alternative to their flags below",
+    )
+    g.add_argument(
+        "--weight_decay",
+        type=_number(float, 0, high=None),
+        default=d.weight_decay,
+        help="SGD's weight decay (L2), e.g. 5e-4 for the DER authors' LwF",
+    )
+    _add_method_flags(p)
     g = p.add_argument_group("output")
     g.add_argument(
         "--output_dir", default=None, help="write results.json, accuracy_matrix.png, epoch_log.csv and checkpoints here"
@@ -205,6 +235,68 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output_dir")
     g.add_argument("--quiet", action="store_true", help="print nothing but errors")
     return p
+
+
+def _hparam_dest(name: str) -> str:
+    return f"hp_{name}"
+
+
+def _add_method_flags(p: argparse.ArgumentParser) -> None:
+    """A group per registered method, with a flag per hyperparameter (a name several methods share, such
+    as --alpha, is one flag, listed under the first; each group's description names all of its own)."""
+    added = set()
+    for spec in catalog.specs():
+        described = ", ".join(f"--{h.name} (default {h.default!r})" for h in spec.hparams) or "none"
+        g = p.add_argument_group(f"{spec.name}: {spec.summary}", f"{spec.paper}. Hyperparameters: {described}.")
+        for h in spec.hparams:
+            if h.name in added:
+                continue
+            added.add(h.name)
+            users = [s.name for s in catalog.specs() if any(x.name == h.name for x in s.hparams)]
+            meaning = "; ".join(
+                f"{s.name}: {x.help} (default {x.default!r})"
+                for s in catalog.specs()
+                for x in s.hparams
+                if x.name == h.name
+            )
+            kwargs: Dict[str, Any] = {"nargs": "?", "const": "true"} if h.type is bool else {}
+            g.add_argument(
+                f"--{h.name}",
+                dest=_hparam_dest(h.name),
+                default=None,
+                metavar=h.type.__name__.upper() if h.choices is None else "{" + ",".join(map(str, h.choices)) + "}",
+                help=meaning if len(users) > 1 else f"{h.help} (default {h.default!r})",
+                **kwargs,
+            )
+
+
+def _method_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Dict[str, Any]:
+    """The chosen method's hyperparameters from its flags and --method_args, checked against the catalog."""
+    spec = catalog.get(args.synapse_type)
+    given: Dict[str, Any] = {}
+    for item in args.method_args:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            parser.error(f"--method_args takes KEY=VALUE pairs, got {item!r}")
+        given[key] = value
+    names = {h.name for s in catalog.specs() for h in s.hparams}
+    for name in sorted(names):
+        value = getattr(args, _hparam_dest(name))
+        if value is None:
+            continue
+        if name not in {h.name for h in spec.hparams}:
+            accepted = ", ".join(f"--{h.name}" for h in spec.hparams) or "none"
+            parser.error(f"--{name} is not a hyperparameter of {spec.name} (it takes: {accepted})")
+        given[name] = value
+    if args.training_type != "continual":
+        if given:
+            parser.error(f"method hyperparameters ({', '.join(given)}) need --training_type continual")
+        return {}
+    try:
+        return spec.resolve(given)
+    except ValueError as e:
+        parser.error(f"{spec.name}: {e}")
+        raise  # unreachable: parser.error exits
 
 
 def _asks_for_help(argv: Sequence[str]) -> bool:
@@ -226,7 +318,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error("--resume needs --output_dir (the folder holding the checkpoint)")
     if args.threads is None:
         args.threads = default_threads(args.dataset, args.model)
-    cfg = Config(**{k: v for k, v in vars(args).items()})
+    method_args = _method_args(parser, args)
+    fields = {k: v for k, v in vars(args).items() if not k.startswith("hp_")}
+    cfg = Config(**{**fields, "method_args": method_args})
     threads_before = torch.get_num_threads()  # put back at the end, for callers of main() in-process
     try:
         Experiment(cfg).run()

@@ -15,13 +15,13 @@ import torch
 from torch import Tensor, nn
 
 import synapse
+from synapse import catalog, named_batches
 
 from . import report
 from .checkpoint import CheckpointError, atomic_save, load_checkpoint
 from .datasets import DatasetSpec, load_tasks
 from .distributed import World, any_rank, device_for, init_from_env
 from .loop import Evaluation, evaluate, shard, train_epoch
-from .methods import METHODS
 from .models import create_model
 
 TRAINING_TYPES = ("joint", "sequential", "continual")
@@ -39,9 +39,11 @@ IDENTITY = (
     "buffer_size",
     "buffer_scope",
     "buffer_sample_size",
-    "alpha",
-    "beta",
-    "xi",
+    "method_args",
+    "weight_decay",
+    "normalize",
+    "init",
+    "evaluate_on",
     "unfused",
     "max_train_per_task",
     "max_test_per_task",
@@ -65,9 +67,12 @@ class Config:
     buffer_size: int = 500
     buffer_scope: str = "rank"
     buffer_sample_size: Optional[int] = None
-    alpha: float = 0.3
-    beta: float = 0.5
-    xi: float = 1.0
+    # The method's hyperparameters by catalog name; unset ones take the catalog's defaults.
+    method_args: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    weight_decay: float = 0.0
+    normalize: Optional[bool] = None  # None: the protocol's
+    init: Optional[str] = None  # None: the protocol's
+    evaluate_on: str = "test"  # or "validation": the held-out part of each task's training data
     unfused: bool = False
     seed: int = 0
     device: str = "auto"
@@ -92,6 +97,8 @@ class Config:
             num_epochs=self.num_epochs or p.num_epochs,
             batch_size=batch,
             buffer_sample_size=self.buffer_sample_size or batch,
+            normalize=p.normalize if self.normalize is None else self.normalize,
+            init=self.init or p.init,
         )
 
 
@@ -152,6 +159,12 @@ class Experiment:
             cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         )
         self.device = device_for(cfg.device, self.world)
+        if cfg.evaluate_on not in ("test", "validation"):
+            raise ValueError(f"evaluate_on must be 'test' or 'validation', got {cfg.evaluate_on!r}")
+        if cfg.evaluate_on == "validation" and cfg.validation_ratio <= 0:
+            raise ValueError("evaluate_on='validation' needs validation_ratio > 0 (the held-out part it scores)")
+        if cfg.training_type == "continual":  # the method's full hyperparameters, checked before any work
+            cfg = dataclasses.replace(cfg, method_args=catalog.get(cfg.synapse_type).resolve(cfg.method_args))
         self.spec, tensors, _ = load_tasks(cfg.dataset, cfg.dataset_dir)
         self.cfg = cfg.with_protocol(self.spec)
         self.main = self.world.is_main
@@ -166,6 +179,8 @@ class Experiment:
             self.val_sets.append((vx.to(self.device), vy.to(self.device)))
             test_x, test_y = _limit(test_x, test_y, self.cfg.max_test_per_task)
             self.test_sets.append((test_x.to(self.device), test_y.to(self.device)))
+        if self.cfg.evaluate_on == "validation":  # tuning: the test sets are never read
+            self.test_sets = self.val_sets
         self.task_classes = list(self.spec.task_classes().values())
         assert self.cfg.model is not None
         model = create_model(
@@ -175,16 +190,29 @@ class Experiment:
             self.spec.num_classes,
             self.spec.mean,
             self.spec.std,
+            normalize=bool(self.cfg.normalize),
+            init=self.cfg.init or "default",
         ).to(self.device)
         if self.world.size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         self.model = model
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=self.cfg.lr)  # type: ignore[arg-type]
-        cfg_dict = dataclasses.asdict(self.cfg)
-        self.synapse = (
-            METHODS[self.cfg.synapse_type](model, cfg_dict) if self.cfg.training_type == "continual" else None
+        self.optimizer = torch.optim.SGD(
+            model.parameters(),
+            lr=self.cfg.lr,  # type: ignore[arg-type]
+            weight_decay=self.cfg.weight_decay,
         )
+        cfg_dict = dataclasses.asdict(self.cfg)
+        self.synapse: Optional[synapse.Synapse] = None
+        if self.cfg.training_type == "continual":
+            self.synapse = catalog.get(self.cfg.synapse_type).create(
+                model,
+                self.cfg.method_args,
+                buffer_size=self.cfg.buffer_size,
+                buffer_sample_size=self.cfg.buffer_sample_size,
+                buffer_scope=self.cfg.buffer_scope,
+                fused=not self.cfg.unfused,
+            )
         self.identity = {k: cfg_dict[k] for k in IDENTITY}
         self.identity["world_size"] = self.world.size
         self.ckpt_path = (
@@ -284,7 +312,9 @@ class Experiment:
                         raise StopRequested(signals.received or signal.SIGTERM)
                     self.finish_epoch(name, result, time.perf_counter() - t0)
                 if self.synapse is not None:
-                    self.synapse.end_task()
+                    # The finished task's data, for methods that estimate something over it (EWC's
+                    # Fisher); a generator, so the methods that ignore it cost nothing.
+                    self.synapse.end_task(named_batches(self._task_batches(x, y), "inputs"))
                 cil, til, self.test_samples = self.evaluate()
                 self.accuracy["class_il"].append(cil)
                 self.accuracy["task_il"].append(til)
@@ -301,6 +331,14 @@ class Experiment:
                     raise StopRequested(signals.received)
         self.elapsed = time.perf_counter() - started
         return self.finish()
+
+    def _task_batches(self, x: Tensor, y: Tensor) -> Iterable[Tuple[Tensor, Tensor]]:
+        """This rank's share of a task's training data in batches of the run's size, without augmentation."""
+        mine = shard(torch.arange(len(y), device=y.device), self.world.rank, self.world.size)
+        step = self.cfg.batch_size or len(mine)
+        for start in range(0, len(mine), step):
+            idx = mine[start : start + step]
+            yield x[idx], y[idx]
 
     def finish_epoch(self, name: str, result: Any, seconds: float) -> None:
         row: Dict[str, Any] = {

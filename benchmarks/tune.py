@@ -1,0 +1,78 @@
+"""Choose hyperparameters on a validation split, never on the test set.
+
+For methods without published Seq-MNIST values (``TUNED_GRIDS`` in ``reproduce.py``), every point of the
+grid runs the reproduction protocol with a seeded random ``--validation_ratio`` of each task's training data
+held out; the score is the final Class-IL accuracy averaged over those held-out parts (the test sets are
+not read). The best point per method and buffer is printed, to be copied into ``BEST``.
+
+    python benchmarks/tune.py --methods mas er-ace           # 1 seed, 10% held out
+    python benchmarks/tune.py --methods mas --json tune.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import multiprocessing as mp
+import os
+import sys
+from typing import Any, Dict, List, Optional, Tuple
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from reproduce import BEST, PROTOCOL, TUNED_GRIDS, run_one  # noqa: E402
+
+Job = Tuple[str, Optional[int], Dict[str, Any], int, str, float]
+
+
+def grid_points(method: str, base: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Every combination of the method's grid, on top of its BEST entry (for the keys the grid leaves)."""
+    grid = TUNED_GRIDS[method]
+    keys = list(grid)
+    return [{**base, **dict(zip(keys, values))} for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def _score(job: Job) -> Tuple[Job, float]:
+    import torch
+
+    torch.set_num_threads(1)
+    method, buffer, hp, seed, dataset, ratio = job
+    results = run_one(method, buffer, seed, dataset, hp=hp, validation_ratio=ratio, evaluate_on="validation")
+    return job, results["average_accuracy"]["class_il"]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="fashion-mnist", choices=sorted(PROTOCOL))
+    p.add_argument("--methods", nargs="+", default=sorted(TUNED_GRIDS), choices=sorted(TUNED_GRIDS))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--validation_ratio", type=float, default=0.1)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--json", default=None, help="write every grid point's validation score here")
+    args = p.parse_args()
+    protocol = BEST[PROTOCOL[args.dataset]]
+    jobs: List[Job] = [
+        (m, b, hp, args.seed, args.dataset, args.validation_ratio)
+        for (m, b), base in protocol.items()
+        if m in args.methods
+        for hp in grid_points(m, base)
+    ]
+    scores: Dict[Tuple[str, Optional[int]], List[Tuple[float, Dict[str, Any]]]] = {}
+    with mp.get_context("spawn").Pool(args.workers) as pool:
+        for (m, b, hp, *_), score in pool.imap_unordered(_score, jobs):
+            scores.setdefault((m, b), []).append((score, hp))
+            print(f"  {m:<8} buffer {b or '-':<4} {hp}: validation Class-IL {100 * score:.2f}%", flush=True)
+    print("\nbest on the validation split:")
+    for (m, b), points in sorted(scores.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+        score, hp = max(points, key=lambda point: point[0])
+        print(f"  ({m!r}, {b}): {hp}  # validation Class-IL {100 * score:.2f}%")
+    if args.json:
+        with open(args.json, "w") as f:
+            points = [{"method": m, "buffer": b, "hp": hp, "score": s} for (m, b), v in scores.items() for s, hp in v]
+            json.dump(points, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
