@@ -40,7 +40,7 @@ BEST: Dict[str, Dict[Tuple[str, Optional[int]], Dict[str, Any]]] = {
         ("joint", None): {"lr": 0.03},
         ("si", None): {"lr": 0.1, "alpha": 1.0, "xi": 0.9, "checkpoint_per_steps": 10**9},
         ("ewc", None): {"lr": 0.03, "ewc_lambda": 90.0, "gamma": 1.0},
-        ("mas", None): {"lr": 0.03, "mas_lambda": 1.0},
+        ("mas", None): {"lr": 0.03, "mas_lambda": 0.1},
         ("lwf", None): {"lr": 0.03, "alpha": 1.0, "temperature": 2.0, "weight_decay": 5e-4},
         ("agem", 200): _AGEM,
         ("agem", 500): _AGEM,
@@ -48,8 +48,8 @@ BEST: Dict[str, Dict[Tuple[str, Optional[int]], Dict[str, Any]]] = {
         ("gem", 500): {"lr": 0.03, "gamma": 0.5, "mb": 500},
         ("er", 200): {"lr": 0.01, "mb": 10, "joint_mean": True},
         ("er", 500): {"lr": 0.1, "mb": 10, "joint_mean": True},
-        ("er-ace", 200): {"lr": 0.03, "mb": 10},
-        ("er-ace", 500): {"lr": 0.03, "mb": 10},
+        ("er-ace", 200): {"lr": 0.1, "mb": 128},
+        ("er-ace", 500): {"lr": 0.1, "mb": 128},
         ("der", 200): {"lr": 0.03, "mb": 10, "alpha": 0.2},
         ("der", 500): {"lr": 0.03, "mb": 128, "alpha": 1.0},
         ("der++", 200): {"lr": 0.03, "mb": 128, "alpha": 0.2, "beta": 1.0},
@@ -72,7 +72,7 @@ BEST: Dict[str, Dict[Tuple[str, Optional[int]], Dict[str, Any]]] = {
 # The grids benchmarks/tune.py searched for methods without published seq-mnist values (1 seed, a random
 # 10% of each task's training data held out, scored by final Class-IL accuracy on those held-out parts).
 TUNED_GRIDS: Dict[str, Dict[str, List[Any]]] = {
-    "mas": {"lr": [0.03, 0.1], "mas_lambda": [0.1, 1.0, 10.0]},
+    "mas": {"lr": [0.03, 0.1], "mas_lambda": [0.01, 0.03, 0.1, 0.3, 1.0, 10.0]},
     "er-ace": {"lr": [0.03, 0.1], "mb": [10, 128]},
 }
 RUN_KEYS = ("lr", "mb", "weight_decay")  # the rest of a BEST entry is the method's own hyperparameters

@@ -184,7 +184,23 @@ def make_variants(
         "floor: DER++": lambda m: Floor(m, "der++", buffer_size, mb, alpha, beta, item),
         "floor: A-GEM": lambda m: Floor(m, "agem", buffer_size, mb, alpha, beta, item),
         "floor: SI": lambda m: Floor(m, "si", buffer_size, mb, alpha, beta, item),
+        **catalog_variants(buffer_size, mb),
     }
+
+
+# Rows above that already stand for a catalog method (with the options the table compares).
+_COVERED = {"er", "der", "der++", "agem", "si"}
+
+
+def catalog_variants(buffer_size: int, mb: int) -> Dict[str, Optional[Callable[[nn.Module], object]]]:
+    """A row for every other registered method, with its catalog defaults (so a new method gets its row)."""
+    from synapse import catalog
+
+    rows: Dict[str, Optional[Callable[[nn.Module], object]]] = {}
+    for spec in catalog.specs():
+        if spec.name not in _COVERED:
+            rows[spec.name] = lambda m, spec=spec: spec.create(m, buffer_size=buffer_size, buffer_sample_size=mb)
+    return rows
 
 
 class Runner:
@@ -226,6 +242,10 @@ class Runner:
         else:
             self.method.backward(loss, y, inputs=x)
         self.opt.step()
+
+    def end_task(self) -> None:
+        if isinstance(self.method, synapse.Synapse):
+            self.method.end_task([(y, {"inputs": x}) for x, y in self.pool[:16]])
 
     def timed(self, steps: int) -> List[float]:
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
@@ -431,8 +451,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ]
     fill = -(-args.buffer_size // batch)
     for r in runners:
-        for _ in range(fill + args.warmup):
+        for _ in range(fill):
             r.step()
+        # Two task ends, with data, so that methods acting at boundaries time their steady state (EWC's and
+        # MAS's penalties on, LwF's teacher in place, GEM with two past tasks to satisfy).
+        for _ in range(2):
+            r.end_task()
+            for _ in range(args.warmup // 2):
+                r.step()
     times: Dict[str, List[float]] = {r.name: [] for r in runners}
     for _ in range(args.rounds):  # interleaved, so slow drifts of the machine hit every variant alike
         for r in runners:
