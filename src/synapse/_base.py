@@ -60,7 +60,8 @@ class Synapse(ABC):
     and the contract tests:
 
     * ``needs_task_boundaries``: the method cannot run task-free (e.g. GEM's per-task memories);
-    * ``needs_task_data``: :meth:`end_task` needs the finished task's data (e.g. EWC's Fisher).
+    * ``needs_task_data``: :meth:`end_task` needs the finished task's data (e.g. EWC's Fisher);
+    * ``has_predictor``: :meth:`predict` is the method's own rule, not the model's outputs.
 
     Args:
         model: the model being trained; a DDP- or ``torch.compile``-wrapped model works too.
@@ -70,6 +71,7 @@ class Synapse(ABC):
 
     needs_task_boundaries: bool = False
     needs_task_data: bool = False
+    has_predictor: bool = False  # predict() is the method's own (iCaRL's nearest mean of exemplars)
 
     def __init__(self, model: nn.Module, *, scaler: Optional[torch.amp.GradScaler] = None) -> None:
         if not isinstance(model, nn.Module):
@@ -126,6 +128,21 @@ class Synapse(ABC):
             )
         self._end_task(data)
         self.num_tasks_ended += 1
+
+    @torch.no_grad()
+    def predict(self, **model_inputs: Tensor) -> Tensor:
+        """Class scores ``(batch, classes)`` for evaluation: the model's outputs, in eval mode, unless the
+        method predicts its own way (``has_predictor``; e.g. iCaRL's nearest mean of exemplars).
+
+        Use it in your own evaluation loop in place of ``model(inputs)``:
+        ``predictions = synapse.predict(inputs=x).argmax(1)``.
+        """
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            return self.model(**model_inputs)
+        finally:
+            self.module.train(was_training)
 
     def remove_hooks(self) -> None:
         """Detach from the model's forward (a method that captured it cannot train afterwards)."""

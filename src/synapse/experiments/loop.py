@@ -114,10 +114,12 @@ def evaluate(
     rank: int = 0,
     world: int = 1,
     progress: Callable[[Iterable], Iterable] = lambda it: it,
+    predict: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> Evaluation:
     """Class-IL and Task-IL accuracy (fractions) on each task's test set.
 
-    Class-IL takes the argmax over all classes; Task-IL only over the task's own classes. In a
+    Class-IL takes the argmax over all classes; Task-IL only over the task's own classes. ``predict``
+    replaces ``model(x)`` for methods with their own predictor (scores of shape ``(batch, classes)``). In a
     distributed run each rank scores a shard and the counts are summed, so the result covers the
     whole test set exactly once.
     """
@@ -132,7 +134,7 @@ def evaluate(
         for start in range(0, len(mine), batch_size):
             idx = mine[start : start + batch_size]
             x, y = images[idx], labels[idx]
-            logits = model(x)
+            logits = model(x) if predict is None else predict(x)
             counts[t, 0] += (logits.argmax(1) == y).sum()
             counts[t, 1] += (own[logits.index_select(1, own).argmax(1)] == y).sum()
             counts[t, 2] += len(idx)

@@ -9,7 +9,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -363,6 +363,17 @@ class Experiment:
         )
         self.epoch, self.next_batch, self.order = self.epoch + 1, 0, None
 
+    def _predictor(self) -> Optional[Callable[[Tensor], Tensor]]:
+        """The method's own predictor (iCaRL's nearest mean of exemplars), or None: the model's outputs."""
+        if self.synapse is not None and type(self.synapse).has_predictor:
+            method = self.synapse
+            return lambda x: method.predict(inputs=x)
+        return None
+
+    @property
+    def predictor_name(self) -> str:
+        return f"{type(self.synapse).__name__}.predict" if self._predictor() is not None else "model"
+
     def evaluate(self) -> Evaluation:
         bar = self.progress(len(self.test_sets), "evaluating")
 
@@ -379,6 +390,7 @@ class Experiment:
                 rank=self.world.rank,
                 world=self.world.size,
                 progress=tasks,
+                predict=self._predictor(),
             )
         finally:
             bar.close()
@@ -388,6 +400,7 @@ class Experiment:
         results = {
             "config": {**dataclasses.asdict(self.cfg), "world_size": self.world.size},
             "versions": {"synapse": synapse.__version__, "torch": torch.__version__},
+            "predictor": self.predictor_name,
             "accuracy_matrix": self.accuracy,
             "untrained_accuracy": self.untrained,
             **summary,
