@@ -69,8 +69,8 @@ BEST: Dict[str, Dict[Tuple[str, Optional[int]], Dict[str, Any]]] = {
         ("der++", 500): {"lr": 0.03, "mb": 32, "alpha": 0.2, "beta": 0.5},
     },
 }
-# The grids benchmarks/tune.py searched for methods without published seq-mnist values (1 seed, a random
-# 10% of each task's training data held out, scored by final Class-IL accuracy on those held-out parts).
+# The grids benchmarks/tune.py searched for methods without published seq-mnist values (seeds 0 and 1, a
+# random 10% of each task's training data held out, scored by the mean final Class-IL accuracy on it).
 TUNED_GRIDS: Dict[str, Dict[str, List[Any]]] = {
     "mas": {"lr": [0.03, 0.1], "mas_lambda": [0.01, 0.03, 0.1, 0.3, 1.0, 10.0]},
     "er-ace": {"lr": [0.03, 0.1], "mb": [10, 128]},
@@ -214,7 +214,7 @@ MARGIN_REPLAY_OVER_SGD = 40.0  # ER and DER++ above fine-tuning, Class-IL
 MARGIN_REGULARISER_NEAR_SGD = 5.0  # |SI/EWC/MAS/LwF - SGD|, Class-IL
 MARGIN_REGULARISER_TASK_IL = 2.0  # ...while above SGD in Task-IL
 MARGIN_AGEM_BELOW_ER = 15.0  # A-GEM stays far below replay...
-MARGIN_AGEM_OVER_SGD = 30.0  # ...and at most this far above SGD
+MARGIN_AGEM_OVER_SGD = 10.0  # ...and clearly above fine-tuning (between the two, as in the paper's table)
 MARGIN_GEM_OVER_AGEM = 10.0  # a constraint per past task beats one averaged constraint
 MARGIN_TASK_IL_OVER_CLASS_IL = 10.0
 SEED_NOISE = 1.0  # allowance for "at least level"
@@ -243,8 +243,8 @@ def check_orderings(table) -> List[str]:
                 failures.append(f"buffer {b}: {name} {value:.2f} not {MARGIN_REPLAY_OVER_SGD} above SGD {sgd:.2f}")
         if agem is not None and er is not None and agem > er - MARGIN_AGEM_BELOW_ER:
             failures.append(f"buffer {b}: A-GEM {agem:.2f} is not far below ER {er:.2f}")
-        if agem is not None and sgd is not None and agem > sgd + MARGIN_AGEM_OVER_SGD:
-            failures.append(f"buffer {b}: A-GEM {agem:.2f} is not near SGD {sgd:.2f}")
+        if agem is not None and sgd is not None and agem < sgd + MARGIN_AGEM_OVER_SGD:
+            failures.append(f"buffer {b}: A-GEM {agem:.2f} is not {MARGIN_AGEM_OVER_SGD} above SGD {sgd:.2f}")
         if erace is not None and er is not None and erace < er - SEED_NOISE:
             failures.append(f"buffer {b}: ER-ACE {erace:.2f} below ER {er:.2f}")
         if gem is not None and agem is not None and gem < agem + MARGIN_GEM_OVER_AGEM:
@@ -331,7 +331,7 @@ def render(
     lines += ["", "## Checks against the paper's findings", ""]
     lines.append(
         "All hold (for the rows run): DER++ ≥ ER > SGD by a wide margin at both buffer sizes; ER-ACE at least level "
-        "with ER; GEM well above A-GEM; A-GEM near SGD and far below ER in Class-IL; SI, EWC, MAS and LwF near SGD "
+        "with ER; GEM well above A-GEM; A-GEM between SGD and ER in Class-IL (far below ER); SI, EWC, MAS and LwF near SGD "
         "in Class-IL and above it in Task-IL; Task-IL far above Class-IL for every method."
         if not failures
         else "Failed checks:\n" + "\n".join(f"- {f}" for f in failures)

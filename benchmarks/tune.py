@@ -3,9 +3,10 @@
 For methods without published Seq-MNIST values (``TUNED_GRIDS`` in ``reproduce.py``), every point of the
 grid runs the reproduction protocol with a seeded random ``--validation_ratio`` of each task's training data
 held out; the score is the final Class-IL accuracy averaged over those held-out parts (the test sets are
-not read). The best point per method and buffer is printed, to be copied into ``BEST``.
+not read). A point's score is its mean over ``--seeds``; the best point per method and buffer is printed,
+to be copied into ``BEST``.
 
-    python benchmarks/tune.py --methods mas er-ace           # 1 seed, 10% held out
+    python benchmarks/tune.py --methods mas er-ace           # seeds 0 and 1, 10% held out
     python benchmarks/tune.py --methods mas --json tune.json
 """
 
@@ -46,23 +47,27 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="fashion-mnist", choices=sorted(PROTOCOL))
     p.add_argument("--methods", nargs="+", default=sorted(TUNED_GRIDS), choices=sorted(TUNED_GRIDS))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="a point's score is its mean over these seeds")
     p.add_argument("--validation_ratio", type=float, default=0.1)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--json", default=None, help="write every grid point's validation score here")
     args = p.parse_args()
     protocol = BEST[PROTOCOL[args.dataset]]
     jobs: List[Job] = [
-        (m, b, hp, args.seed, args.dataset, args.validation_ratio)
+        (m, b, hp, seed, args.dataset, args.validation_ratio)
         for (m, b), base in protocol.items()
         if m in args.methods
         for hp in grid_points(m, base)
+        for seed in args.seeds
     ]
-    scores: Dict[Tuple[str, Optional[int]], List[Tuple[float, Dict[str, Any]]]] = {}
+    per_seed: Dict[Tuple[str, Optional[int], str], List[float]] = {}
     with mp.get_context("spawn").Pool(args.workers) as pool:
-        for (m, b, hp, *_), score in pool.imap_unordered(_score, jobs):
-            scores.setdefault((m, b), []).append((score, hp))
-            print(f"  {m:<8} buffer {b or '-':<4} {hp}: validation Class-IL {100 * score:.2f}%", flush=True)
+        for (m, b, hp, seed, *_), score in pool.imap_unordered(_score, jobs):
+            per_seed.setdefault((m, b, json.dumps(hp, sort_keys=True)), []).append(score)
+            print(f"  {m:<8} buffer {b or '-':<4} {hp} seed {seed}: validation Class-IL {100 * score:.2f}%", flush=True)
+    scores: Dict[Tuple[str, Optional[int]], List[Tuple[float, Dict[str, Any]]]] = {}
+    for (m, b, hp_text), values in per_seed.items():  # a point that diverged for any seed scores low
+        scores.setdefault((m, b), []).append((sum(values) / len(values), json.loads(hp_text)))
     print("\nbest on the validation split:")
     for (m, b), points in sorted(scores.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
         score, hp = max(points, key=lambda point: point[0])
