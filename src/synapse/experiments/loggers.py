@@ -114,8 +114,8 @@ class WandbLogger(Logger):
             import wandb
         except ImportError as e:
             raise LoggerUnavailable("--log wandb needs the wandb package: pip install wandb") from e
-        self.wandb = wandb
-        self.run = wandb.init(
+        self.wandb: Any = wandb  # typed loosely: its stubs vary across versions
+        self.run = self.wandb.init(
             dir=output_dir,
             config=dict(config),
             mode=os.environ.get("WANDB_MODE", "offline"),
