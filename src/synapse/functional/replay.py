@@ -8,7 +8,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["logit_distillation_loss", "logit_distillation_grad", "asymmetric_cross_entropy", "ace_class_mask"]
+__all__ = [
+    "logit_distillation_loss",
+    "logit_distillation_grad",
+    "asymmetric_cross_entropy",
+    "ace_class_mask",
+    "interference_scores",
+    "xder_update_logits",
+    "head_margin_constraint",
+]
 
 
 def logit_distillation_loss(logits: Tensor, stored: Tensor, widths: Optional[Tensor] = None) -> Tensor:
@@ -99,3 +107,86 @@ def ace_class_mask(
     arange = torch.arange(num_classes, device=targets.device)
     allowed = torch.ge(arange, largest_seen).index_fill_(0, targets.long(), True)
     return allowed if classes is None else allowed.logical_or_(classes)
+
+
+def interference_scores(logits_before: Tensor, logits_after: Tensor, targets: Tensor) -> Tensor:
+    """MIR's retrieval criterion (Aljundi et al. 2019): how much each sample's cross-entropy would rise
+    under the foreseen update, ``s(x, y) = CE(f_{theta_v}(x), y) - CE(f_theta(x), y)``, one score per row.
+
+    Args:
+        logits_before: ``(n, classes)``, the model's outputs with its current parameters ``theta``.
+        logits_after: ``(n, classes)``, its outputs with the virtually updated parameters ``theta_v``.
+        targets: ``(n,)`` class indices.
+
+    MIR replays the rows with the largest scores (``scores.topk(k)``): those the update would hurt most.
+    """
+    before = F.cross_entropy(logits_before, targets, reduction="none")
+    return F.cross_entropy(logits_after, targets, reduction="none") - before
+
+
+def xder_update_logits(stored: Tensor, new: Tensor, targets: Tensor, columns: Tensor, gamma: float) -> Tensor:
+    """X-DER's memory update of stored logits (Boschini et al. 2022): the columns ``M`` (``columns``) of
+    each stored row ``z`` are replaced by the model's responses ``o`` on them, scaled down when they
+    would outrank the row's ground-truth logit ``z[y]``::
+
+        z[M] <- s * o[M],   s = gamma * z[y] / max_{c in M} o[c]   if max_{c in M} o[c] > z[y],  else 1
+
+    Columns outside ``M`` keep their stored value. With ``z[y] > 0`` the transplanted maximum becomes
+    ``gamma * z[y]``, below the true class; for ``z[y] <= 0`` the rule is applied as written (as in the
+    authors' code), with no such guarantee. X-DER uses it twice: ``M`` = the newly learned (and future)
+    classes' columns of past items, and ``M`` = the past classes' columns of items stored at a task's end
+    (then ``stored`` and ``new`` are the same outputs).
+
+    Args:
+        stored: ``(batch, classes)`` stored logits ``z``.
+        new: ``(batch, classes)`` the model's responses ``o``.
+        targets: ``(batch,)`` class indices ``y``.
+        columns: bool, ``(classes,)`` or ``(batch, classes)``: the columns ``M`` to transplant.
+        gamma: the rescaling factor.
+
+    Returns a new tensor in ``stored``'s dtype (computed in float32); ``stored`` is not modified.
+    """
+    z, o = stored.float(), new.float()
+    truth = z.gather(1, targets.long().unsqueeze(1))
+    top = o.masked_fill(~columns, float("-inf")).amax(1, keepdim=True)
+    scale = torch.where(top > truth, gamma * truth / top, torch.ones_like(top))
+    return torch.where(columns, o * scale, z).to(stored.dtype)
+
+
+def head_margin_constraint(
+    scores: Tensor,
+    good: Tensor,
+    bad: Tensor,
+    margin: float,
+    weights: Optional[Tensor] = None,
+    detach_bad: bool = False,
+) -> Tensor:
+    """X-DER's bias constraints between heads: with ``v_r = max_{c in bad_r} s_rc + margin - max_{c in
+    good_r} s_rc`` per row, the mean of ``v_r`` over the rows where it is positive (0 when none is)::
+
+        sum_r [v_r > 0] v_r / max(1, sum_r [v_r > 0])
+
+    X-DER's future constraint takes ``scores`` = logits, ``bad`` = the classes not seen yet, ``good`` =
+    each row's own task's classes; its past constraint takes ``scores`` = the softmax over the past and
+    present classes, ``bad`` = the past classes (``detach_bad``: no gradient through their maximum) and
+    ``good`` = the present ones.
+
+    Args:
+        scores: ``(rows, classes)``.
+        good, bad: bool masks, ``(classes,)`` or ``(rows, classes)``. A row with an empty ``good`` or
+            ``bad`` set does not count.
+        margin: ``m``.
+        weights: optional ``(rows,)``; rows with weight 0 do not count (e.g. a replayed item drawn twice).
+        detach_bad: stop the gradient through ``max_{bad}``.
+
+    No host sync: the count of positive rows stays on the device.
+    """
+    low = torch.finfo(scores.dtype).min
+    worst = scores.detach() if detach_bad else scores
+    bad_max = worst.masked_fill(~bad, low).max(-1).values
+    good_max = scores.masked_fill(~good, low).max(-1).values
+    violation = bad_max + margin - good_max
+    active = (violation > 0) & bad.any(-1) & good.any(-1)
+    if weights is not None:
+        active = active & (weights > 0)
+    return torch.where(active, violation, torch.zeros_like(violation)).sum() / active.sum().clamp_min(1)

@@ -2,5 +2,7 @@
 
 from .er import ER
 from .er_ace import ERACE
+from .mir import MIR
+from .xder import XDER
 
-__all__ = ["ER", "ERACE"]
+__all__ = ["ER", "ERACE", "MIR", "XDER"]

@@ -1,0 +1,223 @@
+"""MIR: Experience Replay that replays the memories a foreseen update would interfere with most."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.nn.modules.batchnorm import _NormBase
+
+from .._capture import Replay
+from .._validation import check_positive, check_positive_int
+from ..catalog import HParam, MethodSpec, register
+from ..functional import interference_scores
+from .er import ER
+
+__all__ = ["MIR"]
+
+
+class MIR(ER):
+    """Maximally Interfered Retrieval (ER-MIR), from Aljundi et al. 2019, "Online Continual Learning with
+    Maximal Interfered Retrieval" (NeurIPS 2019).
+
+    Experience Replay whose replay minibatch is not drawn at random: among ``C`` random memories, MIR
+    replays the ``k`` whose loss the coming update would raise most. With ``L`` the user's loss on the
+    incoming batch ``(X, Y)``, ``f_theta`` the model and ``eta`` the virtual learning rate, each step:
+
+    1. the foreseen (virtual) SGD step on the incoming batch: ``theta_v = theta - eta * grad_theta L``;
+    2. ``C = min(buffer_candidates, len(buffer))`` candidates ``(x_j, y_j)`` drawn uniformly from the
+       reservoir, without replacement;
+    3. their interference score ``s_j = CE(f_{theta_v}(x_j), y_j) - CE(f_theta(x_j), y_j)``
+       (:func:`synapse.functional.interference_scores`; the paper's ``s_MI``);
+    4. the replay minibatch ``M``: the ``k = min(buffer_sample_size, C)`` candidates with the largest
+       scores (``torch.topk``, on the device);
+    5. the real gradient: ``grad_theta [ L + CE(f_theta(x_M), y_M) ]``, the replay cross-entropy a mean
+       over ``M`` (as ER with ``alpha = 1``); then the incoming batch goes into the reservoir.
+
+    The authors' code (``optimass/Maximally_Interfered_Retrieval``: ``er_main.py``, ``mir.py`` and
+    ``Scripts/ER_experiments.sh``) uses ``C = 50`` candidates, ``k = 10``, incoming batches of 10, and the
+    optimizer's SGD learning rate for the virtual step: 0.1 on Split MNIST and Split CIFAR-10, 0.05 on
+    Permuted MNIST. Hence the defaults ``buffer_sample_size=10, buffer_candidates=50, virtual_lr=0.1``.
+    Synapse never sees the optimizer, so **set** ``virtual_lr`` **to your optimizer's learning rate**.
+    (The DER authors' ``aimagelab/mammoth`` has no MIR.)
+
+    **How the virtual step is computed.** The gradient of ``L`` comes from ``torch.autograd.grad`` with
+    ``retain_graph=True`` (it lands in no ``.grad``); ``theta_v = theta - eta g`` is one fused
+    ``_foreach_add`` into new tensors, and the model runs on it through ``torch.func.functional_call``: no
+    copy of the model, the real parameters untouched. The real update is then *one* backward of
+    ``L + CE'``, as in every Synapse method, so DDP's gradient all-reduce, the GradScaler and hooks the user
+    put on the parameters see exactly one backward per step. The authors' code instead backpropagates
+    ``L`` into ``.grad``, reads it for the virtual step and backpropagates the replay loss on top; reusing
+    ``.grad`` that way would spare one backward over the incoming batch but would need a second backward
+    per step (breaking DDP's one-reduction-per-forward rule) and would read whatever the user accumulated
+    in ``.grad`` beforehand. The price is that the incoming batch's backward runs twice per step. Nothing
+    here reads a device value on the host: the ranking is ``topk`` on the device.
+
+    **Normalisation layers.** The candidates' forwards (with ``theta`` and with ``theta_v``) run in the
+    model's current mode, so in train mode BatchNorm normalises them with the candidates' own batch
+    statistics, as the authors' code; but they run on copies of the running statistics of every
+    BatchNorm/InstanceNorm layer that would update them (train mode, ``track_running_stats``), so the
+    real ones stay untouched. The replayed minibatch's forward is a real training forward of the model
+    (it updates them, as ER's replay forward does). Only those layers are shielded: copying every buffer
+    of every model would cost a functional forward and the copies on each step for models (like one with
+    a constant normalisation buffer) that need none.
+
+    Deviations, all named:
+
+    * Task-free: the candidates come from the whole reservoir, and replay starts as soon as it holds
+      anything. The authors' code excludes the current task's memories from the candidates and replays
+      from the second task on. (The incoming batch is stored after the step, so it is never its own
+      candidate.)
+    * The authors' optional score against the best loss seen so far (their ``--compare_to_old_logits``,
+      used in their MNIST scripts: ``s = CE(theta_v) - min(CE(theta), CE(stored logits))``) is not
+      implemented; the score is the paper's ``s_MI`` above.
+    * When there are at most ``k`` candidates (a nearly empty memory), all are replayed and the virtual
+      step is skipped: its ranking could not change the replayed set.
+    * The candidate forwards do not update BatchNorm's running statistics (see above); the authors' forward
+      with ``theta`` does. A custom module that writes other buffers in its forward would see them.
+    * Parameters the loss does not reach, and frozen ones, keep their value in ``theta_v``.
+    * With a GradScaler the virtual gradient is taken of the scaled loss (as the real one, so that fp16
+      activations' gradients do not underflow) and unscaled before the step; if it overflowed, the ranking
+      is meaningless, and the scaler skips that step anyway.
+    * In a distributed run each rank's virtual step uses its own batch's gradient (averaging it would cost
+      one more all-reduce per step); the real gradients are averaged as usual.
+
+    Sampling, storage and the state dict are ER's (``method='er'``, ``fused=False``: the replay minibatch
+    is chosen after the user's forward, so it cannot ride in it). MIR keeps no state of its own.
+
+    Args:
+        model: the model being trained (may be wrapped in DDP or ``torch.compile``).
+        buffer_size: items kept in the reservoir (per rank in a distributed run).
+        buffer_sample_size: ``k``, the items replayed per step.
+        buffer_candidates: ``C``, the random memories scored per step; at least ``buffer_sample_size``.
+        virtual_lr: ``eta``, the virtual SGD step's learning rate: your optimizer's learning rate.
+        buffer_scope: ``'rank'`` or ``'global'`` (see :class:`~synapse.rehearsal.ER`).
+        scaler: a ``torch.amp.GradScaler`` for mixed precision; pass the unscaled loss to ``backward``.
+
+    Example:
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> synapse = MIR(model, buffer_size=500, buffer_sample_size=10, buffer_candidates=50, virtual_lr=0.1)
+        >>> for inputs, targets in stream:
+        ...     optimizer.zero_grad()
+        ...     loss = criterion(model(inputs), targets)
+        ...     synapse.backward(loss, targets, inputs=inputs)
+        ...     optimizer.step()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        buffer_size: int = 1024,
+        buffer_sample_size: int = 10,
+        buffer_candidates: int = 50,
+        virtual_lr: float = 0.1,
+        *,
+        buffer_scope: str = "rank",
+        scaler: Optional[torch.amp.GradScaler] = None,
+    ) -> None:
+        check_positive_int("buffer_sample_size", buffer_sample_size)
+        check_positive_int("buffer_candidates", buffer_candidates)
+        if buffer_candidates < buffer_sample_size:
+            raise ValueError(
+                f"buffer_candidates must be at least buffer_sample_size={buffer_sample_size} (MIR replays the "
+                f"top buffer_sample_size of them), got {buffer_candidates}"
+            )
+        check_positive("virtual_lr", virtual_lr)
+        super().__init__(
+            model, buffer_size, buffer_sample_size, method="er", fused=False, buffer_scope=buffer_scope, scaler=scaler
+        )
+        self.buffer_candidates = buffer_candidates
+        self.virtual_lr = float(virtual_lr)
+        self._loss: Optional[Tensor] = None  # the incoming batch's loss, during backward only
+
+    def _backward(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
+        self._loss = loss  # read by _separate_replay_forward, which ER calls before the real backward
+        try:
+            super()._backward(loss, targets, model_inputs)
+        finally:
+            self._loss = None
+
+    def _separate_replay_forward(self) -> Replay:
+        """ER's replay forward, on the most interfered of ``C`` candidates instead of a random minibatch."""
+        self._follow_model_device()
+        sample = self.buffer.sample(self.buffer_candidates, 1, self._replay_fields())
+        k = min(self.buffer_sample_size, len(self.buffer))
+        if sample["targets"].shape[0] > k:  # sizes the host knows: no sync
+            chosen = self._most_interfered(sample, k)
+            sample = {name: field.index_select(0, chosen) for name, field in sample.items()}
+        with self._forward.paused():
+            outputs = self.module(**self._inputs_of(sample))
+        replay = Replay(sample, 1)
+        replay.outputs = [outputs]
+        return replay
+
+    def _most_interfered(self, candidates: Mapping[str, Tensor], k: int) -> Tensor:
+        """Indices (into ``candidates``, on the device) of the ``k`` highest interference scores."""
+        assert self._loss is not None
+        loss = self._loss
+        names: Dict[nn.Parameter, List[str]] = {}  # every name of each trainable parameter (tied ones share)
+        for name, p in self.module.named_parameters(remove_duplicate=False):
+            if p.requires_grad:
+                names.setdefault(p, []).append(name)
+        params = list(names)
+        scale = self._grad_scale()
+        seed = self._constant(1.0, loss) if scale is None else scale.reshape(loss.shape).to(loss.dtype)
+        grads = torch.autograd.grad(loss, params, seed, retain_graph=True, allow_unused=True)
+        with torch.no_grad():
+            reached = [(p, g) for p, g in zip(params, grads) if g is not None]
+            steps: List[Tensor] = [g for _, g in reached]
+            if scale is not None:
+                steps = list(torch._foreach_div(steps, scale.reshape(())))
+            # New tensors: autograd may hand out one gradient tensor for several parameters, or a view.
+            virtual = torch._foreach_add([p for p, _ in reached], steps, alpha=-self.virtual_lr)
+            theta_v = {name: v for (p, _), v in zip(reached, virtual) for name in names[p]}
+            inputs = self._inputs_of(candidates)
+            statistics = self._running_statistics()
+            with self._forward.paused():
+                before = self._run(inputs, {}, statistics)
+                after = self._run(inputs, theta_v, statistics)
+            scores = interference_scores(before, after, candidates["targets"])
+        return scores.topk(k).indices
+
+    def _running_statistics(self) -> Dict[str, Tensor]:
+        """The buffers a forward in the current mode would update: the running statistics of the
+        normalisation layers (BatchNorm, InstanceNorm) that track them and are in train mode."""
+        return {
+            f"{prefix}.{name}" if prefix else name: buffer
+            for prefix, module in self.module.named_modules()
+            if isinstance(module, _NormBase) and module.training and module.track_running_stats
+            for name, buffer in module.named_buffers(recurse=False)
+        }
+
+    def _run(self, inputs: Dict[str, Tensor], parameters: Dict[str, Tensor], statistics: Dict[str, Tensor]) -> Tensor:
+        """The model's outputs on ``inputs`` with ``parameters`` in place of its own (those named), and with
+        copies of the running ``statistics``, so that the forward leaves the real ones untouched."""
+        if not parameters and not statistics:
+            return self.module(**inputs)
+        copies = {name: buffer.clone() for name, buffer in statistics.items()}
+        # Tied parameters are named in full in ``parameters``: functional_call need not look for ties.
+        return functional_call(self.module, {**parameters, **copies}, (), inputs, tie_weights=False)
+
+
+register(
+    MethodSpec(
+        "mir",
+        MIR,
+        family="rehearsal",
+        paper="Aljundi et al. 2019, *Online Continual Learning with Maximal Interfered Retrieval*",
+        summary="ER replaying the memories whose loss a virtual SGD step on the incoming batch would raise most",
+        hparams=(
+            HParam("buffer_candidates", int, 50, "random memories scored per step (C); >= buffer_sample_size", low=1),
+            HParam(
+                "virtual_lr",
+                float,
+                0.1,
+                "learning rate of the virtual SGD step: set it to the optimizer's",
+                low=0.0,
+                low_open=True,
+            ),
+        ),
+    )
+)

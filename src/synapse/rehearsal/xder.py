@@ -1,0 +1,518 @@
+"""X-DER: eXtended Dark Experience Replay, in its authors' SimCLR-free form."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .._base import CURRENT_LOSS, TaskBatch
+from .._capture import Replay
+from .._device import to_device
+from .._validation import check_non_negative
+from ..buffer import fresh_seed
+from ..catalog import HParam, MethodSpec, register
+from ..functional import (
+    asymmetric_cross_entropy,
+    head_margin_constraint,
+    logit_distillation_grad,
+    xder_update_logits,
+)
+from .er import ER
+
+__all__ = ["XDER"]
+
+SLOTS = "slots"  # the buffer slots a replay sample came from (not a stored field)
+
+
+class XDER(ER):
+    """X-DER, from Boschini et al. 2022, "Class-Incremental Continual Learning into the eXtended
+    DER-verse" (TPAMI), in the SimCLR-free form its authors ship as ``xder_ce`` in ``aimagelab/mammoth``
+    (``models/xder_ce.py``: "X-DER with cross-entropy on future heads").
+
+    DER++ whose memory keeps learning: the logits stored with past items are rewritten with what the
+    model later learns about them (the "future past"), items are stored at the end of their task, with
+    the whole task's knowledge and a class-balanced share of the memory, and two margin constraints keep
+    the heads of past, present and future classes in order.
+
+    **Which variant, and why.** The paper's X-DER prepares the heads of future classes with a supervised
+    contrastive (SimCLR-style) loss on several augmented views of each input; the augmentations are the
+    training pipeline's, which Synapse does not own in the user's loop. The authors' other SimCLR-free
+    variant, ``xder_rpc``, replaces the model's classifier by a fixed regular-simplex one (Regular Polytope
+    Classifier), which changes the user's model. ``xder_ce`` needs neither: the future heads take part in
+    the incoming batch's softmax instead, so this class implements it, term for term. Not implemented: the
+    contrastive future-preparation term (``lambd``, ``simclr_*`` in mammoth's ``xder``) and the RPC head.
+
+    **Heads, from the data.** mammoth knows each task's class block in advance. Here a class belongs to
+    the task in which it first appears in a batch (``end_task`` counts the tasks): with ``t`` the current
+    task, ``P`` = classes first seen in tasks before ``t`` (past heads), ``N`` = classes first seen in ``t``
+    (present head), ``F`` = classes not seen yet (future heads), and ``h(y)`` = the classes of the task in
+    which ``y`` was first seen. The model must output every class's logit from the start (the future
+    heads), so its output width may not change. With ``f`` the model, ``(x, y)`` the incoming batch,
+    ``(x', y', z')`` and ``(x'', y'')`` two independent buffer minibatches with stored logits ``z'``::
+
+        L = CE_{not P}(f(x), y)                          present and future heads
+          + alpha * MSE(f(x'), z')                       all heads (DER)
+          + beta  * CE_{P}(f(x''), y'')                  past heads (DER++); all seen classes while P is empty
+          + eta   * FC + eta * PC
+        FC = mean_{r: v_r > 0} v_r,  v_r = max_{c in F} f_c(x_r) + m - max_{c in h(y_r)} f_c(x_r)
+             over the incoming rows and the distinct items of both buffer minibatches
+        PC = mean_{i: u_i > 0} u_i,  u_i = sg(max_{c in P} p_c(x_i)) + m - max_{c in N} p_c(x_i),
+             p = softmax of f(x) over P and N, sg = no gradient; only once P is not empty
+
+    ``CE_S`` is the cross-entropy with the softmax restricted to the columns ``S``
+    (:func:`~synapse.functional.asymmetric_cross_entropy`); the constraints are
+    :func:`~synapse.functional.head_margin_constraint`. With ``current_loss='user'`` the user's loss
+    replaces the first term (no masking of the incoming batch's softmax; not a variant of the paper).
+
+    **Memory.** ``U(z, o, y, M)`` is the update :func:`~synapse.functional.xder_update_logits`: the
+    columns ``M`` of stored logits ``z`` become the responses ``o``, scaled by
+    ``gamma * z[y] / max_M o`` when ``max_M o > z[y]`` so that the true class stays on top.
+
+    * During the first task the memory is a reservoir of the incoming batches with their logits, as in
+      DER++ (the authors' choice for ``xder_ce``); afterwards nothing is inserted during training.
+    * Each step from the second task on, every distinct replayed item of a past class is counted (``n``,
+      per slot) and, with probability ``1/n``, its logits become ``U(z', f(x'), y', not P)``: the present
+      and future heads take today's responses.
+    * ``end_task(data)`` (needed: ``needs_task_data``) then (1) empties the memory at the first task end,
+      or keeps the first ``floor(K / |seen|)`` items of each class at later ones (``K`` = the memory's
+      size), (2) fills the free slots with the task's first items of each class of ``N`` in ``data``'s
+      order, in equal quotas (the remainder, one each, to classes drawn at random), storing
+      ``z = U(o, o, y, P)``: their own outputs with the past heads damped, (3) rewrites every stored item
+      of a past class as ``z <- U(z, f(x), y, N)``: the just-learned classes' columns only, as ``xder_ce``
+      does (mammoth's ``xder`` rewrites the future heads there too), and (4) resets the counts. The
+      task-end forwards run as the authors' do: train mode, BatchNorm on batch statistics without
+      updating its running statistics, no gradient.
+
+    Defaults: mammoth's tuned ``xder_ce`` configuration (``models/config/xder_ce.yaml``, seq-cifar100,
+    buffer 500: ``alpha=0.3, beta=0.5, eta=5e-3``) with its parser's ``gamma=0.85, m=0.3``; mammoth has
+    no X-DER configuration for seq-mnist or seq-cifar10.
+
+    Deviations from the authors' code, all named:
+
+    * Heads come from the data as above. In a class-incremental stream this equals mammoth's fixed blocks
+      except that a class of the current task counts as future (in ``F``, not ``N``) until its first
+      batch; mammoth's present head spans the task's whole block from its first step. Streams in which a
+      class returns in a later task are outside the paper's setting; they run, with the returning class
+      added to the incoming batch's softmax (so its target is never masked out) and left out of ``PC``.
+    * Stored inputs are replayed as stored; mammoth re-augments buffer items with the training transform
+      at each replay and at the task-end update. Items stored at a task's end hold the inputs ``data``
+      gives (mammoth stores the non-augmented image but computes its logits on an augmented view).
+    * With ``fused=True`` both minibatches ride in the user's forward, so BatchNorm sees them together
+      with the batch (mammoth runs them separately); ``fused=False`` gives one separate forward of both.
+    * The task-end update forwards the memory in slot order, in chunks of ``data``'s first batch's size
+      (mammoth: a random order, chunks of its batch size); this matters only for BatchNorm's statistics.
+    * Updated logits that are not finite (``max_M o = 0`` with ``z[y] < 0`` divides by zero, in both
+      codes) are stored as 0, the memory's rule for any non-finite value.
+    * In a distributed run each rank keeps its own memory and tells heads from its own batches.
+
+    Args:
+        model: the model being trained (may be wrapped in DDP or ``torch.compile``); it returns a
+            ``(batch, classes)`` logits tensor with every class's column from the start.
+        buffer_size: items kept in memory (per rank in a distributed run).
+        buffer_sample_size: items per replay minibatch.
+        alpha: weight of the logit matching on all heads.
+        beta: weight of the cross-entropy on past heads.
+        gamma: the memory update's rescaling factor, in ``(0, 1]``.
+        eta: weight of both head constraints.
+        m: their margin.
+        current_loss: ``'method'`` (the masked present-head cross-entropy replaces the loss passed to
+            ``backward``, which is checked but not backpropagated) or ``'user'`` (keep the user's loss).
+        fused: replay inside the user's forward (see :class:`~synapse.rehearsal.ER`).
+        buffer_scope: ``'rank'`` or ``'global'`` (see :class:`~synapse.rehearsal.ER`).
+        scaler: a ``torch.amp.GradScaler`` for mixed precision; pass the unscaled loss to ``backward``.
+
+    Example:
+        >>> from synapse import named_batches
+        >>> synapse = XDER(model, buffer_size=500, buffer_sample_size=32)
+        >>> for task in tasks:
+        ...     for inputs, targets in task:
+        ...         optimizer.zero_grad()
+        ...         loss = criterion(model(inputs), targets)  # checked, then replaced (current_loss='method')
+        ...         synapse.backward(loss, targets, inputs=inputs)
+        ...         optimizer.step()
+        ...     synapse.end_task(named_batches(task))  # stores the task's items, rewrites the past
+    """
+
+    needs_task_boundaries = True
+    needs_task_data = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        buffer_size: int = 1024,
+        buffer_sample_size: int = 32,
+        alpha: float = 0.3,
+        beta: float = 0.5,
+        gamma: float = 0.85,
+        eta: float = 5e-3,
+        m: float = 0.3,
+        *,
+        current_loss: str = "method",
+        fused: bool = True,
+        buffer_scope: str = "rank",
+        scaler: Optional[torch.amp.GradScaler] = None,
+    ) -> None:
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= 1:
+            raise ValueError(f"gamma must be a number in (0, 1], got {gamma!r}")
+        check_non_negative("eta", eta)
+        check_non_negative("m", m)
+        current_loss = self._check_current_loss(current_loss)
+        super().__init__(
+            model,
+            buffer_size,
+            buffer_sample_size,
+            alpha,
+            beta,
+            method="der++",
+            fused=fused,
+            buffer_scope=buffer_scope,
+            scaler=scaler,
+        )
+        self.gamma = float(gamma)
+        self.eta = float(eta)
+        self.m = float(m)
+        self.current_loss = current_loss
+        self._rng = np.random.Generator(np.random.PCG64(fresh_seed()))  # the update draws and quota ties
+        self._class_task: Optional[Tensor] = None  # (classes,) long: the task each class was first seen in, -1
+        self._has_past = False  # some class was seen before the current task (host-known: set by end_task)
+        self._update_count = torch.zeros(self.buffer.capacity, device=self.device)  # per slot, this task
+        self._pending: Optional[Tuple[Any, ...]] = None  # this step's state, applied once the step succeeded
+
+    # ------------------------------------------------------------------ heads
+    def _heads(self, class_task: Tensor) -> Tuple[Tensor, Tensor]:
+        """``(past, future)`` bool masks over the classes, for the current task."""
+        return (class_task >= 0) & (class_task < self.num_tasks_ended), class_task < 0
+
+    def _class_task_with(self, targets: Tensor, width: int, device: torch.device) -> Tensor:
+        """The class-to-task map once this batch's classes are seen (a new tensor; no host sync)."""
+        known = self._class_task
+        known = torch.full((width,), -1, dtype=torch.long, device=device) if known is None else known.to(device)
+        return torch.where(known >= 0, known, known.index_fill(0, targets, self.num_tasks_ended))
+
+    # ------------------------------------------------------------------ backward
+    def _check(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
+        if targets.shape[0] == 0:
+            raise ValueError("X-DER needs a non-empty batch: targets has no rows")
+        logits = self._forward.checked_outputs("X-DER", targets.shape[0])
+        if targets.device != logits.device:
+            raise ValueError(f"targets are on {targets.device} but the model's outputs on {logits.device}")
+        if self._class_task is not None and logits.shape[1] != self._class_task.shape[0]:
+            raise ValueError(
+                f"the model now outputs {logits.shape[1]} logits but earlier steps had {self._class_task.shape[0]}: "
+                "X-DER needs every class's logit from the start (the future heads), at a fixed width"
+            )
+        super()._check(loss, targets, model_inputs)
+
+    def _sample(self, num_minibatches: int = 1, names: Optional[Sequence[str]] = None) -> Dict[str, Tensor]:
+        # ER's sample (the same draws), plus the slots it came from: the memory update writes back there.
+        self._follow_model_device()
+        slots = self.buffer.sample_indices(self.buffer_sample_size, num_minibatches).reshape(-1)
+        sample = self.buffer.gather(slots, names)
+        sample[SLOTS] = slots
+        return sample
+
+    def _backward(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
+        out = self._forward.outputs
+        assert out is not None  # checked by _check
+        labels = targets.long()
+        class_task = self._class_task_with(labels, out.shape[1], out.device)
+        past, future = self._heads(class_task)
+        current = loss
+        if self.current_loss == "method":  # the batch's own classes stay in, should one return from the past
+            current = asymmetric_cross_entropy(out, labels, (~past).index_fill(0, labels, True))
+        terms: List[Tuple[float, Tensor]] = []
+        seeded: List[Tuple[Tensor, Tensor]] = []
+        rows, row_labels, row_weights = [out], [labels], [torch.ones_like(labels, dtype=torch.bool)]
+        update = None
+        replay = None
+        if len(self.buffer) > 0:
+            replay = self._forward.replay if self.fused else self._separate_replay_forward()
+        if replay is not None and replay.outputs is not None:
+            (out1, out2), sample, part = replay.outputs, replay.sample, replay.part
+            stored_labels = sample["targets"].long()
+            if self.alpha:
+                seeded.append((out1, logit_distillation_grad(out1, part(sample["logits"], 0), None, self.alpha)))
+            if self.beta:
+                columns = past if self._has_past else class_task >= 0
+                terms.append((self.beta, asymmetric_cross_entropy(out2, part(stored_labels, 1), columns)))
+            first = _first_occurrence(sample[SLOTS])
+            distinct = first == torch.arange(first.shape[0], device=first.device)
+            rows += [out1, out2]
+            row_labels.append(stored_labels)
+            row_weights.append(distinct)
+            if self._has_past:
+                update = self._memory_update(replay, stored_labels, past, first, distinct)
+        if self.eta:
+            scores = torch.cat(rows).float()
+            own = class_task[torch.cat(row_labels)]
+            good = class_task.unsqueeze(0) == own.unsqueeze(1)  # each row's own task's head
+            terms.append((self.eta, head_margin_constraint(scores, good, future, self.m, torch.cat(row_weights))))
+            if self._has_past:
+                present = class_task == self.num_tasks_ended
+                probs = torch.softmax(out.float().masked_fill(~(past | present), float("-inf")), 1)
+                in_present = present[labels]  # a returning past class has no present head to favour
+                terms.append((self.eta, head_margin_constraint(probs, present, past, self.m, in_present, True)))
+        self._run_backward(current, terms, seeded)
+        self._store(targets, model_inputs)
+        self._pending = (class_task, update)
+        self._commit_step()
+        self._forward.clear()
+
+    def _memory_update(
+        self, replay: Replay, labels: Tensor, past: Tensor, first: Tensor, distinct: Tensor
+    ) -> Tuple[Tensor, Tensor, Tensor, Mapping[str, Any]]:
+        """This step's rewrite of replayed past items (computed now, written by :meth:`_commit_step`):
+        ``(counts, slots, rows, rng_state)``, ``rows`` the logits to write at ``slots``."""
+        assert replay.outputs is not None
+        slots, stored = replay.sample[SLOTS], replay.sample["logits"]
+        chosen = past[labels] & distinct
+        counts = self._update_count.to(slots.device).index_add(0, slots, chosen.float())
+        rng = _copy_rng(self._rng)
+        draws = to_device(torch.from_numpy(rng.random(slots.shape[0]).astype(np.float32)), slots.device)
+        chosen = chosen & (draws * counts[slots] < 1)  # probability 1/n for the n-th time an item is drawn
+        with torch.no_grad():
+            responses = torch.cat(replay.outputs).detach()
+            rewritten = xder_update_logits(stored, responses, labels, ~past, self.gamma)
+            # A slot drawn twice takes its first occurrence's row, so that both writes agree.
+            rows = torch.where(chosen.unsqueeze(1), rewritten, stored)[first]
+        return counts, slots, rows, rng.bit_generator.state
+
+    def _commit_step(self) -> None:
+        if self._pending is None:
+            return
+        self._class_task, update = self._pending
+        self._pending = None
+        if update is not None:
+            counts, slots, rows, rng_state = update
+            self._update_count = counts
+            self._write_logits(slots, rows)
+            self._rng.bit_generator.state = rng_state
+
+    def _store(self, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
+        if not self._has_past:  # a reservoir until the first task end (mammoth's xder_ce)
+            super()._store(targets, model_inputs)
+            return
+        self._input_names = tuple(model_inputs)
+        if self._capture is not None:
+            self._capture.input_names = self._input_names
+
+    def _write_logits(self, slots: Tensor, rows: Tensor) -> None:
+        """Overwrite the stored logits at ``slots`` (non-finite values as 0, the memory's rule)."""
+        # The memory has no public row write; its storage dict is the one place its tensors live.
+        storage = self.buffer._storage["logits"]
+        storage.index_copy_(0, slots.to(storage.device), torch.nan_to_num(rows, 0.0, 0.0, 0.0).to(storage.dtype))
+
+    # ------------------------------------------------------------------ task end
+    def _end_task(self, data: Optional[Iterable[TaskBatch]]) -> None:
+        assert data is not None  # needs_task_data: checked by end_task
+        task = self.num_tasks_ended
+        class_task = self._class_task
+        if class_task is None or not self.buffer.schema():  # nothing was learned or stored yet
+            self._update_count = torch.zeros_like(self._update_count)
+            return
+        self._follow_model_device()
+        past, _ = self._heads(class_task)
+        owner = class_task.tolist()  # task-end work may sync with the host
+        seen = [c for c, t in enumerate(owner) if t >= 0]
+        present = [c for c, t in enumerate(owner) if t == task]
+        rng = _copy_rng(self._rng)
+        # (1) what stays: nothing at the first task end, later the first floor(K / |seen|) items of each class.
+        n = len(self.buffer)
+        held = self.buffer.gather(torch.arange(n, device=self.buffer.device))
+        keep: List[int] = []
+        if self._has_past:
+            per_class = self.buffer.capacity // len(seen)
+            by_class: Dict[int, List[int]] = {}
+            for slot, label in enumerate(held["targets"].tolist()):
+                by_class.setdefault(label, []).append(slot)
+            keep = [slot for label in sorted(by_class) for slot in by_class[label][:per_class]]
+        parts = [{k: v[torch.tensor(keep, dtype=torch.long, device=v.device)] for k, v in held.items()}]
+        # (2) the task's items, in equal quotas per present class.
+        free = self.buffer.capacity - len(keep)
+        quota: Dict[int, int] = {}
+        if present:
+            quota = {c: free // len(present) for c in present}
+            for i in rng.permutation(len(present))[: free - (free // len(present)) * len(present)]:
+                quota[present[int(i)]] += 1
+        with self._task_end_forwards():
+            fresh, chunk = self._task_items(data, quota, past)
+            parts += fresh
+            storage = {k: torch.cat([p[k] for p in parts]) for k in held}
+            # (3) the future past: today's responses on the just-learned head of past items.
+            labels = storage["targets"].long()
+            if bool(past[labels].any()):
+                responses = torch.cat(
+                    [
+                        self._logits_of(self._inputs_of({k: v[rows] for k, v in storage.items()}))
+                        for rows in _chunks(labels.shape[0], chunk)
+                    ]
+                )
+                learned = class_task == task
+                rewritten = xder_update_logits(storage["logits"], responses, labels, learned, self.gamma)
+                storage["logits"] = torch.where(past[labels].unsqueeze(1), rewritten, storage["logits"])
+        storage["logits"] = torch.nan_to_num(storage["logits"], 0.0, 0.0, 0.0)
+        # (4) commit: the memory's new contents (its generator and counters carry on), fresh counts.
+        self._refill(storage)
+        self._rng = rng
+        self._update_count = torch.zeros_like(self._update_count)
+        self._has_past = len(seen) > 0
+
+    def _task_items(
+        self, data: Iterable[TaskBatch], quota: Dict[int, int], past: Tensor
+    ) -> Tuple[List[Dict[str, Tensor]], int]:
+        """The task's first items of each class up to its quota, with their logits ``U(o, o, y, P)``;
+        and the size of ``data``'s first batch (the chunk size of the task-end forwards)."""
+        parts: List[Dict[str, Tensor]] = []
+        chunk = 0
+        remaining = dict(quota)
+        schema = self.buffer.schema()
+        for targets, inputs in self._iter_task_data(data):
+            if self._input_names is not None and tuple(inputs) != self._input_names:
+                raise ValueError(
+                    f"end_task(data) inputs {tuple(inputs)} differ from those of training steps {self._input_names}"
+                )
+            items = {f"input:{k}": v for k, v in inputs.items()}
+            self.buffer.check_layout(items, partial=True)
+            chunk = chunk or targets.shape[0]
+            if not any(remaining.values()):
+                break
+            if targets.shape[0] == 0:
+                continue
+            items = {k: v.to(self.device) for k, v in items.items()}
+            labels = targets.to(self.device).long()
+            logits = self._logits_of(self._inputs_of(items))
+            logits = xder_update_logits(logits, logits, labels, past, self.gamma)
+            take = []
+            for row, label in enumerate(labels.tolist()):
+                if remaining.get(label, 0) > 0:
+                    remaining[label] -= 1
+                    take.append(row)
+            if take:
+                rows = torch.tensor(take, dtype=torch.long, device=self.device)
+                items["targets"] = labels.to(schema["targets"][1])
+                items["logits"] = logits.to(schema["logits"][1])
+                parts.append({k: v.index_select(0, rows).to(self.buffer.device) for k, v in items.items()})
+        return parts, chunk or self.buffer_sample_size
+
+    def _logits_of(self, inputs: Mapping[str, Tensor]) -> Tensor:
+        out = self.module(**inputs)
+        width = self._class_task.shape[0] if self._class_task is not None else None
+        if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[1] != width:
+            got = f"shape {tuple(out.shape)}" if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(f"X-DER's task-end pass needs (batch, {width}) logits from the model, got {got}")
+        return out
+
+    @contextlib.contextmanager
+    def _task_end_forwards(self) -> Iterator[None]:
+        """Forwards as the authors' task-end passes: train mode, BatchNorm on batch statistics without
+        touching its running statistics, no grad, invisible to the capture; every flag restored after."""
+        modes = [(module, module.training) for module in self.module.modules()]
+        norms = [m for m in self.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        tracking = [m.track_running_stats for m in norms]
+        self.module.train()
+        for m in norms:
+            m.track_running_stats = False
+        try:
+            with torch.no_grad(), self._forward.paused():
+                yield
+        finally:
+            for module, training in modes:
+                module.training = training
+            for m, track in zip(norms, tracking):
+                m.track_running_stats = track
+
+    def _refill(self, storage: Mapping[str, Tensor]) -> None:
+        """Make ``storage`` (at most ``capacity`` rows per field) the memory's contents, keeping its RNG."""
+        state = self.buffer.state_dict()
+        count = next(iter(storage.values())).shape[0]
+        full = {}
+        for name, rows in storage.items():
+            full[name] = rows.new_zeros((self.buffer.capacity, *rows.shape[1:]))
+            full[name][:count] = rows
+        state.update(storage=full, num_seen=count)  # no reservoir insertion follows: its draws lie idle
+        self.buffer.load_state_dict(state, device=self.device)
+
+    # ------------------------------------------------------------------ state
+    def _method_state(self) -> Dict[str, Any]:
+        state = super()._method_state()
+        state["class_task"] = self._class_task
+        state["has_past"] = self._has_past
+        state["update_count"] = self._update_count
+        state["xder_rng"] = self._rng.bit_generator.state
+        return state
+
+    def _load_method_state(self, state: Mapping[str, Any]) -> None:
+        class_task, count = state.get("class_task"), state.get("update_count")
+        if class_task is not None and not isinstance(class_task, Tensor):
+            raise ValueError(f"state dict's 'class_task' must be a tensor or None, got {type(class_task).__name__}")
+        if not isinstance(count, Tensor) or count.shape != (self.buffer.capacity,):
+            raise ValueError(f"state dict's 'update_count' must be a tensor of shape ({self.buffer.capacity},)")
+        if not isinstance(state.get("xder_rng"), Mapping):
+            raise ValueError("state dict has no 'xder_rng' generator state")
+        rng = np.random.Generator(np.random.PCG64())
+        rng.bit_generator.state = state["xder_rng"]
+        super()._load_method_state(state)
+        self._class_task = None if class_task is None else class_task.to(self.device, torch.long).clone()
+        self._has_past = bool(state.get("has_past", False))
+        self._update_count = count.to(self.device, torch.float32).clone()
+        self._rng = rng
+
+
+def _first_occurrence(slots: Tensor) -> Tensor:
+    """For each entry, the position of the first entry with the same value (no host sync)."""
+    same = slots.unsqueeze(0) == slots.unsqueeze(1)
+    return same.to(torch.uint8).argmax(1)  # argmax returns the first maximal position
+
+
+def _chunks(n: int, size: int) -> List[slice]:
+    """``n`` rows in chunks of ``size``; a last chunk of one row joins the one before (train-mode BatchNorm
+    cannot normalise a single row)."""
+    starts = list(range(0, n, size))
+    if len(starts) > 1 and n - starts[-1] == 1:
+        starts.pop()
+    return [slice(a, b) for a, b in zip(starts, starts[1:] + [n])]
+
+
+def _copy_rng(rng: np.random.Generator) -> np.random.Generator:
+    """An independent copy, to draw from before a step is known to succeed."""
+    copy = np.random.Generator(np.random.PCG64())
+    copy.bit_generator.state = rng.bit_generator.state
+    return copy
+
+
+_PAPER = "Boschini et al. 2022, *Class-Incremental Continual Learning into the eXtended DER-verse*"
+register(
+    MethodSpec(
+        "xder",
+        XDER,
+        family="rehearsal",
+        paper=_PAPER,
+        summary="DER++ whose stored logits learn the future past; class-balanced task-end memory; head constraints",
+        hparams=(
+            HParam("alpha", float, 0.3, "weight of the logit matching on all heads", low=0.0),
+            HParam("beta", float, 0.5, "weight of the cross-entropy on past heads", low=0.0),
+            HParam(
+                "gamma",
+                float,
+                0.85,
+                "memory update's rescaling of transplanted logits",
+                low=0.0,
+                low_open=True,
+                high=1.0,
+            ),
+            HParam("eta", float, 5e-3, "weight of the past and future head constraints", low=0.0),
+            HParam("m", float, 0.3, "margin of the head constraints", low=0.0),
+            HParam(
+                "current_loss",
+                str,
+                "method",
+                "'method': the masked present-head cross-entropy replaces the loss given to backward; 'user': keep it",
+                choices=CURRENT_LOSS,
+            ),
+        ),
+    )
+)
