@@ -91,15 +91,16 @@ class TaskDict(Mapping[Hashable, Task], ABC):
         TypeError: ``_train_set`` or ``_test_set`` gives something that is not a map-style dataset.
 
     Example:
-        The method form, which receives ``root``:
+        The method form, which receives ``root`` (the torchvision lines read or download a dataset, so
+        they are not run as doctests):
 
         >>> class SplitFashionMNIST(TaskDict):
         ...     def _train_set(self, root):
         ...         return torchvision.datasets.FashionMNIST(root, train=True)
         ...     def _test_set(self, root):
         ...         return torchvision.datasets.FashionMNIST(root, train=False)
-        >>> tasks = SplitFashionMNIST("data", {t: (2 * t, 2 * t + 1) for t in range(5)})
-        >>> x, y = tasks[0].train_set[0]
+        >>> tasks = SplitFashionMNIST("data", {t: (2 * t, 2 * t + 1) for t in range(5)})  # doctest: +SKIP
+        >>> x, y = tasks[0].train_set[0]  # doctest: +SKIP
 
         The property form, which reads ``self.root``:
 
@@ -112,7 +113,26 @@ class TaskDict(Mapping[Hashable, Task], ABC):
         ...         return self._create_dataset(train=False)
         ...     def _create_dataset(self, train):
         ...         return torchvision.datasets.CIFAR10(self.root, train=train, download=True)
-        >>> tasks = CIFAR10TaskDict(root="datasets", key_to_targets={"1": [0, 1], "2": [2, 3], "3": [4, 5]})
+        >>> tasks = CIFAR10TaskDict(  # doctest: +SKIP
+        ...     root="datasets", key_to_targets={"1": [0, 1], "2": [2, 3], "3": [4, 5]}
+        ... )
+
+        Any map-style dataset of ``(input, label)`` pairs works, e.g. tensors of your own:
+
+        >>> from torch.utils.data import TensorDataset
+        >>> class RandomSplit(TaskDict):
+        ...     def _train_set(self, root):
+        ...         return TensorDataset(torch.randn(40, 8), torch.arange(40) % 4)
+        ...     def _test_set(self, root):
+        ...         return TensorDataset(torch.randn(20, 8), torch.arange(20) % 4)
+        >>> tasks = RandomSplit("unused", {0: (0, 1), 1: (2, 3)})
+        >>> tasks
+        RandomSplit(0: (0, 1), 1: (2, 3))
+        >>> len(tasks[1].train_set), tasks[1].targets
+        (20, (2, 3))
+        >>> x, y = tasks[1].train_set[0]
+        >>> int(y)
+        2
     """
 
     def __init__(

@@ -57,7 +57,11 @@ class AGEM(BufferedSynapse):
 
     Example:
         >>> synapse = AGEM(model, buffer_size=500, buffer_sample_size=128)
-        >>> synapse.backward(loss, targets, inputs=inputs)   # instead of loss.backward()
+        >>> for inputs, targets in loader:
+        ...     optimizer.zero_grad()
+        ...     loss = criterion(model(inputs), targets)
+        ...     synapse.backward(loss, targets, inputs=inputs)   # instead of loss.backward()
+        ...     optimizer.step()
     """
 
     def __init__(

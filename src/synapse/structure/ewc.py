@@ -71,9 +71,15 @@ class EWC(ImportancePenalty):
         scaler: a ``torch.amp.GradScaler`` for mixed precision; pass the unscaled loss to ``backward``.
 
     Example:
+        >>> from synapse import named_batches
         >>> synapse = EWC(model, ewc_lambda=90.0)
-        >>> synapse.backward(loss, targets, inputs=inputs)   # instead of loss.backward()
-        >>> synapse.end_task(synapse_batches)                # the task's (targets, {"inputs": x}) batches
+        >>> for task in tasks:
+        ...     for inputs, targets in task:
+        ...         optimizer.zero_grad()
+        ...         loss = criterion(model(inputs), targets)
+        ...         synapse.backward(loss, targets, inputs=inputs)   # instead of loss.backward()
+        ...         optimizer.step()
+        ...     synapse.end_task(named_batches(task))   # the Fisher over the task's (targets, {"inputs": x})
     """
 
     def __init__(

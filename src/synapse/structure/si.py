@@ -49,8 +49,12 @@ class SI(Synapse):
 
     Example:
         >>> synapse = SI(model, alpha=1.0, xi=0.9)
-        >>> synapse.backward(loss, targets, inputs=inputs)   # instead of loss.backward()
-        >>> synapse.end_task()                                # optional: consolidate now
+        >>> for inputs, targets in loader:
+        ...     optimizer.zero_grad()
+        ...     loss = criterion(model(inputs), targets)
+        ...     synapse.backward(loss, targets, inputs=inputs)   # instead of loss.backward()
+        ...     optimizer.step()
+        >>> synapse.end_task()                                   # optional: consolidate now
     """
 
     def __init__(
