@@ -12,7 +12,8 @@ from torch import Tensor, nn
 from . import _autograd
 from ._capture import ForwardCapture, ReplaySource
 from ._validation import check_loss, check_positive_int, check_targets_and_inputs
-from .buffer import ReservoirBuffer, fresh_seed
+from .buffer import fresh_seed
+from .memory import STREAM_POLICIES, make_buffer
 
 __all__ = ["Synapse", "BufferedSynapse", "TaskBatch", "named_batches", "unwrap_model"]
 
@@ -279,6 +280,10 @@ class BufferedSynapse(Synapse):
     needed to insert or sample. With ``buffer_scope='rank'`` (the default) each rank holds
     ``buffer_size`` items, so the run holds ``world_size * buffer_size``; with ``'global'`` the ranks
     split ``buffer_size`` between them.
+
+    ``buffer_policy`` chooses what the memory keeps (:mod:`synapse.memory`): ``'reservoir'`` (default), or
+    ``'class_balanced'`` (GDumb's greedy class balancer). A subclass may accept other policies by setting
+    the class attribute ``buffer_policies`` (a method filled at task ends lists ``'herding'``).
     """
 
     def __init__(
@@ -288,12 +293,18 @@ class BufferedSynapse(Synapse):
         buffer_sample_size: int,
         *,
         buffer_scope: str = "rank",
+        buffer_policy: str = "reservoir",
         scaler: Optional[torch.amp.GradScaler] = None,
     ) -> None:
         check_positive_int("buffer_size", buffer_size)
         check_positive_int("buffer_sample_size", buffer_sample_size)
         if buffer_scope not in ("rank", "global"):
             raise ValueError(f"buffer_scope must be 'rank' or 'global', got {buffer_scope!r}")
+        policies = getattr(self, "buffer_policies", STREAM_POLICIES)
+        if buffer_policy not in policies:
+            raise ValueError(
+                f"buffer_policy must be one of {policies} for {type(self).__name__}, got {buffer_policy!r}"
+            )
         world = distributed_world()
         if buffer_scope == "global" and buffer_size < world:
             raise ValueError(f"buffer_size={buffer_size} cannot be split across {world} ranks (buffer_scope='global')")
@@ -302,7 +313,8 @@ class BufferedSynapse(Synapse):
         rank = dist.get_rank() if world > 1 else 0
         capacity = buffer_size if buffer_scope == "rank" else buffer_size // world + (rank < buffer_size % world)
         # Offsetting by rank decorrelates the ranks' reservoirs under one global seed.
-        self.buffer = ReservoirBuffer(capacity, seed=(fresh_seed() + rank) % 2**62)
+        self.buffer_policy = buffer_policy
+        self.buffer = make_buffer(buffer_policy, capacity, seed=(fresh_seed() + rank) % 2**62)
         self._input_names: Optional[tuple] = None
         self._stores_targets = True  # a method whose loss never reads them may store none
 

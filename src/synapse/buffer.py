@@ -1,4 +1,6 @@
-"""A reservoir-sampling memory of named tensors, preallocated on the model's device."""
+"""Memories of named tensors, preallocated on the model's device: the shared :class:`Buffer` interface and
+the reservoir policy (:class:`ReservoirBuffer`). The class-balanced and herding policies live in
+:mod:`synapse.memory`, next to :func:`~synapse.memory.make_buffer`."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from ._device import to_device
 from ._validation import check_positive_int
 from .functional import distinct_subsets, last_wins, reservoir_draws, reservoir_plan
 
-__all__ = ["ReservoirBuffer", "fresh_seed"]
+__all__ = ["Buffer", "ReservoirBuffer", "fresh_seed"]
 
 # Once the buffer is full its population is fixed, so replay indices are drawn for this many steps at
 # a time: one generator call and one host-to-device copy instead of one per step.
@@ -45,36 +47,26 @@ def indices_on(indices: np.ndarray, device: torch.device) -> Tensor:
     return to_device(torch.from_numpy(np.ascontiguousarray(indices, dtype=np.int64)), device)
 
 
-class ReservoirBuffer:
-    """A fixed-capacity reservoir sample (Vitter's Algorithm R) of a stream of batches.
+class Buffer:
+    """The interface every memory policy shares: named tensors in ``capacity`` rows allocated once.
 
     Each item is a row across a set of named tensors (for example ``inputs``, ``targets`` and
-    ``logits``). Storage is allocated on the first :meth:`add`, with the shape, dtype and device of
-    that batch, and never grows afterwards: ``nbytes == capacity * bytes_per_item``. Inputs keep their
-    dtype (uint8 images stay uint8); non-finite floating values are stored as 0, so a diverged step
-    cannot poison the memory.
+    ``logits``). Storage is allocated on the first :meth:`add` (or fill), with the shape, dtype and
+    device of that batch, and never grows afterwards: ``nbytes == capacity * bytes_per_item``. Inputs
+    keep their dtype (uint8 images stay uint8); non-finite floating values are stored as 0, so a diverged
+    step cannot poison the memory. The stored items are rows ``[0, len)``.
 
-    Which slot each new item takes is decided on the host, where the number of items seen already
-    lives: the random draws need no device values, so insertion never synchronises host and device,
-    and it launches one gather and one scatter per field -- none at all for the many batches that
-    replace nothing once the stream is long. (CPU storage of numpy-compatible dtypes is written through
-    numpy views instead: for the one or two rows a batch typically replaces, numpy's indexing costs a
-    fraction of a torch operator's dispatch.) After ``n`` insertions each item is present with
-    probability ``capacity / n``; minibatches are sampled without replacement.
+    A policy decides which items stay (:meth:`add`, and ``__len__``); this base holds what they share:
+    validation, the storage and its device, uniform replay sampling without replacement (drawn on the
+    host, from the memory's own generator), field growth, and the state dict.
 
     Args:
         capacity: the number of items kept.
-        seed: seed of the buffer's own generator. By default it is drawn from torch's global RNG when
-            the buffer is created, so ``torch.manual_seed`` makes the buffer deterministic.
-
-    Example:
-        >>> buf = ReservoirBuffer(100)
-        >>> buf.add({"x": torch.randn(8, 3), "y": torch.arange(8)})
-        >>> len(buf)
-        8
-        >>> idx = buf.sample_indices(4)          # (1, 4), without replacement
-        >>> batch = buf.gather(idx[0])           # {"x": (4, 3), "y": (4,)}
+        seed: seed of the memory's own generator. By default it is drawn from torch's global RNG when
+            the memory is created, so ``torch.manual_seed`` makes the memory deterministic.
     """
+
+    policy = ""  # the name make_buffer knows this policy by
 
     def __init__(self, capacity: int, *, seed: Optional[int] = None) -> None:
         check_positive_int("capacity", capacity)
@@ -86,16 +78,12 @@ class ReservoirBuffer:
         self._block: Optional[Tensor] = None  # (SAMPLE_BLOCK, num_minibatches, k) pre-drawn indices
         self._block_rows: Tuple[Tensor, ...] = ()  # the block's rows, one per step
         self._block_pos = 0
-        self._draws: Optional[np.ndarray] = None  # uniforms of stream items _draws_first, _draws_first + 1, ...
-        self._draws_first = 0
-        self._hit_offsets: List[int] = []  # the drawn items that replace a slot, as offsets from _draws_first
-        self._hit_slots: List[int] = []  # and the slot each replaces
         self._host: Optional[Dict[str, np.ndarray]] = None  # see _storage_changed
         self._device: Optional[torch.device] = None
 
     # ------------------------------------------------------------------ inspection
     def __len__(self) -> int:
-        return min(self.num_seen, self.capacity)
+        raise NotImplementedError
 
     @property
     def names(self) -> Tuple[str, ...]:
@@ -119,7 +107,7 @@ class ReservoirBuffer:
         return self._schema
 
     def __repr__(self) -> str:
-        return f"ReservoirBuffer(capacity={self.capacity}, len={len(self)}, num_seen={self.num_seen})"
+        return f"{type(self).__name__}(capacity={self.capacity}, len={len(self)}, num_seen={self.num_seen})"
 
     # ------------------------------------------------------------------ validation
     def check_batch(self, items: Mapping[str, Tensor], partial: bool = False) -> int:
@@ -157,6 +145,202 @@ class ReservoirBuffer:
                     f"{name!r} has per-item shape {tuple(value.shape[1:])} and dtype {value.dtype}, "
                     f"but the buffer holds shape {shape} and dtype {dtype}"
                 )
+
+    # ------------------------------------------------------------------ mutation
+    def add(self, items: Mapping[str, Tensor], *, validate: bool = True) -> None:
+        """Offer a batch to the memory (``validate=False`` skips a check the caller already made)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _write_host_rows(storage: np.ndarray, slots: List[int], values: np.ndarray, rows: List[int]) -> None:
+        """``storage[slots] = values[rows]``, non-finite floats as 0."""
+        if len(slots) == 1:  # the common case: plain indexing, cheaper than any gather
+            storage[slots[0]] = values[rows[0]]
+            _zero_non_finite(storage[slots[0] : slots[0] + 1])  # a view (even of a 1-d field): cleans the storage
+        else:
+            storage[slots] = _zero_non_finite(values.take(rows, axis=0))
+
+    @staticmethod
+    def _clean(value: Tensor) -> Tensor:
+        return torch.nan_to_num(value, nan=0.0, posinf=0.0, neginf=0.0) if value.is_floating_point() else value
+
+    def _allocate(self, items: Mapping[str, Tensor]) -> None:
+        self._storage = {
+            k: torch.zeros((self.capacity, *v.shape[1:]), dtype=v.dtype, device=v.device) for k, v in items.items()
+        }
+        self._storage_changed()
+
+    def _storage_changed(self) -> None:
+        self._schema = {k: (tuple(t.shape[1:]), t.dtype) for k, t in self._storage.items()}
+        self._device = next(iter(self._storage.values())).device if self._storage else None
+        # numpy views of CPU storage, for the few-row writes of insertion; None where numpy cannot help
+        host = all(t.device.type == "cpu" and t.dtype in _NUMPY_DTYPES for t in self._storage.values())
+        self._host = {k: t.numpy() for k, t in self._storage.items()} if host and self._storage else None
+
+    def add_field(self, name: str, fill: Tensor) -> None:
+        """Add field ``name`` to every item, each set to ``fill`` (a tensor of one item's shape)."""
+        if name in self._storage:
+            raise ValueError(f"buffer field {name!r} exists already")
+        if self._storage:
+            device = self.device
+            self._storage[name] = fill.to(device).expand(self.capacity, *fill.shape).clone()
+            self._storage_changed()
+
+    def widen(self, name: str, width: int) -> None:
+        """Zero-pad field ``name`` along its last dimension to ``width`` (for heads that grow)."""
+        old = self._storage[name]
+        if width < old.shape[-1]:
+            raise ValueError(f"cannot narrow {name!r} from {old.shape[-1]} to {width}")
+        self._storage[name] = _zero_pad(old, width)
+        self._storage_changed()
+
+    def to(self, device: torch.device | str) -> Buffer:
+        """Move the storage to ``device``, in place (the generator lives on the host and is unaffected)."""
+        device = torch.device(device)
+        if self._storage and self.device != device:
+            self._storage = {k: v.to(device) for k, v in self._storage.items()}
+            self._storage_changed()
+            self._set_block(None if self._block is None else self._block.to(device))
+        return self
+
+    # ------------------------------------------------------------------ sampling
+    def sample_indices(self, k: int, num_minibatches: int = 1) -> Tensor:
+        """Indices of ``num_minibatches`` independent minibatches of ``min(k, len)`` distinct items.
+
+        Returns a ``(num_minibatches, min(k, len(self)))`` int64 tensor on the buffer's device.
+        """
+        return self._next_indices(k, num_minibatches).view(num_minibatches, -1)
+
+    def sample(self, k: int, num_minibatches: int = 1, names: Optional[Iterable[str]] = None) -> Dict[str, Tensor]:
+        """``num_minibatches`` independent minibatches as by :meth:`sample_indices`, gathered and stacked
+        along dim 0 (minibatch ``i`` is rows ``i * k' : (i + 1) * k'`` with ``k' = min(k, len)``)."""
+        return self.gather(self._next_indices(k, num_minibatches), names)
+
+    def _population_fixed(self, n: int) -> bool:
+        """Whether the rows that may be sampled stay ``[0, n)`` from one step to the next (true once a
+        stream memory is full), so that indices may be drawn ahead, :data:`SAMPLE_BLOCK` steps at a time."""
+        return n == self.capacity
+
+    def _next_indices(self, k: int, num_minibatches: int) -> Tensor:
+        """The next minibatches' indices, flat: ``num_minibatches * min(k, len)`` of them."""
+        n = len(self)
+        if n == 0:
+            raise RuntimeError("cannot sample from an empty buffer")
+        k = min(k, n)
+        device = self._device
+        assert device is not None
+        if not self._population_fixed(n):  # still filling: the population changes with every batch
+            return indices_on(distinct_subsets(self._rng, n, k, num_minibatches).reshape(-1), device)
+        block = self._block
+        if block is None or block.shape[1:] != (num_minibatches, k) or self._block_pos == len(block):
+            picks = distinct_subsets(self._rng, n, k, SAMPLE_BLOCK * num_minibatches)
+            self._set_block(indices_on(picks.reshape(SAMPLE_BLOCK, num_minibatches, k), device))
+            self._block_pos = 0
+        self._block_pos += 1
+        return self._block_rows[self._block_pos - 1]
+
+    def _set_block(self, block: Optional[Tensor]) -> None:
+        self._block = block
+        # Split once into one flat row per step, rather than indexing and reshaping on every step.
+        self._block_rows = () if block is None else block.view(len(block), -1).unbind(0)
+
+    def gather(self, indices: Tensor, names: Optional[Iterable[str]] = None) -> Dict[str, Tensor]:
+        """The stored rows at 1-d ``indices``, for every field or for ``names``."""
+        names = self._storage if names is None else names
+        return {k: self._storage[k].index_select(0, indices) for k in names}
+
+    def stored(self, names: Optional[Iterable[str]] = None) -> Dict[str, Tensor]:
+        """Every stored item (rows ``[0, len)``), for every field or for ``names``: views of the storage,
+        valid until the next insertion; do not write to them."""
+        n = len(self)
+        return {k: self._storage[k][:n] for k in (self._storage if names is None else names)}
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything needed to continue bit-identically: storage, counters and RNG state."""
+        return {
+            "capacity": self.capacity,
+            "num_seen": self.num_seen,
+            "storage": dict(self._storage),
+            "rng_state": self._rng.bit_generator.state,
+            "sample_block": None if self._block is None else self._block.cpu(),
+            "sample_block_pos": self._block_pos,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any], device: Optional[torch.device] = None) -> None:
+        """Restore a :meth:`state_dict`, onto ``device`` if given (else where it was saved)."""
+        self._check_state(state, ())
+        self._load_base_state(state, device)
+
+    def _check_state(self, state: Mapping[str, Any], keys: Tuple[str, ...]) -> None:
+        """Raise unless ``state`` is a state dict of this policy and capacity holding ``keys``."""
+        policy = state.get("policy", ReservoirBuffer.policy)  # reservoir states predate the key
+        if policy != self.policy:
+            raise ValueError(f"the checkpoint holds a {policy!r} memory, but this one's policy is {self.policy!r}")
+        for key in ("capacity", "num_seen", "storage", "rng_state", *keys):
+            if key not in state:
+                raise KeyError(f"buffer state is missing {key!r}")
+        if int(state["capacity"]) != self.capacity:
+            raise ValueError(
+                f"checkpoint buffer capacity {state['capacity']} differs from this buffer's {self.capacity}"
+            )
+
+    def _load_base_state(self, state: Mapping[str, Any], device: Optional[torch.device]) -> None:
+        rng = np.random.Generator(np.random.PCG64())
+        rng.bit_generator.state = state["rng_state"]
+        self._storage = {k: (v.to(device) if device is not None else v).clone() for k, v in state["storage"].items()}
+        self._storage_changed()
+        block = state.get("sample_block")
+        self._set_block(None if block is None or self.device is None else block.to(self.device))
+        self._block_pos = int(state.get("sample_block_pos", 0))
+        self.num_seen = int(state["num_seen"])
+        self._rng = rng
+
+
+def _zero_pad(old: Tensor, width: int) -> Tensor:
+    """``old`` zero-padded along its last dimension to ``width``."""
+    new = old.new_zeros((*old.shape[:-1], width))
+    new[..., : old.shape[-1]] = old
+    return new
+
+
+class ReservoirBuffer(Buffer):
+    """A fixed-capacity reservoir sample (Vitter's Algorithm R) of a stream of batches.
+
+    Storage and sampling are :class:`Buffer`'s. Which slot each new item takes is decided on the host,
+    where the number of items seen already lives: the random draws need no device values, so insertion
+    never synchronises host and device, and it launches one gather and one scatter per field -- none at
+    all for the many batches that replace nothing once the stream is long. (CPU storage of
+    numpy-compatible dtypes is written through numpy views instead: for the one or two rows a batch
+    typically replaces, numpy's indexing costs a fraction of a torch operator's dispatch.) After ``n``
+    insertions each item is present with probability ``capacity / n``; minibatches are sampled without
+    replacement.
+
+    Args:
+        capacity: the number of items kept.
+        seed: seed of the buffer's own generator. By default it is drawn from torch's global RNG when
+            the buffer is created, so ``torch.manual_seed`` makes the buffer deterministic.
+
+    Example:
+        >>> buf = ReservoirBuffer(100)
+        >>> buf.add({"x": torch.randn(8, 3), "y": torch.arange(8)})
+        >>> len(buf)
+        8
+        >>> idx = buf.sample_indices(4)          # (1, 4), without replacement
+        >>> batch = buf.gather(idx[0])           # {"x": (4, 3), "y": (4,)}
+    """
+
+    policy = "reservoir"
+
+    def __init__(self, capacity: int, *, seed: Optional[int] = None) -> None:
+        super().__init__(capacity, seed=seed)
+        self._draws: Optional[np.ndarray] = None  # uniforms of stream items _draws_first, _draws_first + 1, ...
+        self._draws_first = 0
+        self._hit_offsets: List[int] = []  # the drawn items that replace a slot, as offsets from _draws_first
+        self._hit_slots: List[int] = []  # and the slot each replaces
+
+    def __len__(self) -> int:
+        return min(self.num_seen, self.capacity)
 
     # ------------------------------------------------------------------ mutation
     def add(self, items: Mapping[str, Tensor], *, validate: bool = True) -> None:
@@ -201,135 +385,20 @@ class ReservoirBuffer:
         offsets, slots = reservoir_draws(first, uniforms, self.capacity)
         self._hit_offsets, self._hit_slots = offsets.tolist(), slots.tolist()
 
-    @staticmethod
-    def _write_host_rows(storage: np.ndarray, slots: List[int], values: np.ndarray, rows: List[int]) -> None:
-        """``storage[slots] = values[rows]``, non-finite floats as 0."""
-        if len(slots) == 1:  # the common case: plain indexing, cheaper than any gather
-            storage[slots[0]] = values[rows[0]]
-            _zero_non_finite(storage[slots[0] : slots[0] + 1])  # a view (even of a 1-d field): cleans the storage
-        else:
-            storage[slots] = _zero_non_finite(values.take(rows, axis=0))
-
-    @staticmethod
-    def _clean(value: Tensor) -> Tensor:
-        return torch.nan_to_num(value, nan=0.0, posinf=0.0, neginf=0.0) if value.is_floating_point() else value
-
-    def _allocate(self, items: Mapping[str, Tensor]) -> None:
-        self._storage = {
-            k: torch.zeros((self.capacity, *v.shape[1:]), dtype=v.dtype, device=v.device) for k, v in items.items()
-        }
-        self._storage_changed()
-
-    def _storage_changed(self) -> None:
-        self._schema = {k: (tuple(t.shape[1:]), t.dtype) for k, t in self._storage.items()}
-        self._device = next(iter(self._storage.values())).device if self._storage else None
-        # numpy views of CPU storage, for the few-row writes of insertion; None where numpy cannot help
-        host = all(t.device.type == "cpu" and t.dtype in _NUMPY_DTYPES for t in self._storage.values())
-        self._host = {k: t.numpy() for k, t in self._storage.items()} if host and self._storage else None
-
-    def add_field(self, name: str, fill: Tensor) -> None:
-        """Add field ``name`` to every item, each set to ``fill`` (a tensor of one item's shape)."""
-        if name in self._storage:
-            raise ValueError(f"buffer field {name!r} exists already")
-        if self._storage:
-            device = self.device
-            self._storage[name] = fill.to(device).expand(self.capacity, *fill.shape).clone()
-            self._storage_changed()
-
-    def widen(self, name: str, width: int) -> None:
-        """Zero-pad field ``name`` along its last dimension to ``width`` (for heads that grow)."""
-        old = self._storage[name]
-        if width < old.shape[-1]:
-            raise ValueError(f"cannot narrow {name!r} from {old.shape[-1]} to {width}")
-        new = old.new_zeros((*old.shape[:-1], width))
-        new[..., : old.shape[-1]] = old
-        self._storage[name] = new
-        self._storage_changed()
-
-    def to(self, device: torch.device | str) -> ReservoirBuffer:
-        """Move the storage to ``device``, in place (the generator lives on the host and is unaffected)."""
-        device = torch.device(device)
-        if self._storage and self.device != device:
-            self._storage = {k: v.to(device) for k, v in self._storage.items()}
-            self._storage_changed()
-            self._set_block(None if self._block is None else self._block.to(device))
-        return self
-
-    # ------------------------------------------------------------------ sampling
-    def sample_indices(self, k: int, num_minibatches: int = 1) -> Tensor:
-        """Indices of ``num_minibatches`` independent minibatches of ``min(k, len)`` distinct items.
-
-        Returns a ``(num_minibatches, min(k, len(self)))`` int64 tensor on the buffer's device.
-        """
-        return self._next_indices(k, num_minibatches).view(num_minibatches, -1)
-
-    def sample(self, k: int, num_minibatches: int = 1, names: Optional[Iterable[str]] = None) -> Dict[str, Tensor]:
-        """``num_minibatches`` independent minibatches as by :meth:`sample_indices`, gathered and stacked
-        along dim 0 (minibatch ``i`` is rows ``i * k' : (i + 1) * k'`` with ``k' = min(k, len)``)."""
-        return self.gather(self._next_indices(k, num_minibatches), names)
-
-    def _next_indices(self, k: int, num_minibatches: int) -> Tensor:
-        """The next minibatches' indices, flat: ``num_minibatches * min(k, len)`` of them."""
-        n = len(self)
-        if n == 0:
-            raise RuntimeError("cannot sample from an empty buffer")
-        k = min(k, n)
-        device = self._device
-        assert device is not None
-        if n < self.capacity:  # still filling: the population changes with every batch
-            return indices_on(distinct_subsets(self._rng, n, k, num_minibatches).reshape(-1), device)
-        block = self._block
-        if block is None or block.shape[1:] != (num_minibatches, k) or self._block_pos == len(block):
-            picks = distinct_subsets(self._rng, n, k, SAMPLE_BLOCK * num_minibatches)
-            self._set_block(indices_on(picks.reshape(SAMPLE_BLOCK, num_minibatches, k), device))
-            self._block_pos = 0
-        self._block_pos += 1
-        return self._block_rows[self._block_pos - 1]
-
-    def _set_block(self, block: Optional[Tensor]) -> None:
-        self._block = block
-        # Split once into one flat row per step, rather than indexing and reshaping on every step.
-        self._block_rows = () if block is None else block.view(len(block), -1).unbind(0)
-
-    def gather(self, indices: Tensor, names: Optional[Iterable[str]] = None) -> Dict[str, Tensor]:
-        """The stored rows at 1-d ``indices``, for every field or for ``names``."""
-        names = self._storage if names is None else names
-        return {k: self._storage[k].index_select(0, indices) for k in names}
-
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
         """Everything needed to continue bit-identically: storage, counters and RNG state."""
-        return {
-            "capacity": self.capacity,
-            "num_seen": self.num_seen,
-            "storage": dict(self._storage),
-            "rng_state": self._rng.bit_generator.state,
-            "sample_block": None if self._block is None else self._block.cpu(),
-            "sample_block_pos": self._block_pos,
-            "draws": None if self._draws is None else torch.from_numpy(self._draws.copy()),
-            "draws_first": self._draws_first,
-        }
+        state = super().state_dict()
+        state["draws"] = None if self._draws is None else torch.from_numpy(self._draws.copy())
+        state["draws_first"] = self._draws_first
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any], device: Optional[torch.device] = None) -> None:
         """Restore a :meth:`state_dict`, onto ``device`` if given (else where it was saved)."""
-        for key in ("capacity", "num_seen", "storage", "rng_state"):
-            if key not in state:
-                raise KeyError(f"buffer state is missing {key!r}")
-        if int(state["capacity"]) != self.capacity:
-            raise ValueError(
-                f"checkpoint buffer capacity {state['capacity']} differs from this buffer's {self.capacity}"
-            )
-        rng = np.random.Generator(np.random.PCG64())
-        rng.bit_generator.state = state["rng_state"]
-        self._storage = {k: (v.to(device) if device is not None else v).clone() for k, v in state["storage"].items()}
-        self._storage_changed()
-        block = state.get("sample_block")
-        self._set_block(None if block is None or self.device is None else block.to(self.device))
-        self._block_pos = int(state.get("sample_block_pos", 0))
+        self._check_state(state, ())
         draws = state.get("draws")
+        self._load_base_state(state, device)
         if draws is None:
             self._draws = None
         else:
             self._set_draws(int(state["draws_first"]), draws.numpy().astype(np.float64))
-        self.num_seen = int(state["num_seen"])
-        self._rng = rng

@@ -1,12 +1,19 @@
-"""Reservoir slots and replay minibatches, decided on the host (no device values are read)."""
+"""Which items a memory keeps, and replay minibatches.
+
+Reservoir slots and replay minibatches are decided on the host (no device values are read); iCaRL's
+herding runs on the features' device.
+"""
 
 from __future__ import annotations
 
 from typing import Iterable, List, Tuple
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
 
-__all__ = ["reservoir_plan", "reservoir_draws", "last_wins", "distinct_subsets"]
+__all__ = ["reservoir_plan", "reservoir_draws", "last_wins", "distinct_subsets", "herding_selection"]
 
 
 def reservoir_draws(first: int, uniforms: np.ndarray, capacity: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -69,3 +76,64 @@ def distinct_subsets(rng: np.random.Generator, n: int, k: int, rows: int) -> np.
         redo = redo[(ordered[:, 1:] == ordered[:, :-1]).any(axis=1)]
         picks[redo] = rng.integers(0, n, size=(len(redo), k))
     return picks
+
+
+def herding_selection(features: Tensor, m: int, *, normalize: bool = True) -> Tensor:
+    """iCaRL's exemplar selection by herding (Rebuffi et al. 2017, *iCaRL: Incremental Classifier and
+    Representation Learning*, Algorithm 4, "ConstructExemplarSet").
+
+    With ``phi(x)`` the features of one class's ``n`` items (L2-normalised, as in the paper, unless
+    ``normalize=False``) and ``mu = (1/n) sum_x phi(x)`` their mean, exemplar ``k = 1, 2, ...`` is
+
+        ``p_k = argmin_x || mu - (1/k) (phi(x) + sum_{j<k} phi(p_j)) ||``,
+
+    so the running mean of the chosen features follows the class mean as closely as one more item
+    allows. The argmin ranges over the items not chosen yet (the paper writes ``x in X``; an item is
+    taken once, as in the authors' and the DER authors' implementations); ties go to the lowest index.
+    The squared distance is expanded so each step is one matrix-vector product,
+    ``k^2 ||mu - (S + phi)/k||^2 = const + ||phi||^2 - 2k <mu - S/k, phi>`` with ``S`` the chosen
+    features' sum. Runs on the features' device without reading device values.
+
+    Args:
+        features: ``(n, d)`` features of one class's items.
+        m: the number of exemplars wanted (``0 <= m``); the class gives ``min(m, n)``.
+        normalize: L2-normalise each row first (the paper's ``phi``).
+
+    Returns:
+        ``(min(m, n),)`` int64 indices into ``features``' rows, in selection order ``p_1, p_2, ...``:
+        the first ``j`` of them are the selection for a budget of ``j`` (Algorithm 5 keeps a prefix).
+
+    Example:
+        >>> herding_selection(torch.tensor([[0.0], [1.0], [2.0], [3.0], [10.0]]), 5, normalize=False)
+        tensor([3, 2, 1, 4, 0])
+    """
+    if not isinstance(features, Tensor) or features.dim() != 2 or not features.is_floating_point():
+        raise ValueError(f"features must be a floating (n, d) tensor, got {_describe(features)}")
+    if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+        raise ValueError(f"m must be an int >= 0, got {m!r}")
+    phi = features.detach()
+    if phi.dtype in (torch.float16, torch.bfloat16):
+        phi = phi.float()
+    if normalize:
+        phi = F.normalize(phi, dim=1)
+    count = min(m, phi.shape[0])
+    chosen = torch.empty(count, dtype=torch.int64, device=phi.device)
+    if count == 0:
+        return chosen
+    mu = phi.mean(0)
+    squared = (phi * phi).sum(1)
+    total = torch.zeros_like(mu)  # S: the sum of the chosen features
+    taken = torch.zeros(phi.shape[0], dtype=torch.bool, device=phi.device)
+    for k in range(1, count + 1):
+        score = torch.addmv(squared, phi, mu - total / k, alpha=-2.0 * k)
+        best = score.masked_fill_(taken, float("inf")).argmin().view(1)  # first of equal minima
+        chosen[k - 1 : k] = best
+        total += phi.index_select(0, best)[0]
+        taken.index_fill_(0, best, True)
+    return chosen
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, Tensor):
+        return f"shape {tuple(value.shape)} and dtype {value.dtype}"
+    return type(value).__name__

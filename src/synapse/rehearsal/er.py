@@ -69,6 +69,11 @@ class ER(BufferedSynapse):
         buffer_scope: ``'rank'`` (default): every rank of a distributed run keeps ``buffer_size`` items of
             its own stream; ``'global'``: ``buffer_size`` is the whole run's budget, split across ranks.
         scaler: a ``torch.amp.GradScaler`` for mixed precision; pass the unscaled loss to ``backward``.
+        buffer_policy: what the memory keeps: ``'reservoir'`` (default), a uniform sample of the stream as
+            in both papers, or ``'class_balanced'``, GDumb's greedy class balancer (Prabhu et al. 2020):
+            every class seen holds an equal share, within one slot (:class:`synapse.memory.ClassBalancedBuffer`;
+            on CUDA a batch enters one step late, so that choosing slots by label never syncs). The
+            class-balanced memory stores targets, with DER too.
 
     Example:
         >>> synapse = ER(model, buffer_size=500, buffer_sample_size=32, alpha=0.3, beta=0.5)
@@ -94,6 +99,7 @@ class ER(BufferedSynapse):
         buffer_scope: str = "rank",
         scaler: Optional[torch.amp.GradScaler] = None,
         joint_mean: bool = False,
+        buffer_policy: str = "reservoir",
     ) -> None:
         check_non_negative("alpha", alpha)
         if joint_mean and (method != "er" or alpha != 1.0):
@@ -110,7 +116,14 @@ class ER(BufferedSynapse):
             raise ValueError(f"custom_loss_fn is only used with method='custom', got method={method!r}")
         if logits_dtype is not None and not (isinstance(logits_dtype, torch.dtype) and logits_dtype.is_floating_point):
             raise ValueError(f"logits_dtype must be a floating torch.dtype or None, got {logits_dtype!r}")
-        super().__init__(model, buffer_size, buffer_sample_size, buffer_scope=buffer_scope, scaler=scaler)
+        super().__init__(
+            model,
+            buffer_size,
+            buffer_sample_size,
+            buffer_scope=buffer_scope,
+            buffer_policy=buffer_policy,
+            scaler=scaler,
+        )
         self.alpha = float(alpha)
         self.beta = float(beta)
         self.method = method
@@ -119,7 +132,8 @@ class ER(BufferedSynapse):
         self.logits_dtype = logits_dtype
         self.joint_mean = bool(joint_mean)
         self._stores_logits = method != "er"
-        self._stores_targets = method != "der"  # DER's loss reads inputs and logits only (paper, Alg. 1)
+        # DER's loss reads inputs and logits only (paper, Alg. 1); a class-balanced memory needs the labels.
+        self._stores_targets = method != "der" or buffer_policy == "class_balanced"
         self._ragged_logits = False  # becomes True once rows of different logit widths coexist
         self._num_minibatches = 2 if method == "der++" else 1
         self._fields: Tuple[Any, List[str]] = (None, [])  # (what they depend on, the replayed fields)
@@ -255,6 +269,13 @@ class ER(BufferedSynapse):
 
 _ER_PAPER = "Chaudhry et al. 2019, *On Tiny Episodic Memories in Continual Learning*"
 _DER_PAPER = "Buzzega et al. 2020, *Dark Experience for General Continual Learning: a Strong, Simple Baseline*"
+_BUFFER_POLICY = HParam(
+    "buffer_policy",
+    str,
+    "reservoir",
+    "what the memory keeps: a uniform sample of the stream, or an equal share per class (GDumb)",
+    choices=("reservoir", "class_balanced"),
+)
 register(
     MethodSpec(
         "er",
@@ -266,6 +287,7 @@ register(
         hparams=(
             HParam("alpha", float, 1.0, "weight of the replay cross-entropy", low=0.0),
             HParam("joint_mean", bool, False, "one mean over the batch and the replay minibatch (alpha must be 1)"),
+            _BUFFER_POLICY,
         ),
     )
 )
@@ -277,7 +299,10 @@ register(
         paper=_DER_PAPER,
         summary="Dark Experience Replay: match the logits stored with each sample",
         fixed={"method": "der"},
-        hparams=(HParam("alpha", float, 0.3, "weight of the logit-matching MSE", low=0.0),),
+        hparams=(
+            HParam("alpha", float, 0.3, "weight of the logit-matching MSE", low=0.0),
+            _BUFFER_POLICY,
+        ),
     )
 )
 register(
@@ -291,6 +316,7 @@ register(
         hparams=(
             HParam("alpha", float, 0.3, "weight of the logit-matching MSE", low=0.0),
             HParam("beta", float, 0.5, "weight of the replay cross-entropy", low=0.0),
+            _BUFFER_POLICY,
         ),
     )
 )
