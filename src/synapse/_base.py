@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -179,6 +180,22 @@ class Synapse(ABC):
         if self._capture is None:
             self._capture = ForwardCapture(self.module, self._a_parameter, replay_source)
         return self._capture
+
+    def _frozen_copy(
+        self,
+        weights: Optional[Mapping[str, Tensor]] = None,
+        load: Optional[Callable[[nn.Module, Mapping[str, Tensor]], Any]] = None,
+    ) -> nn.Module:
+        """A copy of the model for teachers and old models (LwF, BiC, iCaRL): in eval mode, parameters frozen
+        and without gradients, on the model's device. The capture's hooks are inert in a copy, so it runs
+        plain forwards. ``weights`` (loaded by ``load``, default ``load_state_dict``) restore a saved one."""
+        copy_ = copy.deepcopy(self.module)
+        if weights is not None:
+            (load or nn.Module.load_state_dict)(copy_, weights)
+        copy_.eval().requires_grad_(False)
+        for p in copy_.parameters():
+            p.grad = None
+        return copy_.to(self.device)
 
     @staticmethod
     def _check_current_loss(current_loss: str) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
 import torch
@@ -214,17 +213,6 @@ class LwF(Synapse):
         self.old_classes = seen.clone()
         self._log_mask = None
 
-    def _frozen_copy(self, weights: Optional[Mapping[str, Tensor]] = None) -> nn.Module:
-        """A copy of the model (the capture's hooks are inert in it), optionally with ``weights`` loaded,
-        in eval mode with frozen parameters."""
-        teacher = copy.deepcopy(self.module)
-        if weights is not None:
-            _load_weights(teacher, weights)
-        teacher.eval().requires_grad_(False)
-        for p in teacher.parameters():
-            p.grad = None
-        return teacher.to(self.device)
-
     # ------------------------------------------------------------------ state
     def _method_state(self) -> Dict[str, Any]:
         seen, old, teacher = self.seen_classes, self.old_classes, self.teacher
@@ -245,7 +233,8 @@ class LwF(Synapse):
                 raise ValueError(f"LwF state {name!r} must be a 1-d bool tensor or None")
         if (weights is None) != (old is None):
             raise ValueError("LwF state must have both a teacher and its old classes, or neither")
-        teacher = None if weights is None else self._frozen_copy(weights)  # built before anything changes
+        # Built before anything changes.
+        teacher = None if weights is None else self._frozen_copy(weights, _load_weights)
         if seen is None:
             self._seen_store = None
         else:

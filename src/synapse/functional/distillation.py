@@ -7,7 +7,9 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["soft_distillation_loss", "soft_distillation_grad"]
+from .replay import asymmetric_cross_entropy
+
+__all__ = ["soft_distillation_loss", "soft_distillation_grad", "bias_correction", "bic_lambda", "bic_loss"]
 
 
 def soft_distillation_loss(
@@ -98,3 +100,63 @@ def _compared(
     elif not class_mask.is_floating_point():
         raise TypeError(f"class_mask must be bool or an additive float mask, got dtype {class_mask.dtype}")
     return student, teacher_logits, class_mask
+
+
+def bias_correction(logits: Tensor, new_classes: Tensor, alpha: float | Tensor, beta: float | Tensor) -> Tensor:
+    """BiC's bias correction layer (Wu et al. 2019, *Large Scale Incremental Learning*, eq. 4): one affine
+    map, shared by the new classes, on their logits; the old classes' logits pass unchanged::
+
+        q_k = alpha * o_k + beta   (k a new class),     q_k = o_k   (k an old class)
+
+    Args:
+        logits: ``(batch, classes)``.
+        new_classes: bool ``(classes,)``: the columns the layer corrects.
+        alpha, beta: the layer's two parameters, numbers or 0-d tensors (gradients flow into tensors:
+            stage 2 trains them).
+    """
+    return torch.where(new_classes, logits * alpha + beta, logits)
+
+
+def bic_lambda(old_classes: Tensor, seen_classes: Tensor) -> Tensor:
+    """BiC's weight of the distillation term, ``lambda = n / (n + m)`` (Wu et al. 2019, Sec. 3) with ``n``
+    the old classes and ``n + m`` all the classes seen, counted from bool ``(classes,)`` masks on their
+    device (no host sync). ``old_classes`` must be a subset of ``seen_classes``, which must not be empty."""
+    return old_classes.sum().to(torch.float32) / seen_classes.sum().to(torch.float32)
+
+
+def bic_loss(
+    logits: Tensor,
+    targets: Tensor,
+    teacher_logits: Optional[Tensor],
+    old_classes: Optional[Tensor],
+    seen_classes: Tensor,
+    temperature: float = 2.0,
+) -> Tensor:
+    """BiC's stage-1 loss (Wu et al. 2019, eqs. 1-3), the mean over the rows::
+
+        L = lambda * L_d + (1 - lambda) * L_c,                lambda = n / (n + m)
+        L_d = -mean_x sum_{k in old} pi_hat_k(x) log pi_k(x),  pi = softmax_old(o / T), pi_hat = softmax_old(o_hat / T)
+        L_c = -mean_x log softmax_seen(o)_y
+
+    ``o`` are ``logits``, ``o_hat`` the old model's ``teacher_logits``, ``softmax_old`` normalises over the
+    ``n`` old classes and ``softmax_seen`` over the ``n + m`` classes seen (the other columns are left
+    out). ``L_d`` is :func:`soft_distillation_loss` (no ``T**2`` factor: the paper has none), ``L_c``
+    :func:`~synapse.functional.asymmetric_cross_entropy` over the seen classes. Without a teacher (the
+    first task: ``teacher_logits`` and ``old_classes`` None) ``n = 0`` and ``L = L_c``.
+
+    Args:
+        logits: ``(batch, classes)``, the model's (bias-corrected) logits.
+        targets: ``(batch,)`` class indices, each a seen class.
+        teacher_logits: ``(batch, classes)``, the old model's (bias-corrected) logits, or None.
+        old_classes: bool ``(classes,)``, the ``n`` old classes (a non-empty subset of the seen ones), or None.
+        seen_classes: bool ``(classes,)``, the ``n + m`` classes seen.
+        temperature: ``T > 0``.
+    """
+    classification = asymmetric_cross_entropy(logits, targets, seen_classes)
+    if teacher_logits is None:
+        return classification
+    if old_classes is None:
+        raise ValueError("bic_loss needs old_classes with teacher_logits")
+    lam = bic_lambda(old_classes, seen_classes)
+    distillation = soft_distillation_loss(logits, teacher_logits, temperature, old_classes)
+    return torch.lerp(classification, distillation.to(classification.dtype), lam.to(classification.dtype))

@@ -1,8 +1,9 @@
 """Rehearsal: replay from a memory. Experience Replay, Dark Experience Replay (DER, DER++), ER-ACE."""
 
+from .bic import BiC
 from .er import ER
 from .er_ace import ERACE
 from .mir import MIR
 from .xder import XDER
 
-__all__ = ["ER", "ERACE", "MIR", "XDER"]
+__all__ = ["BiC", "ER", "ERACE", "MIR", "XDER"]

@@ -1,0 +1,645 @@
+"""BiC: distillation from the old model on new data and exemplars, then a two-parameter bias correction."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Iterable, List, Mapping, NamedTuple, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .._base import CURRENT_LOSS, TaskBatch, distributed_world
+from .._capture import Replay
+from .._validation import check_positive, check_positive_int
+from ..buffer import Buffer, fresh_seed, indices_on
+from ..catalog import HParam, MethodSpec, register
+from ..functional import (
+    asymmetric_cross_entropy,
+    bias_correction,
+    bic_lambda,
+    bic_loss,
+    reservoir_plan,
+    soft_distillation_loss,
+)
+from ..memory import STREAM_POLICIES, ClassBalancedBuffer
+from .er import ER
+
+__all__ = ["BiC"]
+
+# Rows per forward when stage 2 computes the frozen model's logits on the held-out set.
+_EVAL_CHUNK = 512
+
+
+class BiC(ER):
+    """BiC, from Wu et al. 2019, "Large Scale Incremental Learning" (CVPR 2019).
+
+    Replay from an exemplar memory, trained in two stages per task:
+
+    **Stage 1, at every step** (Sec. 3 of the paper). On the training rows (the incoming batch and a
+    replayed exemplar minibatch, as the paper trains on new data and exemplars together), with ``o`` the
+    model's logits and ``o_hat`` those of the *old model* (a frozen copy taken at the last
+    :meth:`end_task`), both passed through the bias correction layers fitted so far::
+
+        L = lambda * L_d + (1 - lambda) * L_c,              lambda = n / (n + m)                (eq. 3)
+        L_d = -mean_x sum_{k <= n} pi_hat_k(x) log pi_k(x),  pi = softmax_old(o / T),
+                                                            pi_hat = softmax_old(o_hat / T)      (eq. 1)
+        L_c = -mean_x log softmax_seen(o)_y                                                      (eq. 2)
+
+    ``n`` counts the old classes (seen before the last :meth:`end_task`), ``n + m`` all the classes seen,
+    ``softmax_old`` / ``softmax_seen`` normalise over those columns only, and ``T = 2`` (Sec. 6.2).
+    :func:`synapse.functional.bic_loss` is this loss; it is ``L_c`` alone on the first task.
+
+    **Stage 2, at each end_task from the second task on** (Sec. 5). The model frozen, one bias correction
+    layer for the task's new classes (those first seen in it) is fitted on a class-balanced held-out set::
+
+        q_k = alpha * o_k + beta   (k a new class),   q_k = o_k   (k an old class)              (eq. 4)
+        L_b = -mean_x log softmax_seen(q)_y                                                      (eq. 5)
+
+    (:func:`synapse.functional.bias_correction`), from ``alpha = 1, beta = 0`` with Adam (``bias_lr``,
+    ``bias_epochs``, minibatches of ``bias_batch_size``). Earlier tasks' layers stay fixed; each task keeps
+    its own ``(alpha, beta)`` on its own classes. The parameters are the method's state (in
+    :meth:`state_dict`), not the model's.
+
+    **Prediction** goes through every layer: :meth:`predict` returns the corrected logits
+    (``has_predictor``), so evaluate with ``synapse.predict(inputs=x)`` rather than ``model(x)``.
+
+    **The held-out set.** The paper splits the exemplars and the new data 9:1 before training, so that the
+    stage-2 set is never trained on and has the same number of items per class. In a user's loop the data
+    arrives batch by batch, so:
+
+    * the memory's ``buffer_size`` is split as the paper's exemplars: ``V = round(val_fraction *
+      buffer_size)`` items form a *validation memory* (class-balanced, :class:`~synapse.memory.ClassBalancedBuffer`)
+      that is never replayed, the rest the replayed *training memory*;
+    * during a task, a reservoir sample of ``V`` items of the task's stream is held out (Vitter's
+      Algorithm R; which rows enter is decided on the host from counters and the method's own generator,
+      before the step's loss). With ``current_loss='method'`` those rows are left out of the step's loss and
+      out of the training memory: they pass through the forward (BatchNorm sees them) but are never
+      trained on. The task's first ``V`` items all enter it; a row that enters and is displaced later is
+      used for neither (about ``V log(N / V)`` of a task of ``N`` items);
+    * at :meth:`end_task` the stage-2 set takes the same number of items from every class present in the
+      validation memory (the old classes) and the held-out reservoir (the new ones): the smallest class
+      count among them. Then the reservoir's items join the validation memory, where the new classes take
+      slots from the largest ones, as the paper shrinks the old classes' exemplars.
+
+    Stage 2 is skipped (no layer; the new classes stay uncorrected) when the held-out items lack an old
+    or a new class, when the task brought no new class, or with ``val_fraction=0`` (stage 1 alone).
+
+    **The user's loss.** BiC owns the current-batch term. With ``current_loss='method'`` (default) the
+    ``loss`` passed to :meth:`backward` is checked (a scalar that requires grad) and *replaced* by ``L``
+    above, computed from the live outputs of the user's last training forward: it is not backpropagated,
+    whatever it was. With ``current_loss='user'`` it stands in for the classification term of the
+    incoming batch, ``L = (1 - lambda) (B L_user + k L_c') / (B + k) + lambda L_d`` with ``L_c'`` the
+    replayed rows' term, ``B`` and ``k`` the two row counts and ``L_d`` over all rows; the held-out rows
+    are then trained on through ``L_user`` (they still stay out of the training memory).
+
+    Deviations, all named:
+
+    * **The held-out set is carved from the stream** as above, not by an offline 9:1 split; during a task
+      the reservoir holds up to ``V`` items besides the memory (the paper holds the whole task's data).
+      Mammoth holds out a random tenth of its memory and as many random items of the new task, not
+      balanced per class.
+    * **The memory** is filled from the stream, class-balanced by default (every class seen an equal share
+      within one slot, as the paper's fixed budget split evenly among classes); ``'reservoir'`` gives ER's.
+    * **Minibatches** are ``B`` incoming rows plus ``k = min(buffer_sample_size, len(memory))`` exemplar
+      rows, with one mean over the rows; the paper draws minibatches from the union of both sets.
+    * **lambda counts the classes seen so far**: ``m`` is the number of new classes that appeared in the
+      task up to this step (the paper knows it in advance); it settles once each has appeared.
+    * **Earlier layers in stage 1.** The paper does not say whether earlier tasks' layers stay on the
+      outputs while later tasks train. As the public per-task implementations (sairin1202/BIC and
+      FACIL's ``bic.py``) do, the model's and the old model's logits in stage 1 both pass through every
+      layer fitted so far, so the function trained is the one that predicts. The DER authors' Mammoth
+      (``models/bic.py``) corrects the old model's outputs too, but trains the raw logits and keeps only
+      the last task's layer.
+    * **No** ``T**2`` **factor** on ``L_d`` (eq. 1 has none, nor FACIL); Mammoth and sairin1202 multiply
+      the distillation term by ``T**2``. Mammoth also weighs it by ``1 / (t + 1)`` rather than ``n / (n + m)``.
+    * **Stage 2 reuses the frozen model's logits**: they are computed once, in eval mode, on the stored
+      inputs (as passed to :meth:`backward`), and every epoch trains ``(alpha, beta)`` on them; recomputing
+      them per epoch gives the same numbers without augmentation. The optimizer is Mammoth's and
+      sairin1202's (Adam, ``lr=1e-3``, from ``alpha = 1, beta = 0``) with Mammoth's 250 epochs and its
+      minibatch, the training batch size. FACIL uses SGD (``lr=0.1``, momentum 0.9, 200 epochs) and a
+      ``0.1 * beta**2 / 2`` penalty it reports from the authors' code; neither is applied here.
+    * ``L_c`` and ``L_b`` span the classes **seen so far** (the others' columns are left out, as Mammoth
+      slices its head); the paper's head has exactly ``n + m`` outputs. The head's width must not change.
+    * In a distributed run every rank keeps its own memories and held-out reservoir; the seen classes are
+      united at :meth:`end_task`, each rank fits ``(alpha, beta)`` on its own held-out set and the ranks
+      average them, so that all predict alike.
+
+    The model must return a ``(batch, classes)`` logits tensor from a training-mode forward with grad
+    enabled on the batch, and ``backward``'s keywords must name ``forward``'s parameters (the old model and
+    stage 2 call it with them).
+
+    Args:
+        model: the model being trained (may be wrapped in DDP or ``torch.compile``).
+        buffer_size: the exemplar budget (per rank in a distributed run), validation memory included.
+        buffer_sample_size: exemplar rows replayed per step.
+        temperature: the distillation temperature ``T`` (> 0).
+        val_fraction: the share ``V / buffer_size`` of the budget held out for stage 2 (the paper's 1:9
+            split: 0.1); 0 turns stage 2 off.
+        bias_epochs: epochs of stage 2 over the held-out set.
+        bias_lr: Adam's learning rate in stage 2.
+        bias_batch_size: stage 2's minibatch; None (default): the last training batch's size.
+        current_loss: ``'method'`` (``L`` replaces the loss passed to backward) or ``'user'`` (see above).
+        buffer_policy: the training memory's policy, ``'class_balanced'`` (default) or ``'reservoir'``.
+        fused: replay inside the user's forward (see :class:`~synapse.rehearsal.ER`).
+        buffer_scope: ``'rank'`` or ``'global'`` (see :class:`~synapse.rehearsal.ER`); both parts of the
+            budget follow it.
+        scaler: a ``torch.amp.GradScaler`` for mixed precision; pass the unscaled loss to ``backward``.
+
+    Example:
+        >>> synapse = BiC(model, buffer_size=500, buffer_sample_size=32)
+        >>> for task in tasks:
+        ...     for inputs, targets in task:
+        ...         optimizer.zero_grad()
+        ...         loss = criterion(model(inputs), targets)  # checked, then replaced by BiC's loss
+        ...         synapse.backward(loss, targets, inputs=inputs)
+        ...         optimizer.step()
+        ...     synapse.end_task()  # stage 2, then the model becomes the old model
+        >>> predictions = synapse.predict(inputs=inputs).argmax(1)  # bias-corrected
+    """
+
+    needs_task_boundaries = True
+    has_predictor = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        buffer_size: int = 1024,
+        buffer_sample_size: int = 32,
+        temperature: float = 2.0,
+        *,
+        val_fraction: float = 0.1,
+        bias_epochs: int = 250,
+        bias_lr: float = 1e-3,
+        bias_batch_size: Optional[int] = None,
+        current_loss: str = "method",
+        buffer_policy: str = "class_balanced",
+        fused: bool = True,
+        buffer_scope: str = "rank",
+        scaler: Optional[torch.amp.GradScaler] = None,
+    ) -> None:
+        check_positive_int("buffer_size", buffer_size)
+        check_positive("temperature", temperature)
+        if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
+            raise ValueError(f"val_fraction must be a number in [0, 1), got {val_fraction!r}")
+        val_size = round(val_fraction * buffer_size)
+        if val_fraction > 0 and not 1 <= val_size < buffer_size:
+            raise ValueError(
+                f"val_fraction={val_fraction!r} of buffer_size={buffer_size} leaves {val_size} held-out and "
+                f"{buffer_size - val_size} training items; both need at least one (or val_fraction=0)"
+            )
+        check_positive_int("bias_epochs", bias_epochs)
+        check_positive("bias_lr", bias_lr)
+        if bias_batch_size is not None:
+            check_positive_int("bias_batch_size", bias_batch_size)
+        if buffer_policy not in STREAM_POLICIES:
+            raise ValueError(f"buffer_policy must be one of {STREAM_POLICIES} for BiC, got {buffer_policy!r}")
+        current_loss = self._check_current_loss(current_loss)
+        super().__init__(
+            model,
+            buffer_size - val_size,
+            buffer_sample_size,
+            method="er",
+            fused=fused,
+            buffer_scope=buffer_scope,
+            buffer_policy=buffer_policy,
+            scaler=scaler,
+        )
+        self.temperature = float(temperature)
+        self.val_fraction = float(val_fraction)
+        self.bias_epochs = bias_epochs
+        self.bias_lr = float(bias_lr)
+        self.bias_batch_size = bias_batch_size
+        self.current_loss = current_loss
+        world = distributed_world()
+        rank = dist.get_rank() if world > 1 else 0
+        capacity = val_size if buffer_scope == "rank" else val_size // world + (rank < val_size % world)
+        seed = (fresh_seed() + rank) % 2**62
+        # The held-out reservoir of the current task, and the held-out items of the past tasks.
+        self.held_out = _HeldOutReservoir(capacity, seed=seed) if capacity else None
+        self.val_memory = ClassBalancedBuffer(capacity, seed=seed + 1) if capacity else None
+        self._bias_rng = torch.Generator().manual_seed(seed)  # stage 2's minibatch order
+        self.teacher: Optional[nn.Module] = None
+        # Classes seen in targets, one flag per column: a view [1:-1] of a store with a slot at each end,
+        # where targets below 0 and past the last column land (so the scatter never syncs).
+        self._seen_store: Optional[Tensor] = None
+        self.old_classes: Optional[Tensor] = None  # the seen flags frozen at the last end_task
+        self._layers: List[Tuple[Tensor, Tensor, Tensor]] = []  # (alpha, beta, new classes) per corrected task
+        self._scale: Optional[Tensor] = None  # the layers composed: one (alpha, beta) per column
+        self._shift: Optional[Tensor] = None
+        self._batch_size = 0  # the last training batch's size: stage 2's minibatch by default
+
+    @property
+    def seen_classes(self) -> Optional[Tensor]:
+        """Bool flags over the output columns: the classes that appeared in ``targets`` so far."""
+        return None if self._seen_store is None else self._seen_store[1:-1]
+
+    @property
+    def bias_layers(self) -> List[Tuple[Tensor, Tensor, Tensor]]:
+        """The fitted layers, oldest first: ``(alpha, beta, new_classes)`` with ``new_classes`` a bool mask."""
+        return list(self._layers)
+
+    def corrected(self, logits: Tensor) -> Tensor:
+        """``logits`` through every bias correction layer fitted so far, in float32 (or wider)."""
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        if self._scale is None or self._shift is None:
+            return logits
+        if logits.shape[-1] != self._scale.shape[0]:
+            raise ValueError(f"BiC's layers cover {self._scale.shape[0]} classes, the logits have {logits.shape[-1]}")
+        return torch.addcmul(self._shift, logits, self._scale)
+
+    @torch.no_grad()
+    def predict(self, **model_inputs: Tensor) -> Tensor:
+        """The model's logits in eval mode, bias-corrected by every layer (Sec. 5): use
+        ``synapse.predict(inputs=x).argmax(1)`` in place of ``model(x).argmax(1)``."""
+        return self.corrected(super().predict(**model_inputs))
+
+    # ------------------------------------------------------------------ backward
+    def _check(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
+        self._forward.check_input_names(list(model_inputs))  # the old model and stage 2 are called with them
+        outputs = self._forward.checked_outputs("BiC", targets.shape[0])
+        seen = self.seen_classes
+        if seen is not None and outputs.shape[1] != seen.shape[0]:
+            raise ValueError(
+                f"the model now outputs {outputs.shape[1]} logits but earlier steps had {seen.shape[0]}: "
+                "BiC needs a single head of fixed width over all classes"
+            )
+        if targets.device != outputs.device:
+            raise ValueError(f"targets are on {targets.device} but the model's outputs on {outputs.device}")
+        if self.held_out is not None:
+            self.held_out.check_layout(self._held_items(targets, model_inputs))
+        super()._check(loss, targets, model_inputs)
+
+    def _backward(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
+        self._follow_model_device()
+        replay = None
+        if len(self.buffer) > 0:
+            replay = self._forward.replay if self.fused else self._separate_replay_forward()
+            if replay is not None and replay.outputs is None:
+                replay = None
+        step = self._plan(targets)
+        self._run_backward(self._objective(loss, targets, model_inputs, replay, step))
+        self._store_training_rows(targets, model_inputs, step)
+        self._commit(targets, model_inputs, step)
+        self._forward.clear()
+
+    def _plan(self, targets: Tensor) -> _Step:
+        """This step's decisions, nothing committed: the seen flags with the batch's classes, and the rows
+        the held-out reservoir takes (on the host, from counters and a copy of its generator)."""
+        outputs = self._forward.outputs
+        assert outputs is not None  # checked by _check
+        width = outputs.shape[1]
+        store = self._seen_store
+        seen = torch.zeros(width + 2, dtype=torch.bool, device=self.device) if store is None else store.clone()
+        seen.scatter_(0, targets.to(self.device, torch.long).clamp(-1, width).add_(1), True)
+        if self.held_out is None:
+            return _Step(seen, [], [], None)
+        slots, rows, rng = self.held_out.plan(targets.shape[0])
+        return _Step(seen, slots, rows, rng)
+
+    def _objective(
+        self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor], replay: Optional[Replay], step: _Step
+    ) -> Tensor:
+        """The step's root for backward: ``L`` (or, with ``current_loss='user'``, its version around the
+        user's loss) on the incoming rows not held out and the replayed rows."""
+        outputs = self._forward.outputs
+        assert outputs is not None
+        batch, seen = targets.shape[0], step.seen[1:-1]
+        if self.current_loss == "user" and self.teacher is None and replay is None:
+            return loss  # no distillation, no replayed rows: the user's loss is the whole term
+        logits, labels, inputs = outputs, targets, model_inputs
+        if replay is not None:  # the replayed rows join the batch: one set of training rows
+            assert replay.outputs is not None
+            logits = torch.cat([outputs, replay.outputs[0]])
+            labels = torch.cat([targets, replay.sample["targets"].to(targets.dtype)])
+            if self.teacher is not None:
+                inputs = {k: torch.cat([v, replay.sample[f"input:{k}"]]) for k, v in model_inputs.items()}
+        teacher = None if self.teacher is None else self.corrected(self._teacher_logits(inputs, len(labels)))
+        corrected = self.corrected(logits)
+        if self.current_loss == "user":
+            k = len(labels) - batch
+            classification = loss.float()
+            if k:
+                replayed = asymmetric_cross_entropy(corrected[batch:], labels[batch:], seen)
+                classification = (batch * classification + k * replayed) / (batch + k)
+            if teacher is None:
+                return classification
+            assert self.old_classes is not None
+            distillation = soft_distillation_loss(corrected, teacher, self.temperature, self.old_classes)
+            return torch.lerp(classification, distillation, bic_lambda(self.old_classes, seen))
+        if step.rows:  # rows the held-out reservoir takes are kept out of the loss (host-known positions)
+            held = set(step.rows)
+            kept = [i for i in range(len(labels)) if i not in held]
+            if not kept:
+                return outputs.sum() * 0.0  # every row is held out and nothing is replayed: no gradient
+            index = indices_on(np.array(kept), self.device)
+            corrected, labels = corrected.index_select(0, index), labels.index_select(0, index)
+            teacher = None if teacher is None else teacher.index_select(0, index)
+        return bic_loss(corrected, labels, teacher, self.old_classes, seen, self.temperature)
+
+    def _teacher_logits(self, inputs: Mapping[str, Tensor], rows: int) -> Tensor:
+        assert self.teacher is not None
+        with torch.no_grad():
+            out = self.teacher(**inputs)
+        if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != rows:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(f"the old model returned {got} for a batch of {rows}; expected (batch, classes)")
+        return out
+
+    def _held_items(self, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+        return {**{f"input:{k}": v for k, v in model_inputs.items()}, "targets": targets}
+
+    def _store_training_rows(self, targets: Tensor, model_inputs: Mapping[str, Tensor], step: _Step) -> None:
+        """Offer the training memory the rows the held-out reservoir did not take."""
+        if step.rows:
+            held = set(step.rows)
+            kept = [i for i in range(targets.shape[0]) if i not in held]
+            if not kept:  # nothing to store; remember the inputs' names as a store would
+                self._input_names = tuple(model_inputs)
+                self._forward.input_names = self._input_names
+                return
+            index = indices_on(np.array(kept), targets.device)
+            targets = targets.index_select(0, index)
+            model_inputs = {k: v.index_select(0, index.to(v.device)) for k, v in model_inputs.items()}
+        self._store(targets, model_inputs)
+
+    def _commit(self, targets: Tensor, model_inputs: Mapping[str, Tensor], step: _Step) -> None:
+        """Apply the step's decisions, once its backward succeeded."""
+        self._seen_store = step.seen
+        self._batch_size = targets.shape[0]
+        if self.held_out is not None:
+            assert step.rng is not None
+            self.held_out.commit(self._held_items(targets, model_inputs), step.slots, step.rows, step.rng)
+
+    def _follow_model_device(self) -> None:
+        super()._follow_model_device()
+        device = self.device
+        for memory in (self.held_out, self.val_memory):
+            if memory is not None and memory.device is not None and memory.device != device:
+                memory.to(device)
+        if self._seen_store is not None and self._seen_store.device != device:
+            self._seen_store = self._seen_store.to(device)
+        if self.old_classes is not None and self.old_classes.device != device:
+            self.old_classes = self.old_classes.to(device)
+        if self._layers and self._layers[0][0].device != device:
+            self._set_layers([tuple(t.to(device) for t in layer) for layer in self._layers])  # type: ignore[misc]
+        if self.teacher is not None and next(self.teacher.parameters()).device != device:
+            self.teacher.to(device)
+
+    # ------------------------------------------------------------------ task end: stage 2
+    def _end_task(self, data: Optional[Iterable[TaskBatch]]) -> None:
+        """Stage 2 on the held-out items (``data`` is not needed: the held-out set was kept during the task),
+        then the model becomes the old model."""
+        seen = self.seen_classes
+        if seen is None:
+            return  # no step yet
+        self._follow_model_device()
+        world = distributed_world()
+        if world > 1:  # every rank corrects and distils the same classes: the union of the ranks' sets
+            flags = seen.to(torch.int32)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            seen.copy_(flags.bool())
+        new = seen if self.old_classes is None else seen & ~self.old_classes
+        if self.teacher is not None and bool(new.any()):  # from the second task on, if it brought classes
+            fitted = self._fit_bias_layer(new, seen)
+            if world > 1:
+                fitted = _averaged(fitted, self.device)
+            if fitted is not None:
+                self._set_layers([*self._layers, (fitted[0], fitted[1], new.clone())])
+        if self.held_out is not None and self.val_memory is not None and len(self.held_out) > 0:
+            self.val_memory.add({k: v.clone() for k, v in self.held_out.stored().items()})
+            self.val_memory.flush()
+        if self.held_out is not None:
+            self.held_out.reset()
+        if bool(seen.any()):  # one sync per task end, never in backward
+            self.teacher = self._frozen_copy()
+            self.old_classes = seen.clone()
+
+    def _fit_bias_layer(self, new: Tensor, seen: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
+        """``(alpha, beta)`` for the ``new`` classes, fitted on the class-balanced held-out set (eq. 5), or
+        None when that set lacks an old or a new class."""
+        items = self._validation_set(new)
+        if items is None:
+            return None
+        targets = items.pop("targets").to(self.device, torch.long)
+        logits = self._frozen_logits(items)
+        alpha = torch.ones((), device=self.device, requires_grad=True)
+        beta = torch.zeros((), device=self.device, requires_grad=True)
+        optimizer = torch.optim.Adam([alpha, beta], lr=self.bias_lr)
+        n = targets.shape[0]
+        size = self.bias_batch_size or self._batch_size or n
+        orders = torch.stack([torch.randperm(n, generator=self._bias_rng) for _ in range(self.bias_epochs)])
+        with torch.enable_grad():
+            for order in orders.to(self.device).unbind(0):
+                for index in order.split(size):
+                    corrected = bias_correction(logits.index_select(0, index), new, alpha, beta)
+                    loss = asymmetric_cross_entropy(corrected, targets.index_select(0, index), seen)
+                    optimizer.zero_grad(set_to_none=False)
+                    loss.backward()
+                    optimizer.step()
+        return alpha.detach(), beta.detach()
+
+    def _validation_set(self, new: Tensor) -> Optional[Dict[str, Tensor]]:
+        """The same number of held-out items from every class present (the smallest class count), from the
+        validation memory and the task's held-out reservoir; None without an old and a new class."""
+        parts = [m.stored() for m in (self.val_memory, self.held_out) if m is not None and len(m) > 0]
+        if not parts:
+            return None
+        items = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        labels = items["targets"].cpu().numpy().astype(np.int64)  # a sync, at a task end
+        width = new.shape[0]
+        labels = np.where((labels >= 0) & (labels < width), labels, -1)
+        classes, counts = np.unique(labels[labels >= 0], return_counts=True)
+        is_new = new.cpu().numpy()[classes]
+        if not (is_new.any() and (~is_new).any()):
+            return None
+        per_class = int(counts.min())
+        pick = np.sort(np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in classes]))
+        index = indices_on(pick, self.device)
+        return {k: v.to(self.device).index_select(0, index) for k, v in items.items()}
+
+    def _frozen_logits(self, items: Mapping[str, Tensor]) -> Tensor:
+        """The model's logits on ``items``' inputs, in eval mode and without grad, through the earlier layers."""
+        inputs = self._inputs_of(items)
+        n = next(iter(inputs.values())).shape[0]
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            with torch.no_grad(), self._forward.paused():
+                chunks = [
+                    self.module(**{k: v[i : i + _EVAL_CHUNK] for k, v in inputs.items()})
+                    for i in range(0, n, _EVAL_CHUNK)
+                ]
+        finally:
+            self.module.train(was_training)
+        if not all(isinstance(c, Tensor) and c.dim() == 2 for c in chunks):
+            raise ValueError("BiC's stage 2 needs the model to return a (batch, classes) logits tensor")
+        return self.corrected(torch.cat(chunks))
+
+    def _set_layers(self, layers: List[Tuple[Tensor, Tensor, Tensor]]) -> None:
+        """Keep the layers, and their composition: per column the ``(alpha, beta)`` of the task that brought
+        the class (1 and 0 for the first task's classes), so that correcting is one ``addcmul``."""
+        self._layers = layers
+        if not layers:
+            self._scale = self._shift = None
+            return
+        width, device = layers[0][2].shape[0], layers[0][2].device
+        scale, shift = torch.ones(width, device=device), torch.zeros(width, device=device)
+        for alpha, beta, classes in layers:  # the classes of different tasks are disjoint
+            scale, shift = torch.where(classes, alpha, scale), torch.where(classes, beta, shift)
+        self._scale, self._shift = scale, shift
+
+    # ------------------------------------------------------------------ state
+    def _method_state(self) -> Dict[str, Any]:
+        state = super()._method_state()
+        seen, old, teacher, layers = self.seen_classes, self.old_classes, self.teacher, self._layers
+        state.update(
+            seen_classes=None if seen is None else seen.clone(),
+            old_classes=None if old is None else old.clone(),
+            teacher=None if teacher is None else {k: v.clone() for k, v in teacher.state_dict().items()},
+            bias_layers=[tuple(t.clone() for t in layer) for layer in layers],
+            held_out=None if self.held_out is None else self.held_out.state_dict(),
+            val_memory=None if self.val_memory is None else self.val_memory.state_dict(),
+            bias_rng=self._bias_rng.get_state(),
+            batch_size=self._batch_size,
+        )
+        return state
+
+    def _load_method_state(self, state: Mapping[str, Any]) -> None:
+        # Everything is checked and rebuilt aside first: a rejected state leaves the method as it was.
+        keys = ("seen_classes", "old_classes", "teacher", "bias_layers", "held_out", "val_memory", "bias_rng")
+        missing = [k for k in keys if k not in state]
+        if missing:
+            raise ValueError(f"BiC state is missing {missing}")
+        seen, old, weights, layers = state["seen_classes"], state["old_classes"], state["teacher"], state["bias_layers"]
+        for name, value in (("seen_classes", seen), ("old_classes", old)):
+            if value is not None and not (isinstance(value, Tensor) and value.dtype == torch.bool and value.dim() == 1):
+                raise ValueError(f"BiC state {name!r} must be a 1-d bool tensor or None")
+        if (weights is None) != (old is None):
+            raise ValueError("BiC state must have both an old model and its old classes, or neither")
+        if not isinstance(layers, (list, tuple)) or not all(
+            isinstance(layer, (list, tuple)) and len(layer) == 3 and all(isinstance(t, Tensor) for t in layer)
+            for layer in layers
+        ):
+            raise ValueError("BiC state 'bias_layers' must be a list of (alpha, beta, new_classes) tensors")
+        for name, memory in (("held_out", self.held_out), ("val_memory", self.val_memory)):
+            if (state[name] is None) != (memory is None):
+                raise ValueError(f"BiC state {name!r} does not match this method's val_fraction and buffer_size")
+        held_out = val_memory = None
+        if self.held_out is not None and self.val_memory is not None:
+            held_out = _HeldOutReservoir(self.held_out.capacity, seed=0)
+            held_out.load_state_dict(state["held_out"], device=self.device)
+            val_memory = ClassBalancedBuffer(self.val_memory.capacity, seed=0)
+            val_memory.load_state_dict(state["val_memory"], device=self.device)
+        teacher = None if weights is None else self._frozen_copy(weights)
+        bias_rng = torch.Generator()
+        bias_rng.set_state(state["bias_rng"])
+        super()._load_method_state(state)
+        if seen is None:
+            self._seen_store = None
+        else:
+            self._seen_store = torch.zeros(seen.shape[0] + 2, dtype=torch.bool, device=self.device)
+            self._seen_store[1:-1] = seen
+        self.old_classes = None if old is None else old.to(self.device).clone()
+        self.teacher = teacher
+        self._set_layers([(a.to(self.device), b.to(self.device), c.to(self.device).bool()) for a, b, c in layers])
+        self.held_out, self.val_memory = held_out, val_memory
+        self._bias_rng = bias_rng
+        self._batch_size = int(state.get("batch_size", 0))
+
+
+class _Step(NamedTuple):
+    """One step's decisions, applied once its backward succeeded."""
+
+    seen: Tensor  # the seen-class store with this batch's classes
+    slots: List[int]  # held-out reservoir slots taken ...
+    rows: List[int]  # ... by these batch rows (kept out of training)
+    rng: Optional[np.random.Generator]  # the reservoir's generator after the draws
+
+
+class _HeldOutReservoir(Buffer):
+    """A reservoir sample (Vitter's Algorithm R) of the current task's stream, whose choices are known on
+    the host before the step's loss (:meth:`plan`), so that the rows it takes can be kept out of training,
+    and written once the step succeeded (:meth:`commit`). :meth:`reset` starts a new task."""
+
+    policy = "bic_held_out"
+
+    def __len__(self) -> int:
+        return min(self.num_seen, self.capacity)
+
+    def plan(self, batch: int) -> Tuple[List[int], List[int], np.random.Generator]:
+        """``(slots, rows, generator)`` for the next ``batch`` items; draws from a copy of the generator."""
+        rng = np.random.Generator(np.random.PCG64())
+        rng.bit_generator.state = self._rng.bit_generator.state
+        slots, rows = reservoir_plan(self.num_seen, batch, self.capacity, rng)
+        return slots, rows, rng
+
+    def commit(self, items: Mapping[str, Tensor], slots: List[int], rows: List[int], rng: np.random.Generator) -> None:
+        """Write a planned batch: ``items``' ``rows`` into ``slots``."""
+        if not self._storage:
+            self._allocate(items)
+        if slots:
+            device = self.device
+            assert device is not None
+            both = indices_on(np.array(slots + rows), device)
+            slot_index, row_index = both[: len(slots)], both[len(slots) :]
+            for name, value in items.items():
+                rows_of = value.detach().index_select(0, row_index.to(value.device))
+                self._storage[name].index_copy_(0, slot_index, self._clean(rows_of).to(device))
+        self.num_seen += next(iter(items.values())).shape[0]
+        self._rng = rng
+
+    def add(self, items: Mapping[str, Tensor], *, validate: bool = True) -> None:
+        batch = self.check_batch(items) if validate else next(iter(items.values())).shape[0]
+        self.commit(items, *self.plan(batch))
+
+    def reset(self) -> None:
+        """Empty it for a new task (the storage stays allocated)."""
+        self.num_seen = 0
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {**super().state_dict(), "policy": self.policy}
+
+    def load_state_dict(self, state: Mapping[str, Any], device: Optional[torch.device] = None) -> None:
+        self._check_state(state, ())
+        self._load_base_state(state, device)
+
+
+def _averaged(fitted: Optional[Tuple[Tensor, Tensor]], device: torch.device) -> Optional[Tuple[Tensor, Tensor]]:
+    """The mean ``(alpha, beta)`` over the ranks that fitted one (None if none did)."""
+    packed = torch.zeros(3, device=device)
+    if fitted is not None:
+        packed[0], packed[1], packed[2] = fitted[0], fitted[1], 1.0
+    dist.all_reduce(packed)
+    if float(packed[2]) == 0.0:  # a task-end sync
+        return None
+    return packed[0] / packed[2], packed[1] / packed[2]
+
+
+_PAPER = "Wu et al. 2019, *Large Scale Incremental Learning*"
+register(
+    MethodSpec(
+        "bic",
+        BiC,
+        family="rehearsal",
+        paper=_PAPER,
+        summary="replay with distillation from the old model; a two-parameter correction of the new classes' "
+        "logits fitted on held-out items at each task end",
+        hparams=(
+            HParam("temperature", float, 2.0, "distillation temperature T", low=0.0, low_open=True),
+            HParam(
+                "val_fraction", float, 0.1, "share of the memory held out for the bias correction (0: off)", low=0.0
+            ),
+            HParam("bias_epochs", int, 250, "epochs of the bias correction's training at each task end", low=1),
+            HParam("bias_lr", float, 1e-3, "Adam's learning rate for the bias correction", low=0.0, low_open=True),
+            HParam(
+                "current_loss",
+                str,
+                "method",
+                "'method': BiC's loss replaces the loss passed to backward; 'user': it stands for the batch's CE",
+                choices=CURRENT_LOSS,
+            ),
+            HParam("buffer_policy", str, "class_balanced", "the training memory's policy", choices=STREAM_POLICIES),
+        ),
+    )
+)
