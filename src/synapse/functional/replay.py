@@ -1,4 +1,5 @@
-"""Replay losses: DER's logit matching, with its gradient in closed form; ER-ACE's asymmetric cross-entropy."""
+"""Replay losses: DER's logit matching, with its gradient in closed form; ER-ACE's asymmetric cross-entropy;
+iCaRL's binary cross-entropy with distillation targets and its nearest-mean-of-exemplars classifier."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ __all__ = [
     "interference_scores",
     "xder_update_logits",
     "head_margin_constraint",
+    "icarl_loss",
+    "nearest_mean_scores",
 ]
 
 
@@ -190,3 +193,74 @@ def head_margin_constraint(
     if weights is not None:
         active = active & (weights > 0)
     return torch.where(active, violation, torch.zeros_like(violation)).sum() / active.sum().clamp_min(1)
+
+
+def icarl_loss(
+    logits: Tensor,
+    targets: Tensor,
+    old_logits: Optional[Tensor] = None,
+    old_classes: Optional[Tensor] = None,
+    classes: Optional[Tensor] = None,
+) -> Tensor:
+    """iCaRL's classification and distillation loss (Rebuffi et al. 2017, *iCaRL: Incremental Classifier
+    and Representation Learning*, Algorithm 3): binary cross-entropy on sigmoid outputs, whose targets
+    are the labels for the new classes and the old network's sigmoid outputs for the old ones::
+
+        L = -(1 / (n |S|)) sum_i sum_{y in S} [ t_iy log g_y(x_i) + (1 - t_iy) log(1 - g_y(x_i)) ]
+        g = sigmoid(logits),   t_iy = sigmoid(old_logits_iy) if y in O,  else [y == y_i]
+
+    with ``S`` the columns in ``classes`` (the classes seen so far) and ``O`` those in ``old_classes``.
+    The paper writes a sum over items and classes; this is its mean over both (as the DER authors' port,
+    ``aimagelab/mammoth`` ``models/icarl.py``, takes it), so the scale does not depend on the batch or on
+    the number of classes.
+
+    Args:
+        logits: ``(n, C)`` the model's outputs.
+        targets: ``(n,)`` class indices; a target outside ``[0, C)`` gives a row of zero targets.
+        old_logits: ``(n, C')`` with ``C' <= C``, the old network's outputs on the same inputs; None: no
+            distillation (every target is the one-hot label).
+        old_classes: bool ``(C,)``, the columns ``O`` whose targets come from ``old_logits`` (all False
+            beyond ``C'``); needed with ``old_logits``.
+        classes: bool ``(C,)``, the columns ``S`` the loss spans; None: all of them. The other columns
+            get no gradient.
+
+    No host sync: the class count stays on the device.
+    """
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    width = logits.shape[1]
+    target = (torch.arange(width, device=logits.device) == targets.unsqueeze(1)).to(logits.dtype)
+    if old_logits is not None:
+        if old_classes is None:
+            raise ValueError("icarl_loss needs old_classes with old_logits")
+        soft = torch.sigmoid(old_logits.to(logits.dtype))
+        if soft.shape[1] < width:  # the head grew since the old network was taken
+            soft = F.pad(soft, (0, width - soft.shape[1]))
+        target = torch.where(old_classes, soft, target)
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    if classes is None:
+        return bce.mean()
+    return torch.where(classes, bce, 0.0).sum() / (classes.sum().clamp_min(1) * logits.shape[0])
+
+
+def nearest_mean_scores(
+    features: Tensor, class_means: Tensor, valid: Optional[Tensor] = None, *, normalize: bool = True
+) -> Tensor:
+    """iCaRL's nearest-mean-of-exemplars classifier (Rebuffi et al. 2017, Algorithm 1) as class scores:
+    ``s_iy = -|| phi(x_i) - mu_y ||``, so that ``argmax_y s_iy = argmin_y || phi(x_i) - mu_y ||``.
+
+    Args:
+        features: ``(n, d)`` features ``phi(x)``.
+        class_means: ``(C, d)`` one mean feature ``mu_y`` per class.
+        valid: bool ``(C,)``: the classes that have a mean; the others score ``-inf``.
+        normalize: L2-normalise the features and the means first (the paper's ``phi`` and its
+            re-normalised averages).
+
+    Returns ``(n, C)`` float scores. The distances are computed as differences (not through the
+    ``|a|^2 + |b|^2 - 2ab`` expansion), so near-equal vectors lose no precision.
+    """
+    phi, mu = features.float(), class_means.float()
+    if normalize:
+        phi, mu = F.normalize(phi, dim=1), F.normalize(mu, dim=1)
+    scores = torch.cdist(phi, mu, compute_mode="donot_use_mm_for_euclid_dist").neg_()
+    return scores if valid is None else scores.masked_fill_(~valid, float("-inf"))

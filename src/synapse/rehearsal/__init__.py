@@ -3,7 +3,8 @@
 from .bic import BiC
 from .er import ER
 from .er_ace import ERACE
+from .icarl import ICaRL
 from .mir import MIR
 from .xder import XDER
 
-__all__ = ["BiC", "ER", "ERACE", "MIR", "XDER"]
+__all__ = ["BiC", "ER", "ERACE", "ICaRL", "MIR", "XDER"]

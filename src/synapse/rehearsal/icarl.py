@@ -1,0 +1,511 @@
+"""iCaRL: herding exemplars, binary cross-entropy with distillation, nearest-mean-of-exemplars prediction."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .._base import CURRENT_LOSS, TaskBatch, distributed_world, unwrap_model
+from .._capture import Replay
+from ..catalog import HParam, MethodSpec, register
+from ..functional import icarl_loss, nearest_mean_scores
+from ..memory import HerdingMemory, head_input_features
+from .er import ER
+
+__all__ = ["ICaRL"]
+
+FeatureExtractor = Callable[[Dict[str, Tensor]], Tensor]
+
+
+class ICaRL(ER):
+    """iCaRL, from Rebuffi et al. 2017, "iCaRL: Incremental Classifier and Representation Learning"
+    (CVPR 2017).
+
+    Three parts, as in the paper: a memory of exemplars chosen by herding, a representation trained with
+    binary cross-entropy that distils the old network's outputs on the old classes, and a
+    nearest-mean-of-exemplars classifier.
+
+    **Memory** (Algorithms 4 and 5; :class:`~synapse.memory.HerdingMemory`). At each :meth:`end_task` the
+    finished task's data (``end_task(data)``, needed) is passed through the feature extractor ``phi``; each
+    of its classes keeps the ``m = floor(K / t)`` items chosen by herding (``K = buffer_size``, ``t`` the
+    classes held), the classes already held keep their first ``m``. Nothing enters during training.
+
+    **Training** (Algorithm 3). The paper trains on the new data together with the exemplars. Here each
+    step replays a minibatch of ``k = min(buffer_sample_size, len(memory))`` exemplars with the user's
+    batch of ``B`` (fused into the user's forward like :class:`~synapse.rehearsal.ER`'s replay, or a
+    separate forward with ``fused=False``), and the loss is one mean over the ``B + k`` rows::
+
+        L = (B * l(x, y) + k * l(x', y')) / (B + k)
+        l = -(1 / (n |S|)) sum_i sum_{c in S} [ t_ic log g_c(x_i) + (1 - t_ic) log(1 - g_c(x_i)) ]
+        g = sigmoid(f(x)),   t_ic = sigmoid(f_old(x_i))_c  if c in O,  else [c == y_i]
+
+    (:func:`~synapse.functional.icarl_loss`), with ``f`` the model, ``f_old`` a frozen copy of it taken at
+    the last :meth:`end_task`, ``O`` the classes seen before that task end (old), and ``S`` every class
+    seen so far, this step's labels and the replayed ones included. The columns of classes not seen yet
+    are left out of the loss and get no gradient. Before the first task end ``O`` is empty: plain binary
+    cross-entropy on the labels. An exemplar of an old class thus learns the old network's outputs, its
+    own class's included, exactly as Algorithm 3 writes it.
+
+    **Prediction** (Algorithm 1). :meth:`predict` returns scores ``-|| phi(x) - mu_y ||`` with ``phi`` the
+    L2-normalised feature and ``mu_y`` the re-normalised mean of class ``y``'s normalised exemplar
+    features (:func:`~synapse.functional.nearest_mean_scores`); classes without exemplars score ``-inf``.
+    The means are computed at each :meth:`end_task`, after the memory update, with the network as it is
+    then (call :meth:`update_class_means` to refresh them mid-task); before the first one, :meth:`predict`
+    returns the model's outputs. ``has_predictor`` is True: the
+    experiment program evaluates with :meth:`predict`; the model's own outputs remain its softmax head,
+    so both can be evaluated.
+
+    **The feature extractor** ``phi`` is "the model minus its head". Name it one of three ways:
+
+    * ``head=``: the head module, or its attribute path (``"fc"``, ``"classifier.3"``, ``"5"`` for the
+      last layer of an ``nn.Sequential`` of six); ``phi`` is what enters it
+      (:func:`~synapse.memory.head_input_features`, which runs the whole model);
+    * ``feature_extractor=``: any ``fn({name: inputs}) -> (batch, d)``, the inputs named as ``backward``'s
+      keywords, e.g. ``lambda inputs: model.backbone(inputs["x"])``;
+    * neither: the input of the model's last ``nn.Linear`` (in registration order). The constructor raises
+      when the model has none, or when that layer is registered under several names; the first task end
+      raises when its ``out_features`` differ from the model's output width (then it is not the head).
+
+    Features are computed under ``torch.no_grad()`` with the model in eval mode (BatchNorm on its running
+    statistics, as at test time), for herding, the class means and prediction alike.
+
+    **The user's loss.** With ``current_loss='method'`` (the default, the paper) iCaRL owns the current
+    batch's term: the loss passed to :meth:`backward` is checked (a scalar that requires grad) and then
+    *replaced* by ``l(x, y)``, computed from the live outputs of the user's last training forward; it is
+    not backpropagated. With ``current_loss='user'`` it is kept in place of ``l(x, y)``:
+    ``(B * L_user + k * l(x', y')) / (B + k)`` (the replayed exemplars keep iCaRL's loss). Either way the
+    model must return a ``(batch, classes)`` logits tensor from a training-mode forward with grad enabled
+    on this batch.
+
+    Deviations, all named:
+
+    * **Replay proportion.** In the paper the exemplars are part of the training set, ``K / (N + K)`` of it
+      for ``N`` new items; here every step adds ``k`` of them to the batch, so they weigh ``k / (B + k)``.
+      ``buffer_sample_size ~ B K / N`` gives the paper's proportion on average.
+    * **Classes from the data.** ``S`` and ``O`` are the classes that appeared in ``targets`` (and replay),
+      not known class blocks: a class of the current task joins the loss at its first batch (mammoth's
+      port, ``aimagelab/mammoth`` ``models/icarl.py``, spans the task's whole block from its first step;
+      the paper's network grows by the task's classes). In a distributed run each rank's ``S`` is its own
+      and the ranks' ``O`` are united at the task end.
+    * **Old outputs per step.** The paper records the old network's outputs on all training items before
+      training; the frozen copy gives the same values for the same inputs, and with augmentation it
+      distils exactly the inputs the model sees (as mammoth does).
+    * **Mean, not sum**: the loss is averaged over rows and classes (as mammoth), so its scale does not
+      depend on ``B`` or ``|S|``; the paper writes a sum.
+    * **No flipped images.** The paper averages each exemplar's feature with its horizontally flipped
+      image's for the class means; augmentations are the user's pipeline, so the means use the stored
+      exemplars only.
+    * **Class means are state**, computed at task ends, where mammoth recomputes them after any training
+      step. mammoth also leaves features unnormalised and scores by squared distance; this follows the
+      paper (both squared and plain distance give the same argmin).
+    * With ``fused=True`` BatchNorm sees the batch and the exemplars together (as in ER).
+    * The weight decay is the optimizer's (mammoth's best seq-mnist arguments: ``lr=0.1``, ``optim_wd=0``,
+      batch 10, one epoch, ``utils/best_args.py``).
+    * A class that returns in a later task is selected afresh from that task's items and, being old, is
+      distilled (the paper's classes never return). In a distributed run each rank keeps the exemplars of
+      its own share of the data; the class means are averaged over the ranks' exemplars, so every rank
+      predicts alike.
+
+    Args:
+        model: the model being trained (may be wrapped in DDP or ``torch.compile``); it returns a
+            ``(batch, classes)`` logits tensor, and ``backward``'s keywords name ``forward``'s parameters
+            (the frozen copy is called with them).
+        buffer_size: the memory budget ``K`` (per rank in a distributed run).
+        buffer_sample_size: exemplars replayed per step.
+        feature_extractor: ``fn({name: inputs}) -> (batch, d)`` features (see above).
+        head: the model's head, as a submodule or its attribute path (see above).
+        current_loss: ``'method'`` (iCaRL's loss replaces the one passed to ``backward``) or ``'user'``.
+        fused: replay inside the user's forward (see :class:`~synapse.rehearsal.ER`).
+        buffer_scope: ``'rank'`` or ``'global'`` (see :class:`~synapse.rehearsal.ER`).
+        scaler: a ``torch.amp.GradScaler`` for mixed precision; pass the unscaled loss to ``backward``.
+
+    Example:
+        >>> from synapse import named_batches
+        >>> synapse = ICaRL(model, buffer_size=500, buffer_sample_size=10, head="fc")
+        >>> for task in tasks:
+        ...     for inputs, targets in task:
+        ...         optimizer.zero_grad()
+        ...         loss = criterion(model(inputs), targets)  # checked, then replaced by iCaRL's loss
+        ...         synapse.backward(loss, targets, inputs=inputs)
+        ...         optimizer.step()
+        ...     synapse.end_task(named_batches(task))  # herding, the frozen copy, the class means
+        >>> synapse.predict(inputs=inputs).argmax(1).shape  # nearest mean of exemplars; model(inputs): the head
+        torch.Size([10])
+    """
+
+    needs_task_boundaries = True
+    needs_task_data = True
+    has_predictor = True
+    buffer_policies = ("herding",)
+    buffer: HerdingMemory
+
+    def __init__(
+        self,
+        model: nn.Module,
+        buffer_size: int = 1024,
+        buffer_sample_size: int = 32,
+        *,
+        feature_extractor: Optional[FeatureExtractor] = None,
+        head: Union[str, nn.Module, None] = None,
+        current_loss: str = "method",
+        fused: bool = True,
+        buffer_scope: str = "rank",
+        scaler: Optional[torch.amp.GradScaler] = None,
+    ) -> None:
+        current_loss = self._check_current_loss(current_loss)
+        if feature_extractor is not None and head is not None:
+            raise ValueError("pass feature_extractor or head, not both: head names the layer whose input is phi")
+        if feature_extractor is not None and not callable(feature_extractor):
+            raise TypeError(f"feature_extractor must be callable, got {type(feature_extractor).__name__}")
+        default_head: Optional[nn.Linear] = None
+        if feature_extractor is None and isinstance(model, nn.Module):  # else the base rejects the model
+            if head is None:
+                head = default_head = _last_linear(unwrap_model(model))
+            # The plain module, not a DDP wrapper: feature passes are per rank and need no collective.
+            feature_extractor = head_input_features(unwrap_model(model), head)
+        super().__init__(
+            model,
+            buffer_size,
+            buffer_sample_size,
+            method="er",
+            fused=fused,
+            buffer_scope=buffer_scope,
+            scaler=scaler,
+            buffer_policy="herding",
+        )
+        assert feature_extractor is not None
+        self.feature_extractor: FeatureExtractor = feature_extractor
+        self.current_loss = current_loss
+        self._default_head = default_head
+        self.teacher: Optional[nn.Module] = None
+        # Classes seen, one flag per output column: a view [1:-1] of a store with a slot at each end, where
+        # targets below 0 and past the last column land (so the scatter never syncs).
+        self._seen_store: Optional[Tensor] = None
+        self.old_classes: Optional[Tensor] = None  # bool (C,): the seen flags at the last end_task
+        self._old_at_width: Optional[Tensor] = None  # old_classes padded to the current width (cached)
+        self.class_means: Optional[Tensor] = None  # (C, d): normalised mean exemplar feature per class
+        self.class_has_mean: Optional[Tensor] = None  # bool (C,): the classes with exemplars
+        self.num_classes: Optional[int] = None  # the model's output width at the last step
+
+    @property
+    def seen_classes(self) -> Optional[Tensor]:
+        """Bool flags over the output columns: the classes seen in ``targets`` and replay so far."""
+        return None if self._seen_store is None else self._seen_store[1:-1]
+
+    # ------------------------------------------------------------------ backward
+    def _check(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
+        batch = targets.shape[0]
+        if batch == 0:
+            raise ValueError("iCaRL needs a non-empty batch: targets has no rows")
+        outputs = self._forward.checked_outputs("iCaRL", batch)
+        if targets.device != outputs.device:
+            raise ValueError(f"targets are on {targets.device} but the model's outputs on {outputs.device}")
+        if self.num_classes is not None and outputs.shape[1] < self.num_classes:
+            raise ValueError(
+                f"the model now outputs {outputs.shape[1]} logits but earlier steps had {self.num_classes}: "
+                "heads may grow between tasks, not shrink"
+            )
+        if self.teacher is not None:
+            self._forward.check_input_names(list(model_inputs))  # the frozen copy is called with them
+        super()._check(loss, targets, model_inputs)
+
+    def _backward(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
+        outputs = self._forward.outputs
+        assert outputs is not None  # checked by _check
+        self._follow_model_device()
+        replay: Optional[Replay] = None
+        if len(self.buffer) > 0:
+            replay = self._forward.replay if self.fused else self._separate_replay_forward()
+            if replay is not None and replay.outputs is None:
+                replay = None
+        width, batch = outputs.shape[1], targets.shape[0]
+        replay_targets = None if replay is None else replay.sample["targets"]
+        seen = self._seen_after(width, targets, replay_targets)
+        classes, old = seen[1:-1], self._old_classes_at(width)
+        old_current, old_replay = self._old_outputs(model_inputs, replay, width)
+        if self.current_loss == "method":
+            current = icarl_loss(outputs, targets, old_current, old, classes)
+        else:
+            current = loss
+        terms: List[Tuple[float, Tensor]] = []
+        k = 0
+        if replay is not None and replay_targets is not None:
+            assert replay.outputs is not None
+            k = replay.minibatch_size
+            terms.append((k / (batch + k), icarl_loss(replay.outputs[0], replay_targets, old_replay, old, classes)))
+        self._run_backward(current, terms, loss_weight=batch / (batch + k))
+        self._seen_store, self.num_classes = seen, width  # committed once the step succeeded
+        self._store(targets, model_inputs)
+        self._forward.clear()
+
+    def _seen_after(self, width: int, targets: Tensor, replay_targets: Optional[Tensor]) -> Tensor:
+        """A new seen-class store (flags in ``[1:-1]``) with this step's labels added, on the device."""
+        store = torch.zeros(width + 2, dtype=torch.bool, device=self.device)
+        if self._seen_store is not None:  # the head may have grown: keep the old flags and the low slot
+            store[: self._seen_store.shape[0] - 1] = self._seen_store[:-1]
+        labels = targets if replay_targets is None else torch.cat([targets, replay_targets.to(targets.device)])
+        return store.index_fill_(0, labels.to(self.device, torch.long).clamp(-1, width).add_(1), True)
+
+    def _old_classes_at(self, width: int) -> Optional[Tensor]:
+        """The old classes as a ``(width,)`` mask (the head may have grown since the task end)."""
+        if self.old_classes is None:
+            return None
+        cached = self._old_at_width
+        if cached is None or cached.shape[0] != width:
+            cached = torch.zeros(width, dtype=torch.bool, device=self.device)
+            cached[: self.old_classes.shape[0]] = self.old_classes
+            self._old_at_width = cached
+        return cached
+
+    def _old_outputs(
+        self, model_inputs: Mapping[str, Tensor], replay: Optional[Replay], width: int
+    ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        """The frozen copy's logits on this step's batch (when iCaRL owns its term) and on the replayed
+        exemplars, from one forward over the rows needed."""
+        if self.teacher is None:
+            return None, None
+        own = dict(model_inputs) if self.current_loss == "method" else {}
+        inputs = own
+        if replay is not None:
+            replayed = self._inputs_of(replay.sample)
+            inputs = {k: torch.cat([own[k], v]) for k, v in replayed.items()} if own else replayed
+        if not inputs:
+            return None, None
+        rows = next(iter(inputs.values())).shape[0]
+        with torch.no_grad():
+            logits = self.teacher(**inputs)
+        if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != rows or logits.shape[1] > width:
+            got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+            raise ValueError(f"the frozen copy returned {got} for {rows} rows; expected (rows, <= {width}) logits")
+        batch = next(iter(own.values())).shape[0] if own else 0
+        return (logits[:batch] if own else None), (logits[batch:] if replay is not None else None)
+
+    def _store(self, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
+        # The herding memory is filled at task ends only; a step just records the input names (fused
+        # replay needs them to find the inputs in the user's forward call).
+        self._input_names = tuple(model_inputs)
+        self._forward.input_names = self._input_names
+
+    def _follow_model_device(self) -> None:
+        super()._follow_model_device()
+        device = self.device
+        if self._seen_store is not None and self._seen_store.device != device:
+            self._seen_store = self._seen_store.to(device)
+        if self.old_classes is not None and self.old_classes.device != device:
+            self.old_classes, self._old_at_width = self.old_classes.to(device), None
+        if self.class_means is not None and self.class_means.device != device:
+            assert self.class_has_mean is not None
+            self.class_means, self.class_has_mean = self.class_means.to(device), self.class_has_mean.to(device)
+        if self.teacher is not None and next(self.teacher.parameters()).device != device:
+            self.teacher.to(device)
+
+    # ------------------------------------------------------------------ task end
+    def _end_task(self, data: Optional[Iterable[TaskBatch]]) -> None:
+        assert data is not None  # needs_task_data: the base raised otherwise
+        batches = list(self._iter_task_data(data))  # checked, and held: herding reads them all at once
+        width = self.num_classes
+        if width is None and batches:  # no step yet: the model's output says how many classes there are
+            with self._feature_mode():
+                width = self._checked_logits(
+                    self.module(**{k: v.to(self.device) for k, v in batches[0][1].items()})
+                ).shape[1]
+        if width is None:
+            return  # no step and no data: nothing to remember
+        labels = [t for t, _ in batches if len(t)]
+        if labels:  # a task-end check may read device values
+            low, high = min(int(t.min()) for t in labels), max(int(t.max()) for t in labels)
+            if low < 0 or high >= width:
+                raise ValueError(f"end_task data has labels in [{low}, {high}], outside the model's {width} classes")
+        if self._default_head is not None and self._default_head.out_features != width:
+            raise ValueError(
+                f"iCaRL took the model's last nn.Linear as its head, but it outputs {self._default_head.out_features} "
+                f"features and the model {width} logits: name the head with head='...' or pass feature_extractor="
+            )
+        self._follow_model_device()
+        seen = None if self.seen_classes is None else self.seen_classes.clone()
+        if seen is not None and distributed_world() > 1:  # every rank distils the same classes
+            flags = seen.to(torch.int32)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            seen = flags.bool()
+        with self._feature_mode():
+            self.buffer.select_task(batches, self._features)
+        self._follow_model_device()  # the memory is allocated where the data lies
+        chunk = max((len(t) for t, _ in batches), default=256)
+        means, has_mean = self._class_means(width, chunk)
+        teacher = self._frozen_copy() if seen is not None and bool(seen.any()) else None
+        self.class_means, self.class_has_mean, self.num_classes = means, has_mean, width
+        self.teacher, self.old_classes, self._old_at_width = teacher, None if teacher is None else seen, None
+        if seen is not None and self._seen_store is not None:
+            self._seen_store[1:-1] = seen
+
+    def update_class_means(self, batch_size: int = 256) -> None:
+        """Recompute the class means from the exemplars with the network as it is now (done at every
+        :meth:`end_task`; call it before evaluating mid-task to follow the training since)."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        if self.num_classes is None or len(self.buffer) == 0:
+            return
+        self._follow_model_device()
+        self.class_means, self.class_has_mean = self._class_means(self.num_classes, batch_size)
+
+    def _class_means(self, width: int, chunk: int) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        """``(means, has_mean)``: each class's normalised mean of its exemplars' normalised features."""
+        names = [n for n in self.buffer.names if n.startswith("input:")]
+        sums: Optional[Tensor] = None
+        counts = torch.zeros(width, device=self.device)
+        with self._feature_mode():
+            for label, (start, stop) in self.buffer.class_ranges().items():
+                if not 0 <= label < width:
+                    continue
+                items = self._inputs_of(self.buffer.class_items(label, names))
+                for first in range(0, stop - start, chunk):
+                    phi = F.normalize(self._features({k: v[first : first + chunk] for k, v in items.items()}), dim=1)
+                    if sums is None:
+                        sums = torch.zeros(width, phi.shape[1], device=self.device)
+                    sums[label] += phi.sum(0).to(sums.device)
+                counts[label] = stop - start
+        if sums is None:
+            return None, None
+        if distributed_world() > 1:  # every rank predicts with the means over all ranks' exemplars
+            dist.all_reduce(sums)
+            dist.all_reduce(counts)
+        return F.normalize(sums, dim=1), counts > 0  # the mean's direction is the sum's
+
+    # ------------------------------------------------------------------ prediction
+    @torch.no_grad()
+    def predict(self, **model_inputs: Tensor) -> Tensor:
+        """Nearest-mean-of-exemplars scores ``(batch, classes)``: ``-|| phi(x) - mu_y ||``, ``-inf`` for the
+        classes without exemplars. Take ``.argmax(1)``.
+
+        Use it in your own evaluation loop in place of ``model(inputs)``; the model's outputs stay
+        available as its softmax head. Before the first :meth:`end_task` there are no exemplars and no
+        means: it returns the model's outputs (in eval mode), the only classifier there is then.
+        """
+        if self.class_means is None:
+            return super().predict(**model_inputs)
+        self._follow_model_device()
+        with self._feature_mode():
+            phi = self._features(model_inputs)
+        assert self.class_has_mean is not None
+        scores = nearest_mean_scores(phi, self.class_means.to(phi.device), self.class_has_mean.to(phi.device))
+        width = self.num_classes or scores.shape[1]
+        if width > scores.shape[1]:  # the head grew since the means were taken: the new classes have none
+            scores = F.pad(scores, (0, width - scores.shape[1]), value=float("-inf"))
+        return scores
+
+    def _features(self, inputs: Mapping[str, Tensor]) -> Tensor:
+        """``phi`` of a batch of inputs (moved to the model's device), checked, as float32."""
+        phi = self.feature_extractor({k: v.to(self.device) for k, v in inputs.items()})
+        batch = next(iter(inputs.values())).shape[0]
+        if not isinstance(phi, Tensor) or phi.dim() != 2 or phi.shape[0] != batch:
+            got = tuple(phi.shape) if isinstance(phi, Tensor) else type(phi).__name__
+            raise ValueError(f"the feature extractor must return (batch, d) features with batch={batch}, got {got}")
+        return phi.float()
+
+    @staticmethod
+    def _checked_logits(outputs: Any) -> Tensor:
+        if not isinstance(outputs, Tensor) or outputs.dim() != 2:
+            got = tuple(outputs.shape) if isinstance(outputs, Tensor) else type(outputs).__name__
+            raise ValueError(f"iCaRL needs the model to return (batch, classes) logits, got {got}")
+        return outputs
+
+    @contextlib.contextmanager
+    def _feature_mode(self) -> Iterator[None]:
+        """No grad, eval mode, and invisible to the capture: the model as a feature extractor."""
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            with torch.no_grad(), self._forward.paused():
+                yield
+        finally:
+            self.module.train(was_training)
+
+    # ------------------------------------------------------------------ state
+    def _method_state(self) -> Dict[str, Any]:
+        state = super()._method_state()
+        seen, old, teacher = self.seen_classes, self.old_classes, self.teacher
+        means, has_mean = self.class_means, self.class_has_mean
+        state.update(
+            seen_classes=None if seen is None else seen.clone(),
+            old_classes=None if old is None else old.clone(),
+            teacher=None if teacher is None else {k: v.clone() for k, v in teacher.state_dict().items()},
+            class_means=None if means is None else means.clone(),
+            class_has_mean=None if has_mean is None else has_mean.clone(),
+            num_classes=self.num_classes,
+        )
+        return state
+
+    def _load_method_state(self, state: Mapping[str, Any]) -> None:
+        keys = ("seen_classes", "old_classes", "teacher", "class_means", "class_has_mean", "num_classes")
+        missing = [k for k in keys if k not in state]
+        if missing:
+            raise ValueError(f"iCaRL state is missing {missing}")
+        for key in ("seen_classes", "old_classes", "class_has_mean"):
+            value = state[key]
+            if value is not None and not (isinstance(value, Tensor) and value.dtype == torch.bool and value.dim() == 1):
+                raise ValueError(f"iCaRL state {key!r} must be a 1-d bool tensor or None")
+        means = state["class_means"]
+        if (means is None) != (state["class_has_mean"] is None) or (
+            means is not None and not (isinstance(means, Tensor) and means.dim() == 2)
+        ):
+            raise ValueError("iCaRL state must have a 2-d 'class_means' with 'class_has_mean', or neither")
+        if (state["teacher"] is None) != (state["old_classes"] is None):
+            raise ValueError("iCaRL state must have both a teacher and its old classes, or neither")
+        width = state["num_classes"]
+        if width is not None and (isinstance(width, bool) or not isinstance(width, int)):
+            raise ValueError(f"iCaRL state 'num_classes' must be an int or None, got {width!r}")
+        teacher = None if state["teacher"] is None else self._frozen_copy(state["teacher"])  # before any change
+        super()._load_method_state(state)
+        seen, device = state["seen_classes"], self.device
+        self._seen_store = None
+        if seen is not None:
+            self._seen_store = torch.zeros(seen.shape[0] + 2, dtype=torch.bool, device=device)
+            self._seen_store[1:-1] = seen
+        self.teacher = teacher
+        self.old_classes = None if state["old_classes"] is None else state["old_classes"].to(device).clone()
+        self.class_means = None if means is None else means.to(device).clone()
+        self.class_has_mean = None if means is None else state["class_has_mean"].to(device).clone()
+        self.num_classes, self._old_at_width = width, None
+
+
+def _last_linear(module: nn.Module) -> nn.Linear:
+    """The model's last ``nn.Linear`` in registration order, taken as its head by default."""
+    linears = [(name, m) for name, m in module.named_modules(remove_duplicate=False) if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(
+            f"iCaRL needs a feature extractor and {type(module).__name__} has no nn.Linear to take as its head: "
+            "name the head with head='...' or pass feature_extractor=fn(inputs) -> (batch, d)"
+        )
+    name, last = linears[-1]
+    names = [n for n, m in linears if m is last]
+    if len(names) > 1:
+        raise ValueError(
+            f"the model's last nn.Linear is registered as {names}, so which input is the features is ambiguous: "
+            "name the head with head='...' or pass feature_extractor="
+        )
+    return last
+
+
+register(
+    MethodSpec(
+        "icarl",
+        ICaRL,
+        family="rehearsal",
+        paper="Rebuffi et al. 2017, *iCaRL: Incremental Classifier and Representation Learning*",
+        summary="herding exemplars; BCE distilling a frozen copy's old-class outputs; nearest-mean-of-exemplars",
+        hparams=(
+            HParam(
+                "current_loss",
+                str,
+                "method",
+                "'method': iCaRL's BCE replaces the loss passed to backward; 'user': keep it",
+                choices=CURRENT_LOSS,
+            ),
+        ),
+    )
+)
