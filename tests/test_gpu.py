@@ -98,6 +98,9 @@ def test_cuda_matches_cpu(name):
         model.zero_grad()
         syn.backward(F.cross_entropy(model(x.to(device)), y.to(device)), y.to(device), input=x.to(device))
     for a, b in zip(cpu_model.parameters(), gpu_model.parameters()):
+        if a.grad is None:  # a method that adds no gradient on the stream (GDumb)
+            assert b.grad is None
+            continue
         assert torch.allclose(a.grad, b.grad.cpu(), atol=1e-4, rtol=1e-3)
     back = METHODS[name](copy.deepcopy(gpu_model).cpu())
     back.load_state_dict(gpu_syn.state_dict())  # and back to the CPU

@@ -3,8 +3,9 @@
 from .bic import BiC
 from .er import ER
 from .er_ace import ERACE
+from .gdumb import GDumb
 from .icarl import ICaRL
 from .mir import MIR
 from .xder import XDER
 
-__all__ = ["BiC", "ER", "ERACE", "ICaRL", "MIR", "XDER"]
+__all__ = ["BiC", "ER", "ERACE", "GDumb", "ICaRL", "MIR", "XDER"]

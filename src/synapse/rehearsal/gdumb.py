@@ -1,0 +1,498 @@
+"""GDumb: a greedy class-balanced memory, and a model retrained from scratch on it alone."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .._base import CURRENT_LOSS, BufferedSynapse, TaskBatch, distributed_world
+from .._validation import check_non_negative, check_positive, check_positive_int
+from ..buffer import fresh_seed
+from ..catalog import HParam, MethodSpec, register
+from ..memory import ClassBalancedBuffer
+
+__all__ = ["GDumb", "gdumb_learning_rate"]
+
+OptimizerFactory = Callable[[List[nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]  # anything with .step(), stepped once per epoch
+Reinitialize = Union[bool, Callable[[nn.Module], None]]
+
+
+def gdumb_learning_rate(epoch: int, max_lr: float, min_lr: float) -> float:
+    """The learning rate of retraining epoch ``epoch`` (from 0) in GDumb's schedule.
+
+    One warm-up epoch at ``max_lr / 10``, one at ``max_lr``, then SGDR (Loshchilov & Hutter 2017, cosine
+    annealing with warm restarts, ``T_0 = 1``, ``T_mult = 2``) stepped once per epoch from epoch 2 on: after
+    ``s = epoch - 1`` steps, with the cycle lengths ``T_i = 1, 2, 4, ...`` and ``T_cur`` the epochs into the
+    current cycle, ::
+
+        lr = min_lr + (max_lr - min_lr) * (1 + cos(pi * T_cur / T_i)) / 2
+
+    so epochs 2, 3, 4, 5, ... run at ``max``, ``(max + min) / 2``, ``max``, ``max - (max - min)(1 - cos(pi/4))/2``,
+    ... and 128 epochs end near ``min_lr``. This is the schedule of the authors' code (drimpossible/GDumb,
+    ``src/main.py``: ``CosineAnnealingWarmRestarts(T_0=1, T_mult=2, eta_min=minlr)`` stepped from the third
+    epoch, the first two set by hand), also used by the DER authors' port (aimagelab/mammoth ``models/gdumb.py``).
+
+    Example:
+        >>> [round(gdumb_learning_rate(e, 0.05, 0.0005), 5) for e in range(5)]
+        [0.005, 0.05, 0.05, 0.02525, 0.05]
+    """
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+    if epoch == 0:
+        return max_lr * 0.1
+    t_cur, t_i = epoch - 1, 1
+    while t_cur >= t_i:  # walk the restarts: cycles of 1, 2, 4, ... epochs
+        t_cur -= t_i
+        t_i *= 2
+    return min_lr + (max_lr - min_lr) * (1 + math.cos(math.pi * t_cur / t_i)) / 2
+
+
+class GDumb(BufferedSynapse):
+    """GDumb, from Prabhu, Torr & Dokania 2020, "GDumb: A Simple Approach that Questions Our Progress in
+    Continual Learning" (ECCV 2020).
+
+    GDumb learns nothing from the stream. It has two parts:
+
+    * the **greedy sampler**: every incoming item is offered to a class-balanced memory of ``buffer_size``
+      items (:class:`~synapse.memory.ClassBalancedBuffer`; its docstring states the admission rule and its
+      one deviation from the paper's);
+    * the **dumb learner**: at inference, the model is trained *from scratch* on the memory alone, by
+      minibatch SGD on the plain cross-entropy ``(1/|M|) sum_{(x,y) in M} CE(f(x), y)``.
+
+    **When it retrains: at every task end.** The paper evaluates once, at the end, after training on the
+    final memory; the DER authors' port retrains after the last task only. Synapse retrains in
+    :meth:`end_task` (``retrain_on_task_end=True``), and the experiment program evaluates right after every
+    ``end_task``, so every evaluation sees a model trained from scratch on the memory as it is then: the
+    paper's "train at inference" at each evaluation. In your own loop call :meth:`retrain` yourself before
+    you evaluate (e.g. on a task-free stream, or with ``retrain_on_task_end=False``). The experiment program
+    has no task ends on its task-free stream, so the catalog marks GDumb as needing task boundaries
+    (``needs_task_boundaries``); nothing else in the method does.
+
+    **The stream's steps.** With ``current_loss='method'`` (the default, the paper) :meth:`backward` checks
+    its arguments, offers the batch to the memory and *does not backpropagate* ``loss``: it adds nothing to
+    any ``.grad`` and leaves them as they were (the loss's graph is freed with it). After the usual
+    ``optimizer.zero_grad()`` (``set_to_none=True``, PyTorch's default) every gradient is ``None``, and every
+    ``torch.optim`` optimizer skips such parameters, so ``optimizer.step()`` changes nothing, weight decay
+    and momentum included. With ``zero_grad(set_to_none=False)`` the gradients are zeros instead: plain SGD
+    still does nothing, but weight decay would shrink the weights and a momentum buffer or Adam's moments
+    from earlier steps would keep moving them (harmless to GDumb, whose retraining starts from scratch, but
+    the model is then not "untouched" between task ends). With a ``torch.amp.GradScaler`` in the loop,
+    ``scaler.step(optimizer)`` refuses an optimizer without gradients ("No inf checks were recorded"): skip
+    it with ``current_loss='method'``, there is nothing to step. With ``current_loss='user'`` the stream is
+    trained on as usual (the user's loss backpropagated, the scaler applied): not the paper, an option.
+
+    **The retraining** (:meth:`retrain`): re-initialise the model, then ``retrain_epochs`` epochs over the
+    memory, each in a fresh random order (the last batch may be short), with SGD (momentum
+    ``retrain_momentum``, weight decay ``retrain_weight_decay``), the gradient norm clipped to
+    ``retrain_clip_norm``, and the learning rate of :func:`gdumb_learning_rate` between ``retrain_lr`` and
+    ``retrain_min_lr``. The defaults are the authors' (``drimpossible/GDumb``, ``src/opts.py`` and
+    ``src/main.py``): SGD with momentum 0.9, weight decay 1e-6, batch 16, learning rate 0.05 down to 0.0005,
+    one warm-up epoch at 0.005, gradient norm clipped at 10; and their MNIST setting
+    (``scripts/replicate.sh``: an MLP, 128 passes over the memory, no cutmix). The DER authors' port
+    (``aimagelab/mammoth`` ``models/gdumb.py``) keeps ``maxlr 0.05``, ``minlr 5e-4`` and the schedule, with
+    256 ``fitting_epochs`` by default and cutmix off (``cutmix_alpha`` None) in its original version; its
+    ``utils/best_args.py`` has no GDumb entry.
+
+    * **From scratch** means: every submodule that has a ``reset_parameters()`` method gets it called
+      (``nn.Linear``, ``nn.Conv*``, normalisation layers, which also reset their running statistics,
+      embeddings, RNNs, ...), with randomness drawn from GDumb's own generator (torch's global RNG is left as
+      it was). Parameters of modules *without* ``reset_parameters()`` keep their trained values; GDumb warns
+      once, naming them. Pass ``reinitialize=fn`` to :meth:`retrain` (or to the constructor) to
+      re-initialise your own way (``fn(model)``, under the same seeded RNG), or ``False`` to fine-tune.
+    * **Order and seeds.** The epoch orders and the re-initialisation come from GDumb's own generator (seeded
+      from torch's global RNG at construction, saved in the state dict): a run is reproducible, and a
+      resumed run retrains bit-identically.
+    * **Your optimizer** is not touched: the retraining builds its own (``optimizer_factory``). The Parameter
+      objects stay the same, so your optimizer keeps working afterwards; with ``current_loss='user'`` its
+      momentum buffers still hold the pre-retraining trajectory (reset them if that matters to you).
+    * Gradients left by the retraining are cleared (``.grad = None``); the model is put back in the mode it
+      was in.
+    * **Distributed.** Each rank keeps its own memory of its own stream (``buffer_scope``); the retraining
+      runs through the (DDP-wrapped) model, so gradients are averaged over the ranks: the model is trained
+      on the union of their memories. The re-initialised weights are broadcast from rank 0, and the ranks
+      agree on the number of batches per epoch (the largest memory's); a rank with a smaller memory
+      revisits some of its items to fill it. Besides DDP's all-reduce at every step, a retraining costs one
+      all-reduce of the memory sizes and one broadcast per parameter and buffer.
+
+    **Deviations**, all named:
+
+    * The memory's admission bar is the largest class's count, not ``capacity / classes seen``
+      (:class:`~synapse.memory.ClassBalancedBuffer`); they agree whenever every class has its share.
+    * No cutmix: the authors use it (probability 0.5, ``alpha = 1``) on CIFAR, SVHN and ImageNet, not on
+      MNIST, which is this library's protocol; it is not implemented.
+    * The authors train in half precision (``model.half()``); here in the model's own dtype.
+    * The authors' code evaluates after every pass and reports the *best* test accuracy over the passes, a
+      choice made on the test set; here the model after the last epoch is the result.
+    * "From scratch" is PyTorch's default initialisation of each layer (``reset_parameters``); the
+      authors build a new network with its constructor's initialisation (the same for their MLP). A model
+      initialised otherwise (e.g. the experiment program's ``--init xavier``) is re-initialised with
+      PyTorch's defaults unless ``reinitialize`` says otherwise.
+    * With the experiment program's defaults, retraining happens at every task end (see above), not once.
+
+    The retraining reads the host freely (it is not the hot path); :meth:`backward` never does.
+
+    Args:
+        model: the model being trained (may be wrapped in DDP or ``torch.compile``).
+        buffer_size: items kept in the memory (per rank in a distributed run).
+        buffer_sample_size: unused by GDumb (it never replays during the stream); accepted so that every
+            buffered method builds from the same arguments.
+        retrain_epochs: passes over the memory per retraining (the authors' MNIST setting: 128).
+        retrain_lr: the schedule's maximum learning rate (``maxlr``).
+        retrain_min_lr: the schedule's minimum learning rate (``minlr``).
+        retrain_batch_size: minibatch size of the retraining.
+        retrain_momentum: SGD momentum of the retraining.
+        retrain_weight_decay: SGD weight decay of the retraining.
+        retrain_clip_norm: the gradient norm is clipped to this (``0``: no clipping).
+        current_loss: ``'method'`` (the stream adds no gradient, the paper) or ``'user'`` (the user's loss is
+            backpropagated as usual).
+        retrain_on_task_end: :meth:`end_task` retrains (else only an explicit :meth:`retrain` does).
+        reinitialize: how :meth:`retrain` re-initialises the model by default (see there).
+        buffer_scope: ``'rank'`` or ``'global'`` (see :class:`~synapse.rehearsal.ER`).
+        scaler: a ``torch.amp.GradScaler``, used for the user's loss with ``current_loss='user'``.
+
+    Example:
+        >>> synapse = GDumb(model, buffer_size=40, retrain_epochs=32)
+        >>> for task in tasks:
+        ...     for inputs, targets in task:
+        ...         optimizer.zero_grad()
+        ...         loss = criterion(model(inputs), targets)
+        ...         synapse.backward(loss, targets, inputs=inputs)  # stores the batch; no gradient
+        ...         optimizer.step()                                # nothing to step
+        ...     synapse.end_task()                                  # retrain from scratch on the memory
+        >>> synapse.num_retrains, synapse.buffer.class_counts()
+        (2, {0: 10, 1: 10, 2: 10, 3: 10})
+    """
+
+    needs_task_boundaries = True  # the experiment program retrains at task ends; its task-free stream has none
+
+    def __init__(
+        self,
+        model: nn.Module,
+        buffer_size: int = 1024,
+        buffer_sample_size: int = 32,
+        *,
+        retrain_epochs: int = 128,
+        retrain_lr: float = 0.05,
+        retrain_min_lr: float = 0.0005,
+        retrain_batch_size: int = 16,
+        retrain_momentum: float = 0.9,
+        retrain_weight_decay: float = 1e-6,
+        retrain_clip_norm: float = 10.0,
+        current_loss: str = "method",
+        retrain_on_task_end: bool = True,
+        reinitialize: Reinitialize = True,
+        buffer_scope: str = "rank",
+        scaler: Optional[torch.amp.GradScaler] = None,
+    ) -> None:
+        check_positive_int("retrain_epochs", retrain_epochs)
+        check_positive("retrain_lr", retrain_lr)
+        check_non_negative("retrain_min_lr", retrain_min_lr)
+        if retrain_min_lr > retrain_lr:
+            raise ValueError(f"retrain_min_lr must be <= retrain_lr={retrain_lr!r}, got {retrain_min_lr!r}")
+        check_positive_int("retrain_batch_size", retrain_batch_size)
+        check_non_negative("retrain_momentum", retrain_momentum)
+        check_non_negative("retrain_weight_decay", retrain_weight_decay)
+        check_non_negative("retrain_clip_norm", retrain_clip_norm)
+        current_loss = self._check_current_loss(current_loss)
+        if not isinstance(retrain_on_task_end, bool):
+            raise ValueError(f"retrain_on_task_end must be a bool, got {retrain_on_task_end!r}")
+        _check_reinitialize(reinitialize)
+        super().__init__(
+            model,
+            buffer_size,
+            buffer_sample_size,
+            buffer_scope=buffer_scope,
+            buffer_policy="class_balanced",
+            scaler=scaler,
+        )
+        self.retrain_epochs = retrain_epochs
+        self.retrain_lr = float(retrain_lr)
+        self.retrain_min_lr = float(retrain_min_lr)
+        self.retrain_batch_size = retrain_batch_size
+        self.retrain_momentum = float(retrain_momentum)
+        self.retrain_weight_decay = float(retrain_weight_decay)
+        self.retrain_clip_norm = float(retrain_clip_norm)
+        self.current_loss = current_loss
+        self.retrain_on_task_end = retrain_on_task_end
+        self.reinitialize = reinitialize
+        rank = dist.get_rank() if distributed_world() > 1 else 0
+        # The retraining's own randomness (epoch orders, re-initialisation): in the state dict.
+        self._generator = torch.Generator().manual_seed((fresh_seed() + 7919 * (rank + 1)) % 2**62)
+        self.num_retrains = 0
+        self._warned_kept: bool = False
+
+    # ------------------------------------------------------------------ the stream
+    def _check(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
+        if self._input_names is None:  # the retraining calls model(**inputs): say so now, not at the task end
+            _check_forward_accepts(self.module, model_inputs)
+        super()._check(loss, targets, model_inputs)
+
+    def _backward(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
+        if self.current_loss == "user":
+            self._run_backward(loss)
+        # 'method': the paper learns nothing from the stream; the loss is never walked (no gradient added).
+        self._store(targets, model_inputs)
+
+    def _end_task(self, data: Optional[Iterable[TaskBatch]]) -> None:
+        # ``data`` is not needed: the memory was filled from the stream.
+        if self.retrain_on_task_end:
+            self.retrain()
+
+    # ------------------------------------------------------------------ the dumb learner
+    def retrain(
+        self,
+        epochs: Optional[int] = None,
+        *,
+        batch_size: Optional[int] = None,
+        optimizer_factory: Optional[OptimizerFactory] = None,
+        scheduler_factory: Optional[SchedulerFactory] = None,
+        min_lr: Optional[float] = None,
+        clip_norm: Optional[float] = None,
+        reinitialize: Optional[Reinitialize] = None,
+    ) -> Optional[float]:
+        """Re-initialise the model and train it on the memory alone (GDumb's learner).
+
+        Pending items enter the memory first (:meth:`~synapse.memory.ClassBalancedBuffer.flush`). Then, if
+        the memory holds anything: the model is re-initialised (``reinitialize``), and trained for ``epochs``
+        epochs, each over the memory in a fresh random order from GDumb's generator, in minibatches of
+        ``batch_size``, on the plain cross-entropy, in train mode; the gradient norm is clipped to
+        ``clip_norm`` before each step. Every argument left ``None`` takes the constructor's setting.
+
+        Args:
+            epochs: passes over the memory.
+            batch_size: minibatch size.
+            optimizer_factory: ``fn(params) -> optimizer`` over the trainable parameters; by default SGD
+                with ``retrain_lr``, ``retrain_momentum`` and ``retrain_weight_decay`` (the paper's).
+            scheduler_factory: ``fn(optimizer) -> scheduler``, stepped once after each epoch. ``None``: the
+                paper's schedule (:func:`gdumb_learning_rate`), each parameter group's learning rate as the
+                maximum and ``min_lr`` as the minimum, set at the start of each epoch. For a constant rate,
+                ``lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0)``.
+            min_lr: the minimum of the paper's schedule (``retrain_min_lr``).
+            clip_norm: clip the gradient norm to this before each step (``retrain_clip_norm``; 0: off).
+            reinitialize: ``True``: call ``reset_parameters()`` on every submodule that has one (from
+                scratch; see the class docstring); ``False``: start from the current weights; a callable:
+                ``reinitialize(model)`` re-initialises the model your way. Randomness comes from GDumb's
+                generator in every case. ``None``: the constructor's ``reinitialize`` (``True`` by default).
+
+        Returns:
+            The last epoch's mean training loss over this rank's items, or ``None`` when the memory is
+            empty (on every rank): nothing was changed then.
+
+        Everything is checked (and the optimizer and scheduler built) before the model changes.
+
+        Example:
+            >>> gdumb = GDumb(model, buffer_size=100, retrain_on_task_end=False)
+            >>> for inputs, targets in loader:
+            ...     gdumb.backward(criterion(model(inputs), targets), targets, inputs=inputs)
+            >>> loss = gdumb.retrain(
+            ...     epochs=30,
+            ...     batch_size=32,
+            ...     optimizer_factory=lambda params: torch.optim.Adam(params, lr=1e-3),
+            ...     scheduler_factory=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=30),
+            ... )
+            >>> gdumb.num_retrains
+            1
+        """
+        epochs = self.retrain_epochs if epochs is None else epochs
+        batch_size = self.retrain_batch_size if batch_size is None else batch_size
+        min_lr = self.retrain_min_lr if min_lr is None else min_lr
+        clip_norm = self.retrain_clip_norm if clip_norm is None else clip_norm
+        reinitialize = self.reinitialize if reinitialize is None else reinitialize
+        check_positive_int("epochs", epochs)
+        check_positive_int("batch_size", batch_size)
+        check_non_negative("min_lr", min_lr)
+        check_non_negative("clip_norm", clip_norm)
+        for name, factory in (("optimizer_factory", optimizer_factory), ("scheduler_factory", scheduler_factory)):
+            if factory is not None and not callable(factory):
+                raise TypeError(f"{name} must be callable or None, got {type(factory).__name__}")
+        _check_reinitialize(reinitialize)
+        params = self.trainable_parameters()
+        optimizer = self._optimizer(optimizer_factory, params)
+        scheduler = None
+        if scheduler_factory is not None:
+            scheduler = scheduler_factory(optimizer)
+            if not callable(getattr(scheduler, "step", None)):
+                raise TypeError(f"scheduler_factory must return an object with step(), got {type(scheduler).__name__}")
+        max_lrs = [float(group["lr"]) for group in optimizer.param_groups]
+
+        # Validated: from here on the memory and the model change.
+        self._follow_model_device()
+        memory = self.buffer
+        assert isinstance(memory, ClassBalancedBuffer)
+        memory.flush()
+        n = len(memory)
+        smallest, largest = self._memory_sizes_over_ranks(n)
+        if largest == 0:
+            return None
+        if smallest == 0:  # every rank knows it: all raise together, none waits in a collective
+            raise RuntimeError(
+                "a rank's memory is empty while another's is not: every rank needs items to retrain on "
+                "(give each rank data before the first task end)"
+            )
+        if reinitialize is not False:
+            self._reinitialize(reinitialize)
+        storage = memory.stored()
+        device = next(iter(storage.values())).device
+        was_training = self.module.training
+        self.module.train()
+        epoch_loss = torch.zeros((), device=device)
+        try:
+            with torch.enable_grad():
+                for epoch in range(epochs):
+                    if scheduler is None:
+                        for group, top in zip(optimizer.param_groups, max_lrs):
+                            group["lr"] = gdumb_learning_rate(epoch, top, min_lr)
+                    epoch_loss = torch.zeros((), device=device)
+                    for index in self._epoch_order(n, largest).to(device).split(batch_size):
+                        items = {k: v.index_select(0, index) for k, v in storage.items()}
+                        targets = items["targets"].long()
+                        loss = F.cross_entropy(self.model(**self._inputs_of(items)), targets)
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        if clip_norm > 0:
+                            torch.nn.utils.clip_grad_norm_(params, clip_norm)
+                        optimizer.step()
+                        epoch_loss += loss.detach() * index.shape[0]
+                    if scheduler is not None:
+                        scheduler.step()
+        finally:
+            self.module.train(was_training)
+            for p in self.module.parameters():
+                p.grad = None
+        self.num_retrains += 1
+        return float(epoch_loss) / largest  # a host read, at a task end
+
+    def _optimizer(self, factory: Optional[OptimizerFactory], params: List[nn.Parameter]) -> torch.optim.Optimizer:
+        if factory is None:
+            return torch.optim.SGD(
+                params, lr=self.retrain_lr, momentum=self.retrain_momentum, weight_decay=self.retrain_weight_decay
+            )
+        optimizer = factory(params)
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer_factory must return a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        return optimizer
+
+    def _memory_sizes_over_ranks(self, n: int) -> Tuple[int, int]:
+        """The smallest and largest memory over the ranks (``(n, n)`` in one process)."""
+        if distributed_world() == 1:
+            return n, n
+        sizes = torch.tensor([n, -n], dtype=torch.int64, device=self.device)
+        dist.all_reduce(sizes, op=dist.ReduceOp.MAX)
+        return -int(sizes[1]), int(sizes[0])
+
+    def _epoch_order(self, n: int, length: int) -> Tensor:
+        """``length`` indices into the ``n`` items: random permutations of them, one after the other
+        (one permutation when ``length == n``)."""
+        perms = [torch.randperm(n, generator=self._generator) for _ in range(-(-length // n))]
+        return torch.cat(perms)[:length] if len(perms) > 1 else perms[0]
+
+    @torch.no_grad()
+    def _reinitialize(self, how: Reinitialize) -> None:
+        """Re-initialise the model under torch's RNG seeded from GDumb's generator (the global RNG state is
+        restored afterwards); in a distributed run, rank 0's weights are then broadcast."""
+        seed = int(torch.randint(0, 2**62, (1,), generator=self._generator))
+        device = self.device
+        cuda = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.random.default_generator.manual_seed(seed)
+            for index in cuda:  # only the model's device: other devices' generators are not forked
+                with torch.cuda.device(index):
+                    torch.cuda.manual_seed(seed)
+            if callable(how):
+                how(self.module)
+            else:
+                self._reset_parameters()
+        if distributed_world() > 1:
+            for tensor in [*self.module.parameters(), *self.module.buffers()]:
+                dist.broadcast(tensor.data, src=0)
+
+    def _reset_parameters(self) -> None:
+        kept: List[str] = []
+        for name, module in self.module.named_modules():
+            reset = getattr(module, "reset_parameters", None)
+            if callable(reset):
+                reset()
+            else:
+                kept.extend(f"{name}.{p}" if name else p for p, _ in module.named_parameters(recurse=False))
+        if kept and not self._warned_kept:
+            self._warned_kept = True
+            warnings.warn(
+                f"GDumb: {', '.join(kept)} belong to modules without reset_parameters() and keep their trained "
+                "values; pass reinitialize=fn to re-initialise them your way",
+                stacklevel=2,
+            )
+
+    # ------------------------------------------------------------------ state
+    def _method_state(self) -> Dict[str, Any]:
+        state = super()._method_state()
+        state["retrain_rng"] = self._generator.get_state()
+        state["num_retrains"] = self.num_retrains
+        return state
+
+    def _load_method_state(self, state: Mapping[str, Any]) -> None:
+        rng = state.get("retrain_rng")
+        if not isinstance(rng, Tensor) or rng.dtype != torch.uint8:
+            raise ValueError(f"state dict's 'retrain_rng' must be a uint8 tensor (a generator state), got {rng!r}")
+        generator = torch.Generator()
+        generator.set_state(rng.cpu())  # raises on a malformed state before anything changes
+        super()._load_method_state(state)
+        self._generator = generator
+        self.num_retrains = int(state.get("num_retrains", 0))
+
+
+def _check_forward_accepts(module: nn.Module, model_inputs: Mapping[str, Tensor]) -> None:
+    """Raise unless ``module.forward`` takes every input by name (the retraining calls ``model(**inputs)``)."""
+    try:
+        parameters = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):  # no signature to read: the retraining will tell
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    missing = [name for name in model_inputs if name not in parameters]
+    if missing:
+        raise ValueError(
+            f"model inputs {missing} are not parameters of {type(module).__name__}.forward"
+            f"{inspect.signature(module.forward)}: GDumb retrains with model(**inputs), so name them as forward does"
+        )
+
+
+def _check_reinitialize(value: Any) -> None:
+    if not (isinstance(value, bool) or callable(value)):
+        raise TypeError(f"reinitialize must be True, False or a callable fn(model), got {type(value).__name__}")
+
+
+_PAPER = "Prabhu, Torr & Dokania 2020, *GDumb: A Simple Approach that Questions Our Progress in Continual Learning*"
+register(
+    MethodSpec(
+        "gdumb",
+        GDumb,
+        family="rehearsal",
+        paper=_PAPER,
+        summary="a greedy class-balanced memory; nothing learnt from the stream, the model retrained from scratch "
+        "on the memory at each task end",
+        hparams=(
+            HParam("retrain_epochs", int, 128, "passes over the memory per retraining", low=1),
+            HParam("retrain_lr", float, 0.05, "the retraining's maximum learning rate", low=0.0, low_open=True),
+            HParam("retrain_min_lr", float, 0.0005, "the retraining's minimum learning rate (SGDR)", low=0.0),
+            HParam("retrain_batch_size", int, 16, "minibatch size of the retraining", low=1),
+            HParam("retrain_momentum", float, 0.9, "SGD momentum of the retraining", low=0.0),
+            HParam("retrain_weight_decay", float, 1e-6, "SGD weight decay of the retraining", low=0.0),
+            HParam("retrain_clip_norm", float, 10.0, "gradient norm clip of the retraining (0: off)", low=0.0),
+            HParam(
+                "current_loss",
+                str,
+                "method",
+                "'method': the stream adds no gradient (the paper); 'user': the loss passed to backward is trained on",
+                choices=CURRENT_LOSS,
+            ),
+        ),
+    )
+)
