@@ -56,7 +56,7 @@ def test_continual(tmp_path, synapse_type):
 
 def test_method_hyperparameters_by_flag_and_by_name(tmp_path):
     r = run_cli(tmp_path, "--synapse_type", "der++", "--alpha", "0.2", "--method_args", "beta=0.7")
-    assert r["config"]["method_args"] == {"alpha": 0.2, "beta": 0.7}
+    assert r["config"]["method_args"] == {**catalog.get("der++").defaults(), "alpha": 0.2, "beta": 0.7}
 
 
 @pytest.mark.parametrize(
