@@ -64,3 +64,38 @@ def test_bad_backends_are_rejected_before_any_is_made(tmp_path):
     with pytest.raises(ValueError, match="--output_dir"):
         create_loggers(["csv"], None, {})
     assert not os.listdir(tmp_path)
+
+
+def test_a_cli_run_logs_steps_tasks_memory_and_the_figure(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from synapse.experiments.cli import main
+
+    out = tmp_path / "run"
+    args = ["--dataset", "fashion-mnist", "--max_train_per_task", "100", "--max_test_per_task", "50", "--quiet"]
+    args += ["--synapse_type", "er", "--buffer_size", "50", "--output_dir", str(out)]
+    assert main([*args, "--log", "csv", "tensorboard", "--log_interval", "5"]) == 0
+    rows = (out / "steps.csv").read_text().splitlines()
+    assert rows[0] == "step,loss,lr" and len(rows) == 1 + 5 * 10 // 5  # 10 steps a task, every 5th logged
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"step/loss", "step/lr", "epoch/train_accuracy", "task/class_il/average", "task/task_il/forgetting"} <= set(
+        tags["scalars"]
+    )
+    assert "memory/classes" in tags["histograms"] and "accuracy_matrix" in tags["images"]
+    assert [e.step for e in events.Scalars("task/class_il/average")] == [1, 2, 3, 4, 5]
+    with open(out / "results.json") as f:
+        import json
+
+        final = json.load(f)["average_accuracy"]["class_il"]
+    assert events.Scalars("task/class_il/average")[-1].value == pytest.approx(final, abs=1e-6)
+
+
+def test_log_needs_an_output_dir(capsys):
+    from synapse.experiments.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--log", "csv", "--quiet"])
+    assert e.value.code == 2 and "--log needs --output_dir" in capsys.readouterr().err

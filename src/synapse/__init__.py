@@ -8,8 +8,10 @@ Replace ``loss.backward()`` with ``synapse.backward(loss, targets, inputs=inputs
 
 from ._base import Synapse, named_batches
 from .buffer import ReservoirBuffer
+from .scenarios import Permuted, Rotated, TaskFreeStream, mnist360
 from .tasks import Task, TaskDict
 
 __all__ = ["Synapse", "TaskDict", "Task", "ReservoirBuffer", "named_batches", "__version__"]
+__all__ += ["Permuted", "Rotated", "TaskFreeStream", "mnist360"]  # scenarios, beside TaskDict
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"  # the one place the version is set (pyproject.toml reads it)

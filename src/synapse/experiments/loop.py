@@ -63,23 +63,37 @@ def train_epoch(
     generator: torch.Generator,
     should_stop: Callable[[], bool],
     on_step: Callable[[], None],
+    gather: Optional[Callable[[Tensor], Tuple[Tensor, Tensor]]] = None,
+    boundaries: Optional[Sequence[int]] = None,
+    log_every: int = 0,
+    log_step: Optional[Callable[[Tensor, int], None]] = None,
 ) -> EpochResult:
     """Train over ``order`` from batch ``start_batch``; stop early (resumably) when ``should_stop()``.
 
     ``images``, ``labels`` and ``order`` live on the model's device, so a batch is one gather there.
+    ``gather`` replaces ``images[idx], labels[idx]`` (scenarios transform their batches on the device), and
+    ``boundaries`` replaces batches of ``batch_size``: batch ``b`` is ``order[boundaries[b]:boundaries[b + 1]]``
+    (a task-free stream's own batches). Every ``log_every`` steps, ``log_step(interval_loss_sum, steps)``
+    receives the loss summed over those steps, still on the device: the logger fetches it then, so the
+    steps in between make no host sync.
     """
     model.train()
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen = 0
-    num_batches = -(-len(order) // batch_size)
+    interval_loss = torch.zeros((), device=device)
+    interval_steps = 0
+    num_batches = len(boundaries) - 1 if boundaries is not None else -(-len(order) // batch_size)
     batch_index = start_batch
     while batch_index < num_batches:
         if should_stop():
             break
-        idx = order[batch_index * batch_size : (batch_index + 1) * batch_size]
-        inputs, targets = images[idx], labels[idx]
+        if boundaries is not None:
+            idx = order[boundaries[batch_index] : boundaries[batch_index + 1]]
+        else:
+            idx = order[batch_index * batch_size : (batch_index + 1) * batch_size]
+        inputs, targets = (images[idx], labels[idx]) if gather is None else gather(idx)
         if augment:
             inputs = random_crop_flip(inputs, generator)
         outputs = model(inputs)
@@ -95,6 +109,12 @@ def train_epoch(
         correct += (outputs.detach().argmax(1) == targets).sum()
         seen += len(idx)
         batch_index += 1
+        if log_step is not None and log_every > 0:
+            interval_loss += loss.detach()
+            interval_steps += 1
+            if interval_steps == log_every:
+                log_step(interval_loss, interval_steps)
+                interval_loss, interval_steps = torch.zeros((), device=device), 0
         on_step()
     return EpochResult(float(loss_sum), int(correct), seen, batch_index >= num_batches, batch_index)
 

@@ -16,11 +16,13 @@ from torch import Tensor, nn
 
 import synapse
 from synapse import catalog, named_batches
+from synapse.scenarios import DomainIncremental, TaskFreeStream, mnist360, mnist360_test_angles, rotate, scenario
 
 from . import report
 from .checkpoint import CheckpointError, atomic_save, load_checkpoint
-from .datasets import DatasetSpec, load_tasks
+from .datasets import DATASETS, DatasetSpec, load_tasks
 from .distributed import World, any_rank, device_for, init_from_env
+from .loggers import Logger, create_loggers
 from .loop import Evaluation, evaluate, shard, train_epoch
 from .models import create_model
 
@@ -73,6 +75,8 @@ class Config:
     normalize: Optional[bool] = None  # None: the protocol's
     init: Optional[str] = None  # None: the protocol's
     evaluate_on: str = "test"  # or "validation": the held-out part of each task's training data
+    log: List[str] = dataclasses.field(default_factory=list)  # backends: csv, tensorboard, wandb
+    log_interval: int = 50  # steps between per-step scalars
     unfused: bool = False
     seed: int = 0
     device: str = "auto"
@@ -137,6 +141,35 @@ def _limit(x: Tensor, y: Tensor, n: Optional[int]) -> Tuple[Tensor, Tensor]:
     return (x, y) if n is None else (x[:n], y[:n])
 
 
+def _limit_per_class(x: Tensor, y: Tensor, n: Optional[int]) -> Tuple[Tensor, Tensor]:
+    """The first ``n`` items of every class, in dataset order (the task-free stream's quick-run limit)."""
+    if n is None:
+        return x, y
+    keep = torch.cat([torch.nonzero(y == c).flatten()[:n] for c in torch.unique(y)]).sort().values
+    return x[keep], y[keep]
+
+
+def check_scenario(cfg: Config, spec: DatasetSpec) -> None:
+    """Refuse settings that a scenario dataset cannot run, before any work (ValueError, naming the setting).
+
+    The task-free stream (``*-360``) is one pass without task boundaries: no method that needs them
+    (``MethodSpec.task_free``), no epochs, and no validation split (its held-out items would need rotations
+    of their own).
+    """
+    if spec.scenario is None or spec.scenario.kind != "task-free":
+        return
+    if cfg.training_type == "continual" and not catalog.get(cfg.synapse_type).task_free:
+        usable = ", ".join(s.name for s in catalog.specs() if s.task_free)
+        raise ValueError(
+            f"{cfg.synapse_type} needs task boundaries, and {spec.name} is a task-free stream without them "
+            f"(no end_task calls); choose a task-free method: {usable}"
+        )
+    if cfg.num_epochs not in (None, 1):
+        raise ValueError(f"{spec.name} is a single pass over its stream: num_epochs must be 1, got {cfg.num_epochs}")
+    if cfg.validation_ratio > 0 or cfg.evaluate_on != "test":
+        raise ValueError(f"{spec.name} has no validation split: use validation_ratio 0 and evaluate_on 'test'")
+
+
 def _split_validation(x: Tensor, y: Tensor, ratio: float, gen: torch.Generator) -> Tuple[Tensor, ...]:
     if ratio <= 0:
         return x, y, x[:0], y[:0]
@@ -165,20 +198,38 @@ class Experiment:
             raise ValueError("evaluate_on='validation' needs validation_ratio > 0 (the held-out part it scores)")
         if cfg.training_type == "continual":  # the method's full hyperparameters, checked before any work
             cfg = dataclasses.replace(cfg, method_args=catalog.get(cfg.synapse_type).resolve(cfg.method_args))
+        check_scenario(cfg, DATASETS[cfg.dataset])
+        if cfg.log_interval < 1:
+            raise ValueError(f"log_interval must be a positive int, got {cfg.log_interval!r}")
+        # Made (and their packages checked) before any work; only the main rank writes.
+        self.logger: Logger = (
+            create_loggers(cfg.log, cfg.output_dir, dataclasses.asdict(cfg)) if self.world.is_main else Logger()
+        )
+        kind = getattr(DATASETS[cfg.dataset].scenario, "kind", "class-il")
+        if kind == "task-free" and self.world.size > 1:
+            raise ValueError(f"{cfg.dataset} is one stream, in order: it runs in one process, not {self.world.size}")
         self.spec, tensors, _ = load_tasks(cfg.dataset, cfg.dataset_dir)
         self.cfg = cfg.with_protocol(self.spec)
         self.main = self.world.is_main
         torch.manual_seed(self.cfg.seed)
         self.data_gen = torch.Generator().manual_seed(self.cfg.seed)
         self.train_sets, self.val_sets, self.test_sets = [], [], []
-        for train_x, train_y, test_x, test_y in tensors:
-            train_x, train_y = _limit(train_x, train_y, self.cfg.max_train_per_task)
-            tx, ty, vx, vy = _split_validation(train_x, train_y, self.cfg.validation_ratio, self.data_gen)
-            # Each task is held on the training device once (uint8: CIFAR-100's train set is 150 MB).
-            self.train_sets.append((tx.to(self.device), ty.to(self.device)))
-            self.val_sets.append((vx.to(self.device), vy.to(self.device)))
-            test_x, test_y = _limit(test_x, test_y, self.cfg.max_test_per_task)
-            self.test_sets.append((test_x.to(self.device), test_y.to(self.device)))
+        # Scenario datasets (synapse.scenarios): a per-task transformation, or one task-free stream.
+        self.domain: Optional[DomainIncremental] = None
+        self.stream: Optional[TaskFreeStream] = None
+        if self.spec.scenario is None:
+            for train_x, train_y, test_x, test_y in tensors:
+                train_x, train_y = _limit(train_x, train_y, self.cfg.max_train_per_task)
+                tx, ty, vx, vy = _split_validation(train_x, train_y, self.cfg.validation_ratio, self.data_gen)
+                # Each task is held on the training device once (uint8: CIFAR-100's train set is 150 MB).
+                self.train_sets.append((tx.to(self.device), ty.to(self.device)))
+                self.val_sets.append((vx.to(self.device), vy.to(self.device)))
+                test_x, test_y = _limit(test_x, test_y, self.cfg.max_test_per_task)
+                self.test_sets.append((test_x.to(self.device), test_y.to(self.device)))
+        elif self.spec.scenario.kind == "domain-il":
+            self._domain_data(*tensors[0])
+        else:
+            self._stream_data(*tensors[0])
         if self.cfg.evaluate_on == "validation":  # tuning: the test sets are never read
             self.test_sets = self.val_sets
         self.task_classes = list(self.spec.task_classes().values())
@@ -231,12 +282,94 @@ class Experiment:
         self.test_samples: List[int] = []
         self.elapsed = 0.0
 
+    # ------------------------------------------------------------------ scenarios
+    def _domain_data(self, train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor) -> None:
+        """Domain-IL: every task is the same images under the task's transformation. The training images are
+        held once and transformed batch by batch on the device; the test (and validation) sets of every task
+        are transformed once, up front, since every evaluation reads them all."""
+        assert self.spec.scenario is not None
+        self.domain = scenario(
+            self.spec.scenario.transform,
+            self.spec.scenario.num_tasks,
+            seed=self.cfg.seed,
+            image_size=self.spec.image_size,
+        )
+        train_x, train_y = _limit(train_x, train_y, self.cfg.max_train_per_task)
+        tx, ty, vx, vy = _split_validation(train_x, train_y, self.cfg.validation_ratio, self.data_gen)
+        tx, ty, vx, vy = (t.to(self.device) for t in (tx, ty, vx, vy))
+        test_x, test_y = (t.to(self.device) for t in _limit(test_x, test_y, self.cfg.max_test_per_task))
+        for t in range(self.domain.num_tasks):
+            self.train_sets.append((tx, ty))  # the same tensors: no copy per task
+            self.val_sets.append((self.domain.transform(vx, t), vy))
+            self.test_sets.append((self.domain.transform(test_x, t), test_y))
+
+    def _stream_data(self, train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor) -> None:
+        """Task-free: the MNIST-360 stream over the training images, and one test set of every class rotated
+        all the way round. The stream's inputs are rotated once, up front, in batches on the device (each
+        position is seen once, and a step then costs one gather, however small the batch). Quick-run limits
+        apply per class."""
+        train_x, train_y = _limit_per_class(train_x, train_y, self.cfg.max_train_per_task)
+        test_x, test_y = _limit_per_class(test_x, test_y, self.cfg.max_test_per_task)
+        k = self.spec.num_classes
+        self.stream = mnist360(train_y, batch_size=self.cfg.batch_size or 1, seed=self.cfg.seed, num_classes=k)
+        self.stream = self.stream.to(self.device)
+        self.train_sets.append(self.stream.inputs(train_x.to(self.device), train_y.to(self.device)))
+        self.val_sets.append((train_x[:0].to(self.device), train_y[:0].to(self.device)))
+        angles = mnist360_test_angles(test_y, k).to(self.device)
+        self.test_sets.append((rotate(test_x.to(self.device), angles), test_y.to(self.device)))
+
+    @property
+    def task_il_applies(self) -> bool:
+        """Task-IL scores each task on its own classes: meaningless when every task has every class."""
+        return self.spec.scenario is None
+
+    def scenario_info(self) -> Dict[str, Any]:
+        """What results.json records about the scenario."""
+        if self.stream is not None:
+            info = dict(self.stream.info)
+            if self.cfg.training_type == "joint":
+                info["order"] = "joint: the stream's items, at their angles, shuffled (i.i.d.), one pass"
+            return info
+        if self.domain is not None:
+            return {**self.domain.describe(), "task_il": "not applicable: every task has every class"}
+        return {"kind": "class-il", "num_tasks": len(self.task_classes), "classes_per_task": self.spec.classes_per_task}
+
     # ------------------------------------------------------------------ schedule
     def stages(self) -> List[Tuple[str, Tensor, Tensor]]:
+        """``(name, images, labels)`` per stage; for scenarios the labels' length is the number of items the
+        stage draws from (positions of the stream, or tasks x images in a joint domain-IL run)."""
+        if self.stream is not None:  # the stream's inputs, in stream order
+            x, y = self.train_sets[0]
+            return [("all tasks" if self.cfg.training_type == "joint" else "stream", x, y)]
         if self.cfg.training_type == "joint":
+            if self.domain is not None:
+                x, y = self.train_sets[0]
+                return [("all tasks", x, y.repeat(self.domain.num_tasks))]
             xs, ys = zip(*self.train_sets)
             return [("all tasks", torch.cat(xs), torch.cat(ys))]
         return [(f"task {t + 1}", x, y) for t, (x, y) in enumerate(self.train_sets)]
+
+    def _gather(self, stage: int, x: Tensor, y: Tensor) -> Optional[Callable[[Tensor], Tuple[Tensor, Tensor]]]:
+        """How a stage builds a batch from its order's indices: None for the plain ``x[idx], y[idx]``."""
+        domain = self.domain
+        if domain is None:
+            return None
+        if self.cfg.training_type == "joint":  # index i is image i % N under task i // N
+            n = len(x)
+            return lambda idx: (domain.transform(x[idx % n], idx // n), y[idx])
+        return lambda idx: (domain.transform(x[idx], stage), y[idx])
+
+    def _new_order(self, n: int) -> Tensor:
+        """A stage's order: shuffled, except the task-free stream, which is seen in its own order."""
+        if self.stream is not None and self.cfg.training_type != "joint":
+            return torch.arange(n)
+        return torch.randperm(n, generator=self.data_gen)
+
+    def _boundaries(self) -> Optional[Tuple[int, ...]]:
+        """Where the batches start, when they are not every batch_size items (the stream's own batches)."""
+        if self.stream is not None and self.cfg.training_type != "joint":
+            return self.stream.boundaries
+        return None
 
     def log(self, text: str) -> None:
         if self.main and not self.cfg.quiet:
@@ -276,12 +409,14 @@ class Experiment:
 
             while self.stage < len(stages):
                 name, x, y = stages[self.stage]
+                gather, boundaries = self._gather(self.stage, x, y), self._boundaries()
                 while self.epoch < self.cfg.num_epochs:  # type: ignore[operator]
                     if self.order is None:
-                        self.order = shard(
-                            torch.randperm(len(y), generator=self.data_gen), self.world.rank, self.world.size
-                        )
-                    bar = self.progress(-(-len(self.order) // self.cfg.batch_size), f"{name} epoch {self.epoch + 1}")  # type: ignore[operator]
+                        self.order = shard(self._new_order(len(y)), self.world.rank, self.world.size)
+                    num_batches = (
+                        len(boundaries) - 1 if boundaries else -(-len(self.order) // self.cfg.batch_size)  # type: ignore[operator]
+                    )
+                    bar = self.progress(num_batches, f"{name} epoch {self.epoch + 1}")
                     bar.update(self.next_batch)
                     t0 = time.perf_counter()
 
@@ -289,6 +424,11 @@ class Experiment:
                         nonlocal steps_done
                         steps_done += 1
                         bar.update()
+
+                    def log_step(loss_sum: Tensor, steps: int) -> None:
+                        lr = self.optimizer.param_groups[0]["lr"]
+                        values = {"step/loss": float(loss_sum) / steps, "step/lr": lr}
+                        self.logger.scalars(values, steps_done)
 
                     result = train_epoch(
                         self.model,
@@ -303,6 +443,10 @@ class Experiment:
                         self.data_gen,
                         should_stop,
                         on_step,
+                        gather=gather,
+                        boundaries=boundaries,
+                        log_every=self.cfg.log_interval if self.cfg.log else 0,
+                        log_step=log_step,
                     )
                     bar.close()
                     if not result.completed:
@@ -311,17 +455,15 @@ class Experiment:
                         self.save()
                         raise StopRequested(signals.received or signal.SIGTERM)
                     self.finish_epoch(name, result, time.perf_counter() - t0)
-                if self.synapse is not None:
+                if self.synapse is not None and self.stream is None:  # a task-free stream has no task ends
                     # The finished task's data, for methods that estimate something over it (EWC's
                     # Fisher); a generator, so the methods that ignore it cost nothing.
-                    self.synapse.end_task(named_batches(self._task_batches(x, y), "inputs"))
+                    self.synapse.end_task(named_batches(self._task_batches(x, y, gather), "inputs"))
                 cil, til, self.test_samples = self.evaluate()
                 self.accuracy["class_il"].append(cil)
                 self.accuracy["task_il"].append(til)
-                self.log(
-                    f"\nafter {name} (accuracy %):\n"
-                    + report.accuracy_table(self.accuracy, [f"task {t + 1}" for t in range(len(cil))])
-                )
+                self.log(f"\nafter {name} (accuracy %):\n" + self._accuracy_table(len(cil)))
+                self._log_task(steps_done)
                 self.stage, self.epoch = self.stage + 1, 0
                 self.elapsed = time.perf_counter() - started
                 self.save()
@@ -332,13 +474,55 @@ class Experiment:
         self.elapsed = time.perf_counter() - started
         return self.finish()
 
-    def _task_batches(self, x: Tensor, y: Tensor) -> Iterable[Tuple[Tensor, Tensor]]:
-        """This rank's share of a task's training data in batches of the run's size, without augmentation."""
+    def _log_task(self, step: int) -> None:
+        """After a task: its accuracy row, the averages, forgetting, and the memory's class histogram."""
+        if not self.cfg.log:
+            return
+        t = len(self.accuracy["class_il"])
+        values: Dict[str, float] = {}
+        for setting in ("class_il", "task_il") if self.task_il_applies else ("class_il",):
+            row = self.accuracy[setting][-1]
+            values.update({f"task/{setting}/task_{k + 1}": a for k, a in enumerate(row)})
+            values[f"task/{setting}/average"] = sum(row) / len(row)
+            if t > 1:
+                best = [max(r[k] for r in self.accuracy[setting][:-1]) for k in range(t - 1)]
+                values[f"task/{setting}/forgetting"] = sum(b - row[k] for k, b in enumerate(best)) / (t - 1)
+        self.logger.scalars(values, t)
+        counts = self._memory_class_counts()
+        if counts is not None:
+            self.logger.histogram("memory/classes", counts, t)
+
+    def _memory_class_counts(self) -> Optional[List[int]]:
+        """How many items of each class the method's memory holds (methods with a memory of targets)."""
+        buffer = getattr(self.synapse, "buffer", None)
+        if buffer is None or "targets" not in getattr(buffer, "names", ()) or len(buffer) == 0:
+            return None
+        targets = buffer.stored(["targets"])["targets"] if hasattr(buffer, "stored") else None
+        if targets is None:
+            return None
+        return torch.bincount(targets[: len(buffer)].long().cpu(), minlength=self.spec.num_classes).tolist()
+
+    def _task_batches(
+        self, x: Tensor, y: Tensor, gather: Optional[Callable[[Tensor], Tuple[Tensor, Tensor]]] = None
+    ) -> Iterable[Tuple[Tensor, Tensor]]:
+        """This rank's share of a task's training data in batches of the run's size, without augmentation
+        (transformed as the task sees it, for domain-IL scenarios)."""
         mine = shard(torch.arange(len(y), device=y.device), self.world.rank, self.world.size)
         step = self.cfg.batch_size or len(mine)
         for start in range(0, len(mine), step):
             idx = mine[start : start + step]
-            yield x[idx], y[idx]
+            yield (x[idx], y[idx]) if gather is None else gather(idx)
+
+    def _accuracy_table(self, num_tasks: int) -> str:
+        """The latest accuracy row per setting; Task-IL reads n/a where it does not apply."""
+        names = ["stream"] if self.stream is not None else [f"task {t + 1}" for t in range(num_tasks)]
+        table = report.accuracy_table(self.accuracy, names)
+        if self.task_il_applies:
+            return table
+        lines = table.splitlines()
+        width = max(7, *(len(n) for n in names)) + 1
+        lines = [line for line in lines if not line.startswith(report.LABELS["task_il"])]
+        return "\n".join([*lines, f"{report.LABELS['task_il']:<9}" + f"{'n/a':>{width}}" * (len(names) + 1)])
 
     def finish_epoch(self, name: str, result: Any, seconds: float) -> None:
         row: Dict[str, Any] = {
@@ -356,6 +540,10 @@ class Experiment:
             result = evaluate(self.model, [(val_x, val_y)], [all_classes], rank=self.world.rank, world=self.world.size)
             row["validation_accuracy"] = result.class_il[0]
         self.epoch_log.append(row)
+        self.logger.scalars(
+            {f"epoch/{k}": v for k, v in row.items() if k in ("train_loss", "train_accuracy", "validation_accuracy")},
+            len(self.epoch_log),
+        )
         val = f", validation accuracy {100 * row['validation_accuracy']:.2f}%" if "validation_accuracy" in row else ""
         self.log(
             f"{name} epoch {row['epoch']}: loss {row['train_loss']:.4f}, train accuracy "
@@ -397,12 +585,31 @@ class Experiment:
 
     def finish(self) -> Dict[str, Any]:
         summary = report.summarize(self.accuracy, self.untrained)
+        accuracy: Dict[str, Any] = dict(self.accuracy)
+        untrained: Optional[Dict[str, Any]] = None if self.untrained is None else dict(self.untrained)
+        if not self.task_il_applies:  # reported as null, not as the copy of Class-IL that evaluate() computes
+            accuracy["task_il"] = None
+            if untrained is not None:
+                untrained["task_il"] = None
+            for metric in summary.values():
+                metric["task_il"] = None
+        if self.stream is not None:  # one stream, no tasks: nothing to forget or transfer between tasks
+            for key in ("average_incremental_accuracy", "forgetting", "bwt", "fwt"):
+                summary[key]["class_il"] = None
+        head = None
+        if self._predictor() is not None:  # a method with its own predictor: its model's head, for comparison
+            cil, til, _ = evaluate(
+                self.model, self.test_sets, self.task_classes, rank=self.world.rank, world=self.world.size
+            )
+            head = {"class_il": sum(cil) / len(cil), "task_il": sum(til) / len(til) if self.task_il_applies else None}
         results = {
             "config": {**dataclasses.asdict(self.cfg), "world_size": self.world.size},
             "versions": {"synapse": synapse.__version__, "torch": torch.__version__},
+            "scenario": self.scenario_info(),
             "predictor": self.predictor_name,
-            "accuracy_matrix": self.accuracy,
-            "untrained_accuracy": self.untrained,
+            "head_average_accuracy": head,
+            "accuracy_matrix": accuracy,
+            "untrained_accuracy": untrained,
             **summary,
             "test_samples_per_task": self.test_samples,
             "wall_time_s": self.elapsed,
@@ -417,8 +624,14 @@ class Experiment:
             title = f"{self.cfg.dataset} / {self.cfg.training_type}" + (
                 f" / {self.cfg.synapse_type}" if self.cfg.training_type == "continual" else ""
             )
-            report.plot_accuracy(os.path.join(out, "accuracy_matrix.png"), self.accuracy, title)
+            if self.task_il_applies:  # the plot draws a Task-IL panel; scenario runs have none to draw
+                figure = os.path.join(out, "accuracy_matrix.png")
+                report.plot_accuracy(figure, self.accuracy, title)
+                self.logger.figure("accuracy_matrix", figure, len(self.accuracy["class_il"]))
             self.log(f"results written to {out}")
+        final = {f"final/{k}": v for k, v in summary["average_accuracy"].items() if v is not None}
+        self.logger.hparams({**dataclasses.asdict(self.cfg), "world_size": self.world.size}, final)
+        self.logger.close()
         return results
 
     # ------------------------------------------------------------------ checkpoints
