@@ -240,8 +240,10 @@ SEED_NOISE = 1.0  # allowance for "at least level"
 REGULARISERS = ("si", "ewc", "mas", "lwf")
 
 
-def check_orderings(table) -> List[str]:
-    """The findings as checks; returns the failures (empty when all hold)."""
+def check_orderings(table, single_seed: bool = False) -> List[str]:
+    """The findings as checks; returns the failures (empty when all hold). ``single_seed`` skips the one
+    comparison that one seed cannot settle: a regulariser's Task-IL against SGD's, whose seed-to-seed
+    spread (about 6 points) exceeds the margin."""
     failures = []
 
     def cil(method: str, buffer: Optional[int] = None) -> Optional[float]:
@@ -290,7 +292,12 @@ def check_orderings(table) -> List[str]:
         value, value_til = cil(method), til(method)
         if value is not None and sgd is not None and abs(value - sgd) > MARGIN_REGULARISER_NEAR_SGD:
             failures.append(f"{method}: Class-IL {value:.2f} not within {MARGIN_REGULARISER_NEAR_SGD} of SGD {sgd:.2f}")
-        if value_til is not None and sgd_til is not None and value_til < sgd_til + MARGIN_REGULARISER_TASK_IL:
+        if (
+            not single_seed
+            and value_til is not None
+            and sgd_til is not None
+            and value_til < sgd_til + MARGIN_REGULARISER_TASK_IL
+        ):
             failures.append(
                 f"{method}: Task-IL {value_til:.2f} not {MARGIN_REGULARISER_TASK_IL} above SGD's {sgd_til:.2f}"
             )

@@ -14,4 +14,4 @@ from reproduce import check_orderings, open_failures, run_all, summarize  # noqa
 def test_seq_mnist_protocol_orderings_on_fashion_mnist(fashion_tasks):
     table = summarize(run_all("fashion-mnist", seeds=[0], workers=2))
     # Every finding holds except the documented gaps (reproduce.KNOWN_GAPS, stated in REPRODUCIBILITY.md).
-    assert open_failures(check_orderings(table)) == []
+    assert open_failures(check_orderings(table, single_seed=True)) == []
