@@ -4,6 +4,7 @@ the reservoir policy (:class:`ReservoirBuffer`). The class-balanced and herding 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from bisect import bisect_left
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
@@ -47,7 +48,7 @@ def indices_on(indices: np.ndarray, device: torch.device) -> Tensor:
     return to_device(torch.from_numpy(np.ascontiguousarray(indices, dtype=np.int64)), device)
 
 
-class Buffer:
+class Buffer(ABC):
     """The interface every memory policy shares: named tensors in ``capacity`` rows allocated once.
 
     Each item is a row across a set of named tensors (for example ``inputs``, ``targets`` and
@@ -82,8 +83,9 @@ class Buffer:
         self._device: Optional[torch.device] = None
 
     # ------------------------------------------------------------------ inspection
+    @abstractmethod
     def __len__(self) -> int:
-        raise NotImplementedError
+        """The items stored (rows ``[0, len)``)."""
 
     @property
     def names(self) -> Tuple[str, ...]:
@@ -147,9 +149,9 @@ class Buffer:
                 )
 
     # ------------------------------------------------------------------ mutation
+    @abstractmethod
     def add(self, items: Mapping[str, Tensor], *, validate: bool = True) -> None:
         """Offer a batch to the memory (``validate=False`` skips a check the caller already made)."""
-        raise NotImplementedError
 
     @staticmethod
     def _write_host_rows(storage: np.ndarray, slots: List[int], values: np.ndarray, rows: List[int]) -> None:

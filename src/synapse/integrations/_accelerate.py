@@ -46,7 +46,7 @@ def accelerate_backward(
         **model_inputs: the batch's inputs, named as ``model.forward``'s parameters.
 
     Raises:
-        NotImplementedError: under DeepSpeed or Megatron-LM, whose engines own the backward pass.
+        ValueError: under DeepSpeed or Megatron-LM, whose engines own the backward pass (unsupported).
         ValueError: when the method's scaler is not ``accelerator.scaler`` (checked before anything changes).
 
     Example:
@@ -63,7 +63,7 @@ def accelerate_backward(
         raise TypeError(f"synapse must be a Synapse method, got {type(synapse).__name__}")
     kind = accelerator.distributed_type
     if kind in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
-        raise NotImplementedError(
+        raise ValueError(
             f"accelerate_backward does not support distributed_type={kind}: its engine runs the backward pass "
             "itself; use a plain or DDP (multi-GPU, multi-CPU) Accelerate configuration"
         )
