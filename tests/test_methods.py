@@ -83,6 +83,50 @@ def test_fused_and_unfused_replay_give_the_same_gradient():
             assert torch.allclose(a, b, atol=1e-6), method
 
 
+def _papers_replay_loss(method, model, sample, alpha, beta):
+    """The papers' replay terms on the rows a step replayed: ER (Chaudhry et al. 2019) and DER / DER++
+    (Buzzega et al. 2020, eqs. 4 and 6), with mean reductions as their authors' code."""
+    x = sample["input:input"]
+    if method == "er":
+        return alpha * F.cross_entropy(model(x), sample["targets"])
+    k = x.shape[0] // (2 if method == "der++" else 1)
+    loss = alpha * F.mse_loss(model(x[:k]), sample["logits"][:k])
+    if method == "der++":
+        loss = loss + beta * F.cross_entropy(model(x[k:]), sample["targets"][k:])
+    return loss
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("method", ["er", "der", "der++"])
+def test_every_step_is_the_papers_loss_on_the_rows_it_replayed(method, fused):
+    # Along a whole run, through filling and a full memory, each step's gradient equals the paper's loss on
+    # the very rows replayed (recorded as the method drew them), computed on a copy of the model taken before
+    # the step. A slip in which minibatch feeds which term, or in a term's weight, fails here.
+    torch.manual_seed(0)
+    model = mlp()
+    syn = ER(model, 24, 6, alpha=0.7, beta=0.4, method=method, fused=fused)
+    drawn = []
+    sample = syn._sample
+    syn._sample = lambda *a, **k: drawn.append(sample(*a, **k)) or drawn[-1]
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step, (x, y) in enumerate(batches(12)):
+        before = copy.deepcopy(model)
+        drawn.clear()
+        opt.zero_grad()
+        syn.backward(F.cross_entropy(model(x), y), y, input=x)
+        expected = F.cross_entropy(before(x), y)
+        if step > 0:
+            assert len(drawn) == 1
+            expected = expected + _papers_replay_loss(method, before, drawn[0], 0.7, 0.4)
+        else:
+            assert drawn == []  # nothing stored yet: nothing replayed
+        expected.backward()
+        for p, q in zip(model.parameters(), before.parameters()):
+            assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7), (method, step)
+        opt.step()
+    assert len(syn.buffer) == 24  # the run went past filling the memory
+
+
 def test_der_stores_the_users_own_logits_without_an_extra_forward():
     model = mlp()
     calls = []

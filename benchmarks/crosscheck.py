@@ -1,0 +1,406 @@
+"""Side-by-side checks of Synapse against plain re-implementations of the authors' updates.
+
+When a reproduction misses a paper's finding, the first question is whether the method or Synapse is to
+blame. Each check here runs Synapse through the CLI's experiment loop and, on the *same* data, model,
+initialisation and test set (taken from that loop's ``Experiment``), a plain PyTorch loop written from the
+authors' description of the update (mammoth's ``models/derpp.py`` and ``models/xder_ce.py``, read for the
+protocol, not copied): per-item reservoir insertion, numpy sampling, separate forwards, one loss summed
+and backpropagated. The two draw different random numbers, so they agree in distribution, not bit for
+bit; where runs diverge at the authors' learning rates, the count of diverged seeds is part of the result.
+
+Checks (``--checks``):
+
+- ``derpp-360``: DER++ on ``fashion-mnist-360`` at the authors' MNIST-360 values (buffer 500: lr 0.2,
+  minibatch 16, alpha 0.5, beta 1), one pass over the stream.
+- ``derpp-steps``: along that stream, every DER++ step's gradient against the authors' loss evaluated on
+  the very rows Synapse replayed (a copy of the model before the step): exact up to float rounding.
+- ``xder``: X-DER (``xder_ce``) on Seq-F-MNIST at the reproduction's values (``reproduce.BEST``).
+
+    python benchmarks/crosscheck.py                                   # all checks, seeds 0-9
+    python benchmarks/crosscheck.py --checks xder --seeds 0 1 2 --output -
+
+Output: ``REPRODUCIBILITY-crosscheck.md`` (generated; do not edit by hand).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+BENCHMARKS = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, BENCHMARKS)
+
+import protocols  # noqa: E402  (importing it registers the scenario datasets with reproduce)
+import reproduce  # noqa: E402
+from reproduce import ROOT, machine  # noqa: E402
+
+CHECKS = ("derpp-360", "derpp-steps", "xder")
+DERPP_360 = ("fashion-mnist-360", "der++", 500)
+XDER = ("fashion-mnist", "xder", 500)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _experiment(dataset: str, method: str, buffer: int, seed: int, continual: bool):
+    """The CLI's experiment for a row: with the method attached (``continual``), or the same data, model,
+    initialisation and optimizer with no method (``training_type='sequential'``), for a plain loop."""
+    import dataclasses
+
+    from synapse import catalog
+    from synapse.experiments.run import Experiment
+
+    hp = dict(reproduce.BEST[reproduce.PROTOCOL[dataset]][(method, buffer)])
+    run_settings = {k: hp.pop(k) for k in protocols.RUN_OVERRIDES if k in hp}
+    cfg = reproduce.config_for(dataset, method, buffer, seed, hp=hp, threads=1, **run_settings)
+    if not continual:
+        cfg = dataclasses.replace(cfg, training_type="sequential")
+    # The method's full hyperparameters (catalog defaults for those the row leaves out), plus the replay
+    # minibatch size, for the plain loops.
+    return Experiment(cfg), {**catalog.get(method).resolve(cfg.method_args), "mb": cfg.buffer_sample_size}
+
+
+class PlainReservoir:
+    """Reservoir sampling one item at a time (Vitter's algorithm R), replay minibatches drawn without
+    replacement by numpy: the authors' buffer, in the few lines a reader can check."""
+
+    def __init__(self, capacity: int, rng: Any) -> None:
+        self.capacity, self.rng = capacity, rng
+        self.empty()
+
+    def empty(self) -> None:
+        self.fields: Optional[Dict[str, Any]] = None
+        self.seen = 0
+
+    def __len__(self) -> int:
+        return min(self.seen, self.capacity)
+
+    def add(self, **items: Any) -> None:
+        import torch
+
+        if self.fields is None:
+            self.fields = {k: torch.zeros((self.capacity,) + v.shape[1:], dtype=v.dtype) for k, v in items.items()}
+        for j in range(len(next(iter(items.values())))):
+            slot = self.seen if self.seen < self.capacity else self.rng.randint(0, self.seen + 1)
+            if slot < self.capacity:
+                for k, v in items.items():
+                    self.fields[k][slot] = v[j]
+            self.seen += 1
+
+    def draw(self, k: int) -> Tuple[Any, Dict[str, Any]]:
+        import torch
+
+        assert self.fields is not None
+        idx = torch.from_numpy(self.rng.choice(len(self), size=min(k, len(self)), replace=False))
+        return idx, {name: v[idx] for name, v in self.fields.items()}
+
+
+def _final_accuracy(exp) -> float:
+    cil, _, _ = exp.evaluate()
+    return 100.0 * sum(cil) / len(cil)
+
+
+def _diverged(value: float, chance: float) -> bool:
+    return not math.isfinite(value) or abs(value - chance) < 1e-6
+
+
+# ------------------------------------------------------------------------------------ DER++ on the stream
+def plain_derpp_360(seed: int) -> float:
+    """The authors' DER++ step (models/derpp.py) over the stream: CE on the batch, plus alpha * MSE to the
+    stored logits of one minibatch, plus beta * CE on a second, independent one; then store the batch."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    exp, hp = _experiment(*DERPP_360, seed, continual=False)
+    model, opt = exp.model, exp.optimizer
+    _, x, y = exp.stages()[0]
+    bounds = exp.stream.boundaries
+    memory = PlainReservoir(DERPP_360[2], np.random.RandomState(seed))
+    for b in range(len(bounds) - 1):
+        xb, yb = x[bounds[b] : bounds[b + 1]], y[bounds[b] : bounds[b + 1]]
+        opt.zero_grad()
+        out = model(xb)
+        loss = F.cross_entropy(out, yb)
+        if len(memory):
+            _, first = memory.draw(hp["mb"])
+            loss = loss + hp["alpha"] * F.mse_loss(model(first["x"]), first["z"])
+            _, second = memory.draw(hp["mb"])
+            loss = loss + hp["beta"] * F.cross_entropy(model(second["x"]), second["y"])
+        loss.backward()
+        opt.step()
+        memory.add(x=xb, y=yb, z=out.detach())
+    return _final_accuracy(exp)
+
+
+def synapse_run(dataset: str, method: str, buffer: int, seed: int) -> float:
+    exp, _ = _experiment(dataset, method, buffer, seed, continual=True)
+    results = exp.run()
+    return 100.0 * float(results["average_accuracy"]["class_il"])
+
+
+def derpp_steps(seed: int = 1, steps: int = 3000) -> Tuple[int, float]:
+    """``(steps, worst relative gradient difference)``: Synapse's DER++ gradient at each step against the
+    authors' loss on the rows Synapse replayed, computed on a copy of the model taken before the step."""
+    import torch
+    import torch.nn.functional as F
+
+    exp, hp = _experiment(*DERPP_360, seed, continual=True)
+    model, opt, method = exp.model, exp.optimizer, exp.synapse
+    assert method is not None
+    _, x, y = exp.stages()[0]
+    bounds = exp.stream.boundaries
+    worst, done = 0.0, 0
+    for b in range(min(steps, len(bounds) - 1)):
+        xb, yb = x[bounds[b] : bounds[b + 1]], y[bounds[b] : bounds[b + 1]]
+        before = copy.deepcopy(model)
+        opt.zero_grad()
+        out = model(xb)  # fused replay rides along: the replayed rows are in the capture
+        replay = method._forward.replay
+        sample = None if replay is None else {k: v.clone() for k, v in replay.sample.items()}
+        method.backward(F.cross_entropy(out, yb), yb, inputs=xb)
+        reference = F.cross_entropy(before(xb), yb)
+        if sample is not None:
+            k = len(sample["targets"]) // 2
+            inputs = sample["input:inputs"]
+            reference = reference + hp["alpha"] * F.mse_loss(before(inputs[:k]), sample["logits"][:k].float())
+            reference = reference + hp["beta"] * F.cross_entropy(before(inputs[k:]), sample["targets"][k:])
+        reference.backward()
+        for p, q in zip(model.parameters(), before.parameters()):
+            assert p.grad is not None and q.grad is not None
+            scale = float(q.grad.abs().max()) or 1.0
+            worst = max(worst, float((p.grad - q.grad).abs().max()) / scale)
+        opt.step()
+        done += 1
+        if not torch.isfinite(out).all():
+            break
+    return done, worst
+
+
+# ------------------------------------------------------------------------------------------- X-DER
+def plain_xder_ce(seed: int) -> float:
+    """The authors' ``xder_ce`` (models/xder_ce.py) on Seq-F-MNIST, written from its description: present
+    and future heads' CE on the batch; DER's MSE on all heads and past heads' CE on two buffer minibatches;
+    the replayed past items' logits rewritten with probability 1/n (n: times drawn this task); the future
+    and past margin constraints; a reservoir during task 1 only; at each task end the memory cut to
+    floor(K / seen classes) per class (emptied after task 1), refilled with the task's items in equal
+    quotas (past heads damped), and the past items' logits rewritten on the task's own heads."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    exp, hp = _experiment(*XDER, seed, continual=False)
+    model, opt = exp.model, exp.optimizer
+    alpha, beta, gamma, eta, margin = (hp[k] for k in ("alpha", "beta", "gamma", "eta", "m"))
+    batch, mb, capacity = exp.cfg.batch_size, hp["mb"], XDER[2]
+    stages = exp.stages()
+    tasks, per_task = len(stages), len(exp.task_classes[0])
+    rng = np.random.RandomState(seed)
+    order_gen = torch.Generator().manual_seed(seed)
+    memory = PlainReservoir(capacity, rng)
+    drawn = torch.zeros(capacity)
+
+    def rewrite(old, new, labels, first_task: int, num_tasks: int):
+        """The memory update U: columns of tasks [first_task, first_task + num_tasks) take ``new``, scaled
+        by gamma * old[y] / max(new) where that max exceeds old[y]."""
+        old = old.clone()
+        cols = slice(first_task * per_task, (first_task + num_tasks) * per_task)
+        new = new[:, cols].clone()
+        true = old[torch.arange(len(labels)), labels]
+        top = new.max(1).values
+        scale = torch.where(top > true, gamma * true / top, torch.ones_like(top))
+        old[:, cols] = new * scale.unsqueeze(1)
+        return old
+
+    for t, (_, x, y) in enumerate(stages):
+        order = torch.randperm(len(y), generator=order_gen)
+        for s in range(0, len(y), batch):
+            idx = order[s : s + batch]
+            xb, yb = x[idx], y[idx]
+            opt.zero_grad()
+            out = model(xb)
+            loss = F.cross_entropy(out[:, t * per_task :], yb - t * per_task)
+            rows = None
+            if len(memory):
+                i1, m1 = memory.draw(mb)
+                o1 = model(m1["x"])
+                loss = loss + alpha * F.mse_loss(o1, m1["z"])
+                i2, m2 = memory.draw(mb)
+                o2 = model(m2["x"])
+                loss = loss + beta * F.cross_entropy(o2[:, : max(t, 1) * per_task], m2["y"])
+                slots, labels = torch.cat([i1, i2]), torch.cat([m1["y"], m2["y"]])
+                logits, outputs = torch.cat([m1["z"], m2["z"]]), torch.cat([o1, o2])
+                unique = torch.tensor([int(v) not in slots[:j].tolist() for j, v in enumerate(slots.tolist())])
+                slots, labels, logits, outputs = slots[unique], labels[unique], logits[unique], outputs[unique]
+                rows = (labels, outputs)
+                with torch.no_grad():
+                    past = labels // per_task < t
+                    drawn[slots[past]] += 1
+                    chosen = past.clone()
+                    chosen[past] = torch.rand(int(past.sum())) * drawn[slots[past]] < 1
+                    if chosen.any():
+                        memory.fields["z"][slots[chosen]] = rewrite(
+                            logits[chosen], outputs[chosen].detach(), labels[chosen], t, tasks - t
+                        )
+            if t > 0:  # past heads below the present one, in probability
+                probs = F.softmax(out[:, : (t + 1) * per_task], 1)
+                gap = probs[:, : t * per_task].max(1)[0].detach() + margin - probs[:, t * per_task :].max(1)[0]
+                if (gap > 0).any():
+                    loss = loss + eta * gap[gap > 0].mean()
+            if t < tasks - 1:  # future heads below each row's own task's head
+                bad, good = out[:, (t + 1) * per_task :], out[:, t * per_task : (t + 1) * per_task]
+                if rows is not None:
+                    labels, outputs = rows
+                    own = torch.stack(outputs.split(per_task, 1), 1)[torch.arange(len(labels)), labels // per_task]
+                    bad, good = torch.cat([bad, outputs[:, (t + 1) * per_task :]]), torch.cat([good, own])
+                gap = bad.max(1)[0] + margin - good.max(1)[0]
+                if (gap > 0).any():
+                    loss = loss + eta * gap[gap > 0].mean()
+            loss.backward()
+            opt.step()
+            if t == 0:
+                memory.add(x=xb, y=yb, z=out.detach())
+        with torch.no_grad():  # the task end
+            if t > 0:
+                keep = capacity // ((t + 1) * per_task)
+                held = {k: v[: len(memory)].clone() for k, v in memory.fields.items()}
+                memory.empty()
+                for c in held["y"].unique():
+                    mine = held["y"] == c
+                    memory.add(**{k: v[mine][:keep] for k, v in held.items()})
+            else:
+                memory.empty()
+            free = capacity - memory.seen
+            quota = torch.full((per_task,), free // per_task)
+            quota[torch.randperm(per_task)[: free - (free // per_task) * per_task]] += 1
+            order = torch.randperm(len(y), generator=order_gen)
+            for s in range(0, len(y), batch):
+                if (quota == 0).all():
+                    break
+                idx = order[s : s + batch]
+                xb, yb = x[idx], y[idx]
+                out = model(xb)
+                if t > 0:
+                    out = rewrite(out, out, yb, 0, t)
+                take = torch.zeros(len(yb), dtype=torch.bool)
+                for j, c in enumerate((yb % per_task).tolist()):
+                    if quota[c] > 0:
+                        take[j], quota[c] = True, quota[c] - 1
+                memory.add(x=xb[take], y=yb[take], z=out[take])
+            n = len(memory)
+            outputs = torch.cat([model(memory.fields["x"][i : i + batch]) for i in range(0, n, batch)])
+            past = memory.fields["y"][:n] // per_task < t
+            if past.any():
+                z = memory.fields["z"][:n]
+                z[past] = rewrite(z[past], outputs[past], memory.fields["y"][:n][past], t, 1)
+        drawn.zero_()
+    return _final_accuracy(exp)
+
+
+# ------------------------------------------------------------------------------------------- running
+def _job(job: Tuple[str, str, int]) -> Tuple[Tuple[str, str, int], Any]:
+    import torch
+
+    torch.set_num_threads(1)
+    check, who, seed = job
+    start = time.perf_counter()
+    if check == "derpp-steps":
+        value: Any = derpp_steps(seed)
+    elif who == "synapse":
+        value = synapse_run(*(DERPP_360 if check == "derpp-360" else XDER), seed)
+    else:
+        value = (plain_derpp_360 if check == "derpp-360" else plain_xder_ce)(seed)
+    return job, (value, time.perf_counter() - start)
+
+
+def _summary(values: List[float], chance: float) -> str:
+    ok = [v for v in values if not _diverged(v, chance)]
+    mean = f"{statistics.mean(ok):.2f} ± {statistics.stdev(ok):.2f}" if len(ok) > 1 else "-"
+    return f"{statistics.mean(values):.2f} | {mean} | {len(values) - len(ok)} of {len(values)}"
+
+
+def render(results: Dict[Tuple[str, str, int], Any], seeds: List[int], checks: List[str], wall: float) -> str:
+    lines = [
+        "# Cross-checks: Synapse against plain re-implementations of the authors' updates",
+        "",
+        "Generated by `benchmarks/crosscheck.py`; do not edit by hand. What each plain loop does is in that",
+        "file's docstrings: the same data, model, initialisation and test set as Synapse's run, a different",
+        "random stream. Accuracies are the final Class-IL average, in %.",
+        "",
+        f"- Command: `python benchmarks/crosscheck.py --checks {' '.join(checks)} --seeds {' '.join(map(str, seeds))}`",
+        f"- Machine: {machine()}; one thread per run, two runs at a time; total wall time {wall / 60:.1f} min",
+        "",
+    ]
+    titles = {
+        "derpp-360": "DER++ on fashion-mnist-360, buffer 500 (the authors' MNIST-360 values)",
+        "xder": "X-DER (xder_ce) on Seq-F-MNIST, buffer 500 (the reproduction's values)",
+    }
+    chance = {"derpp-360": 100.0 / 9, "xder": 10.0}
+    for check in checks:
+        if check == "derpp-steps":
+            done, worst = results[(check, "synapse", seeds[0])][0]
+            lines += [
+                "## DER++ step by step on fashion-mnist-360",
+                "",
+                f"Seed {seeds[0]}, {done} steps: the largest difference between Synapse's gradient and the authors' "
+                f"loss on the rows Synapse replayed, relative to the gradient's largest entry: {worst:.1e}.",
+                "",
+            ]
+            continue
+        syn = [results[(check, "synapse", s)][0] for s in seeds]
+        plain = [results[(check, "plain", s)][0] for s in seeds]
+        lines += [f"## {titles[check]}", "", "| seed | Synapse | plain |", "|---|---|---|"]
+        lines += [f"| {s} | {a:.2f} | {b:.2f} |" for s, a, b in zip(seeds, syn, plain)]
+        lines += [
+            "",
+            "| | mean over seeds | mean ± std of the runs that did not diverge | diverged |",
+            "|---|---|---|---|",
+            f"| Synapse | {_summary(syn, chance[check])} |",
+            f"| plain | {_summary(plain, chance[check])} |",
+            "",
+            "Diverged: the loss became NaN and the model predicts one class (chance accuracy).",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checks", nargs="+", choices=CHECKS, default=list(CHECKS))
+    p.add_argument("--seeds", nargs="+", type=int, default=list(range(10)))
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--output", default=os.path.join(ROOT, "REPRODUCIBILITY-crosscheck.md"), help="'-': stdout")
+    args = p.parse_args()
+    jobs = []
+    for check in args.checks:
+        if check == "derpp-steps":
+            jobs.append((check, "synapse", args.seeds[0]))
+        else:
+            jobs += [(check, who, s) for s in args.seeds for who in ("synapse", "plain")]
+    start = time.perf_counter()
+    results: Dict[Tuple[str, str, int], Any] = {}
+    run: Callable = map
+    pool = mp.get_context("spawn").Pool(args.workers) if args.workers > 1 else None
+    if pool is not None:
+        run = pool.imap_unordered
+    for job, (value, seconds) in run(_job, jobs):
+        results[job] = (value, seconds)
+        print(f"{job}: {value} ({seconds:.0f} s)", flush=True)
+    if pool is not None:
+        pool.close()
+    text = render(results, args.seeds, args.checks, time.perf_counter() - start)
+    if args.output == "-":
+        print(text)
+    else:
+        with open(args.output, "w") as f:
+            f.write(text + "\n")
+        print(f"written to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
