@@ -15,8 +15,10 @@ Checks (``--checks``):
 - ``derpp-steps``: along that stream, every DER++ step's gradient against the authors' loss evaluated on
   the very rows Synapse replayed (a copy of the model before the step): exact up to float rounding.
 - ``xder``: X-DER (``xder_ce``) on Seq-F-MNIST at the reproduction's values (``reproduce.BEST``).
+- ``mir-200``, ``mir-500``: MIR against ER run at MIR's own learning rate and replay minibatch (both
+  Synapse): the only difference is the retrieval.
 
-    python benchmarks/crosscheck.py                                   # all checks, seeds 0-9
+    python benchmarks/crosscheck.py --cache runs.jsonl                # all checks, each at its own seeds
     python benchmarks/crosscheck.py --checks xder --seeds 0 1 2 --output -
 
 Output: ``REPRODUCIBILITY-crosscheck.md`` (generated; do not edit by hand).
@@ -26,13 +28,15 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import multiprocessing as mp
 import os
 import statistics
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from functools import partial
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 BENCHMARKS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCHMARKS)
@@ -41,7 +45,6 @@ import protocols  # noqa: E402  (importing it registers the scenario datasets wi
 import reproduce  # noqa: E402
 from reproduce import ROOT, machine  # noqa: E402
 
-CHECKS = ("derpp-360", "derpp-steps", "xder")
 DERPP_360 = ("fashion-mnist-360", "der++", 500)
 XDER = ("fashion-mnist", "xder", 500)
 
@@ -100,9 +103,20 @@ class PlainReservoir:
         return idx, {name: v[idx] for name, v in self.fields.items()}
 
 
-def _final_accuracy(exp) -> float:
+Outcome = Dict[str, Any]  # {"final": final Class-IL average, "diagonal": each task's accuracy right after it}
+
+
+def _outcome(matrix: List[List[float]]) -> Outcome:
+    """A run's outcome from its Class-IL accuracy matrix (row ``i``: every task's accuracy after task ``i``)."""
+    return {
+        "final": 100.0 * sum(matrix[-1]) / len(matrix[-1]),
+        "diagonal": [100.0 * r[i] for i, r in enumerate(matrix)],
+    }
+
+
+def _evaluate(exp, matrix: List[List[float]]) -> List[List[float]]:
     cil, _, _ = exp.evaluate()
-    return 100.0 * sum(cil) / len(cil)
+    return matrix + [cil]
 
 
 def _diverged(value: float, chance: float) -> bool:
@@ -110,7 +124,7 @@ def _diverged(value: float, chance: float) -> bool:
 
 
 # ------------------------------------------------------------------------------------ DER++ on the stream
-def plain_derpp_360(seed: int) -> float:
+def plain_derpp_360(seed: int) -> Outcome:
     """The authors' DER++ step (models/derpp.py) over the stream: CE on the batch, plus alpha * MSE to the
     stored logits of one minibatch, plus beta * CE on a second, independent one; then store the batch."""
     import numpy as np
@@ -134,16 +148,15 @@ def plain_derpp_360(seed: int) -> float:
         loss.backward()
         opt.step()
         memory.add(x=xb, y=yb, z=out.detach())
-    return _final_accuracy(exp)
+    return _outcome(_evaluate(exp, []))
 
 
-def synapse_run(dataset: str, method: str, buffer: int, seed: int) -> float:
+def synapse_run(dataset: str, method: str, buffer: int, seed: int) -> Outcome:
     exp, _ = _experiment(dataset, method, buffer, seed, continual=True)
-    results = exp.run()
-    return 100.0 * float(results["average_accuracy"]["class_il"])
+    return _outcome(exp.run()["accuracy_matrix"]["class_il"])
 
 
-def derpp_steps(seed: int = 1, steps: int = 3000) -> Tuple[int, float]:
+def derpp_steps(seed: int, steps: Optional[int] = None) -> Tuple[int, float]:
     """``(steps, worst relative gradient difference)``: Synapse's DER++ gradient at each step against the
     authors' loss on the rows Synapse replayed, computed on a copy of the model taken before the step."""
     import torch
@@ -155,7 +168,7 @@ def derpp_steps(seed: int = 1, steps: int = 3000) -> Tuple[int, float]:
     _, x, y = exp.stages()[0]
     bounds = exp.stream.boundaries
     worst, done = 0.0, 0
-    for b in range(min(steps, len(bounds) - 1)):
+    for b in range(len(bounds) - 1 if steps is None else min(steps, len(bounds) - 1)):
         xb, yb = x[bounds[b] : bounds[b + 1]], y[bounds[b] : bounds[b + 1]]
         before = copy.deepcopy(model)
         opt.zero_grad()
@@ -182,7 +195,7 @@ def derpp_steps(seed: int = 1, steps: int = 3000) -> Tuple[int, float]:
 
 
 # ------------------------------------------------------------------------------------------- X-DER
-def plain_xder_ce(seed: int) -> float:
+def plain_xder_ce(seed: int) -> Outcome:
     """The authors' ``xder_ce`` (models/xder_ce.py) on Seq-F-MNIST, written from its description: present
     and future heads' CE on the batch; DER's MSE on all heads and past heads' CE on two buffer minibatches;
     the replayed past items' logits rewritten with probability 1/n (n: times drawn this task); the future
@@ -203,6 +216,7 @@ def plain_xder_ce(seed: int) -> float:
     order_gen = torch.Generator().manual_seed(seed)
     memory = PlainReservoir(capacity, rng)
     drawn = torch.zeros(capacity)
+    matrix: List[List[float]] = []
 
     def rewrite(old, new, labels, first_task: int, num_tasks: int):
         """The memory update U: columns of tasks [first_task, first_task + num_tasks) take ``new``, scaled
@@ -298,23 +312,78 @@ def plain_xder_ce(seed: int) -> float:
                 z = memory.fields["z"][:n]
                 z[past] = rewrite(z[past], outputs[past], memory.fields["y"][:n][past], t, 1)
         drawn.zero_()
-    return _final_accuracy(exp)
+        matrix = _evaluate(exp, matrix)
+    return _outcome(matrix)
+
+
+# ------------------------------------------------------------------------------------------- MIR
+def mir_run(buffer: int, seed: int) -> Outcome:
+    return synapse_run("fashion-mnist", "mir", buffer, seed)
+
+
+def er_with_mir_settings(buffer: int, seed: int) -> Outcome:
+    """ER with MIR's row's learning rate and replay minibatch (MIR is ER plus its retrieval; ER's own row
+    uses the DER authors' ER values): the same step with random replay."""
+    from synapse.experiments.run import Experiment
+
+    mir = reproduce.BEST["seq-mnist"][("mir", buffer)]
+    hp = {"lr": mir["lr"], "mb": mir["mb"], "alpha": 1.0}
+    cfg = reproduce.config_for("fashion-mnist", "er", buffer, seed, hp=hp, threads=1)
+    return _outcome(Experiment(cfg).run()["accuracy_matrix"]["class_il"])
 
 
 # ------------------------------------------------------------------------------------------- running
-def _job(job: Tuple[str, str, int]) -> Tuple[Tuple[str, str, int], Any]:
+class Pair(NamedTuple):
+    """A side-by-side check: two runners, ``fn(seed) -> final Class-IL %``, under their column labels."""
+
+    title: str
+    chance: float  # accuracy of a model that predicts one class: a diverged run
+    first: Tuple[str, Callable[[int], Outcome]]
+    second: Tuple[str, Callable[[int], Outcome]]
+    note: str = ""
+    diagonal: bool = False  # also report each task's accuracy right after it was trained
+    seeds: Tuple[int, ...] = tuple(range(10))  # unless --seeds says otherwise
+
+
+PAIRS: Dict[str, Pair] = {
+    "derpp-360": Pair(
+        "DER++ on fashion-mnist-360, buffer 500 (the authors' MNIST-360 values)",
+        100.0 / 9,
+        ("Synapse", partial(synapse_run, *DERPP_360)),
+        ("plain", plain_derpp_360),
+    ),
+    "xder": Pair(
+        "X-DER (xder_ce) on Seq-F-MNIST, buffer 500 (the reproduction's values)",
+        10.0,
+        ("Synapse", partial(synapse_run, *XDER)),
+        ("plain", plain_xder_ce),
+        diagonal=True,
+    ),
+    **{
+        f"mir-{b}": Pair(
+            f"MIR against ER at MIR's settings on Seq-F-MNIST, buffer {b}",
+            10.0,
+            ("MIR", partial(mir_run, b)),
+            ("ER, MIR's lr and minibatch", partial(er_with_mir_settings, b)),
+            "Both are Synapse; the only difference is MIR's retrieval, so this isolates what it adds.",
+            seeds=tuple(range(5)),
+        )
+        for b in (200, 500)
+    },
+}
+CHECKS = ("derpp-steps", *PAIRS)
+Job = Tuple[str, int, int]  # (check, side: 0 or 1, seed)
+STEPS_SEED = 1  # the step-by-step check follows one run; at seed 0 the authors' lr makes DER++ diverge early
+
+
+def _job(job: Job) -> Tuple[Job, Any, float]:
     import torch
 
     torch.set_num_threads(1)
-    check, who, seed = job
+    check, side, seed = job
     start = time.perf_counter()
-    if check == "derpp-steps":
-        value: Any = derpp_steps(seed)
-    elif who == "synapse":
-        value = synapse_run(*(DERPP_360 if check == "derpp-360" else XDER), seed)
-    else:
-        value = (plain_derpp_360 if check == "derpp-360" else plain_xder_ce)(seed)
-    return job, (value, time.perf_counter() - start)
+    value = derpp_steps(seed) if check == "derpp-steps" else PAIRS[check][2 + side][1](seed)
+    return job, value, time.perf_counter() - start
 
 
 def _summary(values: List[float], chance: float) -> str:
@@ -323,7 +392,8 @@ def _summary(values: List[float], chance: float) -> str:
     return f"{statistics.mean(values):.2f} | {mean} | {len(values) - len(ok)} of {len(values)}"
 
 
-def render(results: Dict[Tuple[str, str, int], Any], seeds: List[int], checks: List[str], wall: float) -> str:
+def render(results: Dict[Job, Any], seeds: Optional[List[int]], checks: List[str], wall: Optional[float]) -> str:
+    took = "not recorded (some runs came from the cache)" if wall is None else f"{wall / 60:.1f} min"
     lines = [
         "# Cross-checks: Synapse against plain re-implementations of the authors' updates",
         "",
@@ -331,68 +401,91 @@ def render(results: Dict[Tuple[str, str, int], Any], seeds: List[int], checks: L
         "file's docstrings: the same data, model, initialisation and test set as Synapse's run, a different",
         "random stream. Accuracies are the final Class-IL average, in %.",
         "",
-        f"- Command: `python benchmarks/crosscheck.py --checks {' '.join(checks)} --seeds {' '.join(map(str, seeds))}`",
-        f"- Machine: {machine()}; one thread per run, two runs at a time; total wall time {wall / 60:.1f} min",
+        f"- Command: `python benchmarks/crosscheck.py --checks {' '.join(checks)}"
+        + (f" --seeds {' '.join(map(str, seeds))}`" if seeds else "`"),
+        f"- Machine: {machine()}; one thread per run; total wall time {took}",
         "",
     ]
-    titles = {
-        "derpp-360": "DER++ on fashion-mnist-360, buffer 500 (the authors' MNIST-360 values)",
-        "xder": "X-DER (xder_ce) on Seq-F-MNIST, buffer 500 (the reproduction's values)",
-    }
-    chance = {"derpp-360": 100.0 / 9, "xder": 10.0}
     for check in checks:
         if check == "derpp-steps":
-            done, worst = results[(check, "synapse", seeds[0])][0]
+            done, worst = results[(check, 0, STEPS_SEED)]
             lines += [
                 "## DER++ step by step on fashion-mnist-360",
                 "",
-                f"Seed {seeds[0]}, {done} steps: the largest difference between Synapse's gradient and the authors' "
+                f"Seed {STEPS_SEED}, {done} steps: the largest difference between Synapse's gradient and the authors' "
                 f"loss on the rows Synapse replayed, relative to the gradient's largest entry: {worst:.1e}.",
                 "",
             ]
             continue
-        syn = [results[(check, "synapse", s)][0] for s in seeds]
-        plain = [results[(check, "plain", s)][0] for s in seeds]
-        lines += [f"## {titles[check]}", "", "| seed | Synapse | plain |", "|---|---|---|"]
-        lines += [f"| {s} | {a:.2f} | {b:.2f} |" for s, a, b in zip(seeds, syn, plain)]
+        pair = PAIRS[check]
+        these = seeds or list(pair.seeds)
+        runs = [[results[(check, side, s)] for s in these] for side in (0, 1)]
+        a, b = ([r["final"] for r in side] for side in runs)
+        lines += [f"## {pair.title}", ""] + ([pair.note, ""] if pair.note else [])
+        lines += [f"| seed | {pair.first[0]} | {pair.second[0]} |", "|---|---|---|"]
+        lines += [f"| {s} | {x:.2f} | {y:.2f} |" for s, x, y in zip(these, a, b)]
         lines += [
             "",
             "| | mean over seeds | mean ± std of the runs that did not diverge | diverged |",
             "|---|---|---|---|",
-            f"| Synapse | {_summary(syn, chance[check])} |",
-            f"| plain | {_summary(plain, chance[check])} |",
-            "",
-            "Diverged: the loss became NaN and the model predicts one class (chance accuracy).",
+            f"| {pair.first[0]} | {_summary(a, pair.chance)} |",
+            f"| {pair.second[0]} | {_summary(b, pair.chance)} |",
             "",
         ]
+        if pair.diagonal:
+            tasks = len(runs[0][0]["diagonal"])
+            lines += [
+                "Each task's accuracy right after it was trained (Class-IL, mean over seeds):",
+                "",
+                "| | " + " | ".join(f"task {t + 1}" for t in range(tasks)) + " |",
+                "|---|" + "---|" * tasks,
+            ]
+            for (label, _), side in zip((pair.first, pair.second), runs):
+                means = [statistics.mean(r["diagonal"][t] for r in side) for t in range(tasks)]
+                lines.append(f"| {label} | " + " | ".join(f"{m:.1f}" for m in means) + " |")
+            lines.append("")
+    lines.append("Diverged: the loss became NaN and the model predicts one class (chance accuracy).")
     return "\n".join(lines)
+
+
+def _load_cache(path: Optional[str]) -> Dict[Job, Any]:
+    done: Dict[Job, Any] = {}
+    if path and os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                r = json.loads(line)
+                done[(r["check"], r["side"], r["seed"])] = r["value"]
+    return done
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checks", nargs="+", choices=CHECKS, default=list(CHECKS))
-    p.add_argument("--seeds", nargs="+", type=int, default=list(range(10)))
+    p.add_argument("--seeds", nargs="+", type=int, default=None, help="default: each check's own (10 or 5)")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--cache", default=None, help="JSON lines: finished runs are kept here and not run again")
     p.add_argument("--output", default=os.path.join(ROOT, "REPRODUCIBILITY-crosscheck.md"), help="'-': stdout")
     args = p.parse_args()
-    jobs = []
+    jobs: List[Job] = []
     for check in args.checks:
-        if check == "derpp-steps":
-            jobs.append((check, "synapse", args.seeds[0]))
-        else:
-            jobs += [(check, who, s) for s in args.seeds for who in ("synapse", "plain")]
+        sides = (0,) if check == "derpp-steps" else (0, 1)
+        seeds = (STEPS_SEED,) if check == "derpp-steps" else args.seeds or PAIRS[check].seeds
+        jobs += [(check, side, s) for s in seeds for side in sides]
+    results = _load_cache(args.cache)
+    todo = [j for j in jobs if j not in results]
     start = time.perf_counter()
-    results: Dict[Tuple[str, str, int], Any] = {}
-    run: Callable = map
-    pool = mp.get_context("spawn").Pool(args.workers) if args.workers > 1 else None
-    if pool is not None:
-        run = pool.imap_unordered
-    for job, (value, seconds) in run(_job, jobs):
-        results[job] = (value, seconds)
+    pool = mp.get_context("spawn").Pool(args.workers) if args.workers > 1 and len(todo) > 1 else None
+    run: Callable = map if pool is None else pool.imap_unordered
+    for job, value, seconds in run(_job, todo):
+        results[job] = value
         print(f"{job}: {value} ({seconds:.0f} s)", flush=True)
+        if args.cache:
+            with open(args.cache, "a") as f:
+                f.write(json.dumps({"check": job[0], "side": job[1], "seed": job[2], "value": value}) + "\n")
     if pool is not None:
         pool.close()
-    text = render(results, args.seeds, args.checks, time.perf_counter() - start)
+    wall = time.perf_counter() - start if len(todo) == len(jobs) else None
+    text = render(results, args.seeds, args.checks, wall)
     if args.output == "-":
         print(text)
     else:
