@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 README = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "README.md"))
@@ -82,14 +83,20 @@ class ReferenceStyleDERpp:
             self.seen += 1
 
 
+MIR_CANDIDATES, MIR_VIRTUAL_LR = 50, 0.1  # the catalog's defaults for MIR, which its row runs with
+
+
 class Floor:
     """The irreducible work of a method, hand-written without any of a library's bookkeeping: no input
     validation, no reservoir insertion, no hooks; replay indices drawn with replacement in advance from a
     buffer of random items. What a method costs above its floor is what Synapse adds.
 
     ``kind``: ``'er'``, ``'der'``, ``'der++'`` (fused: the replay rows ride in the user's forward, one
-    backward), ``'agem'`` (a reference gradient, flat copies, the projection) or ``'si'`` (its six passes
-    over the parameters: snapshot, change, path integral, penalty, add to the gradients, keep them).
+    backward), ``'agem'`` (a reference gradient, flat copies, the projection), ``'si'`` (its six passes
+    over the parameters: snapshot, change, path integral, penalty, add to the gradients, keep them) or
+    ``'mir'`` (the virtual step's gradient, ``theta - lr g``, the candidates' forwards with ``theta`` and
+    with it, top-k, the chosen rows' forward, one backward: MIR's real work, with the catalog's 50
+    candidates and virtual lr 0.1).
     Backward passes use Synapse's seeded backward, the cheapest way into autograd this code knows.
     """
 
@@ -106,13 +113,13 @@ class Floor:
         self.x = torch.randint(0, 256, (size, *item), generator=g, dtype=torch.uint8).to(device)
         self.y = torch.randint(0, classes, (size,), generator=g).to(device)
         self.z = torch.randn(size, classes, generator=g).to(device)
-        rows = 2 if kind == "der++" else 1
-        self.blocks = torch.randint(0, size, (64, rows * minibatch), generator=g).to(device).unbind(0)
+        rows = {"der++": 2 * minibatch, "mir": MIR_CANDIDATES}.get(kind, minibatch)
+        self.blocks = torch.randint(0, size, (64, rows), generator=g).to(device).unbind(0)
         self.k, self.step = minibatch, 0
         self.spaces = {n: FlatSpace(self.params) for n in ("a", "b", "c", "d", "e", "f", "g")}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind in ("agem", "si"):
+        if self.kind in ("agem", "si", "mir"):
             return self.model(x)
         self.idx = self.blocks[self.step % len(self.blocks)]
         self.step += 1
@@ -151,6 +158,20 @@ class Floor:
         project_conflicting_(current.flat, reference.flat)
         torch._foreach_copy_(grads, current.views)
 
+    def _mir(self, loss: torch.Tensor, inputs: torch.Tensor) -> None:
+        idx = self.blocks[self.step % len(self.blocks)]
+        self.step += 1
+        x, y = self.x.index_select(0, idx), self.y.index_select(0, idx)
+        grads = torch.autograd.grad(loss, self.params, self.one, retain_graph=True)  # the loss backs up again
+        with torch.no_grad():
+            virtual = torch._foreach_add(self.params, grads, alpha=-MIR_VIRTUAL_LR)
+            names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+            before = F.cross_entropy(self.model(x), y, reduction="none")
+            after = F.cross_entropy(functional_call(self.model, dict(zip(names, virtual)), (x,)), y, reduction="none")
+            top = (after - before).topk(self.k).indices
+        replayed = F.cross_entropy(self.model(x.index_select(0, top)), y.index_select(0, top))
+        seeded_backward((loss, replayed), (self.one, self.one))
+
     def _si(self, loss: torch.Tensor, inputs: torch.Tensor) -> None:
         s = self.spaces
         torch._foreach_copy_(s["a"].views, [p.detach() for p in self.params])  # theta
@@ -184,6 +205,7 @@ def make_variants(
         "floor: DER++": lambda m: Floor(m, "der++", buffer_size, mb, alpha, beta, item),
         "floor: A-GEM": lambda m: Floor(m, "agem", buffer_size, mb, alpha, beta, item),
         "floor: SI": lambda m: Floor(m, "si", buffer_size, mb, alpha, beta, item),
+        "floor: MIR": lambda m: Floor(m, "mir", buffer_size, mb, alpha, beta, item),
         **catalog_variants(buffer_size, mb),
     }
 
@@ -243,9 +265,21 @@ class Runner:
             self.method.backward(loss, y, inputs=x)
         self.opt.step()
 
-    def end_task(self) -> None:
+    def end_task(self, batches: int = 16) -> None:
         if isinstance(self.method, synapse.Synapse):
-            self.method.end_task([(y, {"inputs": x}) for x, y in self.pool[:16]])
+            self.method.end_task([(y, {"inputs": x}) for x, y in self.pool[:batches]])
+
+    def timed_task_ends(self, repeats: int) -> List[float]:
+        """Seconds of ``repeats`` successive task ends, each with the whole pool as the finished task's data."""
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        times = []
+        for _ in range(repeats):
+            sync()
+            t0 = time.perf_counter()
+            self.end_task(len(self.pool))
+            sync()
+            times.append(time.perf_counter() - t0)
+        return times
 
     def timed(self, steps: int) -> List[float]:
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
@@ -308,8 +342,24 @@ def render(result: Mapping[str, Any]) -> List[str]:
         if recorded and recorded not in header:  # results written by hand or by an older version
             header += f", {recorded}"
     lines = [f"{header}:", "", *table_lines(result["rows"])]
+    if result.get("task_end"):
+        lines += ["", *task_end_lines(result["task_end"])]
     if result.get("end_to_end"):
         lines += ["", *end_to_end_lines(result["end_to_end"])]
+    return lines
+
+
+def task_end_lines(task_end: Mapping[str, Any]) -> List[str]:
+    """The task-end table: each method's ``end_task`` on a task of ``items`` items, in ms and in plain steps."""
+    lines = [
+        f"Task ends (`end_task` with the finished task's {task_end['items']} items; median of three successive "
+        "ones; methods with nothing to do at a task end take microseconds):",
+        "",
+        "| method                   |   ms/end | plain steps |",
+        "|--------------------------|----------|-------------|",
+    ]
+    for r in task_end["rows"]:
+        lines.append(f"| {r['variant']:<24} | {r['median_ms']:8.2f} | {r['plain_steps']:11.0f} |")
     return lines
 
 
@@ -469,6 +519,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     for name, t in times.items():
         med = statistics.median(t)
         rows.append({"variant": name, "median_ms": 1000 * med, "ratio_to_plain": med / plain})
+    # Task ends, after the step timings (they change the methods' state): the median of three successive
+    # ones, each handed the pool's batches as the finished task's data.
+    task_ends = []
+    for r in runners:
+        if isinstance(r.method, synapse.Synapse):
+            med = statistics.median(r.timed_task_ends(3))
+            task_ends.append({"variant": r.name, "median_ms": 1000 * med, "plain_steps": med / plain})
     device_name = (
         torch.cuda.get_device_name(device)
         if gpu
@@ -493,9 +550,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         "torch": torch.__version__,
         "synapse": synapse.__version__,
         "rows": rows,
+        "task_end": {"items": len(runners[0].pool) * batch, "rows": task_ends},
     }
     print(header)
     print("\n".join(table_lines(rows)))
+    print("\n".join(task_end_lines(result["task_end"])))
     if args.e2e:
         result["end_to_end"] = end_to_end(args.e2e_seeds)
     if args.readme:

@@ -20,12 +20,26 @@ def test_step_overhead_runs_every_variant(tmp_path):
     out = tmp_path / "overhead.json"
     args = ["--steps", "3", "--rounds", "1", "--warmup", "2", "--buffer_size", "30", "--json", str(out)]
     subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "step_overhead.py"), *args], check=True)
-    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    result = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in result["rows"]}
     expected = {"plain", "ER (fused)", "DER++ (unfused)", "A-GEM", "SI", "DER++ reference-style"}
-    expected |= {f"floor: {m}" for m in ("ER", "DER", "DER++", "A-GEM", "SI")}
+    expected |= {f"floor: {m}" for m in ("ER", "DER", "DER++", "A-GEM", "SI", "MIR")}
     assert expected <= rows.keys()
     assert all(r["median_ms"] > 0 for r in rows.values())
     assert rows["plain"]["ratio_to_plain"] == 1.0
+    # Every method's task end is timed too (floors and the reference-style DER++ have none).
+    ends = {r["variant"]: r for r in result["task_end"]["rows"]}
+    from synapse import catalog
+
+    assert {"gdumb", "icarl", "ewc", "ER (fused)", "SI"} <= ends.keys() and set(catalog.names()) - ends.keys() <= {
+        "er",
+        "der",
+        "der++",
+        "agem",
+        "si",
+    }
+    assert not any(name.startswith("floor") for name in ends)
+    assert all(r["median_ms"] > 0 for r in ends.values())
 
 
 def saved(tmp_path, name="result.json", **fields):
