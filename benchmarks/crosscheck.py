@@ -15,6 +15,7 @@ Checks (``--checks``):
 - ``derpp-steps``: along that stream, every DER++ step's gradient against the authors' loss evaluated on
   the very rows Synapse replayed (a copy of the model before the step): exact up to float rounding.
 - ``xder``: X-DER (``xder_ce``) on Seq-F-MNIST at the reproduction's values (``reproduce.BEST``).
+- ``gem-qp``: GEM on P-MNIST, every 7th dual QP Synapse solves compared with scipy's solution.
 - ``mir-200``, ``mir-500``: MIR against ER run at MIR's own learning rate and replay minibatch (both
   Synapse): the only difference is the retrieval.
 
@@ -194,6 +195,49 @@ def derpp_steps(seed: int, steps: Optional[int] = None) -> Tuple[int, float]:
     return done, worst
 
 
+# ------------------------------------------------------------------------------------------- GEM
+def gem_qp_along_pmnist(seed: int, every: int = 7) -> Dict[str, Any]:
+    """GEM on P-MNIST (buffer 200, the authors' values), with every ``every``-th dual QP that Synapse solves
+    also solved by scipy's L-BFGS-B (bounds ``v >= margin``, tolerances at machine precision): per number
+    of constraints ``t``, how many were compared, the worst relative objective excess of Synapse's
+    solution over scipy's (negative: Synapse's is lower), and the largest ``v`` seen. Also the run's
+    accuracy right after each task, and its final average."""
+    import numpy as np
+    from scipy.optimize import minimize
+
+    import synapse.functional.projection as projection
+
+    solve, calls = projection.gem_dual, [0]
+    stats: Dict[int, List[float]] = {}
+
+    def checked(gram, dots, margin=0.0, **kwargs):
+        v = solve(gram, dots, margin, **kwargs)
+        calls[0] += 1
+        if calls[0] % every == 0:
+            p, c = gram.cpu().numpy(), dots.cpu().numpy()
+            t = len(c)
+            reference = minimize(
+                lambda x: 0.5 * x @ p @ x + c @ x,
+                np.full(t, float(margin)),
+                jac=lambda x: p @ x + c,
+                bounds=[(margin, None)] * t,
+                method="L-BFGS-B",
+                options={"ftol": 1e-15, "gtol": 1e-12, "maxiter": 10000},
+            ).fun
+            ours = v.cpu().numpy()
+            excess = (0.5 * ours @ p @ ours + c @ ours - reference) / max(abs(reference), 1e-12)
+            row = stats.setdefault(t, [0, -math.inf, 0.0])
+            row[0], row[1], row[2] = row[0] + 1, max(row[1], float(excess)), max(row[2], float(v.max()))
+        return v
+
+    projection.gem_dual = checked
+    try:
+        result = protocols.run_row("perm-mnist", "gem", 200, seed, max_test_per_task=2000)
+    finally:
+        projection.gem_dual = solve
+    return {"outcome": _outcome(result["accuracy_matrix"]["class_il"]), "qp": {str(t): r for t, r in stats.items()}}
+
+
 # ------------------------------------------------------------------------------------------- X-DER
 def plain_xder_ce(seed: int) -> Outcome:
     """The authors' ``xder_ce`` (models/xder_ce.py) on Seq-F-MNIST, written from its description: present
@@ -371,7 +415,8 @@ PAIRS: Dict[str, Pair] = {
         for b in (200, 500)
     },
 }
-CHECKS = ("derpp-steps", *PAIRS)
+SINGLE = {"derpp-steps": derpp_steps, "gem-qp": gem_qp_along_pmnist}  # one Synapse run, no pair
+CHECKS = (*SINGLE, *PAIRS)
 Job = Tuple[str, int, int]  # (check, side: 0 or 1, seed)
 STEPS_SEED = 1  # the step-by-step check follows one run; at seed 0 the authors' lr makes DER++ diverge early
 
@@ -382,7 +427,7 @@ def _job(job: Job) -> Tuple[Job, Any, float]:
     torch.set_num_threads(1)
     check, side, seed = job
     start = time.perf_counter()
-    value = derpp_steps(seed) if check == "derpp-steps" else PAIRS[check][2 + side][1](seed)
+    value = SINGLE[check](seed) if check in SINGLE else PAIRS[check][2 + side][1](seed)
     return job, value, time.perf_counter() - start
 
 
@@ -416,6 +461,24 @@ def render(results: Dict[Job, Any], seeds: Optional[List[int]], checks: List[str
                 f"loss on the rows Synapse replayed, relative to the gradient's largest entry: {worst:.1e}.",
                 "",
             ]
+            continue
+        if check == "gem-qp":
+            run = results[(check, 0, STEPS_SEED)]
+            lines += [
+                "## GEM's dual QP along a P-MNIST run",
+                "",
+                f"GEM on perm-fashion-mnist, buffer 200, seed {STEPS_SEED} (final {run['outcome']['final']:.2f}%): "
+                "every 7th QP Synapse solved, solved again by scipy's L-BFGS-B. The relative excess of Synapse's "
+                "objective over scipy's (negative: Synapse's is lower) and the largest dual variable, per number of "
+                f"constraints t (exact solver up to t = 10, FISTA and a polish beyond):",
+                "",
+                "| t | QPs compared | worst excess | largest v |",
+                "|---|---|---|---|",
+            ]
+            for t, (n, excess, top) in sorted(run["qp"].items(), key=lambda kv: int(kv[0])):
+                lines.append(f"| {t} | {n:.0f} | {excess:.1e} | {top:.2f} |")
+            diagonal = " ".join(f"{a:.0f}" for a in run["outcome"]["diagonal"])
+            lines += ["", f"Each task's accuracy right after it was trained (%): {diagonal}.", ""]
             continue
         pair = PAIRS[check]
         these = seeds or list(pair.seeds)
@@ -468,8 +531,8 @@ def main() -> int:
     args = p.parse_args()
     jobs: List[Job] = []
     for check in args.checks:
-        sides = (0,) if check == "derpp-steps" else (0, 1)
-        seeds = (STEPS_SEED,) if check == "derpp-steps" else args.seeds or PAIRS[check].seeds
+        sides = (0,) if check in SINGLE else (0, 1)
+        seeds = (STEPS_SEED,) if check in SINGLE else args.seeds or PAIRS[check].seeds
         jobs += [(check, side, s) for s in seeds for side in sides]
     results = _load_cache(args.cache)
     todo = [j for j in jobs if j not in results]
