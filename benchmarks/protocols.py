@@ -349,10 +349,19 @@ def render_section(
         f"- Protocol: {PROTOCOL_TEXT[protocol]}.",
         f"- Seeds: {', '.join(map(str, seeds))} (mean ± sample std over seeds); the seed also draws the "
         + ("stream's order within chunks." if task_free else "task transformations (as the authors' code does)."),
-        f"- Wall time of this reproduction: {wall_s / 60:.1f} min ({wall_s:.0f} s) for {len(rows_run)} rows x "
-        f"{len(seeds)} seeds"
-        + (f" ({cached} runs came from the --cache of an earlier invocation and took no time here)" if cached else "")
-        + f"; the runs' own wall times add up to {run_total / 60:.1f} min.",
+        (
+            f"- Wall time of this reproduction: {wall_s / 60:.1f} min ({wall_s:.0f} s) for {len(rows_run)} rows x "
+            f"{len(seeds)} seeds"
+            + (
+                f" ({cached} runs came from the --cache of an earlier invocation and took no time here)"
+                if cached
+                else ""
+            )
+            if cached < len(rows_run) * len(seeds)
+            else f"- Wall time of this reproduction: not measured by this invocation (all {cached} runs, "
+            f"{len(rows_run)} rows x {len(seeds)} seeds, came from the --cache of earlier ones)"
+        )
+        + f"; the runs' own wall times add up to {run_total / 60:.1f} min, one thread each.",
     ]
     if overrides.get("max_test_per_task"):
         n = overrides["max_test_per_task"]
