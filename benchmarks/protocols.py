@@ -201,11 +201,15 @@ def rows_for(protocol: str, methods: Optional[List[str]] = None, buffers: Option
     """The protocol's rows: all, or those of ``methods`` (``'der'`` for every protocol, ``'mnist-360:agem'`` for
     one); rows with a buffer only at ``buffers``."""
     wanted = None if not methods else {m.split(":", 1)[-1] for m in methods if ":" not in m or m.startswith(protocol)}
-    return [
-        (m, b)
-        for m, b in BEST[protocol]
-        if (wanted is None or m in wanted) and (b is None or not buffers or b in buffers)
-    ]
+    order = list(NAMES)  # memoryless rows first, then by buffer; within one, in NAMES's order
+    return sorted(
+        (
+            (m, b)
+            for m, b in BEST[protocol]
+            if (wanted is None or m in wanted) and (b is None or not buffers or b in buffers)
+        ),
+        key=lambda row: (row[1] is not None, row[1] or 0, order.index(row[0])),
+    )
 
 
 def run_row(protocol: str, method: str, buffer: Optional[int], seed: int, **overrides: Any) -> Dict[str, Any]:
