@@ -1,12 +1,15 @@
 """Side-by-side checks of Synapse against plain re-implementations of the authors' updates.
 
 When a reproduction misses a paper's finding, the first question is whether the method or Synapse is to
-blame. Each check here runs Synapse through the CLI's experiment loop and, on the *same* data, model,
+blame. The paired checks run Synapse through the CLI's experiment loop and, on the *same* data, model,
 initialisation and test set (taken from that loop's ``Experiment``), a plain PyTorch loop written from the
 authors' description of the update (mammoth's ``models/derpp.py`` and ``models/xder_ce.py``, read for the
 protocol, not copied): per-item reservoir insertion, numpy sampling, separate forwards, one loss summed
 and backpropagated. The two draw different random numbers, so they agree in distribution, not bit for
 bit; where runs diverge at the authors' learning rates, the count of diverged seeds is part of the result.
+The single-run checks follow one Synapse run and compare what it computes, step by step, with a direct
+computation (the authors' loss on the replayed rows; scipy's solution of GEM's QP). MIR's check pairs two
+Synapse runs instead, to isolate its retrieval.
 
 Checks (``--checks``):
 
