@@ -459,12 +459,11 @@ NOTES = """\
   (the authors' test loop redraws a batch of the class at every call). Their 2020 MLP had 10 outputs for the 9
   classes; this one has 9, as their current code.
 - DER and DER++ at the authors' lr 0.2 can diverge on Fashion-MNIST (brighter images than MNIST's, so larger
-  first-layer gradients from the same [0, 1] pixels): the training loss becomes NaN a few tasks in. This is
-  the hyperparameters, not Synapse: an independent plain-PyTorch re-implementation of the authors' DER update
-  (mammoth `models/der.py`: cross-entropy plus alpha times the MSE to stored logits, a 500-item reservoir,
-  replay minibatch 128, lr 0.2, alpha 1) diverges on P-MNIST over Fashion-MNIST too (NaN from task 7, seed 0).
-  Such rows are reported as they came out, marked, and not retuned. At the authors' DER++ 200 lr for P-MNIST
-  (0.1) DER++ is stable and far above ER.
+  first-layer gradients from the same [0, 1] pixels): the training loss becomes NaN a few tasks in. Such rows
+  are reported as they came out, marked, and not retuned. At the authors' DER++ 200 lr for P-MNIST (0.1)
+  DER++ is stable and far above ER. That the update itself, not Synapse, diverges at lr 0.2 is checked on
+  MNIST-360 (next note): a plain re-implementation diverges as often. (The P-MNIST rows have no such
+  side-by-side run here.)
 - MNIST-360 DER++ at the authors' lr 0.2 is as unstable: at buffer 500 it diverged in 4 of 10 seeds, and the
   runs that did not diverge spread from 23 to 34 points. `benchmarks/crosscheck.py` runs a plain
   re-implementation of the authors' DER++ update (per-item reservoir, numpy sampling, separate forwards) on
