@@ -12,11 +12,11 @@ rm -f "$out/step_overhead_cuda.json" "$out/step_overhead_cuda_compiled.json"  # 
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/gpu_tests.log"
-python3 benchmarks/step_overhead.py --device cuda --rounds 5 --steps 100 \
+python3 benchmarks/step_overhead.py --device cuda --rounds 5 --steps 100 --task_ends 1 \
     --json "$out/step_overhead_cuda.json" 2>&1 | tee "$out/step_overhead_cuda.log"
 # Compiled plain against compiled replay, one variant per method (each variant compiles its own model;
 # the fill and warm-up steps absorb the compilations and the recompiles while the buffer fills).
-python3 benchmarks/step_overhead.py --device cuda --compile --rounds 5 --steps 100 \
+python3 benchmarks/step_overhead.py --device cuda --compile --rounds 5 --steps 100 --task_ends 0 \
     --only "ER (fused)" "DER (fused)" "DER++ (fused)" "A-GEM" "SI" \
     --json "$out/step_overhead_cuda_compiled.json" 2>&1 | tee "$out/step_overhead_cuda_compiled.log"
 tables=()

@@ -269,25 +269,21 @@ class Runner:
         if isinstance(self.method, synapse.Synapse):
             self.method.end_task([(y, {"inputs": x}) for x, y in self.pool[:batches]])
 
+    def timed(self, steps: int) -> List[float]:
+        """Seconds of each of ``steps`` training steps."""
+        return self._timings(self.step, steps)
+
     def timed_task_ends(self, repeats: int) -> List[float]:
         """Seconds of ``repeats`` successive task ends, each with the whole pool as the finished task's data."""
+        return self._timings(lambda: self.end_task(len(self.pool)), repeats)
+
+    def _timings(self, work: Callable[[], None], repeats: int) -> List[float]:
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         times = []
         for _ in range(repeats):
             sync()
             t0 = time.perf_counter()
-            self.end_task(len(self.pool))
-            sync()
-            times.append(time.perf_counter() - t0)
-        return times
-
-    def timed(self, steps: int) -> List[float]:
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
-        times = []
-        for _ in range(steps):
-            sync()
-            t0 = time.perf_counter()
-            self.step()
+            work()
             sync()
             times.append(time.perf_counter() - t0)
         return times
@@ -342,7 +338,7 @@ def render(result: Mapping[str, Any]) -> List[str]:
         if recorded and recorded not in header:  # results written by hand or by an older version
             header += f", {recorded}"
     lines = [f"{header}:", "", *table_lines(result["rows"])]
-    if result.get("task_end"):
+    if result.get("task_end", {}).get("rows"):
         lines += ["", *task_end_lines(result["task_end"])]
     if result.get("end_to_end"):
         lines += ["", *end_to_end_lines(result["end_to_end"])]
@@ -352,8 +348,8 @@ def render(result: Mapping[str, Any]) -> List[str]:
 def task_end_lines(task_end: Mapping[str, Any]) -> List[str]:
     """The task-end table: each method's ``end_task`` on a task of ``items`` items, in ms and in plain steps."""
     lines = [
-        f"Task ends (`end_task` with the finished task's {task_end['items']} items; median of three successive "
-        "ones; methods with nothing to do at a task end take microseconds):",
+        f"Task ends (`end_task` with the finished task's {task_end['items']} items; median of "
+        f"{task_end.get('repeats', 3)} successive ones; methods with nothing to do at a task end take microseconds):",
         "",
         "| method                   |   ms/end | plain steps |",
         "|--------------------------|----------|-------------|",
@@ -439,6 +435,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--buffer_size", type=int, default=500)
     p.add_argument("--steps", type=int, default=200, help="timed steps per variant per round")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--task_ends", type=int, default=3, help="timed task ends per method (median); 0: none")
     p.add_argument("--warmup", type=int, default=100, help="steps after the buffer is full, before timing")
     p.add_argument("--only", nargs="*", default=None, help="variants to run (plain always runs)")
     p.add_argument("--e2e", action="store_true", help="also run the end-to-end DER++ reproduction, fused and unfused")
@@ -519,12 +516,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     for name, t in times.items():
         med = statistics.median(t)
         rows.append({"variant": name, "median_ms": 1000 * med, "ratio_to_plain": med / plain})
-    # Task ends, after the step timings (they change the methods' state): the median of three successive
-    # ones, each handed the pool's batches as the finished task's data.
+    # Task ends, after the step timings (they change the methods' state): the median of --task_ends
+    # successive ones, each handed the pool's batches as the finished task's data.
     task_ends = []
-    for r in runners:
+    for r in runners if args.task_ends else ():
         if isinstance(r.method, synapse.Synapse):
-            med = statistics.median(r.timed_task_ends(3))
+            med = statistics.median(r.timed_task_ends(args.task_ends))
             task_ends.append({"variant": r.name, "median_ms": 1000 * med, "plain_steps": med / plain})
     device_name = (
         torch.cuda.get_device_name(device)
@@ -550,11 +547,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         "torch": torch.__version__,
         "synapse": synapse.__version__,
         "rows": rows,
-        "task_end": {"items": len(runners[0].pool) * batch, "rows": task_ends},
+        "task_end": {"items": len(runners[0].pool) * batch, "repeats": args.task_ends, "rows": task_ends},
     }
     print(header)
     print("\n".join(table_lines(rows)))
-    print("\n".join(task_end_lines(result["task_end"])))
+    if task_ends:
+        print("\n".join(task_end_lines(result["task_end"])))
     if args.e2e:
         result["end_to_end"] = end_to_end(args.e2e_seeds)
     if args.readme:
