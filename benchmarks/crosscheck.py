@@ -62,9 +62,7 @@ def _experiment(dataset: str, method: str, buffer: int, seed: int, continual: bo
     from synapse import catalog
     from synapse.experiments.run import Experiment
 
-    hp = dict(reproduce.BEST[reproduce.PROTOCOL[dataset]][(method, buffer)])
-    run_settings = {k: hp.pop(k) for k in protocols.RUN_OVERRIDES if k in hp}
-    cfg = reproduce.config_for(dataset, method, buffer, seed, hp=hp, threads=1, **run_settings)
+    cfg = reproduce.config_for(dataset, method, buffer, seed, threads=1)
     if not continual:
         cfg = dataclasses.replace(cfg, training_type="sequential")
     # The method's full hyperparameters (catalog defaults for those the row leaves out), plus the replay

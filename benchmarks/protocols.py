@@ -38,7 +38,7 @@ BENCHMARKS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCHMARKS)
 
 import reproduce  # noqa: E402  (benchmarks/ is not a package)
-from reproduce import ROOT, machine, run_one, summarize  # noqa: E402
+from reproduce import NAMES, ROOT, machine, run_one, summarize  # noqa: E402
 
 Row = Tuple[str, Optional[int]]
 BUFFERS = (200, 500)
@@ -177,24 +177,8 @@ for _protocol, _dataset in DATASET.items():
     reproduce.PROTOCOL.setdefault(_dataset.replace("fashion-mnist", "mnist"), _protocol)
     reproduce.BEST.setdefault(_protocol, BEST[_protocol])
 
-RUN_OVERRIDES = ("batch_size",)  # BEST keys that are run settings, passed to the experiment, not the method
 SEED_NOISE = 1.0  # accuracy points: allowance for "at least level"
 MARGIN_OVER_SGD = 1.0  # "ER > SGD": ER must be this far above
-NAMES = {
-    "sequential": "SGD (fine-tuning)",
-    "joint": "Joint",
-    "si": "SI",
-    "ewc": "EWC (online)",
-    "mas": "MAS",
-    "lwf": "LwF",
-    "agem": "A-GEM",
-    "gem": "GEM",
-    "er": "ER",
-    "er-ace": "ER-ACE",
-    "der": "DER",
-    "der++": "DER++",
-    "mir": "MIR",
-}
 
 
 def rows_for(protocol: str, methods: Optional[List[str]] = None, buffers: Optional[List[int]] = None) -> List[Row]:
@@ -214,9 +198,7 @@ def rows_for(protocol: str, methods: Optional[List[str]] = None, buffers: Option
 
 def run_row(protocol: str, method: str, buffer: Optional[int], seed: int, **overrides: Any) -> Dict[str, Any]:
     """One row at one seed, through reproduce.run_one; returns its results dict."""
-    hp = dict(BEST[protocol][(method, buffer)])
-    run_settings = {k: hp.pop(k) for k in RUN_OVERRIDES if k in hp}
-    return run_one(method, buffer, seed, DATASET[protocol], hp=hp, **run_settings, **overrides)
+    return run_one(method, buffer, seed, DATASET[protocol], **overrides)
 
 
 def _worker(

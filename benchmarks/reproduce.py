@@ -90,7 +90,9 @@ TUNED_GRIDS: Dict[str, Dict[str, List[Any]]] = {
     "xder": {"lr": [0.03, 0.1], "mb": [10, 128]},
     "bic": {"lr": [0.03, 0.1]},
 }
-RUN_KEYS = ("lr", "mb", "weight_decay")  # the rest of a BEST entry is the method's own hyperparameters
+# Run settings of a BEST entry ("batch_size": the stream's batch, set by the scenario protocols); the rest
+# is the method's own hyperparameters.
+RUN_KEYS = ("lr", "mb", "weight_decay", "batch_size")
 PROTOCOL = {"fashion-mnist": "seq-mnist", "mnist": "seq-mnist", "cifar10": "seq-cifar10"}
 PROTOCOL_TEXT = {
     "seq-mnist": "5 tasks x 2 classes, MLP 784-100-100 with Xavier init, pixels in [0, 1] (no normalisation), "
@@ -124,6 +126,7 @@ def config_for(
         method_args=method_args if training_type == "continual" else {},
         buffer_size=buffer or 1,
         buffer_sample_size=hp.get("mb"),
+        batch_size=hp.get("batch_size"),  # None: the protocol's
         seed=seed,
         unfused=not fused,
         quiet=True,
@@ -363,6 +366,28 @@ def machine() -> str:
     )
 
 
+# Each method's name in the tables; benchmarks/protocols.py uses it too, and orders its rows by it.
+NAMES = {
+    "sequential": "SGD (fine-tuning)",
+    "joint": "Joint",
+    "si": "SI",
+    "ewc": "EWC (online)",
+    "mas": "MAS",
+    "lwf": "LwF",
+    "agem": "A-GEM",
+    "gem": "GEM",
+    "er": "ER",
+    "er-ace": "ER-ACE",
+    "der": "DER",
+    "der++": "DER++",
+    "xder": "X-DER",
+    "icarl": "iCaRL",
+    "mir": "MIR",
+    "gdumb": "GDumb",
+    "bic": "BiC",
+}
+
+
 def render(
     dataset: str, seeds: List[int], table, total_s: float, command: str, failures: List[str], workers: int
 ) -> str:
@@ -370,25 +395,6 @@ def render(
 
     import synapse
 
-    names = {
-        "sequential": "SGD (fine-tuning)",
-        "joint": "Joint",
-        "si": "SI",
-        "ewc": "EWC (online)",
-        "mas": "MAS",
-        "lwf": "LwF",
-        "agem": "A-GEM",
-        "gem": "GEM",
-        "er": "ER",
-        "er-ace": "ER-ACE",
-        "der": "DER",
-        "der++": "DER++",
-        "xder": "X-DER",
-        "icarl": "iCaRL",
-        "mir": "MIR",
-        "gdumb": "GDumb",
-        "bic": "BiC",
-    }
     lines = [
         f"# Reproduction: the DER paper's {PROTOCOL[dataset]} protocol on Split {dataset}",
         "",
@@ -410,7 +416,7 @@ def render(
     for (method, buffer), row in table.items():
         forgetting = "n/a" if method == "joint" else f"{row['forgetting'][0]:.2f} ± {row['forgetting'][1]:.2f}"
         lines.append(
-            f"| {names[method]} | {buffer or '-'} | {row['class_il'][0]:.2f} ± {row['class_il'][1]:.2f} | "
+            f"| {NAMES[method]} | {buffer or '-'} | {row['class_il'][0]:.2f} ± {row['class_il'][1]:.2f} | "
             f"{row['task_il'][0]:.2f} ± {row['task_il'][1]:.2f} | {forgetting} | {row['wall_time_s'][0]:.1f} |"
         )
     heads = [(key, row) for key, row in table.items() if "class_il_head" in row]
@@ -418,7 +424,7 @@ def render(
         lines += ["", "Methods with their own predictor are scored by it above; their model's own head scores:", ""]
         for (method, buffer), row in heads:
             lines.append(
-                f"- {names[method]}, buffer {buffer}: head Class-IL {row['class_il_head'][0]:.2f} ± "
+                f"- {NAMES[method]}, buffer {buffer}: head Class-IL {row['class_il_head'][0]:.2f} ± "
                 f"{row['class_il_head'][1]:.2f}, Task-IL {row['task_il_head'][0]:.2f} ± {row['task_il_head'][1]:.2f}"
             )
     lines += ["", "## Checks against the paper's findings", ""]
@@ -439,7 +445,7 @@ def render(
         lines += ["", "## Hyperparameters chosen on a validation split", ""]
         for m in tuned:
             grid = ", ".join(f"`{k}` in {v}" for k, v in TUNED_GRIDS[m].items())
-            lines.append(f"- {names[m]}: grid {grid} (`benchmarks/tune.py`)")
+            lines.append(f"- {NAMES[m]}: grid {grid} (`benchmarks/tune.py`)")
     if PROTOCOL[dataset] == "seq-mnist":
         with open(DIFFERENCES_FILE) as f:
             lines += ["", "## Differences from the authors' code, and what was done", "", f.read().strip()]
