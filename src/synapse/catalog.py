@@ -166,9 +166,11 @@ def _load() -> None:
 
 
 def specs() -> List[MethodSpec]:
-    """Every registered method, in registration order."""
+    """Every registered method: family by family in :data:`FAMILIES` order, each family in its package's
+    registration order. (Across families, registration order follows whichever package a program imports
+    first; listings, CLI choices and messages should not.)"""
     _load()
-    return list(_REGISTRY.values())
+    return sorted(_REGISTRY.values(), key=lambda spec: FAMILIES.index(spec.family))
 
 
 def names() -> List[str]:
