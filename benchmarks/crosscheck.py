@@ -17,7 +17,7 @@ Checks (``--checks``):
   minibatch 16, alpha 0.5, beta 1), one pass over the stream.
 - ``derpp-steps``: along that stream, every DER++ step's gradient against the authors' loss evaluated on
   the very rows Synapse replayed (a copy of the model before the step): exact up to float rounding.
-- ``xder``: X-DER (``xder_ce``) on Seq-F-MNIST at the reproduction's values (``reproduce.BEST``).
+- ``xder``: X-DER (``xder_ce``) on Seq-F-MNIST at the reproduction's values (X-DER's seq-mnist preset).
 - ``gem-qp``: GEM on P-MNIST, every 7th dual QP Synapse solves compared with scipy's solution.
 - ``mir-200``, ``mir-500``: MIR against ER run at MIR's own learning rate and replay minibatch (both
   Synapse): the only difference is the retrieval.
@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
-import multiprocessing as mp
 import os
 import statistics
 import sys
@@ -45,9 +43,17 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 BENCHMARKS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCHMARKS)
 
-import protocols  # noqa: E402  (importing it registers the scenario datasets with reproduce)
-import reproduce  # noqa: E402
-from reproduce import ROOT, machine  # noqa: E402
+from _runner import (  # noqa: E402  (benchmarks/ is not a package)
+    ROOT,
+    Cache,
+    config_for,
+    display_name,
+    presets,
+    provenance,
+    provenance_lines,
+    run_jobs,
+    run_one,
+)
 
 DERPP_360 = ("fashion-mnist-360", "der++", 500)
 XDER = ("fashion-mnist", "xder", 500)
@@ -62,7 +68,7 @@ def _experiment(dataset: str, method: str, buffer: int, seed: int, continual: bo
     from synapse import catalog
     from synapse.experiments.run import Experiment
 
-    cfg = reproduce.config_for(dataset, method, buffer, seed, threads=1)
+    cfg = config_for(dataset, method, buffer, seed, threads=1)
     if not continual:
         cfg = dataclasses.replace(cfg, training_type="sequential")
     # The method's full hyperparameters (catalog defaults for those the row leaves out), plus the replay
@@ -233,7 +239,7 @@ def gem_qp_along_pmnist(seed: int, every: int = 7) -> Dict[str, Any]:
 
     projection.gem_dual = checked
     try:
-        result = protocols.run_row("perm-mnist", "gem", 200, seed, max_test_per_task=2000)
+        result = run_one("gem", 200, seed, "perm-fashion-mnist", max_test_per_task=2000)
     finally:
         projection.gem_dual = solve
     return {"outcome": _outcome(result["accuracy_matrix"]["class_il"]), "qp": {str(t): r for t, r in stats.items()}}
@@ -371,9 +377,9 @@ def er_with_mir_settings(buffer: int, seed: int) -> Outcome:
     uses the DER authors' ER values): the same step with random replay."""
     from synapse.experiments.run import Experiment
 
-    mir = reproduce.BEST["seq-mnist"][("mir", buffer)]
+    mir = presets.values("mir", "seq-mnist", buffer)
     hp = {"lr": mir["lr"], "mb": mir["mb"], "alpha": 1.0}
-    cfg = reproduce.config_for("fashion-mnist", "er", buffer, seed, hp=hp, threads=1)
+    cfg = config_for("fashion-mnist", "er", buffer, seed, hp=hp, threads=1)
     return _outcome(Experiment(cfg).run()["accuracy_matrix"]["class_il"])
 
 
@@ -392,13 +398,13 @@ class Pair(NamedTuple):
 
 PAIRS: Dict[str, Pair] = {
     "derpp-360": Pair(
-        "DER++ on fashion-mnist-360, buffer 500 (the authors' MNIST-360 values)",
+        f"{display_name(DERPP_360[1])} on {DERPP_360[0]}, buffer {DERPP_360[2]} (the authors' MNIST-360 values)",
         100.0 / 9,
         ("Synapse", partial(synapse_run, *DERPP_360)),
         ("plain", plain_derpp_360),
     ),
     "xder": Pair(
-        "X-DER (xder_ce) on Seq-F-MNIST, buffer 500 (the reproduction's values)",
+        f"{display_name(XDER[1])} (xder_ce) on Seq-F-MNIST, buffer {XDER[2]} (the reproduction's values)",
         10.0,
         ("Synapse", partial(synapse_run, *XDER)),
         ("plain", plain_xder_ce),
@@ -406,7 +412,7 @@ PAIRS: Dict[str, Pair] = {
     ),
     **{
         f"mir-{b}": Pair(
-            f"MIR against ER at MIR's settings on Seq-F-MNIST, buffer {b}",
+            f"{display_name('mir')} against {display_name('er')} at MIR's settings on Seq-F-MNIST, buffer {b}",
             10.0,
             ("MIR", partial(mir_run, b)),
             ("ER, MIR's lr and minibatch", partial(er_with_mir_settings, b)),
@@ -422,14 +428,14 @@ Job = Tuple[str, int, int]  # (check, side: 0 or 1, seed)
 STEPS_SEED = 1  # the step-by-step check follows one run; at seed 0 the authors' lr makes DER++ diverge early
 
 
-def _job(job: Job) -> Tuple[Job, Any, float]:
+def _job(job: Job) -> Tuple[Job, Any, float, Dict[str, str]]:
     import torch
 
     torch.set_num_threads(1)
     check, side, seed = job
     start = time.perf_counter()
     value = SINGLE[check](seed) if check in SINGLE else PAIRS[check][2 + side][1](seed)
-    return job, value, time.perf_counter() - start
+    return job, value, time.perf_counter() - start, provenance()
 
 
 def _summary(values: List[float], chance: float) -> str:
@@ -438,8 +444,16 @@ def _summary(values: List[float], chance: float) -> str:
     return f"{statistics.mean(values):.2f} | {mean} | {len(values) - len(ok)} of {len(values)}"
 
 
-def render(results: Dict[Job, Any], seeds: Optional[List[int]], checks: List[str], wall: Optional[float]) -> str:
+def render(
+    results: Dict[Job, Any],
+    seeds: Optional[List[int]],
+    checks: List[str],
+    wall: Optional[float],
+    recorded: Optional[List[Optional[Dict[str, str]]]] = None,
+) -> str:
+    """The page; ``recorded``: the provenance of the runs shown (None for runs cached without it)."""
     took = "not recorded (some runs came from the cache)" if wall is None else f"{wall / 60:.1f} min"
+    machine, versions = provenance_lines(recorded or [])
     lines = [
         "# Cross-checks: Synapse against plain re-implementations of the authors' updates",
         "",
@@ -449,7 +463,8 @@ def render(results: Dict[Job, Any], seeds: Optional[List[int]], checks: List[str
         "",
         f"- Command: `python benchmarks/crosscheck.py --checks {' '.join(checks)}"
         + (f" --seeds {' '.join(map(str, seeds))}`" if seeds else "`"),
-        f"- Machine: {machine()}; one thread per run; total wall time {took}",
+        f"- {machine}; one thread per run; total wall time {took}",
+        f"- {versions}",
         "",
     ]
     for check in checks:
@@ -512,14 +527,14 @@ def render(results: Dict[Job, Any], seeds: Optional[List[int]], checks: List[str
     return "\n".join(lines)
 
 
-def _load_cache(path: Optional[str]) -> Dict[Job, Any]:
+def _load_cache(path: Optional[str]) -> Tuple[Dict[Job, Any], Dict[Job, Optional[Dict[str, str]]]]:
+    """The cached runs' values and provenance, by job."""
     done: Dict[Job, Any] = {}
-    if path and os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                r = json.loads(line)
-                done[(r["check"], r["side"], r["seed"])] = r["value"]
-    return done
+    made_by: Dict[Job, Optional[Dict[str, str]]] = {}
+    for r in Cache(path).entries():
+        job = (r["check"], r["side"], r["seed"])
+        done[job], made_by[job] = r["value"], r.get("provenance")
+    return done, made_by
 
 
 def main() -> int:
@@ -535,21 +550,15 @@ def main() -> int:
         sides = (0,) if check in SINGLE else (0, 1)
         seeds = (STEPS_SEED,) if check in SINGLE else args.seeds or PAIRS[check].seeds
         jobs += [(check, side, s) for s in seeds for side in sides]
-    results = _load_cache(args.cache)
+    results, made_by = _load_cache(args.cache)
     todo = [j for j in jobs if j not in results]
     start = time.perf_counter()
-    pool = mp.get_context("spawn").Pool(args.workers) if args.workers > 1 and len(todo) > 1 else None
-    run: Callable = map if pool is None else pool.imap_unordered
-    for job, value, seconds in run(_job, todo):
-        results[job] = value
+    for job, value, seconds, prov in run_jobs(_job, todo, args.workers):
+        results[job], made_by[job] = value, prov
         print(f"{job}: {value} ({seconds:.0f} s)", flush=True)
-        if args.cache:
-            with open(args.cache, "a") as f:
-                f.write(json.dumps({"check": job[0], "side": job[1], "seed": job[2], "value": value}) + "\n")
-    if pool is not None:
-        pool.close()
+        Cache(args.cache).append({"check": job[0], "side": job[1], "seed": job[2], "value": value, "provenance": prov})
     wall = time.perf_counter() - start if len(todo) == len(jobs) else None
-    text = render(results, args.seeds, args.checks, wall)
+    text = render(results, args.seeds, args.checks, wall, [made_by[j] for j in jobs])
     if args.output == "-":
         print(text)
     else:

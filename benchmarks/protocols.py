@@ -9,143 +9,61 @@ Fashion-MNIST (no download), through the CLI's experiment loop and ``synapse.sce
 - MNIST-360 (``fashion-mnist-360``): classes 0-8 in pairs (0,1), (1,2), ..., (8,0), 3 rounds, rotations
   changing gradually, one pass, no task boundaries (no end_task); each method's own batch size.
 
-Hyperparameters: the DER authors' published best values for these protocols (mammoth,
-``utils/best_args.py``, keys ``perm-mnist``, ``rot-mnist``, ``mnist-360``) where they exist; for the methods
-without any there, the values in ``UNPUBLISHED`` (stated in the output, never tuned on the test set).
+Hyperparameters: the methods' presets (``src/synapse/experiments/presets/``): the DER authors' published best
+values for these protocols (mammoth, ``utils/best_args.py``, keys ``perm-mnist``, ``rot-mnist``, ``mnist-360``)
+where they exist; for the methods without any there, stand-ins whose note says where they come from (stated in
+the output, never tuned on the test set).
 Results go to REPRODUCIBILITY-protocols.md, one section per protocol.
 
     python benchmarks/protocols.py                                  # all protocols, all rows, 3 seeds
     python benchmarks/protocols.py --protocols mnist-360 --seeds 0 --output -
     python benchmarks/protocols.py --methods sequential er der der++ agem --max_test_per_task 2000
 
-The script reuses ``benchmarks/reproduce.py`` (``run_one``/``config_for`` build and run each configuration,
-``summarize`` aggregates the seeds): it registers its datasets in reproduce's ``PROTOCOL`` and ``BEST`` tables
-at import, so those functions know them.
+The shared runner (``benchmarks/_runner.py``) builds and runs each configuration, keeps the cache and
+aggregates the seeds.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import multiprocessing as mp
 import os
 import sys
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
-BENCHMARKS = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, BENCHMARKS)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import reproduce  # noqa: E402  (benchmarks/ is not a package)
-from reproduce import NAMES, ROOT, machine, run_one, summarize  # noqa: E402
+from _runner import (  # noqa: E402  (benchmarks/ is not a package)
+    ROOT,
+    Cache,
+    Row,
+    display_name,
+    order_key,
+    presets,
+    provenance,
+    provenance_lines,
+    run_jobs,
+    run_one,
+    summarize,
+)
 
-Row = Tuple[str, Optional[int]]
 BUFFERS = (200, 500)
 # The paper's largest buffer per protocol: its rows cover the replay methods the findings compare (GEM is left out
 # there, for time: each step solves a QP over 20 past tasks' memories of 256 items each).
 LARGE_BUFFER = {"perm-mnist": 5120, "rot-mnist": 5120, "mnist-360": 1000}
+DATASET = {"perm-mnist": "perm-fashion-mnist", "rot-mnist": "rot-fashion-mnist", "mnist-360": "fashion-mnist-360"}
+# Every row of each protocol: the methods' presets (read, never written, here).
+BEST: Dict[str, Dict[Row, Dict[str, Any]]] = {protocol: presets.table(protocol) for protocol in DATASET}
 
 
-def _domain_table(
-    sgd_lr: float,
-    si: Dict[str, Any],
-    gem_lr: float,
-    agem_lr: Dict[int, float],
-    der_alpha: Dict[int, float],
-    derpp: Dict[int, Dict[str, Any]],
-) -> Dict[Row, Dict[str, Any]]:
-    """A domain-IL protocol's rows: mammoth's best_args where published (batch 128 and 1 epoch everywhere)."""
-    table: Dict[Row, Dict[str, Any]] = {
-        ("sequential", None): {"lr": sgd_lr},
-        ("joint", None): {"lr": sgd_lr},  # UNPUBLISHED: SGD's
-        ("si", None): {**si, "checkpoint_per_steps": 10**9},  # consolidate at task ends only, as mammoth
-        ("ewc", None): {"lr": 0.1, "ewc_lambda": 0.7, "gamma": 1.0},  # mammoth ewc_on
-        ("mas", None): {"lr": sgd_lr, "mas_lambda": 0.1},  # UNPUBLISHED
-        ("lwf", None): {"lr": sgd_lr, "alpha": 1.0, "temperature": 2.0, "weight_decay": 5e-4},  # UNPUBLISHED
-    }
-    for b in (*BUFFERS, 5120):
-        table[("agem", b)] = {"lr": agem_lr[b], "mb": 128, "memory": "episodic"}
-        if b in BUFFERS:
-            table[("gem", b)] = {"lr": gem_lr, "gamma": 0.5, "mb": b}  # mb = the buffer: each past task's memory
-        table[("er", b)] = {"lr": 0.2, "mb": 128, "joint_mean": True}
-        table[("er-ace", b)] = {"lr": 0.2, "mb": 128}  # UNPUBLISHED: ER's
-        table[("der", b)] = {"lr": 0.2, "mb": 128, "alpha": der_alpha[b]}
-        table[("der++", b)] = {"mb": 128, **derpp[b]}
-    return table
+def unpublished(protocol: str) -> Dict[str, str]:
+    """The methods whose values the authors did not publish for ``protocol``, and where their values come from
+    (the stand-in presets' notes), in table order."""
+    blocks = {m: presets.block(m, protocol) or {} for m in presets.methods()}
+    return {m: b["note"] for m, b in blocks.items() if b.get("source") == "stand-in"}
 
 
-# The DER authors' best values (mammoth utils/best_args.py), in the catalog's names: "lr" is SGD's, "mb" the
-# replay minibatch, "batch_size" the stream's batch (MNIST-360 only); ER's joint_mean is mammoth ER's one mean
-# over batch and replay minibatch; A-GEM on the domain-IL protocols is mammoth's agem (an episodic memory
-# filled at task ends), on MNIST-360 its agem_r (a reservoir: the stream has no task ends).
-BEST: Dict[str, Dict[Row, Dict[str, Any]]] = {
-    "perm-mnist": _domain_table(
-        sgd_lr=0.2,
-        si={"lr": 0.1, "alpha": 0.5, "xi": 1.0},
-        gem_lr=0.1,
-        agem_lr={200: 0.1, 500: 0.1, 5120: 0.1},
-        der_alpha={200: 1.0, 500: 1.0, 5120: 0.5},
-        derpp={
-            200: {"lr": 0.1, "alpha": 1.0, "beta": 1.0},
-            500: {"lr": 0.2, "alpha": 1.0, "beta": 0.5},
-            5120: {"lr": 0.2, "alpha": 0.5, "beta": 1.0},
-        },
-    ),
-    "rot-mnist": _domain_table(
-        sgd_lr=0.2,
-        si={"lr": 0.1, "alpha": 1.0, "xi": 1.0},
-        gem_lr=0.01,
-        agem_lr={200: 0.1, 500: 0.3, 5120: 0.3},
-        der_alpha={200: 1.0, 500: 0.5, 5120: 0.5},
-        derpp={
-            200: {"lr": 0.1, "alpha": 1.0, "beta": 0.5},
-            500: {"lr": 0.2, "alpha": 0.5, "beta": 1.0},
-            5120: {"lr": 0.2, "alpha": 0.5, "beta": 0.5},
-        },
-    ),
-    "mnist-360": {
-        ("sequential", None): {"lr": 0.1, "batch_size": 4},
-        ("joint", None): {"lr": 0.1, "batch_size": 4},  # UNPUBLISHED: SGD's
-        **{("er", b): {"lr": 0.2, "mb": 16, "joint_mean": True, "batch_size": 1} for b in BUFFERS},
-        **{("er-ace", b): {"lr": 0.2, "mb": 16, "batch_size": 16} for b in BUFFERS},  # UNPUBLISHED
-        **{("agem", b): {"lr": 0.1, "mb": 128, "memory": "reservoir", "batch_size": 16} for b in BUFFERS},
-        ("der", 200): {"lr": 0.1, "mb": 64, "alpha": 0.5, "batch_size": 16},
-        ("der", 500): {"lr": 0.2, "mb": 16, "alpha": 0.5, "batch_size": 16},
-        **{("der++", b): {"lr": 0.2, "mb": 16, "alpha": 0.5, "beta": 1.0, "batch_size": 16} for b in BUFFERS},
-        ("er", 1000): {"lr": 0.2, "mb": 16, "joint_mean": True, "batch_size": 4},
-        ("er-ace", 1000): {"lr": 0.2, "mb": 16, "batch_size": 16},  # UNPUBLISHED
-        # UNPUBLISHED: ER's lr and mb with MIR's 50 candidates and its virtual step at the lr, at batch 16
-        **{
-            ("mir", b): {"lr": 0.2, "mb": 16, "buffer_candidates": 50, "virtual_lr": 0.2, "batch_size": 16}
-            for b in (*BUFFERS, 1000)
-        },
-        ("agem", 1000): {"lr": 0.1, "mb": 128, "memory": "reservoir", "batch_size": 4},
-        ("der", 1000): {"lr": 0.1, "mb": 16, "alpha": 0.5, "batch_size": 8},
-        ("der++", 1000): {"lr": 0.2, "mb": 128, "alpha": 0.2, "beta": 1.0, "batch_size": 16},
-    },
-}
-# Rows whose values the authors did not publish for that protocol, and where the values come from.
-UNPUBLISHED: Dict[str, Dict[str, str]] = {
-    "perm-mnist": {
-        "joint": "no joint entry in best_args: SGD's lr (0.2)",
-        "mas": "MAS is not in the DER paper: this protocol's SGD lr (0.2) with the mas_lambda that "
-        "benchmarks/tune.py chose for Seq-MNIST on a validation split (0.1)",
-        "lwf": "no perm-mnist entry in best_args: this protocol's SGD lr (0.2) with the authors' Seq-MNIST LwF "
-        "values (alpha 1, temperature 2, weight decay 5e-4)",
-        "er-ace": "ER-ACE is not in the DER paper: ER's values for this protocol (lr 0.2, mb 128)",
-    },
-    "mnist-360": {
-        "joint": "no joint entry in best_args: SGD's values (lr 0.1, batch 4); joint sees the stream's items, "
-        "at their angles, shuffled",
-        "er-ace": "ER-ACE is not in the DER paper: ER's lr and mb (0.2, 16) at the dataset's batch 16, since "
-        "ER's batch of 1 would leave ER-ACE's current-batch loss, masked to the batch's classes, at zero",
-        "mir": "MIR is not in the DER paper: ER's lr and replay minibatch (0.2, 16), the MIR authors' 50 "
-        "candidates, the virtual step at the lr (as theirs), at the dataset's batch 16: at ER's batch of 1 the "
-        "stream's 54,000 virtual steps would make it the slowest row by far",
-    },
-}
-UNPUBLISHED["rot-mnist"] = UNPUBLISHED["perm-mnist"]
 # Methods of the catalog that are not rows of a protocol, and why.
 LEFT_OUT: Dict[str, str] = {
     "mnist-360": "GEM, X-DER, iCaRL, BiC and GDumb need task boundaries (refused on a task-free stream); SI, EWC, "
@@ -155,7 +73,6 @@ LEFT_OUT: Dict[str, str] = {
 }
 LEFT_OUT["rot-mnist"] = LEFT_OUT["perm-mnist"]
 
-DATASET = {"perm-mnist": "perm-fashion-mnist", "rot-mnist": "rot-fashion-mnist", "mnist-360": "fashion-mnist-360"}
 TITLE = {"perm-mnist": "P-MNIST", "rot-mnist": "R-MNIST", "mnist-360": "MNIST-360"}
 PROTOCOL_TEXT = {
     "perm-mnist": "domain-incremental, 20 tasks of all 60,000 training images, each under its own random pixel "
@@ -171,12 +88,6 @@ PROTOCOL_TEXT = {
     "classes 0-8, each class rotated from 0 to 360 degrees; MLP 784-100-100-9, Xavier init, pixels in [0, 1]; "
     "batch size per method (best_args)",
 }
-# The scenario datasets, known to reproduce.py's config_for/run_one (registered in its tables).
-for _protocol, _dataset in DATASET.items():
-    reproduce.PROTOCOL.setdefault(_dataset, _protocol)
-    reproduce.PROTOCOL.setdefault(_dataset.replace("fashion-mnist", "mnist"), _protocol)
-    reproduce.BEST.setdefault(_protocol, BEST[_protocol])
-
 SEED_NOISE = 1.0  # accuracy points: allowance for "at least level"
 MARGIN_OVER_SGD = 1.0  # "ER > SGD": ER must be this far above
 
@@ -185,19 +96,18 @@ def rows_for(protocol: str, methods: Optional[List[str]] = None, buffers: Option
     """The protocol's rows: all, or those of ``methods`` (``'der'`` for every protocol, ``'mnist-360:agem'`` for
     one); rows with a buffer only at ``buffers``."""
     wanted = None if not methods else {m.split(":", 1)[-1] for m in methods if ":" not in m or m.startswith(protocol)}
-    order = list(NAMES)  # memoryless rows first, then by buffer; within one, in NAMES's order
-    return sorted(
+    return sorted(  # memoryless rows first, then by buffer; within one, in table order
         (
             (m, b)
             for m, b in BEST[protocol]
             if (wanted is None or m in wanted) and (b is None or not buffers or b in buffers)
         ),
-        key=lambda row: (row[1] is not None, row[1] or 0, order.index(row[0])),
+        key=lambda row: (row[1] is not None, row[1] or 0, order_key(row[0])),
     )
 
 
 def run_row(protocol: str, method: str, buffer: Optional[int], seed: int, **overrides: Any) -> Dict[str, Any]:
-    """One row at one seed, through reproduce.run_one; returns its results dict."""
+    """One row at one seed, through the shared runner; returns its results dict."""
     return run_one(method, buffer, seed, DATASET[protocol], **overrides)
 
 
@@ -209,12 +119,13 @@ def _worker(
     torch.set_num_threads(1)  # one core per worker
     protocol, method, buffer, seed, overrides = job
     r = run_row(protocol, method, buffer, seed, **overrides)
-    # reproduce.summarize averages a Task-IL value too; it does not apply here (null), so Class-IL stands in
+    # summarize averages a Task-IL value too; it does not apply here (null), so Class-IL stands in
     # for it there, and no table prints it.
     average = {"class_il": r["average_accuracy"]["class_il"], "task_il": r["average_accuracy"]["class_il"]}
     keep = {"forgetting": r["forgetting"], "wall_time_s": r["wall_time_s"], "accuracy_matrix": r["accuracy_matrix"]}
     diverged = any(math.isnan(e["train_loss"]) for e in r["epoch_log"])  # the training loss became NaN
-    return (method, buffer, seed), {"average_accuracy": average, "diverged": diverged, **keep}
+    result = {"average_accuracy": average, "diverged": diverged, **keep, "provenance": provenance()}
+    return (method, buffer, seed), result
 
 
 def run_protocol(
@@ -230,53 +141,40 @@ def run_protocol(
     is appended there, and runs already in it (same protocol, row, seed and overrides) are not run again."""
     results: Dict[Row, List[Dict[str, Any]]] = {}
     done = set()
-    if cache and os.path.exists(cache):
-        with open(cache) as f:
-            for line in f:
-                entry = json.loads(line)
-                if "method" not in entry:  # a protocol's wall time (see measured_wall)
-                    continue
-                key = (entry["method"], entry["buffer"], entry["seed"])
-                if entry["protocol"] == protocol and entry["overrides"] == overrides and (key[0], key[1]) in rows:
-                    if key[2] in seeds and key not in done:
-                        done.add(key)
-                        results.setdefault((key[0], key[1]), []).append(entry["result"])
+    for entry in Cache(cache).entries():
+        if "method" not in entry:  # a protocol's wall time (see measured_wall)
+            continue
+        key = (entry["method"], entry["buffer"], entry["seed"])
+        if entry["protocol"] == protocol and entry["overrides"] == overrides and (key[0], key[1]) in rows:
+            if key[2] in seeds and key not in done:
+                done.add(key)
+                results.setdefault((key[0], key[1]), []).append(entry["result"])
     # The costliest rows first, so that the two workers finish together.
     cost = {"gem": 0, "er": 1, "der++": 2, "der": 3, "er-ace": 4, "agem": 5, "ewc": 6, "lwf": 7}
     ordered = sorted(rows, key=lambda r: cost.get(r[0], 9))
     jobs = [(protocol, m, b, s, overrides) for (m, b) in ordered for s in seeds if (m, b, s) not in done]
     if counted is not None:
         counted[0] = len(done)  # how many came from the cache
-    with mp.get_context("spawn").Pool(workers) as pool:
-        for (method, buffer, seed), r in pool.imap_unordered(_worker, jobs):
-            results.setdefault((method, buffer), []).append(r)
-            if cache:
-                entry = {"protocol": protocol, "method": method, "buffer": buffer, "seed": seed}
-                with open(cache, "a") as f:
-                    f.write(json.dumps({**entry, "overrides": overrides, "result": r}) + "\n")
-            print(
-                f"  {TITLE[protocol]:<9} {method:<10} buffer {buffer or '-':<4} seed {seed}: "
-                f"{100 * r['average_accuracy']['class_il']:.2f}%  ({r['wall_time_s']:.1f} s)"
-                + ("  DIVERGED (NaN training loss)" if r["diverged"] else ""),
-                flush=True,
-            )
+    for (method, buffer, seed), r in run_jobs(_worker, jobs, workers):
+        results.setdefault((method, buffer), []).append(r)
+        entry = {"protocol": protocol, "method": method, "buffer": buffer, "seed": seed}
+        Cache(cache).append({**entry, "overrides": overrides, "result": r})
+        print(
+            f"  {TITLE[protocol]:<9} {method:<10} buffer {buffer or '-':<4} seed {seed}: "
+            f"{100 * r['average_accuracy']['class_il']:.2f}%  ({r['wall_time_s']:.1f} s)"
+            + ("  DIVERGED (NaN training loss)" if r["diverged"] else ""),
+            flush=True,
+        )
     return {k: results[k] for k in rows}
 
 
 def measured_wall(cache: Optional[str], protocol: str, rows: List[Row], seeds: List[int], overrides: Dict[str, Any]):
     """The wall time recorded in ``cache`` when this protocol's runs (same rows, seeds, overrides) were made."""
     wall = None
-    if cache and os.path.exists(cache):
-        with open(cache) as f:
-            for line in f:
-                entry = json.loads(line)
-                same = [entry.get("protocol"), entry.get("overrides"), entry.get("seeds")] == [
-                    protocol,
-                    overrides,
-                    seeds,
-                ]
-                if "wall_s" in entry and same and [tuple(r) for r in entry["rows"]] == rows:
-                    wall = entry["wall_s"]
+    for entry in Cache(cache).entries():
+        same = [entry.get("protocol"), entry.get("overrides"), entry.get("seeds")] == [protocol, overrides, seeds]
+        if "wall_s" in entry and same and [tuple(r) for r in entry["rows"]] == rows:
+            wall = entry["wall_s"]
     return wall
 
 
@@ -373,7 +271,7 @@ def render_section(
         bad = (diverged or {}).get(row, 0)
         mark = f" (diverged in {bad} of {len(seeds)} seeds)" if bad else ""
         cells = [
-            NAMES[method],
+            display_name(method),
             str(buffer or "-"),
             f"{stats['class_il'][0]:.2f} ± {stats['class_il'][1]:.2f}{mark}",
             "n/a",
@@ -382,7 +280,7 @@ def render_section(
             forgetting = stats["forgetting"]
             cells.append("n/a" if method == "joint" else f"{forgetting[0]:.2f} ± {forgetting[1]:.2f}")
         hp = BEST[protocol][row]
-        source = " (unpublished: see below)" if method in UNPUBLISHED.get(protocol, {}) else ""
+        source = " (unpublished: see below)" if method in unpublished(protocol) else ""
         cells += [f"{stats['wall_time_s'][0]:.1f}", _hp_text(hp) + source]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
@@ -410,14 +308,14 @@ def render_section(
     if checks:
         failed = [text for text, ok in checks if not ok]
         lines += ["", f"Does not hold in {len(failed)} of {len(checks)} comparisons." if failed else "Holds."]
-    unpublished = {m: why for m, why in UNPUBLISHED.get(protocol, {}).items() if any(m == r[0] for r in rows_run)}
-    if unpublished:
+    stand_ins = {m: why for m, why in unpublished(protocol).items() if any(m == r[0] for r in rows_run)}
+    if stand_ins:
         lines += ["", "### Rows without published values for this protocol", ""]
-        lines += [f"- {NAMES[m]}: {why}." for m, why in unpublished.items()]
+        lines += [f"- {display_name(m)}: {why}." for m, why in stand_ins.items()]
     not_run = [r for r in BEST[protocol] if r not in rows_run]
     lines += ["", "### Scope", ""]
     if not_run:
-        names = ", ".join(f"{NAMES[m]}{'' if b is None else f' ({b})'}" for m, b in not_run)
+        names = ", ".join(f"{display_name(m)}{'' if b is None else f' ({b})'}" for m, b in not_run)
         lines.append(f"- Rows of the protocol not run here (subset chosen for time; see the command): {names}.")
     run_buffers = sorted({b for _, b in rows_run if b is not None})
     paper = f"200, 500 and {LARGE_BUFFER[protocol]}"
@@ -479,11 +377,10 @@ def render(
     workers: int,
     cached: int = 0,
     run_s: float = 0.0,
+    recorded: Optional[List[Optional[Dict[str, str]]]] = None,
 ) -> str:
-    import torch
-
-    import synapse
-
+    """The page: header, sections, notes; ``recorded``: the provenance of every run shown (None: not kept)."""
+    machine, versions = provenance_lines(recorded or [])
     head = [
         "# Reproduction: the DER paper's P-MNIST, R-MNIST and MNIST-360 protocols on Fashion-MNIST",
         "",
@@ -492,8 +389,8 @@ def render(
         "",
         f"- Command: `{command}`",
         f"- Seeds: {', '.join(map(str, seeds))}",
-        f"- Synapse {synapse.__version__}, torch {torch.__version__}",
-        f"- Machine: {machine()}",
+        f"- {versions}",
+        f"- {machine}",
         (
             f"- Total wall time: {total_s / 60:.1f} min ({total_s:.0f} s), {workers} run(s) in parallel, "
             "one thread each"
@@ -502,7 +399,8 @@ def render(
             f"earlier ones, one thread each); the runs' own wall times add up to {run_s / 60:.1f} min"
         ),
         "- Hyperparameters: the DER authors' best values for each protocol (mammoth `utils/best_args.py`, buffers "
-        "200, 500 and 5120, or 1000 on MNIST-360), in the catalog's names (`benchmarks/protocols.py`, `BEST`).",
+        "200, 500 and 5120, or 1000 on MNIST-360), in the catalog's names (the methods' presets, "
+        "`src/synapse/experiments/presets/`).",
         "",
     ]
     return "\n".join(head) + "\n" + "\n\n".join(sections) + "\n\n" + NOTES + "\n"
@@ -553,6 +451,7 @@ def main() -> int:
     overrides = {k: getattr(args, k) for k in ("max_train_per_task", "max_test_per_task") if getattr(args, k)}
     command = "python benchmarks/protocols.py " + " ".join(sys.argv[1:])
     sections, failed, total, cached_total, run_total_all = [], False, 0.0, 0, 0.0
+    recorded: List[Optional[Dict[str, str]]] = []
     for protocol in args.protocols:
         rows = rows_for(protocol, args.methods, args.buffers)
         if not rows:
@@ -564,9 +463,9 @@ def main() -> int:
         results = run_protocol(protocol, rows, args.seeds, args.workers, cache=args.cache, counted=cached_runs, **these)
         wall = time.perf_counter() - t0
         if args.cache and cached_runs[0] == 0:  # every run made now: record the wall time with them
-            with open(args.cache, "a") as f:
-                entry = {"protocol": protocol, "overrides": these, "rows": rows, "seeds": args.seeds, "wall_s": wall}
-                f.write(json.dumps(entry) + "\n")
+            Cache(args.cache).append(
+                {"protocol": protocol, "overrides": these, "rows": rows, "seeds": args.seeds, "wall_s": wall}
+            )
         elif cached_runs[0] == len(rows) * len(args.seeds):  # every run from the cache: the time they took then
             earlier = measured_wall(args.cache, protocol, rows, args.seeds, these)
             if earlier is not None:
@@ -576,12 +475,13 @@ def main() -> int:
         failed = failed or not all(ok for _, ok in check_findings(protocol, table))
         diverged = {row: sum(r["diverged"] for r in runs) for row, runs in results.items()}
         run_total = sum(r["wall_time_s"] for runs in results.values() for r in runs)
+        recorded += [r.get("provenance") for runs in results.values() for r in runs]
         cached_total, run_total_all = cached_total + cached_runs[0], run_total_all + run_total
         sections.append(
             render_section(protocol, rows, args.seeds, table, wall, these, diverged, cached_runs[0], run_total)
         )
         print(sections[-1], flush=True)
-    text = render(sections, args.seeds, total, command.strip(), args.workers, cached_total, run_total_all)
+    text = render(sections, args.seeds, total, command.strip(), args.workers, cached_total, run_total_all, recorded)
     if args.output != "-":
         with open(args.output, "w") as f:
             f.write(text)

@@ -1,10 +1,10 @@
 """Choose hyperparameters on a validation split, never on the test set.
 
-For methods without published Seq-MNIST values (``TUNED_GRIDS`` in ``reproduce.py``), every point of the
+For methods without published Seq-MNIST values (presets whose source is ``validation-grid``), every point of the
 grid runs the reproduction protocol with a seeded random ``--validation_ratio`` of each task's training data
 held out; the score is the final Class-IL accuracy averaged over those held-out parts (the test sets are
 not read). A point's score is its mean over ``--seeds``; the best point per method and buffer is printed,
-to be copied into ``BEST``.
+to be copied into the method's preset file (``src/synapse/experiments/presets/<method>.json``).
 
     python benchmarks/tune.py --methods mas er-ace           # seeds 0 and 1, 10% held out
     python benchmarks/tune.py --methods mas --json tune.json
@@ -15,21 +15,21 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import multiprocessing as mp
 import os
 import sys
 from typing import Any, Dict, List, Optional, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from reproduce import BEST, PROTOCOL, TUNED_GRIDS, run_one  # noqa: E402
+from _runner import presets, run_jobs, run_one  # noqa: E402
+from reproduce import PROTOCOL, tuned_grids  # noqa: E402
 
 Job = Tuple[str, Optional[int], Dict[str, Any], int, str, float]
 
 
-def grid_points(method: str, base: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """Every combination of the method's grid, on top of its BEST entry (for the keys the grid leaves)."""
-    grid = TUNED_GRIDS[method]
+def grid_points(method: str, base: Dict[str, Any], protocol: str = "seq-mnist") -> List[Dict[str, Any]]:
+    """Every combination of the method's grid, on top of its preset (for the keys the grid leaves)."""
+    grid = tuned_grids(protocol)[method]
     keys = list(grid)
     return [{**base, **dict(zip(keys, values))} for values in itertools.product(*(grid[k] for k in keys))]
 
@@ -46,25 +46,25 @@ def _score(job: Job) -> Tuple[Job, float]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="fashion-mnist", choices=sorted(PROTOCOL))
-    p.add_argument("--methods", nargs="+", default=sorted(TUNED_GRIDS), choices=sorted(TUNED_GRIDS))
+    grids = sorted(tuned_grids("seq-mnist"))
+    p.add_argument("--methods", nargs="+", default=grids, choices=grids)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="a point's score is its mean over these seeds")
     p.add_argument("--validation_ratio", type=float, default=0.1)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--json", default=None, help="write every grid point's validation score here")
     args = p.parse_args()
-    protocol = BEST[PROTOCOL[args.dataset]]
+    protocol = presets.table(PROTOCOL[args.dataset])
     jobs: List[Job] = [
         (m, b, hp, seed, args.dataset, args.validation_ratio)
         for (m, b), base in protocol.items()
         if m in args.methods
-        for hp in grid_points(m, base)
+        for hp in grid_points(m, base, PROTOCOL[args.dataset])
         for seed in args.seeds
     ]
     per_seed: Dict[Tuple[str, Optional[int], str], List[float]] = {}
-    with mp.get_context("spawn").Pool(args.workers) as pool:
-        for (m, b, hp, seed, *_), score in pool.imap_unordered(_score, jobs):
-            per_seed.setdefault((m, b, json.dumps(hp, sort_keys=True)), []).append(score)
-            print(f"  {m:<8} buffer {b or '-':<4} {hp} seed {seed}: validation Class-IL {100 * score:.2f}%", flush=True)
+    for (m, b, hp, seed, *_), score in run_jobs(_score, jobs, args.workers):
+        per_seed.setdefault((m, b, json.dumps(hp, sort_keys=True)), []).append(score)
+        print(f"  {m:<8} buffer {b or '-':<4} {hp} seed {seed}: validation Class-IL {100 * score:.2f}%", flush=True)
     scores: Dict[Tuple[str, Optional[int]], List[Tuple[float, Dict[str, Any]]]] = {}
     for (m, b, hp_text), values in per_seed.items():  # a point that diverged for any seed scores low
         scores.setdefault((m, b), []).append((sum(values) / len(values), json.loads(hp_text)))

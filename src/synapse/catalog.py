@@ -17,8 +17,9 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
+import pkgutil
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from torch import nn
 
@@ -93,6 +94,12 @@ class MethodSpec:
         hparams: the hyperparameters the CLI exposes, by constructor keyword.
         fixed: keywords every instance gets (``{"method": "der"}`` for ER's DER variant).
         summary: one line for ``--help`` and the README.
+        display: its name in benchmark tables (default: the class name).
+        order: its position in benchmark tables (they list methods in the order they joined the
+            reproduction); methods that leave it unset come after, in catalog order.
+        floor: its floor step for ``benchmarks/step_overhead.py``: ``floor(model, buffer_size, minibatch,
+            item_shape)`` returns an object with ``forward(x)`` and ``backward(loss, targets, inputs,
+            logits)`` doing the method's irreducible work in plain torch (see :mod:`synapse._floor`).
     """
 
     name: str
@@ -102,6 +109,19 @@ class MethodSpec:
     hparams: Tuple[HParam, ...] = ()
     fixed: Mapping[str, Any] = field(default_factory=dict)
     summary: str = ""
+    display: str = ""
+    order: int = 1000
+    floor: Optional[Callable[..., Any]] = field(default=None, compare=False)
+
+    @property
+    def display_name(self) -> str:
+        return self.display or self.cls.__name__
+
+    @property
+    def regulariser(self) -> bool:
+        """A penalty on the weights or outputs with no memory of past data (the structure and distillation
+        families): the DER paper's regularisation baselines."""
+        return self.family in ("structure", "distillation") and not self.has_buffer
 
     @property
     def has_buffer(self) -> bool:
@@ -157,11 +177,14 @@ def register(spec: MethodSpec) -> MethodSpec:
 
 
 def _load() -> None:
-    """Import every family package, so that each method file has registered itself."""
+    """Import every module of every family package, so that each method file has registered itself: a
+    method is its one file, and a family ``__init__`` that forgets to import it cannot drop it."""
     global _loaded
     if not _loaded:
         for family in FAMILIES:
-            importlib.import_module(f"synapse.{family}")
+            package = importlib.import_module(f"synapse.{family}")
+            for module in pkgutil.iter_modules(package.__path__):
+                importlib.import_module(f"{package.__name__}.{module.name}")
         _loaded = True
 
 

@@ -273,6 +273,7 @@ register(
         "lwf",
         LwF,
         family="distillation",
+        order=5,
         paper="Li & Hoiem 2016, *Learning without Forgetting*",
         summary="distil a frozen copy's temperature-softened old-class outputs on the current inputs",
         hparams=(

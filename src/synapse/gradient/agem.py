@@ -141,6 +141,8 @@ register(
         "agem",
         AGEM,
         family="gradient",
+        display="A-GEM",
+        order=6,
         paper="Chaudhry et al. 2019, *Efficient Lifelong Learning with A-GEM*",
         summary="project the gradient when it conflicts with a memory minibatch's",
         hparams=(

@@ -224,6 +224,7 @@ register(
         "gem",
         GEM,
         family="gradient",
+        order=7,
         paper="Lopez-Paz & Ranzato 2017, *Gradient Episodic Memory for Continual Learning*",
         summary="project the gradient, through a small QP, so that no past task's memory loss increases",
         hparams=(

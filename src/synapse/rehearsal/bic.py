@@ -622,6 +622,7 @@ register(
         "bic",
         BiC,
         family="rehearsal",
+        order=16,
         paper=_PAPER,
         summary="replay with distillation from the old model; a two-parameter correction of the new classes' "
         "logits fitted on held-out items at each task end",

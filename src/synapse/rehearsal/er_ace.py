@@ -204,6 +204,8 @@ register(
         "er-ace",
         ERACE,
         family="rehearsal",
+        display="ER-ACE",
+        order=9,
         paper=_PAPER,
         summary="ER with an asymmetric cross-entropy: the incoming batch's softmax spans only its own classes",
         hparams=(

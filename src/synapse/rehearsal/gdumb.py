@@ -475,6 +475,7 @@ register(
         "gdumb",
         GDumb,
         family="rehearsal",
+        order=15,
         paper=_PAPER,
         summary="a greedy class-balanced memory; nothing learnt from the stream, the model retrained from scratch "
         "on the memory at each task end",

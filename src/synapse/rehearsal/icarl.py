@@ -496,6 +496,8 @@ register(
         "icarl",
         ICaRL,
         family="rehearsal",
+        display="iCaRL",
+        order=13,
         paper="Rebuffi et al. 2017, *iCaRL: Incremental Classifier and Representation Learning*",
         summary="herding exemplars; BCE distilling a frozen copy's old-class outputs; nearest-mean-of-exemplars",
         hparams=(

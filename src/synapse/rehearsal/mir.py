@@ -206,6 +206,7 @@ register(
         "mir",
         MIR,
         family="rehearsal",
+        order=14,
         paper="Aljundi et al. 2019, *Online Continual Learning with Maximal Interfered Retrieval*",
         summary="ER replaying the memories whose loss a virtual SGD step on the incoming batch would raise most",
         hparams=(

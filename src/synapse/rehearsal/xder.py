@@ -490,6 +490,8 @@ register(
         "xder",
         XDER,
         family="rehearsal",
+        display="X-DER",
+        order=12,
         paper=_PAPER,
         summary="DER++ whose stored logits learn the future past; class-balanced task-end memory; head constraints",
         hparams=(

@@ -156,6 +156,8 @@ register(
         "ewc",
         EWC,
         family="structure",
+        display="EWC (online)",
+        order=3,
         paper="Kirkpatrick et al. 2017, *Overcoming catastrophic forgetting in neural networks*; "
         "online: Schwarz et al. 2018, *Progress & Compress*",
         summary="diagonal-Fisher quadratic penalty (online or one per task)",

@@ -84,6 +84,7 @@ register(
         "mas",
         MAS,
         family="structure",
+        order=4,
         paper="Aljundi et al. 2018, *Memory Aware Synapses: Learning what (not) to forget*",
         summary="output-sensitivity importance, quadratic penalty",
         hparams=(HParam("mas_lambda", float, 1.0, "penalty strength lambda", low=0.0),),

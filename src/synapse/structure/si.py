@@ -201,6 +201,7 @@ register(
         "si",
         SI,
         family="structure",
+        order=2,
         paper="Zenke, Poole & Ganguli 2017, *Continual Learning Through Synaptic Intelligence*",
         summary="path-integral importance, quadratic penalty",
         hparams=(

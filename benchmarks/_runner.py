@@ -1,0 +1,204 @@
+"""What the benchmark scripts share: rows from the catalog's presets, one run, the process pool, the JSON-lines
+cache, provenance recorded with raw results, and the lines that render it.
+
+``reproduce.py``, ``protocols.py``, ``crosscheck.py`` and ``step_overhead.py`` keep only their protocol, their
+checks and their tables. Every method, its display name and its values come from ``synapse.catalog`` and
+``synapse.experiments.presets``, so a new method file reaches every benchmark with no edit here.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.join(ROOT, "src") not in sys.path:
+    sys.path.insert(0, os.path.join(ROOT, "src"))
+
+from synapse.experiments import presets  # noqa: E402
+
+Row = presets.Row
+
+
+# ------------------------------------------------------------------------------------------------ rows
+def display_name(method: str) -> str:
+    """A method's name in the tables (the catalog's display name; SGD and Joint for the baselines)."""
+    return presets.display_name(method)
+
+
+def order_key(method: str) -> int:
+    """A method's position in the tables: baselines first, then the catalog's ``order``."""
+    return presets.methods().index(method)
+
+
+def config_for(
+    dataset: str,
+    method: str,
+    buffer: Optional[int],
+    seed: int,
+    fused: bool = True,
+    hp: Optional[Dict[str, Any]] = None,
+    **overrides: Any,
+):
+    """The experiment's configuration for one row: its preset for the dataset's protocol, or ``hp`` in its
+    place (e.g. when tuning); ``overrides`` are further ``Config`` fields."""
+    from synapse.experiments.run import Config
+
+    protocol = presets.protocol_of(dataset)
+    if protocol is None:
+        raise ValueError(f"{dataset} runs no protocol with presets; known: {presets.PROTOCOLS}")
+    hp = dict(presets.values(method, protocol, buffer) if hp is None else hp)
+    training_type = method if method in presets.BASELINES else "continual"
+    method_args = {k: v for k, v in hp.items() if k not in presets.RUN_KEYS}
+    return Config(
+        dataset=dataset,
+        training_type=training_type,
+        synapse_type=method if training_type == "continual" else "der++",
+        lr=hp["lr"],
+        weight_decay=hp.get("weight_decay", 0.0),
+        method_args=method_args if training_type == "continual" else {},
+        buffer_size=buffer or 1,
+        buffer_sample_size=hp.get("mb"),
+        batch_size=hp.get("batch_size"),  # None: the protocol's
+        seed=seed,
+        unfused=not fused,
+        quiet=True,
+        device="cpu" if protocol != "seq-cifar10" else "auto",  # a small MLP is fastest on the CPU
+        **overrides,
+    )
+
+
+def run_one(
+    method: str,
+    buffer: Optional[int],
+    seed: int,
+    dataset: str = "fashion-mnist",
+    fused: bool = True,
+    hp: Optional[Dict[str, Any]] = None,
+    **overrides: Any,
+) -> Dict[str, Any]:
+    """One configuration end to end through the CLI's experiment loop; returns its results dict."""
+    from synapse.experiments.run import Experiment
+
+    cfg = config_for(dataset, method, buffer, seed, fused, hp, **overrides)
+    start = time.perf_counter()
+    results = Experiment(cfg).run()
+    results["wall_time_s"] = time.perf_counter() - start  # including data loading
+    return results
+
+
+def summarize(results: Dict[Row, List[Dict[str, Any]]]) -> Dict[Row, Dict[str, Tuple[float, float]]]:
+    """Mean and (sample) standard deviation, in %, of each metric over seeds."""
+
+    def stat(values: List[float]) -> Tuple[float, float]:
+        values = [100 * v for v in values]
+        return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+    table = {}
+    for key, runs in results.items():
+        table[key] = {
+            "class_il": stat([r["average_accuracy"]["class_il"] for r in runs]),
+            "task_il": stat([r["average_accuracy"]["task_il"] for r in runs]),
+            "forgetting": stat([r["forgetting"]["class_il"] or 0.0 for r in runs])
+            if key[0] != "joint"
+            else (float("nan"), 0.0),
+            "wall_time_s": (statistics.mean(r["wall_time_s"] for r in runs), 0.0),
+        }
+        if all(r.get("head_average_accuracy") for r in runs):  # a method with its own predictor (iCaRL)
+            table[key]["class_il_head"] = stat([r["head_average_accuracy"]["class_il"] for r in runs])
+            table[key]["task_il_head"] = stat([r["head_average_accuracy"]["task_il"] for r in runs])
+    return table
+
+
+# ------------------------------------------------------------------------------------ pool and cache
+def run_jobs(work: Callable[[Any], Any], jobs: Sequence[Any], workers: int) -> Iterator[Any]:
+    """``work(job)`` for every job, as they finish: ``workers`` spawned processes (one thread each is the
+    worker's job), or in this process when there is one worker or one job."""
+    if workers <= 1 or len(jobs) <= 1:
+        yield from map(work, jobs)
+        return
+    with mp.get_context("spawn").Pool(workers) as pool:
+        yield from pool.imap_unordered(work, jobs)
+
+
+class Cache:
+    """A JSON-lines file of finished runs: a rerun reads what is there and appends what it adds (each run's
+    result carries the :func:`provenance` of the process that made it). ``None`` as the path: nothing is kept."""
+
+    def __init__(self, path: Optional[str]) -> None:
+        self.path = path
+
+    def entries(self) -> List[Dict[str, Any]]:
+        if not self.path or not os.path.exists(self.path):
+            return []
+        with open(self.path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def append(self, entry: Dict[str, Any]) -> None:
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+
+# ------------------------------------------------------------------------------------------ provenance
+def _git(*args: str) -> str:
+    try:
+        out = subprocess.run(["git", "-C", ROOT, *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def cpu_model() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return cpu
+
+
+def provenance() -> Dict[str, str]:
+    """What made a raw result: the commit (``+dirty`` with uncommitted changes to tracked files), the machine
+    and the library versions. Recorded with every raw result, so that a render states where its numbers
+    came from rather than where it was rendered."""
+    import numpy
+    import torch
+
+    import synapse
+
+    commit = _git("rev-parse", "--short=12", "HEAD") or "unknown"
+    if commit != "unknown" and _git("status", "--porcelain", "--untracked-files=no"):
+        commit += "+dirty"
+    return {
+        "commit": commit,
+        "machine": f"{cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, "
+        f"Python {platform.python_version()}",
+        "versions": f"Synapse {synapse.__version__}, torch {torch.__version__}, numpy {numpy.__version__}",
+    }
+
+
+NOT_RECORDED = "not recorded with these raw results"
+
+
+def provenance_lines(recorded: Iterable[Optional[Dict[str, str]]]) -> Tuple[str, str]:
+    """The "Machine:" and versions lines of a render, from the provenance its raw results recorded (one per
+    run, or one for them all): each distinct value once, in the order first seen, and
+    :data:`NOT_RECORDED` for runs saved before provenance was kept."""
+    machines: List[str] = []
+    versions: List[str] = []
+    for prov in recorded:
+        machine = f"{prov['machine']} (commit {prov['commit']})" if prov else NOT_RECORDED
+        version = prov["versions"] if prov else NOT_RECORDED
+        for seen, value in ((machines, machine), (versions, version)):
+            if value not in seen:
+                seen.append(value)
+    return "Machine: " + "; ".join(machines or [NOT_RECORDED]), "Versions: " + "; ".join(versions or [NOT_RECORDED])
