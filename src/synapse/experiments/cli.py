@@ -11,6 +11,7 @@ import torch
 
 from synapse import catalog
 
+from . import presets
 from ._extras import missing_extras_message, missing_modules
 from .checkpoint import CheckpointError
 from .datasets import DATASETS, DatasetUnavailable
@@ -233,6 +234,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.weight_decay,
         help="SGD's weight decay (L2), e.g. 5e-4 for the DER authors' LwF",
     )
+    g.add_argument(
+        "--preset",
+        choices=list(presets.PROTOCOLS),
+        default=None,
+        help="start from the best values known for this protocol (src/synapse/experiments/presets/<method>.json: "
+        "the paper's, the authors' configuration or a validation grid, each named): SGD's lr and weight decay, the "
+        "batch size, the replay minibatch and the method's hyperparameters, for --synapse_type (or the "
+        "--training_type baseline) at --buffer_size; flags given explicitly override them; prints where each "
+        "value came from",
+    )
     _add_method_flags(p)
     g = p.add_argument_group("output")
     g.add_argument(
@@ -290,10 +301,13 @@ def _add_method_flags(p: argparse.ArgumentParser) -> None:
             )
 
 
-def _method_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Dict[str, Any]:
-    """The chosen method's hyperparameters from its flags and --method_args, checked against the catalog."""
+def _method_args(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, preset: Optional[Dict[str, Any]] = None
+) -> Dict[str, Any]:
+    """The chosen method's hyperparameters from its flags and --method_args (over ``preset``'s values), checked
+    against the catalog."""
     spec = catalog.get(args.synapse_type)
-    given: Dict[str, Any] = {}
+    given: Dict[str, Any] = dict(preset or {})
     for item in args.method_args:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -319,6 +333,62 @@ def _method_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> D
         raise  # unreachable: parser.error exits
 
 
+# --preset's run settings and the flags they fill (a preset's other keys are the method's hyperparameters).
+_PRESET_FLAGS = {"lr": "lr", "weight_decay": "weight_decay", "batch_size": "batch_size", "mb": "buffer_sample_size"}
+
+
+def _explicit_flags(argv: Sequence[str]) -> set:
+    """The destinations the command line sets explicitly (a flag given at its default value included)."""
+    probe = build_parser()
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(probe.parse_args(argv)))
+
+
+def _apply_preset(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> Dict[str, Any]:
+    """Fill the run settings that ``--preset`` names and the command line leaves unset, print where each value
+    came from, and return the preset's method hyperparameters (the method's flags override them later)."""
+    protocol = args.preset
+    datasets = presets.PROTOCOLS[protocol]
+    if args.dataset not in datasets:
+        runs = presets.protocol_of(args.dataset)
+        instead = f"runs {runs} (use --preset {runs})" if runs else "has no presets"
+        wanted = " or ".join(datasets)
+        parser.error(f"--preset {protocol} is for --dataset {wanted}, not {args.dataset}, which {instead}")
+    continual = args.training_type == "continual"
+    method = args.synapse_type if continual else args.training_type
+    has_buffer = continual and catalog.get(method).has_buffer
+    buffer = args.buffer_size if has_buffer else None
+    entry = presets.block(method, protocol) or {}
+    try:
+        values = presets.values(method, protocol, buffer)
+    except KeyError as e:
+        parser.error(str(e.args[0]))
+    explicit = _explicit_flags(argv)
+    given_hp = {item.partition("=")[0] for item in args.method_args} | {
+        dest[len("hp_") :] for dest in explicit if dest.startswith("hp_")
+    }
+    where = f"buffer {buffer}" if buffer is not None else "no buffer"
+    lines = [f"preset {protocol} for {method} at {where}: {entry['source']}, {entry['reference']}"]
+    if entry.get("note"):
+        lines.append(f"  ({entry['note']})")
+    hparams: Dict[str, Any] = {}
+    for key, value in values.items():
+        flag = _PRESET_FLAGS.get(key, key)
+        overridden = flag in explicit if key in _PRESET_FLAGS else key in given_hp
+        if overridden:
+            lines.append(f"  --{flag}: the command line's, not the preset's {value!r}")
+        else:
+            lines.append(f"  --{flag} {value!r}: preset")
+            if key in _PRESET_FLAGS:
+                setattr(args, flag, value)
+            else:
+                hparams[key] = value
+    if not args.quiet:
+        print("\n".join(lines))
+    return hparams
+
+
 def _asks_for_help(argv: Sequence[str]) -> bool:
     """Whether argparse would print the help (``-h``, ``--help`` or an abbreviation such as ``--he``)."""
     return any(a == "-h" or (a.startswith("--h") and "--help".startswith(a)) for a in argv)
@@ -340,8 +410,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error("--log needs --output_dir (every backend writes there)")
     if args.threads is None:
         args.threads = default_threads(args.dataset, args.model)
-    method_args = _method_args(parser, args)
-    fields = {k: v for k, v in vars(args).items() if not k.startswith("hp_")}
+    preset = _apply_preset(parser, args, argv) if args.preset else None
+    method_args = _method_args(parser, args, preset)
+    fields = {k: v for k, v in vars(args).items() if not k.startswith("hp_") and k != "preset"}
     cfg = Config(**{**fields, "method_args": method_args})
     try:
         check_scenario(cfg, DATASETS[cfg.dataset])
