@@ -23,32 +23,30 @@ sample to insert, a separate forward and loss for each buffer minibatch), for co
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import platform
 import statistics
 import sys
 import time
+from functools import partial
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 README = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "README.md"))
 
 import synapse  # noqa: E402
-from synapse._autograd import backward as seeded_backward  # noqa: E402
-from synapse._autograd import grad as seeded_grad  # noqa: E402
-from synapse._flat import FlatSpace  # noqa: E402
+from _runner import display_name, order_key  # noqa: E402
+from synapse import catalog  # noqa: E402
+from synapse._floor import Floor  # noqa: E402
 from synapse.experiments.models import create_model  # noqa: E402
-from synapse.functional import logit_distillation_grad, project_conflicting_  # noqa: E402
-from synapse.gradient import AGEM  # noqa: E402
-from synapse.rehearsal import ER  # noqa: E402
-from synapse.structure import SI  # noqa: E402
 
 
 class ReferenceStyleDERpp:
@@ -83,146 +81,32 @@ class ReferenceStyleDERpp:
             self.seen += 1
 
 
-MIR_CANDIDATES, MIR_VIRTUAL_LR = 50, 0.1  # the catalog's defaults for MIR, which its row runs with
-
-
-class Floor:
-    """The irreducible work of a method, hand-written without any of a library's bookkeeping: no input
-    validation, no reservoir insertion, no hooks; replay indices drawn with replacement in advance from a
-    buffer of random items. What a method costs above its floor is what Synapse adds.
-
-    ``kind``: ``'er'``, ``'der'``, ``'der++'`` (fused: the replay rows ride in the user's forward, one
-    backward), ``'agem'`` (a reference gradient, flat copies, the projection), ``'si'`` (its six passes
-    over the parameters: snapshot, change, path integral, penalty, add to the gradients, keep them) or
-    ``'mir'`` (the virtual step's gradient, ``theta - lr g``, the candidates' forwards with ``theta`` and
-    with it, top-k, the chosen rows' forward, one backward: MIR's real work, with the catalog's 50
-    candidates and virtual lr 0.1).
-    Backward passes use Synapse's seeded backward, the cheapest way into autograd this code knows.
-    """
-
-    def __init__(
-        self, model: nn.Module, kind: str, size: int, minibatch: int, alpha: float, beta: float, item: Tuple[int, ...]
-    ) -> None:
-        self.model, self.kind, self.alpha = model, kind, alpha
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        device = self.params[0].device
-        self.one = torch.ones((), device=device)
-        self.weights = [torch.full((), w, device=device) for w in (alpha, beta)]
-        g = torch.Generator().manual_seed(1)
-        classes = [m for m in model.modules() if isinstance(m, nn.Linear)][-1].out_features
-        self.x = torch.randint(0, 256, (size, *item), generator=g, dtype=torch.uint8).to(device)
-        self.y = torch.randint(0, classes, (size,), generator=g).to(device)
-        self.z = torch.randn(size, classes, generator=g).to(device)
-        rows = {"der++": 2 * minibatch, "mir": MIR_CANDIDATES}.get(kind, minibatch)
-        self.blocks = torch.randint(0, size, (64, rows), generator=g).to(device).unbind(0)
-        self.k, self.step = minibatch, 0
-        self.spaces = {n: FlatSpace(self.params) for n in ("a", "b", "c", "d", "e", "f", "g")}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind in ("agem", "si", "mir"):
-            return self.model(x)
-        self.idx = self.blocks[self.step % len(self.blocks)]
-        self.step += 1
-        out = self.model(torch.cat([x, self.x.index_select(0, self.idx)]))
-        user, *self.replayed = out.split([x.shape[0], *[self.k] * (len(self.idx) // self.k)])
-        return user
-
-    def backward(self, loss: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor, logits: torch.Tensor) -> None:
-        getattr(self, f"_{self.kind.replace('+', 'p')}")(loss, inputs)
-
-    def _er(self, loss: torch.Tensor, inputs: torch.Tensor) -> None:
-        term = F.cross_entropy(self.replayed[0], self.y.index_select(0, self.idx))
-        seeded_backward((loss, term), (self.one, self.weights[0]))
-
-    def _der(self, loss: torch.Tensor, inputs: torch.Tensor) -> None:
-        seeded_backward((loss, self.replayed[0]), (self.one, self._der_gradient(self.idx)))
-
-    def _derpp(self, loss: torch.Tensor, inputs: torch.Tensor) -> None:
-        first, second = self.idx.split(self.k)
-        ce = F.cross_entropy(self.replayed[1], self.y.index_select(0, second))
-        roots = (loss, ce, self.replayed[0])
-        seeded_backward(roots, (self.one, self.weights[1], self._der_gradient(first)))
-
-    def _der_gradient(self, idx: torch.Tensor) -> torch.Tensor:
-        return logit_distillation_grad(self.replayed[0], self.z.index_select(0, idx), weight=self.alpha)
-
-    def _agem(self, loss: torch.Tensor, inputs: torch.Tensor) -> None:
-        idx = self.blocks[self.step % len(self.blocks)]
-        self.step += 1
-        ref_loss = F.cross_entropy(self.model(self.x.index_select(0, idx)), self.y.index_select(0, idx))
-        reference, current = self.spaces["a"], self.spaces["b"]
-        torch._foreach_copy_(reference.views, seeded_grad(ref_loss, self.one, self.params))
-        seeded_backward((loss,), (self.one,))
-        grads = [p.grad for p in self.params]
-        torch._foreach_copy_(current.views, grads)
-        project_conflicting_(current.flat, reference.flat)
-        torch._foreach_copy_(grads, current.views)
-
-    def _mir(self, loss: torch.Tensor, inputs: torch.Tensor) -> None:
-        idx = self.blocks[self.step % len(self.blocks)]
-        self.step += 1
-        x, y = self.x.index_select(0, idx), self.y.index_select(0, idx)
-        grads = torch.autograd.grad(loss, self.params, self.one, retain_graph=True)  # the loss backs up again
-        with torch.no_grad():
-            virtual = torch._foreach_add(self.params, grads, alpha=-MIR_VIRTUAL_LR)
-            names = [n for n, p in self.model.named_parameters() if p.requires_grad]
-            before = F.cross_entropy(self.model(x), y, reduction="none")
-            after = F.cross_entropy(functional_call(self.model, dict(zip(names, virtual)), (x,)), y, reduction="none")
-            top = (after - before).topk(self.k).indices
-        replayed = F.cross_entropy(self.model(x.index_select(0, top)), y.index_select(0, top))
-        seeded_backward((loss, replayed), (self.one, self.one))
-
-    def _si(self, loss: torch.Tensor, inputs: torch.Tensor) -> None:
-        s = self.spaces
-        torch._foreach_copy_(s["a"].views, [p.detach() for p in self.params])  # theta
-        torch.sub(s["a"].flat, s["b"].flat, out=s["c"].flat)  # its change since the last step
-        s["d"].flat.addcmul_(s["c"].flat, s["e"].flat, value=-1)  # the path integral
-        seeded_backward((loss,), (self.one,))
-        grads = [p.grad for p in self.params]
-        torch.addcmul(s["g"].flat, s["f"].flat, s["a"].flat, out=s["c"].flat)  # the penalty's gradient
-        torch._foreach_add_(grads, s["c"].views)
-        s["a"], s["b"] = s["b"], s["a"]
-        torch._foreach_copy_(s["e"].views, grads)
-
-
 def make_variants(
     buffer_size: int, mb: int, item: Tuple[int, ...]
 ) -> Dict[str, Optional[Callable[[nn.Module], object]]]:
+    """Every row, from the catalog: plain; each method with its catalog defaults (the ER family fused and
+    unfused), in table order; the reference-style DER++; each method's floor step (``MethodSpec.floor``,
+    written beside the method). A new method file gets its rows with no edit here."""
     alpha, beta = 0.3, 0.5
-    return {
-        "plain": None,
-        "ER (fused)": lambda m: ER(m, buffer_size, mb, alpha=1.0, method="er"),
-        "ER (unfused)": lambda m: ER(m, buffer_size, mb, alpha=1.0, method="er", fused=False),
-        "DER (fused)": lambda m: ER(m, buffer_size, mb, alpha=alpha, method="der"),
-        "DER (unfused)": lambda m: ER(m, buffer_size, mb, alpha=alpha, method="der", fused=False),
-        "DER++ (fused)": lambda m: ER(m, buffer_size, mb, alpha=alpha, beta=beta, method="der++"),
-        "DER++ (unfused)": lambda m: ER(m, buffer_size, mb, alpha=alpha, beta=beta, method="der++", fused=False),
-        "A-GEM": lambda m: AGEM(m, buffer_size, mb),
-        "SI": lambda m: SI(m, checkpoint_per_steps=100),  # consolidated: the penalty is part of the step
-        "DER++ reference-style": lambda m: ReferenceStyleDERpp(m, buffer_size, mb, alpha, beta),
-        "floor: ER": lambda m: Floor(m, "er", buffer_size, mb, 1.0, beta, item),
-        "floor: DER": lambda m: Floor(m, "der", buffer_size, mb, alpha, beta, item),
-        "floor: DER++": lambda m: Floor(m, "der++", buffer_size, mb, alpha, beta, item),
-        "floor: A-GEM": lambda m: Floor(m, "agem", buffer_size, mb, alpha, beta, item),
-        "floor: SI": lambda m: Floor(m, "si", buffer_size, mb, alpha, beta, item),
-        "floor: MIR": lambda m: Floor(m, "mir", buffer_size, mb, alpha, beta, item),
-        **catalog_variants(buffer_size, mb),
-    }
-
-
-# Rows above that already stand for a catalog method (with the options the table compares).
-_COVERED = {"er", "der", "der++", "agem", "si"}
-
-
-def catalog_variants(buffer_size: int, mb: int) -> Dict[str, Optional[Callable[[nn.Module], object]]]:
-    """A row for every other registered method, with its catalog defaults (so a new method gets its row)."""
-    from synapse import catalog
-
-    rows: Dict[str, Optional[Callable[[nn.Module], object]]] = {}
-    for spec in catalog.specs():
-        if spec.name not in _COVERED:
-            rows[spec.name] = lambda m, spec=spec: spec.create(m, buffer_size=buffer_size, buffer_sample_size=mb)
+    specs = sorted(catalog.specs(), key=lambda spec: order_key(spec.name))
+    rows: Dict[str, Optional[Callable[[nn.Module], object]]] = {"plain": None}
+    for spec in specs:
+        name = display_name(spec.name)
+        fusable = "fused" in inspect.signature(spec.cls).parameters
+        modes = ((" (fused)", True), (" (unfused)", False)) if fusable else (("", None),)
+        for suffix, fused in modes:
+            rows[name + suffix] = partial(_create, spec, buffer_size, mb, fused)
+    rows["DER++ reference-style"] = lambda m: ReferenceStyleDERpp(m, buffer_size, mb, alpha, beta)
+    for spec in specs:
+        if spec.floor is not None:
+            rows[f"floor: {display_name(spec.name)}"] = partial(
+                spec.floor, buffer_size=buffer_size, minibatch=mb, item=item, hparams=spec.defaults()
+            )
     return rows
+
+
+def _create(spec: Any, buffer_size: int, mb: int, fused: Optional[bool], model: nn.Module) -> object:
+    return spec.create(model, buffer_size=buffer_size, buffer_sample_size=mb, fused=fused)
 
 
 class Runner:
@@ -292,7 +176,7 @@ class Runner:
 def end_to_end(seeds: int) -> Dict[str, Dict[str, Any]]:
     """The Split Fashion-MNIST reproduction's DER++ (buffer 500), fused and unfused, over ``seeds`` seeds:
     seed 0's wall time, and every seed's accuracy, so that the two paths can be compared within seed noise."""
-    from reproduce import run_one
+    from _runner import run_one
 
     summary: Dict[str, Dict[str, Any]] = {}
     for fused in (True, False):

@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .._base import Synapse, TaskBatch, distributed_world
+from .._floor import Floor
 from .._validation import check_non_negative, check_positive
 from ..catalog import HParam, MethodSpec, register
 from ..functional import soft_distillation_grad
@@ -268,12 +269,25 @@ def _load_weights(module: nn.Module, weights: Mapping[str, Tensor]) -> None:
     module.load_state_dict(weights)
 
 
+class _LwFFloor(Floor):
+    """LwF's floor: the frozen copy's forward on the batch and the distillation gradient seeded into the
+    user's logits, in the user's backward."""
+
+    def backward(self, loss: Tensor, targets: Tensor, inputs: Tensor, logits: Tensor) -> None:
+        with torch.no_grad():
+            teacher = self.teacher()(inputs)
+        temperature, alpha = float(self.hp["temperature"]), float(self.hp["alpha"])
+        seed = soft_distillation_grad(logits.detach(), teacher, temperature, weight=alpha)
+        self.run_backward((loss, logits), (self.one, seed))
+
+
 register(
     MethodSpec(
         "lwf",
         LwF,
         family="distillation",
         order=5,
+        floor=_LwFFloor,
         paper="Li & Hoiem 2016, *Learning without Forgetting*",
         summary="distil a frozen copy's temperature-softened old-class outputs on the current inputs",
         hparams=(

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from .. import _autograd
 from .._base import BufferedSynapse, TaskBatch, distributed_world
 from .._flat import FlatSpace
+from .._floor import Floor
 from ..buffer import fresh_seed
 from ..catalog import HParam, MethodSpec, register
 from ..episodic import EpisodicMemory
@@ -136,6 +137,21 @@ class AGEM(BufferedSynapse):
             reference.flat.div_(world)
 
 
+class _AGEMFloor(Floor):
+    """A-GEM's floor: a reference gradient on a memory minibatch, flat copies, the projection."""
+
+    def backward(self, loss: Tensor, targets: Tensor, inputs: Tensor, logits: Tensor) -> None:
+        idx = self.draw()
+        ref_loss = F.cross_entropy(self.model(self.x.index_select(0, idx)), self.y.index_select(0, idx))
+        reference, current = self.space("reference"), self.space("current")
+        torch._foreach_copy_(reference.views, _autograd.grad(ref_loss, self.one, self.params))
+        self.run_backward((loss,), (self.one,))
+        grads = [p.grad for p in self.params]
+        torch._foreach_copy_(current.views, grads)
+        project_conflicting_(current.flat, reference.flat)
+        torch._foreach_copy_(grads, current.views)
+
+
 register(
     MethodSpec(
         "agem",
@@ -143,6 +159,7 @@ register(
         family="gradient",
         display="A-GEM",
         order=6,
+        floor=_AGEMFloor,
         paper="Chaudhry et al. 2019, *Efficient Lifelong Learning with A-GEM*",
         summary="project the gradient when it conflicts with a memory minibatch's",
         hparams=(

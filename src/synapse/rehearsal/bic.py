@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from .._base import CURRENT_LOSS, TaskBatch, distributed_world
 from .._capture import Replay
+from .._floor import Floor
 from .._validation import check_positive, check_positive_int
 from ..buffer import Buffer, fresh_seed, indices_on
 from ..catalog import HParam, MethodSpec, register
@@ -617,12 +618,34 @@ def _averaged(fitted: Optional[Tuple[Tensor, Tensor]], device: torch.device) -> 
 
 
 _PAPER = "Wu et al. 2019, *Large Scale Incremental Learning*"
+
+
+class _BiCFloor(Floor):
+    """BiC's floor: the frozen copy's forward on the batch and the replayed rows (riding in the user's
+    forward), and its loss, ``lambda`` distillation on the old classes plus cross-entropy on the seen ones,
+    over all rows in place of the user's loss."""
+
+    fused = 1
+
+    def backward(self, loss: Tensor, targets: Tensor, inputs: Tensor, logits: Tensor) -> None:
+        replayed_x = self.x.index_select(0, self.idx)
+        with torch.no_grad():
+            teacher = self.teacher()(torch.cat([inputs, replayed_x]))
+        rows = torch.cat([logits, self.replayed[0]])
+        labels = torch.cat([targets, self.y.index_select(0, self.idx)])
+        classes = torch.arange(rows.shape[1], device=rows.device)
+        old, seen = classes < rows.shape[1] // 2, classes >= 0  # the first half are old
+        term = bic_loss(rows, labels, teacher, old, seen, float(self.hp["temperature"]))
+        self.run_backward((term,), (self.one,))
+
+
 register(
     MethodSpec(
         "bic",
         BiC,
         family="rehearsal",
         order=16,
+        floor=_BiCFloor,
         paper=_PAPER,
         summary="replay with distillation from the old model; a two-parameter correction of the new classes' "
         "logits fitted on held-out items at each task end",

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from .._base import BufferedSynapse
 from .._capture import Replay
+from .._floor import Floor
 from .._validation import check_non_negative
 from ..catalog import HParam, MethodSpec, register
 from ..functional import logit_distillation_grad
@@ -276,12 +277,47 @@ _BUFFER_POLICY = HParam(
     "what the memory keeps: a uniform sample of the stream, or an equal share per class (GDumb)",
     choices=("reservoir", "class_balanced"),
 )
+
+
+class _ERFloor(Floor):
+    """ER's floor: the replay minibatch rides in the user's forward; one backward of ``loss + alpha CE``."""
+
+    fused = 1
+
+    def backward(self, loss: Tensor, targets: Tensor, inputs: Tensor, logits: Tensor) -> None:
+        term = F.cross_entropy(self.replayed[0], self.y.index_select(0, self.idx))
+        self.run_backward((loss, term), (self.one, self.weight("alpha")))
+
+
+class _DERFloor(Floor):
+    """DER's floor: the replayed rows' logit-matching gradient seeded into them, in the user's backward."""
+
+    fused = 1
+
+    def backward(self, loss: Tensor, targets: Tensor, inputs: Tensor, logits: Tensor) -> None:
+        seed = logit_distillation_grad(self.replayed[0], self.z.index_select(0, self.idx), weight=self.hp["alpha"])
+        self.run_backward((loss, self.replayed[0]), (self.one, seed))
+
+
+class _DERppFloor(Floor):
+    """DER++'s floor: DER's seeded logit matching on one minibatch, ``beta CE`` on a second, one backward."""
+
+    fused = 2
+
+    def backward(self, loss: Tensor, targets: Tensor, inputs: Tensor, logits: Tensor) -> None:
+        first, second = self.idx.split(self.k)
+        ce = F.cross_entropy(self.replayed[1], self.y.index_select(0, second))
+        seed = logit_distillation_grad(self.replayed[0], self.z.index_select(0, first), weight=self.hp["alpha"])
+        self.run_backward((loss, ce, self.replayed[0]), (self.one, self.weight("beta"), seed))
+
+
 register(
     MethodSpec(
         "er",
         ER,
         family="rehearsal",
         order=8,
+        floor=_ERFloor,
         paper=_ER_PAPER,
         summary="Experience Replay: cross-entropy on a reservoir minibatch",
         fixed={"method": "er"},
@@ -299,6 +335,7 @@ register(
         family="rehearsal",
         display="DER",
         order=10,
+        floor=_DERFloor,
         paper=_DER_PAPER,
         summary="Dark Experience Replay: match the logits stored with each sample",
         fixed={"method": "der"},
@@ -315,6 +352,7 @@ register(
         family="rehearsal",
         display="DER++",
         order=11,
+        floor=_DERppFloor,
         paper=_DER_PAPER,
         summary="DER plus cross-entropy on a second, independent minibatch",
         fixed={"method": "der++"},

@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._base import CURRENT_LOSS, TaskBatch
+from .._floor import Floor
 from ..catalog import HParam, MethodSpec, register
 from ..functional import ace_class_mask, asymmetric_cross_entropy
 from .er import ER
@@ -199,6 +201,20 @@ class ERACE(ER):
 
 
 _PAPER = "Caccia et al. 2022, *New Insights on Reducing Abrupt Representation Change in Online Continual Learning*"
+
+
+class _ERACEFloor(Floor):
+    """ER-ACE's floor: the incoming batch's cross-entropy over its own classes (and the unseen ones) in place
+    of the user's loss, ``alpha CE`` on the replay minibatch riding in the user's forward, one backward."""
+
+    fused = 1
+
+    def backward(self, loss: Tensor, targets: Tensor, inputs: Tensor, logits: Tensor) -> None:
+        current = asymmetric_cross_entropy(logits, targets, ace_class_mask(targets, logits.shape[1]))
+        replay = F.cross_entropy(self.replayed[0], self.y.index_select(0, self.idx))
+        self.run_backward((current, replay), (self.one, self.weight("alpha")))
+
+
 register(
     MethodSpec(
         "er-ace",
@@ -206,6 +222,7 @@ register(
         family="rehearsal",
         display="ER-ACE",
         order=9,
+        floor=_ERACEFloor,
         paper=_PAPER,
         summary="ER with an asymmetric cross-entropy: the incoming batch's softmax spans only its own classes",
         hparams=(

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._base import CURRENT_LOSS, BufferedSynapse, TaskBatch, distributed_world
+from .._floor import Floor
 from .._validation import check_non_negative, check_positive, check_positive_int
 from ..buffer import fresh_seed
 from ..catalog import HParam, MethodSpec, register
@@ -470,12 +471,27 @@ def _check_reinitialize(value: Any) -> None:
 
 
 _PAPER = "Prabhu, Torr & Dokania 2020, *GDumb: A Simple Approach that Questions Our Progress in Continual Learning*"
+
+
+class _GDumbFloor(Floor):
+    """GDumb's floor: its stream step learns nothing and only stores the batch; here, one copy of the batch
+    into the next window of the buffer (no class balancing, no graph freed but the user's)."""
+
+    def backward(self, loss: Tensor, targets: Tensor, inputs: Tensor, logits: Tensor) -> None:
+        n = targets.shape[0]
+        start = (self.step * n) % (self.x.shape[0] - n + 1)
+        self.step += 1
+        self.x.narrow(0, start, n).copy_(inputs)
+        self.y.narrow(0, start, n).copy_(targets)
+
+
 register(
     MethodSpec(
         "gdumb",
         GDumb,
         family="rehearsal",
         order=15,
+        floor=_GDumbFloor,
         paper=_PAPER,
         summary="a greedy class-balanced memory; nothing learnt from the stream, the model retrained from scratch "
         "on the memory at each task end",

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from .._base import CURRENT_LOSS, TaskBatch, distributed_world, unwrap_model
 from .._capture import Replay
+from .._floor import Floor
 from ..catalog import HParam, MethodSpec, register
 from ..functional import icarl_loss, nearest_mean_scores
 from ..memory import HerdingMemory, head_input_features
@@ -491,6 +492,23 @@ def _last_linear(module: nn.Module) -> nn.Linear:
     return last
 
 
+class _ICaRLFloor(Floor):
+    """iCaRL's floor: the frozen copy's forward on the batch and the replayed exemplars (riding in the user's
+    forward), and one binary cross-entropy over all rows whose old-class targets are its sigmoid outputs,
+    in place of the user's loss."""
+
+    fused = 1
+
+    def backward(self, loss: Tensor, targets: Tensor, inputs: Tensor, logits: Tensor) -> None:
+        replayed_x = self.x.index_select(0, self.idx)
+        with torch.no_grad():
+            old_logits = self.teacher()(torch.cat([inputs, replayed_x]))
+        rows = torch.cat([logits, self.replayed[0]])
+        labels = torch.cat([targets, self.y.index_select(0, self.idx)])
+        old = torch.arange(rows.shape[1], device=rows.device) < rows.shape[1] // 2  # the first half are old
+        self.run_backward((icarl_loss(rows, labels, old_logits, old),), (self.one,))
+
+
 register(
     MethodSpec(
         "icarl",
@@ -498,6 +516,7 @@ register(
         family="rehearsal",
         display="iCaRL",
         order=13,
+        floor=_ICaRLFloor,
         paper="Rebuffi et al. 2017, *iCaRL: Incremental Classifier and Representation Learning*",
         summary="herding exemplars; BCE distilling a frozen copy's old-class outputs; nearest-mean-of-exemplars",
         hparams=(

@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Dict, List, Mapping, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _NormBase
 
 from .._capture import Replay
+from .._floor import Floor
 from .._validation import check_positive, check_positive_int
 from ..catalog import HParam, MethodSpec, register
 from ..functional import interference_scores
@@ -201,12 +203,34 @@ class MIR(ER):
         return functional_call(self.module, {**parameters, **copies}, (), inputs, tie_weights=False)
 
 
+class _MIRFloor(Floor):
+    """MIR's floor: the virtual step's gradient, ``theta - lr g``, the candidates' forwards with ``theta`` and
+    with it, top-k, the chosen rows' forward and one backward with the user's loss."""
+
+    def rows(self) -> int:
+        return int(self.hp["buffer_candidates"])
+
+    def backward(self, loss: Tensor, targets: Tensor, inputs: Tensor, logits: Tensor) -> None:
+        idx = self.draw()
+        x, y = self.x.index_select(0, idx), self.y.index_select(0, idx)
+        grads = torch.autograd.grad(loss, self.params, self.one, retain_graph=True)  # the loss backs up again
+        with torch.no_grad():
+            virtual = torch._foreach_add(self.params, grads, alpha=-float(self.hp["virtual_lr"]))
+            names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+            before = F.cross_entropy(self.model(x), y, reduction="none")
+            after = F.cross_entropy(functional_call(self.model, dict(zip(names, virtual)), (x,)), y, reduction="none")
+            top = (after - before).topk(self.k).indices
+        replayed = F.cross_entropy(self.model(x.index_select(0, top)), y.index_select(0, top))
+        self.run_backward((loss, replayed), (self.one, self.one))
+
+
 register(
     MethodSpec(
         "mir",
         MIR,
         family="rehearsal",
         order=14,
+        floor=_MIRFloor,
         paper="Aljundi et al. 2019, *Online Continual Learning with Maximal Interfered Retrieval*",
         summary="ER replaying the memories whose loss a virtual SGD step on the incoming batch would raise most",
         hparams=(

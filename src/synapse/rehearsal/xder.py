@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from .._base import CURRENT_LOSS, TaskBatch
 from .._capture import Replay
 from .._device import to_device
+from .._floor import Floor
 from .._validation import check_non_negative
 from ..buffer import fresh_seed
 from ..catalog import HParam, MethodSpec, register
@@ -485,6 +486,33 @@ def _copy_rng(rng: np.random.Generator) -> np.random.Generator:
 
 
 _PAPER = "Boschini et al. 2022, *Class-Incremental Continual Learning into the eXtended DER-verse*"
+
+
+class _XDERFloor(Floor):
+    """X-DER's floor: the incoming batch's cross-entropy without the past heads (in place of the user's
+    loss), DER's seeded logit matching on one replayed minibatch, ``beta`` cross-entropy on the past heads
+    of a second, and the heads' margin constraint over all rows, in one backward. The update of the stored
+    logits is left out."""
+
+    fused = 2
+
+    def backward(self, loss: Tensor, targets: Tensor, inputs: Tensor, logits: Tensor) -> None:
+        first, second = self.idx.split(self.k)
+        classes = torch.arange(logits.shape[1], device=logits.device)
+        class_task = classes // 2  # tasks of two classes; tasks 0 and 1 are past, 2 present
+        past, future = class_task < 2, class_task > 2
+        current = asymmetric_cross_entropy(logits, targets, (~past).index_fill(0, targets, True))
+        replay_ce = asymmetric_cross_entropy(self.replayed[1], self.y.index_select(0, second), past)
+        seed = logit_distillation_grad(self.replayed[0], self.z.index_select(0, first), weight=self.hp["alpha"])
+        rows = torch.cat([logits, *self.replayed]).float()
+        labels = torch.cat([targets, self.y.index_select(0, self.idx)])
+        good = class_task.unsqueeze(0) == class_task[labels].unsqueeze(1)
+        weights = torch.ones_like(labels, dtype=torch.bool)
+        constraint = head_margin_constraint(rows, good, future, float(self.hp["m"]), weights)
+        roots = (current, replay_ce, constraint, self.replayed[0])
+        self.run_backward(roots, (self.one, self.weight("beta"), self.weight("eta"), seed))
+
+
 register(
     MethodSpec(
         "xder",
@@ -492,6 +520,7 @@ register(
         family="rehearsal",
         display="X-DER",
         order=12,
+        floor=_XDERFloor,
         paper=_PAPER,
         summary="DER++ whose stored logits learn the future past; class-balanced task-end memory; head constraints",
         hparams=(

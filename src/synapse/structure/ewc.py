@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, jacrev, vmap
 
+from .._floor import PenaltyFloor
 from .._validation import check_non_negative
 from ..catalog import HParam, MethodSpec, register
 from ..functional import empirical_fisher_diagonal, merge_quadratic_penalties, true_fisher_diagonal
@@ -158,6 +159,7 @@ register(
         family="structure",
         display="EWC (online)",
         order=3,
+        floor=PenaltyFloor,
         paper="Kirkpatrick et al. 2017, *Overcoming catastrophic forgetting in neural networks*; "
         "online: Schwarz et al. 2018, *Progress & Compress*",
         summary="diagonal-Fisher quadratic penalty (online or one per task)",

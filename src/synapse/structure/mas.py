@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, vmap
 
+from .._floor import PenaltyFloor
 from .._validation import check_non_negative
 from ..catalog import HParam, MethodSpec, register
 from ..functional import mas_importance
@@ -85,6 +86,7 @@ register(
         MAS,
         family="structure",
         order=4,
+        floor=PenaltyFloor,
         paper="Aljundi et al. 2018, *Memory Aware Synapses: Learning what (not) to forget*",
         summary="output-sensitivity importance, quadratic penalty",
         hparams=(HParam("mas_lambda", float, 1.0, "penalty strength lambda", low=0.0),),

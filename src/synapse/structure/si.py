@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from .._base import Synapse, TaskBatch
 from .._flat import FlatSpace
+from .._floor import Floor
 from .._validation import check_non_negative, check_positive, check_positive_int
 from ..catalog import HParam, MethodSpec, register
 from ._penalty import QuadraticPenalty
@@ -196,12 +197,31 @@ class SI(Synapse):
         self._steps_since_consolidation = int(state["steps_since_consolidation"])
 
 
+class _SIFloor(Floor):
+    """SI's floor: its six passes over the parameters (snapshot, change, path integral, penalty, add to the
+    gradients, keep them), in flat workspaces."""
+
+    def backward(self, loss: Tensor, targets: Tensor, inputs: Tensor, logits: Tensor) -> None:
+        theta, last, change, path, grads_kept = (self.space(n) for n in ("a", "b", "c", "d", "e"))
+        slope, offset = self.space("f"), self.space("g")
+        torch._foreach_copy_(theta.views, [p.detach() for p in self.params])
+        torch.sub(theta.flat, last.flat, out=change.flat)  # its change since the last step
+        path.flat.addcmul_(change.flat, grads_kept.flat, value=-1)  # the path integral
+        self.run_backward((loss,), (self.one,))
+        grads = [p.grad for p in self.params]
+        torch.addcmul(offset.flat, slope.flat, theta.flat, out=change.flat)  # the penalty's gradient
+        torch._foreach_add_(grads, change.views)
+        self._spaces["a"], self._spaces["b"] = last, theta
+        torch._foreach_copy_(grads_kept.views, grads)
+
+
 register(
     MethodSpec(
         "si",
         SI,
         family="structure",
         order=2,
+        floor=_SIFloor,
         paper="Zenke, Poole & Ganguli 2017, *Continual Learning Through Synaptic Intelligence*",
         summary="path-integral importance, quadratic penalty",
         hparams=(
