@@ -356,8 +356,11 @@ def main() -> int:
     if output != "-":
         with open(output, "w") as f:
             f.write(text)
+        # The committed raw results only from a full run to the default output; otherwise beside the output.
+        full = args.output is None and not (args.methods or args.buffers)
         raw = os.path.join(ROOT, "benchmarks", "results", f"reproduce_{args.dataset}.json")
-        os.makedirs(os.path.dirname(raw), exist_ok=True)
+        raw = raw if full else os.path.splitext(output)[0] + ".json"
+        os.makedirs(os.path.dirname(os.path.abspath(raw)), exist_ok=True)
         meta = {"total_s": total, "seeds": args.seeds, "command": command.strip()}
         if not args.from_json:
             with open(raw, "w") as f:
