@@ -26,7 +26,6 @@ import argparse
 import inspect
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -43,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 README = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "README.md"))
 
 import synapse  # noqa: E402
-from _runner import display_name, order_key  # noqa: E402
+from _runner import cpu_model, display_name, order_key, provenance  # noqa: E402
 from synapse import catalog  # noqa: E402
 from synapse._floor import Floor  # noqa: E402
 from synapse.experiments.models import create_model  # noqa: E402
@@ -410,7 +409,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     device_name = (
         torch.cuda.get_device_name(device)
         if gpu
-        else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+        else f"{cpu_model()} CPU, {torch.get_num_threads()} threads"
     )
     compiled = f"torch.compile(model, backend={args.compile_backend!r})" if args.compile else None
     header = (
@@ -430,6 +429,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         "buffer_size": args.buffer_size,
         "torch": torch.__version__,
         "synapse": synapse.__version__,
+        "provenance": provenance(),  # the commit, machine and versions that made these numbers
         "rows": rows,
         "task_end": {"items": len(runners[0].pool) * batch, "repeats": args.task_ends, "rows": task_ends},
     }
