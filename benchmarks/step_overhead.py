@@ -406,11 +406,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if isinstance(r.method, synapse.Synapse):
             med = statistics.median(r.timed_task_ends(args.task_ends))
             task_ends.append({"variant": r.name, "median_ms": 1000 * med, "plain_steps": med / plain})
-    device_name = (
-        torch.cuda.get_device_name(device)
-        if gpu
-        else f"{cpu_model()} CPU, {torch.get_num_threads()} threads"
-    )
+    device_name = torch.cuda.get_device_name(device) if gpu else f"{cpu_model()} CPU, {torch.get_num_threads()} threads"
     compiled = f"torch.compile(model, backend={args.compile_backend!r})" if args.compile else None
     header = (
         f"{model_name}{f' under {compiled}' if compiled else ''}, batch {batch} + buffer batch {mb}, "

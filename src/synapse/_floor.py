@@ -15,7 +15,7 @@ Example:
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, List, Mapping, Tuple
+from typing import Any, Dict, List, Mapping, Tuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -47,7 +47,7 @@ class Floor:
         self, model: nn.Module, buffer_size: int, minibatch: int, item: Tuple[int, ...], hparams: Mapping[str, Any]
     ) -> None:
         self.model, self.k, self.hp = model, minibatch, dict(hparams)
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.params: List[nn.Parameter] = [p for p in model.parameters() if p.requires_grad]
         device = self.params[0].device
         self.one = torch.ones((), device=device)
         g = torch.Generator().manual_seed(1)
@@ -64,6 +64,14 @@ class Floor:
     def rows(self) -> int:
         """Buffer rows per draw: a minibatch per fused term (one when none is fused)."""
         return max(self.fused, 1) * self.k
+
+    def grads(self) -> List[Tensor]:
+        """The parameters' ``.grad`` after a backward (every floor's loss reaches them all)."""
+        return [cast(Tensor, p.grad) for p in self.params]
+
+    def gradient_of(self, loss: Tensor) -> List[Tensor]:
+        """``d loss / d params``, without touching ``.grad``."""
+        return [cast(Tensor, g) for g in _autograd.grad(loss, self.one, self.params)]
 
     def draw(self) -> Tensor:
         """The next block of buffer indices (drawn in advance, so no step samples)."""
@@ -116,4 +124,4 @@ class PenaltyFloor(Floor):
         theta, gradient = self.space("theta"), self.space("gradient")
         torch._foreach_copy_(theta.views, [p.detach() for p in self.params])
         torch.addcmul(self.space("offset").flat, self.space("slope").flat, theta.flat, out=gradient.flat)
-        torch._foreach_add_([p.grad for p in self.params], gradient.views)
+        torch._foreach_add_(self.grads(), gradient.views)

@@ -144,9 +144,9 @@ class _AGEMFloor(Floor):
         idx = self.draw()
         ref_loss = F.cross_entropy(self.model(self.x.index_select(0, idx)), self.y.index_select(0, idx))
         reference, current = self.space("reference"), self.space("current")
-        torch._foreach_copy_(reference.views, _autograd.grad(ref_loss, self.one, self.params))
+        torch._foreach_copy_(reference.views, self.gradient_of(ref_loss))
         self.run_backward((loss,), (self.one,))
-        grads = [p.grad for p in self.params]
+        grads = self.grads()
         torch._foreach_copy_(current.views, grads)
         project_conflicting_(current.flat, reference.flat)
         torch._foreach_copy_(grads, current.views)

@@ -234,9 +234,9 @@ class _GEMFloor(Floor):
         for row in self.reference_rows:
             idx = self.draw()
             ref_loss = F.cross_entropy(self.model(self.x.index_select(0, idx)), self.y.index_select(0, idx))
-            torch._foreach_copy_(row.views, _autograd.grad(ref_loss, self.one, self.params))
+            torch._foreach_copy_(row.views, self.gradient_of(ref_loss))
         self.run_backward((loss,), (self.one,))
-        current, grads = self.space("current"), [p.grad for p in self.params]
+        current, grads = self.space("current"), self.grads()
         torch._foreach_copy_(current.views, grads)
         gem_project_(current.flat, self.references, float(self.hp["gamma"]))
         torch._foreach_copy_(grads, current.views)

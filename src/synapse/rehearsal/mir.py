@@ -215,7 +215,7 @@ class _MIRFloor(Floor):
         x, y = self.x.index_select(0, idx), self.y.index_select(0, idx)
         grads = torch.autograd.grad(loss, self.params, self.one, retain_graph=True)  # the loss backs up again
         with torch.no_grad():
-            virtual = torch._foreach_add(self.params, grads, alpha=-float(self.hp["virtual_lr"]))
+            virtual = torch._foreach_add([p.detach() for p in self.params], grads, alpha=-float(self.hp["virtual_lr"]))
             names = [n for n, p in self.model.named_parameters() if p.requires_grad]
             before = F.cross_entropy(self.model(x), y, reduction="none")
             after = F.cross_entropy(functional_call(self.model, dict(zip(names, virtual)), (x,)), y, reduction="none")

@@ -208,7 +208,7 @@ class _SIFloor(Floor):
         torch.sub(theta.flat, last.flat, out=change.flat)  # its change since the last step
         path.flat.addcmul_(change.flat, grads_kept.flat, value=-1)  # the path integral
         self.run_backward((loss,), (self.one,))
-        grads = [p.grad for p in self.params]
+        grads = self.grads()
         torch.addcmul(offset.flat, slope.flat, theta.flat, out=change.flat)  # the penalty's gradient
         torch._foreach_add_(grads, change.views)
         self._spaces["a"], self._spaces["b"] = last, theta
