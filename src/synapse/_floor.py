@@ -7,9 +7,11 @@ advance. Each method file defines its floor beside the method, as a subclass of 
 in its ``MethodSpec(floor=...)``; ``benchmarks/step_overhead.py`` times every method against its floor.
 
 Example:
-    >>> floor = catalog.get("der++").floor(model, 500, 10, (1, 28, 28), catalog.get("der++").defaults())
-    >>> logits = floor.forward(x)                     # the user's forward, replay rows riding along
-    >>> floor.backward(F.cross_entropy(logits, y), y, x, logits)
+    >>> from synapse import catalog
+    >>> spec = catalog.get("der++")
+    >>> floor = spec.floor(model, 20, 4, tuple(inputs.shape[1:]), spec.defaults())
+    >>> logits = floor.forward(inputs)  # the user's forward, the replay rows riding along
+    >>> floor.backward(criterion(logits, targets), targets, inputs, logits)
 """
 
 from __future__ import annotations
