@@ -30,6 +30,11 @@ def test_step_overhead_runs_every_variant(tmp_path):
     assert expected <= rows.keys()
     assert all(r["median_ms"] > 0 for r in rows.values())
     assert rows["plain"]["ratio_to_plain"] == 1.0
+    # Each method's rows are also compared with its floor (the goal: at most 1.1x).
+    assert all("ratio_to_floor" in rows[name] for name in ("ER (fused)", "ER (unfused)", "GEM", "GDumb"))
+    er, floor = rows["ER (fused)"], rows["floor: ER"]
+    assert er["ratio_to_floor"] == pytest.approx(er["median_ms"] / floor["median_ms"])
+    assert not any("ratio_to_floor" in rows[name] for name in ("plain", "floor: ER", "DER++ reference-style"))
     # Every method's task end is timed too (floors and the reference-style DER++ have none).
     ends = {r["variant"]: r for r in result["task_end"]["rows"]}
     assert {"GDumb", "iCaRL (fused)", "EWC (online)", "ER (fused)", "SI"} <= ends.keys()
