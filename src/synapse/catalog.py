@@ -109,8 +109,9 @@ class MethodSpec:
 
     @property
     def task_free(self) -> bool:
-        """Runs without task boundaries (on a task-free stream)."""
-        return not getattr(self.cls, "needs_task_boundaries", False)
+        """Runs without task boundaries (on a task-free stream): not a method that does its work at task ends
+        (``acts_at_task_end``, e.g. EWC's penalty or LwF's teacher), which would be plain fine-tuning there."""
+        return not (getattr(self.cls, "needs_task_boundaries", False) or getattr(self.cls, "acts_at_task_end", False))
 
     def defaults(self) -> Dict[str, Any]:
         return {h.name: h.default for h in self.hparams}

@@ -132,6 +132,8 @@ class ER(BufferedSynapse):
         self.logits_dtype = logits_dtype
         self.joint_mean = bool(joint_mean)
         self._stores_logits = method != "er"
+        if method in ("der", "der++"):
+            self.reads_logits = True  # the logit-matching MSE: log-probabilities change its strength
         # DER's loss reads inputs and logits only (paper, Alg. 1); a class-balanced memory needs the labels.
         self._stores_targets = method != "der" or buffer_policy == "class_balanced"
         self._ragged_logits = False  # becomes True once rows of different logit widths coexist
@@ -162,8 +164,13 @@ class ER(BufferedSynapse):
 
     # ------------------------------------------------------------------ backward
     def _check(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
-        if self._input_names is None and self.fused:
-            self._forward.check_input_names(list(model_inputs))
+        if self.fused and self._forward.replay is None and self._forward.eval_forward and len(self.buffer) > 0:
+            raise ValueError(
+                f"{type(self).__name__}'s fused replay rides on training-mode forwards, but this loss came from a "
+                "forward in eval mode, which carried no replay: this step would be plain fine-tuning. Call "
+                "model.train() before the forward, or, to train with frozen BatchNorm statistics, build the "
+                "method with fused=False: replay then runs in a separate forward in the model's current mode"
+            )
         batch = targets.shape[0]
         if self._stores_logits:
             logits = self._forward.checked_outputs(self.method, batch)
