@@ -301,9 +301,12 @@ class Synapse(ABC):
         if self._input_names is None:
             check_forward_accepts(self.module, self._forward_signature, model_inputs)
         elif set(model_inputs) != set(self._input_names):
-            raise ValueError(
-                f"model inputs {tuple(model_inputs)} differ from those of earlier steps {self._input_names}"
-            )
+            problem = f"model inputs {tuple(model_inputs)} differ from those of earlier steps {self._input_names}"
+            try:
+                check_forward_accepts(self.module, self._forward_signature, model_inputs)
+            except ValueError as error:
+                raise ValueError(f"{problem}, and {error}") from None
+            raise ValueError(problem)
 
     def _check_predict_inputs(self, model_inputs: Mapping[str, Any]) -> None:
         """``predict``'s keywords: those of ``backward``, in Synapse's words rather than a TypeError deep inside."""

@@ -250,10 +250,16 @@ class ForwardCapture:
 
 
 def live_captures(module: nn.Module) -> List[ForwardCapture]:
-    """The captures whose hooks are live on ``module`` (their method still exists and did not remove them)."""
+    """The captures whose hooks are live on ``module`` (their method still exists and did not remove them).
+    Hooks whose capture is gone (its method was collected) are taken off on the way: they do nothing."""
     found = []
-    for hook in module._forward_pre_hooks.values():
-        capture = hook._capture() if isinstance(hook, _Hook) else None
-        if capture is not None and capture.module is module and capture.live:
-            found.append(capture)
+    for hooks in (module._forward_pre_hooks, module._forward_hooks):
+        for key, hook in list(hooks.items()):
+            capture = hook._capture() if isinstance(hook, _Hook) else None
+            if isinstance(hook, _Hook) and capture is None:
+                del hooks[key]
+                for extra in ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs"):
+                    getattr(module, extra, {}).pop(key, None)
+            elif capture is not None and capture.module is module and capture.live and hooks is module._forward_hooks:
+                found.append(capture)
     return found

@@ -80,12 +80,17 @@ def check_forward_accepts(module: nn.Module, signature: Optional[inspect.Signatu
     names = list(names)
     try:
         signature.bind(**dict.fromkeys(names))
-    except TypeError as error:
-        positional = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-        accepted = [n for n, p in signature.parameters.items() if p.kind in positional]
+    except TypeError:
+        by_name = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        accepted = [n for n, p in signature.parameters.items() if p.kind in by_name]
+        unknown = [n for n in names if n not in accepted]
+        what = (
+            f"model inputs {unknown} are not parameters of"
+            if unknown
+            else f"model inputs {names} leave out required parameters of"
+        )
         example = accepted[0] if accepted else "inputs"
         raise ValueError(
-            f"model inputs {names} do not fit {type(module).__name__}.forward{signature} ({error}): pass the inputs "
-            f"as keywords named like forward's parameters {accepted}, e.g. synapse.backward(loss, targets, "
-            f"{example}={example})"
+            f"{what} {type(module).__name__}.forward{signature}: pass the inputs as keywords named like forward's "
+            f"parameters {accepted}, e.g. synapse.backward(loss, targets, {example}={example})"
         ) from None
