@@ -149,6 +149,7 @@ class Synapse(ABC):
         self.num_tasks_ended = 0
         self._constants: Dict[Tuple[float, torch.Size, torch.dtype, torch.device], Tensor] = {}
         self._capture: Optional[ForwardCapture] = None
+        self._reads_outputs = False  # backward reads the outputs of the user's forward (set by the method)
 
     # ------------------------------------------------------------------ public API
     def backward(self, loss: Tensor, targets: Tensor, **model_inputs: Tensor) -> None:
@@ -245,6 +246,14 @@ class Synapse(ABC):
         self.num_tasks_ended = int(state["num_tasks_ended"])
         if names is not None:
             self._set_input_names(tuple(names))
+
+    @property
+    def needs_training_forward(self) -> bool:
+        """Whether ``backward`` relies on the forward that produced the loss running in train mode with grad
+        enabled: its replay rides along in that forward (fused replay), or its loss reads that forward's
+        outputs. A forward in ``eval()`` mode is then refused, never silently trained on without replay."""
+        capture = self._capture
+        return capture is not None and (capture.replays or self.reads_logits or self._reads_outputs)
 
     # ------------------------------------------------------------------ helpers for methods
     @property

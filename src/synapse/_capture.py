@@ -145,6 +145,11 @@ class ForwardCapture:
         self._handles = []
 
     @property
+    def replays(self) -> bool:
+        """Whether replay rows ride along in the training forward (fused replay)."""
+        return self._replay_source is not None
+
+    @property
     def live(self) -> bool:
         """Whether the hooks are still on the module."""
         return bool(self._handles)

@@ -132,6 +132,7 @@ class ER(BufferedSynapse):
         self.logits_dtype = logits_dtype
         self.joint_mean = bool(joint_mean)
         self._stores_logits = method != "er"
+        self._reads_outputs = self._stores_logits  # DER stores the outputs of your forward
         if method in ("der", "der++"):
             self.reads_logits = True  # the logit-matching MSE: log-probabilities change its strength
         # DER's loss reads inputs and logits only (paper, Alg. 1); a class-balanced memory needs the labels.
