@@ -84,7 +84,7 @@ def convert(name, log_softmax):
     model = Net(log_softmax)
     optimizer = torch.optim.Adadelta(model.parameters(), lr=1.0)
     synapse = METHODS[name](model)
-    for key, task in tasks.items():
+    for task in tasks.values():
         loader = DataLoader(task.train_set, batch_size=16, shuffle=True)
         model.train()
         for data, target in loader:
@@ -95,7 +95,7 @@ def convert(name, log_softmax):
             optimizer.step()
         synapse.end_task(named_batches(loader))  # the names backward saw: x
     accuracy = []
-    for key, task in tasks.items():
+    for task in tasks.values():
         correct = 0
         for data, target in DataLoader(task.test_set, batch_size=32):
             correct += int((synapse.predict(x=data).argmax(1) == target).sum())

@@ -297,3 +297,36 @@ def test_methods_whose_loss_is_a_cross_entropy_accept_log_probabilities():
             warnings.filterwarnings("error", message=".*log-probabilities")
             for s in range(3):
                 step(model, syn, *batch([0, 1], seed=s))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_forward_in_eval_mode_is_refused_exactly_by_the_methods_that_need_a_training_forward(name):
+    """The README's table says which methods need the training forward: each of them refuses a step whose
+    forward ran in eval mode (nothing changed); the others train as usual."""
+    model = Net()
+    syn = build(name, model)
+    for s in range(3):
+        step(model, syn, *batch([0, 1], seed=s))
+    model.eval()
+    x, y = batch([0, 1], seed=9)
+    if syn.needs_training_forward:
+        before = snapshot(model, syn)
+        with pytest.raises(ValueError, match="train|eval"):
+            step(model, syn, x, y)
+        assert_unchanged(model, syn, before)
+    else:
+        step(model, syn, x, y)
+        assert syn.num_steps == 4
+
+
+# ---------------------------------------------------------------------- 6. the docs say it
+def test_readme_usage_table_is_the_catalogs():
+    import os
+
+    from synapse.catalog import usage_table
+
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")) as f:
+        readme = f.read()
+    start, end = readme.index("<!-- usage:start -->"), readme.index("<!-- usage:end -->")
+    assert readme[start:end].split("\n", 1)[1].strip() == usage_table().strip()
+    assert "TaskDict" in readme and "def _create_dataset(self, train):" in readme and "x=data" in readme

@@ -463,11 +463,10 @@ class BufferedSynapse(Synapse):
         # Offsetting by rank decorrelates the ranks' reservoirs under one global seed.
         self.buffer_policy = buffer_policy
         self.buffer = make_buffer(buffer_policy, capacity, seed=(fresh_seed() + rank) % 2**62)
-        self._input_names: Optional[tuple] = None
         self._stores_targets = True  # a method whose loss never reads them may store none
 
     def _check(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
-        # The names were checked by backward (Synapse._check_input_names). Types and batch sizes were checked by backward; only what the user passed needs checking
+        # Names, types and batch sizes were checked by backward; only what the user passed needs checking
         # against the stored layout: whatever a method adds is its own making.
         self.buffer.check_layout(BufferedSynapse._stored_items(self, targets, model_inputs), partial=True)
 

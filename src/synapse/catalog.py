@@ -195,13 +195,13 @@ def usage_table() -> str:
     for spec in specs():
         method = spec.create(nn.Sequential(nn.Flatten(), nn.Linear(4, 4)))
         method.remove_hooks()
-        if spec.cls.needs_task_data:
+        if method.needs_task_data:
             task_end = "**needed, with data**: `end_task(named_batches(loader))`"
         elif method.acts_at_task_end:
             task_end = "**needed**: `end_task()`"
         else:
             task_end = "optional"
-        predictor = "`synapse.predict(...)` (its own rule)" if spec.cls.has_predictor else "the model (or `predict`)"
+        predictor = "`synapse.predict(...)` (its own rule)" if method.has_predictor else "the model (or `predict`)"
         forward = "train mode, grad enabled" if method.needs_training_forward else "any"
         outputs = "raw logits" if method.reads_logits else "logits or log-probabilities"
         rows.append(f"| `{spec.name}` | {task_end} | {predictor} | {forward} | {outputs} |")
