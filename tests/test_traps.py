@@ -330,3 +330,30 @@ def test_readme_usage_table_is_the_catalogs():
     start, end = readme.index("<!-- usage:start -->"), readme.index("<!-- usage:end -->")
     assert readme[start:end].split("\n", 1)[1].strip() == usage_table().strip()
     assert "TaskDict" in readme and "def _create_dataset(self, train):" in readme and "x=data" in readme
+
+
+# ---------------------------------------------------------------------- on CUDA: the same, without a sync
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["der++", "lwf", "icarl"])
+def test_on_cuda_the_warnings_come_without_a_host_sync(name):
+    """Both value checks read the device asynchronously: under the sync debug mode that raises on any sync
+    (from the second step on: the first allocates the method's memory), they still warn, a step or so late."""
+    model = Net(log_probs=True).cuda()
+    syn = build(name, model)
+    data = [
+        [tuple(v.cuda() for v in batch(classes, seed=10 * t + s)) for s in range(24)]
+        for t, classes in enumerate(([0, 1], [2, 3]))
+    ]
+    with pytest.warns(UserWarning) as record:
+        step(model, syn, *data[0][0])  # the log-probability test is queued here
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for x, y in data[0][1:] + data[1]:  # targets read every 8th step, the first of task 2 included
+                step(model, syn, x, y)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    messages = [str(w.message) for w in record]
+    assert sum("log-probabilities" in m for m in messages) == 1
+    assert sum("end_task(named_batches" in m for m in messages) == (1 if syn.acts_at_task_end else 0)

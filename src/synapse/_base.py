@@ -172,7 +172,7 @@ class Synapse(ABC):
             if self._capture is not None and self._capture.outputs is not None:
                 self._logprob_check.start(self._capture.outputs)  # first step only; methods clear outputs
         self._backward(loss, targets, model_inputs)
-        self._input_names = tuple(model_inputs)
+        self._set_input_names(tuple(model_inputs))
         if self.acts_at_task_end:
             self._class_watch.observe(self.num_steps, targets)
         self.num_steps += 1

@@ -257,14 +257,16 @@ class ForwardCapture:
 def live_captures(module: nn.Module) -> List[ForwardCapture]:
     """The captures whose hooks are live on ``module`` (their method still exists and did not remove them).
     Hooks whose capture is gone (its method was collected) are taken off on the way: they do nothing."""
-    found = []
+    found: List[ForwardCapture] = []
     for hooks in (module._forward_pre_hooks, module._forward_hooks):
         for key, hook in list(hooks.items()):
-            capture = hook._capture() if isinstance(hook, _Hook) else None
-            if isinstance(hook, _Hook) and capture is None:
+            if not isinstance(hook, _Hook):
+                continue
+            capture = hook._capture()
+            if capture is None:  # what RemovableHandle.remove() would do, had the handle survived
                 del hooks[key]
                 for extra in ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs"):
                     getattr(module, extra, {}).pop(key, None)
-            elif capture is not None and capture.module is module and capture.live and hooks is module._forward_hooks:
+            elif capture.module is module and capture.live and capture not in found:
                 found.append(capture)
     return found
