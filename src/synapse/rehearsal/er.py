@@ -53,6 +53,11 @@ class ER(BufferedSynapse):
     of Chaudhry et al. (their batch is the union of both). With ``fused=False`` the replay minibatches
     go through a separate forward pass and the loss terms are summed before one backward.
 
+    **Eval mode.** A step whose loss came from a forward in ``eval()`` mode would carry no fused replay, so
+    it is refused (``ValueError``) once the memory holds anything, rather than silently fine-tune. To train
+    with frozen BatchNorm statistics, use ``fused=False``: the replay's own forward then runs in the model's
+    current mode too (DER and DER++ also read the outputs of a training-mode forward, and still need one).
+
     Args:
         model: the model being trained (may be wrapped in DDP or ``torch.compile``).
         buffer_size: items kept in the reservoir (per rank in a distributed run).
