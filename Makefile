@@ -4,10 +4,16 @@ PY := $(VENV)/bin/python
 
 .PHONY: venv data demo test lint reproduce benchmark clean
 
+# The demo needs only the experiment program (the `cli` extra); the test tools come with `make test`.
 $(PY):
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[cli]'
+
+TEST_TOOLS := $(VENV)/.test-extra
+$(TEST_TOOLS): $(PY)
 	$(PY) -m pip install -q -e '.[test]'
+	touch $@
 
 venv: $(PY)
 
@@ -20,10 +26,10 @@ data:
 demo: $(PY) data
 	$(PY) cli.py --dataset fashion-mnist --training_type continual --synapse_type der++ --buffer_size 500 --output_dir runs/demo
 
-test: $(PY) data
+test: $(TEST_TOOLS) data
 	$(VENV)/bin/python -m pytest -q
 
-lint: $(PY)
+lint: $(TEST_TOOLS)
 	$(VENV)/bin/ruff check src tests benchmarks examples cli.py
 	$(VENV)/bin/mypy
 

@@ -1,4 +1,5 @@
-"""Regenerate the README's methods table from the catalog: ``python tools/readme_methods.py``."""
+"""Regenerate the README's tables from the catalog (methods; what each asks of the loop):
+``python tools/readme_methods.py``."""
 
 import os
 import re
@@ -7,18 +8,20 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "src"))
 
-from synapse.catalog import methods_table  # noqa: E402
+from synapse.catalog import methods_table, usage_table  # noqa: E402
 
-START, END = "<!-- methods:start -->", "<!-- methods:end -->"
+TABLES = {"methods": methods_table, "usage": usage_table}
 
 if __name__ == "__main__":
     path = os.path.join(ROOT, "README.md")
     with open(path) as f:
         text = f.read()
-    if START not in text or END not in text:
-        sys.exit(f"README.md has no {START} ... {END} markers")
-    block = f"{START}\n{methods_table()}\n{END}"
-    text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
+    for name, table in TABLES.items():
+        start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+        if start not in text or end not in text:
+            sys.exit(f"README.md has no {start} ... {end} markers")
+        block = f"{start}\n{table()}\n{end}"
+        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _, block=block: block, text, flags=re.S)
     with open(path, "w") as f:
         f.write(text)
-    print("README.md methods table regenerated")
+    print("README.md tables regenerated")

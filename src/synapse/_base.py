@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import gc
+import inspect
 from abc import ABC, abstractmethod
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
@@ -11,24 +13,45 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import _autograd
-from ._capture import ForwardCapture, ReplaySource
-from ._validation import check_loss, check_positive_int, check_targets_and_inputs
+from ._capture import ForwardCapture, ReplaySource, live_captures
+from ._validation import (
+    check_forward_accepts,
+    check_loss,
+    check_positive_int,
+    check_targets_and_inputs,
+    forward_signature,
+)
+from ._watch import LogProbabilityCheck, NewClassWatch
 from .buffer import fresh_seed
 from .memory import STREAM_POLICIES, make_buffer
 
-__all__ = ["Synapse", "BufferedSynapse", "TaskBatch", "named_batches", "unwrap_model"]
+__all__ = ["Synapse", "BufferedSynapse", "TaskBatch", "named_batches", "unwrap_model", "check_no_live_method"]
 
 # One batch of a task-end data pass, in the form ``backward`` takes it (less the loss):
 # ``(targets, {name: input})`` with the inputs named as ``model.forward``'s parameters.
 TaskBatch = Tuple[Tensor, Mapping[str, Tensor]]
 CURRENT_LOSS = ("method", "user")
+# The key named_batches() gives the inputs when no name is passed: the task-end pass replaces it with the
+# name ``backward`` was given (no parameter of forward can be called this: it is not an identifier).
+RECORDED_NAME = "<the input name backward was given>"
+_BY_NAME = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
 
 
-def named_batches(pairs: Iterable[Tuple[Any, Tensor]], name: str = "inputs") -> Iterator[TaskBatch]:
+def named_batches(pairs: Iterable[Tuple[Any, Tensor]], name: Optional[str] = None) -> Iterator[TaskBatch]:
     """``(inputs, targets)`` pairs (what a ``DataLoader`` yields) as ``(targets, {name: inputs})`` batches,
-    the form :meth:`Synapse.end_task` takes: ``synapse.end_task(named_batches(loader))``."""
+    the form :meth:`Synapse.end_task` takes: ``synapse.end_task(named_batches(loader))``.
+
+    Args:
+        pairs: an iterable of ``(inputs, targets)``, e.g. a ``DataLoader``.
+        name: the parameter of ``model.forward`` that takes the inputs. By default, the name ``backward``
+            was given (``x`` after ``synapse.backward(loss, y, x=x)``), or, before any ``backward``,
+            ``forward``'s only parameter.
+    """
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"name must be a str (a parameter of model.forward) or None, got {type(name).__name__}")
+    key = RECORDED_NAME if name is None else name
     for inputs, targets in pairs:
-        yield targets, {name: inputs}
+        yield targets, {key: inputs}
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -40,6 +63,20 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model._orig_mod  # type: ignore[assignment]
         else:
             return model
+
+
+def check_no_live_method(module: nn.Module, new_method: str) -> None:
+    """Raise if another method's hooks are live on ``module``: two methods would both append replay rows
+    to (and split) every training forward. A method nothing refers to any more is collected first."""
+    if live_captures(module):
+        gc.collect()  # an unreachable method (e.g. a notebook cell run again) may wait in a reference cycle
+    live = live_captures(module)
+    if live:
+        raise RuntimeError(
+            f"{type(module).__name__} already carries a live {live[0].owner}: its forward hooks would stay on and "
+            f"stack with the new {new_method}'s (extra replay rows, split errors). Call remove_hooks() on the "
+            f"{live[0].owner} first (old_method.remove_hooks()), or keep using it instead of building a new one"
+        )
 
 
 def distributed_world() -> int:
@@ -63,7 +100,17 @@ class Synapse(ABC):
 
     * ``needs_task_boundaries``: the method cannot run task-free (e.g. GEM's per-task memories);
     * ``needs_task_data``: :meth:`end_task` needs the finished task's data (e.g. EWC's Fisher);
-    * ``has_predictor``: :meth:`predict` is the method's own rule, not the model's outputs.
+    * ``has_predictor``: :meth:`predict` is the method's own rule, not the model's outputs;
+    * ``acts_at_task_end``: the method does its work at :meth:`end_task` (a teacher, a penalty, a memory);
+      without those calls it is plain fine-tuning, so it warns once when a new task seems to begin without
+      one, and a task-free stream refuses it. Implied by the two ``needs_task_*`` attributes;
+    * ``reads_logits``: the method's loss reads the model's raw logits (DER's logit matching, iCaRL's
+      sigmoids, LwF's temperature): it warns once when the outputs are log-probabilities instead.
+
+    The model's inputs keep the names ``backward`` was first given: later steps, :func:`named_batches`
+    without a name, the task-end pass and :meth:`predict` use them, and a name ``forward`` cannot take is
+    refused on the first step. One method at a time may hook a model's forward: building a second one on a
+    model whose first is still hooked raises (call the first one's :meth:`remove_hooks`).
 
     Args:
         model: the model being trained; a DDP- or ``torch.compile``-wrapped model works too.
@@ -74,6 +121,13 @@ class Synapse(ABC):
     needs_task_boundaries: bool = False
     needs_task_data: bool = False
     has_predictor: bool = False  # predict() is the method's own (iCaRL's nearest mean of exemplars)
+    acts_at_task_end: bool = False  # without end_task() calls the method is fine-tuning (set for needs_task_*)
+    reads_logits: bool = False  # the loss reads raw logits: log-probabilities change its meaning
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.needs_task_boundaries or cls.needs_task_data:  # both mean the method's work is at task ends
+            cls.acts_at_task_end = True
 
     def __init__(self, model: nn.Module, *, scaler: Optional[torch.amp.GradScaler] = None) -> None:
         if not isinstance(model, nn.Module):
@@ -82,14 +136,20 @@ class Synapse(ABC):
             raise ValueError("model has no parameters that require grad")
         if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
             raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
+        check_no_live_method(unwrap_model(model), type(self).__name__)
         self.model = model
         self.module = unwrap_model(model)
+        self._forward_signature = forward_signature(self.module)  # read once: names are checked against it
+        self._input_names: Optional[Tuple[str, ...]] = None  # the names backward was given (persisted)
+        self._logprob_check = LogProbabilityCheck(type(self).__name__)
+        self._class_watch = NewClassWatch(type(self).__name__)
         self._a_parameter = next(self.module.parameters())  # its device is the model's device
         self.scaler = scaler
         self.num_steps = 0
         self.num_tasks_ended = 0
         self._constants: Dict[Tuple[float, torch.Size, torch.dtype, torch.device], Tensor] = {}
         self._capture: Optional[ForwardCapture] = None
+        self._reads_outputs = False  # backward reads the outputs of the user's forward (set by the method)
 
     # ------------------------------------------------------------------ public API
     def backward(self, loss: Tensor, targets: Tensor, **model_inputs: Tensor) -> None:
@@ -105,8 +165,16 @@ class Synapse(ABC):
         """
         check_loss(loss)
         check_targets_and_inputs(targets, model_inputs)
+        self._check_input_names(model_inputs)
         self._check(loss, targets, model_inputs)
+        if self.reads_logits:
+            self._logprob_check.poll()
+            if self._capture is not None and self._capture.outputs is not None:
+                self._logprob_check.start(self._capture.outputs)  # first step only; methods clear outputs
         self._backward(loss, targets, model_inputs)
+        self._set_input_names(tuple(model_inputs))
+        if self.acts_at_task_end:
+            self._class_watch.observe(self.num_steps, targets)
         self.num_steps += 1
 
     def end_task(self, data: Optional[Iterable[TaskBatch]] = None) -> None:
@@ -129,6 +197,7 @@ class Synapse(ABC):
                 f"data must be an iterable of (targets, {{name: inputs}}) batches, got {type(data).__name__}"
             )
         self._end_task(data)
+        self._class_watch.task_ended()
         self.num_tasks_ended += 1
 
     @torch.no_grad()
@@ -137,8 +206,9 @@ class Synapse(ABC):
         method predicts its own way (``has_predictor``; e.g. iCaRL's nearest mean of exemplars).
 
         Use it in your own evaluation loop in place of ``model(inputs)``:
-        ``predictions = synapse.predict(inputs=x).argmax(1)``.
+        ``predictions = synapse.predict(inputs=x).argmax(1)``, with the inputs named as in ``backward``.
         """
+        self._check_predict_inputs(model_inputs)
         was_training = self.module.training
         self.module.eval()
         try:
@@ -147,7 +217,8 @@ class Synapse(ABC):
             self.module.train(was_training)
 
     def remove_hooks(self) -> None:
-        """Detach from the model's forward (a method that captured it cannot train afterwards)."""
+        """Detach from the model's forward (a method that captured it cannot train afterwards). Call it on
+        the old method before building another one on the same model."""
         if self._capture is not None:
             self._capture.remove()
 
@@ -157,6 +228,7 @@ class Synapse(ABC):
             "method": type(self).__name__,
             "num_steps": self.num_steps,
             "num_tasks_ended": self.num_tasks_ended,
+            "input_names": None if self._input_names is None else list(self._input_names),
             "state": self._method_state(),
         }
 
@@ -166,9 +238,22 @@ class Synapse(ABC):
             raise ValueError("not a Synapse state dict: expected keys 'method', 'num_steps', 'state'")
         if state["method"] != type(self).__name__:
             raise ValueError(f"state dict is for {state['method']}, but this object is {type(self).__name__}")
+        names = state.get("input_names")  # optional: state dicts from before it was kept have none
+        if names is not None and not (isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names)):
+            raise ValueError(f"state dict's 'input_names' must be a list of str or None, got {names!r}")
         self._load_method_state(state["state"])
         self.num_steps = int(state["num_steps"])
         self.num_tasks_ended = int(state["num_tasks_ended"])
+        if names is not None:
+            self._set_input_names(tuple(names))
+
+    @property
+    def needs_training_forward(self) -> bool:
+        """Whether ``backward`` relies on the forward that produced the loss running in train mode with grad
+        enabled: its replay rides along in that forward (fused replay), or its loss reads that forward's
+        outputs. A forward in ``eval()`` mode is then refused, never silently trained on without replay."""
+        capture = self._capture
+        return capture is not None and (capture.replays or self.reads_logits or self._reads_outputs)
 
     # ------------------------------------------------------------------ helpers for methods
     @property
@@ -178,7 +263,7 @@ class Synapse(ABC):
     def _capture_forward(self, replay_source: Optional[ReplaySource] = None) -> ForwardCapture:
         """Hook the user's training forward (once): live outputs, and fused replay rows from ``replay_source``."""
         if self._capture is None:
-            self._capture = ForwardCapture(self.module, self._a_parameter, replay_source)
+            self._capture = ForwardCapture(self.module, self._a_parameter, replay_source, type(self).__name__)
         return self._capture
 
     def _frozen_copy(
@@ -203,9 +288,9 @@ class Synapse(ABC):
             raise ValueError(f"current_loss must be one of {CURRENT_LOSS}, got {current_loss!r}")
         return current_loss
 
-    @staticmethod
-    def _iter_task_data(data: Iterable[TaskBatch]) -> Iterator[Tuple[Tensor, Dict[str, Tensor]]]:
-        """The batches of a task-end pass, each checked as ``backward`` checks its arguments."""
+    def _iter_task_data(self, data: Iterable[TaskBatch]) -> Iterator[Tuple[Tensor, Dict[str, Tensor]]]:
+        """The batches of a task-end pass, each checked as ``backward`` checks its arguments, with
+        :func:`named_batches`' unnamed inputs named as ``backward``'s."""
         for item in data:
             if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[1], Mapping)):
                 raise TypeError(
@@ -213,8 +298,54 @@ class Synapse(ABC):
                     f"{type(item).__name__}; wrap a loader of (x, y) pairs with synapse.named_batches(loader)"
                 )
             targets, inputs = item[0], dict(item[1])
+            if RECORDED_NAME in inputs:
+                inputs = {self._recorded_input_name(): inputs.pop(RECORDED_NAME), **inputs}
             check_targets_and_inputs(targets, inputs)
+            check_forward_accepts(self.module, self._forward_signature, inputs)
             yield targets, inputs
+
+    # ------------------------------------------------------------------ input names
+    def _check_input_names(self, model_inputs: Mapping[str, Tensor]) -> None:
+        """The first step's names must fit ``forward``; later steps must repeat them."""
+        if self._input_names is None:
+            check_forward_accepts(self.module, self._forward_signature, model_inputs)
+        elif set(model_inputs) != set(self._input_names):
+            problem = f"model inputs {tuple(model_inputs)} differ from those of earlier steps {self._input_names}"
+            try:
+                check_forward_accepts(self.module, self._forward_signature, model_inputs)
+            except ValueError as error:
+                raise ValueError(f"{problem}, and {error}") from None
+            raise ValueError(problem)
+
+    def _check_predict_inputs(self, model_inputs: Mapping[str, Any]) -> None:
+        """``predict``'s keywords: those of ``backward``, in Synapse's words rather than a TypeError deep inside."""
+        if self._input_names is not None and set(model_inputs) != set(self._input_names):
+            raise ValueError(
+                f"predict got model inputs {tuple(model_inputs)}, but backward was given {self._input_names}: "
+                f"call predict({', '.join(f'{n}=...' for n in self._input_names)})"
+            )
+        check_forward_accepts(self.module, self._forward_signature, model_inputs)
+
+    def _recorded_input_name(self) -> str:
+        """The name for :func:`named_batches`' unnamed inputs: the one ``backward`` was given, or else
+        ``forward``'s only parameter."""
+        names = self._input_names
+        if names is None and self._forward_signature is not None:
+            named = [p for p in self._forward_signature.parameters.values() if p.kind in _BY_NAME]
+            required = [p for p in named if p.default is inspect.Parameter.empty]
+            names = tuple(p.name for p in (named if len(named) == 1 else required))
+        if names is None or len(names) != 1:
+            given = "backward was given" if self._input_names is not None else "forward takes"
+            raise ValueError(
+                f"named_batches(loader) without a name gives one input, but {given} {names}: pass the name, "
+                "named_batches(loader, name), or build the (targets, {name: inputs}) batches yourself"
+            )
+        return names[0]
+
+    def _set_input_names(self, names: Optional[Tuple[str, ...]]) -> None:
+        self._input_names = names
+        if self._capture is not None:
+            self._capture.input_names = names
 
     def trainable_parameters(self) -> List[nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
@@ -332,15 +463,10 @@ class BufferedSynapse(Synapse):
         # Offsetting by rank decorrelates the ranks' reservoirs under one global seed.
         self.buffer_policy = buffer_policy
         self.buffer = make_buffer(buffer_policy, capacity, seed=(fresh_seed() + rank) % 2**62)
-        self._input_names: Optional[tuple] = None
         self._stores_targets = True  # a method whose loss never reads them may store none
 
     def _check(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
-        if self._input_names is not None and tuple(model_inputs) != self._input_names:
-            raise ValueError(
-                f"model inputs {tuple(model_inputs)} differ from those of earlier steps {self._input_names}"
-            )
-        # Types and batch sizes were checked by backward; only what the user passed needs checking
+        # Names, types and batch sizes were checked by backward; only what the user passed needs checking
         # against the stored layout: whatever a method adds is its own making.
         self.buffer.check_layout(BufferedSynapse._stored_items(self, targets, model_inputs), partial=True)
 
@@ -353,9 +479,7 @@ class BufferedSynapse(Synapse):
 
     def _store(self, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
         """Offer the step's items to the buffer (already validated by :meth:`_check`)."""
-        self._input_names = tuple(model_inputs)
-        if self._capture is not None:
-            self._capture.input_names = self._input_names
+        self._set_input_names(tuple(model_inputs))
         self._follow_model_device()
         self.buffer.add(self._stored_items(targets, model_inputs), validate=False)
 

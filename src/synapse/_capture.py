@@ -9,7 +9,9 @@ a loss on them) or wants its replay minibatch computed in that same forward ("fu
   those outputs *with their graph* (``outputs``) and the replay rows' outputs (``replay.outputs``).
 
 Only training forwards count: train mode, grad enabled, and not a forward the method runs itself
-(:meth:`ForwardCapture.paused`). Evaluation and ``torch.no_grad()`` forwards are untouched.
+(:meth:`ForwardCapture.paused`). Evaluation and ``torch.no_grad()`` forwards are untouched; a forward with
+grad enabled but the model in eval mode is only noted (:attr:`ForwardCapture.eval_forward`), so that a method
+whose replay rides on the training forward can refuse it rather than silently train without replay.
 
 Two properties every user relies on:
 
@@ -33,7 +35,9 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ForwardCapture", "Replay", "ReplaySource"]
+from ._validation import check_forward_accepts, forward_signature
+
+__all__ = ["ForwardCapture", "Replay", "ReplaySource", "live_captures"]
 
 
 @dataclass
@@ -105,20 +109,29 @@ class ForwardCapture:
     rows with their outputs. :meth:`clear` forgets both; methods call it at the end of ``backward``.
     """
 
-    def __init__(self, module: nn.Module, parameter: Tensor, replay_source: Optional[ReplaySource] = None) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        parameter: Tensor,
+        replay_source: Optional[ReplaySource] = None,
+        owner: str = "a Synapse method",
+    ) -> None:
         self.module = module
+        self.owner = owner  # the method's name, for the message when a second method meets these hooks
         self._parameter = parameter
         self._replay_source = replay_source
         self.input_names: Optional[Tuple[str, ...]] = None  # set by the method from backward's keywords
         self.outputs: Optional[Tensor] = None
         self.output_type: Optional[type] = None
         self.replay: Optional[Replay] = None
+        # A forward with grad enabled but in eval mode ran since the last training forward: it carried no
+        # replay and its outputs were not kept (ER's fused replay then has nothing to ride on).
+        self.eval_forward = False
         self._paused = 0
-        self._signature = inspect.signature(module.forward)
+        self._signature = forward_signature(module)
         positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-        self._positions = {
-            name: i for i, (name, p) in enumerate(self._signature.parameters.items()) if p.kind in positional
-        }
+        parameters = self._signature.parameters.items() if self._signature is not None else ()
+        self._positions = {name: i for i, (name, p) in enumerate(parameters) if p.kind in positional}
         self._handles = [
             module.register_forward_pre_hook(_Hook(self, pre=True), with_kwargs=True),
             module.register_forward_hook(_Hook(self, pre=False)),
@@ -131,11 +144,22 @@ class ForwardCapture:
             handle.remove()
         self._handles = []
 
+    @property
+    def replays(self) -> bool:
+        """Whether replay rows ride along in the training forward (fused replay)."""
+        return self._replay_source is not None
+
+    @property
+    def live(self) -> bool:
+        """Whether the hooks are still on the module."""
+        return bool(self._handles)
+
     def clear(self) -> None:
         """Forget the last forward (end of a step)."""
         self.outputs = None
         self.output_type = None
         self.replay = None
+        self.eval_forward = False
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -148,14 +172,8 @@ class ForwardCapture:
             self._paused -= 1
 
     def check_input_names(self, names: Sequence[str]) -> None:
-        """Raise unless every name is a parameter of ``forward`` (needed to find it in a forward call)."""
-        params = self._signature.parameters
-        missing = [n for n in names if n not in params]
-        if missing and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-            raise ValueError(
-                f"model inputs {missing} are not parameters of {type(self.module).__name__}.forward"
-                f"{self._signature}; name them as forward does"
-            )
+        """Raise unless ``forward`` takes these names as keywords (needed to find them in a forward call)."""
+        check_forward_accepts(self.module, self._signature, names)
 
     # ------------------------------------------------------------------ hooks
     def _training_forward(self, module: nn.Module) -> bool:
@@ -197,7 +215,10 @@ class ForwardCapture:
 
     def _post_forward(self, module: nn.Module, args: tuple, output: Any) -> Any:
         if not self._training_forward(module):
+            if torch.is_grad_enabled() and not self._paused:
+                self.eval_forward = True  # a forward that trains (grad on) with the model in eval mode
             return None
+        self.eval_forward = False
         replay = self.replay
         if replay is not None and replay.outputs is None:
             if not isinstance(output, Tensor):
@@ -231,3 +252,21 @@ class ForwardCapture:
                 "enabled on this batch before backward, and return a (batch, classes) logits tensor"
             )
         return out
+
+
+def live_captures(module: nn.Module) -> List[ForwardCapture]:
+    """The captures whose hooks are live on ``module`` (their method still exists and did not remove them).
+    Hooks whose capture is gone (its method was collected) are taken off on the way: they do nothing."""
+    found: List[ForwardCapture] = []
+    for hooks in (module._forward_pre_hooks, module._forward_hooks):
+        for key, hook in list(hooks.items()):
+            if not isinstance(hook, _Hook):
+                continue
+            capture = hook._capture()
+            if capture is None:  # what RemovableHandle.remove() would do, had the handle survived
+                del hooks[key]
+                for extra in ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs"):
+                    getattr(module, extra, {}).pop(key, None)
+            elif capture.module is module and capture.live and capture not in found:
+                found.append(capture)
+    return found

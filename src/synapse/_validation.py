@@ -5,11 +5,12 @@ Each raises before anything is mutated, and names the argument, the value and wh
 
 from __future__ import annotations
 
+import inspect
 import math
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def check_positive_int(name: str, value: Any) -> None:
@@ -59,3 +60,37 @@ def check_targets_and_inputs(targets: Any, model_inputs: Mapping[str, Any]) -> i
                 f"but targets has {batch}"
             )
     return batch
+
+
+def forward_signature(module: nn.Module) -> Optional[inspect.Signature]:
+    """``module.forward``'s signature, read once on the host; None when Python cannot read one."""
+    try:
+        return inspect.signature(module.forward)
+    except (TypeError, ValueError):
+        return None
+
+
+def check_forward_accepts(module: nn.Module, signature: Optional[inspect.Signature], names: Iterable[str]) -> None:
+    """Raise unless ``module(**{name: ...})`` binds to ``forward``: every name is one of its keyword-capable
+    parameters (or it takes ``**kwargs``) and no required parameter is left out. Methods call the model so
+    (replay, task-end passes, ``predict``), so a name that would fail there fails here, in Synapse's words.
+    """
+    if signature is None:
+        return  # nothing to check against: the model's own error will have to do
+    names = list(names)
+    try:
+        signature.bind(**dict.fromkeys(names))
+    except TypeError:
+        by_name = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        accepted = [n for n, p in signature.parameters.items() if p.kind in by_name]
+        unknown = [n for n in names if n not in accepted]
+        what = (
+            f"model inputs {unknown} are not parameters of"
+            if unknown
+            else f"model inputs {names} leave out required parameters of"
+        )
+        example = accepted[0] if accepted else "inputs"
+        raise ValueError(
+            f"{what} {type(module).__name__}.forward{signature}: pass the inputs as keywords named like forward's "
+            f"parameters {accepted}, e.g. synapse.backward(loss, targets, {example}={example})"
+        ) from None

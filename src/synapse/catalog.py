@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from torch import nn
 
-__all__ = ["HParam", "MethodSpec", "register", "get", "names", "specs", "methods_table"]
+__all__ = ["HParam", "MethodSpec", "register", "get", "names", "specs", "methods_table", "usage_table"]
 
 FAMILIES = ("rehearsal", "gradient", "structure", "distillation")
 # Arguments the experiment program sets from its own flags rather than from method hyperparameters.
@@ -129,8 +129,9 @@ class MethodSpec:
 
     @property
     def task_free(self) -> bool:
-        """Runs without task boundaries (on a task-free stream)."""
-        return not getattr(self.cls, "needs_task_boundaries", False)
+        """Runs without task boundaries (on a task-free stream): not a method that does its work at task ends
+        (``acts_at_task_end``, e.g. EWC's penalty or LwF's teacher), which would be plain fine-tuning there."""
+        return not (getattr(self.cls, "needs_task_boundaries", False) or getattr(self.cls, "acts_at_task_end", False))
 
     def defaults(self) -> Dict[str, Any]:
         return {h.name: h.default for h in self.hparams}
@@ -205,6 +206,29 @@ def get(name: str) -> MethodSpec:
     if name not in _REGISTRY:
         raise KeyError(f"unknown method {name!r}; choose from {', '.join(_REGISTRY)}")
     return _REGISTRY[name]
+
+
+def usage_table() -> str:
+    """The README's table of what each method asks of your loop, from the classes' attributes and from each
+    method as its defaults build it (on a throwaway model): task ends, predictor, forward mode, logits."""
+    rows = [
+        "| CLI name | `end_task` | Evaluate with | Forward that produced the loss | Outputs |",
+        "|---|---|---|---|---|",
+    ]
+    for spec in specs():
+        method = spec.create(nn.Sequential(nn.Flatten(), nn.Linear(4, 4)))
+        method.remove_hooks()
+        if method.needs_task_data:
+            task_end = "**needed, with data**: `end_task(named_batches(loader))`"
+        elif method.acts_at_task_end:
+            task_end = "**needed**: `end_task()`"
+        else:
+            task_end = "optional"
+        predictor = "`synapse.predict(...)` (its own rule)" if method.has_predictor else "the model (or `predict`)"
+        forward = "train mode, grad enabled" if method.needs_training_forward else "any"
+        outputs = "raw logits" if method.reads_logits else "logits or log-probabilities"
+        rows.append(f"| `{spec.name}` | {task_end} | {predictor} | {forward} | {outputs} |")
+    return "\n".join(rows)
 
 
 def methods_table() -> str:

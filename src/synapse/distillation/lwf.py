@@ -94,6 +94,9 @@ class LwF(Synapse):
         ...     synapse.end_task()   # the model as it is now becomes the teacher
     """
 
+    acts_at_task_end = True  # the teacher comes from end_task(): without it, LwF is fine-tuning
+    reads_logits = True  # the distillation's temperature-softened softmax of raw logits
+
     def __init__(
         self,
         model: nn.Module,

@@ -161,8 +161,8 @@ def check_scenario(cfg: Config, spec: DatasetSpec) -> None:
     if cfg.training_type == "continual" and not catalog.get(cfg.synapse_type).task_free:
         usable = ", ".join(s.name for s in catalog.specs() if s.task_free)
         raise ValueError(
-            f"{cfg.synapse_type} needs task boundaries, and {spec.name} is a task-free stream without them "
-            f"(no end_task calls); choose a task-free method: {usable}"
+            f"{cfg.synapse_type} needs task boundaries (it acts at task ends), and {spec.name} is a task-free stream "
+            f"without them (no end_task calls): it would be plain fine-tuning; choose a task-free method: {usable}"
         )
     if cfg.num_epochs not in (None, 1):
         raise ValueError(f"{spec.name} is a single pass over its stream: num_epochs must be 1, got {cfg.num_epochs}")

@@ -80,6 +80,7 @@ class AGEM(BufferedSynapse):
         super().__init__(model, buffer_size, buffer_sample_size, buffer_scope=buffer_scope, scaler=scaler)
         self.memory = memory
         if memory == "episodic":  # the same budget, split per task instead of one reservoir
+            self.acts_at_task_end = True  # only ended tasks constrain: without end_task() it is fine-tuning
             self.buffer = EpisodicMemory(self.buffer.capacity, seed=fresh_seed())  # type: ignore[assignment]
         self._params: List[nn.Parameter] = self.trainable_parameters()
         self._reference: Optional[FlatSpace] = None

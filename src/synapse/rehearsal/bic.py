@@ -161,6 +161,7 @@ class BiC(ER):
 
     needs_task_boundaries = True
     has_predictor = True
+    reads_logits = True  # the bias correction and the distillation work on raw logits
 
     def __init__(
         self,

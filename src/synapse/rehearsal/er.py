@@ -54,6 +54,11 @@ class ER(BufferedSynapse):
     of Chaudhry et al. (their batch is the union of both). With ``fused=False`` the replay minibatches
     go through a separate forward pass and the loss terms are summed before one backward.
 
+    **Eval mode.** A step whose loss came from a forward in ``eval()`` mode would carry no fused replay, so
+    it is refused (``ValueError``) once the memory holds anything, rather than silently fine-tune. To train
+    with frozen BatchNorm statistics, use ``fused=False``: the replay's own forward then runs in the model's
+    current mode too (DER and DER++ also read the outputs of a training-mode forward, and still need one).
+
     Args:
         model: the model being trained (may be wrapped in DDP or ``torch.compile``).
         buffer_size: items kept in the reservoir (per rank in a distributed run).
@@ -133,6 +138,9 @@ class ER(BufferedSynapse):
         self.logits_dtype = logits_dtype
         self.joint_mean = bool(joint_mean)
         self._stores_logits = method != "er"
+        self._reads_outputs = self._stores_logits  # DER stores the outputs of your forward
+        if method in ("der", "der++"):
+            self.reads_logits = True  # the logit-matching MSE: log-probabilities change its strength
         # DER's loss reads inputs and logits only (paper, Alg. 1); a class-balanced memory needs the labels.
         self._stores_targets = method != "der" or buffer_policy == "class_balanced"
         self._ragged_logits = False  # becomes True once rows of different logit widths coexist
@@ -163,8 +171,13 @@ class ER(BufferedSynapse):
 
     # ------------------------------------------------------------------ backward
     def _check(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
-        if self._input_names is None and self.fused:
-            self._forward.check_input_names(list(model_inputs))
+        if self.fused and self._forward.replay is None and self._forward.eval_forward and len(self.buffer) > 0:
+            raise ValueError(
+                f"{type(self).__name__}'s fused replay rides on training-mode forwards, but this loss came from a "
+                "forward in eval mode, which carried no replay: this step would be plain fine-tuning. Call "
+                "model.train() before the forward, or, to train with frozen BatchNorm statistics, build the "
+                "method with fused=False: replay then runs in a separate forward in the model's current mode"
+            )
         batch = targets.shape[0]
         if self._stores_logits:
             logits = self._forward.checked_outputs(self.method, batch)

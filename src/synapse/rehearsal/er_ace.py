@@ -126,6 +126,7 @@ class ERACE(ER):
         )
         self.mask = mask
         self.current_loss = current_loss
+        self._reads_outputs = current_loss == "method"  # the asymmetric CE is taken on your forward's outputs
         # Device tensors, so that no step reads a label on the host.
         self._largest_seen: Optional[Tensor] = None  # 0-d: the largest label seen so far
         self._task_classes: Optional[Tensor] = None  # bool (classes,): labels seen this task (mask='task')

@@ -142,6 +142,7 @@ class ICaRL(ER):
     needs_task_boundaries = True
     needs_task_data = True
     has_predictor = True
+    reads_logits = True  # sigmoids of the logits: log-probabilities never reach a BCE target of 1
     buffer_policies = ("herding",)
     buffer: HerdingMemory
 
@@ -387,6 +388,7 @@ class ICaRL(ER):
         available as its softmax head. Before the first :meth:`end_task` there are no exemplars and no
         means: it returns the model's outputs (in eval mode), the only classifier there is then.
         """
+        self._check_predict_inputs(model_inputs)
         if self.class_means is None:
             return super().predict(**model_inputs)
         self._follow_model_device()

@@ -140,6 +140,7 @@ class XDER(ER):
 
     needs_task_boundaries = True
     needs_task_data = True
+    reads_logits = True  # stores and matches logits
 
     def __init__(
         self,
