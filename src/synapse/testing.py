@@ -13,7 +13,7 @@ Synapse, or a ``custom`` loss, can be held to the same contract as the built-in 
   model is touched;
 * :func:`check_reference_loss`: each step's gradient equals the gradient of the paper's loss, computed
   on a copy of the model taken before the step, on the rows the method replayed
-  (:attr:`~synapse.BufferedSynapse.last_replay`).
+  (the ``last_replay`` attribute of a method with a memory).
 
 The reference losses (:data:`REFERENCE_LOSSES`, by catalog name) are written from the papers' equations
 with plain ``torch.nn.functional`` calls, not from the methods' code; the benchmarks' cross-checks use
