@@ -271,7 +271,8 @@ def check_bad_hyperparameters(spec: MethodSpec) -> None:
     """The constructor refuses each of :func:`bad_values` of every hyperparameter the catalog declares (and
     of the memory's arguments, :data:`MEMORY_ARGUMENTS`, where the constructor takes them), passed
     directly rather than through the CLI's parser, with a ``TypeError``/``ValueError`` that names the
-    argument, and leaves the model as it was: no hooks added, parameters untouched."""
+    argument, and leaves everything as it was: no hooks added, parameters untouched, no seed drawn from
+    torch's generator."""
     accepted = inspect.signature(spec.cls).parameters
     run = {k: v for k, v in RUN_ARGUMENTS.items() if k in accepted}
     for hparam in (*spec.hparams, *(h for h in MEMORY_ARGUMENTS if h.name in accepted)):
@@ -281,8 +282,10 @@ def check_bad_hyperparameters(spec: MethodSpec) -> None:
             hooks = _hooks(model)
             kwargs = {**spec.fixed, **spec.defaults(), **run, hparam.name: value}
             what = f"{spec.name}({hparam.name}={value!r}), {why},"
+            rng = torch.get_rng_state()
             message = _expect_refusal(lambda: spec.cls(model, **kwargs), what)
             assert hparam.name in message, f"{what} was refused without naming {hparam.name!r}: {message}"
+            assert torch.equal(torch.get_rng_state(), rng), f"{what} was refused after drawing a seed"
             assert _hooks(model) == hooks, f"{what} was refused after hooking the model"
             assert state_equal(model.state_dict(), weights), f"{what} was refused after changing the model"
 
