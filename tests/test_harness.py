@@ -2,7 +2,6 @@
 each check fails on a method broken in the way it guards against (so none of them can pass vacuously)."""
 
 import pytest
-import torch
 import torch.nn.functional as F
 
 from synapse import testing

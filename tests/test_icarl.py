@@ -203,39 +203,6 @@ def test_predict_is_the_nearest_class_mean_of_the_exemplars():
     assert model.training  # predict restored the mode
 
 
-def test_resume_is_bit_identical():
-    data = stream(6, [0, 1]) + stream(6, [2, 3], seed=1) + stream(6, [4, 5], seed=2)
-
-    def run(model, syn, opt, start, stop):
-        for i in range(start, stop):
-            step(model, syn, *data[i], opt)
-            if i % 6 == 5:
-                syn.end_task(task_data(data[i - 5 : i + 1]))
-
-    torch.manual_seed(1)
-    model = mlp()
-    syn = ICaRL(model, 30, 5)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    run(model, syn, opt, 0, 8)  # mid-task, after one task end
-    saved = copy.deepcopy((model.state_dict(), opt.state_dict(), syn.state_dict()))
-    run(model, syn, opt, 8, 18)
-
-    torch.manual_seed(99)  # different weights and buffer seed, all overwritten by the load
-    resumed = mlp()
-    resumed.load_state_dict(saved[0])
-    syn2 = ICaRL(resumed, 30, 5)
-    syn2.load_state_dict(saved[2])
-    opt2 = torch.optim.SGD(resumed.parameters(), lr=0.05)
-    opt2.load_state_dict(saved[1])
-    run(resumed, syn2, opt2, 8, 18)
-    for a, b in zip(model.parameters(), resumed.parameters()):
-        assert torch.equal(a, b)
-    x = data[0][0]
-    assert torch.equal(syn.predict(input=x), syn2.predict(input=x))
-    assert torch.equal(syn.class_means, syn2.class_means) and torch.equal(syn.old_classes, syn2.old_classes)
-    assert syn.buffer.classes == syn2.buffer.classes == (0, 1, 2, 3, 4, 5)
-
-
 class _HeadFirst(nn.Module):
     """The head is registered before a projection layer: the last nn.Linear is not the head."""
 
@@ -256,10 +223,6 @@ def test_bad_arguments_are_rejected_and_change_nothing():
         ICaRL(model, 40, 8, feature_extractor="5")
     with pytest.raises(ValueError, match="no submodule 'fc'"):
         ICaRL(model, 40, 8, head="fc")
-    with pytest.raises(ValueError, match="current_loss"):
-        ICaRL(model, 40, 8, current_loss="both")
-    with pytest.raises(ValueError, match="buffer_size"):
-        ICaRL(model, 0, 8)
     with pytest.raises(ValueError, match="no nn.Linear"):
         ICaRL(nn.Sequential(nn.Flatten(), nn.Conv1d(1, 1, 1)), 40, 8)
     assert not model._forward_hooks and not model._forward_pre_hooks  # nothing was hooked
@@ -291,8 +254,6 @@ def test_rejected_calls_change_nothing():
     x, y = stream(1, [5, 6], seed=4)[0]
     loss = F.cross_entropy(model(x), y)  # draws this step's replay rows
     before = copy.deepcopy(syn.state_dict())
-    with pytest.raises(ValueError, match="batch"):  # the targets do not belong to the last forward
-        syn.backward(loss, y[:4], input=x[:4])
     with pytest.raises(ValueError, match="non-empty"):
         syn.backward(loss, torch.zeros(0, dtype=torch.long), input=x[:0])
     with pytest.raises(ValueError, match="outside the model's 10 classes"):

@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+from functools import partial
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -72,7 +73,9 @@ def toy_model(features: int = FEATURES, classes: int = CLASSES) -> nn.Module:
 def toy_batches(n: int, batch: int = 8, seed: int = 0, features: int = FEATURES, classes: int = CLASSES) -> List[Batch]:
     """``n`` random ``(inputs, targets)`` batches, the same for the same ``seed``."""
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch, features, generator=g), torch.randint(0, classes, (batch,), generator=g)) for _ in range(n)]
+    return [
+        (torch.randn(batch, features, generator=g), torch.randint(0, classes, (batch,), generator=g)) for _ in range(n)
+    ]
 
 
 def _task_data(data: Sequence[Batch]) -> List[Tuple[Tensor, Dict[str, Tensor]]]:
@@ -168,8 +171,9 @@ def check_resume(
         where = f"{spec.name} resumed after step {at}"
         for (name, a), b in zip(model.named_parameters(), resumed.parameters()):
             assert torch.equal(a, b), f"{where}: parameter {name} differs from the uninterrupted run"
-        assert state_equal(method.state_dict(), method2.state_dict()), (
-            f"{where}: state dict differs from the uninterrupted run at {_diff(method.state_dict(), method2.state_dict())}"
+        first, second = method.state_dict(), method2.state_dict()
+        assert state_equal(first, second), f"{where}: the state dict differs from the uninterrupted run's at " + _diff(
+            first, second
         )
 
 
@@ -201,12 +205,12 @@ def check_rejected_calls(spec: MethodSpec, hparams: Optional[Mapping[str, Any]] 
     before = copy.deepcopy(method.state_dict())
     model.zero_grad()
     grads = _grads(model)
-    loss = F.cross_entropy(out, y)
+    loss, per_row = F.cross_entropy(out, y), F.cross_entropy(out, y, reduction="none")
     bad_calls: List[Tuple[str, str, Callable[[], Any]]] = [
         ("float targets", "integer", lambda: method.backward(loss, y.float(), input=x)),
         ("2-d targets", "1-d", lambda: method.backward(loss, y[:, None], input=x)),
         ("targets of another batch size", "batch size", lambda: method.backward(loss, y[:4], input=x)),
-        ("a loss that is not a scalar", "scalar", lambda: method.backward(F.cross_entropy(out, y, reduction="none"), y, input=x)),
+        ("a loss that is not a scalar", "scalar", lambda: method.backward(per_row, y, input=x)),
         ("a loss without a graph", "require grad", lambda: method.backward(loss.detach(), y, input=x)),
         ("no model inputs", "keyword", lambda: method.backward(loss, y)),
         ("end_task(a tensor)", "data", lambda: method.end_task(torch.zeros(3))),
@@ -283,7 +287,7 @@ def check_bad_hyperparameters(spec: MethodSpec) -> None:
             kwargs = {**spec.fixed, **spec.defaults(), **run, hparam.name: value}
             what = f"{spec.name}({hparam.name}={value!r}), {why},"
             rng = torch.get_rng_state()
-            message = _expect_refusal(lambda: spec.cls(model, **kwargs), what)
+            message = _expect_refusal(partial(spec.cls, model, **kwargs), what)
             assert hparam.name in message, f"{what} was refused without naming {hparam.name!r}: {message}"
             assert torch.equal(torch.get_rng_state(), rng), f"{what} was refused after drawing a seed"
             assert _hooks(model) == hooks, f"{what} was refused after hooking the model"
