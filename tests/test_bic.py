@@ -9,29 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import mlp
+from conftest import batches, mlp, step
 from synapse import catalog
 from synapse.functional import bias_correction, bic_lambda, bic_loss
 from synapse.rehearsal import BiC
-
-
-def batches(n, classes, batch=8, seed=0, features=(1, 28, 28)):
-    """``n`` batches of random inputs with labels drawn from ``classes``."""
-    g = torch.Generator().manual_seed(seed)
-    pool = torch.tensor(classes)
-    return [
-        (torch.randn(batch, *features, generator=g), pool[torch.randint(0, len(classes), (batch,), generator=g)])
-        for _ in range(n)
-    ]
-
-
-def step(model, syn, x, y, opt=None, scale=1.0):
-    loss = scale * F.cross_entropy(model(x), y)
-    if opt is not None:
-        opt.zero_grad()
-    syn.backward(loss, y, input=x)
-    if opt is not None:
-        opt.step()
 
 
 def run_tasks(model, syn, tasks, opt):

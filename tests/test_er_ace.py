@@ -8,29 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import mlp
+from conftest import batches, mlp, step
 from synapse import catalog
 from synapse.functional import ace_class_mask, asymmetric_cross_entropy
 from synapse.rehearsal import ER, ERACE
-
-
-def stream(n, labels, batch=8, seed=0):
-    """``n`` batches of random inputs whose labels are drawn from ``labels``."""
-    g = torch.Generator().manual_seed(seed)
-    pool = torch.tensor(labels)
-    return [
-        (torch.randn(batch, 1, 28, 28, generator=g), pool[torch.randint(0, len(labels), (batch,), generator=g)])
-        for _ in range(n)
-    ]
-
-
-def step(model, syn, x, y, opt=None):
-    loss = F.cross_entropy(model(x), y)
-    if opt is not None:
-        opt.zero_grad()
-    syn.backward(loss, y, input=x)
-    if opt is not None:
-        opt.step()
 
 
 # ---------------------------------------------------------------------------------------- the pure functions
@@ -87,7 +68,7 @@ def test_gradient_is_ace_on_the_batch_plus_alpha_ce_on_the_replayed_samples(mask
     syn = ERACE(model, 30, 6, alpha=alpha, mask=mask, fused=fused)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     # The last batch lacks class 6, which its task has shown: the two masks differ there.
-    first, second = stream(4, [0, 1, 2, 3, 4]), stream(2, [5, 6, 7], seed=1) + stream(1, [5, 7], seed=2)
+    first, second = batches(4, [0, 1, 2, 3, 4]), batches(2, [5, 6, 7], seed=1) + batches(1, [5, 7], seed=2)
     for x, y in first:
         step(model, syn, x, y, opt)
     syn.end_task()
@@ -123,7 +104,7 @@ def test_the_users_loss_is_replaced_not_added():
     torch.manual_seed(0)
     model = mlp()
     syn = ERACE(model, 40, 8)
-    x, y = stream(1, [3, 4])[0]
+    x, y = batches(1, [3, 4])[0]
     reference = copy.deepcopy(model)
     out = model(x)
     syn.backward(F.cross_entropy(out, y) * 1000 + out.sum(), y, input=x)  # anything: it is not backpropagated
@@ -136,7 +117,7 @@ def test_the_users_loss_is_replaced_not_added():
 
 
 def test_current_loss_user_is_er():
-    data = stream(8, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9])
+    data = batches(8, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9])
     models = []
     for make in (
         lambda m: ER(m, 30, 6, alpha=0.5, method="er"),
@@ -158,10 +139,10 @@ def test_an_empty_batch_is_refused_and_changes_nothing():
     model = mlp()
     syn = ERACE(model, 40, 8, mask="task")
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    for x, y in stream(3, [0, 1, 2]):
+    for x, y in batches(3, [0, 1, 2]):
         step(model, syn, x, y, opt)
     before = copy.deepcopy(syn.state_dict())
-    x, y = stream(1, [5, 6], seed=4)[0]
+    x, y = batches(1, [5, 6], seed=4)[0]
     loss = F.cross_entropy(model(x), y)
     empty = torch.zeros(0, dtype=torch.long)
     with pytest.raises(ValueError, match="non-empty"):
@@ -180,7 +161,7 @@ def test_catalog_entry_trains_with_task_ends():
     syn = spec.create(model, buffer_size=40, buffer_sample_size=8)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     seen = []
-    for i, (x, y) in enumerate(stream(20, list(range(10)))):
+    for i, (x, y) in enumerate(batches(20, list(range(10)))):
         step(model, syn, x, y, opt)
         seen.append((y, {"input": x}))
         if i % 10 == 9:

@@ -12,30 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import mlp
+from conftest import batches, mlp, step
 from synapse import catalog
 from synapse.functional import herding_selection, icarl_loss, nearest_mean_scores
 from synapse.rehearsal import ICaRL
-
-
-def stream(n, labels, batch=8, seed=0):
-    """``n`` batches of random inputs whose labels are drawn from ``labels``."""
-    g = torch.Generator().manual_seed(seed)
-    pool = torch.tensor(labels)
-    return [
-        (torch.randn(batch, 1, 28, 28, generator=g), pool[torch.randint(0, len(labels), (batch,), generator=g)])
-        for _ in range(n)
-    ]
-
-
-def step(model, syn, x, y, opt=None, loss_fn=None):
-    out = model(x)
-    loss = F.cross_entropy(out, y) if loss_fn is None else loss_fn(out, y)
-    if opt is not None:
-        opt.zero_grad()
-    syn.backward(loss, y, input=x)
-    if opt is not None:
-        opt.step()
 
 
 def task_data(batches):
@@ -103,7 +83,7 @@ def test_end_task_fills_the_herding_memory_with_the_heads_input_features():
     model = mlp()
     syn = ICaRL(model, 12, 4)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    first, second = stream(3, [0, 1], seed=1), stream(3, [2, 3], seed=2)
+    first, second = batches(3, [0, 1], seed=1), batches(3, [2, 3], seed=2)
     for x, y in first:
         step(model, syn, x, y, opt)
     syn.end_task(task_data(first))
@@ -133,7 +113,7 @@ def test_gradient_is_the_explicit_objective_on_the_recorded_replay_rows(fused, c
     model = mlp()
     syn = ICaRL(model, 30, 6, fused=fused, current_loss=current_loss)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    first, second = stream(4, [0, 1, 2]), stream(3, [3, 4], seed=1)
+    first, second = batches(4, [0, 1, 2]), batches(3, [3, 4], seed=1)
     for x, y in first:
         step(model, syn, x, y, opt)
     syn.end_task(task_data(first))
@@ -181,7 +161,7 @@ def test_predict_is_the_nearest_class_mean_of_the_exemplars():
     model.train()
     assert torch.equal(syn.predict(input=x_test), untrained)  # no exemplar yet: the head is all there is
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    data = stream(4, [0, 1, 2, 3])
+    data = batches(4, [0, 1, 2, 3])
     for x, y in data:
         step(model, syn, x, y, opt)
     syn.end_task(task_data(data))
@@ -231,7 +211,7 @@ def test_bad_arguments_are_rejected_and_change_nothing():
     # The default head of a model whose last-registered Linear is not its head: caught at the task end.
     odd = _HeadFirst()
     syn = ICaRL(odd, 40, 8)
-    data = stream(2, [0, 1])
+    data = batches(2, [0, 1])
     for x, y in data:
         step(odd, syn, x, y)
     with pytest.raises(ValueError, match="head="):
@@ -245,13 +225,13 @@ def test_rejected_calls_change_nothing():
     model = mlp()
     syn = ICaRL(model, 40, 8)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    data = stream(3, [0, 1, 2])
+    data = batches(3, [0, 1, 2])
     for x, y in data:
         step(model, syn, x, y, opt)
     syn.end_task(task_data(data))
-    step(model, syn, *stream(1, [3, 4], seed=3)[0], opt)
+    step(model, syn, *batches(1, [3, 4], seed=3)[0], opt)
 
-    x, y = stream(1, [5, 6], seed=4)[0]
+    x, y = batches(1, [5, 6], seed=4)[0]
     loss = F.cross_entropy(model(x), y)  # draws this step's replay rows
     before = copy.deepcopy(syn.state_dict())
     with pytest.raises(ValueError, match="non-empty"):
@@ -282,7 +262,7 @@ def test_catalog_entry_trains_with_task_ends():
     syn = spec.create(model, buffer_size=40, buffer_sample_size=8)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     seen = []
-    for i, (x, y) in enumerate(stream(20, list(range(10)))):
+    for i, (x, y) in enumerate(batches(20, list(range(10)))):
         step(model, syn, x, y, opt)
         seen.append((y, {"input": x}))
         if i % 10 == 9:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import mlp
+from conftest import mlp, step
 from synapse import catalog
 from synapse.distillation import LwF
 from synapse.functional import soft_distillation_grad, soft_distillation_loss
@@ -19,18 +19,6 @@ OLD = torch.tensor([True] * 5 + [False] * 5)  # classes 0..4 are task 1's
 def batch(classes, seed, n=8):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 1, 28, 28, generator=g), torch.tensor(classes)[torch.arange(n) % len(classes)]
-
-
-def step(model, syn, x, y, opt=None):
-    loss = F.cross_entropy(model(x), y)
-    if opt is not None:
-        opt.zero_grad()
-    syn.backward(loss, y, input=x)
-    if opt is not None and syn.scaler is not None:
-        syn.scaler.step(opt)
-        syn.scaler.update()
-    elif opt is not None:
-        opt.step()
 
 
 def into_second_task(alpha=1.0, temperature=2.0, **options):

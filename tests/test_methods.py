@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import mlp
+from conftest import batches, mlp, train
 from synapse.gradient import AGEM
 from synapse.rehearsal import ER
 from synapse.structure import SI
@@ -19,21 +19,6 @@ ALL_METHODS = {
     "agem": lambda m: AGEM(m, 40, 8),
     "si": lambda m: SI(m, checkpoint_per_steps=7),
 }
-
-
-def batches(n, batch=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch, 1, 28, 28, generator=g), torch.randint(0, 10, (batch,), generator=g)) for _ in range(n)]
-
-
-def train(model, synapse, data, lr=0.05):
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    for x, y in data:
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        synapse.backward(loss, y, input=x)
-        opt.step()
-    return opt
 
 
 def test_fused_and_unfused_replay_give_the_same_gradient():

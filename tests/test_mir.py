@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import batches, step
 from synapse import catalog
 from synapse.functional import interference_scores
 from synapse.rehearsal import MIR
@@ -26,18 +27,8 @@ def tiny(kind: str = "plain") -> nn.Module:
     return nn.Sequential(nn.Linear(6, 16), *([nn.BatchNorm1d(16)] if kind == "bn" else []), nn.ReLU(), nn.Linear(16, 4))
 
 
-def stream(n, batch=5, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch, 6, generator=g), torch.randint(0, 4, (batch,), generator=g)) for _ in range(n)]
-
-
-def step(model, syn, x, y, opt=None):
-    loss = F.cross_entropy(model(x), y)
-    if opt is not None:
-        opt.zero_grad()
-    syn.backward(loss, y, input=x)
-    if opt is not None:
-        opt.step()
+def stream(n, seed=0):
+    return batches(n, range(4), batch=5, seed=seed, shape=(6,))
 
 
 def spy(syn):
