@@ -112,8 +112,10 @@ def test_gradient_equals_autograd_of_the_explicit_objective(mode):
     syn._plan = lambda targets: plans.append(original(targets)) or plans[-1]
     for i, (x, y) in enumerate(batches(3, [4, 5], seed=3)):
         ref = copy.deepcopy(model)
+        last = syn.last_replay
         out = model(x)
-        rep = {k: v.clone() for k, v in syn._forward.replay.sample.items()}
+        assert syn.last_replay is not last  # the fused replay drew in the forward
+        rep = syn.last_replay
         opt.zero_grad()
         syn.backward(2.5 * F.cross_entropy(out, y), y, input=x)
         if i == 0:  # the task's empty reservoir (V = 4) takes 4 of the 8 rows: the rest are trained on
