@@ -59,7 +59,7 @@ __all__ = [
 ]
 
 Batch = Tuple[Tensor, Tensor]  # (inputs, targets)
-TASK_LENGTH = 8  # steps per task in the harness's runs
+TASK_LENGTH = 4  # steps per task in the harness's runs
 FEATURES, CLASSES = 20, 10
 RUN_ARGUMENTS = {"buffer_size": 16, "buffer_sample_size": 8}
 
@@ -135,7 +135,7 @@ def check_resume(
     spec: MethodSpec,
     hparams: Optional[Mapping[str, Any]] = None,
     resume_at: Sequence[int] = (TASK_LENGTH, TASK_LENGTH + 3),
-    steps: int = 2 * TASK_LENGTH + 4,
+    steps: int = 2 * TASK_LENGTH + 2,
     **run_arguments: Any,
 ) -> None:
     """A run saved after each step in ``resume_at`` (the default: right after the first task end, and in
