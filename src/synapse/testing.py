@@ -47,6 +47,7 @@ __all__ = [
     "der_loss",
     "derpp_loss",
     "er_ace_loss",
+    "lwf_loss",
     "toy_model",
     "toy_batches",
     "train",
@@ -304,6 +305,8 @@ class ReferenceStep(NamedTuple):
     hparams: Dict[str, Any]  # the method's resolved hyperparameters
     seen: Tensor  # every label of the run so far, this batch's included
     task_seen: Tensor  # the labels since the last task end, this batch's included
+    model_at_task_end: Optional[nn.Module] = None  # a copy of the model taken at the last task end, or None
+    seen_at_task_end: Optional[Tensor] = None  # every label seen before the last task end, or None
 
 
 def _replayed_inputs(replay: Mapping[str, Tensor]) -> Tensor:
@@ -362,6 +365,22 @@ def er_ace_loss(model: nn.Module, step: ReferenceStep) -> Tensor:
     )
 
 
+def lwf_loss(model: nn.Module, step: ReferenceStep) -> Tensor:
+    """LwF (Li & Hoiem 2016, eq. 2): ``CE(f(x), y) + alpha * L_old``, ``L_old`` the cross-entropy between the
+    model at the last task end (the teacher) and the model, both softened by ``T`` and normalised over the
+    classes seen before that task end only: ``-(1/B) sum_b sum_{j in O} p_bj log q_bj``."""
+    logits = model(step.inputs)
+    loss = F.cross_entropy(logits, step.targets)
+    if step.model_at_task_end is None or step.seen_at_task_end is None:
+        return loss
+    old = sorted(set(step.seen_at_task_end.tolist()))
+    temperature = step.hparams.get("temperature", 2.0)
+    with torch.no_grad():
+        p = torch.softmax(step.model_at_task_end(step.inputs)[:, old] / temperature, dim=1)
+    log_q = torch.log_softmax(logits[:, old] / temperature, dim=1)
+    return loss + step.hparams.get("alpha", 1.0) * -(p * log_q).sum(1).mean()
+
+
 ReferenceLoss = Callable[[nn.Module, ReferenceStep], Tensor]
 # The paper's loss of each method whose step is one loss on the incoming batch and the replayed rows
 # (MIR's is ER's, on the rows its retrieval chose).
@@ -371,6 +390,7 @@ REFERENCE_LOSSES: Dict[str, ReferenceLoss] = {
     "der++": derpp_loss,
     "er-ace": er_ace_loss,
     "mir": er_loss,
+    "lwf": lwf_loss,
 }
 
 
@@ -383,9 +403,10 @@ def check_reference_loss(
     atol: float = 1e-7,
     **run_arguments: Any,
 ) -> None:
-    """Along a run (through the memory's filling and a task end), each step's gradient equals the gradient of
-    ``reference`` (default: :data:`REFERENCE_LOSSES`) on a copy of the model taken before the step, given
-    the rows the method replayed. A slip in which rows feed which term, or in a term's weight, fails.
+    """Along a class-incremental run (through the memory's filling and a task end), each step's gradient
+    equals the gradient of ``reference`` (default: :data:`REFERENCE_LOSSES`) on a copy of the model taken
+    before the step, given the rows the method replayed. A slip in which rows feed which term, in a term's
+    weight or in a class mask fails.
 
     Args:
         spec: the method.
@@ -402,9 +423,12 @@ def check_reference_loss(
     model = toy_model()
     method = _build(spec, model, hparams, **{"buffer_size": 24, "buffer_sample_size": 6, **run_arguments})
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    data = toy_batches(steps)
+    # Class-incremental: each task has half the classes, so that masks over old, seen or present classes bite.
+    half = CLASSES // 2
+    data = [(x, y % half + half * (i // TASK_LENGTH % 2)) for i, (x, y) in enumerate(toy_batches(steps))]
     seen: List[Tensor] = []
     task_start, replayed = 0, 0
+    at_task_end: Optional[nn.Module] = None
     for i, (x, y) in enumerate(data):
         before = copy.deepcopy(model)  # a deep copy of a hooked model is a plain model
         last = getattr(method, "last_replay", None)
@@ -414,7 +438,10 @@ def check_reference_loss(
         replay = None if replay is last else replay
         replayed += replay is not None
         seen.append(y)
-        step = ReferenceStep(x, y, replay, resolved, torch.cat(seen), torch.cat(seen[task_start:]))
+        earlier = torch.cat(seen[:task_start]) if task_start else None
+        step = ReferenceStep(
+            x, y, replay, resolved, torch.cat(seen), torch.cat(seen[task_start:]), at_task_end, earlier
+        )
         expected = torch.autograd.grad(reference(before, step), list(before.parameters()), allow_unused=True)
         for (name, p), g in zip(model.named_parameters(), expected):
             got = p.grad if p.grad is not None else torch.zeros_like(p)
@@ -426,5 +453,7 @@ def check_reference_loss(
         optimizer.step()
         if (i + 1) % TASK_LENGTH == 0:
             method.end_task(_task_data(data[i + 1 - TASK_LENGTH : i + 1]))
-            task_start = len(seen)
-    assert replayed >= steps // 2, f"{spec.name} replayed at only {replayed} of {steps} steps: nothing was checked"
+            task_start, at_task_end = len(seen), copy.deepcopy(model)
+    # A memoryless method's reference differs from the plain loss after the first task end.
+    checked = replayed if spec.has_buffer else steps - TASK_LENGTH
+    assert checked >= steps // 2, f"{spec.name} replayed at only {replayed} of {steps} steps: nothing was checked"
