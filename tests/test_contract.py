@@ -76,7 +76,7 @@ def test_every_step_is_the_papers_loss_on_the_rows_it_replayed(spec, hparams, ru
 @pytest.mark.parametrize("name", NAMES)
 def test_task_end_accepts_a_loader_through_named_batches(name):
     model = testing.toy_model()
-    syn = build(name, model)
+    syn = catalog.get(name).create(model, **testing.RUN_ARGUMENTS)
     data = testing.toy_batches(testing.TASK_LENGTH - 1)  # no task end yet
     testing.train(model, syn, data)
     syn.end_task(named_batches(data, "input"))
