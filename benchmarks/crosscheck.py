@@ -170,6 +170,8 @@ def derpp_steps(seed: int, steps: Optional[int] = None) -> Tuple[int, float]:
     import torch
     import torch.nn.functional as F
 
+    from synapse.testing import ReferenceStep, derpp_loss
+
     exp, hp = _experiment(*DERPP_360, seed, continual=True)
     model, opt, method = exp.model, exp.optimizer, exp.synapse
     assert method is not None
@@ -179,18 +181,12 @@ def derpp_steps(seed: int, steps: Optional[int] = None) -> Tuple[int, float]:
     for b in range(len(bounds) - 1 if steps is None else min(steps, len(bounds) - 1)):
         xb, yb = x[bounds[b] : bounds[b + 1]], y[bounds[b] : bounds[b + 1]]
         before = copy.deepcopy(model)
+        last = method.last_replay
         opt.zero_grad()
-        out = model(xb)  # fused replay rides along: the replayed rows are in the capture
-        replay = method._forward.replay
-        sample = None if replay is None else {k: v.clone() for k, v in replay.sample.items()}
+        out = model(xb)  # fused replay rides along: it draws its rows here
         method.backward(F.cross_entropy(out, yb), yb, inputs=xb)
-        reference = F.cross_entropy(before(xb), yb)
-        if sample is not None:
-            k = len(sample["targets"]) // 2
-            inputs = sample["input:inputs"]
-            reference = reference + hp["alpha"] * F.mse_loss(before(inputs[:k]), sample["logits"][:k].float())
-            reference = reference + hp["beta"] * F.cross_entropy(before(inputs[k:]), sample["targets"][k:])
-        reference.backward()
+        replay = None if method.last_replay is last else method.last_replay
+        derpp_loss(before, ReferenceStep(xb, yb, replay, hp, yb, yb)).backward()
         for p, q in zip(model.parameters(), before.parameters()):
             assert p.grad is not None and q.grad is not None
             scale = float(q.grad.abs().max()) or 1.0

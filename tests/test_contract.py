@@ -5,7 +5,7 @@ that changes nothing, a task-end pass in the documented form, a short learning c
 catalog's own promises (hyperparameters parse, the README lists the method).
 """
 
-import copy
+import inspect
 import os
 
 import pytest
@@ -13,122 +13,72 @@ import torch
 import torch.nn.functional as F
 
 from conftest import mlp
-from synapse import catalog, named_batches
+from synapse import catalog, named_batches, testing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = catalog.names()
-STEPS, TASK_LENGTH = 16, 8
-
-
-def batches(n, batch=8, seed=0, classes=10):
-    g = torch.Generator().manual_seed(seed)
-    return [
-        (torch.randn(batch, 1, 28, 28, generator=g), torch.randint(0, classes, (batch,), generator=g)) for _ in range(n)
-    ]
 
 
 def build(name, model):
     return catalog.get(name).create(model, buffer_size=40, buffer_sample_size=8)
 
 
-def task_data(data):
-    return [(y, {"input": x}) for x, y in data]
+def _variants():
+    """Each method at its defaults, then once per other choice of each of its hyperparameters with choices
+    (``buffer_policy``, ``mask``, ``current_loss``, ``mode``, ...), and unfused where it fuses replay."""
+    for spec in catalog.specs():
+        yield pytest.param(spec, {}, {}, id=spec.name)
+        for h in spec.hparams:
+            for choice in h.choices or ():
+                if choice != h.default:
+                    yield pytest.param(spec, {h.name: choice}, {}, id=f"{spec.name}-{h.name}={choice}")
+        if "fused" in inspect.signature(spec.cls).parameters:
+            yield pytest.param(spec, {}, {"fused": False}, id=f"{spec.name}-unfused")
+    # Paths the defaults do not reach within the harness's few steps.
+    yield pytest.param(catalog.get("si"), {"checkpoint_per_steps": 7}, {}, id="si-checkpoint_per_steps=7")
 
 
-def train(model, syn, data, start=0, lr=0.05, opt=None):
-    """Steps ``start..`` of the schedule: a task ends every TASK_LENGTH steps, with its data passed."""
-    opt = opt or torch.optim.SGD(model.parameters(), lr=lr)
-    for i, (x, y) in enumerate(data[start:], start):
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        syn.backward(loss, y, input=x)
-        opt.step()
-        if (i + 1) % TASK_LENGTH == 0:
-            syn.end_task(task_data(data[i + 1 - TASK_LENGTH : i + 1]))
-    return opt
+VARIANTS = list(_variants())
 
 
-def state_equal(a, b):
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(state_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(state_equal(x, y) for x, y in zip(a, b))
-    return a == b
+@pytest.mark.parametrize("spec, hparams, run", VARIANTS)
+def test_resume_is_bit_identical(spec, hparams, run):
+    testing.check_resume(spec, hparams, **run)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_resume_is_bit_identical(name):
-    data = batches(STEPS + 4)
-    torch.manual_seed(1)
-    model = mlp()
-    syn = build(name, model)
-    resume_at = TASK_LENGTH + 3  # mid-task, after one task end
-    opt = train(model, syn, data[:resume_at])
-    saved = copy.deepcopy((model.state_dict(), opt.state_dict(), syn.state_dict()))
-    train(model, syn, data, start=resume_at, opt=opt)
-
-    torch.manual_seed(99)  # another process: other init and seeds, all overwritten by the loads
-    resumed = mlp()
-    resumed.load_state_dict(saved[0])
-    syn2 = build(name, resumed)
-    syn2.load_state_dict(saved[2])
-    opt2 = torch.optim.SGD(resumed.parameters(), lr=0.05)
-    opt2.load_state_dict(saved[1])
-    train(resumed, syn2, data, start=resume_at, opt=opt2)
-    for a, b in zip(model.parameters(), resumed.parameters()):
-        assert torch.equal(a, b)
-    assert state_equal(syn.state_dict(), syn2.state_dict())
+@pytest.mark.parametrize("spec, hparams, run", VARIANTS)
+def test_a_rejected_call_changes_nothing(spec, hparams, run):
+    testing.check_rejected_calls(spec, hparams, **run)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_a_rejected_backward_changes_nothing(name):
-    data = batches(TASK_LENGTH + 2)
-    model = mlp()
-    syn = build(name, model)
-    train(model, syn, data)
-    x, y = data[0]
-    out = model(x)  # a fused replay samples here, in the forward: the snapshot comes after it
-    before = copy.deepcopy(syn.state_dict())
-    model.zero_grad()
-    grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
-    bad_calls = [
-        lambda: syn.backward(F.cross_entropy(out, y), y.float(), input=x),  # float targets
-        lambda: syn.backward(F.cross_entropy(out, y), y[:4], input=x),  # batch sizes differ
-        lambda: syn.backward(F.cross_entropy(out, y), y),  # no inputs
-        lambda: syn.backward(F.cross_entropy(out, y).detach(), y, input=x),  # no graph
-    ]
-    for call in bad_calls:
-        with pytest.raises((TypeError, ValueError)):
-            call()
-        assert state_equal(syn.state_dict(), before)
-        for p, g in zip(model.parameters(), grads):
-            assert (p.grad is None and g is None) or torch.equal(p.grad, g)
-    # The same object still trains after the rejections.
-    syn.backward(F.cross_entropy(model(x), y), y, input=x)
+@pytest.mark.parametrize("spec", catalog.specs(), ids=NAMES)
+def test_out_of_range_hyperparameters_are_refused_before_the_model_is_touched(spec):
+    testing.check_bad_hyperparameters(spec)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_a_rejected_task_end_changes_nothing(name):
-    model = mlp()
-    syn = build(name, model)
-    train(model, syn, batches(3))
-    before = copy.deepcopy(syn.state_dict())
-    with pytest.raises(TypeError, match="data"):
-        syn.end_task(torch.zeros(3))
-    if type(syn).needs_task_data:
-        with pytest.raises(ValueError, match="data"):
-            syn.end_task()
-    assert state_equal(syn.state_dict(), before)
+def _tuned(spec):
+    """Other values than the defaults for its weights (alpha = 1 would hide a missing weight)."""
+    return {h.name: round(h.default * 0.7 + 0.05, 4) for h in spec.hparams if h.type is float and h.high is None}
+
+
+REFERENCED = [p for p in VARIANTS if p.values[0].name in testing.REFERENCE_LOSSES] + [
+    pytest.param(spec, _tuned(spec), {}, id=f"{spec.name}-tuned")
+    for spec in catalog.specs()
+    if spec.name in testing.REFERENCE_LOSSES
+]
+
+
+@pytest.mark.parametrize("spec, hparams, run", REFERENCED)
+def test_every_step_is_the_papers_loss_on_the_rows_it_replayed(spec, hparams, run):
+    testing.check_reference_loss(spec, hparams=hparams, **run)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_task_end_accepts_a_loader_through_named_batches(name):
-    model = mlp()
-    syn = build(name, model)
-    data = batches(4)
-    train(model, syn, data)
+    model = testing.toy_model()
+    syn = catalog.get(name).create(model, **testing.RUN_ARGUMENTS)
+    data = testing.toy_batches(testing.TASK_LENGTH - 1)  # no task end yet
+    testing.train(model, syn, data)
     syn.end_task(named_batches(data, "input"))
     assert syn.num_tasks_ended == 1
 

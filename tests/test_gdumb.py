@@ -315,32 +315,6 @@ def test_retrain_on_task_end_false_leaves_it_to_you():
 
 
 # ---------------------------------------------------------------------------------------------- state
-def test_resume_is_bit_identical_including_the_retraining_generator():
-    torch.manual_seed(0)
-    model = small_net()
-    syn = GDumb(model, buffer_size=24, retrain_epochs=3)
-    data = blob_batches(8)
-    stream(model, syn, data[:4])
-    syn.end_task()
-    saved = copy.deepcopy((model.state_dict(), syn.state_dict()))
-    stream(model, syn, data[4:])
-    syn.end_task()
-    syn.retrain(epochs=2)
-
-    torch.manual_seed(99)  # another process: other initial weights and seeds, all overwritten by the loads
-    resumed = small_net()
-    resumed.load_state_dict(saved[0])
-    syn2 = GDumb(resumed, buffer_size=24, retrain_epochs=3)
-    syn2.load_state_dict(saved[1])
-    stream(resumed, syn2, data[4:])
-    syn2.end_task()
-    syn2.retrain(epochs=2)
-    assert same(params(model), params(resumed))
-    a, b = syn.state_dict(), syn2.state_dict()
-    assert torch.equal(a["state"]["retrain_rng"], b["state"]["retrain_rng"]) and a["state"]["num_retrains"] == 3
-    assert torch.equal(a["state"]["buffer"]["storage"]["input:input"], b["state"]["buffer"]["storage"]["input:input"])
-
-
 def test_a_bad_state_dict_changes_nothing():
     model = small_net()
     syn = GDumb(model, buffer_size=8)
@@ -357,20 +331,10 @@ def test_a_bad_state_dict_changes_nothing():
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {"retrain_epochs": 0},
-        {"retrain_epochs": 2.0},
-        {"retrain_lr": 0.0},
-        {"retrain_lr": float("nan")},
-        {"retrain_min_lr": -1e-3},
+        # (each catalog hyperparameter's own range is the contract's: tests/test_contract.py)
         {"retrain_min_lr": 0.1, "retrain_lr": 0.05},
-        {"retrain_batch_size": 0},
-        {"retrain_momentum": -0.1},
-        {"retrain_weight_decay": float("inf")},
-        {"retrain_clip_norm": -1.0},
-        {"current_loss": "both"},
         {"retrain_on_task_end": 1},
         {"reinitialize": "yes"},
-        {"buffer_size": 0},
     ],
 )
 def test_bad_constructor_arguments_are_rejected(kwargs):

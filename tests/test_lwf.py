@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import mlp
+from conftest import mlp, step
 from synapse import catalog
 from synapse.distillation import LwF
 from synapse.functional import soft_distillation_grad, soft_distillation_loss
@@ -19,18 +19,6 @@ OLD = torch.tensor([True] * 5 + [False] * 5)  # classes 0..4 are task 1's
 def batch(classes, seed, n=8):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 1, 28, 28, generator=g), torch.tensor(classes)[torch.arange(n) % len(classes)]
-
-
-def step(model, syn, x, y, opt=None):
-    loss = F.cross_entropy(model(x), y)
-    if opt is not None:
-        opt.zero_grad()
-    syn.backward(loss, y, input=x)
-    if opt is not None and syn.scaler is not None:
-        syn.scaler.step(opt)
-        syn.scaler.update()
-    elif opt is not None:
-        opt.step()
 
 
 def into_second_task(alpha=1.0, temperature=2.0, **options):
@@ -211,31 +199,6 @@ def test_grad_scaler_scales_the_distillation_term_too():
     assert torch.allclose(params[0], params[1], rtol=1e-6, atol=1e-7)
 
 
-def test_state_dict_resume_is_bit_identical():
-    data = [batch(range(5, 10), seed) for seed in range(10, 16)]
-    model, syn, opt, _ = into_second_task()
-    for x, y in data[:2]:
-        step(model, syn, x, y, opt)
-    saved = copy.deepcopy((model.state_dict(), opt.state_dict(), syn.state_dict()))
-    for x, y in data[2:]:
-        step(model, syn, x, y, opt)
-
-    torch.manual_seed(99)
-    resumed = mlp()
-    resumed.load_state_dict(saved[0])
-    syn2 = LwF(resumed)
-    syn2.load_state_dict(saved[2])
-    opt2 = torch.optim.SGD(resumed.parameters(), lr=0.1)
-    opt2.load_state_dict(saved[1])
-    for x, y in data[2:]:
-        step(resumed, syn2, x, y, opt2)
-    for a, b in zip(model.parameters(), resumed.parameters()):
-        assert torch.equal(a, b)
-    a, b = syn.state_dict()["state"], syn2.state_dict()["state"]
-    assert torch.equal(a["seen_classes"], b["seen_classes"]) and torch.equal(a["old_classes"], b["old_classes"])
-    assert all(torch.equal(v, b["teacher"][k]) for k, v in a["teacher"].items())
-
-
 def test_a_teacher_narrower_than_the_model_loads():
     # Resuming after the head grew: the loader rebuilds the teacher as it was when the task ended.
     _, syn, _, _ = into_second_task()
@@ -254,12 +217,7 @@ def test_a_teacher_narrower_than_the_model_loads():
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {"alpha": -1.0},
-        {"alpha": float("nan")},
-        {"alpha": "1"},
-        {"temperature": 0.0},
-        {"temperature": -2.0},
-        {"temperature": float("inf")},
+        # alpha's and temperature's ranges are the contract's (tests/test_contract.py): they are in the catalog
         {"teacher_dtype": torch.float32},
         {"teacher_dtype": "bfloat16"},
         {"scaler": "scaler"},

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from scipy import stats
 
-from conftest import mlp
+from conftest import batches, mlp, train
 from synapse import catalog
 from synapse._base import BufferedSynapse
 from synapse.buffer import Buffer, ReservoirBuffer
@@ -276,23 +276,6 @@ def test_non_finite_values_are_stored_as_zero_on_every_path(dtype):
 # ---------------------------------------------------------------------------------------------- ER with it
 
 
-def train(model, syn, data, task_end=10):
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    for i, (x, y) in enumerate(data):
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        syn.backward(loss, y, input=x)
-        opt.step()
-        if (i + 1) % task_end == 0:
-            syn.end_task([(y, {"input": x}) for x, y in data[i + 1 - task_end : i + 1]])
-    return opt
-
-
-def batches(n, seed=0, classes=10):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(8, 1, 28, 28, generator=g), torch.randint(0, classes, (8,), generator=g)) for _ in range(n)]
-
-
 @pytest.mark.parametrize("name", ["er", "der", "der++"])
 @pytest.mark.parametrize("defer", [None, True])
 def test_er_family_with_a_class_balanced_memory_resumes_bit_identically(name, defer):
@@ -307,9 +290,9 @@ def test_er_family_with_a_class_balanced_memory_resumes_bit_identically(name, de
     torch.manual_seed(0)
     model = mlp()
     syn = build(model)
-    opt = train(model, syn, data[:11])
+    opt = train(model, syn, data[:11], task_length=10)
     saved = copy.deepcopy((model.state_dict(), opt.state_dict(), syn.state_dict()))
-    train(model, syn, data[11:])
+    train(model, syn, data[11:], task_length=10)
     assert isinstance(syn.buffer, ClassBalancedBuffer) and syn.buffer_policy == "class_balanced"
     assert "targets" in syn.buffer.names  # DER stores them for the balancer
     syn.buffer.flush()

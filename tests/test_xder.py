@@ -101,19 +101,6 @@ def stored(syn):
     return syn.buffer.gather(torch.arange(len(syn.buffer)))
 
 
-def spy_samples(syn):
-    """Record every replay sample the method draws."""
-    drawn, original = [], syn._sample
-
-    def spy(*args, **kwargs):
-        sample = original(*args, **kwargs)
-        drawn.append({k: v.clone() for k, v in sample.items()})
-        return sample
-
-    syn._sample = spy
-    return drawn
-
-
 def grads(model):
     return [p.grad.clone() for p in model.parameters()]
 
@@ -130,12 +117,13 @@ def test_gradient_is_the_explicit_objective_and_replayed_past_items_are_updated(
     with torch.no_grad():  # as if trained since the task end: today's responses differ from the stored ones
         model[-1].weight.add_(torch.randn_like(model[-1].weight))
     before = stored(syn)
-    drawn = spy_samples(syn)
+    last = syn.last_replay
     reference = copy.deepcopy(model)  # a plain model: a copy's hooks are inert
     out = model(input=x)
     opt.zero_grad()
     syn.backward(F.cross_entropy(out, y), y, input=x)
-    (sample,) = drawn
+    sample = syn.last_replay  # the rows this step replayed, and the slots they came from
+    assert sample is not last
     k = sample["targets"].shape[0] // 2
     x1, x2 = sample["input:input"][:k], sample["input:input"][k:]
     z1, y2 = sample["logits"][:k], sample["targets"][k:]
@@ -220,38 +208,6 @@ def test_task_ends_fill_a_class_balanced_memory_and_rewrite_the_future_past():
     assert torch.equal(syn._update_count, torch.zeros(10))
 
 
-def test_resume_is_bit_identical():
-    def continue_from(model, syn, opt):
-        x1, y1 = task_data(1, n=32)
-        train(syn, model, opt, x1[16:], y1[16:])
-        syn.end_task(batches(x1, y1))
-        x2, y2 = task_data(2, n=8)
-        train(syn, model, opt, x2, y2)
-        return model, syn
-
-    torch.manual_seed(1)
-    model, syn, opt = setup(buffer_size=12)
-    x0, y0 = task_data(0)
-    train(syn, model, opt, x0, y0)
-    syn.end_task(batches(x0, y0))
-    x1, y1 = task_data(1, n=32)
-    train(syn, model, opt, x1[:16], y1[:16])
-    saved = copy.deepcopy((syn.state_dict(), model.state_dict(), opt.state_dict()))
-    model_a, syn_a = continue_from(model, syn, opt)
-
-    torch.manual_seed(2)  # a fresh process would draw other seeds: the state dict must carry them
-    model_b, syn_b, opt_b = setup(buffer_size=12)
-    syn_b.load_state_dict(saved[0])
-    model_b.load_state_dict(saved[1])
-    opt_b.load_state_dict(saved[2])
-    model_b, syn_b = continue_from(model_b, syn_b, opt_b)
-    for a, b in zip(model_a.parameters(), model_b.parameters()):
-        assert torch.equal(a, b)
-    for name, value in stored(syn_a).items():
-        assert torch.equal(value, stored(syn_b)[name])
-    assert torch.equal(syn_a._update_count, syn_b._update_count) and syn_a.num_tasks_ended == 2
-
-
 def snapshot(syn):
     return copy.deepcopy(syn.state_dict())
 
@@ -272,7 +228,8 @@ def assert_same_state(a, b):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(gamma=0.0), dict(gamma=1.5), dict(gamma=True), dict(eta=-1.0), dict(m=float("nan")), dict(current_loss="x")],
+    # gamma is not a catalog hyperparameter; those that are, the contract checks (tests/test_contract.py)
+    [dict(gamma=0.0), dict(gamma=1.5), dict(gamma=True)],
 )
 def test_rejects_bad_arguments(kwargs):
     with pytest.raises(ValueError):
@@ -283,8 +240,6 @@ def test_rejected_calls_change_nothing():
     model, syn, opt = setup()
     x0, y0 = task_data(0)
     train(syn, model, opt, x0, y0)
-    with pytest.raises(ValueError, match="needs the finished task's data"):
-        syn.end_task()
     # a bad batch after a good one: the task-end pass stops before anything is committed
     before = snapshot(syn)
     bad = [batches(x0, y0)[0], (y0[:8], {"input": torch.randn(8, 21)})]

@@ -464,6 +464,7 @@ class BufferedSynapse(Synapse):
         self.buffer_policy = buffer_policy
         self.buffer = make_buffer(buffer_policy, capacity, seed=(fresh_seed() + rank) % 2**62)
         self._stores_targets = True  # a method whose loss never reads them may store none
+        self._last_replay: Optional[Dict[str, Tensor]] = None
 
     def _check(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
         # Names, types and batch sizes were checked by backward; only what the user passed needs checking
@@ -487,11 +488,40 @@ class BufferedSynapse(Synapse):
         if self.buffer.device is not None and self.buffer.device != self.device:
             self.buffer.to(self.device)
 
+    @property
+    def last_replay(self) -> Optional[Dict[str, Tensor]]:
+        """The rows the method last drew from its memory to replay, or None before its first replay.
+
+        A dict of stored fields (``'input:<name>'``, ``'targets'`` and what the method keeps besides, e.g.
+        DER's ``'logits'``), minibatch after minibatch along dim 0: the very tensors the replay loss
+        reads, so holding them costs nothing and reading them never syncs. A fused replay draws in the
+        training forward, a separate one in ``backward``; each draw is a new dict, so ``is`` tells whether
+        a step drew. Read it before the next draw, or clone it to keep it.
+
+        Example:
+            >>> from synapse.rehearsal import ER
+            >>> synapse = ER(model, buffer_size=100, buffer_sample_size=4, method="er")
+            >>> for inputs, targets in loader:
+            ...     optimizer.zero_grad()
+            ...     outputs = model(inputs)  # the fused replay draws here
+            ...     synapse.backward(criterion(outputs, targets), targets, inputs=inputs)
+            ...     optimizer.step()
+            >>> sorted(synapse.last_replay), synapse.last_replay["targets"].shape
+            (['input:inputs', 'targets'], torch.Size([4]))
+        """
+        return self._last_replay
+
+    def _replaying(self, sample: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        """Record ``sample`` as :attr:`last_replay` and return it (a method that draws its own replay rows
+        passes them through here)."""
+        self._last_replay = sample
+        return sample
+
     def _sample(self, num_minibatches: int = 1, names: Optional[Sequence[str]] = None) -> Dict[str, Tensor]:
         """``num_minibatches`` independent minibatches (of all fields, or ``names``), one after the other
         along dim 0: minibatch ``i`` is rows ``i*k:(i+1)*k`` with ``k = min(buffer_sample_size, len)``."""
         self._follow_model_device()
-        return self.buffer.sample(self.buffer_sample_size, num_minibatches, names)
+        return self._replaying(self.buffer.sample(self.buffer_sample_size, num_minibatches, names))
 
     @staticmethod
     def _inputs_of(sample: Mapping[str, Tensor]) -> Dict[str, Tensor]:

@@ -101,7 +101,7 @@ class AGEM(BufferedSynapse):
     def _sample(self, num_minibatches: int = 1, names: Optional[Sequence[str]] = None) -> Dict[str, Tensor]:
         if isinstance(self.buffer, EpisodicMemory):
             self._follow_model_device()
-            return self.buffer.sample(self.buffer_sample_size, names)
+            return self._replaying(self.buffer.sample(self.buffer_sample_size, names))
         return super()._sample(num_minibatches, names)
 
     def _end_task(self, data: Optional[Iterable[TaskBatch]]) -> None:

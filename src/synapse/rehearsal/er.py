@@ -108,6 +108,8 @@ class ER(BufferedSynapse):
         buffer_policy: str = "reservoir",
     ) -> None:
         check_non_negative("alpha", alpha)
+        if not isinstance(joint_mean, bool):
+            raise TypeError(f"joint_mean must be a bool, got {joint_mean!r}")
         if joint_mean and (method != "er" or alpha != 1.0):
             raise ValueError(
                 f"joint_mean=True is ER's mean over the union of both batches: it needs method='er' and "

@@ -149,6 +149,7 @@ class MIR(ER):
         if sample["targets"].shape[0] > k:  # sizes the host knows: no sync
             chosen = self._most_interfered(sample, k)
             sample = {name: field.index_select(0, chosen) for name, field in sample.items()}
+        self._replaying(sample)
         with self._forward.paused():
             outputs = self.module(**self._inputs_of(sample))
         replay = Replay(sample, 1)

@@ -215,7 +215,7 @@ class XDER(ER):
         slots = self.buffer.sample_indices(self.buffer_sample_size, num_minibatches).reshape(-1)
         sample = self.buffer.gather(slots, names)
         sample[SLOTS] = slots
-        return sample
+        return self._replaying(sample)
 
     def _backward(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
         out = self._forward.outputs
