@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ._device import to_device
+from ._state import Stateful, int_list
 from ._validation import check_positive_int
 from .buffer import fresh_seed
 from .functional import distinct_subsets, reservoir_plan
@@ -16,7 +17,7 @@ from .functional import distinct_subsets, reservoir_plan
 __all__ = ["EpisodicMemory"]
 
 
-class EpisodicMemory:
+class EpisodicMemory(Stateful):
     """Items of named tensors kept per task, in ``capacity`` rows allocated once on the data's device.
 
     GEM (Lopez-Paz & Ranzato 2017) and A-GEM (Chaudhry et al. 2019) keep an episodic memory per task.
@@ -64,6 +65,12 @@ class EpisodicMemory:
         self._share = capacity  # the rows each task may use in the current layout
         self._task_sizes: List[int] = []  # items of each finished task
         self._num_seen = 0  # items offered by the running task
+        self.add_value("capacity", int, equal=True)
+        self.add_value("share", int, attr="_share")
+        self.add_value("task_sizes", list, attr="_task_sizes", get=lambda: list(self._task_sizes), convert=int_list)
+        self.add_value("num_seen", int, attr="_num_seen")
+        self.add_tensors("storage", shape=("capacity", ...), attr="_storage")
+        self.add_generator("rng_state", "_rng")
 
     # ------------------------------------------------------------------ inspection
     @property
@@ -264,29 +271,12 @@ class EpisodicMemory:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
         """Everything needed to continue bit-identically: storage, layout, counters and RNG state."""
-        return {
-            "capacity": self.capacity,
-            "share": self._share,
-            "task_sizes": list(self._task_sizes),
-            "num_seen": self._num_seen,
-            "storage": dict(self._storage),
-            "rng_state": self._rng.bit_generator.state,
-        }
+        return self._declared_state()
 
     def load_state_dict(self, state: Mapping[str, Any], device: Optional[torch.device] = None) -> None:
-        """Restore a :meth:`state_dict`, onto ``device`` if given (else where it was saved)."""
-        for key in ("capacity", "share", "task_sizes", "num_seen", "storage", "rng_state"):
-            if key not in state:
-                raise KeyError(f"episodic memory state is missing {key!r}")
-        if int(state["capacity"]) != self.capacity:
-            raise ValueError(
-                f"checkpoint memory capacity {state['capacity']} differs from this memory's {self.capacity}"
-            )
-        rng = np.random.Generator(np.random.PCG64())
-        rng.bit_generator.state = state["rng_state"]
-        storage = {k: (v.to(device) if device is not None else v).clone() for k, v in state["storage"].items()}
-        self._storage, self._rng = storage, rng
-        self._schema = {k: (tuple(t.shape[1:]), t.dtype) for k, t in storage.items()}
-        self._share = int(state["share"])
-        self._task_sizes = [int(s) for s in state["task_sizes"]]
-        self._num_seen = int(state["num_seen"])
+        """Restore a :meth:`state_dict`, onto ``device`` if given (else where it was saved). Strict and all
+        or nothing: a state that does not fit raises :class:`~synapse._state.StateError` and changes nothing."""
+        self._prepare_state(state, device, "episodic memory state")()
+
+    def _after_load(self) -> None:
+        self._schema = {k: (tuple(t.shape[1:]), t.dtype) for k, t in self._storage.items()}

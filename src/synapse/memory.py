@@ -17,12 +17,14 @@ A method picks one by name: ``BufferedSynapse(..., buffer_policy='class_balanced
 from __future__ import annotations
 
 from bisect import insort
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from ._model import FeaturesFn, head_input_features
+from ._state import AtMost, StateError, int_list
 from ._validation import check_targets_and_inputs
 from .buffer import Buffer, ReservoirBuffer, _zero_pad, indices_on
 from .functional import herding_selection, last_wins
@@ -40,8 +42,6 @@ STREAM_POLICIES = ("reservoir", "class_balanced")  # filled by add() at every st
 BUFFER_POLICIES = (*STREAM_POLICIES, "herding")  # herding is filled at task ends only
 # Uniforms for the class balancer's random choices are drawn this many at a time.
 UNIFORM_BLOCK = 1024
-
-FeaturesFn = Callable[[Dict[str, Tensor]], Tensor]
 
 
 def make_buffer(policy: str, capacity: int, seed: Optional[int] = None, **options: Any) -> Buffer:
@@ -138,6 +138,26 @@ class ClassBalancedBuffer(Buffer):
         self._pending_labels: Optional[np.ndarray] = None
         self._pinned: Optional[Tensor] = None
         self._event: Optional[torch.cuda.Event] = None
+        self.add_value("policy", str, equal=True)
+        self.add_value("filled", int, attr="_filled")
+        self.add_state(
+            "slot_labels",
+            dtype=torch.int64,
+            shape=("filled",),
+            host=True,
+            get=lambda: torch.from_numpy(self._slot_labels[: self._filled].copy()),
+            set=self._set_slot_labels,
+        )
+        self.add_generator("choice_rng_state", "_choice_rng")
+        self.add_state(
+            "uniforms",
+            dtype=torch.float64,
+            shape=(AtMost(UNIFORM_BLOCK),),
+            host=True,
+            get=lambda: torch.tensor(self._uniforms[self._uniform_pos :], dtype=torch.float64),
+            set=self._set_uniforms,
+        )
+        self.add_checked("pending", self._pending_state, _check_pending, self._set_pending, optional=True)
 
     # ------------------------------------------------------------------ inspection
     def __len__(self) -> int:
@@ -342,46 +362,41 @@ class ClassBalancedBuffer(Buffer):
         return self
 
     # ------------------------------------------------------------------ state
-    def state_dict(self) -> Dict[str, Any]:
-        """Everything needed to continue bit-identically, the pending batch included (its labels are
-        read, waiting for their copy if needed: not a call for the hot path)."""
-        state = super().state_dict()
-        pending = None
-        if self._pending:
-            labels = self._resolve_pending_labels()
-            pending = {
-                "labels": torch.from_numpy(labels.copy()),
-                "items": {k: v[: self._pending].clone() for k, v in self._stage.items()},
-            }
-        state.update(
-            policy=self.policy,
-            filled=self._filled,
-            slot_labels=torch.from_numpy(self._slot_labels[: self._filled].copy()),
-            choice_rng_state=self._choice_rng.bit_generator.state,
-            uniforms=torch.tensor(self._uniforms[self._uniform_pos :], dtype=torch.float64),
-            pending=pending,
-        )
-        return state
+    def _pending_state(self) -> Optional[Dict[str, Any]]:
+        """The pending batch (its labels are read, waiting for their copy if needed: not for the hot path)."""
+        if not self._pending:
+            return None
+        labels = self._resolve_pending_labels()
+        return {
+            "labels": torch.from_numpy(labels.copy()),
+            "items": {k: v[: self._pending].clone() for k, v in self._stage.items()},
+        }
 
-    def load_state_dict(self, state: Mapping[str, Any], device: Optional[torch.device] = None) -> None:
-        """Restore a :meth:`state_dict`, onto ``device`` if given (else where it was saved)."""
-        self._check_state(state, ("filled", "slot_labels", "choice_rng_state", "uniforms"))
-        choice_rng = np.random.Generator(np.random.PCG64())
-        choice_rng.bit_generator.state = state["choice_rng_state"]
-        self._load_base_state(state, device)
-        self._choice_rng = choice_rng
-        self._uniforms, self._uniform_pos = state["uniforms"].tolist(), 0
-        self._filled = int(state["filled"])
+    def _set_slot_labels(self, labels: Tensor) -> None:
         self._slot_labels = np.zeros(self.capacity, dtype=np.int64)
-        self._slot_labels[: self._filled] = state["slot_labels"].numpy()
-        self._index_classes()
-        pending = state.get("pending")
+        self._slot_labels[: len(labels)] = labels.numpy()
+
+    def _set_uniforms(self, uniforms: Tensor) -> None:
+        self._uniforms, self._uniform_pos = uniforms.tolist(), 0
+
+    def _set_pending(self, pending: Optional[Tuple[np.ndarray, Dict[str, Tensor]]]) -> None:
         self._pending, self._pending_labels, self._stage = 0, None, {}
         if pending is not None:
-            items = pending["items"]
-            self._stage = {k: (v.to(device) if device is not None else v).clone() for k, v in items.items()}
-            self._pending_labels = pending["labels"].numpy().astype(np.int64)
+            self._pending_labels, self._stage = pending
             self._pending = len(self._pending_labels)
+
+    def _after_load(self) -> None:
+        super()._after_load()
+        self._index_classes()
+
+
+def _check_pending(value: Any, ctx: Any, path: str) -> Tuple[np.ndarray, Dict[str, Tensor]]:
+    """A saved pending batch: ``{'labels': (p,) int64, 'items': {name: (p, ...)}}``."""
+    if not isinstance(value, Mapping) or set(value) != {"labels", "items"} or not isinstance(value["items"], Mapping):
+        raise StateError(f"{path} must be a dict with 'labels' and a dict of 'items'")
+    labels = ctx.tensor(value["labels"], torch.int64, ("pending",), f"{path}['labels']", host=True)
+    items = {k: ctx.tensor(v, None, ("pending", ...), f"{path}['items'][{k!r}]") for k, v in value["items"].items()}
+    return labels.numpy(), items
 
 
 class HerdingMemory(Buffer):
@@ -437,6 +452,10 @@ class HerdingMemory(Buffer):
         self._classes: List[int] = []  # in row order
         self._sizes: List[int] = []
         self._m = capacity
+        self.add_value("policy", str, equal=True)
+        self.add_value("classes", list, attr="_classes", convert=int_list)
+        self.add_value("sizes", list, attr="_sizes", convert=int_list)
+        self.add_value("m", int, attr="_m")
 
     # ------------------------------------------------------------------ inspection
     def __len__(self) -> int:
@@ -551,65 +570,3 @@ class HerdingMemory(Buffer):
         self._m = m
         self.num_seen += len(labels)
         self._set_block(None)  # the population changed: pre-drawn replay indices are stale
-
-    # ------------------------------------------------------------------ state
-    def state_dict(self) -> Dict[str, Any]:
-        state = super().state_dict()
-        state.update(policy=self.policy, classes=list(self._classes), sizes=list(self._sizes), m=self._m)
-        return state
-
-    def load_state_dict(self, state: Mapping[str, Any], device: Optional[torch.device] = None) -> None:
-        self._check_state(state, ("classes", "sizes", "m"))
-        self._load_base_state(state, device)
-        self._classes = [int(c) for c in state["classes"]]
-        self._sizes = [int(s) for s in state["sizes"]]
-        self._m = int(state["m"])
-
-
-def head_input_features(model: nn.Module, head: Union[str, nn.Module]) -> FeaturesFn:
-    """A feature extractor "the model minus its head": ``fn(inputs)`` runs ``model(**inputs)`` and returns
-    what entered ``head`` (flattened to ``(batch, d)``).
-
-    Args:
-        model: the model (DDP- and ``torch.compile``-wrapped models work: the head is found in the
-            module that runs).
-        head: the head, as a submodule or its attribute path (``"fc"``, ``"classifier.3"``, or ``"4"`` for
-            the last layer of an ``nn.Sequential`` of five); it must run once per forward.
-
-    Example:
-        >>> features = head_input_features(model, "fc")
-        >>> features({"inputs": inputs}).shape  # (batch, d): what model.fc receives
-        torch.Size([10, 16])
-    """
-    from ._base import unwrap_model  # late: _base imports this module
-
-    module = unwrap_model(model)
-    if isinstance(head, str):
-        try:
-            head_module = module.get_submodule(head)
-        except AttributeError:
-            names = [n for n, _ in module.named_modules() if n]
-            raise ValueError(f"the model has no submodule {head!r}; it has {names}") from None
-    elif isinstance(head, nn.Module):
-        if not any(m is head for m in module.modules()):
-            raise ValueError("head must be a submodule of the model")
-        head_module = head
-    else:
-        raise TypeError(f"head must be a submodule or its name, got {type(head).__name__}")
-
-    def features(inputs: Dict[str, Tensor]) -> Tensor:
-        seen: List[Tensor] = []
-
-        def grab(_: nn.Module, args: Sequence[Any]) -> None:
-            seen.append(args[0])
-
-        handle = head_module.register_forward_pre_hook(grab)
-        try:
-            model(**inputs)
-        finally:
-            handle.remove()
-        if len(seen) != 1:
-            raise RuntimeError(f"the head ran {len(seen)} times in one forward; it must run exactly once")
-        return seen[0].flatten(1)
-
-    return features

@@ -10,6 +10,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .._base import Synapse, TaskBatch, distributed_world
+from .._classes import declare_class_state
+from .._state import width_of
 from .._validation import check_non_negative, check_positive
 from ..catalog import HParam, MethodSpec, register
 from ..functional import soft_distillation_grad
@@ -117,6 +119,7 @@ class LwF(Synapse):
         self.old_classes: Optional[Tensor] = None  # the seen flags frozen at the last end_task
         self._log_mask: Optional[Tensor] = None  # old_classes at the teacher's width, additive (0 / -inf)
         self._forward = self._capture_forward()
+        declare_class_state(self, teacher_grows=True, load=_load_weights)
 
     @property
     def seen_classes(self) -> Optional[Tensor]:
@@ -214,35 +217,11 @@ class LwF(Synapse):
         self._log_mask = None
 
     # ------------------------------------------------------------------ state
-    def _method_state(self) -> Dict[str, Any]:
-        seen, old, teacher = self.seen_classes, self.old_classes, self.teacher
-        return {
-            "seen_classes": None if seen is None else seen.clone(),
-            "old_classes": None if old is None else old.clone(),
-            # The weights only: a loader rebuilds the module from the model it is given.
-            "teacher": None if teacher is None else {k: v.clone() for k, v in teacher.state_dict().items()},
-        }
-
-    def _load_method_state(self, state: Mapping[str, Any]) -> None:
-        missing = [k for k in ("seen_classes", "old_classes", "teacher") if k not in state]
-        if missing:
-            raise ValueError(f"LwF state is missing {missing}")
-        seen, old, weights = state["seen_classes"], state["old_classes"], state["teacher"]
-        for name, value in (("seen_classes", seen), ("old_classes", old)):
-            if value is not None and not (isinstance(value, Tensor) and value.dtype == torch.bool and value.dim() == 1):
-                raise ValueError(f"LwF state {name!r} must be a 1-d bool tensor or None")
-        if (weights is None) != (old is None):
-            raise ValueError("LwF state must have both a teacher and its old classes, or neither")
-        # Built before anything changes.
-        teacher = None if weights is None else self._frozen_copy(weights, _load_weights)
-        if seen is None:
-            self._seen_store = None
-        else:
-            self._seen_store = torch.zeros(seen.shape[0] + 2, dtype=torch.bool, device=self.device)
-            self._seen_store[1:-1] = seen
-        self.old_classes = None if old is None else old.to(self.device).clone()
-        self.teacher = teacher
+    def _after_load(self) -> None:
         self._log_mask = None
+
+    def _upgrade_state(self, state: Dict[str, Any]) -> Dict[str, Any]:
+        return width_of(state, "seen_classes")
 
 
 def _load_weights(module: nn.Module, weights: Mapping[str, Tensor]) -> None:

@@ -11,6 +11,8 @@ from torch import Tensor, nn
 
 from .._base import CURRENT_LOSS, TaskBatch, distributed_world
 from .._capture import Replay
+from .._classes import declare_class_state
+from .._state import AtMost, StateError, width_of
 from .._validation import check_positive, check_positive_int
 from ..buffer import Buffer, fresh_seed, indices_on
 from ..catalog import HParam, MethodSpec, register
@@ -228,6 +230,12 @@ class BiC(ER):
         self._scale: Optional[Tensor] = None  # the layers composed: one (alpha, beta) per column
         self._shift: Optional[Tensor] = None
         self._batch_size = 0  # the last training batch's size: stage 2's minibatch by default
+        declare_class_state(self)
+        self.add_checked("bias_layers", self._layers_state, _check_layers, self._set_layers)
+        self.add_state_object("held_out", lambda: self.held_out, optional=True)
+        self.add_state_object("val_memory", lambda: self.val_memory, optional=True)
+        self.add_generator("bias_rng", "_bias_rng")
+        self.add_value("batch_size", int, attr="_batch_size")
 
     @property
     def seen_classes(self) -> Optional[Tensor]:
@@ -490,62 +498,29 @@ class BiC(ER):
         self._scale, self._shift = scale, shift
 
     # ------------------------------------------------------------------ state
-    def _method_state(self) -> Dict[str, Any]:
-        state = super()._method_state()
-        seen, old, teacher, layers = self.seen_classes, self.old_classes, self.teacher, self._layers
-        state.update(
-            seen_classes=None if seen is None else seen.clone(),
-            old_classes=None if old is None else old.clone(),
-            teacher=None if teacher is None else {k: v.clone() for k, v in teacher.state_dict().items()},
-            bias_layers=[tuple(t.clone() for t in layer) for layer in layers],
-            held_out=None if self.held_out is None else self.held_out.state_dict(),
-            val_memory=None if self.val_memory is None else self.val_memory.state_dict(),
-            bias_rng=self._bias_rng.get_state(),
-            batch_size=self._batch_size,
-        )
-        return state
+    def _layers_state(self) -> List[Tuple[Tensor, ...]]:
+        return [tuple(t.clone() for t in layer) for layer in self._layers]
 
-    def _load_method_state(self, state: Mapping[str, Any]) -> None:
-        # Everything is checked and rebuilt aside first: a rejected state leaves the method as it was.
-        keys = ("seen_classes", "old_classes", "teacher", "bias_layers", "held_out", "val_memory", "bias_rng")
-        missing = [k for k in keys if k not in state]
-        if missing:
-            raise ValueError(f"BiC state is missing {missing}")
-        seen, old, weights, layers = state["seen_classes"], state["old_classes"], state["teacher"], state["bias_layers"]
-        for name, value in (("seen_classes", seen), ("old_classes", old)):
-            if value is not None and not (isinstance(value, Tensor) and value.dtype == torch.bool and value.dim() == 1):
-                raise ValueError(f"BiC state {name!r} must be a 1-d bool tensor or None")
-        if (weights is None) != (old is None):
-            raise ValueError("BiC state must have both an old model and its old classes, or neither")
-        if not isinstance(layers, (list, tuple)) or not all(
-            isinstance(layer, (list, tuple)) and len(layer) == 3 and all(isinstance(t, Tensor) for t in layer)
-            for layer in layers
-        ):
-            raise ValueError("BiC state 'bias_layers' must be a list of (alpha, beta, new_classes) tensors")
-        for name, memory in (("held_out", self.held_out), ("val_memory", self.val_memory)):
-            if (state[name] is None) != (memory is None):
-                raise ValueError(f"BiC state {name!r} does not match this method's val_fraction and buffer_size")
-        held_out = val_memory = None
-        if self.held_out is not None and self.val_memory is not None:
-            held_out = _HeldOutReservoir(self.held_out.capacity, seed=0)
-            held_out.load_state_dict(state["held_out"], device=self.device)
-            val_memory = ClassBalancedBuffer(self.val_memory.capacity, seed=0)
-            val_memory.load_state_dict(state["val_memory"], device=self.device)
-        teacher = None if weights is None else self._frozen_copy(weights)
-        bias_rng = torch.Generator()
-        bias_rng.set_state(state["bias_rng"])
-        super()._load_method_state(state)
-        if seen is None:
-            self._seen_store = None
-        else:
-            self._seen_store = torch.zeros(seen.shape[0] + 2, dtype=torch.bool, device=self.device)
-            self._seen_store[1:-1] = seen
-        self.old_classes = None if old is None else old.to(self.device).clone()
-        self.teacher = teacher
-        self._set_layers([(a.to(self.device), b.to(self.device), c.to(self.device).bool()) for a, b, c in layers])
-        self.held_out, self.val_memory = held_out, val_memory
-        self._bias_rng = bias_rng
-        self._batch_size = int(state.get("batch_size", 0))
+    def _upgrade_state(self, state: Dict[str, Any]) -> Dict[str, Any]:
+        return width_of(state, "seen_classes")
+
+
+def _check_layers(value: Any, ctx: Any, path: str) -> List[Tuple[Tensor, Tensor, Tensor]]:
+    """Saved bias layers: a list of ``(alpha, beta, new_classes)``, two 0-d floats and a bool mask over at
+    most the seen classes, the same width in every layer."""
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, (list, tuple)) and len(v) == 3 for v in value):
+        raise StateError(f"{path} must be a list of (alpha, beta, new_classes) tensors")
+    layers = [
+        (
+            ctx.tensor(alpha, torch.float32, (), f"{path}[{i}][0]"),
+            ctx.tensor(beta, torch.float32, (), f"{path}[{i}][1]"),
+            ctx.tensor(classes, torch.bool, (AtMost("num_classes"),), f"{path}[{i}][2]"),
+        )
+        for i, (alpha, beta, classes) in enumerate(value)
+    ]
+    if len({len(layer[2]) for layer in layers}) > 1:
+        raise StateError(f"{path}: every layer's new_classes must have the same width")
+    return layers
 
 
 class _Step(NamedTuple):
@@ -563,6 +538,10 @@ class _HeldOutReservoir(Buffer):
     and written once the step succeeded (:meth:`commit`). :meth:`reset` starts a new task."""
 
     policy = "bic_held_out"
+
+    def __init__(self, capacity: int, *, seed: Optional[int] = None) -> None:
+        super().__init__(capacity, seed=seed)
+        self.add_value("policy", str, equal=True)
 
     def __len__(self) -> int:
         return min(self.num_seen, self.capacity)
@@ -596,13 +575,6 @@ class _HeldOutReservoir(Buffer):
     def reset(self) -> None:
         """Empty it for a new task (the storage stays allocated)."""
         self.num_seen = 0
-
-    def state_dict(self) -> Dict[str, Any]:
-        return {**super().state_dict(), "policy": self.policy}
-
-    def load_state_dict(self, state: Mapping[str, Any], device: Optional[torch.device] = None) -> None:
-        self._check_state(state, ())
-        self._load_base_state(state, device)
 
 
 def _averaged(fitted: Optional[Tuple[Tensor, Tensor]], device: torch.device) -> Optional[Tuple[Tensor, Tensor]]:

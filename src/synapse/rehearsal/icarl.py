@@ -12,6 +12,8 @@ from torch import Tensor, nn
 
 from .._base import CURRENT_LOSS, TaskBatch, distributed_world, unwrap_model
 from .._capture import Replay
+from .._classes import declare_class_state
+from .._state import both_or_neither
 from ..catalog import HParam, MethodSpec, register
 from ..functional import icarl_loss, nearest_mean_scores
 from ..memory import HerdingMemory, head_input_features
@@ -191,6 +193,10 @@ class ICaRL(ER):
         self.class_means: Optional[Tensor] = None  # (C, d): normalised mean exemplar feature per class
         self.class_has_mean: Optional[Tensor] = None  # bool (C,): the classes with exemplars
         self.num_classes: Optional[int] = None  # the model's output width at the last step
+        declare_class_state(self, width_attr="num_classes")
+        self.add_state("class_means", dtype=torch.float32, shape=("num_classes", None), optional=True)
+        self.add_state("class_has_mean", dtype=torch.bool, shape=("num_classes",), optional=True)
+        self.add_constraint(lambda state, path: both_or_neither(state, ("class_means", "class_has_mean"), path))
 
     @property
     def seen_classes(self) -> Optional[Tensor]:
@@ -426,51 +432,8 @@ class ICaRL(ER):
             self.module.train(was_training)
 
     # ------------------------------------------------------------------ state
-    def _method_state(self) -> Dict[str, Any]:
-        state = super()._method_state()
-        seen, old, teacher = self.seen_classes, self.old_classes, self.teacher
-        means, has_mean = self.class_means, self.class_has_mean
-        state.update(
-            seen_classes=None if seen is None else seen.clone(),
-            old_classes=None if old is None else old.clone(),
-            teacher=None if teacher is None else {k: v.clone() for k, v in teacher.state_dict().items()},
-            class_means=None if means is None else means.clone(),
-            class_has_mean=None if has_mean is None else has_mean.clone(),
-            num_classes=self.num_classes,
-        )
-        return state
-
-    def _load_method_state(self, state: Mapping[str, Any]) -> None:
-        keys = ("seen_classes", "old_classes", "teacher", "class_means", "class_has_mean", "num_classes")
-        missing = [k for k in keys if k not in state]
-        if missing:
-            raise ValueError(f"iCaRL state is missing {missing}")
-        for key in ("seen_classes", "old_classes", "class_has_mean"):
-            value = state[key]
-            if value is not None and not (isinstance(value, Tensor) and value.dtype == torch.bool and value.dim() == 1):
-                raise ValueError(f"iCaRL state {key!r} must be a 1-d bool tensor or None")
-        means = state["class_means"]
-        if (means is None) != (state["class_has_mean"] is None) or (
-            means is not None and not (isinstance(means, Tensor) and means.dim() == 2)
-        ):
-            raise ValueError("iCaRL state must have a 2-d 'class_means' with 'class_has_mean', or neither")
-        if (state["teacher"] is None) != (state["old_classes"] is None):
-            raise ValueError("iCaRL state must have both a teacher and its old classes, or neither")
-        width = state["num_classes"]
-        if width is not None and (isinstance(width, bool) or not isinstance(width, int)):
-            raise ValueError(f"iCaRL state 'num_classes' must be an int or None, got {width!r}")
-        teacher = None if state["teacher"] is None else self._frozen_copy(state["teacher"])  # before any change
-        super()._load_method_state(state)
-        seen, device = state["seen_classes"], self.device
-        self._seen_store = None
-        if seen is not None:
-            self._seen_store = torch.zeros(seen.shape[0] + 2, dtype=torch.bool, device=device)
-            self._seen_store[1:-1] = seen
-        self.teacher = teacher
-        self.old_classes = None if state["old_classes"] is None else state["old_classes"].to(device).clone()
-        self.class_means = None if means is None else means.to(device).clone()
-        self.class_has_mean = None if means is None else state["class_has_mean"].to(device).clone()
-        self.num_classes, self._old_at_width = width, None
+    def _after_load(self) -> None:
+        self._old_at_width = None
 
 
 def _last_linear(module: nn.Module) -> nn.Linear:
