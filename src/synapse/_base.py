@@ -312,7 +312,6 @@ class Synapse(Stateful, ABC):
         pass
 
 
-
 class BufferedSynapse(Synapse):
     """A method with a :class:`ReservoirBuffer` of past inputs and targets (and whatever else it stores).
 
@@ -359,6 +358,7 @@ class BufferedSynapse(Synapse):
         self._stores_targets = True  # a method whose loss never reads them may store none
         self.add_state_object("buffer", lambda: self.buffer)
         self.add_value("input_names", list, get=lambda: list(self._input_names or []), set=self._set_input_names)
+        self.add_constraint(self._check_stored_fields)
 
     def _check(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
         if self._input_names is not None and tuple(model_inputs) != self._input_names:
@@ -397,6 +397,16 @@ class BufferedSynapse(Synapse):
     @staticmethod
     def _inputs_of(sample: Mapping[str, Tensor]) -> Dict[str, Tensor]:
         return {k[len("input:") :]: v for k, v in sample.items() if k.startswith("input:")}
+
+    def _check_stored_fields(self, state: Mapping[str, Any], path: str) -> None:
+        """The memory's fields are named by the data: those of the saved inputs (and targets) must be there."""
+        names, buffer = state.get("input_names"), state.get("buffer")
+        storage = buffer.get("storage") if isinstance(buffer, Mapping) else None
+        if isinstance(names, list) and isinstance(storage, Mapping) and storage:
+            wanted = {f"input:{name}" for name in names} | ({"targets"} if self._stores_targets else set())
+            missing = sorted(wanted - set(storage))
+            if missing:
+                raise StateError(f"{path}['buffer']['storage'] lacks the fields {missing} of the inputs it stores")
 
     def _set_input_names(self, names: List[str]) -> None:
         self._input_names = tuple(names) or None

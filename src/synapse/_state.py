@@ -375,9 +375,8 @@ def _check_keys(state: Mapping[str, Any], expected: Any, path: str) -> None:
     missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or extra:
         raise StateError(
-            f"{path} does not fit: " + "; ".join(
-                part for part in (missing and f"missing {missing}", extra and f"unexpected {extra}") if part
-            )
+            f"{path} does not fit: "
+            + "; ".join(part for part in (missing and f"missing {missing}", extra and f"unexpected {extra}") if part)
         )
 
 
@@ -398,6 +397,8 @@ def numpy_generator(state: Any) -> np.random.Generator:
         raise TypeError(f"a generator state must be a dict, got {_type_name(state)}")
     rng = np.random.Generator(np.random.PCG64())
     rng.bit_generator.state = dict(state)
+    if rng.bit_generator.state != state:  # numpy ignores entries it does not know
+        raise ValueError(f"not a PCG64 generator state: {dict(state)!r}"[:300])
     return rng
 
 

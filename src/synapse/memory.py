@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ._model import FeaturesFn, head_input_features
-from ._state import AtMost, StateError, int_list
+from ._state import StateError, int_list
 from ._validation import check_targets_and_inputs
 from .buffer import Buffer, ReservoirBuffer, _zero_pad, indices_on
 from .functional import herding_selection, last_wins
@@ -149,13 +149,10 @@ class ClassBalancedBuffer(Buffer):
             set=self._set_slot_labels,
         )
         self.add_generator("choice_rng_state", "_choice_rng")
-        self.add_state(
-            "uniforms",
-            dtype=torch.float64,
-            shape=(AtMost(UNIFORM_BLOCK),),
-            host=True,
-            get=lambda: torch.tensor(self._uniforms[self._uniform_pos :], dtype=torch.float64),
-            set=self._set_uniforms,
+        # The block of uniforms (none yet, or UNIFORM_BLOCK of them) and how many of them were used.
+        self.add_value("uniform_pos", int, attr="_uniform_pos")
+        self.add_checked(
+            "uniforms", lambda: torch.tensor(self._uniforms, dtype=torch.float64), _check_uniforms, self._set_uniforms
         )
         self.add_checked("pending", self._pending_state, _check_pending, self._set_pending, optional=True)
 
@@ -377,7 +374,17 @@ class ClassBalancedBuffer(Buffer):
         self._slot_labels[: len(labels)] = labels.numpy()
 
     def _set_uniforms(self, uniforms: Tensor) -> None:
-        self._uniforms, self._uniform_pos = uniforms.tolist(), 0
+        self._uniforms = uniforms.tolist()
+
+    def _prepare_state(self, state: Any, device: Optional[torch.device], path: str = "state") -> Any:
+        if isinstance(state, Mapping) and "uniform_pos" not in state and isinstance(state.get("uniforms"), Tensor):
+            # The layout before declared state saved the unused uniforms only: the same as a block that
+            # ends with them, used up to where they start.
+            tail = state["uniforms"]
+            if tail.dim() == 1 and len(tail) < UNIFORM_BLOCK:  # a used block: at least one was drawn
+                block = torch.cat([tail.new_zeros(UNIFORM_BLOCK - len(tail)), tail])
+                state = {**state, "uniforms": block, "uniform_pos": UNIFORM_BLOCK - len(tail)}
+        return super()._prepare_state(state, device, path)
 
     def _set_pending(self, pending: Optional[Tuple[np.ndarray, Dict[str, Tensor]]]) -> None:
         self._pending, self._pending_labels, self._stage = 0, None, {}
@@ -388,6 +395,16 @@ class ClassBalancedBuffer(Buffer):
     def _after_load(self) -> None:
         super()._after_load()
         self._index_classes()
+
+
+def _check_uniforms(value: Any, ctx: Any, path: str) -> Tensor:
+    """A saved block of uniforms: none yet, or :data:`UNIFORM_BLOCK` of them."""
+    uniforms = ctx.tensor(value, torch.float64, (None,), path, host=True)
+    if len(uniforms) not in (0, UNIFORM_BLOCK):
+        raise StateError(f"{path} holds {len(uniforms)} uniforms, expected 0 or {UNIFORM_BLOCK}")
+    if ctx.ints["uniform_pos"] > len(uniforms):
+        raise StateError(f"{path}: uniform_pos {ctx.ints['uniform_pos']} is past the block's {len(uniforms)}")
+    return uniforms
 
 
 def _check_pending(value: Any, ctx: Any, path: str) -> Tuple[np.ndarray, Dict[str, Tensor]]:

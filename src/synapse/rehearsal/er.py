@@ -260,7 +260,6 @@ class ER(BufferedSynapse):
     # ------------------------------------------------------------------ state
 
 
-
 _ER_PAPER = "Chaudhry et al. 2019, *On Tiny Episodic Memories in Continual Learning*"
 _DER_PAPER = "Buzzega et al. 2020, *Dark Experience for General Continual Learning: a Strong, Simple Baseline*"
 _BUFFER_POLICY = HParam(

@@ -435,7 +435,6 @@ class GDumb(BufferedSynapse):
     # ------------------------------------------------------------------ state
 
 
-
 def _check_forward_accepts(module: nn.Module, model_inputs: Mapping[str, Tensor]) -> None:
     """Raise unless ``module.forward`` takes every input by name (the retraining calls ``model(**inputs)``)."""
     try:
