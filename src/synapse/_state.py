@@ -307,6 +307,10 @@ class Stateful:
         self.__dict__.setdefault("_state_constraints", []).append(check)
 
     # ------------------------------------------------------------------ the state dict
+    def state_dict(self) -> Dict[str, Any]:
+        """Every declared entry, by name."""
+        return self._declared_state()
+
     def _declared_state(self) -> Dict[str, Any]:
         return {name: field.get() for name, field in self._declared_fields().items()}
 
