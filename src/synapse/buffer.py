@@ -69,6 +69,7 @@ class Buffer(Stateful, ABC):
     """
 
     policy = ""  # the name make_buffer knows this policy by
+    draws_ahead = True  # replay indices are drawn SAMPLE_BLOCK steps ahead once the population is fixed
 
     def __init__(self, capacity: int, *, seed: Optional[int] = None) -> None:
         check_positive_int("capacity", capacity)
@@ -86,6 +87,10 @@ class Buffer(Stateful, ABC):
         self.add_value("num_seen", int)
         self.add_tensors("storage", shape=("capacity", ...), attr="_storage")
         self.add_generator("rng_state", "_rng")
+        if self.draws_ahead:
+            self._declare_block()
+
+    def _declare_block(self) -> None:
         # The block is saved on the host and follows the storage's device once loaded (_after_load).
         self.add_state(
             "sample_block",
@@ -94,7 +99,7 @@ class Buffer(Stateful, ABC):
             optional=True,
             host=True,
             get=lambda: None if self._block is None else self._block.cpu(),
-            set=lambda block: setattr(self, "_loaded_block", block),
+            stash=True,
         )
         self.add_value("sample_block_pos", int, attr="_block_pos")
 
@@ -284,14 +289,15 @@ class Buffer(Stateful, ABC):
         self._prepare_state(state, device, "buffer state")()
 
     def _prepare_state(self, state: Any, device: Optional[torch.device], path: str = "state") -> Any:
-        policy = state.get("policy", ReservoirBuffer.policy) if isinstance(state, Mapping) else None
-        if policy is not None and policy != self.policy:  # reservoir states have no 'policy'
+        named = isinstance(state, Mapping) and ("policy" in state or "policy" in self._declared_fields())
+        policy = state.get("policy", ReservoirBuffer.policy) if named else self.policy  # reservoir: no 'policy'
+        if policy != self.policy:
             raise StateError(f"the checkpoint holds a {policy!r} memory, but this one's policy is {self.policy!r}")
         return super()._prepare_state(state, device, path)
 
     def _after_load(self) -> None:
         self._storage_changed()
-        block = self.__dict__.pop("_loaded_block", None)
+        block = self._stashed("sample_block") if self.draws_ahead else None
         self._set_block(None if block is None or self.device is None else block.to(self.device))
 
 
@@ -343,7 +349,7 @@ class ReservoirBuffer(Buffer):
             optional=True,
             host=True,
             get=lambda: None if self._draws is None else torch.from_numpy(self._draws.copy()),
-            set=lambda draws: setattr(self, "_loaded_draws", draws),
+            stash=True,
         )
         self.add_value("draws_first", int, attr="_draws_first")
 
@@ -396,7 +402,7 @@ class ReservoirBuffer(Buffer):
     # ------------------------------------------------------------------ state
     def _after_load(self) -> None:
         super()._after_load()
-        draws = self.__dict__.pop("_loaded_draws", None)
+        draws = self._stashed("draws")
         if draws is None:
             self._draws = None
         else:

@@ -79,7 +79,7 @@ class AGEM(BufferedSynapse):
         super().__init__(model, buffer_size, buffer_sample_size, buffer_scope=buffer_scope, scaler=scaler)
         self.memory = memory
         if memory == "episodic":  # the same budget, split per task instead of one reservoir
-            self.buffer = EpisodicMemory(self.buffer.capacity, seed=fresh_seed())  # type: ignore[assignment]
+            self.buffer = EpisodicMemory(self.buffer.capacity, seed=fresh_seed())
         self._params: List[nn.Parameter] = self.trainable_parameters()
         self._reference: Optional[FlatSpace] = None
         self._current: Optional[FlatSpace] = None
@@ -99,7 +99,7 @@ class AGEM(BufferedSynapse):
     def _sample(self, num_minibatches: int = 1, names: Optional[Sequence[str]] = None) -> Dict[str, Tensor]:
         if isinstance(self.buffer, EpisodicMemory):
             self._follow_model_device()
-            return self.buffer.sample(self.buffer_sample_size, names)
+            return self.buffer.sample(self.buffer_sample_size, names=names)
         return super()._sample(num_minibatches, names)
 
     def _end_task(self, data: Optional[Iterable[TaskBatch]]) -> None:
