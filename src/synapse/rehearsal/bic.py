@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .._base import CURRENT_LOSS, TaskBatch, distributed_world
 from .._capture import Replay
-from .._classes import declare_class_state
+from .._classes import ClassHistory
 from .._state import AtMost, StateError, width_of
 from .._validation import check_positive, check_positive_int
 from ..buffer import Buffer, fresh_seed, indices_on
@@ -33,7 +33,7 @@ __all__ = ["BiC"]
 _EVAL_CHUNK = 512
 
 
-class BiC(ER):
+class BiC(ClassHistory, ER):
     """BiC, from Wu et al. 2019, "Large Scale Incremental Learning" (CVPR 2019).
 
     Replay from an exemplar memory, trained in two stages per task:
@@ -221,26 +221,16 @@ class BiC(ER):
         self.held_out = _HeldOutReservoir(capacity, seed=seed) if capacity else None
         self.val_memory = ClassBalancedBuffer(capacity, seed=seed + 1) if capacity else None
         self._bias_rng = torch.Generator().manual_seed(seed)  # stage 2's minibatch order
-        self.teacher: Optional[nn.Module] = None
-        # Classes seen in targets, one flag per column: a view [1:-1] of a store with a slot at each end,
-        # where targets below 0 and past the last column land (so the scatter never syncs).
-        self._seen_store: Optional[Tensor] = None
-        self.old_classes: Optional[Tensor] = None  # the seen flags frozen at the last end_task
         self._layers: List[Tuple[Tensor, Tensor, Tensor]] = []  # (alpha, beta, new classes) per corrected task
         self._scale: Optional[Tensor] = None  # the layers composed: one (alpha, beta) per column
         self._shift: Optional[Tensor] = None
         self._batch_size = 0  # the last training batch's size: stage 2's minibatch by default
-        declare_class_state(self)
+        self._init_class_history()
         self.add_checked("bias_layers", self._layers_state, _check_layers, self._set_layers)
         self.add_state_object("held_out", lambda: self.held_out, optional=True)
         self.add_state_object("val_memory", lambda: self.val_memory, optional=True)
         self.add_generator("bias_rng", "_bias_rng")
         self.add_value("batch_size", int, attr="_batch_size")
-
-    @property
-    def seen_classes(self) -> Optional[Tensor]:
-        """Bool flags over the output columns: the classes that appeared in ``targets`` so far."""
-        return None if self._seen_store is None else self._seen_store[1:-1]
 
     @property
     def bias_layers(self) -> List[Tuple[Tensor, Tensor, Tensor]]:
@@ -297,9 +287,7 @@ class BiC(ER):
         outputs = self._forward.outputs
         assert outputs is not None  # checked by _check
         width = outputs.shape[1]
-        store = self._seen_store
-        seen = torch.zeros(width + 2, dtype=torch.bool, device=self.device) if store is None else store.clone()
-        seen.scatter_(0, targets.to(self.device, torch.long).clamp(-1, width).add_(1), True)
+        seen = self._seen_with(targets, width, self.device)
         if self.held_out is None:
             return _Step(seen, [], [], None)
         slots, rows, rng = self.held_out.plan(targets.shape[0])
@@ -385,14 +373,9 @@ class BiC(ER):
         for memory in (self.held_out, self.val_memory):
             if memory is not None and memory.device is not None and memory.device != device:
                 memory.to(device)
-        if self._seen_store is not None and self._seen_store.device != device:
-            self._seen_store = self._seen_store.to(device)
-        if self.old_classes is not None and self.old_classes.device != device:
-            self.old_classes = self.old_classes.to(device)
+        self._follow_classes(device)
         if self._layers and self._layers[0][0].device != device:
             self._set_layers([tuple(t.to(device) for t in layer) for layer in self._layers])  # type: ignore[misc]
-        if self.teacher is not None and next(self.teacher.parameters()).device != device:
-            self.teacher.to(device)
 
     # ------------------------------------------------------------------ task end: stage 2
     def _end_task(self, data: Optional[Iterable[TaskBatch]]) -> None:
@@ -403,10 +386,7 @@ class BiC(ER):
             return  # no step yet
         self._follow_model_device()
         world = distributed_world()
-        if world > 1:  # every rank corrects and distils the same classes: the union of the ranks' sets
-            flags = seen.to(torch.int32)
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            seen.copy_(flags.bool())
+        seen.copy_(self._union_over_ranks(seen))
         new = seen if self.old_classes is None else seen & ~self.old_classes
         if self.teacher is not None and bool(new.any()):  # from the second task on, if it brought classes
             fitted = self._fit_bias_layer(new, seen)

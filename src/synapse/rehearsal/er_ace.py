@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .._base import CURRENT_LOSS, TaskBatch
+from .._classes import widened
 from .._state import width_of
 from ..catalog import HParam, MethodSpec, register
 from ..functional import ace_class_mask, asymmetric_cross_entropy
@@ -168,18 +169,9 @@ class ERACE(ER):
             largest = torch.maximum(largest, self._largest_seen.to(device))
         task_classes = None
         if self.mask == "task":
-            task_classes = self._resized(self._task_classes, num_classes, device).index_fill_(0, targets, True)
+            task_classes = widened(self._task_classes, num_classes, device).index_fill_(0, targets, True)
         allowed = ace_class_mask(targets, num_classes, largest, task_classes)
         return asymmetric_cross_entropy(logits, targets, allowed), largest, task_classes
-
-    @staticmethod
-    def _resized(classes: Optional[Tensor], num_classes: int, device: torch.device) -> Tensor:
-        """A fresh copy of a class mask with ``num_classes`` columns (heads may grow between tasks)."""
-        out = torch.zeros(num_classes, dtype=torch.bool, device=device)
-        if classes is not None:
-            width = min(num_classes, classes.shape[0])
-            out[:width] = classes[:width]
-        return out
 
     def _end_task(self, data: Optional[Iterable[TaskBatch]]) -> None:
         self._task_classes = None  # a new task has no classes of its own yet

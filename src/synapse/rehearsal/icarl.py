@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .._base import CURRENT_LOSS, TaskBatch, distributed_world, unwrap_model
 from .._capture import Replay
-from .._classes import declare_class_state
+from .._classes import ClassHistory, widened
 from .._state import both_or_neither
 from ..catalog import HParam, MethodSpec, register
 from ..functional import icarl_loss, nearest_mean_scores
@@ -24,7 +24,7 @@ __all__ = ["ICaRL"]
 FeatureExtractor = Callable[[Dict[str, Tensor]], Tensor]
 
 
-class ICaRL(ER):
+class ICaRL(ClassHistory, ER):
     """iCaRL, from Rebuffi et al. 2017, "iCaRL: Incremental Classifier and Representation Learning"
     (CVPR 2017).
 
@@ -184,24 +184,14 @@ class ICaRL(ER):
         self.feature_extractor: FeatureExtractor = feature_extractor
         self.current_loss = current_loss
         self._default_head = default_head
-        self.teacher: Optional[nn.Module] = None
-        # Classes seen, one flag per output column: a view [1:-1] of a store with a slot at each end, where
-        # targets below 0 and past the last column land (so the scatter never syncs).
-        self._seen_store: Optional[Tensor] = None
-        self.old_classes: Optional[Tensor] = None  # bool (C,): the seen flags at the last end_task
         self._old_at_width: Optional[Tensor] = None  # old_classes padded to the current width (cached)
         self.class_means: Optional[Tensor] = None  # (C, d): normalised mean exemplar feature per class
         self.class_has_mean: Optional[Tensor] = None  # bool (C,): the classes with exemplars
         self.num_classes: Optional[int] = None  # the model's output width at the last step
-        declare_class_state(self, width_attr="num_classes")
+        self._init_class_history(width_attr="num_classes")
         self.add_state("class_means", dtype=torch.float32, shape=("num_classes", None), optional=True)
         self.add_state("class_has_mean", dtype=torch.bool, shape=("num_classes",), optional=True)
         self.add_constraint(lambda state, path: both_or_neither(state, ("class_means", "class_has_mean"), path))
-
-    @property
-    def seen_classes(self) -> Optional[Tensor]:
-        """Bool flags over the output columns: the classes seen in ``targets`` and replay so far."""
-        return None if self._seen_store is None else self._seen_store[1:-1]
 
     # ------------------------------------------------------------------ backward
     def _check(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
@@ -251,22 +241,16 @@ class ICaRL(ER):
 
     def _seen_after(self, width: int, targets: Tensor, replay_targets: Optional[Tensor]) -> Tensor:
         """A new seen-class store (flags in ``[1:-1]``) with this step's labels added, on the device."""
-        store = torch.zeros(width + 2, dtype=torch.bool, device=self.device)
-        if self._seen_store is not None:  # the head may have grown: keep the old flags and the low slot
-            store[: self._seen_store.shape[0] - 1] = self._seen_store[:-1]
         labels = targets if replay_targets is None else torch.cat([targets, replay_targets.to(targets.device)])
-        return store.index_fill_(0, labels.to(self.device, torch.long).clamp(-1, width).add_(1), True)
+        return self._seen_with(labels, width, self.device)
 
     def _old_classes_at(self, width: int) -> Optional[Tensor]:
         """The old classes as a ``(width,)`` mask (the head may have grown since the task end)."""
         if self.old_classes is None:
             return None
-        cached = self._old_at_width
-        if cached is None or cached.shape[0] != width:
-            cached = torch.zeros(width, dtype=torch.bool, device=self.device)
-            cached[: self.old_classes.shape[0]] = self.old_classes
-            self._old_at_width = cached
-        return cached
+        if self._old_at_width is None or self._old_at_width.shape[0] != width:
+            self._old_at_width = widened(self.old_classes, width, self.device)
+        return self._old_at_width
 
     def _old_outputs(
         self, model_inputs: Mapping[str, Tensor], replay: Optional[Replay], width: int
@@ -300,15 +284,11 @@ class ICaRL(ER):
     def _follow_model_device(self) -> None:
         super()._follow_model_device()
         device = self.device
-        if self._seen_store is not None and self._seen_store.device != device:
-            self._seen_store = self._seen_store.to(device)
-        if self.old_classes is not None and self.old_classes.device != device:
-            self.old_classes, self._old_at_width = self.old_classes.to(device), None
+        if self._follow_classes(device):
+            self._old_at_width = None
         if self.class_means is not None and self.class_means.device != device:
             assert self.class_has_mean is not None
             self.class_means, self.class_has_mean = self.class_means.to(device), self.class_has_mean.to(device)
-        if self.teacher is not None and next(self.teacher.parameters()).device != device:
-            self.teacher.to(device)
 
     # ------------------------------------------------------------------ task end
     def _end_task(self, data: Optional[Iterable[TaskBatch]]) -> None:
@@ -334,10 +314,8 @@ class ICaRL(ER):
             )
         self._follow_model_device()
         seen = None if self.seen_classes is None else self.seen_classes.clone()
-        if seen is not None and distributed_world() > 1:  # every rank distils the same classes
-            flags = seen.to(torch.int32)
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            seen = flags.bool()
+        if seen is not None:
+            seen = self._union_over_ranks(seen)
         with self._feature_mode():
             self.buffer.select_task(batches, self._features)
         self._follow_model_device()  # the memory is allocated where the data lies
