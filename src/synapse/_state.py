@@ -19,7 +19,14 @@ Example:
     ...         self.steps = 0
     ...         self.add_state("total", dtype=torch.float32, shape=(3,))
     ...         self.add_value("steps", int)
-    >>> c = Counter(); c.load_state_dict(c.state_dict())
+    >>> c = Counter()
+    >>> c.load_state_dict({"total": torch.ones(3), "steps": 5})
+    >>> c.steps, c.total
+    (5, tensor([1., 1., 1.]))
+    >>> c.load_state_dict({"total": torch.ones(4), "steps": 6})
+    Traceback (most recent call last):
+    ...
+    synapse._state.StateError: state['total'] has shape (4,): dim 0 is 4, expected 3
 """
 
 from __future__ import annotations
@@ -310,6 +317,10 @@ class Stateful:
     def state_dict(self) -> Dict[str, Any]:
         """Every declared entry, by name."""
         return self._declared_state()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`, all or nothing (:class:`StateError` on a state that does not fit)."""
+        self._prepare_state(state, None)()
 
     def _declared_state(self) -> Dict[str, Any]:
         return {name: field.get() for name, field in self._declared_fields().items()}
