@@ -181,7 +181,7 @@ class _Toy(Stateful):
         self.old = torch.zeros(2, dtype=torch.bool)
         self.a = torch.zeros(2, 4)
         self.b = torch.zeros(2)
-        self.add_value("width", int)
+        self.add_value("width", int, optional=True)
         self.add_state("flags", dtype=torch.bool, shape=("width",))
         self.add_state("old", dtype=torch.bool, shape=(AtMost("width"),))
         self.add_state("a", dtype=torch.float32, shape=("rows", ...))
@@ -197,6 +197,7 @@ def test_declared_shapes():
         "dim 0 is 5, expected 4": {"flags": torch.ones(5, dtype=torch.bool)},  # follows the int 'width'
         "at most 4": {"old": torch.ones(5, dtype=torch.bool)},
         "expected 2 \\(rows, as in": {"b": torch.zeros(3)},  # a symbol: every tensor naming it agrees
+        "sized by 'width', which is None": {"width": None},  # a None int sizes nothing
     }
     for message, change in cases.items():
         with pytest.raises(StateError, match=message):

@@ -71,6 +71,7 @@ class _Context:
     def __init__(self, device: Optional[torch.device]) -> None:
         self.device = device
         self.ints: Dict[str, int] = {}
+        self.nones: set = set()  # int values saved as None: no tensor may be sized by them
         self.symbols: Dict[str, Tuple[int, str]] = {}  # symbol -> (size, the path that fixed it)
 
     def tensor(
@@ -106,6 +107,8 @@ class _Context:
             return dim
         if dim in self.ints:
             return self.ints[dim]
+        if dim in self.nones:
+            raise StateError(f"{path} is sized by {dim!r}, which is None")
         return self.symbols.setdefault(dim, (size, path))[0]
 
     def _origin(self, dim: str) -> str:
@@ -342,6 +345,7 @@ class Stateful:
             if value is None:
                 if not field.optional:
                     raise StateError(f"{where} is None, but it is required")
+                ctx.nones.add(field.name)
                 ready.append((field, None))
             else:
                 ready.append((field, field.check(value, ctx, where)))
