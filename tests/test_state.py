@@ -14,7 +14,7 @@ from synapse import catalog
 from synapse._state import AtMost, StateError, Stateful
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures"))
-from make_state_v1 import HERE, two_tasks  # noqa: E402  (the schedule the fixture was written with)
+from make_state_v1 import HERE, tiny_model, two_tasks  # noqa: E402  (the schedule the fixture was written with)
 
 NAMES = [spec.name for spec in catalog.specs()]
 # Dicts of named tensors whose names follow the data (a memory's fields), not a declaration.
@@ -214,3 +214,18 @@ def test_storage_fields_follow_the_inputs():
     with pytest.raises(StateError, match="targets"):
         target.load_state_dict(state)
     assert state_equal(target.state_dict(), before)
+
+
+def test_a_memory_present_on_one_side_only_is_refused():
+    """BiC's held-out memories exist or not by its arguments: a state without them does not fit one with."""
+    _, bic = two_tasks("bic", tasks=1)
+    state = bic.state_dict()
+    before = copy.deepcopy(state)
+    for key in ("held_out", "val_memory"):
+        with pytest.raises(StateError, match=f"'{key}'\\] is None, but this object has one"):
+            bic.load_state_dict({**state, "state": {**state["state"], key: None}})
+    # the same training memory (40 less the 4 held out), no held-out ones
+    without = catalog.get("bic").create(tiny_model(), {"val_fraction": 0.0}, buffer_size=36, buffer_sample_size=8)
+    with pytest.raises(StateError, match="this object has none there"):
+        without.load_state_dict(state)
+    assert state_equal(bic.state_dict(), before)

@@ -273,7 +273,12 @@ class Stateful:
             obj = get()
             return None if obj is None else obj.state_dict()
 
+        def present_on_both_sides(state: Mapping[str, Any], path: str) -> None:
+            if name in state and state[name] is None and get() is not None:
+                raise StateError(f"{path}[{name!r}] is None, but this object has one (built with other arguments?)")
+
         self._declare(_Field(name, state, check, lambda apply: apply and apply(), optional, False))
+        self.add_constraint(present_on_both_sides)
 
     def add_frozen_module(
         self,
