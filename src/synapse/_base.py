@@ -14,6 +14,8 @@ from torch import Tensor, nn
 
 from . import _autograd
 from ._capture import ForwardCapture, ReplaySource, live_captures
+from ._model import distributed_world, unwrap_model
+from ._state import StateError, Stateful
 from ._validation import (
     check_forward_accepts,
     check_loss,
@@ -25,7 +27,15 @@ from ._watch import LogProbabilityCheck, NewClassWatch
 from .buffer import fresh_seed
 from .memory import STREAM_POLICIES, make_buffer
 
-__all__ = ["Synapse", "BufferedSynapse", "TaskBatch", "named_batches", "unwrap_model", "check_no_live_method"]
+__all__ = [
+    "Synapse",
+    "BufferedSynapse",
+    "TaskBatch",
+    "check_no_live_method",
+    "distributed_world",
+    "named_batches",
+    "unwrap_model",
+]
 
 # One batch of a task-end data pass, in the form ``backward`` takes it (less the loss):
 # ``(targets, {name: input})`` with the inputs named as ``model.forward``'s parameters.
@@ -54,15 +64,16 @@ def named_batches(pairs: Iterable[Tuple[Any, Tensor]], name: Optional[str] = Non
         yield targets, {key: inputs}
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module that really runs ``forward``: through DDP/DataParallel and ``torch.compile`` wrappers."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
-            model = model._orig_mod  # type: ignore[assignment]
-        else:
-            return model
+STATE_FORMAT = 2  # of the method's part of the state dict; the layout before declared state had none
+_TOP_KEYS = frozenset({"method", "num_steps", "num_tasks_ended", "state"})
+OPTIONAL_TOP_KEYS: Tuple[str, ...] = ()  # top-level keys a state dict may hold beside those
+
+
+def _input_names(names: List[Any]) -> List[str]:
+    """A saved list of input names, checked: each a ``str`` (a parameter of ``model.forward``)."""
+    if not all(isinstance(name, str) for name in names):
+        raise StateError(f"input_names must be a list of str, got {names!r}")
+    return names
 
 
 def check_no_live_method(module: nn.Module, new_method: str) -> None:
@@ -79,18 +90,14 @@ def check_no_live_method(module: nn.Module, new_method: str) -> None:
         )
 
 
-def distributed_world() -> int:
-    """The world size when torch.distributed is running, else 1."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-class Synapse(ABC):
+class Synapse(Stateful, ABC):
     """Base class of all continual-learning methods.
 
     A method turns the user's ``loss.backward()`` into ``synapse.backward(loss, targets, **inputs)``.
-    Subclasses implement :meth:`_backward` (and optionally :meth:`_check`, :meth:`_end_task`,
-    :meth:`_method_state` and :meth:`_load_method_state`); validation, step counting, task bookkeeping,
-    the GradScaler and the state dict live here.
+    Subclasses implement :meth:`_backward` (and optionally :meth:`_check` and :meth:`_end_task`), and
+    declare their persistent state in ``__init__`` (:class:`~synapse._state.Stateful`: ``add_state``,
+    ``add_value``, ``add_frozen_module``, ...); validation, step counting, task bookkeeping, the GradScaler
+    and the state dict live here.
 
     What the base gives a method (see ``docs/architecture.md``): argument validation before any state
     changes, step and task counters, the GradScaler, the state dict, one-backward-pass assembly of weighted
@@ -141,6 +148,13 @@ class Synapse(ABC):
         self.module = unwrap_model(model)
         self._forward_signature = forward_signature(self.module)  # read once: names are checked against it
         self._input_names: Optional[Tuple[str, ...]] = None  # the names backward was given (persisted)
+        self.add_value(
+            "input_names",
+            list,
+            convert=_input_names,
+            get=lambda: list(self._input_names or []),
+            set=self._set_input_names,
+        )
         self._logprob_check = LogProbabilityCheck(type(self).__name__)
         self._class_watch = NewClassWatch(type(self).__name__)
         self._a_parameter = next(self.module.parameters())  # its device is the model's device
@@ -223,29 +237,60 @@ class Synapse(ABC):
             self._capture.remove()
 
     def state_dict(self) -> Dict[str, Any]:
-        """Counters, memories, importance tensors and RNG state: enough to resume bit-identically."""
+        """Counters, memories, importance tensors and RNG state: enough to resume bit-identically. The
+        method's part (``'state'``) is built from its declarations (:mod:`synapse._state`)."""
         return {
             "method": type(self).__name__,
             "num_steps": self.num_steps,
             "num_tasks_ended": self.num_tasks_ended,
-            "input_names": None if self._input_names is None else list(self._input_names),
-            "state": self._method_state(),
+            "state": {**self._declared_state(), "format": STATE_FORMAT},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; tensors move to the model's current device."""
-        if not isinstance(state, Mapping) or "method" not in state or "state" not in state:
-            raise ValueError("not a Synapse state dict: expected keys 'method', 'num_steps', 'state'")
+        """Restore a :meth:`state_dict`; tensors move to the model's current device.
+
+        Strict and all or nothing: every key, type, dtype and shape is checked (memories and teachers
+        included) before anything is assigned, and a state that does not fit raises
+        :class:`~synapse._state.StateError` (a ``ValueError``) and leaves the method as it was. A state dict
+        written before declared state (it has no ``'format'``) loads too, through :meth:`_upgrade_state`.
+        """
+        if not isinstance(state, Mapping) or not _TOP_KEYS <= state.keys():
+            raise StateError(f"not a Synapse state dict: expected the keys {sorted(_TOP_KEYS)}")
         if state["method"] != type(self).__name__:
-            raise ValueError(f"state dict is for {state['method']}, but this object is {type(self).__name__}")
-        names = state.get("input_names")  # optional: state dicts from before it was kept have none
-        if names is not None and not (isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names)):
-            raise ValueError(f"state dict's 'input_names' must be a list of str or None, got {names!r}")
-        self._load_method_state(state["state"])
-        self.num_steps = int(state["num_steps"])
-        self.num_tasks_ended = int(state["num_tasks_ended"])
-        if names is not None:
-            self._set_input_names(tuple(names))
+            raise StateError(f"state dict is for {state['method']}, but this object is {type(self).__name__}")
+        extra = sorted(set(state) - _TOP_KEYS - set(OPTIONAL_TOP_KEYS))
+        if extra:
+            raise StateError(f"state dict has unexpected keys {extra}")
+        for key in ("num_steps", "num_tasks_ended"):
+            if not isinstance(state[key], int) or isinstance(state[key], bool) or state[key] < 0:
+                raise StateError(f"state dict's {key!r} must be a non-negative int, got {state[key]!r}")
+        inner = state["state"]
+        if not isinstance(inner, Mapping):
+            raise StateError(f"state dict's 'state' must be a dict, got {type(inner).__name__}")
+        if "format" in inner:
+            if inner["format"] != STATE_FORMAT:
+                raise StateError(
+                    f"state dict has format {inner['format']!r}; this version of Synapse reads format "
+                    f"{STATE_FORMAT} and the unversioned one before it"
+                )
+            apply = self._prepare_state({k: v for k, v in inner.items() if k != "format"}, self.device)
+        else:
+            try:
+                # That layout kept the input names only for methods with a memory: the others start with none.
+                apply = self._prepare_state(self._upgrade_state({"input_names": [], **inner}), self.device)
+            except StateError as error:
+                raise StateError(
+                    f"this state dict has no 'format', so it was written before declared state; it does not fit "
+                    f"{type(self).__name__} as that version wrote it: {error}"
+                ) from None
+        apply()
+        self.num_steps = state["num_steps"]
+        self.num_tasks_ended = state["num_tasks_ended"]
+
+    def _upgrade_state(self, state: Dict[str, Any]) -> Dict[str, Any]:
+        """A method's state as the last unversioned layout wrote it, in today's layout (the same keys,
+        unless a method adds one it can derive)."""
+        return state
 
     @property
     def needs_training_forward(self) -> bool:
@@ -342,10 +387,10 @@ class Synapse(ABC):
             )
         return names[0]
 
-    def _set_input_names(self, names: Optional[Tuple[str, ...]]) -> None:
-        self._input_names = names
+    def _set_input_names(self, names: Optional[Sequence[str]]) -> None:
+        self._input_names = tuple(names) if names else None
         if self._capture is not None:
-            self._capture.input_names = names
+            self._capture.input_names = self._input_names
 
     def trainable_parameters(self) -> List[nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
@@ -414,12 +459,6 @@ class Synapse(ABC):
     def _end_task(self, data: Optional[Iterable[TaskBatch]]) -> None:
         pass
 
-    def _method_state(self) -> Dict[str, Any]:
-        return {}
-
-    def _load_method_state(self, state: Mapping[str, Any]) -> None:
-        pass
-
 
 class BufferedSynapse(Synapse):
     """A method with a :class:`ReservoirBuffer` of past inputs and targets (and whatever else it stores).
@@ -465,6 +504,8 @@ class BufferedSynapse(Synapse):
         self.buffer = make_buffer(buffer_policy, capacity, seed=(fresh_seed() + rank) % 2**62)
         self._stores_targets = True  # a method whose loss never reads them may store none
         self._last_replay: Optional[Dict[str, Tensor]] = None
+        self.add_state_object("buffer", lambda: self.buffer)
+        self.add_constraint(self._check_stored_fields)
 
     def _check(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
         # Names, types and batch sizes were checked by backward; only what the user passed needs checking
@@ -527,13 +568,12 @@ class BufferedSynapse(Synapse):
     def _inputs_of(sample: Mapping[str, Tensor]) -> Dict[str, Tensor]:
         return {k[len("input:") :]: v for k, v in sample.items() if k.startswith("input:")}
 
-    def _method_state(self) -> Dict[str, Any]:
-        return {"buffer": self.buffer.state_dict(), "input_names": list(self._input_names or [])}
-
-    def _load_method_state(self, state: Mapping[str, Any]) -> None:
-        if "buffer" not in state:
-            raise ValueError("state dict has no 'buffer'")
-        self.buffer.load_state_dict(state["buffer"], device=self.device)
-        self._input_names = tuple(state.get("input_names") or ()) or None
-        if self._capture is not None:
-            self._capture.input_names = self._input_names
+    def _check_stored_fields(self, state: Mapping[str, Any], path: str) -> None:
+        """The memory's fields are named by the data: those of the saved inputs (and targets) must be there."""
+        names, buffer = state.get("input_names"), state.get("buffer")
+        storage = buffer.get("storage") if isinstance(buffer, Mapping) else None
+        if isinstance(names, list) and isinstance(storage, Mapping) and storage:
+            wanted = {f"input:{name}" for name in names} | ({"targets"} if self._stores_targets else set())
+            missing = sorted(wanted - set(storage))
+            if missing:
+                raise StateError(f"{path}['buffer']['storage'] lacks the fields {missing} of the inputs it stores")

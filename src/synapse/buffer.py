@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ._device import to_device
+from ._state import StateError, Stateful
 from ._validation import check_positive_int
 from .functional import distinct_subsets, last_wins, reservoir_draws, reservoir_plan
 
@@ -48,7 +49,7 @@ def indices_on(indices: np.ndarray, device: torch.device) -> Tensor:
     return to_device(torch.from_numpy(np.ascontiguousarray(indices, dtype=np.int64)), device)
 
 
-class Buffer(ABC):
+class Buffer(Stateful, ABC):
     """The interface every memory policy shares: named tensors in ``capacity`` rows allocated once.
 
     Each item is a row across a set of named tensors (for example ``inputs``, ``targets`` and
@@ -68,6 +69,7 @@ class Buffer(ABC):
     """
 
     policy = ""  # the name make_buffer knows this policy by
+    draws_ahead = True  # replay indices are drawn SAMPLE_BLOCK steps ahead once the population is fixed
 
     def __init__(self, capacity: int, *, seed: Optional[int] = None) -> None:
         check_positive_int("capacity", capacity)
@@ -81,6 +83,25 @@ class Buffer(ABC):
         self._block_pos = 0
         self._host: Optional[Dict[str, np.ndarray]] = None  # see _storage_changed
         self._device: Optional[torch.device] = None
+        self.add_value("capacity", int, equal=True)
+        self.add_value("num_seen", int)
+        self.add_tensors("storage", shape=("capacity", ...), attr="_storage")
+        self.add_generator("rng_state", "_rng")
+        if self.draws_ahead:
+            self._declare_block()
+
+    def _declare_block(self) -> None:
+        # The block is saved on the host and follows the storage's device once loaded (_after_load).
+        self.add_state(
+            "sample_block",
+            dtype=torch.int64,
+            shape=(SAMPLE_BLOCK, None, None),
+            optional=True,
+            host=True,
+            get=lambda: None if self._block is None else self._block.cpu(),
+            stash=True,
+        )
+        self.add_value("sample_block_pos", int, attr="_block_pos")
 
     # ------------------------------------------------------------------ inspection
     @abstractmethod
@@ -260,43 +281,24 @@ class Buffer(ABC):
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
         """Everything needed to continue bit-identically: storage, counters and RNG state."""
-        return {
-            "capacity": self.capacity,
-            "num_seen": self.num_seen,
-            "storage": dict(self._storage),
-            "rng_state": self._rng.bit_generator.state,
-            "sample_block": None if self._block is None else self._block.cpu(),
-            "sample_block_pos": self._block_pos,
-        }
+        return self._declared_state()
 
     def load_state_dict(self, state: Mapping[str, Any], device: Optional[torch.device] = None) -> None:
-        """Restore a :meth:`state_dict`, onto ``device`` if given (else where it was saved)."""
-        self._check_state(state, ())
-        self._load_base_state(state, device)
+        """Restore a :meth:`state_dict`, onto ``device`` if given (else where it was saved). Strict and all
+        or nothing: a state that does not fit raises :class:`~synapse._state.StateError` and changes nothing."""
+        self._prepare_state(state, device, "buffer state")()
 
-    def _check_state(self, state: Mapping[str, Any], keys: Tuple[str, ...]) -> None:
-        """Raise unless ``state`` is a state dict of this policy and capacity holding ``keys``."""
-        policy = state.get("policy", ReservoirBuffer.policy)  # reservoir states predate the key
+    def _prepare_state(self, state: Any, device: Optional[torch.device], path: str = "state") -> Any:
+        named = isinstance(state, Mapping) and ("policy" in state or "policy" in self._declared_fields())
+        policy = state.get("policy", ReservoirBuffer.policy) if named else self.policy  # reservoir: no 'policy'
         if policy != self.policy:
-            raise ValueError(f"the checkpoint holds a {policy!r} memory, but this one's policy is {self.policy!r}")
-        for key in ("capacity", "num_seen", "storage", "rng_state", *keys):
-            if key not in state:
-                raise KeyError(f"buffer state is missing {key!r}")
-        if int(state["capacity"]) != self.capacity:
-            raise ValueError(
-                f"checkpoint buffer capacity {state['capacity']} differs from this buffer's {self.capacity}"
-            )
+            raise StateError(f"the checkpoint holds a {policy!r} memory, but this one's policy is {self.policy!r}")
+        return super()._prepare_state(state, device, path)
 
-    def _load_base_state(self, state: Mapping[str, Any], device: Optional[torch.device]) -> None:
-        rng = np.random.Generator(np.random.PCG64())
-        rng.bit_generator.state = state["rng_state"]
-        self._storage = {k: (v.to(device) if device is not None else v).clone() for k, v in state["storage"].items()}
+    def _after_load(self) -> None:
         self._storage_changed()
-        block = state.get("sample_block")
+        block = self._stashed("sample_block") if self.draws_ahead else None
         self._set_block(None if block is None or self.device is None else block.to(self.device))
-        self._block_pos = int(state.get("sample_block_pos", 0))
-        self.num_seen = int(state["num_seen"])
-        self._rng = rng
 
 
 def _zero_pad(old: Tensor, width: int) -> Tensor:
@@ -340,6 +342,16 @@ class ReservoirBuffer(Buffer):
         self._draws_first = 0
         self._hit_offsets: List[int] = []  # the drawn items that replace a slot, as offsets from _draws_first
         self._hit_slots: List[int] = []  # and the slot each replaces
+        self.add_state(
+            "draws",
+            dtype=torch.float64,
+            shape=(DRAW_BLOCK,),
+            optional=True,
+            host=True,
+            get=lambda: None if self._draws is None else torch.from_numpy(self._draws.copy()),
+            stash=True,
+        )
+        self.add_value("draws_first", int, attr="_draws_first")
 
     def __len__(self) -> int:
         return min(self.num_seen, self.capacity)
@@ -388,19 +400,10 @@ class ReservoirBuffer(Buffer):
         self._hit_offsets, self._hit_slots = offsets.tolist(), slots.tolist()
 
     # ------------------------------------------------------------------ state
-    def state_dict(self) -> Dict[str, Any]:
-        """Everything needed to continue bit-identically: storage, counters and RNG state."""
-        state = super().state_dict()
-        state["draws"] = None if self._draws is None else torch.from_numpy(self._draws.copy())
-        state["draws_first"] = self._draws_first
-        return state
-
-    def load_state_dict(self, state: Mapping[str, Any], device: Optional[torch.device] = None) -> None:
-        """Restore a :meth:`state_dict`, onto ``device`` if given (else where it was saved)."""
-        self._check_state(state, ())
-        draws = state.get("draws")
-        self._load_base_state(state, device)
+    def _after_load(self) -> None:
+        super()._after_load()
+        draws = self._stashed("draws")
         if draws is None:
             self._draws = None
         else:
-            self._set_draws(int(state["draws_first"]), draws.numpy().astype(np.float64))
+            self._set_draws(self._draws_first, draws.numpy())

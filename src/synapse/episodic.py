@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ._device import to_device
+from ._state import int_list
 from ._validation import check_positive_int
-from .buffer import fresh_seed
+from .buffer import Buffer
 from .functional import distinct_subsets, reservoir_plan
 
 __all__ = ["EpisodicMemory"]
 
 
-class EpisodicMemory:
+class EpisodicMemory(Buffer):
     """Items of named tensors kept per task, in ``capacity`` rows allocated once on the data's device.
 
     GEM (Lopez-Paz & Ranzato 2017) and A-GEM (Chaudhry et al. 2019) keep an episodic memory per task.
@@ -40,6 +41,9 @@ class EpisodicMemory:
     share. With more tasks than ``capacity`` items there is no share left: the first batch of the
     task that would get none is rejected.
 
+    Storage, validation, device moves and the state dict are :class:`~synapse.buffer.Buffer`'s; here
+    ``num_seen`` counts the running task's items.
+
     Args:
         capacity: the number of items kept, over all tasks.
         seed: seed of the memory's own generator; by default drawn from torch's global RNG, so that
@@ -55,15 +59,15 @@ class EpisodicMemory:
         torch.Size([8, 3])
     """
 
+    policy = "episodic"
+    draws_ahead = False  # sample() draws per call: no pre-drawn block in the state
+
     def __init__(self, capacity: int, *, seed: Optional[int] = None) -> None:
-        check_positive_int("capacity", capacity)
-        self.capacity = capacity
-        self._rng = np.random.Generator(np.random.PCG64(fresh_seed() if seed is None else int(seed)))
-        self._storage: Dict[str, Tensor] = {}
-        self._schema: Dict[str, Tuple[tuple, torch.dtype]] = {}
+        super().__init__(capacity, seed=seed)
         self._share = capacity  # the rows each task may use in the current layout
         self._task_sizes: List[int] = []  # items of each finished task
-        self._num_seen = 0  # items offered by the running task
+        self.add_value("share", int, attr="_share")
+        self.add_value("task_sizes", list, get=lambda: list(self._task_sizes), convert=int_list, attr="_task_sizes")
 
     # ------------------------------------------------------------------ inspection
     @property
@@ -79,7 +83,7 @@ class EpisodicMemory:
     @property
     def current_size(self) -> int:
         """Items of the running task held so far."""
-        return min(self._num_seen, self._share)
+        return min(self.num_seen, self._share)
 
     @property
     def share(self) -> int:
@@ -89,69 +93,19 @@ class EpisodicMemory:
     def __len__(self) -> int:
         return sum(self._task_sizes) + self.current_size
 
-    @property
-    def names(self) -> Tuple[str, ...]:
-        return tuple(self._storage)
-
-    @property
-    def device(self) -> Optional[torch.device]:
-        return next(iter(self._storage.values())).device if self._storage else None
-
-    @property
-    def bytes_per_item(self) -> int:
-        return sum(t[0].numel() * t.element_size() for t in self._storage.values())
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the storage: exactly ``capacity * bytes_per_item`` (0 before the first add)."""
-        return sum(t.numel() * t.element_size() for t in self._storage.values())
-
-    def schema(self) -> Dict[str, Tuple[tuple, torch.dtype]]:
-        """``{name: (shape of one item, dtype)}`` of the stored fields."""
-        return self._schema
-
     def __repr__(self) -> str:
         return f"EpisodicMemory(capacity={self.capacity}, task_sizes={self.task_sizes}, current={self.current_size})"
 
     # ------------------------------------------------------------------ validation
     def check_batch(self, items: Mapping[str, Tensor], partial: bool = False) -> int:
-        """Raise unless ``items`` can be added; return the batch size. Changes nothing.
-
-        With ``partial``, ``items`` may be a subset of the stored fields (the rest is checked elsewhere).
-        """
-        if not items:
-            raise ValueError("items must hold at least one named tensor")
-        sizes = {}
-        for name, value in items.items():
-            if not isinstance(value, Tensor):
-                raise TypeError(f"memory field {name!r} must be a torch.Tensor, got {type(value).__name__}")
-            if value.dim() == 0:
-                raise ValueError(f"memory field {name!r} must have a batch dimension, got a 0-d tensor")
-            sizes[name] = value.shape[0]
-        if len(set(sizes.values())) > 1:
-            raise ValueError(f"all memory fields need the same batch size, got {sizes}")
-        self.check_layout(items, partial)
+        """Raise unless ``items`` can be added (there is a share left for their task); return the batch size."""
+        batch = super().check_batch(items, partial)
         if self._next_share() == 0:
             raise ValueError(
                 f"an episodic memory of capacity {self.capacity} has no room for task {self.num_tasks + 1}: "
                 f"{self.num_tasks} tasks already share it; give it at least one item per task"
             )
-        return next(iter(sizes.values()))
-
-    def check_layout(self, items: Mapping[str, Tensor], partial: bool = False) -> None:
-        """Raise unless the fields of ``items`` (batches of tensors) match the stored fields' names,
-        per-item shapes and dtypes; anything goes before the first :meth:`add`."""
-        if not self._schema:
-            return
-        if not (items.keys() <= self._schema.keys() if partial else items.keys() == self._schema.keys()):
-            raise ValueError(f"memory fields {sorted(items)} differ from the stored fields {sorted(self._schema)}")
-        for name, value in items.items():
-            shape, dtype = self._schema[name]
-            if value.shape[1:] != shape or value.dtype != dtype:
-                raise ValueError(
-                    f"{name!r} has per-item shape {tuple(value.shape[1:])} and dtype {value.dtype}, "
-                    f"but the memory holds shape {shape} and dtype {dtype}"
-                )
+        return batch
 
     def _next_share(self) -> int:
         """The share of every task once the running task (or the next one) stores its first item."""
@@ -163,10 +117,10 @@ class EpisodicMemory:
         batch = self.check_batch(items) if validate else next(iter(items.values())).shape[0]
         if not self._storage:
             self._allocate(items)
-        elif self._num_seen == 0 and self._next_share() < self._share:
+        elif self.num_seen == 0 and self._next_share() < self._share:
             self._shrink(self._next_share())
-        slots, rows = reservoir_plan(self._num_seen, batch, self._share, self._rng)
-        self._num_seen += batch
+        slots, rows = reservoir_plan(self.num_seen, batch, self._share, self._rng)
+        self.num_seen += batch
         if not slots:
             return
         base = self.num_tasks * self._share
@@ -175,18 +129,17 @@ class EpisodicMemory:
             for name, value in items.items():
                 self._storage[name][first : first + len(rows)] = self._clean(value.detach()[: len(rows)])
             return
-        device = self._storage_device()
-        both = to_device(torch.tensor([base + s for s in slots] + rows, dtype=torch.int64), device)
+        both = to_device(torch.tensor([base + s for s in slots] + rows, dtype=torch.int64), self._storage_device())
         slot_index, row_index = both[: len(slots)], both[len(slots) :]
         for name, value in items.items():
             self._storage[name].index_copy_(0, slot_index, self._clean(value.detach().index_select(0, row_index)))
 
     def end_task(self) -> None:
         """Close the running task: its items become a finished task's (nothing happens if it stored none)."""
-        if self._num_seen == 0:
+        if self.num_seen == 0:
             return
         self._task_sizes.append(self.current_size)
-        self._num_seen = 0
+        self.num_seen = 0
 
     def _shrink(self, share: int) -> None:
         """Keep a uniformly random ``min(size, share)`` of each finished task, re-laid out at ``share`` rows."""
@@ -203,28 +156,21 @@ class EpisodicMemory:
             stored.index_copy_(0, target, stored.index_select(0, source))  # the gather copies first
         self._task_sizes, self._share = sizes, share
 
-    @staticmethod
-    def _clean(value: Tensor) -> Tensor:
-        return torch.nan_to_num(value, nan=0.0, posinf=0.0, neginf=0.0) if value.is_floating_point() else value
-
-    def _allocate(self, items: Mapping[str, Tensor]) -> None:
-        self._storage = {
-            k: torch.zeros((self.capacity, *v.shape[1:]), dtype=v.dtype, device=v.device) for k, v in items.items()
-        }
-        self._schema = {k: (tuple(t.shape[1:]), t.dtype) for k, t in self._storage.items()}
-
     def _storage_device(self) -> torch.device:
         device = self.device
         assert device is not None
         return device
 
-    def to(self, device: torch.device | str) -> EpisodicMemory:
-        """Move the storage to ``device``, in place (the generator lives on the host)."""
-        device = torch.device(device)
-        self._storage = {k: v.to(device) for k, v in self._storage.items()}
-        return self
-
     # ------------------------------------------------------------------ reading
+    def _rows(self) -> np.ndarray:
+        """The rows of every item held: the finished tasks', then the running task's."""
+        sizes = [*self._task_sizes, self.current_size]
+        return np.concatenate([i * self._share + np.arange(size) for i, size in enumerate(sizes)])
+
+    def stored(self, names: Optional[Iterable[str]] = None) -> Dict[str, Tensor]:
+        """Every item held, finished tasks first (a gather: copies, unlike a stream memory's views)."""
+        return self.gather(to_device(torch.from_numpy(self._rows().astype(np.int64)), self._storage_device()), names)
+
     def task(self, i: int, names: Optional[Sequence[str]] = None) -> Dict[str, Tensor]:
         """Every item of finished task ``i`` (views of the storage: do not write to them)."""
         if not 0 <= i < self.num_tasks:
@@ -248,45 +194,18 @@ class EpisodicMemory:
         counts = [len(p) for p in picks]
         return [dict(zip(gathered, parts)) for parts in zip(*(v.split(counts) for v in gathered.values()))]
 
-    def sample(self, k: int, names: Optional[Sequence[str]] = None) -> Dict[str, Tensor]:
-        """``min(k, n)`` distinct items drawn uniformly from the ``n`` items of all finished tasks."""
+    def sample(self, k: int, num_minibatches: int = 1, names: Optional[Iterable[str]] = None) -> Dict[str, Tensor]:
+        """``num_minibatches`` minibatches of ``min(k, n)`` distinct items, each drawn uniformly from the ``n``
+        items of all finished tasks, one after the other along dim 0."""
         check_positive_int("k", k)
         n = sum(self._task_sizes)
         if n == 0:
             raise RuntimeError("no finished task in memory to sample from")
-        flat = distinct_subsets(self._rng, n, min(k, n), 1)[0]
+        flat = distinct_subsets(self._rng, n, min(k, n), num_minibatches).reshape(-1)
         starts = np.cumsum([0, *self._task_sizes])
         task = np.searchsorted(starts, flat, side="right") - 1  # flat position -> its task
         rows = task * self._share + flat - starts[task]
-        index = to_device(torch.from_numpy(rows.astype(np.int64)), self._storage_device())
-        return {name: self._storage[name].index_select(0, index) for name in (names or self._storage)}
+        return self.gather(to_device(torch.from_numpy(rows.astype(np.int64)), self._storage_device()), names)
 
-    # ------------------------------------------------------------------ state
-    def state_dict(self) -> Dict[str, Any]:
-        """Everything needed to continue bit-identically: storage, layout, counters and RNG state."""
-        return {
-            "capacity": self.capacity,
-            "share": self._share,
-            "task_sizes": list(self._task_sizes),
-            "num_seen": self._num_seen,
-            "storage": dict(self._storage),
-            "rng_state": self._rng.bit_generator.state,
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any], device: Optional[torch.device] = None) -> None:
-        """Restore a :meth:`state_dict`, onto ``device`` if given (else where it was saved)."""
-        for key in ("capacity", "share", "task_sizes", "num_seen", "storage", "rng_state"):
-            if key not in state:
-                raise KeyError(f"episodic memory state is missing {key!r}")
-        if int(state["capacity"]) != self.capacity:
-            raise ValueError(
-                f"checkpoint memory capacity {state['capacity']} differs from this memory's {self.capacity}"
-            )
-        rng = np.random.Generator(np.random.PCG64())
-        rng.bit_generator.state = state["rng_state"]
-        storage = {k: (v.to(device) if device is not None else v).clone() for k, v in state["storage"].items()}
-        self._storage, self._rng = storage, rng
-        self._schema = {k: (tuple(t.shape[1:]), t.dtype) for k, t in storage.items()}
-        self._share = int(state["share"])
-        self._task_sizes = [int(s) for s in state["task_sizes"]]
-        self._num_seen = int(state["num_seen"])
+    def sample_indices(self, k: int, num_minibatches: int = 1) -> Tensor:
+        raise TypeError("an episodic memory samples finished tasks' items: use sample(k) or sample_tasks(k)")

@@ -6,11 +6,12 @@ import contextlib
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
-from .._base import Synapse, TaskBatch, distributed_world
+from .._base import Synapse, TaskBatch
+from .._classes import ClassHistory
 from .._floor import Floor
+from .._state import width_of
 from .._validation import check_non_negative, check_positive
 from ..catalog import HParam, MethodSpec, register
 from ..functional import soft_distillation_grad
@@ -20,7 +21,7 @@ __all__ = ["LwF"]
 TEACHER_DTYPES = (None, torch.bfloat16, torch.float16)
 
 
-class LwF(Synapse):
+class LwF(ClassHistory, Synapse):
     """Learning without Forgetting (Li & Hoiem 2016, "Learning without Forgetting", ECCV 2016; TPAMI 2017).
 
     At each :meth:`end_task` the method keeps a frozen copy of the model (the *teacher*) and the set ``O``
@@ -114,18 +115,9 @@ class LwF(Synapse):
         self.alpha = float(alpha)
         self.temperature = float(temperature)
         self.teacher_dtype = teacher_dtype
-        self.teacher: Optional[nn.Module] = None
-        # Classes seen in targets, one flag per output column: a view [1:-1] of a store with a slot at
-        # each end, where targets below 0 and past the last column land (so the scatter never syncs).
-        self._seen_store: Optional[Tensor] = None
-        self.old_classes: Optional[Tensor] = None  # the seen flags frozen at the last end_task
         self._log_mask: Optional[Tensor] = None  # old_classes at the teacher's width, additive (0 / -inf)
         self._forward = self._capture_forward()
-
-    @property
-    def seen_classes(self) -> Optional[Tensor]:
-        """Bool flags over the output columns: the classes that appeared in ``targets`` so far."""
-        return None if self._seen_store is None else self._seen_store[1:-1]
+        self._init_class_history(teacher_grows=True, load=_load_weights)
 
     # ------------------------------------------------------------------ backward
     def _check(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
@@ -183,34 +175,18 @@ class LwF(Synapse):
 
     def _see(self, targets: Tensor, width: int) -> None:
         """Flag the targets' classes as seen (no host sync: out-of-range targets land in the end slots)."""
-        store = self._seen_store
-        if store is None or store.shape[0] != width + 2:  # first step, or the head grew
-            grown = torch.zeros(width + 2, dtype=torch.bool, device=self.device)
-            if store is not None:
-                grown[: store.shape[0] - 1] = store[:-1]
-            self._seen_store = store = grown
-        index = targets.to(self.device, torch.long).clamp(-1, width).add_(1)
-        store.scatter_(0, index, True)
+        self._seen_store = self._seen_with(targets, width, self.device, in_place=True)
 
     def _follow_model_device(self) -> None:
-        device = self.device
-        if self._seen_store is not None and self._seen_store.device != device:
-            self._seen_store = self._seen_store.to(device)
-        if self.old_classes is not None and self.old_classes.device != device:
-            self.old_classes = self.old_classes.to(device)
+        if self._follow_classes(self.device):
             self._log_mask = None
-        if self.teacher is not None and next(self.teacher.parameters()).device != device:
-            self.teacher.to(device)
 
     # ------------------------------------------------------------------ task end
     def _end_task(self, data: Optional[Iterable[TaskBatch]]) -> None:
         seen = self.seen_classes
         if seen is None:
             return  # no step yet: no class to distil, no teacher
-        if distributed_world() > 1:  # every rank distils the same classes: the union of the ranks' sets
-            flags = seen.to(torch.int32)
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            seen.copy_(flags.bool())
+        seen.copy_(self._union_over_ranks(seen))
         if not bool(seen.any()):  # one sync per task end, never in backward
             return
         self.teacher = self._frozen_copy()
@@ -218,35 +194,11 @@ class LwF(Synapse):
         self._log_mask = None
 
     # ------------------------------------------------------------------ state
-    def _method_state(self) -> Dict[str, Any]:
-        seen, old, teacher = self.seen_classes, self.old_classes, self.teacher
-        return {
-            "seen_classes": None if seen is None else seen.clone(),
-            "old_classes": None if old is None else old.clone(),
-            # The weights only: a loader rebuilds the module from the model it is given.
-            "teacher": None if teacher is None else {k: v.clone() for k, v in teacher.state_dict().items()},
-        }
-
-    def _load_method_state(self, state: Mapping[str, Any]) -> None:
-        missing = [k for k in ("seen_classes", "old_classes", "teacher") if k not in state]
-        if missing:
-            raise ValueError(f"LwF state is missing {missing}")
-        seen, old, weights = state["seen_classes"], state["old_classes"], state["teacher"]
-        for name, value in (("seen_classes", seen), ("old_classes", old)):
-            if value is not None and not (isinstance(value, Tensor) and value.dtype == torch.bool and value.dim() == 1):
-                raise ValueError(f"LwF state {name!r} must be a 1-d bool tensor or None")
-        if (weights is None) != (old is None):
-            raise ValueError("LwF state must have both a teacher and its old classes, or neither")
-        # Built before anything changes.
-        teacher = None if weights is None else self._frozen_copy(weights, _load_weights)
-        if seen is None:
-            self._seen_store = None
-        else:
-            self._seen_store = torch.zeros(seen.shape[0] + 2, dtype=torch.bool, device=self.device)
-            self._seen_store[1:-1] = seen
-        self.old_classes = None if old is None else old.to(self.device).clone()
-        self.teacher = teacher
+    def _after_load(self) -> None:
         self._log_mask = None
+
+    def _upgrade_state(self, state: Dict[str, Any]) -> Dict[str, Any]:
+        return width_of(state, "seen_classes")
 
 
 def _load_weights(module: nn.Module, weights: Mapping[str, Tensor]) -> None:

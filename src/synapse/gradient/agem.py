@@ -81,7 +81,7 @@ class AGEM(BufferedSynapse):
         self.memory = memory
         if memory == "episodic":  # the same budget, split per task instead of one reservoir
             self.acts_at_task_end = True  # only ended tasks constrain: without end_task() it is fine-tuning
-            self.buffer = EpisodicMemory(self.buffer.capacity, seed=fresh_seed())  # type: ignore[assignment]
+            self.buffer = EpisodicMemory(self.buffer.capacity, seed=fresh_seed())
         self._params: List[nn.Parameter] = self.trainable_parameters()
         self._reference: Optional[FlatSpace] = None
         self._current: Optional[FlatSpace] = None
@@ -101,7 +101,7 @@ class AGEM(BufferedSynapse):
     def _sample(self, num_minibatches: int = 1, names: Optional[Sequence[str]] = None) -> Dict[str, Tensor]:
         if isinstance(self.buffer, EpisodicMemory):
             self._follow_model_device()
-            return self._replaying(self.buffer.sample(self.buffer_sample_size, names))
+            return self._replaying(self.buffer.sample(self.buffer_sample_size, names=names))
         return super()._sample(num_minibatches, names)
 
     def _end_task(self, data: Optional[Iterable[TaskBatch]]) -> None:

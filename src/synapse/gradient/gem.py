@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -134,7 +134,7 @@ class GEM(Synapse):
         self._references: Optional[Tensor] = None  # (past tasks, parameters): G, one row per past task
         self._reference_rows: List[FlatSpace] = []  # each row of G viewed per parameter
         self._current: Optional[FlatSpace] = None
-        self._input_names: Optional[tuple] = None
+        self.add_state_object("memory", lambda: self.memory)
 
     # ------------------------------------------------------------------ backward
     def _items(self, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> Dict[str, Tensor]:
@@ -209,15 +209,6 @@ class GEM(Synapse):
     # ------------------------------------------------------------------ task boundaries and state
     def _end_task(self, data: Optional[Iterable[TaskBatch]]) -> None:
         self.memory.end_task()  # the memory fills from the stream; the task's data is not needed
-
-    def _method_state(self) -> Dict[str, Any]:
-        return {"memory": self.memory.state_dict(), "input_names": list(self._input_names or [])}
-
-    def _load_method_state(self, state: Mapping[str, Any]) -> None:
-        if "memory" not in state:
-            raise ValueError("state dict has no 'memory'")
-        self.memory.load_state_dict(state["memory"], device=self.device)
-        self._input_names = tuple(state.get("input_names") or ()) or None
 
 
 class _GEMFloor(Floor):

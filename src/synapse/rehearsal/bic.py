@@ -11,7 +11,9 @@ from torch import Tensor, nn
 
 from .._base import CURRENT_LOSS, TaskBatch, distributed_world
 from .._capture import Replay
+from .._classes import ClassHistory
 from .._floor import Floor
+from .._state import AtMost, StateError, width_of
 from .._validation import check_positive, check_positive_int
 from ..buffer import Buffer, fresh_seed, indices_on
 from ..catalog import HParam, MethodSpec, register
@@ -32,7 +34,7 @@ __all__ = ["BiC"]
 _EVAL_CHUNK = 512
 
 
-class BiC(ER):
+class BiC(ClassHistory, ER):
     """BiC, from Wu et al. 2019, "Large Scale Incremental Learning" (CVPR 2019).
 
     Replay from an exemplar memory, trained in two stages per task:
@@ -221,20 +223,16 @@ class BiC(ER):
         self.held_out = _HeldOutReservoir(capacity, seed=seed) if capacity else None
         self.val_memory = ClassBalancedBuffer(capacity, seed=seed + 1) if capacity else None
         self._bias_rng = torch.Generator().manual_seed(seed)  # stage 2's minibatch order
-        self.teacher: Optional[nn.Module] = None
-        # Classes seen in targets, one flag per column: a view [1:-1] of a store with a slot at each end,
-        # where targets below 0 and past the last column land (so the scatter never syncs).
-        self._seen_store: Optional[Tensor] = None
-        self.old_classes: Optional[Tensor] = None  # the seen flags frozen at the last end_task
         self._layers: List[Tuple[Tensor, Tensor, Tensor]] = []  # (alpha, beta, new classes) per corrected task
         self._scale: Optional[Tensor] = None  # the layers composed: one (alpha, beta) per column
         self._shift: Optional[Tensor] = None
         self._batch_size = 0  # the last training batch's size: stage 2's minibatch by default
-
-    @property
-    def seen_classes(self) -> Optional[Tensor]:
-        """Bool flags over the output columns: the classes that appeared in ``targets`` so far."""
-        return None if self._seen_store is None else self._seen_store[1:-1]
+        self._init_class_history()
+        self.add_checked("bias_layers", self._layers_state, _check_layers, self._set_layers)
+        self.add_state_object("held_out", lambda: self.held_out, optional=True)
+        self.add_state_object("val_memory", lambda: self.val_memory, optional=True)
+        self.add_generator("bias_rng", "_bias_rng")
+        self.add_value("batch_size", int, attr="_batch_size")
 
     @property
     def bias_layers(self) -> List[Tuple[Tensor, Tensor, Tensor]]:
@@ -291,9 +289,7 @@ class BiC(ER):
         outputs = self._forward.outputs
         assert outputs is not None  # checked by _check
         width = outputs.shape[1]
-        store = self._seen_store
-        seen = torch.zeros(width + 2, dtype=torch.bool, device=self.device) if store is None else store.clone()
-        seen.scatter_(0, targets.to(self.device, torch.long).clamp(-1, width).add_(1), True)
+        seen = self._seen_with(targets, width, self.device)
         if self.held_out is None:
             return _Step(seen, [], [], None)
         slots, rows, rng = self.held_out.plan(targets.shape[0])
@@ -379,14 +375,9 @@ class BiC(ER):
         for memory in (self.held_out, self.val_memory):
             if memory is not None and memory.device is not None and memory.device != device:
                 memory.to(device)
-        if self._seen_store is not None and self._seen_store.device != device:
-            self._seen_store = self._seen_store.to(device)
-        if self.old_classes is not None and self.old_classes.device != device:
-            self.old_classes = self.old_classes.to(device)
+        self._follow_classes(device)
         if self._layers and self._layers[0][0].device != device:
             self._set_layers([tuple(t.to(device) for t in layer) for layer in self._layers])  # type: ignore[misc]
-        if self.teacher is not None and next(self.teacher.parameters()).device != device:
-            self.teacher.to(device)
 
     # ------------------------------------------------------------------ task end: stage 2
     def _end_task(self, data: Optional[Iterable[TaskBatch]]) -> None:
@@ -397,10 +388,7 @@ class BiC(ER):
             return  # no step yet
         self._follow_model_device()
         world = distributed_world()
-        if world > 1:  # every rank corrects and distils the same classes: the union of the ranks' sets
-            flags = seen.to(torch.int32)
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            seen.copy_(flags.bool())
+        seen.copy_(self._union_over_ranks(seen))
         new = seen if self.old_classes is None else seen & ~self.old_classes
         if self.teacher is not None and bool(new.any()):  # from the second task on, if it brought classes
             fitted = self._fit_bias_layer(new, seen)
@@ -492,62 +480,29 @@ class BiC(ER):
         self._scale, self._shift = scale, shift
 
     # ------------------------------------------------------------------ state
-    def _method_state(self) -> Dict[str, Any]:
-        state = super()._method_state()
-        seen, old, teacher, layers = self.seen_classes, self.old_classes, self.teacher, self._layers
-        state.update(
-            seen_classes=None if seen is None else seen.clone(),
-            old_classes=None if old is None else old.clone(),
-            teacher=None if teacher is None else {k: v.clone() for k, v in teacher.state_dict().items()},
-            bias_layers=[tuple(t.clone() for t in layer) for layer in layers],
-            held_out=None if self.held_out is None else self.held_out.state_dict(),
-            val_memory=None if self.val_memory is None else self.val_memory.state_dict(),
-            bias_rng=self._bias_rng.get_state(),
-            batch_size=self._batch_size,
-        )
-        return state
+    def _layers_state(self) -> List[Tuple[Tensor, ...]]:
+        return [tuple(t.clone() for t in layer) for layer in self._layers]
 
-    def _load_method_state(self, state: Mapping[str, Any]) -> None:
-        # Everything is checked and rebuilt aside first: a rejected state leaves the method as it was.
-        keys = ("seen_classes", "old_classes", "teacher", "bias_layers", "held_out", "val_memory", "bias_rng")
-        missing = [k for k in keys if k not in state]
-        if missing:
-            raise ValueError(f"BiC state is missing {missing}")
-        seen, old, weights, layers = state["seen_classes"], state["old_classes"], state["teacher"], state["bias_layers"]
-        for name, value in (("seen_classes", seen), ("old_classes", old)):
-            if value is not None and not (isinstance(value, Tensor) and value.dtype == torch.bool and value.dim() == 1):
-                raise ValueError(f"BiC state {name!r} must be a 1-d bool tensor or None")
-        if (weights is None) != (old is None):
-            raise ValueError("BiC state must have both an old model and its old classes, or neither")
-        if not isinstance(layers, (list, tuple)) or not all(
-            isinstance(layer, (list, tuple)) and len(layer) == 3 and all(isinstance(t, Tensor) for t in layer)
-            for layer in layers
-        ):
-            raise ValueError("BiC state 'bias_layers' must be a list of (alpha, beta, new_classes) tensors")
-        for name, memory in (("held_out", self.held_out), ("val_memory", self.val_memory)):
-            if (state[name] is None) != (memory is None):
-                raise ValueError(f"BiC state {name!r} does not match this method's val_fraction and buffer_size")
-        held_out = val_memory = None
-        if self.held_out is not None and self.val_memory is not None:
-            held_out = _HeldOutReservoir(self.held_out.capacity, seed=0)
-            held_out.load_state_dict(state["held_out"], device=self.device)
-            val_memory = ClassBalancedBuffer(self.val_memory.capacity, seed=0)
-            val_memory.load_state_dict(state["val_memory"], device=self.device)
-        teacher = None if weights is None else self._frozen_copy(weights)
-        bias_rng = torch.Generator()
-        bias_rng.set_state(state["bias_rng"])
-        super()._load_method_state(state)
-        if seen is None:
-            self._seen_store = None
-        else:
-            self._seen_store = torch.zeros(seen.shape[0] + 2, dtype=torch.bool, device=self.device)
-            self._seen_store[1:-1] = seen
-        self.old_classes = None if old is None else old.to(self.device).clone()
-        self.teacher = teacher
-        self._set_layers([(a.to(self.device), b.to(self.device), c.to(self.device).bool()) for a, b, c in layers])
-        self.held_out, self.val_memory = held_out, val_memory
-        self._bias_rng = bias_rng
-        self._batch_size = int(state.get("batch_size", 0))
+    def _upgrade_state(self, state: Dict[str, Any]) -> Dict[str, Any]:
+        return width_of(state, "seen_classes")
+
+
+def _check_layers(value: Any, ctx: Any, path: str) -> List[Tuple[Tensor, Tensor, Tensor]]:
+    """Saved bias layers: a list of ``(alpha, beta, new_classes)``, two 0-d floats and a bool mask over at
+    most the seen classes, the same width in every layer."""
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, (list, tuple)) and len(v) == 3 for v in value):
+        raise StateError(f"{path} must be a list of (alpha, beta, new_classes) tensors")
+    layers = [
+        (
+            ctx.tensor(alpha, torch.float32, (), f"{path}[{i}][0]"),
+            ctx.tensor(beta, torch.float32, (), f"{path}[{i}][1]"),
+            ctx.tensor(classes, torch.bool, (AtMost("num_classes"),), f"{path}[{i}][2]"),
+        )
+        for i, (alpha, beta, classes) in enumerate(value)
+    ]
+    if len({len(layer[2]) for layer in layers}) > 1:
+        raise StateError(f"{path}: every layer's new_classes must have the same width")
+    return layers
 
 
 class _Step(NamedTuple):
@@ -565,6 +520,10 @@ class _HeldOutReservoir(Buffer):
     and written once the step succeeded (:meth:`commit`). :meth:`reset` starts a new task."""
 
     policy = "bic_held_out"
+
+    def __init__(self, capacity: int, *, seed: Optional[int] = None) -> None:
+        super().__init__(capacity, seed=seed)
+        self.add_value("policy", str, equal=True)
 
     def __len__(self) -> int:
         return min(self.num_seen, self.capacity)
@@ -598,13 +557,6 @@ class _HeldOutReservoir(Buffer):
     def reset(self) -> None:
         """Empty it for a new task (the storage stays allocated)."""
         self.num_seen = 0
-
-    def state_dict(self) -> Dict[str, Any]:
-        return {**super().state_dict(), "policy": self.policy}
-
-    def load_state_dict(self, state: Mapping[str, Any], device: Optional[torch.device] = None) -> None:
-        self._check_state(state, ())
-        self._load_base_state(state, device)
 
 
 def _averaged(fitted: Optional[Tuple[Tensor, Tensor]], device: torch.device) -> Optional[Tuple[Tensor, Tensor]]:

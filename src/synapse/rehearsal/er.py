@@ -146,6 +146,7 @@ class ER(BufferedSynapse):
         # DER's loss reads inputs and logits only (paper, Alg. 1); a class-balanced memory needs the labels.
         self._stores_targets = method != "der" or buffer_policy == "class_balanced"
         self._ragged_logits = False  # becomes True once rows of different logit widths coexist
+        self.add_value("ragged_logits", bool, attr="_ragged_logits")
         self._num_minibatches = 2 if method == "der++" else 1
         self._fields: Tuple[Any, List[str]] = (None, [])  # (what they depend on, the replayed fields)
         # The user's forward: DER stores its outputs; fused replay rides along in it.
@@ -273,14 +274,6 @@ class ER(BufferedSynapse):
         return [], seeded
 
     # ------------------------------------------------------------------ state
-    def _method_state(self) -> Dict[str, Any]:
-        state = super()._method_state()
-        state["ragged_logits"] = self._ragged_logits
-        return state
-
-    def _load_method_state(self, state: Mapping[str, Any]) -> None:
-        super()._load_method_state(state)
-        self._ragged_logits = bool(state.get("ragged_logits", False))
 
 
 _ER_PAPER = "Chaudhry et al. 2019, *On Tiny Episodic Memories in Continual Learning*"

@@ -9,7 +9,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._base import CURRENT_LOSS, TaskBatch
+from .._classes import widened
 from .._floor import Floor
+from .._state import width_of
 from ..catalog import HParam, MethodSpec, register
 from ..functional import ace_class_mask, asymmetric_cross_entropy
 from .er import ER
@@ -131,6 +133,9 @@ class ERACE(ER):
         self._largest_seen: Optional[Tensor] = None  # 0-d: the largest label seen so far
         self._task_classes: Optional[Tensor] = None  # bool (classes,): labels seen this task (mask='task')
         self._pending: List[Any] = []  # this step's (largest_seen, task_classes), applied once it succeeded
+        self.add_value("num_classes", int, optional=True, get=self._num_classes, derived=True)
+        self.add_state("largest_seen", dtype=torch.long, shape=(), optional=True, attr="_largest_seen")
+        self.add_state("task_classes", dtype=torch.bool, shape=("num_classes",), optional=True, attr="_task_classes")
 
     # ------------------------------------------------------------------ backward
     def _check(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
@@ -167,38 +172,19 @@ class ERACE(ER):
             largest = torch.maximum(largest, self._largest_seen.to(device))
         task_classes = None
         if self.mask == "task":
-            task_classes = self._resized(self._task_classes, num_classes, device).index_fill_(0, targets, True)
+            task_classes = widened(self._task_classes, num_classes, device).index_fill_(0, targets, True)
         allowed = ace_class_mask(targets, num_classes, largest, task_classes)
         return asymmetric_cross_entropy(logits, targets, allowed), largest, task_classes
-
-    @staticmethod
-    def _resized(classes: Optional[Tensor], num_classes: int, device: torch.device) -> Tensor:
-        """A fresh copy of a class mask with ``num_classes`` columns (heads may grow between tasks)."""
-        out = torch.zeros(num_classes, dtype=torch.bool, device=device)
-        if classes is not None:
-            width = min(num_classes, classes.shape[0])
-            out[:width] = classes[:width]
-        return out
 
     def _end_task(self, data: Optional[Iterable[TaskBatch]]) -> None:
         self._task_classes = None  # a new task has no classes of its own yet
 
     # ------------------------------------------------------------------ state
-    def _method_state(self) -> Dict[str, Any]:
-        state = super()._method_state()
-        state["largest_seen"] = self._largest_seen
-        state["task_classes"] = self._task_classes
-        return state
+    def _num_classes(self) -> Optional[int]:
+        return None if self._task_classes is None else len(self._task_classes)
 
-    def _load_method_state(self, state: Mapping[str, Any]) -> None:
-        for key in ("largest_seen", "task_classes"):
-            value = state.get(key)
-            if value is not None and not isinstance(value, Tensor):
-                raise ValueError(f"state dict's {key!r} must be a tensor or None, got {type(value).__name__}")
-        super()._load_method_state(state)
-        largest, classes = state.get("largest_seen"), state.get("task_classes")
-        self._largest_seen = None if largest is None else largest.to(self.device, torch.long)
-        self._task_classes = None if classes is None else classes.to(self.device, torch.bool)
+    def _upgrade_state(self, state: Dict[str, Any]) -> Dict[str, Any]:
+        return width_of(state, "task_classes")
 
 
 _PAPER = "Caccia et al. 2022, *New Insights on Reducing Abrupt Representation Change in Online Continual Learning*"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -229,6 +229,8 @@ class GDumb(BufferedSynapse):
         self._generator = torch.Generator().manual_seed((fresh_seed() + 7919 * (rank + 1)) % 2**62)
         self.num_retrains = 0
         self._warned_kept: bool = False
+        self.add_generator("retrain_rng", "_generator")
+        self.add_value("num_retrains", int)
 
     # ------------------------------------------------------------------ the stream
     def _check(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
@@ -432,21 +434,6 @@ class GDumb(BufferedSynapse):
             )
 
     # ------------------------------------------------------------------ state
-    def _method_state(self) -> Dict[str, Any]:
-        state = super()._method_state()
-        state["retrain_rng"] = self._generator.get_state()
-        state["num_retrains"] = self.num_retrains
-        return state
-
-    def _load_method_state(self, state: Mapping[str, Any]) -> None:
-        rng = state.get("retrain_rng")
-        if not isinstance(rng, Tensor) or rng.dtype != torch.uint8:
-            raise ValueError(f"state dict's 'retrain_rng' must be a uint8 tensor (a generator state), got {rng!r}")
-        generator = torch.Generator()
-        generator.set_state(rng.cpu())  # raises on a malformed state before anything changes
-        super()._load_method_state(state)
-        self._generator = generator
-        self.num_retrains = int(state.get("num_retrains", 0))
 
 
 def _check_forward_accepts(module: nn.Module, model_inputs: Mapping[str, Tensor]) -> None:

@@ -12,7 +12,9 @@ from torch import Tensor, nn
 
 from .._base import CURRENT_LOSS, TaskBatch, distributed_world, unwrap_model
 from .._capture import Replay
+from .._classes import ClassHistory, widened
 from .._floor import Floor
+from .._state import both_or_neither
 from ..catalog import HParam, MethodSpec, register
 from ..functional import icarl_loss, nearest_mean_scores
 from ..memory import HerdingMemory, head_input_features
@@ -23,7 +25,7 @@ __all__ = ["ICaRL"]
 FeatureExtractor = Callable[[Dict[str, Tensor]], Tensor]
 
 
-class ICaRL(ER):
+class ICaRL(ClassHistory, ER):
     """iCaRL, from Rebuffi et al. 2017, "iCaRL: Incremental Classifier and Representation Learning"
     (CVPR 2017).
 
@@ -184,20 +186,14 @@ class ICaRL(ER):
         self.feature_extractor: FeatureExtractor = feature_extractor
         self.current_loss = current_loss
         self._default_head = default_head
-        self.teacher: Optional[nn.Module] = None
-        # Classes seen, one flag per output column: a view [1:-1] of a store with a slot at each end, where
-        # targets below 0 and past the last column land (so the scatter never syncs).
-        self._seen_store: Optional[Tensor] = None
-        self.old_classes: Optional[Tensor] = None  # bool (C,): the seen flags at the last end_task
         self._old_at_width: Optional[Tensor] = None  # old_classes padded to the current width (cached)
         self.class_means: Optional[Tensor] = None  # (C, d): normalised mean exemplar feature per class
         self.class_has_mean: Optional[Tensor] = None  # bool (C,): the classes with exemplars
         self.num_classes: Optional[int] = None  # the model's output width at the last step
-
-    @property
-    def seen_classes(self) -> Optional[Tensor]:
-        """Bool flags over the output columns: the classes seen in ``targets`` and replay so far."""
-        return None if self._seen_store is None else self._seen_store[1:-1]
+        self._init_class_history(width_attr="num_classes")
+        self.add_state("class_means", dtype=torch.float32, shape=("num_classes", None), optional=True)
+        self.add_state("class_has_mean", dtype=torch.bool, shape=("num_classes",), optional=True)
+        self.add_constraint(lambda state, path: both_or_neither(state, ("class_means", "class_has_mean"), path))
 
     # ------------------------------------------------------------------ backward
     def _check(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
@@ -247,22 +243,16 @@ class ICaRL(ER):
 
     def _seen_after(self, width: int, targets: Tensor, replay_targets: Optional[Tensor]) -> Tensor:
         """A new seen-class store (flags in ``[1:-1]``) with this step's labels added, on the device."""
-        store = torch.zeros(width + 2, dtype=torch.bool, device=self.device)
-        if self._seen_store is not None:  # the head may have grown: keep the old flags and the low slot
-            store[: self._seen_store.shape[0] - 1] = self._seen_store[:-1]
         labels = targets if replay_targets is None else torch.cat([targets, replay_targets.to(targets.device)])
-        return store.index_fill_(0, labels.to(self.device, torch.long).clamp(-1, width).add_(1), True)
+        return self._seen_with(labels, width, self.device)
 
     def _old_classes_at(self, width: int) -> Optional[Tensor]:
         """The old classes as a ``(width,)`` mask (the head may have grown since the task end)."""
         if self.old_classes is None:
             return None
-        cached = self._old_at_width
-        if cached is None or cached.shape[0] != width:
-            cached = torch.zeros(width, dtype=torch.bool, device=self.device)
-            cached[: self.old_classes.shape[0]] = self.old_classes
-            self._old_at_width = cached
-        return cached
+        if self._old_at_width is None or self._old_at_width.shape[0] != width:
+            self._old_at_width = widened(self.old_classes, width, self.device)
+        return self._old_at_width
 
     def _old_outputs(
         self, model_inputs: Mapping[str, Tensor], replay: Optional[Replay], width: int
@@ -296,15 +286,11 @@ class ICaRL(ER):
     def _follow_model_device(self) -> None:
         super()._follow_model_device()
         device = self.device
-        if self._seen_store is not None and self._seen_store.device != device:
-            self._seen_store = self._seen_store.to(device)
-        if self.old_classes is not None and self.old_classes.device != device:
-            self.old_classes, self._old_at_width = self.old_classes.to(device), None
+        if self._follow_classes(device):
+            self._old_at_width = None
         if self.class_means is not None and self.class_means.device != device:
             assert self.class_has_mean is not None
             self.class_means, self.class_has_mean = self.class_means.to(device), self.class_has_mean.to(device)
-        if self.teacher is not None and next(self.teacher.parameters()).device != device:
-            self.teacher.to(device)
 
     # ------------------------------------------------------------------ task end
     def _end_task(self, data: Optional[Iterable[TaskBatch]]) -> None:
@@ -330,10 +316,8 @@ class ICaRL(ER):
             )
         self._follow_model_device()
         seen = None if self.seen_classes is None else self.seen_classes.clone()
-        if seen is not None and distributed_world() > 1:  # every rank distils the same classes
-            flags = seen.to(torch.int32)
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            seen = flags.bool()
+        if seen is not None:
+            seen = self._union_over_ranks(seen)
         with self._feature_mode():
             self.buffer.select_task(batches, self._features)
         self._follow_model_device()  # the memory is allocated where the data lies
@@ -429,51 +413,8 @@ class ICaRL(ER):
             self.module.train(was_training)
 
     # ------------------------------------------------------------------ state
-    def _method_state(self) -> Dict[str, Any]:
-        state = super()._method_state()
-        seen, old, teacher = self.seen_classes, self.old_classes, self.teacher
-        means, has_mean = self.class_means, self.class_has_mean
-        state.update(
-            seen_classes=None if seen is None else seen.clone(),
-            old_classes=None if old is None else old.clone(),
-            teacher=None if teacher is None else {k: v.clone() for k, v in teacher.state_dict().items()},
-            class_means=None if means is None else means.clone(),
-            class_has_mean=None if has_mean is None else has_mean.clone(),
-            num_classes=self.num_classes,
-        )
-        return state
-
-    def _load_method_state(self, state: Mapping[str, Any]) -> None:
-        keys = ("seen_classes", "old_classes", "teacher", "class_means", "class_has_mean", "num_classes")
-        missing = [k for k in keys if k not in state]
-        if missing:
-            raise ValueError(f"iCaRL state is missing {missing}")
-        for key in ("seen_classes", "old_classes", "class_has_mean"):
-            value = state[key]
-            if value is not None and not (isinstance(value, Tensor) and value.dtype == torch.bool and value.dim() == 1):
-                raise ValueError(f"iCaRL state {key!r} must be a 1-d bool tensor or None")
-        means = state["class_means"]
-        if (means is None) != (state["class_has_mean"] is None) or (
-            means is not None and not (isinstance(means, Tensor) and means.dim() == 2)
-        ):
-            raise ValueError("iCaRL state must have a 2-d 'class_means' with 'class_has_mean', or neither")
-        if (state["teacher"] is None) != (state["old_classes"] is None):
-            raise ValueError("iCaRL state must have both a teacher and its old classes, or neither")
-        width = state["num_classes"]
-        if width is not None and (isinstance(width, bool) or not isinstance(width, int)):
-            raise ValueError(f"iCaRL state 'num_classes' must be an int or None, got {width!r}")
-        teacher = None if state["teacher"] is None else self._frozen_copy(state["teacher"])  # before any change
-        super()._load_method_state(state)
-        seen, device = state["seen_classes"], self.device
-        self._seen_store = None
-        if seen is not None:
-            self._seen_store = torch.zeros(seen.shape[0] + 2, dtype=torch.bool, device=device)
-            self._seen_store[1:-1] = seen
-        self.teacher = teacher
-        self.old_classes = None if state["old_classes"] is None else state["old_classes"].to(device).clone()
-        self.class_means = None if means is None else means.to(device).clone()
-        self.class_has_mean = None if means is None else state["class_has_mean"].to(device).clone()
-        self.num_classes, self._old_at_width = width, None
+    def _after_load(self) -> None:
+        self._old_at_width = None
 
 
 def _last_linear(module: nn.Module) -> nn.Linear:

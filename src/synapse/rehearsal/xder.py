@@ -13,6 +13,7 @@ from .._base import CURRENT_LOSS, TaskBatch
 from .._capture import Replay
 from .._device import to_device
 from .._floor import Floor
+from .._state import width_of
 from .._validation import check_non_negative
 from ..buffer import fresh_seed
 from ..catalog import HParam, MethodSpec, register
@@ -183,6 +184,12 @@ class XDER(ER):
         self._has_past = False  # some class was seen before the current task (host-known: set by end_task)
         self._update_count = torch.zeros(self.buffer.capacity, device=self.device)  # per slot, this task
         self._pending: Optional[Tuple[Any, ...]] = None  # this step's state, applied once the step succeeded
+        self.add_value("num_classes", int, optional=True, get=self._num_classes, derived=True)
+        self.add_state("class_task", dtype=torch.long, shape=("num_classes",), optional=True, attr="_class_task")
+        self.add_value("has_past", bool, attr="_has_past")
+        capacity = self.buffer.capacity
+        self.add_state("update_count", dtype=torch.float32, shape=(capacity,), attr="_update_count")
+        self.add_generator("xder_rng", "_rng")
 
     # ------------------------------------------------------------------ heads
     def _heads(self, class_task: Tensor) -> Tuple[Tensor, Tensor]:
@@ -439,29 +446,11 @@ class XDER(ER):
         self.buffer.load_state_dict(state, device=self.device)
 
     # ------------------------------------------------------------------ state
-    def _method_state(self) -> Dict[str, Any]:
-        state = super()._method_state()
-        state["class_task"] = self._class_task
-        state["has_past"] = self._has_past
-        state["update_count"] = self._update_count
-        state["xder_rng"] = self._rng.bit_generator.state
-        return state
+    def _num_classes(self) -> Optional[int]:
+        return None if self._class_task is None else len(self._class_task)
 
-    def _load_method_state(self, state: Mapping[str, Any]) -> None:
-        class_task, count = state.get("class_task"), state.get("update_count")
-        if class_task is not None and not isinstance(class_task, Tensor):
-            raise ValueError(f"state dict's 'class_task' must be a tensor or None, got {type(class_task).__name__}")
-        if not isinstance(count, Tensor) or count.shape != (self.buffer.capacity,):
-            raise ValueError(f"state dict's 'update_count' must be a tensor of shape ({self.buffer.capacity},)")
-        if not isinstance(state.get("xder_rng"), Mapping):
-            raise ValueError("state dict has no 'xder_rng' generator state")
-        rng = np.random.Generator(np.random.PCG64())
-        rng.bit_generator.state = state["xder_rng"]
-        super()._load_method_state(state)
-        self._class_task = None if class_task is None else class_task.to(self.device, torch.long).clone()
-        self._has_past = bool(state.get("has_past", False))
-        self._update_count = count.to(self.device, torch.float32).clone()
-        self._rng = rng
+    def _upgrade_state(self, state: Dict[str, Any]) -> Dict[str, Any]:
+        return width_of(state, "class_task")
 
 
 def _first_occurrence(slots: Tensor) -> Tensor:

@@ -19,7 +19,8 @@ training-mode pass could not work per sample anyway: batch statistics of one sam
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+from functools import partial
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -61,6 +62,11 @@ class ImportancePenalty(Synapse):
         self._penalty = QuadraticPenalty(self._params)
         self._flat: Dict[str, FlatSpace] = {}
         self.num_estimates = 0  # task-end estimates folded in so far
+        numel = sum(p.numel() for p in self._params)
+        for name in _STATE:  # flat float32 vectors; _after_load wraps them
+            get = partial(lambda n: self._spaces()[n].flat.clone(), name)
+            self.add_state(name, dtype=torch.float32, shape=(numel,), get=get, stash=True)
+        self.add_value("num_estimates", int)
 
     # ------------------------------------------------------------------ workspaces
     def _spaces(self) -> Dict[str, FlatSpace]:
@@ -177,20 +183,7 @@ class ImportancePenalty(Synapse):
         """Fold this task's importance ``new`` into ``importance`` and set ``anchor``, in place (flat)."""
 
     # ------------------------------------------------------------------ state
-    def _method_state(self) -> Dict[str, Any]:
-        s = self._spaces()
-        return {**{name: s[name].flat.clone() for name in _STATE}, "num_estimates": self.num_estimates}
-
-    def _load_method_state(self, state: Mapping[str, Any]) -> None:
-        missing = [name for name in (*_STATE, "num_estimates") if name not in state]
-        if missing:
-            raise ValueError(f"{type(self).__name__} state is missing {missing}")
-        for name in _STATE:
-            if not isinstance(state[name], Tensor):
-                raise TypeError(f"state[{name!r}] must be a tensor, got {type(state[name]).__name__}")
-        loaded = {n: FlatSpace(self._params, state[n].to(self.device, torch.float32).clone()) for n in _STATE}
-        loaded["params"] = FlatSpace(self._params)
-        num_estimates = int(state["num_estimates"])
-        self._flat = loaded
-        self.num_estimates = num_estimates
+    def _after_load(self) -> None:
+        self._flat = {n: FlatSpace(self._params, self._stashed(n)) for n in _STATE}
+        self._flat["params"] = FlatSpace(self._params)
         self._refresh()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+from functools import partial
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -87,6 +88,13 @@ class SI(Synapse):
         self._has_pending_step = False  # prev_params/prev_grads describe a step not yet integrated
         self.num_consolidations = 0
         self._steps_since_consolidation = 0
+        numel = sum(p.numel() for p in self._params)
+        for name in _STATE:  # flat float32 vectors; _after_load wraps them
+            get = partial(lambda n: self._spaces()[n].flat.clone(), name)
+            self.add_state(name, dtype=torch.float32, shape=(numel,), get=get, stash=True)
+        self.add_value("has_pending_step", bool, attr="_has_pending_step")
+        self.add_value("num_consolidations", int)
+        self.add_value("steps_since_consolidation", int, attr="_steps_since_consolidation")
 
     # ------------------------------------------------------------------ workspaces
     def _spaces(self) -> Dict[str, FlatSpace]:
@@ -175,26 +183,10 @@ class SI(Synapse):
         self._penalty.refresh(self._flat["importance"].flat, self._flat["anchor"].flat, self.alpha)
 
     # ------------------------------------------------------------------ state
-    def _method_state(self) -> Dict[str, Any]:
-        s = self._spaces()
-        return {
-            **{name: s[name].flat.clone() for name in _STATE},
-            "has_pending_step": self._has_pending_step,
-            "num_consolidations": self.num_consolidations,
-            "steps_since_consolidation": self._steps_since_consolidation,
-        }
-
-    def _load_method_state(self, state: Mapping[str, Any]) -> None:
-        missing = [name for name in _STATE if name not in state]
-        if missing:
-            raise ValueError(f"SI state is missing {missing}")
-        loaded = {name: FlatSpace(self._params, state[name].to(self.device, torch.float32).clone()) for name in _STATE}
-        loaded.update({name: FlatSpace(self._params) for name in _WORKSPACES})
-        self._flat = loaded
+    def _after_load(self) -> None:
+        self._flat = {name: FlatSpace(self._params, self._stashed(name)) for name in _STATE}
+        self._flat.update({name: FlatSpace(self._params) for name in _WORKSPACES})
         self._precompute_penalty()
-        self._has_pending_step = bool(state["has_pending_step"])
-        self.num_consolidations = int(state["num_consolidations"])
-        self._steps_since_consolidation = int(state["steps_since_consolidation"])
 
 
 class _SIFloor(Floor):
