@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, jacrev, vmap
 
 from .._validation import check_non_negative
 from ..catalog import HParam, MethodSpec, register
-from ..functional import empirical_fisher_diagonal, merge_quadratic_penalties, true_fisher_diagonal
-from ._importance import ImportancePenalty, SampleForward
+from ..functional import merge_quadratic_penalties
+from ._importance import TASK_END_BATCH, ImportancePenalty
 
 __all__ = ["EWC"]
 
@@ -68,6 +67,9 @@ class EWC(ImportancePenalty):
             it whole. Only 1 is accepted with ``mode='separate'``.
         mode: ``'online'`` or ``'separate'``.
         fisher: ``'empirical'`` or ``'true'``.
+        task_end_batch: the task-end pass joins consecutive batches of the data into batches of up to this
+            many samples (never splitting one): fewer, larger passes, the same result to float rounding.
+            Lower it if a batch this large does not fit in memory.
         scaler: a ``torch.amp.GradScaler`` for mixed precision; pass the unscaled loss to ``backward``.
 
     Example:
@@ -90,6 +92,7 @@ class EWC(ImportancePenalty):
         *,
         mode: str = "online",
         fisher: str = "empirical",
+        task_end_batch: int = TASK_END_BATCH,
         scaler: Optional[torch.amp.GradScaler] = None,
     ) -> None:
         check_non_negative("ewc_lambda", ewc_lambda)
@@ -101,42 +104,30 @@ class EWC(ImportancePenalty):
             raise ValueError(f"gamma decays the online Fisher only: mode='separate' takes gamma=1, got {gamma!r}")
         if fisher not in FISHERS:
             raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}")
-        super().__init__(model, ewc_lambda, scaler=scaler)
+        super().__init__(model, ewc_lambda, task_end_batch=task_end_batch, scaler=scaler)
         self.ewc_lambda = float(ewc_lambda)
         self.gamma = float(gamma)
         self.mode = mode
         self.fisher = fisher
 
-    def _batch_importance(
-        self, forward: SampleForward, params: Dict[str, Tensor], inputs: Dict[str, Tensor], targets: Tensor
-    ) -> Tuple[List[Tensor], Optional[Tensor]]:
-        def log_probs(p: Dict[str, Tensor], sample: Dict[str, Tensor]) -> Tensor:
-            logits = forward(p, sample)
-            if logits.dim() != 1:
-                raise ValueError(
-                    "EWC needs the model's output to be (batch, classes) logits; "
-                    f"one sample's output has shape {tuple(logits.shape)}"
-                )
-            return logits.float().log_softmax(-1)
-
+    def _scalars(self, output: Tensor, targets: Tensor) -> List[Tensor]:
+        """``log p(y_n | x_n)`` (empirical), or ``sqrt(p_c) log p(c | x_n)`` for every class ``c`` (true),
+        the square root detached: the square of its gradient is ``p_c (d log p_c / d theta)**2``."""
+        if output.dim() != 2:
+            raise ValueError(
+                "EWC needs the model's output to be (batch, classes) logits; "
+                f"one sample's output has shape {tuple(output.shape[1:])}"
+            )
+        log_p = output.float().log_softmax(-1)
         if self.fisher == "true":
+            root_p = log_p.detach().mul(0.5).exp()
+            return list((root_p * log_p).unbind(1))
+        # Clamped so that a bad label cannot index out of bounds on the device; such a batch is reported
+        # after the pass, before any state changes.
+        return [log_p.gather(1, targets.clamp(0, log_p.shape[1] - 1).unsqueeze(1)).squeeze(1)]
 
-            def all_classes(p: Dict[str, Tensor], sample: Dict[str, Tensor]) -> Tuple[Tensor, Tensor]:
-                lp = log_probs(p, sample)
-                return lp, lp
-
-            jacobians, lp = vmap(jacrev(all_classes, has_aux=True), in_dims=(None, 0))(params, inputs)
-            return true_fisher_diagonal(self._ordered(jacobians), lp.exp(), reduction="sum"), None
-
-        def true_label(p: Dict[str, Tensor], sample: Dict[str, Tensor], target: Tensor) -> Tuple[Tensor, Tensor]:
-            lp = log_probs(p, sample)
-            # Clamped so that a bad label cannot index out of bounds on the device; such a batch is
-            # reported after the pass, before any state changes.
-            return lp.gather(0, target.clamp(0, lp.shape[0] - 1).unsqueeze(0)).squeeze(0), lp
-
-        grads, lp = vmap(grad(true_label, has_aux=True), in_dims=(None, 0, 0))(params, inputs, targets)
-        invalid = ((targets < 0) | (targets >= lp.shape[-1])).any()
-        return empirical_fisher_diagonal(self._ordered(grads), reduction="sum"), invalid
+    def _invalid(self, output: Tensor, targets: Tensor) -> Optional[Tensor]:
+        return ((targets < 0) | (targets >= output.shape[-1])).any()
 
     def _invalid_data_message(self) -> str:
         return "EWC.end_task(data): targets must be class indices in [0, number of the model's outputs)"
@@ -169,6 +160,13 @@ register(
                 "empirical",
                 "Fisher of the true labels, or under the model's predictions",
                 choices=FISHERS,
+            ),
+            HParam(
+                "task_end_batch",
+                int,
+                TASK_END_BATCH,
+                "samples per batch of the task-end pass (consecutive batches joined; the same result)",
+                low=1,
             ),
         ),
     )
