@@ -19,8 +19,8 @@ samples independently, so ``delta_n`` is exactly the gradient of sample ``n``'s 
 * A parameter absent from the autograd graph has zero gradients.
 * Anything else is left to the caller (the returned sums name what was done): a parameter of another
   kind of module, a layer called more than once in the forward or carrying forward hooks, a parameter
-  used outside its layer's one op (a count of its uses in the autograd graph tells), a linear layer on
-  a sequence, or a layer whose input changed in place.
+  used outside its layer's one op (a count of its uses in the autograd graph tells), or a linear layer
+  on a sequence.
 """
 
 from __future__ import annotations
@@ -76,11 +76,12 @@ def _uses(roots: Sequence[Tensor], leaves: Sequence[Tensor]) -> Dict[int, int]:
 
 
 class _Call:
-    """One call of a hooked layer: its input (and that input's version) and its output."""
+    """One call of a hooked layer: its inputs and output, the output's version (to tell a later in-place
+    change), and the gradients that reach the output. (An input changed in place after the layer read it
+    needs no check here: each layer taken apart saves its input for backward, and autograd refuses it.)"""
 
     def __init__(self, args: Tuple, kwargs: Mapping, output: object) -> None:
         self.args, self.kwargs, self.output = args, kwargs, output
-        self.versions = [a._version for a in args if isinstance(a, Tensor)]
         self.output_version = output._version if isinstance(output, Tensor) else None
         self.delta: List[Tensor] = []
 
@@ -207,7 +208,7 @@ class LayerwiseSums:
 def _coverable(module: nn.Module, call: _Call, batch: int) -> bool:
     """Whether ``call`` of ``module`` is one this function knows how to take apart per sample: a layer of
     a known kind (a linear layer's own ``forward``, not a subclass's) with one tensor in and one out, the
-    samples along dim 0 of both, its input unchanged since the layer read it. Linear layers and LayerNorm
+    samples along dim 0 of both. Linear layers and LayerNorm
     take only ``(batch, features)``: with more dimensions, dim 0 need not be the samples (sequence-first
     layouts), so those calls are left to ``vmap`` over the whole model."""
     flat_only = type(module).forward is nn.Linear.forward or isinstance(module, nn.LayerNorm)
@@ -220,7 +221,6 @@ def _coverable(module: nn.Module, call: _Call, batch: int) -> bool:
         and a.dim() >= 2
         and (a.dim() == 2 or not flat_only)
         and a.shape[0] == out.shape[0] == batch
-        and a._version == call.versions[0]
     )
 
 
