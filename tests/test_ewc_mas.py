@@ -257,7 +257,7 @@ def test_layer_by_layer_sums_equal_a_loop_over_samples(name, kind):
     model.eval()
     params = {n: p.detach() for n, p in model.named_parameters()}
     scalars = lambda out: syn._scalars(out, y)  # noqa: E731
-    _, sums = LayerwiseSums(model, list(params), syn._phi)(params, dict(model.named_buffers()), {"input": x}, scalars)
+    _, sums = LayerwiseSums(model, list(params), syn._phi)({"input": x}, scalars)
     assert set(sums) == (set(params) if covered == "all" else covered)
     model.train()
     syn.end_task(task(x, y, 4))

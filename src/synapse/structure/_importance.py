@@ -3,13 +3,14 @@
 Both methods, at every :meth:`~synapse.Synapse.end_task`:
 
 1. estimate a per-parameter importance ``sum_n sum_j phi(d s_nj / d theta)`` over the task's data, from
-   per-sample gradients of per-sample scalars ``s_nj`` (each method names its scalars and ``phi``). The
-   model is called through ``functional_call`` on detached copies of its parameters, so the pass builds
-   no graph on the model and leaves ``.grad`` alone. Each batch as given runs forward and backward once,
-   as in training, and each layer's per-sample gradients come from its input and output gradient
-   (:mod:`._per_sample`): for a linear layer, without forming them. Parameters that this cannot take
-   apart (other kinds of layer, a layer called twice) get theirs from ``vmap(jacrev(...))`` over the
-   samples, in chunks that bound its memory. Both give the exact per-sample result;
+   per-sample gradients of per-sample scalars ``s_nj`` (each method names its scalars and ``phi``).
+   Consecutive batches are joined up to ``task_end_batch`` samples; each joined batch runs forward and
+   backward once, as in training, and each layer's per-sample gradients come from its input and output
+   gradient (:mod:`._per_sample`): for a linear layer, without forming them. Parameters that this cannot
+   take apart (other kinds of layer, a layer called twice) get theirs from ``vmap(jacrev(...))`` over
+   the samples, with the model called through ``functional_call`` on detached copies of its parameters,
+   in chunks that bound its memory. Both give the exact per-sample result, and both differentiate with
+   ``torch.autograd.grad`` or ``torch.func``, so ``.grad`` is left alone;
 2. fold it into the running importance (each method has its rule) and move the anchor;
 3. precompute the :class:`~synapse.structure._penalty.QuadraticPenalty`, whose gradient every later
    ``backward`` adds to ``.grad`` directly: no graph over the parameters, no host sync.
@@ -225,7 +226,7 @@ class ImportancePenalty(Synapse):
             widths.append(len(found))
             return found
 
-        output, sums = layerwise(params, constants, inputs, scalars)
+        output, sums = layerwise(inputs, scalars)
         rest = {n: p for n, p in params.items() if n not in sums}
         if rest:
             frozen = {**constants, **{n: params[n] for n in sums}}

@@ -97,7 +97,7 @@ class LayerwiseSums:
 
     Example:
         >>> sums = LayerwiseSums(model, ["0.weight", "0.bias"], "square")
-        >>> output, got = sums(params, constants, {"input": x}, lambda out: [out.log_softmax(-1)[:, 0]])
+        >>> output, got = sums({"input": x}, lambda out: [out.log_softmax(-1)[:, 0]])
     """
 
     def __init__(self, model: nn.Module, names: Sequence[str], phi: str) -> None:
@@ -106,6 +106,7 @@ class LayerwiseSums:
         for _, p in model.named_parameters(remove_duplicate=False):
             holders[id(p)] += 1
         real = dict(model.named_parameters())
+        self.params = {n: real[n] for n in names}
         # {parameter: (its module, its name there)}, for parameters held by one module only.
         self.owner = {n: (n.rpartition(".")[0], n.rpartition(".")[2]) for n in names if holders[id(real[n])] == 1}
         self.modules = dict(model.named_modules())
@@ -113,17 +114,12 @@ class LayerwiseSums:
         self.hooked = {m for m, mod in self.modules.items() if mod._forward_hooks or _global_forward_hooks}
 
     def __call__(
-        self,
-        params: Mapping[str, Tensor],
-        constants: Mapping[str, Tensor],
-        inputs: Mapping[str, Tensor],
-        scalars: Callable[[Tensor], Sequence[Tensor]],
+        self, inputs: Mapping[str, Tensor], scalars: Callable[[Tensor], Sequence[Tensor]]
     ) -> Tuple[Tensor, Dict[str, Tensor]]:
-        """One batch.
+        """One batch. The model runs as it is, with its own parameters: the graph this builds over them is
+        only ever differentiated with ``torch.autograd.grad``, so no ``.grad`` changes.
 
         Args:
-            params: the parameters to differentiate, by name (detached; they are not changed).
-            constants: the model's other parameters and buffers, by name.
             inputs: the batch, as keyword arguments of ``model.forward``.
             scalars: from the model's output (batch first), the per-sample scalars ``s_j``, each ``(batch,)``.
 
@@ -131,8 +127,9 @@ class LayerwiseSums:
             The model's output, and ``{name: float32 sum}`` for the parameters covered; the others are the
             caller's to compute.
         """
-        leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
-        output, roots, calls = self._forward(leaves, constants, inputs, scalars)
+        leaves = self.params
+        params = {n: p.detach() for n, p in leaves.items()}
+        output, roots, calls = self._forward(inputs, scalars)
         uses = _uses(roots, list(leaves.values()))
         covered = {
             m: cs[0]
@@ -173,11 +170,7 @@ class LayerwiseSums:
         return output, sums
 
     def _forward(
-        self,
-        leaves: Dict[str, Tensor],
-        constants: Mapping[str, Tensor],
-        inputs: Mapping[str, Tensor],
-        scalars: Callable[[Tensor], Sequence[Tensor]],
+        self, inputs: Mapping[str, Tensor], scalars: Callable[[Tensor], Sequence[Tensor]]
     ) -> Tuple[Tensor, List[Tensor], Dict[str, List[_Call]]]:
         """The model's output on the batch, its scalars, and each hooked layer's calls."""
         calls: Dict[str, List[_Call]] = defaultdict(list)
@@ -195,7 +188,7 @@ class LayerwiseSums:
         handles = [self.modules[m].register_forward_hook(record(m), with_kwargs=True) for m in owners]
         try:
             with torch.enable_grad():
-                output = functional_call(self.model, (leaves, dict(constants)), args=(), kwargs=dict(inputs))
+                output = self.model(**inputs)
                 if not isinstance(output, Tensor):
                     raise TypeError(f"the model must return a tensor, got {type(output).__name__}")
                 roots = list(scalars(output))
