@@ -26,7 +26,7 @@ samples independently, so ``delta_n`` is exactly the gradient of sample ``n``'s 
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Callable, Dict, List, Mapping, Sequence, Set, Tuple
+from typing import Callable, Dict, List, Mapping, Sequence, Set, Tuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -96,8 +96,12 @@ class LayerwiseSums:
         phi: ``'square'`` or ``'abs'``.
 
     Example:
-        >>> sums = LayerwiseSums(model, ["0.weight", "0.bias"], "square")
-        >>> output, got = sums({"input": x}, lambda out: [out.log_softmax(-1)[:, 0]])
+        >>> names = [n for n, _ in model.named_parameters()]
+        >>> output, got = LayerwiseSums(model.eval(), names, "square")(
+        ...     {"inputs": inputs}, lambda out: [out.log_softmax(-1).gather(1, targets[:, None])[:, 0]]
+        ... )  # the empirical Fisher's sums over the batch
+        >>> sorted(got) == sorted(names)  # every parameter taken apart: linear layers only
+        True
     """
 
     def __init__(self, model: nn.Module, names: Sequence[str], phi: str) -> None:
@@ -149,8 +153,8 @@ class LayerwiseSums:
         targets: List[Tensor] = []
         for m, members in by_module.items():
             call = covered[m]
-            changed = call.output._version != call.output_version  # type: ignore[union-attr]
-            targets += [leaves[n] for n in members] if changed else [call.output]  # type: ignore[list-item]
+            out = cast(Tensor, call.output)  # a tensor: checked by _coverable
+            targets += [leaves[n] for n in members] if out._version != call.output_version else [out]
         sums: Dict[str, Tensor] = {}
         for i, root in enumerate(roots):
             for call in covered.values():
@@ -229,7 +233,7 @@ def _layer_sums(module: nn.Module, params: Dict[str, Tensor], call: _Call, f: Ca
             out["bias"] = delta.sum(0)
         return out
     if _plain_conv2d(module):
-        return _conv2d_sums(module, params, a, delta, f)
+        return _conv2d_sums(cast(nn.Conv2d, module), params, a, delta, f)
     buffers = dict(module.named_buffers(recurse=False))
     frozen = {n: p.detach() for n, p in module.named_parameters(recurse=False) if n not in params}
 
@@ -247,7 +251,7 @@ def _plain_conv2d(module: nn.Module) -> bool:
     """A ``nn.Conv2d`` with its own forward, zero padding given as numbers."""
     return (
         type(module).forward is nn.Conv2d.forward
-        and type(module)._conv_forward is nn.Conv2d._conv_forward
+        and getattr(type(module), "_conv_forward", None) is nn.Conv2d._conv_forward
         and module.padding_mode == "zeros"
         and not isinstance(module.padding, str)
     )
@@ -265,7 +269,8 @@ def _conv2d_sums(
     out_h, out_w = delta.shape[-2:]
     delta = delta.float().reshape(n * groups, module.out_channels // groups, out_h * out_w)
     if "weight" in params:
-        (kh, kw), (sh, sw), (dh, dw), (ph, pw) = module.kernel_size, module.stride, module.dilation, module.padding
+        (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
+        ph, pw = cast(Tuple[int, int], module.padding)  # numbers: checked by _plain_conv2d
         a = torch.nn.functional.pad(a.float(), (pw, pw, ph, ph))
         per_sample = a.new_empty(n * groups, module.out_channels // groups, params["weight"].shape[1], kh, kw)
         for i in range(kh):

@@ -30,7 +30,7 @@ class EWC(ImportancePenalty):
     ``2 ewc_lambda F (theta - theta*)`` is added to ``.grad`` directly (no graph, no host sync).
 
     **Fisher** at each :meth:`end_task`, from the task's data, diagonal, with ``p`` the softmax of the
-    model's output and per-sample gradients from ``torch.func`` (``vmap`` of ``grad`` over each batch):
+    model's output and exact per-sample gradients (see *Cost of a task end*):
 
     * ``fisher='empirical'`` (default): ``F = 1/N sum_n (d log p(y_n | x_n) / d theta)**2`` with the true
       labels ``y_n``, as the DER authors' code. One difference from it: Mammoth multiplies each squared
@@ -38,8 +38,8 @@ class EWC(ImportancePenalty):
       ``num_batches * batch_size``; here the plain squared gradient is averaged over the samples.
     * ``fisher='true'``: ``F = 1/N sum_n sum_c p(c | x_n) (d log p(c | x_n) / d theta)**2``: the Fisher
       information itself (the paper's quantity), its expectation over the model's predictive distribution
-      taken exactly rather than by sampling labels. It costs one gradient per class (``vmap`` of
-      ``jacrev``): C times the time and memory of ``'empirical'``.
+      taken exactly rather than by sampling labels, as ``sum_c (d [sqrt(p_c) log p_c] / d theta)**2``
+      with ``sqrt(p_c)`` held constant. It costs one backward per class: about C times ``'empirical'``.
 
     **Several tasks**:
 
@@ -52,6 +52,16 @@ class EWC(ImportancePenalty):
       ``S = sum_t F_t`` and anchor ``sum_t F_t theta_t / S`` (0 where ``S = 0``, where nothing pulls):
       the same gradient for any number of tasks, at the memory of one
       (:func:`~synapse.functional.merge_quadratic_penalties`).
+
+    **Cost of a task end**: the pass joins consecutive batches of the data up to ``task_end_batch``
+    samples and runs one forward and one backward per joined batch, as training does. Each layer's
+    per-sample gradients come from its input and the gradient at its output: a linear layer's summed
+    squares are one product, ``(delta**2)^T (a**2)``, without forming any per-sample gradient; a 2-d
+    convolution's per-sample gradients are one batched product per kernel offset; other convolutions and
+    BatchNorm, LayerNorm and GroupNorm run ``vmap`` over their own op. The rest (other layers, a layer
+    called twice, weights used outside their layer) get ``vmap(jacrev(...))`` over the model, in chunks of
+    bounded memory. All are exact: the result equals one autograd call per sample (tested), to float
+    rounding. ``benchmarks/task_end_cost.py`` times a task end against one epoch of training.
 
     The pass runs the model in eval mode (no BatchNorm update, no dropout, the RNG untouched) and restores
     each submodule's mode; Mammoth's ``ewc_on`` does not switch modes, which on its MNIST MLP (no

@@ -21,7 +21,9 @@ class MAS(ImportancePenalty):
     * **Importance** (eqs. 2-3): ``Omega_k = 1/N sum_n |g_k(x_n)|`` with
       ``g(x_n) = d ||f(x_n)||_2^2 / d theta`` the gradient, *per sample*, of the squared L2 norm of the
       model's output ``f(x)``: the logits, before any softmax, over all of the output's entries. It needs
-      no labels. The per-sample gradients come from ``torch.func`` (``vmap`` of ``grad`` over each batch).
+      no labels. The per-sample gradients are exact, computed layer by layer from one batched forward and
+      backward as EWC's (:class:`~synapse.structure.EWC`, *Cost of a task end*; for a linear layer
+      ``sum_n |delta_n a_n^T| = |delta|^T |a|``), without a per-sample loop.
       The authors' code offers a batched shortcut (``|d sum_n ||f(x_n)||^2 / d theta|``, the absolute
       value of a sum rather than a sum of absolute values); this class computes eq. 2 as written, which is
       also their code's batch-size-1 setting.
