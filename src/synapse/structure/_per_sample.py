@@ -271,7 +271,7 @@ def _conv2d_sums(
     if "weight" in params:
         (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
         ph, pw = cast(Tuple[int, int], module.padding)  # numbers: checked by _plain_conv2d
-        a = torch.nn.functional.pad(a.float(), (pw, pw, ph, ph))
+        a = torch.nn.functional.pad(a.float(), (pw, pw, ph, ph)) if ph or pw else a.float()
         per_sample = a.new_empty(n * groups, module.out_channels // groups, params["weight"].shape[1], kh, kw)
         for i in range(kh):
             for j in range(kw):
