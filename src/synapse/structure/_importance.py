@@ -16,9 +16,10 @@ Both methods, at every :meth:`~synapse.Synapse.end_task`:
    ``backward`` adds to ``.grad`` directly: no graph over the parameters, no host sync.
 
 The pass runs the model in eval mode and restores every submodule's own mode afterwards: BatchNorm
-normalises with its running statistics and updates none of them (its buffers are passed to
-``functional_call`` as they are), and dropout draws nothing, so the global RNG is left untouched. A
-training-mode pass could not work per sample anyway: batch statistics of one sample are meaningless.
+normalises with its running statistics and updates none of them, and dropout draws nothing, so the
+global RNG is left untouched. Eval mode is also what makes the batched pass exact: every sample's output
+then depends on that sample alone, so the gradient at a layer's output, row by row, is each sample's own
+(a training-mode pass could not work per sample anyway: batch statistics of one sample are meaningless).
 """
 
 from __future__ import annotations
