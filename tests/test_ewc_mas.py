@@ -240,6 +240,13 @@ ZOO = {
     "linear-called-twice": (LinearTwice(), (6,), {"out.weight", "out.bias"}),
     "called-twice-once-without-grad": (OnceWithoutGrad(), (6,), {"out.weight", "out.bias"}),
     "layer-with-a-forward-hook": (hooked_net(), (6,), {"2.weight", "2.bias"}),
+    "batchnorm-without-running-statistics": (
+        nn.Sequential(
+            nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.Flatten(), nn.Linear(144, 5)
+        ),
+        (2, 8, 8),
+        set(),  # it normalises over the batch in eval mode too: the samples are not independent
+    ),
     "output-changed-in-place": (nn.Sequential(nn.Linear(6, 8), nn.ReLU(inplace=True), nn.Linear(8, 5)), (6,), "all"),
     "weight-used-outside": (UsedOutside(), (6,), {"a.bias", "out.weight", "out.bias", "unused.weight", "unused.bias"}),
     "linear-on-a-sequence": (OnASequence(), (6,), {"out.weight", "out.bias"}),

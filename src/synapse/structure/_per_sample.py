@@ -17,6 +17,8 @@ samples independently, so ``delta_n`` is exactly the gradient of sample ``n``'s 
   layer's own op over the batch, at the captured ``a_n`` and ``delta_n``: per-sample gradients of that
   layer's parameters only, at the cost of that layer only.
 * A parameter absent from the autograd graph has zero gradients.
+* A model with BatchNorm that keeps no running statistics mixes the samples of a batch even in eval
+  mode: none of its parameters is taken apart.
 * Anything else is left to the caller (the returned sums name what was done): a parameter of another
   kind of module, a layer called more than once in the forward or carrying forward hooks, a parameter
   used outside its layer's one op (a count of its uses in the autograd graph tells), or a linear layer
@@ -111,9 +113,12 @@ class LayerwiseSums:
             holders[id(p)] += 1
         real = dict(model.named_parameters())
         self.params = {n: real[n] for n in names}
-        # {parameter: (its module, its name there)}, for parameters held by one module only.
-        self.owner = {n: (n.rpartition(".")[0], n.rpartition(".")[2]) for n in names if holders[id(real[n])] == 1}
         self.modules = dict(model.named_modules())
+        # BatchNorm without running statistics normalises over the batch even in eval mode: the samples
+        # are not independent, so nothing is taken apart (all to vmap, which sees one sample at a time).
+        mixes = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None for m in model.modules())
+        # {parameter: (its module, its name there)}, for parameters held by one module only.
+        self.owner = {} if mixes else {n: tuple(n.rpartition(".")[::2]) for n in names if holders[id(real[n])] == 1}
         # A layer with forward hooks of its own may change its output after its op: not taken apart.
         self.hooked = {m for m, mod in self.modules.items() if mod._forward_hooks or _global_forward_hooks}
 

@@ -59,8 +59,9 @@ class EWC(ImportancePenalty):
     squares are one product, ``(delta**2)^T (a**2)``, without forming any per-sample gradient; a 2-d
     convolution's per-sample gradients are one batched product per kernel offset; other convolutions and
     BatchNorm, LayerNorm and GroupNorm run ``vmap`` over their own op. The rest (other layers, a layer
-    called twice, weights used outside their layer) get ``vmap(jacrev(...))`` over the model, in chunks of
-    bounded memory. All are exact: the result equals one autograd call per sample (tested), to float
+    called twice, weights used outside their layer, and every parameter of a model whose BatchNorm keeps
+    no running statistics, which mixes the samples even in eval mode) get ``vmap(jacrev(...))`` over the
+    model, in chunks of bounded memory. All are exact: the result equals one autograd call per sample (tested), to float
     rounding. ``benchmarks/task_end_cost.py`` times a task end against one epoch of training.
 
     The pass runs the model in eval mode (no BatchNorm update, no dropout, the RNG untouched) and restores
