@@ -248,16 +248,20 @@ def render(result: Mapping[str, Any]) -> List[str]:
 
 
 def task_end_lines(task_end: Mapping[str, Any]) -> List[str]:
-    """The task-end table: each method's ``end_task`` on a task of ``items`` items, in ms and in plain steps."""
+    """The task-end table: each method's ``end_task`` on a task of ``items`` items, in ms, in plain steps,
+    and in plain epochs over that task (``epoch_steps`` plain steps; '-' in results saved without it)."""
+    epoch = task_end.get("epoch_steps")
     lines = [
         f"Task ends (`end_task` with the finished task's {task_end['items']} items; median of "
-        f"{task_end.get('repeats', 3)} successive ones; methods with nothing to do at a task end take microseconds):",
+        f"{task_end.get('repeats', 3)} successive ones; methods with nothing to do at a task end take microseconds; "
+        f"x epoch: against one epoch of plain training steps over the same items):",
         "",
-        "| method                   |   ms/end | plain steps |",
-        "|--------------------------|----------|-------------|",
+        "| method                   |   ms/end | plain steps | x epoch |",
+        "|--------------------------|----------|-------------|---------|",
     ]
     for r in task_end["rows"]:
-        lines.append(f"| {r['variant']:<24} | {r['median_ms']:8.2f} | {r['plain_steps']:11.0f} |")
+        ratio = f"{r['plain_steps'] / epoch:6.2f}x" if epoch else f"{'-':>7}"
+        lines.append(f"| {r['variant']:<24} | {r['median_ms']:8.2f} | {r['plain_steps']:11.0f} | {ratio} |")
     return lines
 
 
@@ -449,7 +453,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         "synapse": synapse.__version__,
         "provenance": provenance(),  # the commit, machine and versions that made these numbers
         "rows": rows,
-        "task_end": {"items": len(runners[0].pool) * batch, "repeats": args.task_ends, "rows": task_ends},
+        "task_end": {
+            "items": len(runners[0].pool) * batch,
+            "epoch_steps": len(runners[0].pool),  # the task's data is the pool: one epoch is one step per batch
+            "repeats": args.task_ends,
+            "rows": task_ends,
+        },
     }
     print(header)
     print("\n".join(table_lines(rows)))

@@ -18,6 +18,8 @@ from synapse.functional import (
     true_fisher_diagonal,
 )
 from synapse.structure import EWC, MAS
+from synapse.structure._importance import joined
+from synapse.structure._per_sample import LayerwiseSums
 
 # Two samples for a Linear(2, 2) model, worked out by hand below.
 X = torch.tensor([[1.0, 2.0], [3.0, -1.0]])
@@ -124,16 +126,21 @@ def loop_importance(model, x, y, kind):
     params = [p for p in model.parameters() if p.requires_grad]
     total = [torch.zeros_like(p) for p in params]
     model.eval()
+
+    def grad(scalar, **kwargs):  # a parameter the sample does not use has a zero gradient
+        grads = torch.autograd.grad(scalar, params, allow_unused=True, **kwargs)
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
     for i in range(len(y)):
         out = model(x[i : i + 1])[0]
         if kind == "mas":
-            grads = torch.autograd.grad(out.square().sum(), params)
+            grads = grad(out.square().sum())
             total = [t + g.abs() for t, g in zip(total, grads)]
             continue
         log_p = out.log_softmax(-1)
         classes = [(int(y[i]), 1.0)] if kind == "empirical" else [(c, log_p[c].exp().item()) for c in range(len(out))]
         for c, weight in classes:
-            grads = torch.autograd.grad(log_p[c], params, retain_graph=True)
+            grads = grad(log_p[c], retain_graph=True)
             total = [t + weight * g.square() for t, g in zip(total, grads)]
     model.train()
     return [t / len(y) for t in total]
@@ -151,6 +158,166 @@ def test_vmap_importance_equals_a_loop_over_samples(kind):
     assert len(syn.importance) == len(want) == 3
     for got, ref in zip(syn.importance, want):
         assert torch.allclose(got, ref, rtol=1e-4, atol=1e-7)
+
+
+class LinearTwice(nn.Module):
+    """One linear layer called twice: each sample's gradient sums both uses, so it cannot be taken apart."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.out = nn.Linear(6, 6), nn.Linear(6, 5)
+
+    def forward(self, input):
+        return self.out(torch.tanh(self.a(torch.tanh(self.a(input)))))
+
+
+class OnceWithoutGrad(nn.Module):
+    """A layer called twice, once under no_grad: only the other call has gradients."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.out = nn.Linear(6, 6), nn.Linear(6, 5)
+
+    def forward(self, input):
+        with torch.no_grad():
+            h = self.a(input)
+        return self.out(torch.tanh(self.a(input)) * h)
+
+
+class UsedOutside(nn.Module):
+    """A layer's weight used again outside the layer (by hand-tied weights), and a layer never called."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.out, self.unused = nn.Linear(6, 6), nn.Linear(6, 5), nn.Linear(6, 5)
+
+    def forward(self, input):
+        h = torch.tanh(self.a(input))
+        return self.out(h) + h @ self.a.weight[:5].t()
+
+
+class OnASequence(nn.Module):
+    """A linear layer on (batch, positions, features): dim 0 need not be the samples, so it is left to vmap."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.out = nn.Linear(2, 4), nn.Linear(12, 5)
+
+    def forward(self, input):
+        return self.out(torch.tanh(self.a(input.view(-1, 3, 2))).flatten(1))
+
+
+def conv_net():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1, stride=2),
+        nn.BatchNorm2d(4),
+        nn.ReLU(inplace=True),  # changes the BatchNorm's output in place
+        nn.Conv2d(4, 4, 2, groups=2, dilation=2, padding=1),
+        nn.GroupNorm(2, 4),
+        nn.Flatten(),
+        nn.Linear(64, 5),
+    )
+    model(torch.randn(16, 2, 8, 8))  # running statistics that are not the defaults
+    return model, (2, 8, 8)
+
+
+def conv1d_net():
+    model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.Flatten(), nn.LayerNorm(18), nn.Linear(18, 8), nn.ReLU(True))
+    return nn.Sequential(model, nn.Linear(8, 5)), (2, 8)
+
+
+def hooked_net():
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5))
+    model[0].register_forward_hook(lambda module, args, output: 2 * output)  # changes what the layer returns
+    return model
+
+
+# model, input shape, the parameters the layer-by-layer pass must take apart itself (the rest: vmap)
+ZOO = {
+    "conv2d-batchnorm-groupnorm": (*conv_net(), "all"),
+    "conv1d-layernorm-inplace": (*conv1d_net(), "all"),
+    "linear-called-twice": (LinearTwice(), (6,), {"out.weight", "out.bias"}),
+    "called-twice-once-without-grad": (OnceWithoutGrad(), (6,), {"out.weight", "out.bias"}),
+    "layer-with-a-forward-hook": (hooked_net(), (6,), {"2.weight", "2.bias"}),
+    "batchnorm-without-running-statistics": (
+        nn.Sequential(
+            nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.Flatten(), nn.Linear(144, 5)
+        ),
+        (2, 8, 8),
+        set(),  # it normalises over the batch in eval mode too: the samples are not independent
+    ),
+    "output-changed-in-place": (nn.Sequential(nn.Linear(6, 8), nn.ReLU(inplace=True), nn.Linear(8, 5)), (6,), "all"),
+    "weight-used-outside": (UsedOutside(), (6,), {"a.bias", "out.weight", "out.bias", "unused.weight", "unused.bias"}),
+    "linear-on-a-sequence": (OnASequence(), (6,), {"out.weight", "out.bias"}),
+}
+
+
+@pytest.mark.parametrize("kind", ["empirical", "true", "mas"])
+@pytest.mark.parametrize("name", list(ZOO))
+def test_layer_by_layer_sums_equal_a_loop_over_samples(name, kind):
+    """Each kind of layer the fast pass takes apart, and each case it must leave to vmap, against one
+    autograd call per sample; and the pass covers exactly what it can."""
+    model, shape, covered = ZOO[name]
+    x, y = random_task(10, classes=5, features=shape)
+    syn = MAS(model) if kind == "mas" else EWC(model, fisher=kind)
+    model.eval()
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    scalars = lambda out: syn._scalars(out, y)  # noqa: E731
+    _, sums = LayerwiseSums(model, list(params), syn._phi)({"input": x}, scalars)
+    assert set(sums) == (set(params) if covered == "all" else covered)
+    model.train()
+    syn.end_task(task(x, y, 4))
+    want = loop_importance(model, x, y, kind)
+    for n, got, ref in zip(params, syn.importance, want):
+        assert torch.allclose(got, ref, rtol=1e-4, atol=1e-7), n
+    if covered == "all":
+        assert all(torch.allclose(sums[n] / len(y), ref, rtol=1e-4, atol=1e-7) for n, ref in zip(params, want))
+
+
+class InputChanged(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.out = nn.Linear(6, 6), nn.Linear(6, 5)
+
+    def forward(self, input):
+        h = self.a(input) * 1.0
+        out = self.out(h)
+        h.add_(1.0)  # after the layer read it
+        return out + h[:, :5]
+
+
+@pytest.mark.parametrize("make", [EWC, MAS])
+def test_an_input_changed_after_its_layer_read_it_is_an_error_not_a_wrong_sum(make):
+    x, y = random_task(4, classes=5, features=(6,))
+    with pytest.raises(RuntimeError, match="inplace"):  # as autograd itself says, per sample too
+        loop_importance(InputChanged(), x, y, "mas")
+    with pytest.raises(RuntimeError, match="inplace"):
+        make(InputChanged()).end_task(task(x, y))
+
+
+def test_joined_batches():
+    def batch(n, width=3, name="input"):
+        return torch.arange(n), {name: torch.ones(n, width)}
+
+    sizes = [len(t) for t, _ in joined([batch(2), batch(3), batch(4), batch(9), batch(1), batch(1)], 5)]
+    assert sizes == [5, 4, 9, 2]  # up to 5 samples; a larger batch passes whole
+    sizes = [len(t) for t, _ in joined([batch(2), batch(2, width=4), batch(2, name="x"), batch(2, name="x")], 8)]
+    assert sizes == [2, 2, 4]  # other shapes or names start a new batch
+    targets, inputs = next(joined([batch(2), batch(3)], 8))
+    assert torch.equal(targets, torch.tensor([0, 1, 0, 1, 2])) and inputs["input"].shape == (5, 3)
+
+
+@pytest.mark.parametrize("make", [EWC, MAS])
+def test_joining_batches_changes_nothing_but_speed(make):
+    torch.manual_seed(0)
+    model = mlp(num_classes=4, in_features=12)
+    x, y = random_task(30, classes=4, features=(12,))
+    data = task(x.view(30, 1, 12), y, 7)
+    as_given, joined_up = make(model, task_end_batch=1), make(model)
+    as_given.end_task(data)
+    joined_up.end_task(data)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-8) for a, b in zip(as_given.importance, joined_up.importance))
 
 
 def test_the_task_pass_leaves_the_model_alone():
@@ -299,6 +466,8 @@ def test_state_dict_round_trip(make):
         (lambda m: EWC(m, fisher="exact"), "fisher"),
         (lambda m: MAS(m, mas_lambda=-0.5), "mas_lambda"),
         (lambda m: MAS(m, mas_lambda="1"), "mas_lambda"),
+        (lambda m: EWC(m, task_end_batch=0), "task_end_batch"),
+        (lambda m: MAS(m, task_end_batch=2.5), "task_end_batch"),
     ],
 )
 def test_bad_arguments_raise(make, match):

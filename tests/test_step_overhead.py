@@ -139,3 +139,11 @@ def test_compile_compiles_every_variant_before_its_method(tmp_path, monkeypatch)
     result = json.loads(out.read_text())
     assert result["compiled"] == "torch.compile(model, backend='eager')"
     assert "under torch.compile" in result["setting"] and [r["variant"] for r in result["rows"]] == variants
+
+
+def test_task_end_table_shows_end_task_against_an_epoch():
+    rows = [{"variant": "ewc", "median_ms": 40.0, "plain_steps": 32.0}]
+    lines = step_overhead.task_end_lines({"items": 640, "epoch_steps": 64, "repeats": 3, "rows": rows})
+    assert lines[-1] == "| ewc                      |    40.00 |          32 |   0.50x |"
+    older = step_overhead.task_end_lines({"items": 640, "rows": rows})  # saved before the column existed
+    assert older[-1].endswith("|          32 |       - |")

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, jacrev, vmap
 
 from .._floor import PenaltyFloor
 from .._validation import check_non_negative
 from ..catalog import HParam, MethodSpec, register
-from ..functional import empirical_fisher_diagonal, merge_quadratic_penalties, true_fisher_diagonal
-from ._importance import ImportancePenalty, SampleForward
+from ..functional import merge_quadratic_penalties
+from ._importance import TASK_END_BATCH, ImportancePenalty
 
 __all__ = ["EWC"]
 
@@ -32,7 +31,7 @@ class EWC(ImportancePenalty):
     ``2 ewc_lambda F (theta - theta*)`` is added to ``.grad`` directly (no graph, no host sync).
 
     **Fisher** at each :meth:`end_task`, from the task's data, diagonal, with ``p`` the softmax of the
-    model's output and per-sample gradients from ``torch.func`` (``vmap`` of ``grad`` over each batch):
+    model's output and exact per-sample gradients (see *Cost of a task end*):
 
     * ``fisher='empirical'`` (default): ``F = 1/N sum_n (d log p(y_n | x_n) / d theta)**2`` with the true
       labels ``y_n``, as the DER authors' code. One difference from it: Mammoth multiplies each squared
@@ -40,8 +39,8 @@ class EWC(ImportancePenalty):
       ``num_batches * batch_size``; here the plain squared gradient is averaged over the samples.
     * ``fisher='true'``: ``F = 1/N sum_n sum_c p(c | x_n) (d log p(c | x_n) / d theta)**2``: the Fisher
       information itself (the paper's quantity), its expectation over the model's predictive distribution
-      taken exactly rather than by sampling labels. It costs one gradient per class (``vmap`` of
-      ``jacrev``): C times the time and memory of ``'empirical'``.
+      taken exactly rather than by sampling labels, as ``sum_c (d [sqrt(p_c) log p_c] / d theta)**2``
+      with ``sqrt(p_c)`` held constant. It costs one backward per class: about C times ``'empirical'``.
 
     **Several tasks**:
 
@@ -54,6 +53,17 @@ class EWC(ImportancePenalty):
       ``S = sum_t F_t`` and anchor ``sum_t F_t theta_t / S`` (0 where ``S = 0``, where nothing pulls):
       the same gradient for any number of tasks, at the memory of one
       (:func:`~synapse.functional.merge_quadratic_penalties`).
+
+    **Cost of a task end**: the pass joins consecutive batches of the data up to ``task_end_batch``
+    samples and runs one forward and one backward per joined batch, as training does. Each layer's
+    per-sample gradients come from its input and the gradient at its output: a linear layer's summed
+    squares are one product, ``(delta**2)^T (a**2)``, without forming any per-sample gradient; a 2-d
+    convolution's per-sample gradients are one batched product per kernel offset; other convolutions and
+    BatchNorm, LayerNorm and GroupNorm run ``vmap`` over their own op. The rest (other layers, a layer
+    called twice, weights used outside their layer, and every parameter of a model whose BatchNorm keeps
+    no running statistics, which mixes the samples even in eval mode) get ``vmap(jacrev(...))`` over the
+    model, in chunks of bounded memory. All are exact: the result equals one autograd call per sample (tested), to float
+    rounding. ``benchmarks/task_end_cost.py`` times a task end against one epoch of training.
 
     The pass runs the model in eval mode (no BatchNorm update, no dropout, the RNG untouched) and restores
     each submodule's mode; Mammoth's ``ewc_on`` does not switch modes, which on its MNIST MLP (no
@@ -69,6 +79,9 @@ class EWC(ImportancePenalty):
             it whole. Only 1 is accepted with ``mode='separate'``.
         mode: ``'online'`` or ``'separate'``.
         fisher: ``'empirical'`` or ``'true'``.
+        task_end_batch: the task-end pass joins consecutive batches of the data into batches of up to this
+            many samples (never splitting one): fewer, larger passes, the same result to float rounding.
+            Lower it if a batch this large does not fit in memory.
         scaler: a ``torch.amp.GradScaler`` for mixed precision; pass the unscaled loss to ``backward``.
 
     Example:
@@ -91,6 +104,7 @@ class EWC(ImportancePenalty):
         *,
         mode: str = "online",
         fisher: str = "empirical",
+        task_end_batch: int = TASK_END_BATCH,
         scaler: Optional[torch.amp.GradScaler] = None,
     ) -> None:
         check_non_negative("ewc_lambda", ewc_lambda)
@@ -102,42 +116,30 @@ class EWC(ImportancePenalty):
             raise ValueError(f"gamma decays the online Fisher only: mode='separate' takes gamma=1, got {gamma!r}")
         if fisher not in FISHERS:
             raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}")
-        super().__init__(model, ewc_lambda, scaler=scaler)
+        super().__init__(model, ewc_lambda, task_end_batch=task_end_batch, scaler=scaler)
         self.ewc_lambda = float(ewc_lambda)
         self.gamma = float(gamma)
         self.mode = mode
         self.fisher = fisher
 
-    def _batch_importance(
-        self, forward: SampleForward, params: Dict[str, Tensor], inputs: Dict[str, Tensor], targets: Tensor
-    ) -> Tuple[List[Tensor], Optional[Tensor]]:
-        def log_probs(p: Dict[str, Tensor], sample: Dict[str, Tensor]) -> Tensor:
-            logits = forward(p, sample)
-            if logits.dim() != 1:
-                raise ValueError(
-                    "EWC needs the model's output to be (batch, classes) logits; "
-                    f"one sample's output has shape {tuple(logits.shape)}"
-                )
-            return logits.float().log_softmax(-1)
-
+    def _scalars(self, output: Tensor, targets: Tensor) -> List[Tensor]:
+        """``log p(y_n | x_n)`` (empirical), or ``sqrt(p_c) log p(c | x_n)`` for every class ``c`` (true),
+        the square root detached: the square of its gradient is ``p_c (d log p_c / d theta)**2``."""
+        if output.dim() != 2:
+            raise ValueError(
+                "EWC needs the model's output to be (batch, classes) logits; "
+                f"one sample's output has shape {tuple(output.shape[1:])}"
+            )
+        log_p = output.float().log_softmax(-1)
         if self.fisher == "true":
+            root_p = log_p.detach().mul(0.5).exp()
+            return list((root_p * log_p).unbind(1))
+        # Clamped so that a bad label cannot index out of bounds on the device; such a batch is reported
+        # after the pass, before any state changes.
+        return [log_p.gather(1, targets.clamp(0, log_p.shape[1] - 1).unsqueeze(1)).squeeze(1)]
 
-            def all_classes(p: Dict[str, Tensor], sample: Dict[str, Tensor]) -> Tuple[Tensor, Tensor]:
-                lp = log_probs(p, sample)
-                return lp, lp
-
-            jacobians, lp = vmap(jacrev(all_classes, has_aux=True), in_dims=(None, 0))(params, inputs)
-            return true_fisher_diagonal(self._ordered(jacobians), lp.exp(), reduction="sum"), None
-
-        def true_label(p: Dict[str, Tensor], sample: Dict[str, Tensor], target: Tensor) -> Tuple[Tensor, Tensor]:
-            lp = log_probs(p, sample)
-            # Clamped so that a bad label cannot index out of bounds on the device; such a batch is
-            # reported after the pass, before any state changes.
-            return lp.gather(0, target.clamp(0, lp.shape[0] - 1).unsqueeze(0)).squeeze(0), lp
-
-        grads, lp = vmap(grad(true_label, has_aux=True), in_dims=(None, 0, 0))(params, inputs, targets)
-        invalid = ((targets < 0) | (targets >= lp.shape[-1])).any()
-        return empirical_fisher_diagonal(self._ordered(grads), reduction="sum"), invalid
+    def _invalid(self, output: Tensor, targets: Tensor) -> Optional[Tensor]:
+        return ((targets < 0) | (targets >= output.shape[-1])).any()
 
     def _invalid_data_message(self) -> str:
         return "EWC.end_task(data): targets must be class indices in [0, number of the model's outputs)"
@@ -173,6 +175,13 @@ register(
                 "empirical",
                 "Fisher of the true labels, or under the model's predictions",
                 choices=FISHERS,
+            ),
+            HParam(
+                "task_end_batch",
+                int,
+                TASK_END_BATCH,
+                "samples per batch of the task-end pass (consecutive batches joined; the same result)",
+                low=1,
             ),
         ),
     )

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, vmap
 
 from .._floor import PenaltyFloor
 from .._validation import check_non_negative
 from ..catalog import HParam, MethodSpec, register
-from ..functional import mas_importance
-from ._importance import ImportancePenalty, SampleForward
+from ._importance import TASK_END_BATCH, ImportancePenalty
 
 __all__ = ["MAS"]
 
@@ -24,7 +22,9 @@ class MAS(ImportancePenalty):
     * **Importance** (eqs. 2-3): ``Omega_k = 1/N sum_n |g_k(x_n)|`` with
       ``g(x_n) = d ||f(x_n)||_2^2 / d theta`` the gradient, *per sample*, of the squared L2 norm of the
       model's output ``f(x)``: the logits, before any softmax, over all of the output's entries. It needs
-      no labels. The per-sample gradients come from ``torch.func`` (``vmap`` of ``grad`` over each batch).
+      no labels. The per-sample gradients are exact, computed layer by layer from one batched forward and
+      backward as EWC's (:class:`~synapse.structure.EWC`, *Cost of a task end*; for a linear layer
+      ``sum_n |delta_n a_n^T| = |delta|^T |a|``), without a per-sample loop.
       The authors' code offers a batched shortcut (``|d sum_n ||f(x_n)||^2 / d theta|``, the absolute
       value of a sum rather than a sum of absolute values); this class computes eq. 2 as written, which is
       also their code's batch-size-1 setting.
@@ -45,6 +45,9 @@ class MAS(ImportancePenalty):
         model: the model being trained; its output must be a tensor (``(batch, ...)``).
         mas_lambda: strength ``lambda`` of eq. 4 (>= 0). Default 1: the authors' value for their object
             recognition experiments (their code: "In object recognition it was set to 1").
+        task_end_batch: the task-end pass joins consecutive batches of the data into batches of up to this
+            many samples (never splitting one): fewer, larger passes, the same result to float rounding.
+            Lower it if a batch this large does not fit in memory.
         scaler: a ``torch.amp.GradScaler`` for mixed precision; pass the unscaled loss to ``backward``.
 
     Example:
@@ -59,21 +62,23 @@ class MAS(ImportancePenalty):
         ...     synapse.end_task(named_batches(task))   # importances over the task's (targets, {"inputs": x})
     """
 
+    _phi = "abs"  # eq. 2: the mean of the absolute per-sample gradients
+
     def __init__(
-        self, model: nn.Module, mas_lambda: float = 1.0, *, scaler: Optional[torch.amp.GradScaler] = None
+        self,
+        model: nn.Module,
+        mas_lambda: float = 1.0,
+        *,
+        task_end_batch: int = TASK_END_BATCH,
+        scaler: Optional[torch.amp.GradScaler] = None,
     ) -> None:
         check_non_negative("mas_lambda", mas_lambda)
-        super().__init__(model, mas_lambda, scaler=scaler)
+        super().__init__(model, mas_lambda, task_end_batch=task_end_batch, scaler=scaler)
         self.mas_lambda = float(mas_lambda)
 
-    def _batch_importance(
-        self, forward: SampleForward, params: Dict[str, Tensor], inputs: Dict[str, Tensor], targets: Tensor
-    ) -> Tuple[List[Tensor], Optional[Tensor]]:
-        def squared_norm(p: Dict[str, Tensor], sample: Dict[str, Tensor]) -> Tensor:
-            return forward(p, sample).float().square().sum()
-
-        grads = vmap(grad(squared_norm), in_dims=(None, 0))(params, inputs)
-        return mas_importance(self._ordered(grads), reduction="sum"), None
+    def _scalars(self, output: Tensor, targets: Tensor) -> List[Tensor]:
+        """``||f(x_n)||_2^2`` over all of the output's entries, per sample."""
+        return [output.float().square().flatten(1).sum(1)]
 
     def _fold(self, importance: Tensor, anchor: Tensor, new: Tensor, theta: Tensor) -> None:
         importance.add_(new)
@@ -89,6 +94,15 @@ register(
         floor=PenaltyFloor,
         paper="Aljundi et al. 2018, *Memory Aware Synapses: Learning what (not) to forget*",
         summary="output-sensitivity importance, quadratic penalty",
-        hparams=(HParam("mas_lambda", float, 1.0, "penalty strength lambda", low=0.0),),
+        hparams=(
+            HParam("mas_lambda", float, 1.0, "penalty strength lambda", low=0.0),
+            HParam(
+                "task_end_batch",
+                int,
+                TASK_END_BATCH,
+                "samples per batch of the task-end pass (consecutive batches joined; the same result)",
+                low=1,
+            ),
+        ),
     )
 )
