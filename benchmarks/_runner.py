@@ -167,9 +167,10 @@ def cpu_model() -> str:
 
 
 def provenance() -> Dict[str, str]:
-    """What made a raw result: the commit (``+dirty`` with uncommitted changes to tracked files), the machine
-    and the library versions. Recorded with every raw result, so that a render states where its numbers
-    came from rather than where it was rendered."""
+    """What made a raw result: the commit (``+dirty`` with uncommitted changes to tracked files), the machine,
+    torch's CPU threads and the library versions. Recorded with every raw result, so that a render states
+    where its numbers came from rather than where it was rendered. The threads matter: the summation order
+    changes with them, and a run's numbers with it (by points, for MIR, whose top-k follows float rounding)."""
     import numpy
     import torch
 
@@ -181,7 +182,7 @@ def provenance() -> Dict[str, str]:
     return {
         "commit": commit,
         "machine": f"{cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, "
-        f"Python {platform.python_version()}",
+        f"Python {platform.python_version()}, {torch.get_num_threads()} torch thread(s) per run",
         "versions": f"Synapse {synapse.__version__}, torch {torch.__version__}, numpy {numpy.__version__}",
     }
 

@@ -1,8 +1,9 @@
 """One registration per method: its name, class, paper and hyperparameters.
 
 Everything that lists methods reads this catalog: the CLI's ``--synapse_type`` choices and flags, the
-checkpoint identity, the contract tests, the step-overhead benchmark and the README's methods table. A
-method file registers itself next to its class::
+checkpoint identity, the contract tests, every benchmark's rows and tables (with the methods' presets in
+``synapse/experiments/presets/``) and the README's methods table. A method file registers itself next to its
+class, and is found by discovery (every module of each family package is imported)::
 
     register(MethodSpec("ewc", EWC, family="structure", paper="Kirkpatrick et al. 2017, ...",
                         hparams=(HParam("ewc_lambda", float, 90.0, "penalty strength", low=0.0),)))
@@ -97,9 +98,9 @@ class MethodSpec:
         display: its name in benchmark tables (default: the class name).
         order: its position in benchmark tables (they list methods in the order they joined the
             reproduction); methods that leave it unset come after, in catalog order.
-        floor: its floor step for ``benchmarks/step_overhead.py``: ``floor(model, buffer_size, minibatch,
-            item_shape)`` returns an object with ``forward(x)`` and ``backward(loss, targets, inputs,
-            logits)`` doing the method's irreducible work in plain torch (see :mod:`synapse._floor`).
+        floor: its floor step for ``benchmarks/step_overhead.py``, a :class:`synapse._floor.Floor` subclass:
+            ``floor(model, buffer_size, minibatch, item_shape, hparams)`` has ``forward(x)`` and
+            ``backward(loss, targets, inputs, logits)``, the method's irreducible work in plain torch.
     """
 
     name: str
