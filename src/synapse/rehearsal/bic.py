@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from .._base import CURRENT_LOSS, TaskBatch, distributed_world
 from .._capture import Replay
 from .._validation import check_positive, check_positive_int
+from ..augment import Transform
 from ..buffer import Buffer, fresh_seed, indices_on
 from ..catalog import HParam, MethodSpec, register
 from ..functional import (
@@ -145,6 +146,8 @@ class BiC(ER):
         buffer_scope: ``'rank'`` or ``'global'`` (see :class:`~synapse.rehearsal.ER`); both parts of the
             budget follow it.
         scaler: a ``torch.amp.GradScaler`` for mixed precision; pass the unscaled loss to ``backward``.
+        replay_transform: augments every replayed exemplar minibatch on the device, as in :class:`~synapse.rehearsal.ER`
+            (default None: replay what was stored).
 
     Example:
         >>> synapse = BiC(model, buffer_size=500, buffer_sample_size=32)
@@ -177,6 +180,7 @@ class BiC(ER):
         fused: bool = True,
         buffer_scope: str = "rank",
         scaler: Optional[torch.amp.GradScaler] = None,
+        replay_transform: Optional[Transform] = None,
     ) -> None:
         check_positive_int("buffer_size", buffer_size)
         check_positive("temperature", temperature)
@@ -204,6 +208,7 @@ class BiC(ER):
             buffer_scope=buffer_scope,
             buffer_policy=buffer_policy,
             scaler=scaler,
+            replay_transform=replay_transform,
         )
         self.temperature = float(temperature)
         self.val_fraction = float(val_fraction)

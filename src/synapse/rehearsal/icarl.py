@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from .._base import CURRENT_LOSS, TaskBatch, distributed_world, unwrap_model
 from .._capture import Replay
+from ..augment import Transform
 from ..catalog import HParam, MethodSpec, register
 from ..functional import icarl_loss, nearest_mean_scores
 from ..memory import HerdingMemory, head_input_features
@@ -123,6 +124,9 @@ class ICaRL(ER):
         fused: replay inside the user's forward (see :class:`~synapse.rehearsal.ER`).
         buffer_scope: ``'rank'`` or ``'global'`` (see :class:`~synapse.rehearsal.ER`).
         scaler: a ``torch.amp.GradScaler`` for mixed precision; pass the unscaled loss to ``backward``.
+        replay_transform: augments every replayed exemplar minibatch on the device, as in
+            :class:`~synapse.rehearsal.ER` (default None: replay what was stored); the frozen copy distils
+            on the same augmented view.
 
     Example:
         >>> from synapse import named_batches
@@ -156,6 +160,7 @@ class ICaRL(ER):
         fused: bool = True,
         buffer_scope: str = "rank",
         scaler: Optional[torch.amp.GradScaler] = None,
+        replay_transform: Optional[Transform] = None,
     ) -> None:
         current_loss = self._check_current_loss(current_loss)
         if feature_extractor is not None and head is not None:
@@ -176,6 +181,7 @@ class ICaRL(ER):
             fused=fused,
             buffer_scope=buffer_scope,
             scaler=scaler,
+            replay_transform=replay_transform,
             buffer_policy="herding",
         )
         assert feature_extractor is not None
