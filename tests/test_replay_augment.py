@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from synapse.augment import Compose, RandomCropFlip, apply_transform, random_crop_flip
 from synapse.gradient import AGEM
-from synapse.rehearsal import ER, MIR, XDER
+from synapse.rehearsal import ER, MIR, XDER, GDumb
 
 PAD = 2
 
@@ -121,7 +121,12 @@ def _run(fused: bool, steps: int, method_name: str = "der++", start=None):
     torch.manual_seed(0)
     model = Recorder()
     method = ER(
-        model, buffer_size=6, buffer_sample_size=3, method=method_name, fused=fused, replay_transform=RandomCropFlip(PAD)
+        model,
+        buffer_size=6,
+        buffer_sample_size=3,
+        method=method_name,
+        fused=fused,
+        replay_transform=RandomCropFlip(PAD),
     )
     first = 0
     if start is not None:
@@ -177,6 +182,19 @@ def test_other_replay_methods_augment_their_replay(cls):
     replayed = [r for r in rows if any(is_view_of(r, x[i]) for i in range(4))]
     assert len(replayed) >= 4
     assert sum(not any(torch.equal(r, x[i]) for i in range(4)) for r in replayed) >= 2  # augmented, not raw
+
+
+def test_gdumb_retrains_on_augmented_views_of_its_memory():
+    torch.manual_seed(0)
+    model = Recorder()
+    method = GDumb(model, buffer_size=4, retrain_epochs=2, retrain_batch_size=4, replay_transform=RandomCropFlip(PAD))
+    x, y = images(4, 0), torch.arange(4)
+    step(method, model, x, y)
+    model.seen.clear()
+    method.end_task()
+    rows = torch.cat(model.seen)
+    assert len(rows) == 8 and all(any(is_view_of(r, x[i]) for i in range(4)) for r in rows)
+    assert sum(not any(torch.equal(r, x[i]) for i in range(4)) for r in rows) >= 4
 
 
 def test_state_must_match_the_transform_and_a_rejected_load_changes_nothing():
