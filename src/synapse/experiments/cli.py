@@ -15,7 +15,7 @@ from ._extras import missing_extras_message, missing_modules
 from .checkpoint import CheckpointError
 from .datasets import DATASETS, DatasetUnavailable
 from .loggers import BACKENDS, LoggerUnavailable
-from .models import INITS, model_names
+from .models import INITS, ModelUnavailable, check_model_name
 from .run import TRAINING_TYPES, Config, Experiment, StopRequested, check_scenario
 
 
@@ -49,13 +49,10 @@ def _number(
 
 
 def _model_name(text: str) -> str:
-    names = model_names()
-    if text not in names:
-        raise argparse.ArgumentTypeError(
-            f"unknown model {text!r}; choose 'mlp', 'resnet18-reduced' or a torchvision "
-            "classification model (torchvision.models.list_models())"
-        )
-    return text
+    try:
+        return check_model_name(text)
+    except (KeyError, ModelUnavailable) as e:
+        raise argparse.ArgumentTypeError(str(e.args[0])) from None
 
 
 # The MNIST-like protocols train a 784-100-100 MLP at batch 10: each step is far too small to share
@@ -145,7 +142,46 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         type=_model_name,
         default=None,
-        help="mlp, resnet18-reduced, or any torchvision classification model (default: the protocol's)",
+        help="mlp, resnet18-reduced, any torchvision classification model, or timm:NAME for any timm model (the "
+        "optional timm extra) (default: the protocol's). torchvision and timm models get 3 channels (grey images are "
+        "repeated); a model of another family than the dataset's protocol gets its family's lr, batch size, scaling "
+        "and init (printed with the configuration as 'defaults')",
+    )
+    g.add_argument(
+        "--pretrained",
+        default=None,
+        metavar="PATH",
+        help="a local weights file (state dict or checkpoint; .safetensors too) loaded into the model by name and "
+        "shape; the run reports what was loaded and what was left out (e.g. a new head). Nothing is downloaded",
+    )
+    g.add_argument(
+        "--input_size",
+        type=_number(int, 0, low_open=True),
+        default=None,
+        help="feed the model images of this size (bilinear resize on the device; default: the data's size). A timm "
+        "model that takes img_size (ViTs) is built for it",
+    )
+    g.add_argument(
+        "--input_channels",
+        type=_number(int, 0, low_open=True),
+        default=None,
+        help="channels the model takes; 1-channel data is repeated to match (default: 3 for torchvision and timm "
+        "models, the data's for mlp and resnet18-reduced)",
+    )
+    g.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="random crop (padding 4) and horizontal flip of every training batch, on the device (default: the "
+        "dataset's protocol: CIFAR yes, MNIST-like no)",
+    )
+    g.add_argument(
+        "--replay_augment",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="replay methods store the raw images and re-apply the train augmentation to every replayed minibatch, "
+        "as the DER authors' code does (default: on when --augment is); --no-replay_augment stores and replays the "
+        "augmented view",
     )
     g.add_argument(
         "--lr",

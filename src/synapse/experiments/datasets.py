@@ -10,6 +10,7 @@ tasks) and ``*-360`` (task-free, one stream).
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import os
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from torch.utils.data import Dataset
 
 from synapse.tasks import TaskDict, TaskSubset
 
+from .models import FAMILY_DEFAULTS, family
 from .registry import Registry
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
@@ -42,6 +44,26 @@ class Protocol:
     lr: float
     normalize: bool = True  # standardise per channel; False: ToTensor's [0, 1] pixels only
     init: str = "default"  # "default" (PyTorch's) or "xavier" (Glorot-uniform weights, zero biases)
+
+    def for_model(self, model: Optional[str], pretrained: bool = False) -> Tuple[Protocol, str]:
+        """This protocol for ``model`` (None: its own), and where its defaults come from, in words.
+
+        The protocol holds as written for a model of its own family. For another family (a ResNet on an
+        MNIST-like dataset, any model with pretrained weights) the learning rate, batch size, scaling
+        and initialisation are the family's (:data:`~synapse.experiments.models.FAMILY_DEFAULTS`); the
+        epochs stay the dataset's.
+        """
+        name = model or self.model
+        kind = "pretrained" if pretrained else family(name)
+        if kind == family(self.model):
+            return dataclasses.replace(self, model=name), f"the dataset's protocol (written for {self.model})"
+        d = FAMILY_DEFAULTS[kind]
+        protocol = Protocol(name, self.num_epochs, d.batch_size, d.lr, d.normalize, d.init)
+        return protocol, (
+            f"model family {kind!r} ({d.why}): lr {d.lr}, batch {d.batch_size}, "
+            f"{'standardised' if d.normalize else '[0, 1]'} inputs, {d.init} init; "
+            f"epochs ({self.num_epochs}) from the dataset's protocol (written for {self.model})"
+        )
 
 
 SCENARIO_KINDS = ("domain-il", "task-free")

@@ -76,6 +76,7 @@ def train_epoch(
         else:
             idx = order[batch_index * batch_size : (batch_index + 1) * batch_size]
         inputs, targets = (images[idx], labels[idx]) if gather is None else gather(idx)
+        raw = inputs
         if augment:
             inputs = random_crop_flip(inputs, generator)
         outputs = model(inputs)
@@ -84,7 +85,9 @@ def train_epoch(
         if synapse is None:
             loss.backward()
         else:
-            synapse.backward(loss, targets, inputs=inputs)
+            # A method that re-augments its replay stores the raw view; otherwise the view trained on.
+            stored = raw if getattr(synapse, "replay_transform", None) is not None else inputs
+            synapse.backward(loss, targets, inputs=stored)
         optimizer.step()
         # Accumulated on the device: one host sync per epoch, not per step.
         loss_sum += loss.detach() * len(idx)
