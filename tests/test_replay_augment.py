@@ -213,3 +213,39 @@ def test_state_must_match_the_transform_and_a_rejected_load_changes_nothing():
         plain.load_state_dict(before)
     with pytest.raises(TypeError, match="replay_transform must be a callable"):
         ER(Recorder(), replay_transform=3)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------- the experiment program
+@pytest.mark.parametrize("replay_augment", [True, False])
+def test_the_experiment_program_stores_raw_images_when_it_re_augments_replay(replay_augment):
+    from synapse.experiments.run import Config, Experiment
+
+    cfg = Config(
+        dataset="fashion-mnist",
+        model="mlp",
+        augment=True,
+        replay_augment=replay_augment,
+        buffer_size=30,
+        max_train_per_task=20,
+        max_test_per_task=5,
+        threads=1,
+        quiet=True,
+    )
+    experiment = Experiment(cfg)
+    experiment.run()
+    assert experiment.cfg.replay_augment is replay_augment
+    method = experiment.synapse
+    assert (method.replay_transform is not None) is replay_augment
+    raw = torch.cat([x for x, _ in experiment.train_sets]).flatten(1)
+    stored = method.buffer.stored(["input:inputs"])["input:inputs"].flatten(1)
+    is_raw = (stored[:, None, :] == raw[None, :, :]).all(-1).any(1)
+    assert len(stored) == 30
+    # Stored raw, or (today's behaviour without re-augmentation) the augmented view the model trained on.
+    assert bool(is_raw.all()) if replay_augment else int(is_raw.sum()) < 10
+
+
+def test_replay_augment_needs_augment():
+    from synapse.experiments.run import Config, Experiment
+
+    with pytest.raises(ValueError, match="it needs augment"):
+        Experiment(Config(dataset="fashion-mnist", replay_augment=True, max_train_per_task=10, max_test_per_task=5))
