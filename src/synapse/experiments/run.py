@@ -55,6 +55,11 @@ IDENTITY = (
     "input_size",
     "input_channels",
     "pretrained",
+    "image_size",
+    "test_fraction",
+    "classes_per_task",
+    "first_task_classes",
+    "class_order_seed",
 )
 
 # Where the run is in its schedule, and what it measured so far: all of it goes into checkpoints.
@@ -102,6 +107,12 @@ class Config:
     input_size: Optional[int] = None
     input_channels: Optional[int] = None
     pretrained: Optional[str] = None
+    # Data: a folder: dataset's image size and held-out fraction; the task split of any class-IL dataset.
+    image_size: Optional[int] = None
+    test_fraction: Optional[float] = None
+    classes_per_task: Optional[int] = None
+    first_task_classes: Optional[int] = None
+    class_order_seed: Optional[int] = None
     defaults: str = ""  # where the unset values came from, in words (filled by with_protocol)
 
     def with_protocol(self, spec: DatasetSpec) -> Config:
@@ -228,7 +239,12 @@ class Experiment:
         kind = getattr(DATASETS[cfg.dataset].scenario, "kind", "class-il")
         if kind == "task-free" and self.world.size > 1:
             raise ValueError(f"{cfg.dataset} is one stream, in order: it runs in one process, not {self.world.size}")
-        self.spec, tensors, _ = load_tasks(cfg.dataset, cfg.dataset_dir)
+        self.spec, tensors, _ = load_tasks(
+            cfg.dataset,
+            cfg.dataset_dir,
+            **{k: getattr(cfg, k) for k in ("image_size", "test_fraction", "classes_per_task", "first_task_classes")},
+            class_order_seed=cfg.class_order_seed,
+        )
         self.cfg = cfg.with_protocol(self.spec)
         self.main = self.world.is_main
         torch.manual_seed(self.cfg.seed)
