@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from synapse import named_batches
 from synapse.augment import Compose, RandomCropFlip, apply_transform, random_crop_flip
 from synapse.gradient import AGEM
-from synapse.rehearsal import ER, MIR, XDER, GDumb
+from synapse.rehearsal import ER, MIR, XDER, BiC, GDumb, ICaRL
 
 PAD = 2
 
@@ -182,6 +183,27 @@ def test_other_replay_methods_augment_their_replay(cls):
     replayed = [r for r in rows if any(is_view_of(r, x[i]) for i in range(4))]
     assert len(replayed) >= 4
     assert sum(not any(torch.equal(r, x[i]) for i in range(4)) for r in replayed) >= 2  # augmented, not raw
+
+
+@pytest.mark.parametrize("cls", [ICaRL, BiC])
+def test_a_frozen_copy_distils_on_the_view_the_model_trained_on_not_the_raw_one_stored(cls):
+    torch.manual_seed(0)
+    model = Recorder()
+    kwargs = {"bias_epochs": 1} if cls is BiC else {}
+    method = cls(model, buffer_size=8, buffer_sample_size=2, replay_transform=RandomCropFlip(PAD), **kwargs)
+    augment, gen = RandomCropFlip(PAD), torch.Generator().manual_seed(1)
+    x, y = images(8, 0), torch.arange(8) % 2
+    step(method, model, x, y, augment, gen)
+    method.end_task(named_batches([(x, y)]))
+    assert method.teacher is not None
+    seen = []
+    method.teacher.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["inputs"]), with_kwargs=True)
+    x2, y2 = images(4, 1), torch.tensor([2, 3, 2, 3])
+    model.seen.clear()
+    step(method, model, x2, y2, augment, gen)
+    trained_on = model.seen[0][:4]
+    assert not torch.equal(trained_on, x2)
+    assert len(seen) == 1 and torch.equal(seen[0][:4], trained_on)
 
 
 def test_gdumb_retrains_on_augmented_views_of_its_memory():

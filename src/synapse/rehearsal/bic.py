@@ -312,13 +312,14 @@ class BiC(ER):
         batch, seen = targets.shape[0], step.seen[1:-1]
         if self.current_loss == "user" and self.teacher is None and replay is None:
             return loss  # no distillation, no replayed rows: the user's loss is the whole term
-        logits, labels, inputs = outputs, targets, model_inputs
+        # The teacher sees the view the model trained on (the forward's inputs, e.g. augmented).
+        logits, labels, inputs = outputs, targets, self._forward.current_inputs(model_inputs)
         if replay is not None:  # the replayed rows join the batch: one set of training rows
             assert replay.outputs is not None
             logits = torch.cat([outputs, replay.outputs[0]])
             labels = torch.cat([targets, replay.sample["targets"].to(targets.dtype)])
             if self.teacher is not None:
-                inputs = {k: torch.cat([v, replay.sample[f"input:{k}"]]) for k, v in model_inputs.items()}
+                inputs = {k: torch.cat([v, replay.sample[f"input:{k}"]]) for k, v in inputs.items()}
         teacher = None if self.teacher is None else self.corrected(self._teacher_logits(inputs, len(labels)))
         corrected = self.corrected(logits)
         if self.current_loss == "user":

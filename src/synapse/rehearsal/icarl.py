@@ -275,7 +275,8 @@ class ICaRL(ER):
         exemplars, from one forward over the rows needed."""
         if self.teacher is None:
             return None, None
-        own = dict(model_inputs) if self.current_loss == "method" else {}
+        # The frozen copy sees the view the model trained on (the forward's inputs, e.g. augmented).
+        own = dict(self._forward.current_inputs(model_inputs)) if self.current_loss == "method" else {}
         inputs = own
         if replay is not None:
             replayed = self._inputs_of(replay.sample)
