@@ -510,7 +510,7 @@ def _read_images(files: Sequence[str], size: int) -> Tensor:
     out = np.empty((len(files), size, size, 3), dtype=np.uint8)
     for i, f in enumerate(files):
         with Image.open(f) as image:
-            out[i] = np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR))
+            out[i] = np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR))
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
 
