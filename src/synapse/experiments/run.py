@@ -242,7 +242,10 @@ class Experiment:
         self.spec, tensors, _ = load_tasks(
             cfg.dataset,
             cfg.dataset_dir,
-            **{k: getattr(cfg, k) for k in ("image_size", "test_fraction", "classes_per_task", "first_task_classes")},
+            image_size=cfg.image_size,
+            test_fraction=cfg.test_fraction,
+            classes_per_task=cfg.classes_per_task,
+            first_task_classes=cfg.first_task_classes,
             class_order_seed=cfg.class_order_seed,
         )
         self.cfg = cfg.with_protocol(self.spec)
