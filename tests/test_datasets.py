@@ -108,3 +108,20 @@ def test_the_experiment_program_runs_on_an_image_folder(split_tree, tmp_path):
     assert results["scenario"]["num_tasks"] == 2 and len(results["accuracy_matrix"]["class_il"]) == 2
     assert results["config"]["augment"] is True and results["config"]["replay_augment"] is True
     assert results["test_samples_per_task"] == [4, 4]
+
+
+def test_tiny_imagenet_layout_reads_as_it_is(tmp_path):
+    """train/<wnid>/images/, val/images/ labelled by val_annotations.txt, and an unlabelled test/images/."""
+    wnids = ("n01", "n02", "n03")
+    lines = []
+    for label, wnid in enumerate(wnids):
+        write_images(str(tmp_path / "train" / wnid / "images"), label, 3)
+        write_images(str(tmp_path / "val" / "images"), label, 2, first=10 * label)
+        lines += [f"{10 * label + i}.png\t{wnid}\t0\t0\t8\t8\n" for i in range(2)]
+    (tmp_path / "val" / "val_annotations.txt").write_text("".join(lines))
+    write_images(str(tmp_path / "test" / "images"), 0, 2)  # TinyImageNet's test set has no labels
+    spec, tensors, _ = load_tasks(f"folder:{tmp_path}", "unused", image_size=8)
+    assert spec.num_classes == 3
+    assert [len(t[1]) for t in tensors] == [3, 3, 3] and [len(t[3]) for t in tensors] == [2, 2, 2]
+    for train_x, train_y, test_x, test_y in tensors:
+        assert labels_match_pixels(train_x, train_y) and labels_match_pixels(test_x, test_y)

@@ -457,26 +457,61 @@ def _image_files(folder: str) -> List[str]:
     return sorted(found)
 
 
-def _folder_layout(path: str) -> Tuple[List[str], bool]:
-    """The class names, and whether ``path`` holds ``train/`` and ``test/`` trees (else one tree of classes)."""
+ANNOTATIONS = "val_annotations.txt"  # TinyImageNet's val/: one images/ folder, labels in this file
+
+
+def _held_out_part(path: str, classes: List[str]) -> Optional[str]:
+    """The labelled held-out folder beside ``train/``: ``test/`` or ``val/`` with the same class folders, or
+    TinyImageNet's ``val/`` with its annotation file; None when there is none (hold a fraction out)."""
+    for part in ("test", "val"):
+        folder = os.path.join(path, part)
+        if os.path.isdir(folder) and (
+            _class_folders(folder) == classes or os.path.isfile(os.path.join(folder, ANNOTATIONS))
+        ):
+            return part
+    return None
+
+
+def _folder_layout(path: str) -> Tuple[List[str], Optional[str]]:
+    """The class names, and the held-out part (``test``/``val``) when ``path`` holds ``train/`` beside it;
+    else (None) ``path`` is one tree of class folders."""
     if not os.path.isdir(path):
         raise DatasetUnavailable(f"folder dataset {path!r} is not a directory")
-    split = all(os.path.isdir(os.path.join(path, s)) for s in ("train", "test"))
-    classes = _class_folders(os.path.join(path, "train") if split else path)
-    if split and _class_folders(os.path.join(path, "test")) != classes:
-        raise DatasetUnavailable(f"{path}: train/ and test/ must hold the same class folders")
+    if os.path.isdir(os.path.join(path, "train")):
+        classes = _class_folders(os.path.join(path, "train"))
+        held_out = _held_out_part(path, classes)
+        if held_out is None:
+            raise DatasetUnavailable(
+                f"{path}: beside train/ there must be test/ (or val/) with the same class folders, or TinyImageNet's "
+                f"val/ with {ANNOTATIONS}"
+            )
+    else:
+        classes, held_out = _class_folders(path), None
     if len(classes) < 2:
         raise DatasetUnavailable(
             f"{path} holds {len(classes)} class folder(s): expected train/ and test/ with one folder per class, "
             "or one folder per class"
         )
-    return classes, split
+    return classes, held_out
+
+
+def _annotated(folder: str, classes: List[str]) -> Dict[str, List[str]]:
+    """``{class: files}`` from TinyImageNet's ``val_annotations.txt`` (file name, class, box, tab-separated)."""
+    index: Dict[str, List[str]] = {c: [] for c in classes}
+    with open(os.path.join(folder, ANNOTATIONS), encoding="utf-8") as f:
+        for line in f:
+            fields = line.split("\t")
+            if len(fields) >= 2 and fields[1] in index:
+                index[fields[1]].append(os.path.join(folder, "images", fields[0]))
+    return {c: sorted(files) for c, files in index.items()}
 
 
 def folder_spec(path: str, image_size: int = 32, test_fraction: float = 0.2) -> DatasetSpec:
-    """A dataset of the images under ``path``, in ImageFolder layout: ``train/`` and ``test/`` with one folder
-    per class, or one folder per class, of which ``test_fraction`` of every class is held out (the same
-    items for every run: a fixed seed). Images are read as RGB and resized to ``image_size`` squared
+    """A dataset of the images under ``path``, in ImageFolder layout: ``train/`` and ``test/`` (or ``val/``)
+    with one folder per class, or one folder per class, of which ``test_fraction`` of every class is held
+    out (the same items for every run: a fixed seed). TinyImageNet reads as it is: images at any depth
+    below their class folder (``train/<wnid>/images/``), and ``val/`` labelled by ``val_annotations.txt``.
+    Images are read as RGB and resized to ``image_size`` squared
     (bilinear) when loaded; the CIFAR protocol applies (augmentation included). Classes are numbered in
     the folders' sorted order, split into 5 tasks when their number allows it (else one class per task).
 
@@ -515,13 +550,18 @@ def _read_images(files: Sequence[str], size: int) -> Tensor:
 
 
 def _load_folder(path: str, size: int, test_fraction: float) -> Tuple[Dataset, Dataset]:
-    classes, split = _folder_layout(path)
+    classes, held_out = _folder_layout(path)
     parts: Dict[str, Tuple[List[str], List[int]]] = {"train": ([], []), "test": ([], [])}
     generator = torch.Generator().manual_seed(0)  # the held-out items never change between runs
+    annotated = None
+    if held_out is not None and os.path.isfile(os.path.join(path, held_out, ANNOTATIONS)):
+        annotated = _annotated(os.path.join(path, held_out), classes)
     for label, name in enumerate(classes):
-        if split:
-            for part in ("train", "test"):
-                files = _image_files(os.path.join(path, part, name))
+        if held_out is not None:
+            for part, files in (
+                ("train", _image_files(os.path.join(path, "train", name))),
+                ("test", annotated[name] if annotated else _image_files(os.path.join(path, held_out, name))),
+            ):
                 parts[part][0].extend(files)
                 parts[part][1].extend([label] * len(files))
             continue
