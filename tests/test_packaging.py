@@ -25,9 +25,11 @@ CORE_MODULES = (
     "synapse.episodic",
     "synapse.tasks",
     "synapse.metrics",
+    "synapse.augment",
 )
 # The experiment program's and the optional adapters' dependencies: never imported by the core.
 FORBIDDEN = ("synapse.experiments", "synapse.integrations", "torchvision", "matplotlib", "tqdm", "tensorboard", "wandb")
+FORBIDDEN += ("timm",)  # the experiment program's optional backbones
 
 
 def _pyproject() -> dict:

@@ -24,6 +24,7 @@ from ._validation import (
     forward_signature,
 )
 from ._watch import LogProbabilityCheck, NewClassWatch
+from .augment import Transform, apply_transform
 from .buffer import fresh_seed
 from .memory import STREAM_POLICIES, make_buffer
 
@@ -471,6 +472,14 @@ class BufferedSynapse(Synapse):
     ``buffer_policy`` chooses what the memory keeps (:mod:`synapse.memory`): ``'reservoir'`` (default), or
     ``'class_balanced'`` (GDumb's greedy class balancer). A subclass may accept other policies by setting
     the class attribute ``buffer_policies`` (a method filled at task ends lists ``'herding'``).
+
+    ``replay_transform`` (default None: replay what was stored) augments every replayed minibatch on the
+    device before it is used, fused or not (:mod:`synapse.augment`; any callable ``images -> images``).
+    Its per-image randomness comes from the method's own generator (seeded from torch's global RNG when
+    the method is made, and saved in :meth:`state_dict`), so a resumed run replays the same views. The
+    memory stores what ``backward`` receives: to store the raw view while the model trains on an augmented
+    one, call ``model(augment(x))`` and then ``backward(loss, y, inputs=x)``. Stored logits (DER) are the
+    outputs of that augmented forward, as in the DER authors' code.
     """
 
     def __init__(
@@ -482,8 +491,13 @@ class BufferedSynapse(Synapse):
         buffer_scope: str = "rank",
         buffer_policy: str = "reservoir",
         scaler: Optional[torch.amp.GradScaler] = None,
+        replay_transform: Optional[Transform] = None,
     ) -> None:
         check_positive_int("buffer_size", buffer_size)
+        if replay_transform is not None and not callable(replay_transform):
+            raise TypeError(
+                f"replay_transform must be a callable (images -> images) or None, got {type(replay_transform).__name__}"
+            )
         check_positive_int("buffer_sample_size", buffer_sample_size)
         if buffer_scope not in ("rank", "global"):
             raise ValueError(f"buffer_scope must be 'rank' or 'global', got {buffer_scope!r}")
@@ -506,6 +520,14 @@ class BufferedSynapse(Synapse):
         self._last_replay: Optional[Dict[str, Tensor]] = None
         self.add_state_object("buffer", lambda: self.buffer)
         self.add_constraint(self._check_stored_fields)
+        # Replay augmentation: the generator is made (and torch's global RNG read) only when asked for, so
+        # that without a transform a run is bit-identical to one made before this option existed.
+        self.replay_transform = replay_transform
+        self._replay_generator: Optional[torch.Generator] = None
+        if replay_transform is not None:
+            self._replay_generator = torch.Generator().manual_seed(fresh_seed())
+            # declared only with a transform: state dicts of runs without one stay as they were
+            self.add_generator("replay_rng", "_replay_generator")
 
     def _check(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
         # Names, types and batch sizes were checked by backward; only what the user passed needs checking
@@ -562,7 +584,26 @@ class BufferedSynapse(Synapse):
         """``num_minibatches`` independent minibatches (of all fields, or ``names``), one after the other
         along dim 0: minibatch ``i`` is rows ``i*k:(i+1)*k`` with ``k = min(buffer_sample_size, len)``."""
         self._follow_model_device()
-        return self._replaying(self.buffer.sample(self.buffer_sample_size, num_minibatches, names))
+        return self._replaying(
+            self._augment_replay(self.buffer.sample(self.buffer_sample_size, num_minibatches, names))
+        )
+
+    def _augment_replay(self, sample: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        """``sample`` with its inputs passed through ``replay_transform`` (none: unchanged), in place.
+
+        Every replay path calls it once per replayed minibatch, so the draws from the method's generator
+        follow the steps in the same order, fused or not, and a resumed run repeats them."""
+        if self.replay_transform is None:
+            return sample
+        for name in sample:
+            if name.startswith("input:"):
+                rows = sample[name].shape[0]
+                out = apply_transform(self.replay_transform, sample[name], self._replay_generator)
+                if not isinstance(out, Tensor) or out.shape[0] != rows:
+                    got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+                    raise ValueError(f"replay_transform must return a tensor of {rows} rows for {name!r}, got {got}")
+                sample[name] = out
+        return sample
 
     @staticmethod
     def _inputs_of(sample: Mapping[str, Tensor]) -> Dict[str, Tensor]:

@@ -30,7 +30,7 @@ import contextlib
 import inspect
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -127,6 +127,9 @@ class ForwardCapture:
         # A forward with grad enabled but in eval mode ran since the last training forward: it carried no
         # replay and its outputs were not kept (ER's fused replay then has nothing to ride on).
         self.eval_forward = False
+        # The inputs of the user's rows in that forward: the view the model trained on, which may differ from
+        # what backward receives (the raw view, stored for replay that re-augments).
+        self.inputs: Optional[Dict[str, Tensor]] = None
         self._paused = 0
         self._signature = forward_signature(module)
         positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
@@ -160,6 +163,7 @@ class ForwardCapture:
         self.output_type = None
         self.replay = None
         self.eval_forward = False
+        self.inputs = None
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -182,6 +186,8 @@ class ForwardCapture:
     def _pre_forward(self, module: nn.Module, args: tuple, kwargs: Dict[str, Any]) -> Optional[tuple]:
         if self.replay is not None and self.replay.parameters_version != self._parameter._version:
             self.replay = None  # a forward whose backward never came, and the optimizer stepped since
+        if self.input_names is not None and self._training_forward(module):
+            self.inputs = self._find_inputs(args, kwargs)
         if self._replay_source is None or self.replay is not None or not self._training_forward(module):
             return None
         if self.input_names is None:
@@ -198,6 +204,29 @@ class ForwardCapture:
         replay.parameters_version = self._parameter._version
         self.replay = replay
         return tuple(new_args), new_kwargs
+
+    def _find_inputs(self, args: tuple, kwargs: Dict[str, Any]) -> Optional[Dict[str, Tensor]]:
+        """The named inputs of this forward call, or None where one is not found as a tensor."""
+        assert self.input_names is not None
+        found = {}
+        for name in self.input_names:
+            position = self._positions.get(name, len(args))
+            value = kwargs[name] if name in kwargs else args[position] if position < len(args) else None
+            if not isinstance(value, Tensor):
+                return None
+            found[name] = value
+        return found
+
+    def current_inputs(self, given: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+        """The inputs of the user's rows in the last training forward, where they match ``given`` (backward's)
+        in names and batch size; else ``given``. A method that runs a frozen copy on the current batch (iCaRL,
+        BiC) reads them, so that it distils on the view the model trained on, not on the raw view stored."""
+        live = self.inputs
+        if live is None or live.keys() != given.keys():
+            return given
+        if any(live[k].shape[0] != given[k].shape[0] for k in given):
+            return given
+        return live
 
     def _locate(self, name: str, args: List[Any], kwargs: Dict[str, Any]) -> Tuple[Any, Any]:
         """Where input ``name`` sits in this forward call: ``(kwargs, name)`` or ``(args, position)``."""

@@ -28,7 +28,7 @@ __all__ = ["HParam", "MethodSpec", "register", "get", "names", "specs", "methods
 
 FAMILIES = ("rehearsal", "gradient", "structure", "distillation")
 # Arguments the experiment program sets from its own flags rather than from method hyperparameters.
-RUN_ARGUMENTS = ("buffer_size", "buffer_sample_size", "buffer_scope", "fused")
+RUN_ARGUMENTS = ("buffer_size", "buffer_sample_size", "buffer_scope", "fused", "replay_transform")
 
 
 @dataclass(frozen=True)

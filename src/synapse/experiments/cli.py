@@ -16,7 +16,7 @@ from ._extras import missing_extras_message, missing_modules
 from .checkpoint import CheckpointError
 from .datasets import DATASETS, DatasetUnavailable
 from .loggers import BACKENDS, LoggerUnavailable
-from .models import INITS, model_names
+from .models import INITS, ModelUnavailable, check_model_name
 from .run import TRAINING_TYPES, Config, Experiment, StopRequested, check_scenario
 
 
@@ -49,14 +49,23 @@ def _number(
     return parse
 
 
-def _model_name(text: str) -> str:
-    names = model_names()
-    if text not in names:
+def _dataset_name(text: str) -> str:
+    if text not in DATASETS:
         raise argparse.ArgumentTypeError(
-            f"unknown model {text!r}; choose 'mlp', 'resnet18-reduced' or a torchvision "
-            "classification model (torchvision.models.list_models())"
+            f"unknown dataset {text!r}; choose from {', '.join(DATASETS.names())} or folder:PATH"
         )
+    try:
+        DATASETS[text]  # a folder: dataset's layout is checked here, before any work
+    except DatasetUnavailable as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return text
+
+
+def _model_name(text: str) -> str:
+    try:
+        return check_model_name(text)
+    except (KeyError, ModelUnavailable) as e:
+        raise argparse.ArgumentTypeError(str(e.args[0])) from None
 
 
 # The MNIST-like protocols train a 784-100-100 MLP at batch 10: each step is far too small to share
@@ -101,12 +110,46 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--dataset",
         default=d.dataset,
-        choices=DATASETS.names(),
-        help="MNIST-like: 5 tasks x 2 classes; cifar10: 5 x 2; cifar100: 10 x 10. The DER paper's other protocols "
-        "on MNIST or Fashion-MNIST: perm-* and rot-* are domain-incremental (20 tasks, each of all 10 classes under "
-        "its own pixel permutation or rotation; Task-IL does not apply and is reported as null; mlp, 1 epoch, batch "
-        "128, lr 0.2); *-360 is the task-free MNIST-360 stream (classes 0-8 in rotating pairs, one pass, no task "
-        "boundaries: methods that need them are refused; mlp, batch 16, lr 0.1)",
+        type=_dataset_name,
+        metavar="{" + ",".join(DATASETS.names()) + ",folder:PATH}",
+        help="MNIST-like: 5 tasks x 2 classes; cifar10: 5 x 2; cifar100: 10 x 10; folder:PATH: your own images in "
+        "ImageFolder layout (train/ and test/ with one folder per class, or one folder per class with --test_fraction"
+        " held out), read as RGB at --image_size, 5 tasks when the classes allow it, else one class per task, the "
+        "CIFAR protocol (TinyImageNet's train/<class>/images/ reads too). The DER paper's other protocols on MNIST or"
+        " Fashion-MNIST: perm-* and rot-* are domain-incremental (20 tasks, each of all 10 classes under its own "
+        "pixel permutation or rotation; Task-IL does not apply and is reported as null; mlp, 1 epoch, batch 128, lr "
+        "0.2); *-360 is the task-free MNIST-360 stream (classes 0-8 in rotating pairs, one pass, no task boundaries: "
+        "methods that need them are refused; mlp, batch 16, lr 0.1)",
+    )
+    g.add_argument(
+        "--image_size",
+        type=_number(int, 8),
+        default=None,
+        help="folder: datasets: images are resized (bilinear) to this size when read (default 32)",
+    )
+    g.add_argument(
+        "--test_fraction",
+        type=_number(float, 0, 1, low_open=True),
+        default=None,
+        help="folder: datasets of one tree: the fraction of each class held out as its test set (default 0.2)",
+    )
+    g.add_argument(
+        "--classes_per_task",
+        type=_number(int, 0, low_open=True),
+        default=None,
+        help="classes per task (default: the dataset's)",
+    )
+    g.add_argument(
+        "--first_task_classes",
+        type=_number(int, 0, low_open=True),
+        default=None,
+        help="an uneven first task, e.g. 50 for CIFAR-100 as 50 + 5 x 10 with --classes_per_task 10",
+    )
+    g.add_argument(
+        "--class_order_seed",
+        type=int,
+        default=None,
+        help="shuffle which classes form which task with this seed (default: the dataset's label order)",
     )
     g.add_argument(
         "--validation_ratio",
@@ -146,7 +189,46 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         type=_model_name,
         default=None,
-        help="mlp, resnet18-reduced, or any torchvision classification model (default: the protocol's)",
+        help="mlp, resnet18-reduced, any torchvision classification model, or timm:NAME for any timm model (the "
+        "optional timm extra) (default: the protocol's). torchvision and timm models get 3 channels (grey images are "
+        "repeated); a model of another family than the dataset's protocol gets its family's lr, batch size, scaling "
+        "and init (printed with the configuration as 'defaults')",
+    )
+    g.add_argument(
+        "--pretrained",
+        default=None,
+        metavar="PATH",
+        help="a local weights file (state dict or checkpoint; .safetensors too) loaded into the model by name and "
+        "shape; the run reports what was loaded and what was left out (e.g. a new head). Nothing is downloaded",
+    )
+    g.add_argument(
+        "--input_size",
+        type=_number(int, 0, low_open=True),
+        default=None,
+        help="feed the model images of this size (bilinear resize on the device; default: the data's size). A timm "
+        "model that takes img_size (ViTs) is built for it",
+    )
+    g.add_argument(
+        "--input_channels",
+        type=_number(int, 0, low_open=True),
+        default=None,
+        help="channels the model takes; 1-channel data is repeated to match (default: 3 for torchvision and timm "
+        "models, the data's for mlp and resnet18-reduced)",
+    )
+    g.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="random crop (padding 4) and horizontal flip of every training batch, on the device (default: the "
+        "dataset's protocol: CIFAR yes, MNIST-like no)",
+    )
+    g.add_argument(
+        "--replay_augment",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="replay methods store the raw images and re-apply the train augmentation to every replayed minibatch, "
+        "as the DER authors' code does (default: on when --augment is); --no-replay_augment stores and replays the "
+        "augmented view",
     )
     g.add_argument(
         "--lr",

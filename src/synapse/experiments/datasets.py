@@ -10,6 +10,7 @@ tasks) and ``*-360`` (task-free, one stream).
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import os
 from dataclasses import dataclass
@@ -20,8 +21,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from synapse.tasks import TaskDict, TaskSubset
+from synapse.tasks import TaskDict, TaskSubset, dataset_targets
 
+from .models import FAMILY_DEFAULTS, family
 from .registry import Registry
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
@@ -42,6 +44,26 @@ class Protocol:
     lr: float
     normalize: bool = True  # standardise per channel; False: ToTensor's [0, 1] pixels only
     init: str = "default"  # "default" (PyTorch's) or "xavier" (Glorot-uniform weights, zero biases)
+
+    def for_model(self, model: Optional[str], pretrained: bool = False) -> Tuple[Protocol, str]:
+        """This protocol for ``model`` (None: its own), and where its defaults come from, in words.
+
+        The protocol holds as written for a model of its own family. For another family (a ResNet on an
+        MNIST-like dataset, any model with pretrained weights) the learning rate, batch size, scaling
+        and initialisation are the family's (:data:`~synapse.experiments.models.FAMILY_DEFAULTS`); the
+        epochs stay the dataset's.
+        """
+        name = model or self.model
+        kind = "pretrained" if pretrained else family(name)
+        if kind == family(self.model):
+            return dataclasses.replace(self, model=name), f"the dataset's protocol (written for {self.model})"
+        d = FAMILY_DEFAULTS[kind]
+        protocol = Protocol(name, self.num_epochs, d.batch_size, d.lr, d.normalize, d.init)
+        return protocol, (
+            f"model family {kind!r} ({d.why}): lr {d.lr}, batch {d.batch_size}, "
+            f"{'standardised' if d.normalize else '[0, 1]'} inputs, {d.init} init; "
+            f"epochs ({self.num_epochs}) from the dataset's protocol (written for {self.model})"
+        )
 
 
 SCENARIO_KINDS = ("domain-il", "task-free")
@@ -74,19 +96,50 @@ class DatasetSpec:
     protocol: Protocol
     load: Callable[[str], Tuple[Dataset, Dataset]]  # root -> (train, test)
     scenario: Optional[Scenario] = None  # None: a class-incremental split
+    first_task_classes: Optional[int] = None  # an uneven first task (e.g. CIFAR-100 as 50 + 5 x 10)
+    class_order: Optional[Tuple[int, ...]] = None  # class_order[i]: the dataset's label that becomes class i
 
     @property
     def num_tasks(self) -> int:
         if self.scenario is not None:
             return self.scenario.num_tasks
-        return self.num_classes // self.classes_per_task
+        first = self.first_task_classes or self.classes_per_task
+        return 1 + (self.num_classes - first) // self.classes_per_task
 
     def task_classes(self) -> Dict[int, Tuple[int, ...]]:
         """The classes each task is scored on (domain-IL: all of them, every task; task-free: one stream)."""
         if self.scenario is not None:
             return {t: tuple(range(self.num_classes)) for t in range(self.num_tasks)}
-        k = self.classes_per_task
-        return {t: tuple(range(t * k, (t + 1) * k)) for t in range(self.num_tasks)}
+        k, first = self.classes_per_task, self.first_task_classes or self.classes_per_task
+        return {t: tuple(range(first + (t - 1) * k if t else 0, first + t * k)) for t in range(self.num_tasks)}
+
+    def with_split(
+        self,
+        classes_per_task: Optional[int] = None,
+        first_task_classes: Optional[int] = None,
+        class_order_seed: Optional[int] = None,
+    ) -> DatasetSpec:
+        """This dataset split another way: ``classes_per_task``, an uneven first task, and a class order
+        drawn from ``class_order_seed`` (the labels are renumbered in that order, so task ``t`` still holds
+        consecutive classes). None keeps the dataset's own. Raises ValueError for a split that does not fit."""
+        if (classes_per_task, first_task_classes, class_order_seed) == (None, None, None):
+            return self
+        if self.scenario is not None:
+            raise ValueError(f"{self.name} is a {self.scenario.kind} scenario: its tasks are not split by class")
+        k = self.classes_per_task if classes_per_task is None else classes_per_task
+        first = k if first_task_classes is None else first_task_classes
+        if k < 1 or not 1 <= first <= self.num_classes or (self.num_classes - first) % k:
+            raise ValueError(
+                f"{self.num_classes} classes cannot be split into a first task of {first} and tasks of {k} classes: "
+                f"{self.num_classes} - first_task_classes must be a multiple of classes_per_task"
+            )
+        order = self.class_order
+        if class_order_seed is not None:
+            generator = torch.Generator().manual_seed(class_order_seed)
+            order = tuple(torch.randperm(self.num_classes, generator=generator).tolist())
+        return dataclasses.replace(
+            self, classes_per_task=k, first_task_classes=None if first == k else first, class_order=order
+        )
 
     def split_classes(self) -> Dict[int, Tuple[int, ...]]:
         """How the base data is split when loaded: by task, or (scenarios) one part holding the classes used."""
@@ -95,7 +148,22 @@ class DatasetSpec:
         return self.task_classes()
 
 
-DATASETS: Registry[DatasetSpec] = Registry("dataset")
+FOLDER_PREFIX = "folder:"
+
+
+class DatasetRegistry(Registry[DatasetSpec]):
+    """The registered datasets, plus ``folder:PATH`` for any image folder (:func:`folder_spec`)."""
+
+    def __getitem__(self, name: str) -> DatasetSpec:
+        if isinstance(name, str) and name.startswith(FOLDER_PREFIX):
+            return folder_spec(name[len(FOLDER_PREFIX) :])
+        return super().__getitem__(name)
+
+    def __contains__(self, name: object) -> bool:
+        return (isinstance(name, str) and name.startswith(FOLDER_PREFIX)) or super().__contains__(name)
+
+
+DATASETS: DatasetRegistry = DatasetRegistry("dataset")
 
 
 class ImageTensors(Dataset):
@@ -118,6 +186,8 @@ class SplitDataset(TaskDict):
     def __init__(self, root: str, spec: DatasetSpec) -> None:
         self._spec = spec
         self._train, self._test = spec.load(root)
+        if spec.class_order is not None:  # renumbered: class i is the dataset's label class_order[i]
+            self._train, self._test = _relabel(self._train, spec.class_order), _relabel(self._test, spec.class_order)
         super().__init__(root, spec.split_classes())
 
     def _train_set(self, root: str) -> Dataset:
@@ -125,6 +195,16 @@ class SplitDataset(TaskDict):
 
     def _test_set(self, root: str) -> Dataset:
         return self._test
+
+
+def _relabel(dataset: Dataset, order: Sequence[int]) -> ImageTensors:
+    """``dataset``'s images with label ``order[i]`` renumbered ``i``."""
+    new_label = torch.empty(len(order), dtype=torch.int64)
+    new_label[torch.as_tensor(order)] = torch.arange(len(order))
+    data = getattr(dataset, "data", None)
+    if data is None:
+        raise TypeError(f"{type(dataset).__name__} has no 'data' array: a class order cannot be applied to it")
+    return ImageTensors(data, new_label[dataset_targets(dataset)])
 
 
 def images_of(subset: TaskSubset) -> Tuple[Tensor, Tensor]:
@@ -324,13 +404,181 @@ for _base, (_mean, _std, _load) in _BASES.items():
         DATASETS.register(_spec.name)(_spec)
 
 
-def load_tasks(name: str, root: str) -> Tuple[DatasetSpec, List[Tuple[Tensor, Tensor, Tensor, Tensor]], SplitDataset]:
+def load_tasks(
+    name: str,
+    root: str,
+    *,
+    image_size: Optional[int] = None,
+    test_fraction: Optional[float] = None,
+    classes_per_task: Optional[int] = None,
+    first_task_classes: Optional[int] = None,
+    class_order_seed: Optional[int] = None,
+) -> Tuple[DatasetSpec, List[Tuple[Tensor, Tensor, Tensor, Tensor]], SplitDataset]:
     """``(spec, [(train_x, train_y, test_x, test_y) per task], task_dict)`` for dataset ``name``.
 
     For a scenario dataset (``spec.scenario``) the list has one entry, the base data restricted to the
     scenario's classes, untransformed: the experiment builds the tasks or the stream from it.
+    ``image_size`` and ``test_fraction`` apply to ``folder:`` datasets (:func:`folder_spec`); the split
+    options to any class-incremental one (:meth:`DatasetSpec.with_split`).
     """
-    spec = DATASETS[name]
+    if name.startswith(FOLDER_PREFIX):
+        spec = folder_spec(
+            name[len(FOLDER_PREFIX) :], image_size or 32, 0.2 if test_fraction is None else test_fraction
+        )
+    elif image_size is not None or test_fraction is not None:
+        raise ValueError(
+            f"image_size and test_fraction apply to folder: datasets, not {name!r} (to feed a model another size, "
+            "use input_size)"
+        )
+    else:
+        spec = DATASETS[name]
+    spec = spec.with_split(classes_per_task, first_task_classes, class_order_seed)
     tasks = SplitDataset(root, spec)
     tensors = [(*images_of(t.train_set), *images_of(t.test_set)) for t in tasks.values()]
     return spec, tensors, tasks
+
+
+# ---------------------------------------------------------------------------- image folders
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
+# Natural images: standardised with ImageNet's statistics (a folder's own are unknown until it is read).
+_FOLDER_MEAN, _FOLDER_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _class_folders(path: str) -> List[str]:
+    return sorted(d for d in os.listdir(path) if not d.startswith(".") and os.path.isdir(os.path.join(path, d)))
+
+
+def _image_files(folder: str) -> List[str]:
+    """The images under ``folder``, at any depth (TinyImageNet's train/<class>/images/ too), sorted."""
+    found = []
+    for parent, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [os.path.join(parent, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+    return sorted(found)
+
+
+ANNOTATIONS = "val_annotations.txt"  # TinyImageNet's val/: one images/ folder, labels in this file
+
+
+def _held_out_part(path: str, classes: List[str]) -> Optional[str]:
+    """The labelled held-out folder beside ``train/``: ``test/`` or ``val/`` with the same class folders, or
+    TinyImageNet's ``val/`` with its annotation file; None when there is none (hold a fraction out)."""
+    for part in ("test", "val"):
+        folder = os.path.join(path, part)
+        if os.path.isdir(folder) and (
+            _class_folders(folder) == classes or os.path.isfile(os.path.join(folder, ANNOTATIONS))
+        ):
+            return part
+    return None
+
+
+def _folder_layout(path: str) -> Tuple[List[str], Optional[str]]:
+    """The class names, and the held-out part (``test``/``val``) when ``path`` holds ``train/`` beside it;
+    else (None) ``path`` is one tree of class folders."""
+    if not os.path.isdir(path):
+        raise DatasetUnavailable(f"folder dataset {path!r} is not a directory")
+    if os.path.isdir(os.path.join(path, "train")):
+        classes = _class_folders(os.path.join(path, "train"))
+        held_out = _held_out_part(path, classes)
+        if held_out is None:
+            raise DatasetUnavailable(
+                f"{path}: beside train/ there must be test/ (or val/) with the same class folders, or TinyImageNet's "
+                f"val/ with {ANNOTATIONS}"
+            )
+    else:
+        classes, held_out = _class_folders(path), None
+    if len(classes) < 2:
+        raise DatasetUnavailable(
+            f"{path} holds {len(classes)} class folder(s): expected train/ and test/ with one folder per class, "
+            "or one folder per class"
+        )
+    return classes, held_out
+
+
+def _annotated(folder: str, classes: List[str]) -> Dict[str, List[str]]:
+    """``{class: files}`` from TinyImageNet's ``val_annotations.txt`` (file name, class, box, tab-separated)."""
+    index: Dict[str, List[str]] = {c: [] for c in classes}
+    with open(os.path.join(folder, ANNOTATIONS), encoding="utf-8") as f:
+        for line in f:
+            fields = line.split("\t")
+            if len(fields) >= 2 and fields[1] in index:
+                index[fields[1]].append(os.path.join(folder, "images", fields[0]))
+    return {c: sorted(files) for c, files in index.items()}
+
+
+def folder_spec(path: str, image_size: int = 32, test_fraction: float = 0.2) -> DatasetSpec:
+    """A dataset of the images under ``path``, in ImageFolder layout: ``train/`` and ``test/`` (or ``val/``)
+    with one folder per class, or one folder per class, of which ``test_fraction`` of every class is held
+    out (the same items for every run: a fixed seed). TinyImageNet reads as it is: images at any depth
+    below their class folder (``train/<wnid>/images/``), and ``val/`` labelled by ``val_annotations.txt``.
+    Images are read as RGB and resized to ``image_size`` squared
+    (bilinear) when loaded; the CIFAR protocol applies (augmentation included). Classes are numbered in
+    the folders' sorted order, split into 5 tasks when their number allows it (else one class per task).
+
+    Example:
+        >>> spec = folder_spec("my_images", image_size=64)  # doctest: +SKIP
+    """
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
+        raise ValueError(f"image_size must be an int of at least 8, got {image_size!r}")
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+    classes, _ = _folder_layout(path)
+    k = len(classes)
+    return DatasetSpec(
+        f"{FOLDER_PREFIX}{path}",
+        k,
+        k // 5 if k % 5 == 0 else 1,
+        in_channels=3,
+        image_size=image_size,
+        mean=_FOLDER_MEAN,
+        std=_FOLDER_STD,
+        augment=True,
+        protocol=_CIFAR_PROTOCOL,
+        load=lambda root: _load_folder(path, image_size, test_fraction),
+    )
+
+
+def _read_images(files: Sequence[str], size: int) -> Tensor:
+    """uint8 ``(N, 3, size, size)``: every file as RGB, resized (bilinear)."""
+    from PIL import Image
+
+    out = np.empty((len(files), size, size, 3), dtype=np.uint8)
+    for i, f in enumerate(files):
+        with Image.open(f) as image:
+            out[i] = np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR))
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+def _load_folder(path: str, size: int, test_fraction: float) -> Tuple[Dataset, Dataset]:
+    classes, held_out = _folder_layout(path)
+    parts: Dict[str, Tuple[List[str], List[int]]] = {"train": ([], []), "test": ([], [])}
+    generator = torch.Generator().manual_seed(0)  # the held-out items never change between runs
+    annotated = None
+    if held_out is not None and os.path.isfile(os.path.join(path, held_out, ANNOTATIONS)):
+        annotated = _annotated(os.path.join(path, held_out), classes)
+    for label, name in enumerate(classes):
+        if held_out is not None:
+            for part, files in (
+                ("train", _image_files(os.path.join(path, "train", name))),
+                ("test", annotated[name] if annotated else _image_files(os.path.join(path, held_out, name))),
+            ):
+                parts[part][0].extend(files)
+                parts[part][1].extend([label] * len(files))
+            continue
+        files = _image_files(os.path.join(path, name))
+        held = max(1, round(test_fraction * len(files))) if len(files) > 1 else 0
+        order = torch.randperm(len(files), generator=generator).tolist()
+        for part, chosen in (("test", order[:held]), ("train", order[held:])):
+            parts[part][0].extend(files[i] for i in sorted(chosen))
+            parts[part][1].extend([label] * len(chosen))
+    present = set(parts["train"][1])
+    empty = [c for i, c in enumerate(classes) if i not in present]
+    if empty:
+        raise DatasetUnavailable(
+            f"{path}: no training images in class folder(s) {empty} ({', '.join(IMAGE_EXTENSIONS)})"
+        )
+    train, test = (
+        ImageTensors(_read_images(files, size), torch.tensor(labels, dtype=torch.int64))
+        for files, labels in (parts["train"], parts["test"])
+    )
+    return train, test

@@ -11,25 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from synapse import Synapse
-from synapse._device import to_device
-
-
-def random_crop_flip(images: Tensor, generator: torch.Generator, padding: int = 4) -> Tensor:
-    """Random crop after zero-padding and random horizontal flip, for a whole uint8 batch at once.
-
-    The randomness comes from a CPU ``generator`` (checkpointed with the run); the work runs on the
-    images' device.
-    """
-    n, c, h, w = images.shape
-    padded = F.pad(images, (padding, padding, padding, padding))
-    offsets = to_device(torch.randint(0, 2 * padding + 1, (2, n), generator=generator), images.device)
-    flips = to_device(torch.rand(n, generator=generator) < 0.5, images.device)
-    rows = (offsets[0].unsqueeze(1) + torch.arange(h, device=images.device)).view(n, 1, h, 1)
-    cols = offsets[1].unsqueeze(1) + torch.arange(w, device=images.device)
-    cols = torch.where(flips.unsqueeze(1), cols.flip(1), cols).view(n, 1, 1, w)
-    batch = torch.arange(n, device=images.device).view(n, 1, 1, 1)
-    channel = torch.arange(c, device=images.device).view(1, c, 1, 1)
-    return padded[batch, channel, rows, cols]
+from synapse.augment import random_crop_flip
 
 
 def shard(indices: Tensor, rank: int, world: int) -> Tensor:
@@ -94,6 +76,7 @@ def train_epoch(
         else:
             idx = order[batch_index * batch_size : (batch_index + 1) * batch_size]
         inputs, targets = (images[idx], labels[idx]) if gather is None else gather(idx)
+        raw = inputs
         if augment:
             inputs = random_crop_flip(inputs, generator)
         outputs = model(inputs)
@@ -102,7 +85,9 @@ def train_epoch(
         if synapse is None:
             loss.backward()
         else:
-            synapse.backward(loss, targets, inputs=inputs)
+            # A method that re-augments its replay stores the raw view; otherwise the view trained on.
+            stored = raw if getattr(synapse, "replay_transform", None) is not None else inputs
+            synapse.backward(loss, targets, inputs=stored)
         optimizer.step()
         # Accumulated on the device: one host sync per epoch, not per step.
         loss_sum += loss.detach() * len(idx)

@@ -1,15 +1,25 @@
-"""Models by name: the DER paper's ``mlp`` and ``resnet18-reduced``, plus any torchvision classifier.
+"""Models by name: the DER paper's ``mlp`` and ``resnet18-reduced``, any torchvision classifier, and any
+timm model as ``timm:NAME`` (with the optional ``timm`` extra).
 
 Every model takes uint8 images ``(N, C, H, W)`` and scales them itself, so the replay buffer keeps
 inputs as uint8 (a quarter of float32's memory). The scaling is either ``ToTensor``'s (pixels in
 [0, 1], what the DER authors' Seq-MNIST uses) or a per-channel standardisation (their CIFAR one).
+
+**Input adaptation** (in the model, on the device, so the data and the memory stay small uint8):
+torchvision and timm models get 3 channels (a grey image is repeated, so RGB weights apply; our own
+models take the data's channels unless ``input_channels`` says 3), and any model can be fed at another
+size than the data's (``input_size``: bilinear resize after the scaling).
 """
 
 from __future__ import annotations
 
-from typing import Callable, List, Sequence
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .registry import Registry
@@ -36,15 +46,29 @@ class Normalize(nn.Module):
 
 
 class Classifier(nn.Module):
-    """``normalize`` then ``backbone``; ``forward(inputs)`` is the signature Synapse's replay uses."""
+    """``normalize`` then ``backbone``; ``forward(inputs)`` is the signature Synapse's replay uses.
 
-    def __init__(self, normalize: Normalize, backbone: nn.Module) -> None:
+    Args:
+        channels: repeat a 1-channel input to this many channels first (0: as it comes).
+        size: resize the scaled input to ``size x size`` (bilinear) before the backbone (None: as it comes).
+    """
+
+    def __init__(
+        self, normalize: Normalize, backbone: nn.Module, channels: int = 0, size: Optional[int] = None
+    ) -> None:
         super().__init__()
         self.normalize = normalize
         self.backbone = backbone
+        self.channels = channels
+        self.size = size
 
     def forward(self, inputs: Tensor) -> Tensor:
-        return self.backbone(self.normalize(inputs))
+        if self.channels > inputs.shape[1] == 1:  # shapes only: no host sync
+            inputs = inputs.expand(-1, self.channels, -1, -1)
+        x = self.normalize(inputs)
+        if self.size is not None and tuple(x.shape[-2:]) != (self.size, self.size):
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        return self.backbone(x)
 
 
 @MODELS.register("mlp")
@@ -88,16 +112,81 @@ def resnet18_reduced(in_channels: int, image_size: int, num_classes: int) -> nn.
     return nn.Sequential(*layers)
 
 
-def model_names() -> List[str]:
-    """Our models plus torchvision's classification models (when torchvision is installed)."""
-    names = MODELS.names()
+TIMM_PREFIX = "timm:"
+# Normalisation of ImageNet-pretrained weights (torchvision's; timm models carry their own in pretrained_cfg).
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class ModelUnavailable(RuntimeError):
+    """The model needs a package that is not installed (timm); the message says how to get it."""
+
+
+def _torchvision_names() -> List[str]:
     try:
         import torchvision
-
-        names += [n for n in torchvision.models.list_models(module=torchvision.models) if n not in names]
     except ImportError:
-        pass
-    return names
+        return []
+    return list(torchvision.models.list_models(module=torchvision.models))
+
+
+def model_names() -> List[str]:
+    """Our models plus torchvision's classification models (when torchvision is installed); any timm model
+    is ``timm:NAME`` besides (:func:`check_model_name`)."""
+    names = MODELS.names()
+    return names + [n for n in _torchvision_names() if n not in names]
+
+
+def _timm() -> Any:
+    try:
+        import timm
+    except ImportError as e:
+        raise ModelUnavailable(
+            "timm: models need the optional timm package: pip install 'torch-synapse[timm]' (or pip install timm)"
+        ) from e
+    return timm
+
+
+def check_model_name(name: str) -> str:
+    """``name`` if it names a model this program can build; raises KeyError (unknown) or
+    :class:`ModelUnavailable` (``timm:`` without timm installed) otherwise."""
+    if name.startswith(TIMM_PREFIX):
+        timm = _timm()
+        if not timm.is_model(name[len(TIMM_PREFIX) :]):
+            raise KeyError(f"unknown timm model {name[len(TIMM_PREFIX) :]!r}; see timm.list_models()")
+        return name
+    if name not in model_names():
+        raise KeyError(
+            f"unknown model {name!r}; choose 'mlp', 'resnet18-reduced', a torchvision classification model "
+            "(torchvision.models.list_models()) or timm:NAME"
+        )
+    return name
+
+
+def family(name: str) -> str:
+    """The model's family, which decides the protocol defaults (:data:`FAMILY_DEFAULTS`): ``'mlp'`` or
+    ``'cnn'`` (our ResNet and torchvision's models), or ``'timm'``."""
+    if name.startswith(TIMM_PREFIX):
+        return "timm"
+    return "mlp" if name == "mlp" else "cnn"
+
+
+@dataclass(frozen=True)
+class FamilyDefaults:
+    """Training defaults a model family brings when the dataset's protocol was written for another family."""
+
+    lr: float
+    batch_size: int
+    normalize: bool
+    init: str
+    why: str
+
+
+FAMILY_DEFAULTS: Dict[str, FamilyDefaults] = {
+    "mlp": FamilyDefaults(0.03, 10, False, "xavier", "the DER paper's Seq-MNIST MLP"),
+    "cnn": FamilyDefaults(0.1, 32, True, "default", "the DER paper's Seq-CIFAR ResNet-18"),
+    "timm": FamilyDefaults(0.01, 32, True, "default", "SGD from scratch on a timm model, a lower step than a ResNet's"),
+    "pretrained": FamilyDefaults(0.01, 32, True, "default", "fine-tuning pretrained weights: a small step"),
+}
 
 
 def xavier_init_(model: nn.Module) -> nn.Module:
@@ -112,6 +201,15 @@ def xavier_init_(model: nn.Module) -> nn.Module:
     return model
 
 
+def _timm_backbone(name: str, num_classes: int, size: int, channels: int) -> nn.Module:
+    """A timm model without downloaded weights; those that take ``img_size`` (ViTs) are built for ``size``."""
+    timm = _timm()
+    try:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=channels, img_size=size)
+    except TypeError:  # a model without a fixed input size (CNNs) takes no img_size
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=channels)
+
+
 def create_model(
     name: str,
     in_channels: int,
@@ -122,37 +220,155 @@ def create_model(
     *,
     normalize: bool = True,
     init: str = "default",
+    input_size: Optional[int] = None,
+    input_channels: Optional[int] = None,
+    pretrained: Optional[str] = None,
+    log: Optional[Callable[[str], None]] = None,
 ) -> nn.Module:
-    """Build model ``name`` for uint8 images of the given shape, input scaling included.
+    """Build model ``name`` for uint8 images of the given shape, input scaling and adaptation included.
 
     Args:
-        normalize: standardise with ``mean``/``std``; otherwise pixels are only scaled to [0, 1].
-        init: ``'default'`` (PyTorch's) or ``'xavier'`` (:func:`xavier_init_`).
+        name: ``'mlp'``, ``'resnet18-reduced'``, a torchvision classification model, or ``'timm:NAME'``.
+        normalize: standardise with ``mean``/``std``; otherwise pixels are only scaled to [0, 1]. With
+            ``pretrained`` weights the statistics are the weights' (ImageNet's, or a timm model's own).
+        init: ``'default'`` (PyTorch's) or ``'xavier'`` (:func:`xavier_init_`), before any weights load.
+        input_size: feed the model ``input_size x input_size`` images (bilinear resize on the device);
+            None: the data's size. A timm model that takes ``img_size`` (ViTs) is built for it.
+        input_channels: the channels the model takes, grey images repeated to match (None: 3 for torchvision
+            and timm models, the data's for ours). Only 1-channel data can be adapted.
+        pretrained: a local weights file (state dict, or a checkpoint holding one under ``state_dict`` or
+            ``model``; ``.safetensors`` too) loaded into the backbone by name and shape (:func:`load_pretrained`).
+        log: receives the report of what was loaded and what was left out.
+
+    Example:
+        >>> model = create_model("resnet18-reduced", 1, 28, 10, (0.5,), (0.25,), input_size=32)
+        >>> model(torch.zeros(2, 1, 28, 28, dtype=torch.uint8)).shape
+        torch.Size([2, 10])
     """
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
-    if not normalize:
-        mean, std = (0.0,) * in_channels, (1.0,) * in_channels
+    if input_size is not None and (isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 1):
+        raise ValueError(f"input_size must be a positive int or None, got {input_size!r}")
+    if pretrained is not None and not os.path.isfile(pretrained):
+        raise FileNotFoundError(f"pretrained weights {pretrained!r}: no such file (weights are never downloaded)")
+    check_model_name(name)
+    size = input_size or image_size
+    channels = input_channels or (in_channels if name in MODELS else 3)
+    if channels != in_channels and in_channels != 1:
+        raise ValueError(f"{name} takes {channels}-channel images: only 1-channel data is adapted, not {in_channels}")
     if name in MODELS:
-        backbone = MODELS[name](in_channels, image_size, num_classes)
+        backbone = MODELS[name](channels, size, num_classes)
+    elif name.startswith(TIMM_PREFIX):
+        backbone = _timm_backbone(name[len(TIMM_PREFIX) :], num_classes, size, channels)
     else:
         import torchvision
 
-        if name not in torchvision.models.list_models(module=torchvision.models):
-            raise KeyError(f"unknown model {name!r}; choose from {', '.join(model_names())}")
+        if channels != 3:
+            raise ValueError(f"torchvision's {name} takes 3-channel images, not input_channels={channels}")
         backbone = torchvision.models.get_model(name, num_classes=num_classes)
-        if in_channels != 3:
-            # torchvision's classifiers expect RGB: repeat grey channels rather than edit their stems.
-            backbone = nn.Sequential(_RepeatChannels(3 // in_channels), backbone)
     if init == "xavier":
         xavier_init_(backbone)
-    return Classifier(Normalize(mean, std), backbone)
+    if pretrained is not None:
+        report = load_pretrained(backbone, pretrained)
+        mean, std = _weights_statistics(backbone)
+        report.normalization = (tuple(mean), tuple(std))
+        if log is not None:
+            log(str(report))
+    elif not normalize:
+        mean, std = (0.0,) * in_channels, (1.0,) * in_channels
+    repeat = channels if channels != in_channels else 0
+    return Classifier(Normalize(mean, std), backbone, repeat, input_size if input_size != image_size else None)
 
 
-class _RepeatChannels(nn.Module):
-    def __init__(self, times: int) -> None:
-        super().__init__()
-        self.times = times
+def _weights_statistics(backbone: nn.Module) -> Tuple[Sequence[float], Sequence[float]]:
+    """The input normalisation pretrained weights expect: a timm model's own, else ImageNet's."""
+    cfg = getattr(backbone, "pretrained_cfg", None) or {}
+    if "mean" in cfg and "std" in cfg:
+        return tuple(cfg["mean"]), tuple(cfg["std"])
+    return IMAGENET_MEAN, IMAGENET_STD
 
-    def forward(self, x: Tensor) -> Tensor:
-        return x.repeat(1, self.times, 1, 1)
+
+@dataclass
+class LoadReport:
+    """What :func:`load_pretrained` took from a weights file; ``str()`` is the report the program prints."""
+
+    path: str
+    loaded: List[str] = field(default_factory=list)
+    left_out: List[str] = field(default_factory=list)  # the model's tensors kept at initialisation, and why
+    unused: List[str] = field(default_factory=list)  # the file's tensors the model has no place for
+    total: int = 0
+    normalization: Optional[Tuple[Tuple[float, ...], Tuple[float, ...]]] = None
+
+    def __str__(self) -> str:
+        lines = [f"pretrained weights {self.path}: loaded {len(self.loaded)} of the model's {self.total} tensors"]
+        if self.left_out:
+            lines.append(f"  left at initialisation ({len(self.left_out)}): " + "; ".join(self.left_out))
+        if self.unused:
+            shown = ", ".join(self.unused[:8]) + (f", ... ({len(self.unused)} in all)" if len(self.unused) > 8 else "")
+            lines.append(f"  in the file, not in the model: {shown}")
+        if self.normalization is not None:
+            lines.append(
+                f"  inputs normalised as the weights expect: mean {self.normalization[0]}, std {self.normalization[1]}"
+            )
+        return "\n".join(lines)
+
+
+def _read_weights(path: str) -> Dict[str, Tensor]:
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+        except ImportError as e:
+            raise ModelUnavailable(f"{path} is a safetensors file: pip install safetensors") from e
+        state: Any = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "model_state_dict"):  # a training checkpoint holding the weights
+        if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
+            state = state[key]
+    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"{path} holds no state dict of tensors (nor one under 'state_dict' or 'model')")
+    return dict(state)
+
+
+def _strip_prefixes(state: Dict[str, Tensor], own: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+    """Keys as the backbone names them: without DDP's ``module.``, torch.compile's ``_orig_mod.`` or this
+    program's ``backbone.`` (a model saved by it), where every key carries one."""
+    for prefix in ("module.", "_orig_mod.", "backbone."):
+        if state and all(k.startswith(prefix) for k in state) and not any(k.startswith(prefix) for k in own):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+    return state
+
+
+def load_pretrained(backbone: nn.Module, path: str) -> LoadReport:
+    """Load the tensors of weights file ``path`` whose name and shape match ``backbone``'s; report the rest.
+
+    A timm model's own checkpoint filter runs first (it resizes position embeddings to the model's input
+    size, for example). A new head (another number of classes) is left at its initialisation and listed.
+    Raises ValueError when nothing matches: the file is for another architecture.
+    """
+    own = backbone.state_dict()
+    state = _strip_prefixes(_read_weights(path), own)
+    filter_fn = getattr(sys.modules.get(type(backbone).__module__), "checkpoint_filter_fn", None)
+    if filter_fn is not None and type(backbone).__module__.startswith("timm."):
+        try:
+            state = filter_fn(state, backbone)
+        except Exception:  # noqa: BLE001 - a filter that does not fit: match the raw tensors instead
+            pass
+    report = LoadReport(path, total=len(own))
+    matched: Dict[str, Tensor] = {}
+    for name, tensor in own.items():
+        if name not in state:
+            report.left_out.append(f"{name} (not in the file)")
+        elif state[name].shape != tensor.shape:
+            report.left_out.append(f"{name} (model {tuple(tensor.shape)}, file {tuple(state[name].shape)})")
+        else:
+            matched[name] = state[name]
+    report.loaded = list(matched)
+    report.unused = [k for k in state if k not in own]
+    if not matched:
+        raise ValueError(
+            f"no tensor of {path} matches the model by name and shape: it holds weights for another architecture "
+            f"(its first keys: {', '.join(list(state)[:4])}; the model's: {', '.join(list(own)[:4])})"
+        )
+    backbone.load_state_dict(matched, strict=False)
+    return report

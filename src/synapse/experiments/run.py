@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 import synapse
 from synapse import catalog, named_batches
+from synapse.augment import RandomCropFlip
 from synapse.scenarios import DomainIncremental, TaskFreeStream, mnist360, mnist360_test_angles, rotate, scenario
 
 from . import report
@@ -49,6 +50,16 @@ IDENTITY = (
     "unfused",
     "max_train_per_task",
     "max_test_per_task",
+    "augment",
+    "replay_augment",
+    "input_size",
+    "input_channels",
+    "pretrained",
+    "image_size",
+    "test_fraction",
+    "classes_per_task",
+    "first_task_classes",
+    "class_order_seed",
 )
 
 # Where the run is in its schedule, and what it measured so far: all of it goes into checkpoints.
@@ -89,13 +100,31 @@ class Config:
     # CPU threads for torch; None leaves the process's setting alone. Either way the count in effect is
     # recorded here by Experiment, so that the printed configuration and results.json show it.
     threads: Optional[int] = None
+    # Vision: train augmentation (None: the dataset's), its re-application to replayed items (None: on when
+    # augmenting), the model's input size (None: the data's), a local weights file.
+    augment: Optional[bool] = None
+    replay_augment: Optional[bool] = None
+    input_size: Optional[int] = None
+    input_channels: Optional[int] = None
+    pretrained: Optional[str] = None
+    # Data: a folder: dataset's image size and held-out fraction; the task split of any class-IL dataset.
+    image_size: Optional[int] = None
+    test_fraction: Optional[float] = None
+    classes_per_task: Optional[int] = None
+    first_task_classes: Optional[int] = None
+    class_order_seed: Optional[int] = None
+    defaults: str = ""  # where the unset values came from, in words (filled by with_protocol)
 
     def with_protocol(self, spec: DatasetSpec) -> Config:
-        """Fill unset values from the DER paper's protocol for the dataset."""
-        p = spec.protocol
+        """Fill unset values from the DER paper's protocol for the dataset, or the model family's defaults."""
+        p, source = spec.protocol.for_model(self.model, self.pretrained is not None)
         batch = self.batch_size or p.batch_size
+        augment = spec.augment if self.augment is None else self.augment
         return dataclasses.replace(
             self,
+            defaults=source,
+            augment=augment,
+            replay_augment=augment if self.replay_augment is None else self.replay_augment,
             model=self.model or p.model,
             lr=self.lr if self.lr is not None else p.lr,
             num_epochs=self.num_epochs or p.num_epochs,
@@ -199,6 +228,8 @@ class Experiment:
         if cfg.training_type == "continual":  # the method's full hyperparameters, checked before any work
             cfg = dataclasses.replace(cfg, method_args=catalog.get(cfg.synapse_type).resolve(cfg.method_args))
         check_scenario(cfg, DATASETS[cfg.dataset])
+        if cfg.replay_augment and not (DATASETS[cfg.dataset].augment if cfg.augment is None else cfg.augment):
+            raise ValueError("replay_augment re-applies the train augmentation to replayed items: it needs augment")
         if cfg.log_interval < 1:
             raise ValueError(f"log_interval must be a positive int, got {cfg.log_interval!r}")
         # Made (and their packages checked) before any work; only the main rank writes.
@@ -208,7 +239,15 @@ class Experiment:
         kind = getattr(DATASETS[cfg.dataset].scenario, "kind", "class-il")
         if kind == "task-free" and self.world.size > 1:
             raise ValueError(f"{cfg.dataset} is one stream, in order: it runs in one process, not {self.world.size}")
-        self.spec, tensors, _ = load_tasks(cfg.dataset, cfg.dataset_dir)
+        self.spec, tensors, _ = load_tasks(
+            cfg.dataset,
+            cfg.dataset_dir,
+            image_size=cfg.image_size,
+            test_fraction=cfg.test_fraction,
+            classes_per_task=cfg.classes_per_task,
+            first_task_classes=cfg.first_task_classes,
+            class_order_seed=cfg.class_order_seed,
+        )
         self.cfg = cfg.with_protocol(self.spec)
         self.main = self.world.is_main
         torch.manual_seed(self.cfg.seed)
@@ -243,6 +282,10 @@ class Experiment:
             self.spec.std,
             normalize=bool(self.cfg.normalize),
             init=self.cfg.init or "default",
+            input_size=self.cfg.input_size,
+            input_channels=self.cfg.input_channels,
+            pretrained=self.cfg.pretrained,
+            log=self.log,
         ).to(self.device)
         if self.world.size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -263,6 +306,8 @@ class Experiment:
                 buffer_sample_size=self.cfg.buffer_sample_size,
                 buffer_scope=self.cfg.buffer_scope,
                 fused=not self.cfg.unfused,
+                # The train augmentation re-applied to replayed items, as the DER authors' code does.
+                replay_transform=RandomCropFlip() if self.cfg.replay_augment else None,
             )
         self.identity = {k: cfg_dict[k] for k in IDENTITY}
         self.identity["world_size"] = self.world.size
@@ -439,7 +484,7 @@ class Experiment:
                         self.order.to(self.device),  # the checkpointed copy stays on the host
                         self.cfg.batch_size,  # type: ignore[arg-type]
                         self.next_batch,
-                        self.spec.augment,
+                        bool(self.cfg.augment),
                         self.data_gen,
                         should_stop,
                         on_step,

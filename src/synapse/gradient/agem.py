@@ -13,6 +13,7 @@ from .. import _autograd
 from .._base import BufferedSynapse, TaskBatch, distributed_world
 from .._flat import FlatSpace
 from .._floor import Floor
+from ..augment import Transform
 from ..buffer import fresh_seed
 from ..catalog import HParam, MethodSpec, register
 from ..episodic import EpisodicMemory
@@ -55,6 +56,8 @@ class AGEM(BufferedSynapse):
         buffer_scope: ``'rank'`` (default): every rank of a distributed run keeps ``buffer_size`` items of
             its own stream; ``'global'``: ``buffer_size`` is the whole run's budget, split across ranks.
         scaler: a ``torch.amp.GradScaler`` for mixed precision; pass the unscaled loss to ``backward``.
+        replay_transform: augments every reference minibatch on the device, as in :class:`~synapse.rehearsal.ER`
+            (default None: replay what was stored).
 
     Example:
         >>> synapse = AGEM(model, buffer_size=500, buffer_sample_size=128)
@@ -73,11 +76,19 @@ class AGEM(BufferedSynapse):
         *,
         buffer_scope: str = "rank",
         scaler: Optional[torch.amp.GradScaler] = None,
+        replay_transform: Optional[Transform] = None,
         memory: str = "reservoir",
     ) -> None:
         if memory not in MEMORIES:
             raise ValueError(f"memory must be one of {MEMORIES}, got {memory!r}")
-        super().__init__(model, buffer_size, buffer_sample_size, buffer_scope=buffer_scope, scaler=scaler)
+        super().__init__(
+            model,
+            buffer_size,
+            buffer_sample_size,
+            buffer_scope=buffer_scope,
+            scaler=scaler,
+            replay_transform=replay_transform,
+        )
         self.memory = memory
         if memory == "episodic":  # the same budget, split per task instead of one reservoir
             self.acts_at_task_end = True  # only ended tasks constrain: without end_task() it is fine-tuning
@@ -101,7 +112,7 @@ class AGEM(BufferedSynapse):
     def _sample(self, num_minibatches: int = 1, names: Optional[Sequence[str]] = None) -> Dict[str, Tensor]:
         if isinstance(self.buffer, EpisodicMemory):
             self._follow_model_device()
-            return self._replaying(self.buffer.sample(self.buffer_sample_size, names=names))
+            return self._replaying(self._augment_replay(self.buffer.sample(self.buffer_sample_size, names=names)))
         return super()._sample(num_minibatches, names)
 
     def _end_task(self, data: Optional[Iterable[TaskBatch]]) -> None:

@@ -15,6 +15,7 @@ from .._classes import ClassHistory
 from .._floor import Floor
 from .._state import AtMost, StateError, width_of
 from .._validation import check_positive, check_positive_int
+from ..augment import Transform
 from ..buffer import Buffer, fresh_seed, indices_on
 from ..catalog import HParam, MethodSpec, register
 from ..functional import (
@@ -148,6 +149,8 @@ class BiC(ClassHistory, ER):
         buffer_scope: ``'rank'`` or ``'global'`` (see :class:`~synapse.rehearsal.ER`); both parts of the
             budget follow it.
         scaler: a ``torch.amp.GradScaler`` for mixed precision; pass the unscaled loss to ``backward``.
+        replay_transform: augments every replayed exemplar minibatch on the device, as in :class:`~synapse.rehearsal.ER`
+            (default None: replay what was stored).
 
     Example:
         >>> synapse = BiC(model, buffer_size=500, buffer_sample_size=32)
@@ -181,6 +184,7 @@ class BiC(ClassHistory, ER):
         fused: bool = True,
         buffer_scope: str = "rank",
         scaler: Optional[torch.amp.GradScaler] = None,
+        replay_transform: Optional[Transform] = None,
     ) -> None:
         check_positive_int("buffer_size", buffer_size)
         check_positive("temperature", temperature)
@@ -208,6 +212,7 @@ class BiC(ClassHistory, ER):
             buffer_scope=buffer_scope,
             buffer_policy=buffer_policy,
             scaler=scaler,
+            replay_transform=replay_transform,
         )
         self.temperature = float(temperature)
         self.val_fraction = float(val_fraction)
@@ -305,13 +310,14 @@ class BiC(ClassHistory, ER):
         batch, seen = targets.shape[0], step.seen[1:-1]
         if self.current_loss == "user" and self.teacher is None and replay is None:
             return loss  # no distillation, no replayed rows: the user's loss is the whole term
-        logits, labels, inputs = outputs, targets, model_inputs
+        # The teacher sees the view the model trained on (the forward's inputs, e.g. augmented).
+        logits, labels, inputs = outputs, targets, self._forward.current_inputs(model_inputs)
         if replay is not None:  # the replayed rows join the batch: one set of training rows
             assert replay.outputs is not None
             logits = torch.cat([outputs, replay.outputs[0]])
             labels = torch.cat([targets, replay.sample["targets"].to(targets.dtype)])
             if self.teacher is not None:
-                inputs = {k: torch.cat([v, replay.sample[f"input:{k}"]]) for k, v in model_inputs.items()}
+                inputs = {k: torch.cat([v, replay.sample[f"input:{k}"]]) for k, v in inputs.items()}
         teacher = None if self.teacher is None else self.corrected(self._teacher_logits(inputs, len(labels)))
         corrected = self.corrected(logits)
         if self.current_loss == "user":

@@ -12,6 +12,7 @@ from .._base import BufferedSynapse
 from .._capture import Replay
 from .._floor import Floor
 from .._validation import check_non_negative
+from ..augment import Transform
 from ..catalog import HParam, MethodSpec, register
 from ..functional import logit_distillation_grad
 
@@ -80,6 +81,11 @@ class ER(BufferedSynapse):
             every class seen holds an equal share, within one slot (:class:`synapse.memory.ClassBalancedBuffer`;
             on CUDA a batch enters one step late, so that choosing slots by label never syncs). The
             class-balanced memory stores targets, with DER too.
+        replay_transform: augment every replayed minibatch on the device before its forward (fused or
+            not), e.g. :class:`synapse.augment.RandomCropFlip`; per-image randomness from the method's own
+            generator, saved in the state dict. Default None: replay what was stored. Pair it with storing
+            the raw view: ``backward(loss, y, inputs=x)`` after ``model(augment(x))``. DER's stored logits
+            are those of that augmented forward, as in the DER authors' code.
 
     Example:
         >>> synapse = ER(model, buffer_size=500, buffer_sample_size=32, alpha=0.3, beta=0.5)
@@ -104,6 +110,7 @@ class ER(BufferedSynapse):
         logits_dtype: Optional[torch.dtype] = None,
         buffer_scope: str = "rank",
         scaler: Optional[torch.amp.GradScaler] = None,
+        replay_transform: Optional[Transform] = None,
         joint_mean: bool = False,
         buffer_policy: str = "reservoir",
     ) -> None:
@@ -131,6 +138,7 @@ class ER(BufferedSynapse):
             buffer_scope=buffer_scope,
             buffer_policy=buffer_policy,
             scaler=scaler,
+            replay_transform=replay_transform,
         )
         self.alpha = float(alpha)
         self.beta = float(beta)

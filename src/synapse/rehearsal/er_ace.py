@@ -12,6 +12,7 @@ from .._base import CURRENT_LOSS, TaskBatch
 from .._classes import widened
 from .._floor import Floor
 from .._state import width_of
+from ..augment import Transform
 from ..catalog import HParam, MethodSpec, register
 from ..functional import ace_class_mask, asymmetric_cross_entropy
 from .er import ER
@@ -90,6 +91,8 @@ class ERACE(ER):
         fused: replay inside the user's forward (see :class:`~synapse.rehearsal.ER`).
         buffer_scope: ``'rank'`` or ``'global'`` (see :class:`~synapse.rehearsal.ER`).
         scaler: a ``torch.amp.GradScaler`` for mixed precision; pass the unscaled loss to ``backward``.
+        replay_transform: augments every replayed minibatch on the device, as in :class:`~synapse.rehearsal.ER`
+            (default None: replay what was stored).
 
     Example:
         >>> synapse = ERACE(model, buffer_size=500, buffer_sample_size=32)
@@ -112,6 +115,7 @@ class ERACE(ER):
         fused: bool = True,
         buffer_scope: str = "rank",
         scaler: Optional[torch.amp.GradScaler] = None,
+        replay_transform: Optional[Transform] = None,
     ) -> None:
         if mask not in MASKS:
             raise ValueError(f"mask must be one of {MASKS}, got {mask!r}")
@@ -125,6 +129,7 @@ class ERACE(ER):
             fused=fused,
             buffer_scope=buffer_scope,
             scaler=scaler,
+            replay_transform=replay_transform,
         )
         self.mask = mask
         self.current_loss = current_loss

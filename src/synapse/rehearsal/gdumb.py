@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from .._base import CURRENT_LOSS, BufferedSynapse, TaskBatch, distributed_world
 from .._floor import Floor
 from .._validation import check_non_negative, check_positive, check_positive_int
+from ..augment import Transform
 from ..buffer import fresh_seed
 from ..catalog import HParam, MethodSpec, register
 from ..memory import ClassBalancedBuffer
@@ -158,6 +159,8 @@ class GDumb(BufferedSynapse):
         reinitialize: how :meth:`retrain` re-initialises the model by default (see there).
         buffer_scope: ``'rank'`` or ``'global'`` (see :class:`~synapse.rehearsal.ER`).
         scaler: a ``torch.amp.GradScaler``, used for the user's loss with ``current_loss='user'``.
+        replay_transform: augments every minibatch of the retraining on the device (the paper trains with
+            the dataset's augmentation); as in :class:`~synapse.rehearsal.ER`. Default None: the stored items.
 
     Example:
         >>> synapse = GDumb(model, buffer_size=40, retrain_epochs=32)
@@ -192,6 +195,7 @@ class GDumb(BufferedSynapse):
         reinitialize: Reinitialize = True,
         buffer_scope: str = "rank",
         scaler: Optional[torch.amp.GradScaler] = None,
+        replay_transform: Optional[Transform] = None,
     ) -> None:
         check_positive_int("retrain_epochs", retrain_epochs)
         check_positive("retrain_lr", retrain_lr)
@@ -213,6 +217,7 @@ class GDumb(BufferedSynapse):
             buffer_scope=buffer_scope,
             buffer_policy="class_balanced",
             scaler=scaler,
+            replay_transform=replay_transform,
         )
         self.retrain_epochs = retrain_epochs
         self.retrain_lr = float(retrain_lr)
@@ -355,7 +360,7 @@ class GDumb(BufferedSynapse):
                             group["lr"] = gdumb_learning_rate(epoch, top, min_lr)
                     epoch_loss = torch.zeros((), device=device)
                     for index in self._epoch_order(n, largest).to(device).split(batch_size):
-                        items = {k: v.index_select(0, index) for k, v in storage.items()}
+                        items = self._augment_replay({k: v.index_select(0, index) for k, v in storage.items()})
                         targets = items["targets"].long()
                         loss = F.cross_entropy(self.model(**self._inputs_of(items)), targets)
                         optimizer.zero_grad(set_to_none=True)

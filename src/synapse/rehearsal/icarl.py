@@ -15,6 +15,7 @@ from .._capture import Replay
 from .._classes import ClassHistory, widened
 from .._floor import Floor
 from .._state import both_or_neither
+from ..augment import Transform
 from ..catalog import HParam, MethodSpec, register
 from ..functional import icarl_loss, nearest_mean_scores
 from ..memory import HerdingMemory, head_input_features
@@ -126,6 +127,9 @@ class ICaRL(ClassHistory, ER):
         fused: replay inside the user's forward (see :class:`~synapse.rehearsal.ER`).
         buffer_scope: ``'rank'`` or ``'global'`` (see :class:`~synapse.rehearsal.ER`).
         scaler: a ``torch.amp.GradScaler`` for mixed precision; pass the unscaled loss to ``backward``.
+        replay_transform: augments every replayed exemplar minibatch on the device, as in
+            :class:`~synapse.rehearsal.ER` (default None: replay what was stored); the frozen copy distils
+            on the same augmented view.
 
     Example:
         >>> from synapse import named_batches
@@ -160,6 +164,7 @@ class ICaRL(ClassHistory, ER):
         fused: bool = True,
         buffer_scope: str = "rank",
         scaler: Optional[torch.amp.GradScaler] = None,
+        replay_transform: Optional[Transform] = None,
     ) -> None:
         current_loss = self._check_current_loss(current_loss)
         if feature_extractor is not None and head is not None:
@@ -180,6 +185,7 @@ class ICaRL(ClassHistory, ER):
             fused=fused,
             buffer_scope=buffer_scope,
             scaler=scaler,
+            replay_transform=replay_transform,
             buffer_policy="herding",
         )
         assert feature_extractor is not None
@@ -261,7 +267,8 @@ class ICaRL(ClassHistory, ER):
         exemplars, from one forward over the rows needed."""
         if self.teacher is None:
             return None, None
-        own = dict(model_inputs) if self.current_loss == "method" else {}
+        # The frozen copy sees the view the model trained on (the forward's inputs, e.g. augmented).
+        own = dict(self._forward.current_inputs(model_inputs)) if self.current_loss == "method" else {}
         inputs = own
         if replay is not None:
             replayed = self._inputs_of(replay.sample)

@@ -13,6 +13,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from .._capture import Replay
 from .._floor import Floor
 from .._validation import check_positive, check_positive_int
+from ..augment import Transform
 from ..catalog import HParam, MethodSpec, register
 from ..functional import interference_scores
 from .er import ER
@@ -97,6 +98,8 @@ class MIR(ER):
         virtual_lr: ``eta``, the virtual SGD step's learning rate: your optimizer's learning rate.
         buffer_scope: ``'rank'`` or ``'global'`` (see :class:`~synapse.rehearsal.ER`).
         scaler: a ``torch.amp.GradScaler`` for mixed precision; pass the unscaled loss to ``backward``.
+        replay_transform: augments every draw of candidates on the device (scored and replayed in the
+            same view), as in :class:`~synapse.rehearsal.ER` (default None: replay what was stored).
 
     Example:
         >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -118,6 +121,7 @@ class MIR(ER):
         *,
         buffer_scope: str = "rank",
         scaler: Optional[torch.amp.GradScaler] = None,
+        replay_transform: Optional[Transform] = None,
     ) -> None:
         check_positive_int("buffer_sample_size", buffer_sample_size)
         check_positive_int("buffer_candidates", buffer_candidates)
@@ -128,7 +132,14 @@ class MIR(ER):
             )
         check_positive("virtual_lr", virtual_lr)
         super().__init__(
-            model, buffer_size, buffer_sample_size, method="er", fused=False, buffer_scope=buffer_scope, scaler=scaler
+            model,
+            buffer_size,
+            buffer_sample_size,
+            method="er",
+            fused=False,
+            buffer_scope=buffer_scope,
+            scaler=scaler,
+            replay_transform=replay_transform,
         )
         self.buffer_candidates = buffer_candidates
         self.virtual_lr = float(virtual_lr)
@@ -144,7 +155,8 @@ class MIR(ER):
     def _separate_replay_forward(self) -> Replay:
         """ER's replay forward, on the most interfered of ``C`` candidates instead of a random minibatch."""
         self._follow_model_device()
-        sample = self.buffer.sample(self.buffer_candidates, 1, self._replay_fields())
+        # The candidates are augmented once: scored, and then replayed, in the same view.
+        sample = self._augment_replay(self.buffer.sample(self.buffer_candidates, 1, self._replay_fields()))
         k = min(self.buffer_sample_size, len(self.buffer))
         if sample["targets"].shape[0] > k:  # sizes the host knows: no sync
             chosen = self._most_interfered(sample, k)

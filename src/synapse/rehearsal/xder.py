@@ -15,6 +15,7 @@ from .._device import to_device
 from .._floor import Floor
 from .._state import width_of
 from .._validation import check_non_negative
+from ..augment import Transform
 from ..buffer import fresh_seed
 from ..catalog import HParam, MethodSpec, register
 from ..functional import (
@@ -126,6 +127,8 @@ class XDER(ER):
         fused: replay inside the user's forward (see :class:`~synapse.rehearsal.ER`).
         buffer_scope: ``'rank'`` or ``'global'`` (see :class:`~synapse.rehearsal.ER`).
         scaler: a ``torch.amp.GradScaler`` for mixed precision; pass the unscaled loss to ``backward``.
+        replay_transform: augments every replayed minibatch on the device, as in :class:`~synapse.rehearsal.ER`
+            (default None: replay what was stored).
 
     Example:
         >>> from synapse import named_batches
@@ -158,6 +161,7 @@ class XDER(ER):
         fused: bool = True,
         buffer_scope: str = "rank",
         scaler: Optional[torch.amp.GradScaler] = None,
+        replay_transform: Optional[Transform] = None,
     ) -> None:
         if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= 1:
             raise ValueError(f"gamma must be a number in (0, 1], got {gamma!r}")
@@ -174,6 +178,7 @@ class XDER(ER):
             fused=fused,
             buffer_scope=buffer_scope,
             scaler=scaler,
+            replay_transform=replay_transform,
         )
         self.gamma = float(gamma)
         self.eta = float(eta)
@@ -220,7 +225,7 @@ class XDER(ER):
         # ER's sample (the same draws), plus the slots it came from: the memory update writes back there.
         self._follow_model_device()
         slots = self.buffer.sample_indices(self.buffer_sample_size, num_minibatches).reshape(-1)
-        sample = self.buffer.gather(slots, names)
+        sample = self._augment_replay(self.buffer.gather(slots, names))
         sample[SLOTS] = slots
         return self._replaying(sample)
 
