@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import List
 
 import torch
 import torch.distributed as dist
@@ -46,11 +47,17 @@ def device_for(requested: str, world: World) -> torch.device:
 
 def any_rank(flag: bool, world: World, device: torch.device) -> bool:
     """True on every rank if ``flag`` is True on any rank (so all ranks stop at the same step)."""
+    return bool(reduce_ints([int(flag)], world, device)[0])
+
+
+def reduce_ints(values: List[int], world: World, device: torch.device, op: str = "max") -> List[int]:
+    """``values`` reduced elementwise over the ranks (``op``: "max" or "min"), in one collective; as given
+    in a single process. Several flags or counters that ranks must agree on cost one round trip."""
     if world.size == 1:
-        return flag
-    t = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+        return list(values)
+    t = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.MIN)
+    return [int(v) for v in t.tolist()]
 
 
 def shutdown() -> None:
