@@ -18,9 +18,8 @@ import pytest
 import torch
 
 from synapse import catalog
-from synapse.experiments import checkpoint
+from synapse.experiments import checkpoint, run
 from synapse.experiments.cli import main
-from synapse.experiments import run
 from synapse.experiments.run import Config, Experiment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -96,8 +96,12 @@ def train_epoch(
     interval_steps = 0
     num_batches = len(boundaries) - 1 if boundaries is not None else -(-len(order) // batch_size)
     batch_index = start_batch
+
+    def running() -> Totals:  # read only when a checkpoint is written: one host sync then
+        return float(loss_sum), int(correct), seen
+
     while batch_index < num_batches:
-        if should_stop(batch_index, lambda s=loss_sum, c=correct, n=seen: (float(s), int(c), n)):
+        if should_stop(batch_index, running):
             break
         if boundaries is not None:
             idx = order[boundaries[batch_index] : boundaries[batch_index + 1]]
