@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 import time
 import warnings
@@ -89,19 +90,35 @@ def load_generations(path: str, identity: Mapping[str, Any]) -> List[Tuple[str, 
     return readable
 
 
-def pause_for_tests(where: str, interrupted: Callable[[], bool] = lambda: False) -> None:
+def pause_for_tests(where: str) -> None:
     """Fault-injection hook for the preemption tests: ``SYNAPSE_TEST_PAUSE=<where>`` stops here for a minute,
     after saying so on stderr, so that a test can kill the process at this exact point. ``where`` is
     ``startup`` (start-up done, training not begun), ``step:<k>`` (after global step k) or ``checkpoint:<n>``
     (inside this process's n-th checkpoint write: the new file written, not yet verified or rotated in). A
-    group that torchrun restarted does not pause again. The pause ends early once ``interrupted()`` (a signal
-    arrived: torchrun stopping the surviving ranks). Unset (always, outside tests), it costs one lookup."""
+    group that torchrun restarted does not pause again. SIGINT/SIGTERM end the pause and then take their
+    usual course (torchrun stopping the surviving ranks). Unset (always, outside tests), it costs one lookup.
+    """
     if os.environ.get("SYNAPSE_TEST_PAUSE") != where or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
         return
-    print(f"synapse test pause at {where} (pid {os.getpid()})", file=sys.stderr, flush=True)
-    end = time.monotonic() + 60
-    while time.monotonic() < end and not interrupted():
-        time.sleep(0.05)
+    rank = os.environ.get("RANK", "0")
+    print(f"synapse test pause at {where} (rank {rank}, pid {os.getpid()})", file=sys.stderr, flush=True)
+    received: List[Tuple[int, Any]] = []
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append((signum, frame))) for sig in signals}
+    try:
+        end = time.monotonic() + 60
+        while time.monotonic() < end and not received:
+            time.sleep(0.05)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        signum, frame = received[0]
+        handler = previous[signum]
+        if callable(handler):
+            handler(signum, frame)
+        elif handler != signal.SIG_IGN:
+            signal.raise_signal(signum)  # the default action, now restored
 
 
 class Writer:
