@@ -104,7 +104,9 @@ def pause_for_tests(where: str) -> None:
     print(f"synapse test pause at {where} (rank {rank}, pid {os.getpid()})", file=sys.stderr, flush=True)
     received: List[Tuple[int, Any]] = []
     signals = (signal.SIGINT, signal.SIGTERM)
-    previous = {sig: signal.signal(sig, lambda signum, frame: received.append((signum, frame))) for sig in signals}
+    previous: Dict[int, Any] = {
+        sig: signal.signal(sig, lambda signum, frame: received.append((signum, frame))) for sig in signals
+    }
     try:
         end = time.monotonic() + 60
         while time.monotonic() < end and not received:
