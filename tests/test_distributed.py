@@ -157,3 +157,49 @@ def test_resuming_with_another_world_size_is_a_clear_error(tmp_path):
     )
     assert proc.returncode == 2
     assert "checkpoint-rank0.pt, checkpoint-rank1.pt do" in proc.stderr and "world size" in proc.stderr
+
+
+NO_SHARED_STORE = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+
+@pytest.mark.slow
+def test_elastic_restart_after_a_rank_is_killed_resumes_from_the_periodic_checkpoint(tmp_path):
+    """torchrun --max-restarts 1, a checkpoint every 7 steps (30 steps a task): both ranks pause inside their
+    write at step 42 and rank 1 is SIGKILLed there. torchrun stops rank 0, which completes its write first,
+    so rank 0 holds step 42 and rank 1 only step 35. The restarted group (the same command) agrees on step
+    35, rank 0 from its previous generation, and ends with the accuracy matrices of an uninterrupted
+    2-process run."""
+    args = [*CLI, "--checkpoint_every", "7"]
+    full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
+    code, _, err = torchrun(*args, "--output_dir", full, "--quiet", stderr=subprocess.PIPE)
+    assert code == 0, err[-3000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1"]
+    cmd += [*args, "--output_dir", killed, "--resume"]
+    pause = "checkpoint:7"  # writes at steps 7, 14, 21, 28, 30 (task 1's end), 35, 42
+    with open(tmp_path / "stdout.txt", "w") as stdout:
+        proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+            # The restarted group needs its own store (the README's cluster section: pytorch/pytorch#135712).
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "SYNAPSE_TEST_PAUSE": pause, **NO_SHARED_STORE},
+        )
+        try:
+            for line in proc.stderr:
+                if f"synapse test pause at {pause} (rank 1, pid " in line:
+                    os.kill(int(line.rsplit("pid ", 1)[1].rstrip(")\n")), signal.SIGKILL)
+                    break
+            else:
+                pytest.fail(f"rank 1 did not reach {pause}")
+            err = proc.communicate(timeout=TIMEOUT)[1]
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            pytest.fail("the restarted group did not finish")
+    assert proc.returncode == 0, err[-3000:]
+    out = (tmp_path / "stdout.txt").read_text()
+    assert "checkpoint-rank0.prev.pt: stage 2, epoch 1, batch 5 (step 35)" in out
+    assert results(full)["accuracy_matrix"] == results(killed)["accuracy_matrix"]

@@ -13,11 +13,11 @@ from synapse import catalog
 
 from . import presets
 from ._extras import missing_extras_message, missing_modules
-from .checkpoint import CheckpointError
+from .checkpoint import DEFAULT_EVERY, CheckpointError, parse_every
 from .datasets import DATASETS, DatasetUnavailable
 from .loggers import BACKENDS, LoggerUnavailable
 from .models import INITS, ModelUnavailable, check_model_name
-from .run import TRAINING_TYPES, Config, Experiment, StopRequested, check_scenario
+from .run import TRAINING_TYPES, Config, Experiment, StoppedBeforeTraining, StopRequested, _Signals, check_scenario
 
 
 def _number(
@@ -331,7 +331,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--output_dir", default=None, help="write results.json, accuracy_matrix.png, epoch_log.csv and checkpoints here"
     )
-    g.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output_dir")
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest readable checkpoint in --output_dir, or start from scratch when there is "
+        "none: one command line for the first start and every requeue",
+    )
+    g.add_argument(
+        "--checkpoint_every",
+        type=_checkpoint_every,
+        default=DEFAULT_EVERY,
+        help="checkpoints inside a task, besides those at task ends and on SIGINT/SIGTERM: every N steps (500), "
+        "every so long (30s, 10min, 2h), or 0/off; a SIGKILL loses at most this much training",
+    )
     g.add_argument("--quiet", action="store_true", help="print nothing but errors")
     g.add_argument(
         "--log",
@@ -471,12 +483,38 @@ def _apply_preset(parser: argparse.ArgumentParser, args: argparse.Namespace, arg
     return hparams
 
 
+def _checkpoint_every(text: str) -> str:
+    try:
+        parse_every(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def _asks_for_help(argv: Sequence[str]) -> bool:
     """Whether argparse would print the help (``-h``, ``--help`` or an abbreviation such as ``--he``)."""
     return any(a == "-h" or (a.startswith("--h") and "--help".startswith(a)) for a in argv)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """The experiment program. Exit codes: 0 done; 2 a usage, data or checkpoint error; 128 + the signal
+    number (130 SIGINT, 143 SIGTERM) when stopped by a signal, during training (a checkpoint was written) or
+    before it (nothing to save). Either way the same command with ``--resume`` continues."""
+    # First of all: a signal during start-up (argument checks, data loading, the untrained evaluation)
+    # ends the run with a clear line instead of a bare kill; training takes the handlers over.
+    with _Signals(deferred=False):
+        try:
+            return _main(argv)
+        except StoppedBeforeTraining as e:
+            print(
+                f"synapse: {e}: nothing to save; the same command with --resume continues from the last checkpoint, "
+                "or starts from scratch if there is none",
+                file=sys.stderr,
+            )
+            return 128 + e.signum
+
+
+def _main(argv: Optional[List[str]]) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     # Before anything else, so that a run never starts and then fails at its first progress bar or plot.
     # The help needs none of the extras and says how to install them, so it is always shown.

@@ -23,6 +23,10 @@ def shard(indices: Tensor, rank: int, world: int) -> Tensor:
     return padded[rank::world]
 
 
+# An epoch's running (loss sum, correct predictions, items seen), as a mid-epoch checkpoint holds them.
+Totals = Tuple[float, int, int]
+
+
 @dataclass
 class EpochResult:
     loss_sum: float
@@ -43,14 +47,20 @@ def train_epoch(
     start_batch: int,
     augment: bool,
     generator: torch.Generator,
-    should_stop: Callable[[], bool],
+    should_stop: Callable[[int, Callable[[], Totals]], bool],
     on_step: Callable[[], None],
     gather: Optional[Callable[[Tensor], Tuple[Tensor, Tensor]]] = None,
     boundaries: Optional[Sequence[int]] = None,
     log_every: int = 0,
     log_step: Optional[Callable[[Tensor, int], None]] = None,
+    totals: Totals = (0.0, 0, 0),
 ) -> EpochResult:
-    """Train over ``order`` from batch ``start_batch``; stop early (resumably) when ``should_stop()``.
+    """Train over ``order`` from batch ``start_batch``; stop early (resumably) when ``should_stop``.
+
+    Before each batch, ``should_stop(next_batch, running_totals)`` may write a checkpoint (it calls
+    ``running_totals()``, one host sync, only then) and says whether to stop. ``totals`` are the epoch's
+    running (loss sum, correct, seen) from a mid-epoch checkpoint: the sums continue in float32 on the
+    device, so a resumed epoch reports exactly the loss and accuracy of an uninterrupted one.
 
     ``images``, ``labels`` and ``order`` live on the model's device, so a batch is one gather there.
     ``gather`` replaces ``images[idx], labels[idx]`` (scenarios transform their batches on the device), and
@@ -61,15 +71,19 @@ def train_epoch(
     """
     model.train()
     device = next(model.parameters()).device
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    seen = 0
+    loss_sum = torch.tensor(totals[0], dtype=torch.float32, device=device)
+    correct = torch.tensor(totals[1], dtype=torch.int64, device=device)
+    seen = totals[2]
     interval_loss = torch.zeros((), device=device)
     interval_steps = 0
     num_batches = len(boundaries) - 1 if boundaries is not None else -(-len(order) // batch_size)
     batch_index = start_batch
+
+    def running() -> Totals:  # read only when a checkpoint is written: one host sync then
+        return float(loss_sum), int(correct), seen
+
     while batch_index < num_batches:
-        if should_stop():
+        if should_stop(batch_index, running):
             break
         if boundaries is not None:
             idx = order[boundaries[batch_index] : boundaries[batch_index + 1]]

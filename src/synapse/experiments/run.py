@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -20,11 +21,21 @@ from synapse.augment import RandomCropFlip
 from synapse.scenarios import DomainIncremental, TaskFreeStream, mnist360, mnist360_test_angles, rotate, scenario
 
 from . import report
-from .checkpoint import CheckpointError, atomic_save, load_checkpoint
+from .checkpoint import (
+    DEFAULT_EVERY,
+    FORMAT,
+    CheckpointError,
+    Periodic,
+    Writer,
+    generations,
+    load_generations,
+    parse_every,
+    pause_for_tests,
+)
 from .datasets import DATASETS, DatasetSpec, load_tasks
-from .distributed import World, any_rank, device_for, init_from_env
+from .distributed import World, device_for, init_from_env, reduce_ints
 from .loggers import Logger, create_loggers
-from .loop import Evaluation, evaluate, shard, train_epoch
+from .loop import Evaluation, Totals, evaluate, shard, train_epoch
 from .models import create_model
 
 TRAINING_TYPES = ("joint", "sequential", "continual")
@@ -62,8 +73,24 @@ IDENTITY = (
     "class_order_seed",
 )
 
-# Where the run is in its schedule, and what it measured so far: all of it goes into checkpoints.
-PROGRESS = ("stage", "epoch", "next_batch", "order", "accuracy", "untrained", "epoch_log", "test_samples", "elapsed")
+# Where the run is in its schedule, and what it measured so far: all of it goes into checkpoints. ``step``
+# counts the run's training steps; ``totals`` are the running sums of the epoch in progress.
+PROGRESS = (
+    "stage",
+    "epoch",
+    "next_batch",
+    "step",
+    "totals",
+    "order",
+    "accuracy",
+    "untrained",
+    "epoch_log",
+    "test_samples",
+    "elapsed",
+)
+# Under torchrun, ranks agree on a stop (and on a time-based checkpoint) every this many steps: one
+# collective then, instead of one per step.
+SYNC_EVERY = 20
 
 
 @dataclass
@@ -94,6 +121,8 @@ class Config:
     num_workers: int = 0
     output_dir: Optional[str] = None
     resume: bool = False
+    # Periodic checkpoints inside a task: steps ("500"), a time ("30s", "10min") or "0"/"off" (task ends only).
+    checkpoint_every: str = DEFAULT_EVERY
     max_train_per_task: Optional[int] = None
     max_test_per_task: Optional[int] = None
     quiet: bool = False
@@ -136,24 +165,46 @@ class Config:
 
 
 class StopRequested(Exception):
-    """SIGINT/SIGTERM arrived; a checkpoint was written and the run can be resumed."""
+    """SIGINT/SIGTERM arrived during training; a checkpoint was written and the run can be resumed."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(f"stopped by signal {signum}")
         self.signum = signum
 
 
-class _Signals:
-    """Turns SIGINT/SIGTERM into a flag the loop polls between steps, so a stop is always clean."""
+class StoppedBeforeTraining(BaseException):
+    """SIGINT/SIGTERM arrived during start-up, before any training step: there is nothing to save.
 
-    def __init__(self) -> None:
+    A BaseException (as KeyboardInterrupt), raised from the signal handler wherever start-up is, so that no
+    ``except Exception`` on the way swallows it.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by signal {signum} before training began")
+        self.signum = signum
+
+
+def _stop_before_training(signum: int, frame: Any) -> None:
+    raise StoppedBeforeTraining(signum)
+
+
+class _Signals:
+    """SIGINT/SIGTERM handlers for a stretch of the run, restoring the previous ones on exit.
+
+    ``deferred`` (training): a signal only sets ``received``, which the loop polls between steps, so that a
+    stop always writes a checkpoint first. Not deferred (start-up): a signal raises StoppedBeforeTraining at
+    once, since start-up work (imports, data, the untrained evaluation) has nothing to save.
+    """
+
+    def __init__(self, deferred: bool = True) -> None:
         self.received: Optional[int] = None
+        self.deferred = deferred
         self._previous: Dict[int, Any] = {}
 
     def __enter__(self) -> _Signals:
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
-                self._previous[sig] = signal.signal(sig, self._handle)
+                self._previous[sig] = signal.signal(sig, self._handle if self.deferred else _stop_before_training)
             except ValueError:  # not the main thread: leave signals alone
                 pass
         return self
@@ -232,6 +283,7 @@ class Experiment:
             raise ValueError("replay_augment re-applies the train augmentation to replayed items: it needs augment")
         if cfg.log_interval < 1:
             raise ValueError(f"log_interval must be a positive int, got {cfg.log_interval!r}")
+        self.periodic = Periodic(parse_every(cfg.checkpoint_every))
         # Made (and their packages checked) before any work; only the main rank writes.
         self.logger: Logger = (
             create_loggers(cfg.log, cfg.output_dir, dataclasses.asdict(cfg)) if self.world.is_main else Logger()
@@ -318,8 +370,11 @@ class Experiment:
             if self.cfg.output_dir
             else None
         )
+        self.writer = Writer(self.ckpt_path) if self.ckpt_path else None
+        self.saved_step = -1  # the global step of the checkpoint on disk (none: -1)
         # Progress through the schedule, all of it checkpointed.
-        self.stage, self.epoch, self.next_batch = 0, 0, 0
+        self.stage, self.epoch, self.next_batch, self.step = 0, 0, 0, 0
+        self.totals: Totals = (0.0, 0, 0)
         self.order: Optional[Tensor] = None
         self.accuracy: Dict[str, List[List[float]]] = {"class_il": [], "task_il": []}
         self.untrained: Optional[Dict[str, List[float]]] = None
@@ -443,14 +498,29 @@ class Experiment:
             cil, til, _ = self.evaluate()
             self.untrained = {"class_il": cil, "task_il": til}
         stages = self.stages()
-        steps_done = 0
-        with _Signals() as signals:
+        pause_for_tests("startup")
+        with _Signals() as signals:  # training begins: from here a signal stops at a step, with a checkpoint
 
-            def should_stop() -> bool:
-                # Ranks agree every 20 steps so that they stop together (a lone rank would hang DDP).
-                if self.world.size > 1 and steps_done % 20:
-                    return False
-                return any_rank(signals.received is not None, self.world, self.device)
+            def checkpoint(what: str) -> None:
+                if self.writer is None:
+                    return
+                self.elapsed = time.perf_counter() - started
+                self.save()
+                self.log(f"checkpoint saved: {what}")
+
+            def should_stop(next_batch: int, totals: Callable[[], Totals]) -> bool:
+                """Between steps: write a periodic checkpoint when due; whether a signal asks to stop. Ranks
+                agree on the signal and on the clock every SYNC_EVERY steps (a lone rank would hang DDP);
+                step-based checkpoints need no agreement."""
+                stop = due = False
+                if self.world.size == 1 or self.step % SYNC_EVERY == 0:
+                    local = [int(signals.received is not None), int(self.periodic.due_by_time())]
+                    stop, due = (bool(v) for v in reduce_ints(local, self.world, self.device))
+                if self.step != self.saved_step and (due or self.periodic.due_by_steps(self.step)):
+                    self.next_batch, self.totals = next_batch, totals()
+                    checkpoint(f"step {self.step} ({name}, epoch {self.epoch + 1}, batch {next_batch})")
+                pause_for_tests(f"step:{self.step}")
+                return stop
 
             while self.stage < len(stages):
                 name, x, y = stages[self.stage]
@@ -466,14 +536,13 @@ class Experiment:
                     t0 = time.perf_counter()
 
                     def on_step(bar: Any = bar) -> None:
-                        nonlocal steps_done
-                        steps_done += 1
+                        self.step += 1
                         bar.update()
 
                     def log_step(loss_sum: Tensor, steps: int) -> None:
                         lr = self.optimizer.param_groups[0]["lr"]
                         values = {"step/loss": float(loss_sum) / steps, "step/lr": lr}
-                        self.logger.scalars(values, steps_done)
+                        self.logger.scalars(values, self.step)
 
                     result = train_epoch(
                         self.model,
@@ -492,12 +561,15 @@ class Experiment:
                         boundaries=boundaries,
                         log_every=self.cfg.log_interval if self.cfg.log else 0,
                         log_step=log_step,
+                        totals=self.totals,
                     )
                     bar.close()
                     if not result.completed:
-                        self.next_batch = result.next_batch
-                        self.elapsed = time.perf_counter() - started
-                        self.save()
+                        if self.step != self.saved_step:  # else a periodic checkpoint of this very step is on disk
+                            self.next_batch = result.next_batch
+                            self.totals = (result.loss_sum, result.correct, result.seen)
+                            self.elapsed = time.perf_counter() - started
+                            self.save()
                         raise StopRequested(signals.received or signal.SIGTERM)
                     self.finish_epoch(name, result, time.perf_counter() - t0)
                 if self.synapse is not None and self.stream is None:  # a task-free stream has no task ends
@@ -508,16 +580,14 @@ class Experiment:
                 self.accuracy["class_il"].append(cil)
                 self.accuracy["task_il"].append(til)
                 self.log(f"\nafter {name} (accuracy %):\n" + self._accuracy_table(len(cil)))
-                self._log_task(steps_done)
+                self._log_task(self.step)
                 self.stage, self.epoch = self.stage + 1, 0
-                self.elapsed = time.perf_counter() - started
-                self.save()
-                if self.ckpt_path:
-                    self.log(f"checkpoint saved: {name}")
+                checkpoint(name)
                 if signals.received is not None:
                     raise StopRequested(signals.received)
-        self.elapsed = time.perf_counter() - started
-        return self.finish()
+            self.elapsed = time.perf_counter() - started
+            # Still deferred: a signal now waits for the results to be written, and the run ends complete.
+            return self.finish()
 
     def _log_task(self, step: int) -> None:
         """After a task: its accuracy row, the averages, forgetting, and the memory's class histogram."""
@@ -681,10 +751,11 @@ class Experiment:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> None:
-        if self.ckpt_path is None:
+        """Write a new checkpoint generation (checkpoint.Writer: beside the old one, verified, rotated in)."""
+        if self.writer is None:
             return
         state = {
-            "format": 1,
+            "format": FORMAT,
             "identity": self.identity,
             "model": synapse._base.unwrap_model(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -696,23 +767,50 @@ class Experiment:
             },
             "progress": {name: getattr(self, name) for name in PROGRESS},
         }
-        atomic_save(state, self.ckpt_path)
+        self.writer.save(state)
+        self.saved_step = self.step
+        self.periodic.written()
 
     def restore(self) -> None:
+        """Continue from the newest readable checkpoint generation, or start from scratch when there is none.
+
+        Under torchrun every rank must continue from the same step: a rank killed while the others were
+        writing may be one generation behind them, so the ranks agree on the newest step all of them hold.
+        """
         if self.ckpt_path is None:
             raise ValueError("--resume needs --output_dir, where the checkpoint is")
         folder = os.path.dirname(self.ckpt_path) or "."
-        others = (
-            sorted(f for f in os.listdir(folder) if f.startswith("checkpoint") and f.endswith(".pt"))
-            if (os.path.isdir(folder))
-            else []
-        )
-        if not os.path.isfile(self.ckpt_path) and others:
+        pattern = re.compile(r"checkpoint(-rank\d+)?\.pt")  # the latest generations, one per rank
+        others = sorted(f for f in os.listdir(folder) if pattern.fullmatch(f)) if os.path.isdir(folder) else []
+        if not generations(self.ckpt_path) and others:
             raise CheckpointError(
                 f"{self.ckpt_path} does not exist, but {', '.join(others)} do: they were written by a run with another "
                 f"number of processes (one file per rank); resume with that world size, not {self.world.size}"
             )
-        state = load_checkpoint(self.ckpt_path, self.identity)
+        error: Optional[CheckpointError] = None
+        found: List[Tuple[str, Dict[str, Any]]] = []
+        try:
+            found = load_generations(self.ckpt_path, self.identity)
+        except CheckpointError as e:  # raised below on every rank, after the ranks agreed (none waits alone)
+            error = e
+        newest = found[0][1]["progress"]["step"] if found else -1
+        failed, target = reduce_ints([int(error is not None), -newest], self.world, self.device)
+        target = -target  # the smallest newest step over the ranks
+        if error is not None:
+            raise error
+        if failed:
+            raise CheckpointError("another rank could not read its checkpoint (its error is printed above)")
+        if target < 0:
+            self.log(f"no checkpoint in {folder}: starting from scratch")
+            return
+        chosen = [(file, state) for file, state in found if state["progress"]["step"] == target]
+        if not chosen:
+            steps = [state["progress"]["step"] for _, state in found]
+            raise CheckpointError(
+                f"rank {self.world.rank} holds checkpoints at steps {steps}, and another rank's newest is at step "
+                f"{target}: the ranks cannot continue from the same step"
+            )
+        file, state = chosen[0]
         synapse._base.unwrap_model(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.synapse is not None:
@@ -723,6 +821,9 @@ class Experiment:
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         for name in PROGRESS:
             setattr(self, name, state["progress"][name])
+        self.totals = tuple(self.totals)  # type: ignore[assignment]
+        self.saved_step = self.step
         self.log(
-            f"resumed from {self.ckpt_path}: stage {self.stage + 1}, epoch {self.epoch + 1}, batch {self.next_batch}"
+            f"resumed from {file}: stage {self.stage + 1}, epoch {self.epoch + 1}, batch {self.next_batch} "
+            f"(step {self.step})"
         )
