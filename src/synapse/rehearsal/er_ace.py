@@ -51,7 +51,7 @@ class ERACE(ER):
         buffer_size: items kept in the reservoir (per rank in a distributed run).
         buffer_sample_size: items per replay minibatch.
         alpha: weight of the replay cross-entropy.
-        mask: ``'batch'`` or ``'task'``: the classes the incoming batch's softmax spans (see above).
+        mask: ``'batch'`` or ``'task'``: the classes the incoming batch's softmax spans (see the method page).
         current_loss: ``'method'`` (ACE replaces the user's loss) or ``'user'`` (the user's loss is kept).
         fused: replay inside the user's forward (see :class:`~synapse.rehearsal.ER`).
         buffer_scope: ``'rank'`` or ``'global'`` (see :class:`~synapse.rehearsal.ER`).
