@@ -25,54 +25,22 @@ class LwF(ClassHistory, Synapse):
     """Learning without Forgetting (Li & Hoiem 2016, "Learning without Forgetting", ECCV 2016; TPAMI 2017).
 
     At each :meth:`end_task` the method keeps a frozen copy of the model (the *teacher*) and the set ``O``
-    of the classes seen so far (every class that appeared in ``targets``). At every later step it adds the
-    paper's knowledge-distillation term on the current batch::
+    of the classes seen so far (from ``targets``). At every later step it adds the paper's
+    knowledge-distillation term on the current batch, ``alpha * L_old``: the cross-entropy between the
+    teacher's and the model's temperature-``T`` softmaxes over the old classes only, on the live logits
+    of the user's forward. The user's ``loss`` keeps weight 1; the term's gradient is seeded into the
+    logits, so one backward does everything. The teacher costs one forward per step (no grad, eval mode,
+    optionally under autocast in ``teacher_dtype``). A head may grow between tasks, not shrink. The
+    equations: docs/methods/distillation.md, "LwF in detail".
 
-        total = L + alpha * L_old
-        L_old = -(1/B) sum_b sum_{j in O} p_bj log q_bj
-        p_b = softmax_O(z_teacher(x_b) / T),   q_b = softmax_O(z(x_b) / T)
+    Deviations (each explained in the method page):
 
-    ``L`` is the user's loss, untouched and with weight 1; ``z`` are the live logits of the user's own
-    forward (captured, with their graph), ``z_teacher`` those of the frozen copy on the same inputs, and
-    ``softmax_O`` normalises over the old classes only: the other columns are left out of both
-    distributions and get no distillation gradient. This is the paper's eq. 2 (its modified
-    probabilities ``y^(1/T) / sum y^(1/T)`` of the old head's softmax ``y`` are ``softmax(z / T)``) with
-    its loss-balance weight ``lambda_o`` as ``alpha`` (1 in the paper) and ``T = 2``. The gradient
-    ``alpha (q - p) / (B T)`` is seeded into the logits directly, so the term adds no graph and one
-    backward still does everything. Before the first :meth:`end_task` there is no teacher and ``backward``
-    is a plain ``loss.backward()``.
-
-    The teacher costs one forward per step: under ``torch.no_grad()``, in eval mode, with frozen
-    parameters, on the model's device, optionally under ``torch.autocast`` in ``teacher_dtype``.
-
-    Deviations, all forced by running inside the user's loop or by a single-head model:
-
-    * **The teacher runs on each step's inputs.** The paper (Alg. 1) records the old model's responses
-      on the new task's images once, before training on it; the DER authors' Mammoth (``models/lwf.py``)
-      likewise stores logits per training image at the task start, computed on the non-augmented
-      images. The frozen copy gives the same targets for the same inputs, needs no pass over the data,
-      and with augmentation distils on exactly the inputs the student sees.
-    * **One softmax over all old classes.** The paper has a head per old task, each with its own
-      softmax and its own ``L_old`` term; a single head (class-incremental) distils the union of the old
-      classes in one distribution, as Mammoth does.
-    * **No warm-up.** The paper first trains only the new head (shared and old weights frozen); Mammoth
-      does so for ``n_epochs`` on the classifier at each task start. The loop is the user's.
-    * **The new-task loss is the user's ``loss``.** The paper's ``L_new`` is the cross-entropy of the
-      new head; Mammoth's cross-entropy leaves the not-yet-seen classes' columns out. The weight decay
-      ``R`` is the optimizer's (Mammoth's best seq-mnist arguments: ``lr=0.03``, ``alpha=1``,
-      ``softmax_temp=2``, ``optim_wd=5e-4``, batch 10, one epoch).
-    * **Old classes come from the targets** (the classes seen in a ``backward`` before an
-      :meth:`end_task`) rather than from known class ranges per task; in a distributed run the ranks'
-      sets are united at :meth:`end_task`. Targets outside ``[0, classes)`` mark nothing.
-    * **No ``T**2`` factor.** Hinton et al. (2015) scale soft-target terms by ``T**2`` so that their
-      gradients keep their size as ``T`` changes; neither the paper's ``L_old`` nor Mammoth does, and
-      ``alpha`` is tuned without it. Pass ``alpha * T**2`` for Hinton's scaling.
-
-    Mammoth differs further: it hard-codes ``T = 2`` in its smoothing (its ``softmax_temp`` flag is
-    unused) and takes the log of a re-normalised softmax, which is the same function as ``log_softmax``.
-
-    A head that grows between tasks is fine: the teacher's logits are narrower, only its columns are
-    compared, and the new columns get no distillation gradient. A head that shrinks raises.
+    * The teacher runs on each step's inputs, not on responses recorded before the task.
+    * One softmax over all old classes (single head), not one per old task.
+    * No warm-up of the new head.
+    * The new-task loss is the user's ``loss``; the weight decay is the optimizer's.
+    * Old classes come from the targets, not known class ranges.
+    * No ``T**2`` factor (pass ``alpha * T**2`` for Hinton's scaling).
 
     Args:
         model: the model being trained (may be wrapped in DDP or ``torch.compile``). It must return a

@@ -27,26 +27,16 @@ MEMORIES = ("reservoir", "episodic")
 class AGEM(BufferedSynapse):
     """Averaged Gradient Episodic Memory (Chaudhry et al. 2019, "Efficient Lifelong Learning with A-GEM").
 
-    Each step computes a reference gradient ``r`` of the cross-entropy on a minibatch from the memory.
-    If the current gradient ``g`` conflicts with it (``g.r < 0``) the applied gradient is the projection
-    ``g - (g.r / r.r) r`` (the paper's eq. 11), otherwise ``g`` itself. The choice is a clamp on the
-    device, never a Python branch on a GPU value, and both gradients live in flat workspaces allocated
-    once.
+    Each step computes a reference gradient ``r`` on a minibatch from the memory; a current gradient ``g``
+    that conflicts with it (``g.r < 0``) is projected to ``g - (g.r / r.r) r`` (eq. 11), on the device
+    with no host sync. Under DDP the reference gradient is all-reduced. The memory and the projection:
+    docs/methods/gradient.md, "A-GEM in detail".
 
-    The memory (``memory``):
+    Deviations (each explained in the method page):
 
-    * ``'reservoir'`` (default): a reservoir sample of the whole stream, current task included, so the
-      method works without task boundaries. This deviates from the paper; it is the DER authors'
-      ``agem_r`` baseline.
-    * ``'episodic'``: the paper's episodic memory. Each task's items fill its own share of the memory
-      during the task (:class:`~synapse.episodic.EpisodicMemory`: a random sample of the task), and the
-      reference minibatch is drawn from the tasks that have *ended*, so the first task trains plainly.
-      The paper (and the DER authors' ``agem``) gives each task ``buffer_size // num_tasks`` items with
-      ``num_tasks`` known in advance; here the budget is split evenly among the tasks seen so far, which
-      ends at the same shares without knowing the number of tasks. Needs :meth:`end_task` calls.
-
-    Under DistributedDataParallel the current gradient is already averaged by DDP; the reference
-    gradient is all-reduced here, so every rank projects with the same two vectors.
+    * ``memory='reservoir'`` (default) samples the whole stream, current task included: the DER authors'
+      ``agem_r``; ``'episodic'`` is the paper's per-task memory (needs :meth:`end_task`).
+    * The episodic budget is split among the tasks seen so far, not a known number of tasks.
 
     Args:
         model: the model being trained (may be wrapped in DDP or ``torch.compile``).

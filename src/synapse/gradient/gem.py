@@ -28,58 +28,23 @@ QP_EPS = 1e-3
 class GEM(Synapse):
     """Gradient Episodic Memory (Lopez-Paz & Ranzato 2017, "Gradient Episodic Memory for Continual Learning").
 
-    GEM keeps an episodic memory ``M_k`` per past task ``k`` and, at each step, asks that the update
-    increase no past task's loss on its memory (the paper's eq. 6-7): with ``g`` the gradient of the
-    current batch's loss and ``g_k = grad L(f, M_k)`` the gradient of the cross-entropy on the whole
-    memory of task ``k``,
+    GEM keeps an episodic memory per past task and, at each step, asks that the update increase no past
+    task's loss on its memory: ``<g, g_k> >= 0`` for the current gradient ``g`` and each past task's
+    memory gradient ``g_k``. A violating ``g`` is replaced by its projection, found through the dual QP
+    (one variable per past task, margin ``gamma``; :func:`~synapse.functional.gem_dual`, exact on the
+    device for up to 10 past tasks, no host sync). The ``buffer_size`` items are split evenly among the
+    tasks seen so far, each share a random sample of its task (:class:`~synapse.episodic.EpisodicMemory`).
+    **Task boundaries are required**: a task's memory becomes a constraint at :meth:`end_task`. Under DDP
+    the reference gradients are all-reduced, so every rank solves the same QP. The equations, the solver
+    and the memory: docs/methods/gradient.md, "GEM in detail".
 
-        ``<g, g_k> >= 0``  for every past task ``k``.
+    Deviations (each explained in the method page):
 
-    If any constraint is violated, ``g`` is replaced by its projection ``g~``: the paper's primal
-    ``min_z 1/2 ||g - z||^2  s.t.  G z >= 0`` (eq. 10, ``G`` the ``t x p`` matrix of the ``g_k``) through
-    its dual (eq. 11)
-
-        ``v* = argmin_v 1/2 v' G G' v + g' G' v``  subject to  ``v >= gamma``,      ``g~ = G' v* + g``.
-
-    ``gamma`` is the paper's margin ("adding a small constant gamma >= 0 to v*", which biases the update
-    towards backward transfer); like the authors' code (and Mammoth's), it enters the QP as the lower
-    bound on ``v``, with ``1e-3`` added to the diagonal of ``G G'``. As in that code, a gradient that
-    violates no constraint is left exactly as it is. With one past task and ``gamma = 0`` the projection
-    is A-GEM's (up to the ``1e-3``).
-
-    The QP has one variable per past task. :func:`~synapse.functional.gem_dual` solves it exactly on the
-    device for up to :data:`~synapse.functional.GEM_EXACT_LIMIT` (10) past tasks, by solving every face
-    of the constraint set in one batched call and keeping the best feasible one; beyond that it runs a
-    fixed number of accelerated projected-gradient iterations and then solves exactly on the support they
-    found (exact whenever that support is right). Neither path branches on a device value, so
-    ``backward`` makes no host sync: the violation test is a multiplication by a device flag.
-
-    The memory: GEM's code gives every task a fixed share of a memory sized for a known number of
-    tasks, filled with the last examples of each task. A user's loop need not know the number of tasks,
-    so here the ``buffer_size`` items are split evenly among the tasks seen so far, each task's share
-    being a uniformly random sample of its stream (see :class:`~synapse.episodic.EpisodicMemory`): while
-    task ``T`` runs, each of the ``T`` past tasks holds ``buffer_size // (T + 1)`` items. The memory fills
-    from the batches passed to ``backward``; ``end_task``'s ``data`` is not needed.
-
-    Deviations, all stated above or here:
-
-    * the memory is a random sample of each task rather than its last examples, with per-task shares
-      that shrink as tasks arrive (Mammoth's GEM likewise fills ``buffer_size // n_tasks`` per task);
-    * the reference loss is the plain cross-entropy over the model's whole output (single head, as in
-      Mammoth), not the paper's task-masked output of its multi-head experiments;
-    * ``buffer_sample_size=k`` (an option; the default ``None`` is the paper's whole memory) computes each
-      ``g_k`` on ``k`` items drawn at random from task ``k``'s memory;
-    * more than 10 past tasks: the iterative QP solve above;
-    * under a GradScaler the ``1e-3`` is multiplied by the squared scale, so the scaled gradients give the
-      same ``v*`` as unscaled ones.
-
-    **Task boundaries are required** (``needs_task_boundaries``): a task's memory becomes a constraint
-    when :meth:`end_task` is called. Without ``end_task`` calls there is no past task, and GEM is plain
-    training (the CLI refuses task-free streams for this method).
-
-    Under DistributedDataParallel each rank keeps its own memory of its own stream; the current gradient
-    is averaged by DDP and the reference gradients are all-reduced here (one call for the whole ``G``),
-    so every rank solves the same QP. Every rank must end the same tasks.
+    * The memory is a random sample of each task, with shares that shrink as tasks arrive.
+    * The reference loss is the single-head cross-entropy, not the paper's task-masked output.
+    * ``buffer_sample_size=k`` computes each ``g_k`` on ``k`` random items (default: the whole memory).
+    * More than 10 past tasks: an iterative QP solve, exact when its support is right.
+    * Under a GradScaler the ``1e-3`` diagonal term is scaled with the gradients.
 
     Args:
         model: the model being trained (may be wrapped in DDP or ``torch.compile``).

@@ -38,100 +38,29 @@ _EVAL_CHUNK = 512
 class BiC(ClassHistory, ER):
     """BiC, from Wu et al. 2019, "Large Scale Incremental Learning" (CVPR 2019).
 
-    Replay from an exemplar memory, trained in two stages per task:
+    Replay from an exemplar memory, trained in two stages per task. Stage 1, at every step: distillation
+    from the old model (a frozen copy taken at the last :meth:`end_task`) plus cross-entropy over the
+    seen classes, weighted by ``n / (n + m)`` (:func:`synapse.functional.bic_loss`). Stage 2, at each
+    :meth:`end_task` from the second task on: one bias correction layer ``(alpha, beta)`` for the task's
+    new classes, fitted on a class-balanced held-out set (:func:`synapse.functional.bias_correction`).
+    Evaluate with ``synapse.predict(inputs=x)``, which goes through every layer. With
+    ``current_loss='method'`` the loss passed to :meth:`backward` is checked, then replaced by BiC's.
+    The equations, the held-out set and the user's loss: docs/methods/rehearsal.md, "BiC in detail".
 
-    **Stage 1, at every step** (Sec. 3 of the paper). On the training rows (the incoming batch and a
-    replayed exemplar minibatch, as the paper trains on new data and exemplars together), with ``o`` the
-    model's logits and ``o_hat`` those of the *old model* (a frozen copy taken at the last
-    :meth:`end_task`), both passed through the bias correction layers fitted so far::
+    Deviations (each explained in the method page):
 
-        L = lambda * L_d + (1 - lambda) * L_c,              lambda = n / (n + m)                (eq. 3)
-        L_d = -mean_x sum_{k <= n} pi_hat_k(x) log pi_k(x),  pi = softmax_old(o / T),
-                                                            pi_hat = softmax_old(o_hat / T)      (eq. 1)
-        L_c = -mean_x log softmax_seen(o)_y                                                      (eq. 2)
+    * The held-out set is a reservoir sample of the stream, not an offline 9:1 split.
+    * The memory is filled from the stream, class-balanced by default.
+    * Minibatches are the incoming rows plus replayed exemplar rows, one mean over both.
+    * ``lambda`` counts the new classes seen so far in the task, not known in advance.
+    * Both logits in stage 1 pass through every layer fitted so far (as sairin1202/BIC and FACIL).
+    * No ``T**2`` factor on the distillation term (Mammoth and sairin1202 have one).
+    * Stage 2 trains on the frozen model's logits computed once; Adam, lr 1e-3, Mammoth's 250 epochs.
+    * ``L_c`` and ``L_b`` span the classes seen so far; the head's width must not change.
+    * Distributed: per-rank memories; ranks average their fitted ``(alpha, beta)``.
 
-    ``n`` counts the old classes (seen before the last :meth:`end_task`), ``n + m`` all the classes seen,
-    ``softmax_old`` / ``softmax_seen`` normalise over those columns only, and ``T = 2`` (Sec. 6.2).
-    :func:`synapse.functional.bic_loss` is this loss; it is ``L_c`` alone on the first task.
-
-    **Stage 2, at each end_task from the second task on** (Sec. 5). The model frozen, one bias correction
-    layer for the task's new classes (those first seen in it) is fitted on a class-balanced held-out set::
-
-        q_k = alpha * o_k + beta   (k a new class),   q_k = o_k   (k an old class)              (eq. 4)
-        L_b = -mean_x log softmax_seen(q)_y                                                      (eq. 5)
-
-    (:func:`synapse.functional.bias_correction`), from ``alpha = 1, beta = 0`` with Adam (``bias_lr``,
-    ``bias_epochs``, minibatches of ``bias_batch_size``). Earlier tasks' layers stay fixed; each task keeps
-    its own ``(alpha, beta)`` on its own classes. The parameters are the method's state (in
-    :meth:`state_dict`), not the model's.
-
-    **Prediction** goes through every layer: :meth:`predict` returns the corrected logits
-    (``has_predictor``), so evaluate with ``synapse.predict(inputs=x)`` rather than ``model(x)``.
-
-    **The held-out set.** The paper splits the exemplars and the new data 9:1 before training, so that the
-    stage-2 set is never trained on and has the same number of items per class. In a user's loop the data
-    arrives batch by batch, so:
-
-    * the memory's ``buffer_size`` is split as the paper's exemplars: ``V = round(val_fraction *
-      buffer_size)`` items form a *validation memory* (class-balanced, :class:`~synapse.memory.ClassBalancedBuffer`)
-      that is never replayed, the rest the replayed *training memory*;
-    * during a task, a reservoir sample of ``V`` items of the task's stream is held out (Vitter's
-      Algorithm R; which rows enter is decided on the host from counters and the method's own generator,
-      before the step's loss). With ``current_loss='method'`` those rows are left out of the step's loss and
-      out of the training memory: they pass through the forward (BatchNorm sees them) but are never
-      trained on. The task's first ``V`` items all enter it; a row that enters and is displaced later is
-      used for neither (about ``V log(N / V)`` of a task of ``N`` items);
-    * at :meth:`end_task` the stage-2 set takes the same number of items from every class present in the
-      validation memory (the old classes) and the held-out reservoir (the new ones): the smallest class
-      count among them. Then the reservoir's items join the validation memory, where the new classes take
-      slots from the largest ones, as the paper shrinks the old classes' exemplars.
-
-    Stage 2 is skipped (no layer; the new classes stay uncorrected) when the held-out items lack an old
-    or a new class, when the task brought no new class, or with ``val_fraction=0`` (stage 1 alone).
-
-    **The user's loss.** BiC owns the current-batch term. With ``current_loss='method'`` (default) the
-    ``loss`` passed to :meth:`backward` is checked (a scalar that requires grad) and *replaced* by ``L``
-    above, computed from the live outputs of the user's last training forward: it is not backpropagated,
-    whatever it was. With ``current_loss='user'`` it stands in for the classification term of the
-    incoming batch, ``L = (1 - lambda) (B L_user + k L_c') / (B + k) + lambda L_d`` with ``L_c'`` the
-    replayed rows' term, ``B`` and ``k`` the two row counts and ``L_d`` over all rows; the held-out rows
-    are then trained on through ``L_user`` (they still stay out of the training memory).
-
-    Deviations, all named:
-
-    * **The held-out set is carved from the stream** as above, not by an offline 9:1 split; during a task
-      the reservoir holds up to ``V`` items besides the memory (the paper holds the whole task's data).
-      Mammoth holds out a random tenth of its memory and as many random items of the new task, not
-      balanced per class.
-    * **The memory** is filled from the stream, class-balanced by default (every class seen an equal share
-      within one slot, as the paper's fixed budget split evenly among classes); ``'reservoir'`` gives ER's.
-    * **Minibatches** are ``B`` incoming rows plus ``k = min(buffer_sample_size, len(memory))`` exemplar
-      rows, with one mean over the rows; the paper draws minibatches from the union of both sets.
-    * **lambda counts the classes seen so far**: ``m`` is the number of new classes that appeared in the
-      task up to this step (the paper knows it in advance); it settles once each has appeared.
-    * **Earlier layers in stage 1.** The paper does not say whether earlier tasks' layers stay on the
-      outputs while later tasks train. As the public per-task implementations (sairin1202/BIC and
-      FACIL's ``bic.py``) do, the model's and the old model's logits in stage 1 both pass through every
-      layer fitted so far, so the function trained is the one that predicts. The DER authors' Mammoth
-      (``models/bic.py``) corrects the old model's outputs too, but trains the raw logits and keeps only
-      the last task's layer.
-    * **No** ``T**2`` **factor** on ``L_d`` (eq. 1 has none, nor FACIL); Mammoth and sairin1202 multiply
-      the distillation term by ``T**2``. Mammoth also weighs it by ``1 / (t + 1)`` rather than ``n / (n + m)``.
-    * **Stage 2 reuses the frozen model's logits**: they are computed once, in eval mode, on the stored
-      inputs (as passed to :meth:`backward`), and every epoch trains ``(alpha, beta)`` on them; recomputing
-      them per epoch gives the same numbers without augmentation. The optimizer is Mammoth's and
-      sairin1202's (Adam, ``lr=1e-3``, from ``alpha = 1, beta = 0``) with Mammoth's 250 epochs and its
-      minibatch, the training batch size. FACIL uses SGD (``lr=0.1``, momentum 0.9, 200 epochs) and a
-      ``0.1 * beta**2 / 2`` penalty it reports from the authors' code; neither is applied here.
-    * ``L_c`` and ``L_b`` span the classes **seen so far** (the others' columns are left out, as Mammoth
-      slices its head); the paper's head has exactly ``n + m`` outputs. The head's width must not change.
-    * In a distributed run every rank keeps its own memories and held-out reservoir; the seen classes are
-      united at :meth:`end_task`, each rank fits ``(alpha, beta)`` on its own held-out set and the ranks
-      average them, so that all predict alike.
-
-    The model must return a ``(batch, classes)`` logits tensor from a training-mode forward with grad
-    enabled on the batch, and ``backward``'s keywords must name ``forward``'s parameters (the old model and
-    stage 2 call it with them).
+    The model must return ``(batch, classes)`` logits, and ``backward``'s keywords must name ``forward``'s
+    parameters (the old model and stage 2 call it with them).
 
     Args:
         model: the model being trained (may be wrapped in DDP or ``torch.compile``).
@@ -143,7 +72,7 @@ class BiC(ClassHistory, ER):
         bias_epochs: epochs of stage 2 over the held-out set.
         bias_lr: Adam's learning rate in stage 2.
         bias_batch_size: stage 2's minibatch; None (default): the last training batch's size.
-        current_loss: ``'method'`` (``L`` replaces the loss passed to backward) or ``'user'`` (see above).
+        current_loss: ``'method'`` (``L`` replaces the loss passed to backward) or ``'user'`` (see the method page).
         buffer_policy: the training memory's policy, ``'class_balanced'`` (default) or ``'reservoir'``.
         fused: replay inside the user's forward (see :class:`~synapse.rehearsal.ER`).
         buffer_scope: ``'rank'`` or ``'global'`` (see :class:`~synapse.rehearsal.ER`); both parts of the

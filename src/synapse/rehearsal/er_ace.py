@@ -27,66 +27,31 @@ class ERACE(ER):
     Continual Learning" (ICLR 2022).
 
     Experience Replay in which the incoming batch only competes with its own classes: its cross-entropy
-    is taken with the softmax restricted to a set of columns ``C``, while the replayed minibatch keeps the
-    plain cross-entropy over every class. New classes then adapt to the old ones instead of pushing the
-    old classes' representations around when they first appear. With ``f`` the model, ``(x, y)`` the
-    incoming batch of ``B`` and ``(x', y')`` a reservoir minibatch of ``k``::
+    is taken with the softmax restricted to a set of columns ``C``
+    (:func:`synapse.functional.asymmetric_cross_entropy`, ``C`` from
+    :func:`synapse.functional.ace_class_mask`), while the replayed minibatch keeps the plain
+    cross-entropy over every class: ``L = ACE(f(x), y; C) + alpha * CE(f(x'), y')``. ``mask='batch'``
+    (default, the authors' code) takes the batch's classes, ``'task'`` the task's; both add every class
+    from the largest label seen upward. With ``current_loss='method'`` the loss passed to
+    :meth:`backward` is checked, then replaced (the model must return ``(batch, classes)`` logits);
+    ``'user'`` keeps it: plain ER. Sampling, storage, fused replay and the state dict are ER's. The
+    equations and the class sets: docs/methods/rehearsal.md, "ER-ACE in detail".
 
-        L = ACE(f(x), y; C) + alpha * CE(f(x'), y')
-        ACE(z, y; C) = -(1/B) sum_i log( exp(z_i[y_i]) / sum_{c in C} exp(z_i[c]) )
+    Deviations from the authors' code (each explained in the method page):
 
-    (:func:`synapse.functional.asymmetric_cross_entropy`; ``C`` from
-    :func:`synapse.functional.ace_class_mask`). The paper restricts the incoming batch's softmax to the
-    current classes; its authors' code (``pclucas14/AML``, ``methods/er_ace.py``) and the DER authors'
-    port (``aimagelab/mammoth``, ``models/er_ace.py``) build ``C`` as the classes *present in the
-    incoming batch* together with every class from the largest label seen so far upward (those not seen
-    yet, so that they stay below the new ones; the largest seen class itself included). ``mask`` chooses:
-
-    * ``'batch'`` (default, the authors' code): ``C = {y_i} ∪ {c : c >= m}``, with ``m`` the largest
-      label seen so far, this batch included;
-    * ``'task'``: ``C = {labels seen since the last end_task(), this batch included} ∪ {c : c >= m}``.
-      Without task boundaries this grows to every class seen (plus those from ``m`` up): nearly plain ER.
-
-    The paper weighs both terms equally, hence ``alpha = 1`` (mammoth has no tuned value for seq-mnist).
-
-    **The user's loss.** ER-ACE owns the current-batch term. With ``current_loss='method'`` (the default,
-    as the paper) the ACE term is computed from the live outputs of the user's last training forward (the
-    one that produced ``loss``) and from ``targets``; the ``loss`` passed to :meth:`backward` is checked
-    (a scalar that requires grad) and then *replaced*: it is not backpropagated, and its own graph is left
-    to be freed with it. Whatever it was (cross-entropy, label smoothing, an extra regulariser), only
-    ``ACE + alpha * CE'`` reaches the gradients. With ``current_loss='user'`` the user's loss is
-    backpropagated instead of the ACE term: ``L_user + alpha * CE(f(x'), y')``, plain ER (the ablation
-    with ACE off).
-
-    Sampling, storage, fused replay and the state dict are ER's (``method='er'``): a reservoir buffer,
-    one replay minibatch of ``min(buffer_sample_size, len(buffer))`` per step.
-
-    Deviations from the authors' code, all named:
-
-    * ``C`` is applied from the first step. Both codes leave the first task's loss unmasked
-      (``task > 0``); with the not-yet-seen classes in ``C`` this differs only for a first-task batch that
-      lacks one of the classes below the largest label seen, and it keeps the method ACE on task-free
-      streams, where no task index exists.
-    * Replay starts as soon as the buffer holds anything, as in ER and the authors' task-free code path;
-      mammoth's port replays from the second task on.
-    * With ``fused=True`` the replay minibatch rides in the user's forward, so BatchNorm sees both batches
-      together (as in ER); ``fused=False`` gives a separate replay forward, as in both codes.
-    * Excluded logits are set to the dtype's most negative finite value (as mammoth), not the authors'
-      ``-1e9``; both give them zero probability and zero gradient.
-    * mammoth skips the "not seen yet" columns once the largest label seen is the last class; here, as in
-      the authors' code, the largest seen class is always in ``C``.
-    * In a distributed run each rank builds ``C`` from its own batch and its own labels seen (the union
-      over ranks would cost a collective per step); the gradients are averaged as usual.
-
-    With ``current_loss='method'`` the model must return a ``(batch, classes)`` logits tensor from a
-    training-mode forward with grad enabled on this batch; :meth:`backward` raises otherwise.
+    * ``C`` is applied from the first step, not from the second task.
+    * Replay starts as soon as the buffer holds anything.
+    * With ``fused=True`` BatchNorm sees both batches together.
+    * Excluded logits take the dtype's most negative finite value, not ``-1e9``.
+    * The largest seen class is always in ``C`` (mammoth drops the unseen columns at the last class).
+    * Distributed: each rank builds ``C`` from its own batch and labels.
 
     Args:
         model: the model being trained (may be wrapped in DDP or ``torch.compile``).
         buffer_size: items kept in the reservoir (per rank in a distributed run).
         buffer_sample_size: items per replay minibatch.
         alpha: weight of the replay cross-entropy.
-        mask: ``'batch'`` or ``'task'``: the classes the incoming batch's softmax spans (see above).
+        mask: ``'batch'`` or ``'task'``: the classes the incoming batch's softmax spans (see the method page).
         current_loss: ``'method'`` (ACE replaces the user's loss) or ``'user'`` (the user's loss is kept).
         fused: replay inside the user's forward (see :class:`~synapse.rehearsal.ER`).
         buffer_scope: ``'rank'`` or ``'global'`` (see :class:`~synapse.rehearsal.ER`).

@@ -30,90 +30,26 @@ class ICaRL(ClassHistory, ER):
     """iCaRL, from Rebuffi et al. 2017, "iCaRL: Incremental Classifier and Representation Learning"
     (CVPR 2017).
 
-    Three parts, as in the paper: a memory of exemplars chosen by herding, a representation trained with
-    binary cross-entropy that distils the old network's outputs on the old classes, and a
-    nearest-mean-of-exemplars classifier.
+    Three parts, as in the paper: a memory of exemplars chosen by herding at each :meth:`end_task`
+    (``end_task(data)`` is needed), a representation trained with binary cross-entropy that distils the
+    old network's outputs on the old classes (:func:`~synapse.functional.icarl_loss`, one mean over the
+    batch and a replayed exemplar minibatch), and a nearest-mean-of-exemplars classifier: :meth:`predict`
+    (``has_predictor``). The feature extractor ``phi`` is named by ``head=``, ``feature_extractor=``, or
+    defaults to the input of the model's last ``nn.Linear``; features are computed in eval mode without
+    grad. With ``current_loss='method'`` the loss passed to :meth:`backward` is checked, then replaced.
+    The equations, the feature extractor and the user's loss: docs/methods/rehearsal.md, "iCaRL in detail".
 
-    **Memory** (Algorithms 4 and 5; :class:`~synapse.memory.HerdingMemory`). At each :meth:`end_task` the
-    finished task's data (``end_task(data)``, needed) is passed through the feature extractor ``phi``; each
-    of its classes keeps the ``m = floor(K / t)`` items chosen by herding (``K = buffer_size``, ``t`` the
-    classes held), the classes already held keep their first ``m``. Nothing enters during training.
+    Deviations (each explained in the method page):
 
-    **Training** (Algorithm 3). The paper trains on the new data together with the exemplars. Here each
-    step replays a minibatch of ``k = min(buffer_sample_size, len(memory))`` exemplars with the user's
-    batch of ``B`` (fused into the user's forward like :class:`~synapse.rehearsal.ER`'s replay, or a
-    separate forward with ``fused=False``), and the loss is one mean over the ``B + k`` rows::
-
-        L = (B * l(x, y) + k * l(x', y')) / (B + k)
-        l = -(1 / (n |S|)) sum_i sum_{c in S} [ t_ic log g_c(x_i) + (1 - t_ic) log(1 - g_c(x_i)) ]
-        g = sigmoid(f(x)),   t_ic = sigmoid(f_old(x_i))_c  if c in O,  else [c == y_i]
-
-    (:func:`~synapse.functional.icarl_loss`), with ``f`` the model, ``f_old`` a frozen copy of it taken at
-    the last :meth:`end_task`, ``O`` the classes seen before that task end (old), and ``S`` every class
-    seen so far, this step's labels and the replayed ones included. The columns of classes not seen yet
-    are left out of the loss and get no gradient. Before the first task end ``O`` is empty: plain binary
-    cross-entropy on the labels. An exemplar of an old class thus learns the old network's outputs, its
-    own class's included, exactly as Algorithm 3 writes it.
-
-    **Prediction** (Algorithm 1). :meth:`predict` returns scores ``-|| phi(x) - mu_y ||`` with ``phi`` the
-    L2-normalised feature and ``mu_y`` the re-normalised mean of class ``y``'s normalised exemplar
-    features (:func:`~synapse.functional.nearest_mean_scores`); classes without exemplars score ``-inf``.
-    The means are computed at each :meth:`end_task`, after the memory update, with the network as it is
-    then (call :meth:`update_class_means` to refresh them mid-task); before the first one, :meth:`predict`
-    returns the model's outputs. ``has_predictor`` is True: the
-    experiment program evaluates with :meth:`predict`; the model's own outputs remain its softmax head,
-    so both can be evaluated.
-
-    **The feature extractor** ``phi`` is "the model minus its head". Name it one of three ways:
-
-    * ``head=``: the head module, or its attribute path (``"fc"``, ``"classifier.3"``, ``"5"`` for the
-      last layer of an ``nn.Sequential`` of six); ``phi`` is what enters it
-      (:func:`~synapse.memory.head_input_features`, which runs the whole model);
-    * ``feature_extractor=``: any ``fn({name: inputs}) -> (batch, d)``, the inputs named as ``backward``'s
-      keywords, e.g. ``lambda inputs: model.backbone(inputs["x"])``;
-    * neither: the input of the model's last ``nn.Linear`` (in registration order). The constructor raises
-      when the model has none, or when that layer is registered under several names; the first task end
-      raises when its ``out_features`` differ from the model's output width (then it is not the head).
-
-    Features are computed under ``torch.no_grad()`` with the model in eval mode (BatchNorm on its running
-    statistics, as at test time), for herding, the class means and prediction alike.
-
-    **The user's loss.** With ``current_loss='method'`` (the default, the paper) iCaRL owns the current
-    batch's term: the loss passed to :meth:`backward` is checked (a scalar that requires grad) and then
-    *replaced* by ``l(x, y)``, computed from the live outputs of the user's last training forward; it is
-    not backpropagated. With ``current_loss='user'`` it is kept in place of ``l(x, y)``:
-    ``(B * L_user + k * l(x', y')) / (B + k)`` (the replayed exemplars keep iCaRL's loss). Either way the
-    model must return a ``(batch, classes)`` logits tensor from a training-mode forward with grad enabled
-    on this batch.
-
-    Deviations, all named:
-
-    * **Replay proportion.** In the paper the exemplars are part of the training set, ``K / (N + K)`` of it
-      for ``N`` new items; here every step adds ``k`` of them to the batch, so they weigh ``k / (B + k)``.
-      ``buffer_sample_size ~ B K / N`` gives the paper's proportion on average.
-    * **Classes from the data.** ``S`` and ``O`` are the classes that appeared in ``targets`` (and replay),
-      not known class blocks: a class of the current task joins the loss at its first batch (mammoth's
-      port, ``aimagelab/mammoth`` ``models/icarl.py``, spans the task's whole block from its first step;
-      the paper's network grows by the task's classes). In a distributed run each rank's ``S`` is its own
-      and the ranks' ``O`` are united at the task end.
-    * **Old outputs per step.** The paper records the old network's outputs on all training items before
-      training; the frozen copy gives the same values for the same inputs, and with augmentation it
-      distils exactly the inputs the model sees (as mammoth does).
-    * **Mean, not sum**: the loss is averaged over rows and classes (as mammoth), so its scale does not
-      depend on ``B`` or ``|S|``; the paper writes a sum.
-    * **No flipped images.** The paper averages each exemplar's feature with its horizontally flipped
-      image's for the class means; augmentations are the user's pipeline, so the means use the stored
-      exemplars only.
-    * **Class means are state**, computed at task ends, where mammoth recomputes them after any training
-      step. mammoth also leaves features unnormalised and scores by squared distance; this follows the
-      paper (both squared and plain distance give the same argmin).
-    * With ``fused=True`` BatchNorm sees the batch and the exemplars together (as in ER).
-    * The weight decay is the optimizer's (mammoth's best seq-mnist arguments: ``lr=0.1``, ``optim_wd=0``,
-      batch 10, one epoch, ``utils/best_args.py``).
-    * A class that returns in a later task is selected afresh from that task's items and, being old, is
-      distilled (the paper's classes never return). In a distributed run each rank keeps the exemplars of
-      its own share of the data; the class means are averaged over the ranks' exemplars, so every rank
-      predicts alike.
+    * Exemplars weigh ``k / (B + k)`` per step, not ``K / (N + K)`` of the training set.
+    * The old and seen classes come from the targets, not known class blocks.
+    * The old network's outputs are computed per step by a frozen copy, not recorded before training.
+    * The loss is a mean over rows and classes, not a sum.
+    * No flipped images in the class means.
+    * Class means are state, computed at task ends; features normalised, plain distance (the paper).
+    * With ``fused=True`` BatchNorm sees the batch and the exemplars together.
+    * The weight decay is the optimizer's.
+    * A returning class is re-selected and distilled; distributed ranks average their class means.
 
     Args:
         model: the model being trained (may be wrapped in DDP or ``torch.compile``); it returns a
@@ -121,8 +57,8 @@ class ICaRL(ClassHistory, ER):
             (the frozen copy is called with them).
         buffer_size: the memory budget ``K`` (per rank in a distributed run).
         buffer_sample_size: exemplars replayed per step.
-        feature_extractor: ``fn({name: inputs}) -> (batch, d)`` features (see above).
-        head: the model's head, as a submodule or its attribute path (see above).
+        feature_extractor: ``fn({name: inputs}) -> (batch, d)`` features (see the method page).
+        head: the model's head, as a submodule or its attribute path (see the method page).
         current_loss: ``'method'`` (iCaRL's loss replaces the one passed to ``backward``) or ``'user'``.
         fused: replay inside the user's forward (see :class:`~synapse.rehearsal.ER`).
         buffer_scope: ``'rank'`` or ``'global'`` (see :class:`~synapse.rehearsal.ER`).

@@ -26,69 +26,23 @@ class MIR(ER):
     Maximal Interfered Retrieval" (NeurIPS 2019).
 
     Experience Replay whose replay minibatch is not drawn at random: among ``C`` random memories, MIR
-    replays the ``k`` whose loss the coming update would raise most. With ``L`` the user's loss on the
-    incoming batch ``(X, Y)``, ``f_theta`` the model and ``eta`` the virtual learning rate, each step:
+    replays the ``k`` whose loss a virtual SGD step on the incoming batch would raise most
+    (:func:`synapse.functional.interference_scores`, ranked by ``topk`` on the device). The virtual step
+    runs the model on ``theta - virtual_lr * grad`` through ``torch.func.functional_call`` (no copy of the
+    model), and the real update is one backward of the user's loss plus the replay cross-entropy. Synapse
+    never sees the optimizer, so **set** ``virtual_lr`` **to your optimizer's learning rate**. Sampling,
+    storage and the state dict are ER's (``fused=False``). The steps, the authors' settings behind the
+    defaults and the normalisation layers: docs/methods/rehearsal.md, "MIR in detail".
 
-    1. the foreseen (virtual) SGD step on the incoming batch: ``theta_v = theta - eta * grad_theta L``;
-    2. ``C = min(buffer_candidates, len(buffer))`` candidates ``(x_j, y_j)`` drawn uniformly from the
-       reservoir, without replacement;
-    3. their interference score ``s_j = CE(f_{theta_v}(x_j), y_j) - CE(f_theta(x_j), y_j)``
-       (:func:`synapse.functional.interference_scores`; the paper's ``s_MI``);
-    4. the replay minibatch ``M``: the ``k = min(buffer_sample_size, C)`` candidates with the largest
-       scores (``torch.topk``, on the device);
-    5. the real gradient: ``grad_theta [ L + CE(f_theta(x_M), y_M) ]``, the replay cross-entropy a mean
-       over ``M`` (as ER with ``alpha = 1``); then the incoming batch goes into the reservoir.
+    Deviations (each explained in the method page):
 
-    The authors' code (``optimass/Maximally_Interfered_Retrieval``: ``er_main.py``, ``mir.py`` and
-    ``Scripts/ER_experiments.sh``) uses ``C = 50`` candidates, ``k = 10``, incoming batches of 10, and the
-    optimizer's SGD learning rate for the virtual step: 0.1 on Split MNIST and Split CIFAR-10, 0.05 on
-    Permuted MNIST. Hence the defaults ``buffer_sample_size=10, buffer_candidates=50, virtual_lr=0.1``.
-    Synapse never sees the optimizer, so **set** ``virtual_lr`` **to your optimizer's learning rate**.
-    (The DER authors' ``aimagelab/mammoth`` has no MIR.)
-
-    **How the virtual step is computed.** The gradient of ``L`` comes from ``torch.autograd.grad`` with
-    ``retain_graph=True`` (it lands in no ``.grad``); ``theta_v = theta - eta g`` is one fused
-    ``_foreach_add`` into new tensors, and the model runs on it through ``torch.func.functional_call``: no
-    copy of the model, the real parameters untouched. The real update is then *one* backward of
-    ``L + CE'``, as in every Synapse method, so DDP's gradient all-reduce, the GradScaler and hooks the user
-    put on the parameters see exactly one backward per step. The authors' code instead backpropagates
-    ``L`` into ``.grad``, reads it for the virtual step and backpropagates the replay loss on top; reusing
-    ``.grad`` that way would spare one backward over the incoming batch but would need a second backward
-    per step (breaking DDP's one-reduction-per-forward rule) and would read whatever the user accumulated
-    in ``.grad`` beforehand. The price is that the incoming batch's backward runs twice per step. Nothing
-    here reads a device value on the host: the ranking is ``topk`` on the device.
-
-    **Normalisation layers.** The candidates' forwards (with ``theta`` and with ``theta_v``) run in the
-    model's current mode, so in train mode BatchNorm normalises them with the candidates' own batch
-    statistics, as the authors' code; but they run on copies of the running statistics of every
-    BatchNorm/InstanceNorm layer that would update them (train mode, ``track_running_stats``), so the
-    real ones stay untouched. The replayed minibatch's forward is a real training forward of the model
-    (it updates them, as ER's replay forward does). Only those layers are shielded: copying every buffer
-    of every model would cost a functional forward and the copies on each step for models (like one with
-    a constant normalisation buffer) that need none.
-
-    Deviations, all named:
-
-    * Task-free: the candidates come from the whole reservoir, and replay starts as soon as it holds
-      anything. The authors' code excludes the current task's memories from the candidates and replays
-      from the second task on. (The incoming batch is stored after the step, so it is never its own
-      candidate.)
-    * The authors' optional score against the best loss seen so far (their ``--compare_to_old_logits``,
-      used in their MNIST scripts: ``s = CE(theta_v) - min(CE(theta), CE(stored logits))``) is not
-      implemented; the score is the paper's ``s_MI`` above.
-    * When there are at most ``k`` candidates (a nearly empty memory), all are replayed and the virtual
-      step is skipped: its ranking could not change the replayed set.
-    * The candidate forwards do not update BatchNorm's running statistics (see above); the authors' forward
-      with ``theta`` does. A custom module that writes other buffers in its forward would see them.
+    * Task-free: candidates come from the whole reservoir, replay starts at once.
+    * The authors' optional ``--compare_to_old_logits`` score is not implemented.
+    * With at most ``k`` candidates all are replayed and the virtual step is skipped.
+    * Candidate forwards do not update BatchNorm's running statistics.
     * Parameters the loss does not reach, and frozen ones, keep their value in ``theta_v``.
-    * With a GradScaler the virtual gradient is taken of the scaled loss (as the real one, so that fp16
-      activations' gradients do not underflow) and unscaled before the step; if it overflowed, the ranking
-      is meaningless, and the scaler skips that step anyway.
-    * In a distributed run each rank's virtual step uses its own batch's gradient (averaging it would cost
-      one more all-reduce per step); the real gradients are averaged as usual.
-
-    Sampling, storage and the state dict are ER's (``method='er'``, ``fused=False``: the replay minibatch
-    is chosen after the user's forward, so it cannot ride in it). MIR keeps no state of its own.
+    * With a GradScaler the virtual gradient is taken of the scaled loss, then unscaled.
+    * Distributed: each rank's virtual step uses its own batch's gradient.
 
     Args:
         model: the model being trained (may be wrapped in DDP or ``torch.compile``).

@@ -24,52 +24,22 @@ class EWC(ImportancePenalty):
     networks", PNAS), and online EWC (Schwarz et al. 2018, "Progress & Compress: A scalable framework for
     continual learning").
 
-    **Penalty** (Kirkpatrick eq. 3): ``lambda/2 * sum_k F_k (theta_k - theta*_k)**2`` is added to the loss.
-    ``ewc_lambda`` is ``lambda/2``, the factor in front of the sum, as the DER authors' ``e_lambda``
-    (Mammoth ``models/ewc_on.py``: ``e_lambda * sum F (theta - theta*)^2``), so their published values
-    carry over unchanged; Kirkpatrick's ``lambda`` is ``2 * ewc_lambda``. Its gradient
-    ``2 ewc_lambda F (theta - theta*)`` is added to ``.grad`` directly (no graph, no host sync).
+    Adds ``ewc_lambda * sum_k F_k (theta_k - theta*_k)**2`` to the loss (its gradient goes into ``.grad``
+    directly, no host sync), with ``F`` the diagonal Fisher estimated at each :meth:`end_task` from the
+    task's data with exact per-sample gradients, in eval mode. ``fisher='empirical'`` (default) uses the
+    true labels, ``'true'`` the model's predictive distribution (one backward per class). ``mode='online'``
+    (default) keeps one running Fisher ``F <- gamma F + F_new`` and one anchor; ``'separate'`` one penalty
+    per task, merged into one quadratic (:func:`~synapse.functional.merge_quadratic_penalties`). The
+    model's output must be ``(batch, classes)`` logits; frozen parameters get no penalty; a distributed
+    run averages the Fisher over every rank. The equations and the cost of a task end:
+    docs/methods/structure.md, "EWC in detail".
 
-    **Fisher** at each :meth:`end_task`, from the task's data, diagonal, with ``p`` the softmax of the
-    model's output and exact per-sample gradients (see *Cost of a task end*):
+    Deviations (each explained in the method page):
 
-    * ``fisher='empirical'`` (default): ``F = 1/N sum_n (d log p(y_n | x_n) / d theta)**2`` with the true
-      labels ``y_n``, as the DER authors' code. One difference from it: Mammoth multiplies each squared
-      gradient by ``p(y_n | x_n)`` (the detached likelihood of the label) and divides by
-      ``num_batches * batch_size``; here the plain squared gradient is averaged over the samples.
-    * ``fisher='true'``: ``F = 1/N sum_n sum_c p(c | x_n) (d log p(c | x_n) / d theta)**2``: the Fisher
-      information itself (the paper's quantity), its expectation over the model's predictive distribution
-      taken exactly rather than by sampling labels, as ``sum_c (d [sqrt(p_c) log p_c] / d theta)**2``
-      with ``sqrt(p_c)`` held constant. It costs one backward per class: about C times ``'empirical'``.
-
-    **Several tasks**:
-
-    * ``mode='online'`` (default; Schwarz et al.): one running Fisher ``F <- gamma F + F_new`` and one
-      anchor, the parameters at the latest task end. Schwarz et al. weight the running Fisher by one more
-      ``gamma`` inside the penalty; like Mammoth, this class does not (a factor ``gamma`` on the strength,
-      none at the default ``gamma = 1``).
-    * ``mode='separate'`` (Kirkpatrick et al.): one penalty per task ``t`` with its own ``F_t`` and anchor
-      ``theta_t``. Their sum ``sum_t F_t (theta - theta_t)**2`` is one quadratic with importance
-      ``S = sum_t F_t`` and anchor ``sum_t F_t theta_t / S`` (0 where ``S = 0``, where nothing pulls):
-      the same gradient for any number of tasks, at the memory of one
-      (:func:`~synapse.functional.merge_quadratic_penalties`).
-
-    **Cost of a task end**: the pass joins consecutive batches of the data up to ``task_end_batch``
-    samples and runs one forward and one backward per joined batch, as training does. Each layer's
-    per-sample gradients come from its input and the gradient at its output: a linear layer's summed
-    squares are one product, ``(delta**2)^T (a**2)``, without forming any per-sample gradient; a 2-d
-    convolution's per-sample gradients are one batched product per kernel offset; other convolutions and
-    BatchNorm, LayerNorm and GroupNorm run ``vmap`` over their own op. The rest (other layers, a layer
-    called twice, weights used outside their layer, and every parameter of a model whose BatchNorm keeps
-    no running statistics, which mixes the samples even in eval mode) get ``vmap(jacrev(...))`` over the
-    model, in chunks of bounded memory. All are exact: the result equals one autograd call per sample (tested), to float
-    rounding. ``benchmarks/task_end_cost.py`` times a task end against one epoch of training.
-
-    The pass runs the model in eval mode (no BatchNorm update, no dropout, the RNG untouched) and restores
-    each submodule's mode; Mammoth's ``ewc_on`` does not switch modes, which on its MNIST MLP (no
-    dropout, no BatchNorm) makes no difference. The model's output must be ``(batch, classes)`` logits.
-    In a distributed run the Fisher is averaged over every rank's samples. Parameters with
-    ``requires_grad=False`` get no Fisher and no penalty.
+    * ``ewc_lambda`` is Kirkpatrick's ``lambda / 2`` (the DER authors' ``e_lambda``).
+    * The empirical Fisher averages plain squared gradients (Mammoth weighs them by ``p(y | x)``).
+    * Online mode has no extra ``gamma`` inside the penalty (as Mammoth).
+    * The Fisher pass runs in eval mode (Mammoth's ``ewc_on`` does not switch modes).
 
     Args:
         model: the model being trained.

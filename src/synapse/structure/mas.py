@@ -19,27 +19,17 @@ class MAS(ImportancePenalty):
     """Memory Aware Synapses (Aljundi, Babiloni, Elhoseiny, Rohrbach & Tuytelaars 2018, "Memory Aware
     Synapses: Learning what (not) to forget", ECCV).
 
-    * **Importance** (eqs. 2-3): ``Omega_k = 1/N sum_n |g_k(x_n)|`` with
-      ``g(x_n) = d ||f(x_n)||_2^2 / d theta`` the gradient, *per sample*, of the squared L2 norm of the
-      model's output ``f(x)``: the logits, before any softmax, over all of the output's entries. It needs
-      no labels. The per-sample gradients are exact, computed layer by layer from one batched forward and
-      backward as EWC's (:class:`~synapse.structure.EWC`, *Cost of a task end*; for a linear layer
-      ``sum_n |delta_n a_n^T| = |delta|^T |a|``), without a per-sample loop.
-      The authors' code offers a batched shortcut (``|d sum_n ||f(x_n)||^2 / d theta|``, the absolute
-      value of a sum rather than a sum of absolute values); this class computes eq. 2 as written, which is
-      also their code's batch-size-1 setting.
-    * **Across tasks**: at each :meth:`end_task`, ``Omega`` is estimated on the finished task's data and
-      accumulated, ``Omega <- Omega + Omega_new`` (the authors' code adds the new importance to the
-      stored one); the anchor ``theta*`` becomes the parameters at that task end.
-    * **Penalty** (eq. 4): ``mas_lambda * sum_k Omega_k (theta_k - theta*_k)**2``, with no 1/2, so its
-      gradient ``2 mas_lambda Omega (theta - theta*)`` (as in the authors' code) is added to ``.grad``
-      directly: no graph, no host sync.
+    Adds ``mas_lambda * sum_k Omega_k (theta_k - theta*_k)**2`` to the loss (its gradient goes into
+    ``.grad`` directly, no host sync). The importance ``Omega`` is the mean absolute per-sample gradient of
+    the squared L2 norm of the model's output (no labels needed), estimated exactly at each
+    :meth:`end_task` on the task's data, in eval mode, and accumulated across tasks; the anchor is the
+    parameters at the latest task end. Frozen parameters get no penalty; a distributed run averages the
+    importance over every rank. The equations: docs/methods/structure.md, "MAS in detail".
 
-    The paper's multi-head experiments take ``f`` as the head of the task at hand; here ``f`` is the whole
-    output the model returns. The pass runs the model in eval mode, as the authors' code does (no BatchNorm
-    update, no dropout, the RNG untouched), and restores each submodule's mode afterwards. In a distributed
-    run ``Omega_new`` is averaged over every rank's samples. Parameters with ``requires_grad=False`` get no
-    importance and no penalty.
+    Deviations (each explained in the method page):
+
+    * ``f`` is the model's whole output, not the head of the task at hand.
+    * Eq. 2 as written (a sum of absolute per-sample gradients), not the authors' batched shortcut.
 
     Args:
         model: the model being trained; its output must be a tensor (``(batch, ...)``).

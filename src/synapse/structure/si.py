@@ -26,18 +26,16 @@ class SI(Synapse):
     """Synaptic Intelligence (Zenke, Poole & Ganguli 2017, "Continual Learning Through Synaptic
     Intelligence").
 
-    * Path integral (eq. 3): ``omega_k += -g_k * delta_theta_k`` at every step, where ``delta_theta`` is
-      the parameter change observed between consecutive ``backward`` calls (whatever the optimizer
-      did; it is not wrapped) and ``g`` is the gradient that was applied over that change.
-    * Consolidation (eq. 5): ``Omega_k += omega_k / (Delta_k**2 + xi)`` with ``Delta`` the parameter
-      change since the previous consolidation; then ``omega = 0`` and the anchor ``theta* = theta``.
-      It happens every ``checkpoint_per_steps`` steps (task-free) and at each :meth:`end_task`.
-    * Penalty (eq. 4): ``alpha * sum_k Omega_k (theta_k - theta*_k)**2`` is added to the loss. Its
-      gradient ``2 alpha Omega (theta - theta*)`` is added to ``.grad`` directly with ``torch._foreach``
-      ops, which is exactly the gradient of the summed loss and avoids a graph over all parameters.
+    Accumulates each parameter's contribution to the loss along the training path (eq. 3), consolidates
+    it into an importance ``Omega`` every ``checkpoint_per_steps`` steps and at each :meth:`end_task`
+    (eq. 5), and adds ``alpha * sum_k Omega_k (theta_k - theta*_k)**2`` to the loss (eq. 4; its gradient
+    goes into ``.grad`` directly). The optimizer is not wrapped: the parameter change is observed between
+    ``backward`` calls. The equations: docs/methods/structure.md, "SI in detail".
 
-    ``g`` is the gradient of the total objective (loss plus penalty), as in the reference
-    implementations; the paper's derivation uses the same quantity the optimizer follows.
+    Deviations (each explained in the method page):
+
+    * ``g`` in the path integral is the gradient of the total objective, penalty included (as the
+      reference implementations).
 
     Args:
         model: the model being trained.
