@@ -25,7 +25,7 @@ from torch import nn
 
 __all__ = ["HParam", "MethodSpec", "register", "get", "names", "specs", "methods_table", "usage_table"]
 
-FAMILIES = ("rehearsal", "gradient", "structure", "distillation")
+FAMILIES = ("rehearsal", "gradient", "structure", "distillation", "pretrained")
 # Arguments the experiment program sets from its own flags rather than from method hyperparameters.
 RUN_ARGUMENTS = ("buffer_size", "buffer_sample_size", "buffer_scope", "fused")
 
@@ -89,7 +89,7 @@ class MethodSpec:
     Args:
         name: the CLI name (``--synapse_type``).
         cls: the class, a :class:`~synapse.Synapse` subclass.
-        family: its package: rehearsal, gradient, structure or distillation.
+        family: its package: rehearsal, gradient, structure, distillation or pretrained.
         paper: the citation shown in the README and ``--help``.
         hparams: the hyperparameters the CLI exposes, by constructor keyword.
         fixed: keywords every instance gets (``{"method": "der"}`` for ER's DER variant).
@@ -100,6 +100,11 @@ class MethodSpec:
         floor: its floor step for ``benchmarks/step_overhead.py``: ``floor(model, buffer_size, minibatch,
             item_shape)`` returns an object with ``forward(x)`` and ``backward(loss, targets, inputs,
             logits)`` doing the method's irreducible work in plain torch (see :mod:`synapse._floor`).
+        toy: the toy model and batches the contract harness runs it on, by name in
+            :data:`synapse.testing.TOYS`: ``'mlp'`` (vector inputs) or ``'vit'`` (a tiny random timm ViT, for
+            the methods on pretrained backbones).
+        harness_hparams: hyperparameters the harness's short runs use beside the defaults, to keep them
+            cheap (RanPAC's 10000-wide projection is 64 wide there).
     """
 
     name: str
@@ -112,6 +117,8 @@ class MethodSpec:
     display: str = ""
     order: int = 1000
     floor: Optional[Callable[..., Any]] = field(default=None, compare=False)
+    toy: str = "mlp"
+    harness_hparams: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def display_name(self) -> str:
