@@ -223,7 +223,7 @@ def usage_table() -> str:
         "|---|---|---|---|---|",
     ]
     for spec in specs():
-        method = spec.create(nn.Sequential(nn.Flatten(), nn.Linear(4, 4)))
+        method = spec.create(nn.Sequential(nn.Flatten(), nn.Linear(4, 4)), spec.harness_hparams)
         method.remove_hooks()
         if method.needs_task_data:
             task_end = "**needed, with data**: `end_task(named_batches(loader))`"

@@ -3,15 +3,16 @@ forward, feed statistics that the method accumulates without a backward pass."""
 
 from __future__ import annotations
 
-from typing import List, Mapping, Optional
+from typing import Any, List, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
 
 from .._base import Synapse
+from .._floor import Floor
 from ._backbone import FeatureTap, find_head, float_features, freeze_backbone
 
-__all__ = ["FrozenFeatureMethod"]
+__all__ = ["FrozenFeatureMethod", "FrozenFeatureFloor"]
 
 
 class FrozenFeatureMethod(Synapse):
@@ -92,4 +93,26 @@ class FrozenFeatureMethod(Synapse):
 
     def _scores(self, features: Tensor) -> Tensor:
         """Class scores ``(batch, num_classes)`` of float32 features."""
+        raise NotImplementedError
+
+
+class FrozenFeatureFloor(Floor):
+    """The floor of a closed-form method on frozen features (``benchmarks/step_overhead.py``): the user's
+    forward, whose features a plain pre-hook keeps, then the method's statistics (:meth:`update`); no
+    backward pass."""
+
+    def __init__(self, model: nn.Module, *args: Any, **kwargs: Any) -> None:
+        super().__init__(model, *args, **kwargs)
+        head = find_head(model)
+        self.features = torch.zeros(0)
+        self.classes, self.dim = head.out_features, head.in_features
+        head.register_forward_pre_hook(self._keep)
+
+    def _keep(self, module: nn.Module, args: Any) -> None:
+        self.features = args[0].detach()
+
+    def backward(self, loss: Tensor, targets: Tensor, inputs: Tensor, logits: Tensor) -> None:
+        self.update(self.features.reshape(self.features.shape[0], -1).float(), targets)
+
+    def update(self, features: Tensor, targets: Tensor) -> None:
         raise NotImplementedError

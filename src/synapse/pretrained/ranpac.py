@@ -12,7 +12,7 @@ from .._base import TaskBatch
 from .._validation import check_non_negative, check_positive_int
 from ..buffer import fresh_seed
 from ..catalog import HParam, MethodSpec, register
-from ._frozen import FrozenFeatureMethod
+from ._frozen import FrozenFeatureFloor, FrozenFeatureMethod
 from ._ridge import ridge_grid_search, ridge_solve
 
 __all__ = ["RanPAC", "RIDGE_GRID"]
@@ -167,6 +167,20 @@ class RanPAC(FrozenFeatureMethod):
                 setattr(self, name, getattr(self, name).to(self.device))
 
 
+class RanPACFloor(FrozenFeatureFloor):
+    """The projection, its Gram matrix and the class-feature sums."""
+
+    def update(self, features: Tensor, targets: Tensor) -> None:
+        if not hasattr(self, "gram"):
+            m = self.hp["projection_dim"]
+            self.projection = torch.randn(self.dim, m, device=features.device)
+            self.gram = features.new_zeros(m, m)
+            self.class_features = features.new_zeros(self.classes, m)
+        h = torch.relu(features @ self.projection)
+        self.gram.addmm_(h.T, h)
+        self.class_features.index_add_(0, targets, h)
+
+
 register(
     MethodSpec(
         "ranpac",
@@ -180,5 +194,6 @@ register(
         ),
         toy="vit",
         harness_hparams={"projection_dim": 64},
+        floor=RanPACFloor,
     )
 )

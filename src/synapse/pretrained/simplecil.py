@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .._base import TaskBatch
 from ..catalog import MethodSpec, register
-from ._frozen import FrozenFeatureMethod
+from ._frozen import FrozenFeatureFloor, FrozenFeatureMethod
 from ._ridge import class_means
 
 __all__ = ["SimpleCIL"]
@@ -90,6 +90,18 @@ class SimpleCIL(FrozenFeatureMethod):
         pass  # the prototypes are current after every step
 
 
+class SimpleCILFloor(FrozenFeatureFloor):
+    """Per-class feature sums and counts."""
+
+    def update(self, features: Tensor, targets: Tensor) -> None:
+        if not hasattr(self, "sums"):
+            self.sums = features.new_zeros(self.classes, self.dim)
+            self.counts = features.new_zeros(self.classes)
+            self.ones = features.new_ones(features.shape[0])
+        self.sums.index_add_(0, targets, features)
+        self.counts.index_add_(0, targets, self.ones)
+
+
 register(
     MethodSpec(
         "simplecil",
@@ -98,5 +110,6 @@ register(
         paper="Zhou et al. 2023, Revisiting Class-Incremental Learning with Pre-Trained Models (IJCV 2024)",
         summary="frozen backbone; nearest class prototype by cosine similarity, accumulated as streams",
         toy="vit",
+        floor=SimpleCILFloor,
     )
 )
