@@ -83,9 +83,9 @@ class ReferenceStyleDERpp:
 def make_variants(
     buffer_size: int, mb: int, item: Tuple[int, ...]
 ) -> Dict[str, Optional[Callable[[nn.Module], object]]]:
-    """Every row, from the catalog: plain; each method with its catalog defaults and ``harness_hparams`` (the ER family fused and
-    unfused), in table order; the reference-style DER++; each method's floor step (``MethodSpec.floor``,
-    written beside the method). A new method file gets its rows with no edit here."""
+    """Every row, from the catalog: plain; each method with its catalog defaults and ``harness_hparams`` (the
+    ER family fused and unfused), in table order; the reference-style DER++; each method's floor step
+    (``MethodSpec.floor``, written beside the method). A new method file gets its rows with no edit here."""
     alpha, beta = 0.3, 0.5
     specs = sorted(catalog.specs(), key=lambda spec: order_key(spec.name))
     rows: Dict[str, Optional[Callable[[nn.Module], object]]] = {"plain": None}

@@ -134,8 +134,9 @@ def test_ridge_grid_search_picks_the_least_held_out_error_of_explicit_solves():
         errors.append(float(((h[val] @ w.T - y[val]) ** 2).sum()))
         # held_out_error is the squared error less the constant sum ||y||^2
         gram_v, class_v = h[val].T @ h[val], y[val].T @ h[val]
-        assert math.isclose(float(held_out_error(w, gram_v, class_v)) + float((y[val] ** 2).sum()), errors[-1],
-                            rel_tol=1e-9)
+        assert math.isclose(
+            float(held_out_error(w, gram_v, class_v)) + float((y[val] ** 2).sum()), errors[-1], rel_tol=1e-9
+        )
         assert torch.allclose(ridge_solve(h[fit].T @ h[fit], y[fit].T @ h[fit], r), w)
     assert len(set(errors)) > 1  # the grid matters on this problem
     chosen = ridge_grid_search(h[fit].T @ h[fit], y[fit].T @ h[fit], h[val].T @ h[val], y[val].T @ h[val], grid)

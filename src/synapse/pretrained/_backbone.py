@@ -12,7 +12,6 @@ from __future__ import annotations
 import weakref
 from typing import Any, Optional, Tuple
 
-import torch
 from torch import Tensor, nn
 
 __all__ = ["FeatureTap", "find_head", "float_features", "freeze_backbone"]
@@ -73,4 +72,3 @@ class FeatureTap:
 def float_features(features: Tensor) -> Tensor:
     """``features`` flattened to ``(batch, dim)`` in float32 (autocast may hand the head half precision)."""
     return features.reshape(features.shape[0], -1).float()
-

@@ -17,10 +17,19 @@ from ._ridge import ridge_grid_search, ridge_solve
 
 __all__ = ["RanPAC", "RIDGE_GRID"]
 
-# The paper's candidates for lambda (McDonnell et al. 2023, Sec. 4: 10^-8 ... 10^13, by powers of ten).
+# The candidates for lambda, 10^-8 ... 10^13 by powers of ten, as the authors' code tries them (recalled from
+# RanPAC/RanPAC, not re-checked against the repository in this session).
 RIDGE_GRID = tuple(10.0**k for k in range(-8, 14))
-STATE_TENSORS = ("projection", "gram", "class_features", "held_out_gram", "held_out_class_features", "class_counts", "weights")
-HELD_OUT = 5  # one row in five is held out to choose lambda: the paper's 80/20 split
+STATE_TENSORS = (
+    "projection",
+    "gram",
+    "class_features",
+    "held_out_gram",
+    "held_out_class_features",
+    "class_counts",
+    "weights",
+)
+HELD_OUT = 5  # one row in five is held out to choose lambda: an 80/20 split, as the authors' code
 
 
 class RanPAC(FrozenFeatureMethod):
@@ -186,7 +195,9 @@ register(
         "ranpac",
         RanPAC,
         family="pretrained",
-        paper="McDonnell et al. 2023, RanPAC: Random Projections and Pre-trained Models for Continual Learning (NeurIPS)",
+        paper=(
+            "McDonnell et al. 2023, RanPAC: Random Projections and Pre-trained Models for Continual Learning (NeurIPS)"
+        ),
         summary="frozen backbone; fixed random ReLU projection and a ridge classifier from streamed Gram matrices",
         hparams=(
             HParam("projection_dim", int, 10000, "M, the random projection's width (the paper's 10000)", low=1),
