@@ -3,13 +3,15 @@ forward, feed statistics that the method accumulates without a backward pass."""
 
 from __future__ import annotations
 
-from typing import Any, List, Mapping, Optional
+from typing import Any, List, Mapping, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from .._base import Synapse
 from .._floor import Floor
+from .._model import distributed_world
 from ._backbone import FeatureTap, find_head, float_features, freeze_backbone
 
 __all__ = ["FrozenFeatureMethod", "FrozenFeatureFloor"]
@@ -27,6 +29,11 @@ class FrozenFeatureMethod(Synapse):
 
     A backbone with BatchNorm layers should run in ``eval()`` mode during training too: in train mode
     the frozen network's running statistics would still move.
+
+    Under ``DistributedDataParallel`` each rank adds its own stream between task ends; :meth:`end_task`
+    (on every rank) sums the statistics over the ranks, so that every rank then classifies with all ranks'
+    data. Each rank keeps the sums divided by the world size, so that the next task end's sum counts them
+    once (the ratios a classifier reads are unchanged by the division).
     """
 
     has_predictor = True
@@ -86,6 +93,22 @@ class FrozenFeatureMethod(Synapse):
         if features is None:
             raise RuntimeError("the model's forward did not reach its head: predict cannot read its features")
         return self._scores(float_features(features))
+
+    @staticmethod
+    def _sum_over_ranks(tensors: Sequence[Tensor]) -> int:
+        """Sum ``tensors`` over the ranks, in place (each then holds the global sums); return the world size.
+        Divide them by it afterwards (:meth:`_share_over_ranks`) so that the next sum counts them once."""
+        world = distributed_world()
+        if world > 1:
+            for tensor in tensors:
+                dist.all_reduce(tensor)
+        return world
+
+    @staticmethod
+    def _share_over_ranks(tensors: Sequence[Tensor], world: int) -> None:
+        if world > 1:
+            for tensor in tensors:
+                tensor.div_(world)
 
     def _accumulate(self, features: Tensor, targets: Tensor) -> None:
         """Add one batch's ``(batch, feature_dim)`` float32 features to the method's statistics."""

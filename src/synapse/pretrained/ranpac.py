@@ -6,6 +6,7 @@ import warnings
 from typing import Iterable, Optional
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from .._base import TaskBatch
@@ -144,9 +145,20 @@ class RanPAC(FrozenFeatureMethod):
 
     def _end_task(self, data: Optional[Iterable[TaskBatch]]) -> None:
         self._follow_device()
+        statistics = [getattr(self, name) for name in STATE_TENSORS if name not in ("projection", "weights")]
+        world = self._sum_over_ranks(statistics)  # every rank solves from all ranks' data
+        held_out_rows = self.held_out_rows
+        if world > 1:
+            rows = torch.tensor([held_out_rows], device=self.device)
+            dist.all_reduce(rows)
+            held_out_rows = int(rows.item())  # a task end is no hot path
+        self._solve(held_out_rows)
+        self._share_over_ranks(statistics, world)
+
+    def _solve(self, held_out_rows: int) -> None:
         ridge = self.ridge
         if ridge == 0:
-            if self.held_out_rows == 0:
+            if held_out_rows == 0:
                 ridge = 1.0
                 if not self._warned_no_held_out:
                     self._warned_no_held_out = True

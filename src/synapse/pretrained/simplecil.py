@@ -87,7 +87,10 @@ class SimpleCIL(FrozenFeatureMethod):
             self.class_sums, self.class_counts = self.class_sums.to(self.device), self.class_counts.to(self.device)
 
     def _end_task(self, data: Optional[Iterable[TaskBatch]]) -> None:
-        pass  # the prototypes are current after every step
+        # The prototypes are current after every step; under DDP the ranks' statistics are combined here.
+        self._follow_device()
+        statistics = [self.class_sums, self.class_counts]
+        self._share_over_ranks(statistics, self._sum_over_ranks(statistics))
 
 
 class SimpleCILFloor(FrozenFeatureFloor):
