@@ -27,7 +27,16 @@ CORE_MODULES = (
     "synapse.metrics",
 )
 # The experiment program's and the optional adapters' dependencies: never imported by the core.
-FORBIDDEN = ("synapse.experiments", "synapse.integrations", "torchvision", "matplotlib", "tqdm", "tensorboard", "wandb")
+FORBIDDEN = (
+    "synapse.experiments",
+    "synapse.integrations",
+    "torchvision",
+    "matplotlib",
+    "tqdm",
+    "tensorboard",
+    "wandb",
+    "timm",  # the pretrained family reads timm models by their attributes, never imports timm
+)
 
 
 def _pyproject() -> dict:
