@@ -83,9 +83,9 @@ class ReferenceStyleDERpp:
 def make_variants(
     buffer_size: int, mb: int, item: Tuple[int, ...]
 ) -> Dict[str, Optional[Callable[[nn.Module], object]]]:
-    """Every row, from the catalog: plain; each method with its catalog defaults (the ER family fused and
-    unfused), in table order; the reference-style DER++; each method's floor step (``MethodSpec.floor``,
-    written beside the method). A new method file gets its rows with no edit here."""
+    """Every row, from the catalog: plain; each method with its catalog defaults and ``harness_hparams`` (the
+    ER family fused and unfused), in table order; the reference-style DER++; each method's floor step
+    (``MethodSpec.floor``, written beside the method). A new method file gets its rows with no edit here."""
     alpha, beta = 0.3, 0.5
     specs = sorted(catalog.specs(), key=lambda spec: order_key(spec.name))
     rows: Dict[str, Optional[Callable[[nn.Module], object]]] = {"plain": None}
@@ -99,13 +99,14 @@ def make_variants(
     for spec in specs:
         if spec.floor is not None:
             rows[f"floor: {display_name(spec.name)}"] = partial(
-                spec.floor, buffer_size=buffer_size, minibatch=mb, item=item, hparams=spec.defaults()
+                spec.floor, buffer_size=buffer_size, minibatch=mb, item=item, hparams=spec.resolve(spec.harness_hparams)
             )
     return rows
 
 
 def _create(spec: Any, buffer_size: int, mb: int, fused: Optional[bool], model: nn.Module) -> object:
-    return spec.create(model, buffer_size=buffer_size, buffer_sample_size=mb, fused=fused)
+    # harness_hparams: the small settings a CPU run affords (RanPAC's projection 64 wide, not 10000).
+    return spec.create(model, spec.harness_hparams, buffer_size=buffer_size, buffer_sample_size=mb, fused=fused)
 
 
 class Runner:

@@ -24,7 +24,8 @@ TASK_END = 6  # a task ends after this many steps (its data passed), so task-end
 
 def build(name: str, model: nn.Module):
     base, run_args = VARIANTS.get(name, (name, {"buffer_size": 30}))
-    return catalog.get(base).create(model, buffer_sample_size=6, **run_args)
+    spec = catalog.get(base)
+    return spec.create(model, spec.harness_hparams, buffer_sample_size=6, **run_args)
 
 
 def main(method: str, out_dir: str, steps: int = 12) -> None:

@@ -54,6 +54,9 @@ def test_parameters_stay_identical_across_ranks(tmp_path, method):
     if method == "si":
         for name in ("omega", "importance", "anchor"):
             assert torch.equal(r0["state"]["state"][name], r1["state"]["state"][name])
+    if method == "ranpac":  # at the task end each rank solved its classifier from both ranks' statistics
+        w0, w1 = (r["state"]["state"]["weights"] for r in (r0, r1))
+        assert torch.equal(w0, w1) and w0.abs().sum() > 0
     if method == "agem":
         g = (r0["local_grad"] + r1["local_grad"]) / 2
         ref = (r0["local_reference"] + r1["local_reference"]) / 2

@@ -16,7 +16,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def _build(name, **run_args):
-    return lambda m: catalog.get(name).create(m, buffer_size=64, buffer_sample_size=16, **run_args)
+    spec = catalog.get(name)
+    return lambda m: spec.create(m, spec.harness_hparams, buffer_size=64, buffer_sample_size=16, **run_args)
 
 
 # Every registered method, plus unfused replay; each is trained across a task end (its data passed).

@@ -28,8 +28,16 @@ CORE_MODULES = (
     "synapse.augment",
 )
 # The experiment program's and the optional adapters' dependencies: never imported by the core.
-FORBIDDEN = ("synapse.experiments", "synapse.integrations", "torchvision", "matplotlib", "tqdm", "tensorboard", "wandb")
-FORBIDDEN += ("timm",)  # the experiment program's optional backbones
+FORBIDDEN = (
+    "synapse.experiments",
+    "synapse.integrations",
+    "torchvision",
+    "matplotlib",
+    "tqdm",
+    "tensorboard",
+    "wandb",
+    "timm",  # the pretrained family reads timm models by their attributes, never imports timm
+)
 
 
 def _pyproject() -> dict:

@@ -145,7 +145,11 @@ def as_old_layout(tree):
     return tree
 
 
-@pytest.mark.parametrize("name", NAMES)
+# The methods that existed before declared state (the pretrained family came after: it has no old layout).
+OLD_NAMES = [name for name in NAMES if catalog.get(name).family != "pretrained"]
+
+
+@pytest.mark.parametrize("name", OLD_NAMES)
 def test_state_written_before_declared_state_loads(name):
     """State dicts as the code before declared state wrote them (tests/fixtures/make_state_v1.py) load, and
     today's state dict holds the same values (plus the format, the class width some now save, and the input

@@ -53,7 +53,8 @@ def step(model, syn, x, y, /, **names):
 
 
 def build(name, model):
-    return catalog.get(name).create(model, buffer_size=40, buffer_sample_size=8)
+    spec = catalog.get(name)
+    return spec.create(model, spec.harness_hparams, buffer_size=40, buffer_sample_size=8)
 
 
 def snapshot(model, syn):

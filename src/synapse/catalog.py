@@ -26,7 +26,7 @@ from torch import nn
 
 __all__ = ["HParam", "MethodSpec", "register", "get", "names", "specs", "methods_table", "usage_table"]
 
-FAMILIES = ("rehearsal", "gradient", "structure", "distillation")
+FAMILIES = ("rehearsal", "gradient", "structure", "distillation", "pretrained")
 # Arguments the experiment program sets from its own flags rather than from method hyperparameters.
 RUN_ARGUMENTS = ("buffer_size", "buffer_sample_size", "buffer_scope", "fused", "replay_transform")
 
@@ -90,7 +90,7 @@ class MethodSpec:
     Args:
         name: the CLI name (``--synapse_type``).
         cls: the class, a :class:`~synapse.Synapse` subclass.
-        family: its package: rehearsal, gradient, structure or distillation.
+        family: its package: rehearsal, gradient, structure, distillation or pretrained.
         paper: the citation shown in the README and ``--help``.
         hparams: the hyperparameters the CLI exposes, by constructor keyword.
         fixed: keywords every instance gets (``{"method": "der"}`` for ER's DER variant).
@@ -101,6 +101,11 @@ class MethodSpec:
         floor: its floor step for ``benchmarks/step_overhead.py``, a :class:`synapse._floor.Floor` subclass:
             ``floor(model, buffer_size, minibatch, item_shape, hparams)`` has ``forward(x)`` and
             ``backward(loss, targets, inputs, logits)``, the method's irreducible work in plain torch.
+        toy: the toy model and batches the contract harness runs it on, by name in
+            :data:`synapse.testing.TOYS`: ``'mlp'`` (vector inputs) or ``'vit'`` (a tiny random timm ViT, for
+            the methods on pretrained backbones).
+        harness_hparams: hyperparameters the harness's short runs use beside the defaults, to keep them
+            cheap (RanPAC's 10000-wide projection is 64 wide there).
     """
 
     name: str
@@ -113,6 +118,8 @@ class MethodSpec:
     display: str = ""
     order: int = 1000
     floor: Optional[Callable[..., Any]] = field(default=None, compare=False)
+    toy: str = "mlp"
+    harness_hparams: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def display_name(self) -> str:
@@ -217,7 +224,7 @@ def usage_table() -> str:
         "|---|---|---|---|---|",
     ]
     for spec in specs():
-        method = spec.create(nn.Sequential(nn.Flatten(), nn.Linear(4, 4)))
+        method = spec.create(nn.Sequential(nn.Flatten(), nn.Linear(4, 4)), spec.harness_hparams)
         method.remove_hooks()
         if method.needs_task_data:
             task_end = "**needed, with data**: `end_task(named_batches(loader))`"

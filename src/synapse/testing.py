@@ -48,8 +48,13 @@ __all__ = [
     "derpp_loss",
     "er_ace_loss",
     "lwf_loss",
+    "Toy",
+    "TOYS",
     "toy_model",
     "toy_batches",
+    "toy_vit",
+    "toy_images",
+    "toy_for",
     "train",
     "state_equal",
     "bad_values",
@@ -73,14 +78,63 @@ def toy_model(features: int = FEATURES, classes: int = CLASSES) -> nn.Module:
 
 def toy_batches(n: int, batch: int = 8, seed: int = 0, features: int = FEATURES, classes: int = CLASSES) -> List[Batch]:
     """``n`` random ``(inputs, targets)`` batches, the same for the same ``seed``."""
+    return _random_batches(n, (features,), batch, seed, classes)
+
+
+IMAGE_SIZE = 16
+
+
+def toy_vit(classes: int = CLASSES) -> nn.Module:
+    """A tiny randomly initialised timm ViT (16x16 images in 2x2 patches of 8, 2 blocks of width 32),
+    ``forward(x)``: what the methods on pretrained backbones run on in tests. Needs ``timm``."""
+    try:
+        import timm  # optional: only the pretrained family's harness runs need it
+    except ImportError:
+        raise ImportError("the 'vit' toy model needs timm: pip install 'torch-synapse[timm]'") from None
+    return timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=IMAGE_SIZE,
+        patch_size=8,
+        depth=2,
+        embed_dim=32,
+        num_heads=2,
+        num_classes=classes,
+    )
+
+
+def toy_images(n: int, batch: int = 8, seed: int = 0, classes: int = CLASSES) -> List[Batch]:
+    """``n`` random ``(images, targets)`` batches for :func:`toy_vit`, the same for the same ``seed``."""
+    return _random_batches(n, (3, IMAGE_SIZE, IMAGE_SIZE), batch, seed, classes)
+
+
+def _random_batches(n: int, shape: Tuple[int, ...], batch: int, seed: int, classes: int) -> List[Batch]:
     g = torch.Generator().manual_seed(seed)
     return [
-        (torch.randn(batch, features, generator=g), torch.randint(0, classes, (batch,), generator=g)) for _ in range(n)
+        (torch.randn(batch, *shape, generator=g), torch.randint(0, classes, (batch,), generator=g)) for _ in range(n)
     ]
 
 
-def _task_data(data: Sequence[Batch]) -> List[Tuple[Tensor, Dict[str, Tensor]]]:
-    return [(y, {"input": x}) for x, y in data]
+class Toy(NamedTuple):
+    """A toy model and its batches, as the harness runs a method (:attr:`MethodSpec.toy` names one)."""
+
+    model: Callable[[], nn.Module]  # built under torch's global seed
+    batches: Callable[[int], List[Batch]]  # n -> n batches (8 rows, 10 classes, seed 0)
+    input_name: str  # the model's forward parameter: backward(loss, y, **{input_name: x})
+
+
+TOYS: Dict[str, Toy] = {"mlp": Toy(toy_model, toy_batches, "input"), "vit": Toy(toy_vit, toy_images, "x")}
+
+
+def toy_for(spec: MethodSpec) -> Toy:
+    """The toy that ``spec`` names (``'mlp'`` unless the catalog entry says otherwise)."""
+    if spec.toy not in TOYS:
+        raise KeyError(f"{spec.name}: unknown toy {spec.toy!r}; the harness has {sorted(TOYS)}")
+    return TOYS[spec.toy]
+
+
+def _task_data(data: Sequence[Batch], input_name: str = "input") -> List[Tuple[Tensor, Dict[str, Tensor]]]:
+    return [(y, {input_name: x}) for x, y in data]
 
 
 def train(
@@ -91,17 +145,19 @@ def train(
     optimizer: Optional[torch.optim.Optimizer] = None,
     lr: float = 0.05,
     task_length: int = TASK_LENGTH,
+    input_name: str = "input",
 ) -> torch.optim.Optimizer:
     """Steps ``start, start + 1, ...`` of ``data`` with SGD; a task ends (with its data) every ``task_length``
-    steps. Returns the optimizer, to continue or to save."""
+    steps. The inputs go to ``backward`` as ``input_name`` (the toy's). Returns the optimizer, to continue
+    or to save."""
     optimizer = optimizer or torch.optim.SGD(model.parameters(), lr=lr)
     for i, (x, y) in enumerate(data[start:], start):
         loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad()
-        method.backward(loss, y, input=x)
+        method.backward(loss, y, **{input_name: x})
         optimizer.step()
         if (i + 1) % task_length == 0:
-            method.end_task(_task_data(data[i + 1 - task_length : i + 1]))
+            method.end_task(_task_data(data[i + 1 - task_length : i + 1], input_name))
     return optimizer
 
 
@@ -128,7 +184,7 @@ def _diff(a: Any, b: Any, path: str = "") -> str:
 
 
 def _build(spec: MethodSpec, model: nn.Module, hparams: Optional[Mapping[str, Any]], **run: Any) -> Any:
-    return spec.create(model, hparams, **{**RUN_ARGUMENTS, **run})
+    return spec.create(model, {**spec.harness_hparams, **(hparams or {})}, **{**RUN_ARGUMENTS, **run})
 
 
 # ------------------------------------------------------------------------------------------------ resume
@@ -150,25 +206,27 @@ def check_resume(
         steps: the run's length (a task ends every ``TASK_LENGTH`` steps).
         **run_arguments: e.g. ``fused=False`` (see :meth:`~synapse.catalog.MethodSpec.create`).
     """
-    data = toy_batches(steps)
+    toy = toy_for(spec)
+    data = toy.batches(steps)
     torch.manual_seed(1)
-    model = toy_model()
+    model = toy.model()
     method = _build(spec, model, hparams, **run_arguments)
+    run = partial(train, input_name=toy.input_name)
     saved, optimizer, done = [], None, 0
     for at in sorted(resume_at):
-        optimizer = train(model, method, data[:at], start=done, optimizer=optimizer)
+        optimizer = run(model, method, data[:at], start=done, optimizer=optimizer)
         saved.append((at, copy.deepcopy((model.state_dict(), optimizer.state_dict(), method.state_dict()))))
         done = at
-    train(model, method, data, start=done, optimizer=optimizer)
+    run(model, method, data, start=done, optimizer=optimizer)
     for at, (weights, optimizer_state, method_state) in saved:
         torch.manual_seed(99)  # another process: another initialisation and seeds, all overwritten by the loads
-        resumed = toy_model()
+        resumed = toy.model()
         resumed.load_state_dict(weights)
         method2 = _build(spec, resumed, hparams, **run_arguments)
         method2.load_state_dict(method_state)
         optimizer2 = torch.optim.SGD(resumed.parameters(), lr=0.05)
         optimizer2.load_state_dict(optimizer_state)
-        train(resumed, method2, data, start=at, optimizer=optimizer2)
+        run(resumed, method2, data, start=at, optimizer=optimizer2)
         where = f"{spec.name} resumed after step {at}"
         for (name, a), b in zip(model.named_parameters(), resumed.parameters()):
             assert torch.equal(a, b), f"{where}: parameter {name} differs from the uninterrupted run"
@@ -197,30 +255,32 @@ def check_rejected_calls(spec: MethodSpec, hparams: Optional[Mapping[str, Any]] 
     still trains. The calls: targets that are float, 2-d or of another batch size; a loss that is not a
     scalar or has no graph; no model inputs; for a method with a memory, inputs of another shape, dtype or
     name than those stored; ``end_task`` given a tensor, or no data when the method ``needs_task_data``."""
-    data = toy_batches(TASK_LENGTH + 2)
-    model = toy_model()
+    toy = toy_for(spec)
+    data = toy.batches(TASK_LENGTH + 2)
+    model = toy.model()
     method = _build(spec, model, hparams, **run_arguments)
-    train(model, method, data)  # past a task end: memories, teachers and importances exist
+    train(model, method, data, input_name=toy.input_name)  # past a task end: memories, teachers and importances exist
     x, y = data[0]
+    key = toy.input_name
     out = model(x)  # a fused replay draws here: the snapshot comes after it
     before = copy.deepcopy(method.state_dict())
     model.zero_grad()
     grads = _grads(model)
     loss, per_row = F.cross_entropy(out, y), F.cross_entropy(out, y, reduction="none")
     bad_calls: List[Tuple[str, str, Callable[[], Any]]] = [
-        ("float targets", "integer", lambda: method.backward(loss, y.float(), input=x)),
-        ("2-d targets", "1-d", lambda: method.backward(loss, y[:, None], input=x)),
-        ("targets of another batch size", "batch size", lambda: method.backward(loss, y[:4], input=x)),
-        ("a loss that is not a scalar", "scalar", lambda: method.backward(per_row, y, input=x)),
-        ("a loss without a graph", "require grad", lambda: method.backward(loss.detach(), y, input=x)),
+        ("float targets", "integer", lambda: method.backward(loss, y.float(), **{key: x})),
+        ("2-d targets", "1-d", lambda: method.backward(loss, y[:, None], **{key: x})),
+        ("targets of another batch size", "batch size", lambda: method.backward(loss, y[:4], **{key: x})),
+        ("a loss that is not a scalar", "scalar", lambda: method.backward(per_row, y, **{key: x})),
+        ("a loss without a graph", "require grad", lambda: method.backward(loss.detach(), y, **{key: x})),
         ("no model inputs", "keyword", lambda: method.backward(loss, y)),
         ("end_task(a tensor)", "data", lambda: method.end_task(torch.zeros(3))),
     ]
     if spec.has_buffer:  # what it stores fixes the inputs' names, shapes and dtypes
         bad_calls += [
-            ("inputs of another shape", "shape", lambda: method.backward(loss, y, input=x[:, : FEATURES // 2])),
-            ("inputs of another dtype", "dtype", lambda: method.backward(loss, y, input=x.double())),
-            ("inputs under another name", "", lambda: method.backward(loss, y, inputs=x)),
+            ("inputs of another shape", "shape", lambda: method.backward(loss, y, **{key: x[:, : x.shape[1] // 2]})),
+            ("inputs of another dtype", "dtype", lambda: method.backward(loss, y, **{key: x.double()})),
+            ("inputs under another name", "", lambda: method.backward(loss, y, **{key + "_other": x})),
         ]
     if type(method).needs_task_data:
         bad_calls.append(("end_task() without data", "data", lambda: method.end_task()))
@@ -232,7 +292,7 @@ def check_rejected_calls(spec: MethodSpec, hparams: Optional[Mapping[str, Any]] 
         for (name, p), g in zip(model.named_parameters(), grads):
             same = (p.grad is None and g is None) or (p.grad is not None and g is not None and torch.equal(p.grad, g))
             assert same, f"{spec.name}: rejected {what} changed the gradient of {name}"
-    method.backward(F.cross_entropy(model(x), y), y, input=x)  # the same object still trains
+    method.backward(F.cross_entropy(model(x), y), y, **{key: x})  # the same object still trains
 
 
 # ---------------------------------------------------------------------------------- bad hyperparameters
@@ -282,10 +342,10 @@ def check_bad_hyperparameters(spec: MethodSpec) -> None:
     run = {k: v for k, v in RUN_ARGUMENTS.items() if k in accepted}
     for hparam in (*spec.hparams, *(h for h in MEMORY_ARGUMENTS if h.name in accepted)):
         for value, why in bad_values(hparam):
-            model = toy_model()
+            model = toy_for(spec).model()
             weights = copy.deepcopy(model.state_dict())
             hooks = _hooks(model)
-            kwargs = {**spec.fixed, **spec.defaults(), **run, hparam.name: value}
+            kwargs = {**spec.fixed, **spec.resolve(spec.harness_hparams), **run, hparam.name: value}
             what = f"{spec.name}({hparam.name}={value!r}), {why},"
             rng = torch.get_rng_state()
             message = _expect_refusal(partial(spec.cls, model, **kwargs), what)
@@ -419,13 +479,14 @@ def check_reference_loss(
     if reference is None and spec.name not in REFERENCE_LOSSES:
         raise ValueError(f"no reference loss for {spec.name!r} in REFERENCE_LOSSES: pass reference=")
     reference = reference or REFERENCE_LOSSES[spec.name]
-    resolved = {**spec.fixed, **spec.resolve(hparams or {})}
-    model = toy_model()
+    resolved = {**spec.fixed, **spec.resolve({**spec.harness_hparams, **(hparams or {})})}
+    toy = toy_for(spec)
+    model = toy.model()
     method = _build(spec, model, hparams, **{"buffer_size": 24, "buffer_sample_size": 6, **run_arguments})
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     # Class-incremental: each task has half the classes, so that masks over old, seen or present classes bite.
     half = CLASSES // 2
-    data = [(x, y % half + half * (i // TASK_LENGTH % 2)) for i, (x, y) in enumerate(toy_batches(steps))]
+    data = [(x, y % half + half * (i // TASK_LENGTH % 2)) for i, (x, y) in enumerate(toy.batches(steps))]
     seen: List[Tensor] = []
     task_start, replayed = 0, 0
     at_task_end: Optional[nn.Module] = None
@@ -433,7 +494,7 @@ def check_reference_loss(
         before = copy.deepcopy(model)  # a deep copy of a hooked model is a plain model
         last = getattr(method, "last_replay", None)
         optimizer.zero_grad()
-        method.backward(F.cross_entropy(model(x), y), y, input=x)
+        method.backward(F.cross_entropy(model(x), y), y, **{toy.input_name: x})
         replay = getattr(method, "last_replay", None)
         replay = None if replay is last else replay
         replayed += replay is not None
@@ -452,7 +513,7 @@ def check_reference_loss(
             )
         optimizer.step()
         if (i + 1) % TASK_LENGTH == 0:
-            method.end_task(_task_data(data[i + 1 - TASK_LENGTH : i + 1]))
+            method.end_task(_task_data(data[i + 1 - TASK_LENGTH : i + 1], toy.input_name))
             task_start, at_task_end = len(seen), copy.deepcopy(model)
     # A memoryless method's reference differs from the plain loss after the first task end.
     checked = replayed if spec.has_buffer else steps - TASK_LENGTH

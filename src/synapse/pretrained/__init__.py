@@ -1,0 +1,11 @@
+"""Methods on pretrained backbones: closed-form classifiers on frozen features (SimpleCIL, RanPAC).
+
+The user builds the backbone (e.g. ``timm.create_model(...)`` with their own local weights) and the method
+on it; the method reads the feature/head split from the model (:mod:`synapse.pretrained._backbone`), so
+any timm ViT or ResNet, or any model whose last layer is an ``nn.Linear``, works.
+"""
+
+from .ranpac import RanPAC
+from .simplecil import SimpleCIL
+
+__all__ = ["SimpleCIL", "RanPAC"]
