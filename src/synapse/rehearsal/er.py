@@ -73,7 +73,7 @@ class ER(BufferedSynapse):
         buffer_sample_size: items per replay minibatch.
         alpha: weight of the ER cross-entropy or the DER logit-matching term.
         beta: weight of DER++'s cross-entropy term.
-        method: ``'er'``, ``'der'``, ``'der++'`` or ``'custom'``.
+        method: ``'er'``, ``'der'``, ``'der++'`` or ``'custom'``: the variant, and with it the class built.
         custom_loss_fn: ``fn(logits, past_logits, past_targets) -> scalar`` for ``method='custom'``.
         joint_mean: ``method='er'`` only: one mean over the batch and the replay minibatch (see above);
             ``L`` must then be the batch's *mean* cross-entropy, and ``alpha`` stays 1.
