@@ -46,9 +46,16 @@ def test_the_seed_constructor_is_unchanged():
 
 
 def test_a_variant_refuses_another_method():
-    with pytest.raises(ValueError, match=r"DER is ER's method='der', got method='der\+\+'"):
+    with pytest.raises(ValueError, match=r"DER is ER's method='der' variant, but got method='der\+\+'"):
         DER(nn.Linear(4, 3))  # the signature's default, 'der++'
     assert type(DER(nn.Linear(4, 3), method="der")) is DER
+
+    class MyReplay(ER):
+        def __init__(self, model):
+            super().__init__(model, method="der")
+
+    with pytest.raises(ValueError, match="MyReplay builds on ER, ER's method='er' variant.*derive from DER$"):
+        MyReplay(nn.Linear(4, 3))
 
 
 def test_a_method_built_on_er_reports_its_own_name():

@@ -149,9 +149,11 @@ class ER(BufferedSynapse):
             # state is built. (A __new__ would hide this signature from inspect, which the catalog reads.)
             self.__class__ = variant
         elif not isinstance(self, variant):
+            own = next(cls for cls in type(self).__mro__ if cls in _VARIANTS.values())
+            is_ = "is" if own is type(self) else f"builds on {own.__name__},"
             raise ValueError(
-                f"{type(self).__name__} is ER's method={type(self).method!r}, got method={method!r}: "
-                f"build it as ER(model, ..., method={type(self).method!r})"
+                f"{type(self).__name__} {is_} ER's method={own.method!r} variant, but got "
+                f"method={method!r}: build ER(model, ..., method={method!r}), or derive from {variant.__name__}"
             )
         super().__init__(
             model,
