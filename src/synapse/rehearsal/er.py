@@ -149,7 +149,7 @@ class ER(BufferedSynapse):
             # state is built. (A __new__ would hide this signature from inspect, which the catalog reads.)
             self.__class__ = variant
         elif not isinstance(self, variant):
-            own = next(cls for cls in type(self).__mro__ if cls in _VARIANTS.values())
+            own = [cls for cls in _VARIANTS.values() if isinstance(self, cls)][-1]  # parents come first
             is_ = "is" if own is type(self) else f"builds on {own.__name__},"
             raise ValueError(
                 f"{type(self).__name__} {is_} ER's method={own.method!r} variant, but got "
