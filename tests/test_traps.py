@@ -251,7 +251,7 @@ def test_a_second_method_on_a_hooked_model_raises_and_changes_nothing():
         lambda: ER(model, buffer_size=40, buffer_sample_size=8, method="der++"),
         lambda: AGEM(model, buffer_size=40, buffer_sample_size=8),
     ):
-        with pytest.raises(RuntimeError, match=r"live ER.*remove_hooks\(\)"):
+        with pytest.raises(RuntimeError, match=r"live DERpp.*remove_hooks\(\)"):
             second()
         assert_unchanged(model, first, before)
     first.remove_hooks()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Type
 
 import torch
 import torch.nn.functional as F
@@ -11,20 +11,27 @@ from torch import Tensor, nn
 from .._base import BufferedSynapse
 from .._capture import Replay
 from .._floor import Floor
+from .._state import StateError
 from .._validation import check_non_negative
 from ..augment import Transform
 from ..catalog import HParam, MethodSpec, register
 from ..functional import logit_distillation_grad
 
-__all__ = ["ER"]
+__all__ = ["ER", "DER", "DERpp", "CustomER"]
 
 METHODS = ("er", "der", "der++", "custom")
 
 CustomLossFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+# (weight, term) pairs, and (outputs, gradient) pairs seeded into the backward (DER's logit matching)
+ReplayTerms = Tuple[List[Tuple[float, Tensor]], List[Tuple[Tensor, Tensor]]]
 
 
 class ER(BufferedSynapse):
     """Experience Replay and Dark Experience Replay from a reservoir buffer.
+
+    ``ER(model, method=...)`` is the entry for all four variants: it builds :class:`ER` itself for ``'er'``
+    and the variant's subclass otherwise (:class:`DER`, :class:`DERpp`, :class:`CustomER`), each of which
+    overrides the replay terms; ``method`` reports the variant.
 
     Methods (``L`` is the user's loss on the current batch, ``(x', y', z')`` buffer samples with their
     stored logits ``z'``, ``f`` the model):
@@ -66,7 +73,7 @@ class ER(BufferedSynapse):
         buffer_sample_size: items per replay minibatch.
         alpha: weight of the ER cross-entropy or the DER logit-matching term.
         beta: weight of DER++'s cross-entropy term.
-        method: ``'er'``, ``'der'``, ``'der++'`` or ``'custom'``.
+        method: ``'er'``, ``'der'``, ``'der++'`` or ``'custom'``: the variant, and with it the class built.
         custom_loss_fn: ``fn(logits, past_logits, past_targets) -> scalar`` for ``method='custom'``.
         joint_mean: ``method='er'`` only: one mean over the batch and the replay minibatch (see above);
             ``L`` must then be the batch's *mean* cross-entropy, and ``alpha`` stays 1.
@@ -88,13 +95,18 @@ class ER(BufferedSynapse):
             are those of that augmented forward, as in the DER authors' code.
 
     Example:
-        >>> synapse = ER(model, buffer_size=500, buffer_sample_size=32, alpha=0.3, beta=0.5)
+        >>> synapse = ER(model, buffer_size=500, buffer_sample_size=32, alpha=0.3, beta=0.5)  # a DERpp
         >>> for inputs, targets in loader:
         ...     optimizer.zero_grad()
         ...     loss = criterion(model(inputs), targets)
         ...     synapse.backward(loss, targets, inputs=inputs)
         ...     optimizer.step()
     """
+
+    method: str = "er"  # the variant (a method built on ER names itself)
+    _stores_logits = False  # the memory keeps the logits of the user's forward (DER)
+    _replays_targets = True  # the replay loss reads the stored labels
+    _num_minibatches = 1  # independent buffer minibatches per step
 
     def __init__(
         self,
@@ -131,6 +143,18 @@ class ER(BufferedSynapse):
             raise ValueError(f"custom_loss_fn is only used with method='custom', got method={method!r}")
         if logits_dtype is not None and not (isinstance(logits_dtype, torch.dtype) and logits_dtype.is_floating_point):
             raise ValueError(f"logits_dtype must be a floating torch.dtype or None, got {logits_dtype!r}")
+        variant = _VARIANTS[method]
+        if type(self) is ER:
+            # The seed's ER(method=...) stays the public entry: it becomes the variant's class before any
+            # state is built. (A __new__ would hide this signature from inspect, which the catalog reads.)
+            self.__class__ = variant
+        elif not isinstance(self, variant):
+            own = [cls for cls in _VARIANTS.values() if isinstance(self, cls)][-1]  # parents come first
+            is_ = "is" if own is type(self) else f"builds on {own.__name__},"
+            raise ValueError(
+                f"{type(self).__name__} {is_} ER's method={own.method!r} variant, but got "
+                f"method={method!r}: build ER(model, ..., method={method!r}), or derive from {variant.__name__}"
+            )
         super().__init__(
             model,
             buffer_size,
@@ -142,20 +166,15 @@ class ER(BufferedSynapse):
         )
         self.alpha = float(alpha)
         self.beta = float(beta)
-        self.method = method
         self.custom_loss_fn = custom_loss_fn
         self.fused = bool(fused)
         self.logits_dtype = logits_dtype
         self.joint_mean = bool(joint_mean)
-        self._stores_logits = method != "er"
         self._reads_outputs = self._stores_logits  # DER stores the outputs of your forward
-        if method in ("der", "der++"):
-            self.reads_logits = True  # the logit-matching MSE: log-probabilities change its strength
         # DER's loss reads inputs and logits only (paper, Alg. 1); a class-balanced memory needs the labels.
-        self._stores_targets = method != "der" or buffer_policy == "class_balanced"
+        self._stores_targets = self._replays_targets or buffer_policy == "class_balanced"
         self._ragged_logits = False  # becomes True once rows of different logit widths coexist
         self.add_value("ragged_logits", bool, attr="_ragged_logits")
-        self._num_minibatches = 2 if method == "der++" else 1
         self._fields: Tuple[Any, List[str]] = (None, [])  # (what they depend on, the replayed fields)
         # The user's forward: DER stores its outputs; fused replay rides along in it.
         self._forward = self._capture_forward(self._fused_replay if self.fused else None)
@@ -171,7 +190,7 @@ class ER(BufferedSynapse):
         key = (self._input_names, self._ragged_logits)
         if self._fields[0] != key:
             fields = [f"input:{n}" for n in self._input_names or ()]
-            if self.method != "der":
+            if self._replays_targets:
                 fields.append("targets")
             if self._stores_logits:
                 fields.append("logits")
@@ -219,7 +238,7 @@ class ER(BufferedSynapse):
         return items
 
     def _backward(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
-        terms: Tuple[List[Tuple[float, Tensor]], List[Tuple[Tensor, Tensor]]] = ([], [])
+        terms: ReplayTerms = ([], [])
         loss_weight = 1.0
         if len(self.buffer) > 0:
             replay = self._forward.replay if self.fused else self._separate_replay_forward()
@@ -265,23 +284,80 @@ class ER(BufferedSynapse):
         replay.outputs = list(outputs.split(replay.minibatch_size))
         return replay
 
-    def _replay_terms(self, replay: Replay) -> Tuple[List[Tuple[float, Tensor]], List[Tuple[Tensor, Tensor]]]:
+    def _replay_terms(self, replay: Replay) -> ReplayTerms:
         """The replay loss for :meth:`_run_backward`: ``(weight, term)`` pairs, and ``(outputs, gradient)``
-        pairs for DER's logit matching, whose gradient is computed directly."""
-        out, sample, part = replay.outputs, replay.sample, replay.part
-        assert out is not None
-        if self.method == "er":
-            return [(self.alpha, F.cross_entropy(out[0], sample["targets"]))], []
-        if self.method == "custom":
-            assert self.custom_loss_fn is not None
-            return [(1.0, self.custom_loss_fn(out[0], sample["logits"], sample["targets"]))], []
-        widths = part(sample["logit_width"], 0) if self._ragged_logits else None
-        seeded = [(out[0], logit_distillation_grad(out[0], part(sample["logits"], 0), widths, self.alpha))]
-        if self.method == "der++":
-            return [(self.beta, F.cross_entropy(out[1], part(sample["targets"], 1)))], seeded
-        return [], seeded
+        pairs for DER's logit matching, whose gradient is computed directly. ER's: ``alpha CE(f(x'), y')``."""
+        assert replay.outputs is not None
+        return [(self.alpha, F.cross_entropy(replay.outputs[0], replay.sample["targets"]))], []
 
     # ------------------------------------------------------------------ state
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        # Before the variants were classes, all four saved themselves as "ER": such a state loads into the
+        # variant whose memory holds its fields (checked by _check_stored_fields), and only there.
+        if isinstance(state, Mapping) and state.get("method") == "ER" and type(self) in _VARIANTS.values():
+            state = {**state, "method": type(self).__name__}
+        super().load_state_dict(state)
+
+    def _check_stored_fields(self, state: Mapping[str, Any], path: str) -> None:
+        super()._check_stored_fields(state, path)
+        buffer = state.get("buffer")
+        storage = buffer.get("storage") if isinstance(buffer, Mapping) else None
+        if not isinstance(storage, Mapping) or not storage:
+            return
+        for field, stored in (("logits", self._stores_logits), ("targets", self._stores_targets)):
+            if (field in storage) != stored:
+                raise StateError(
+                    f"{path}['buffer']['storage'] {'lacks' if stored else 'has'} the field {field!r}: it was "
+                    f"written by another variant of ER than this one (method={self.method!r})"
+                )
+
+
+class DER(ER):
+    """Dark Experience Replay: ``L + alpha * MSE(f(x'), z')`` (Buzzega et al. 2020, eq. 4). Build it with
+    ``ER(model, ..., method='der')``; see :class:`ER`."""
+
+    method = "der"
+    _stores_logits = True
+    _replays_targets = False
+    reads_logits = True  # the logit-matching MSE: log-probabilities change its strength
+
+    def _replay_terms(self, replay: Replay) -> ReplayTerms:
+        """DER's logit matching on the first minibatch, its gradient seeded into the replayed outputs."""
+        out, sample, part = replay.outputs, replay.sample, replay.part
+        assert out is not None
+        widths = part(sample["logit_width"], 0) if self._ragged_logits else None
+        return [], [(out[0], logit_distillation_grad(out[0], part(sample["logits"], 0), widths, self.alpha))]
+
+
+class DERpp(DER):
+    """DER++: DER plus ``beta * CE(f(x''), y'')`` on a second, independent minibatch (Buzzega et al. 2020,
+    eq. 6). Build it with ``ER(model, ..., method='der++')``, the default; see :class:`ER`."""
+
+    method = "der++"
+    _replays_targets = True
+    _num_minibatches = 2
+
+    def _replay_terms(self, replay: Replay) -> ReplayTerms:
+        terms, seeded = super()._replay_terms(replay)
+        assert replay.outputs is not None
+        ce = F.cross_entropy(replay.outputs[1], replay.part(replay.sample["targets"], 1))
+        return [*terms, (self.beta, ce)], seeded
+
+
+class CustomER(ER):
+    """ER with the user's replay loss: ``L + custom_loss_fn(f(x'), z', y')``. Build it with
+    ``ER(model, ..., method='custom', custom_loss_fn=fn)``; see :class:`ER`."""
+
+    method = "custom"
+    _stores_logits = True
+
+    def _replay_terms(self, replay: Replay) -> ReplayTerms:
+        out, sample = replay.outputs, replay.sample
+        assert out is not None and self.custom_loss_fn is not None
+        return [(1.0, self.custom_loss_fn(out[0], sample["logits"], sample["targets"]))], []
+
+
+_VARIANTS: Dict[str, Type[ER]] = {cls.method: cls for cls in (ER, DER, DERpp, CustomER)}
 
 
 _ER_PAPER = "Chaudhry et al. 2019, *On Tiny Episodic Memories in Continual Learning*"

@@ -65,6 +65,8 @@ class MIR(ER):
         ...     optimizer.step()
     """
 
+    method = "mir"  # its own name, not that of the "er" it builds on
+
     def __init__(
         self,
         model: nn.Module,

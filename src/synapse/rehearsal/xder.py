@@ -24,14 +24,14 @@ from ..functional import (
     logit_distillation_grad,
     xder_update_logits,
 )
-from .er import ER
+from .er import DERpp
 
 __all__ = ["XDER"]
 
 SLOTS = "slots"  # the buffer slots a replay sample came from (not a stored field)
 
 
-class XDER(ER):
+class XDER(DERpp):
     """X-DER, from Boschini et al. 2022, "Class-Incremental Continual Learning into the eXtended
     DER-verse" (TPAMI), in the SimCLR-free form its authors ship as ``xder_ce`` in ``aimagelab/mammoth``
     (``models/xder_ce.py``: "X-DER with cross-entropy on future heads").
