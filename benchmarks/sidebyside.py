@@ -1,0 +1,320 @@
+"""Synapse beside the authors' own code: X-DER against mammoth's ``models/xder_ce.py``.
+
+``benchmarks/crosscheck.py`` compares Synapse with plain loops written here from the authors' description.
+This script runs the authors' code itself, from a local checkout that the user fetched (never vendored:
+``git clone https://github.com/aimagelab/mammoth``), on the data, model, initial weights and batch order of
+the CLI's experiment. It needs mammoth's dependencies, so run it with a Python that has them, with Synapse's
+sources on the path::
+
+    PYTHONPATH=src /path/to/ref-venv/bin/python benchmarks/sidebyside.py steps --reference ../mammoth
+    PYTHONPATH=src /path/to/ref-venv/bin/python benchmarks/sidebyside.py accuracy --reference ../mammoth \\
+        --seeds 0 1 2 --buffer 500 --revision 2024
+
+Modes:
+
+- ``steps``: lockstep. Each step, mammoth's ``observe`` runs on a copy of the model and memory that Synapse
+  had before the step, with the replay indices Synapse drew forced on mammoth's buffer; the two gradients
+  are compared. At each task end mammoth's ``end_task`` runs on Synapse's memory and model, and the stored
+  labels and logits are compared. The first step or task end that differs names the cause.
+- ``accuracy``: whole runs, per seed: Synapse's CLI experiment, and mammoth's ``XDerCe`` driven by a loop
+  over the same batches (mammoth's ``end_task`` sees the task's items in the order Synapse's ``end_task``
+  does). Raw per-seed results go to ``--output`` (JSON).
+
+The values are mammoth's seq-cifar100 ``xder_ce`` configuration (lr 0.03, alpha 0.1, beta 0.5, margin 0.1,
+eta 5e-3, replay minibatch 10); mammoth has none for seq-mnist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+from argparse import Namespace
+from typing import Any, Dict, List, Optional, Tuple
+
+BENCHMARKS = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, BENCHMARKS)
+
+from _runner import config_for  # noqa: E402  (benchmarks/ is not a package)
+
+# mammoth's models/config/xder_ce.yaml (seq-cifar100, buffer 500), with its parser's gamma.
+VALUES: Dict[str, Any] = {"lr": 0.03, "mb": 10, "alpha": 0.1, "beta": 0.5, "gamma": 0.85, "eta": 5e-3, "m": 0.1}
+PER_TASK = 2  # Seq-F-MNIST: five tasks of two classes
+
+
+def load_reference(path: str) -> Any:
+    """mammoth's ``XDerCe`` class from the checkout at ``path``, built without its optimizer (the loop
+    passes the experiment's)."""
+    import types
+
+    # mammoth's ``datasets`` package imports every dataset module on import, and some fetch CLIP weights
+    # from the network; ``xder_ce`` is given its dataset, so an empty stand-in package serves.
+    stand_in = types.ModuleType("datasets")
+    stand_in.get_dataset = lambda args: None  # type: ignore[attr-defined]
+    stand_in.get_dataset_names = stand_in.get_dataset_config_names = lambda *a, **k: []  # type: ignore[attr-defined]
+    sys.modules["datasets"] = stand_in
+    here = os.getcwd()
+    sys.path.insert(0, os.path.abspath(path))
+    try:
+        from models.utils.continual_model import ContinualModel
+        from models.xder_ce import XDerCe
+    finally:
+        os.chdir(here)  # mammoth's models package changes the working directory to its checkout
+
+    ContinualModel.get_optimizer = lambda self: None  # the experiment's optimizer is set after construction
+    return XDerCe
+
+
+class TaskData:
+    """The little of mammoth's ``ContinualDataset`` that ``xder_ce`` reads."""
+
+    N_CLASSES, N_TASKS, N_CLASSES_PER_TASK, SETTING = 10, 5, PER_TASK, "class-il"
+
+    def __init__(self) -> None:
+        self.train_loader: List[Tuple[Any, Any, Any]] = []
+
+    def get_offsets(self, task: int) -> Tuple[int, int]:
+        return task * PER_TASK, (task + 1) * PER_TASK
+
+
+def reference_model(cls: Any, exp: Any, buffer: int, values: Dict[str, Any]) -> Any:
+    """mammoth's model on the experiment's network and optimizer."""
+    import torch.nn.functional as F
+
+    args = Namespace(
+        buffer_size=buffer,
+        minibatch_size=values["mb"],
+        batch_size=exp.cfg.batch_size,
+        alpha=values["alpha"],
+        beta=values["beta"],
+        gamma=values["gamma"],
+        constr_eta=values["eta"],
+        constr_margin=values["m"],
+        align_bn=1,  # the config's; an MLP has no BatchNorm
+        label_perc=1,
+    )
+    model = cls(exp.model, F.cross_entropy, args, None, dataset=TaskData())
+    model.opt = exp.optimizer
+    model.to("cpu")
+    return model
+
+
+def begin_task(model: Any, task: int) -> None:
+    """What mammoth's ``meta_begin_task`` sets for ``xder_ce``: the task and its class offsets."""
+    model._current_task = task
+    model._n_past_classes, model._n_seen_classes = task * PER_TASK, (task + 1) * PER_TASK
+
+
+def task_batches(exp: Any, x: Any, y: Any) -> List[Tuple[Any, Any, Any]]:
+    """The task's items in the order Synapse's ``end_task`` sees them, as mammoth's loader yields them."""
+    b = exp.cfg.batch_size
+    return [(x[i : i + b], y[i : i + b], x[i : i + b]) for i in range(0, len(y), b)]
+
+
+def experiment(seed: int, buffer: int, revision: str, continual: bool) -> Any:
+    import dataclasses
+
+    from synapse.experiments.run import Experiment
+
+    hp = {**VALUES, "revision": revision}
+    cfg = config_for("fashion-mnist", "xder", buffer, seed, hp=hp, threads=1)
+    if not continual:
+        cfg = dataclasses.replace(cfg, training_type="sequential")
+    return Experiment(cfg)
+
+
+# ----------------------------------------------------------------------------------------------- accuracy
+def synapse_run(seed: int, buffer: int, revision: str) -> Dict[str, Any]:
+    return outcome(experiment(seed, buffer, revision, True).run()["accuracy_matrix"]["class_il"])
+
+
+def reference_run(cls: Any, seed: int, buffer: int) -> Dict[str, Any]:
+    """mammoth's ``XDerCe`` over the experiment's batches (the order its ``run`` draws), evaluated by it."""
+    import numpy as np
+    import torch
+
+    exp = experiment(seed, buffer, "2022", False)  # no method attached: the revision plays no part
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    model = reference_model(cls, exp, buffer, VALUES)
+    matrix: List[List[float]] = []
+    for t, (_, x, y) in enumerate(exp.stages()):
+        begin_task(model, t)
+        model.net.train()
+        order = exp._new_order(len(y))
+        b = exp.cfg.batch_size
+        for s in range(0, len(order), b):
+            idx = order[s : s + b]
+            model.observe(x[idx], y[idx], x[idx])
+        model.dataset.train_loader = task_batches(exp, x, y)
+        model.end_task(model.dataset)
+        matrix.append(exp.evaluate()[0])
+    return outcome(matrix)
+
+
+def outcome(matrix: List[List[float]]) -> Dict[str, Any]:
+    return {"final": 100.0 * sum(matrix[-1]) / len(matrix[-1]), "diagonal": [100.0 * r[i] for i, r in enumerate(matrix)]}
+
+
+# -------------------------------------------------------------------------------------------------- steps
+def load_memory(model: Any, method: Any) -> None:
+    """mammoth's buffer set to Synapse's memory, slot for slot."""
+    import torch
+
+    model.buffer.empty()
+    n = len(method.buffer)
+    if n == 0 or not method._has_past:  # mammoth's xder_ce keeps no memory during the first task
+        return
+    held = method.buffer.gather(torch.arange(n))
+    labels = held["targets"].long()
+    model.buffer.add_data(
+        examples=held["input:inputs"].clone(),
+        labels=labels,
+        logits=held["logits"].float().clone(),
+        task_labels=labels // PER_TASK,
+    )
+
+
+def force_indices(model: Any, queue: List[Any]) -> None:
+    """mammoth's replay draws take the next indices from ``queue`` (Synapse's), while it has any."""
+    draw = type(model.buffer).get_data.__get__(model.buffer)
+
+    def forced(size: int, **kwargs: Any) -> Any:
+        if queue:
+            kwargs["force_indexes"] = queue.pop(0).numpy()
+        return draw(size, **kwargs)
+
+    model.buffer.get_data = forced
+
+
+def steps(cls: Any, seed: int, buffer: int, revision: str, per_task: int) -> Dict[str, Any]:
+    """Lockstep over the first ``per_task`` steps of each task (all of them at task ends' comparisons)."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from synapse import named_batches
+
+    exp = experiment(seed, buffer, revision, True)
+    method, model, opt = exp.synapse, exp.model, exp.optimizer
+    ref_exp = experiment(seed, buffer, revision, False)
+    ref = reference_model(cls, ref_exp, buffer, VALUES)
+    ref.opt = torch.optim.SGD(ref.net.parameters(), lr=0.0)  # the gradient stays; the weights are copied in
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    drawn: List[Any] = []
+    sample = method.buffer.sample_indices
+
+    def recorded(k: int, num_minibatches: int = 1) -> Any:
+        idx = sample(k, num_minibatches)
+        drawn.extend(idx.cpu())
+        return idx
+
+    method.buffer.sample_indices = recorded
+    queue: List[Any] = []
+    force_indices(ref, queue)
+    rows: List[Dict[str, Any]] = []
+    ends: List[Dict[str, Any]] = []
+    first: Optional[Dict[str, Any]] = None
+    for t, (_, x, y) in enumerate(exp.stages()):
+        begin_task(ref, t)
+        order = exp._new_order(len(y))
+        b = exp.cfg.batch_size
+        for step, s in enumerate(range(0, len(order), b)):
+            idx = order[s : s + b]
+            xb, yb = x[idx], y[idx]
+            check = step < per_task
+            if check:
+                ref.net.load_state_dict(model.state_dict())
+                load_memory(ref, method)
+                drawn.clear()
+            opt.zero_grad()
+            out = model(xb)
+            method.backward(F.cross_entropy(out, yb), yb, inputs=xb)
+            if check:
+                queue[:] = list(drawn)
+                replayed = bool(drawn)
+                ref.observe(xb, yb, xb)
+                ours = [p.grad for p in model.parameters()]
+                theirs = [p.grad for p in ref.net.parameters()]
+                scale = max(float(q.abs().max()) for q in theirs) or 1.0
+                diff = max(float((p - q).abs().max()) for p, q in zip(ours, theirs)) / scale
+                row = {"task": t, "step": step, "replay": replayed, "relative_grad_diff": diff}
+                rows.append(row)
+                if first is None and diff > 1e-4:
+                    first = row
+            opt.step()
+        # The task end: mammoth's on Synapse's memory and model, then Synapse's; compare what is stored.
+        ref.net.load_state_dict(model.state_dict())
+        load_memory(ref, method)
+        ref.dataset.train_loader = task_batches(exp, x, y)
+        queue.clear()
+        ref.end_task(ref.dataset)
+        method.end_task(named_batches(exp._task_batches(x, y), "inputs"))
+        n = len(method.buffer)
+        held = method.buffer.gather(torch.arange(n))
+        theirs_n = min(ref.buffer.num_seen_examples, ref.buffer.buffer_size)
+        same_labels = n == theirs_n and bool((held["targets"].long() == ref.buffer.labels[:n].long()).all())
+        logit_diff = float((held["logits"].float() - ref.buffer.logits[:n].float()).abs().max()) if same_labels else None
+        ends.append({"task": t, "items": [n, theirs_n], "same_labels": same_labels, "max_logit_diff": logit_diff})
+    return {"first_difference": first, "steps": rows, "task_ends": ends}
+
+
+# ---------------------------------------------------------------------------------------------------- main
+def main(argv: Optional[List[str]] = None) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", choices=("steps", "accuracy"))
+    p.add_argument("--reference", required=True, help="a local checkout of aimagelab/mammoth")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--buffer", type=int, default=500)
+    p.add_argument("--revision", choices=("2022", "2024"), default="2024", help="Synapse's X-DER revision")
+    p.add_argument("--steps-per-task", type=int, default=100, help="steps mode: lockstep steps per task")
+    p.add_argument("--which", choices=("both", "synapse", "reference"), default="both")
+    p.add_argument("--output", help="JSON file for the raw results (default: stdout)")
+    a = p.parse_args(argv)
+    cls = load_reference(a.reference)
+    commit = os.popen(f"git -C {a.reference} rev-parse HEAD 2>/dev/null").read().strip() or "unknown"
+    result: Dict[str, Any] = {
+        "mode": a.mode,
+        "reference": "aimagelab/mammoth models/xder_ce.py",
+        "reference_commit": commit,
+        "synapse_revision": a.revision,
+        "buffer": a.buffer,
+        "values": VALUES,
+        "seeds": {},
+    }
+    for seed in a.seeds:
+        t0 = time.time()
+        if a.mode == "steps":
+            result["seeds"][seed] = steps(cls, seed, a.buffer, a.revision, a.steps_per_task)
+        else:
+            row: Dict[str, Any] = {}
+            if a.which in ("both", "synapse"):
+                row["synapse"] = synapse_run(seed, a.buffer, a.revision)
+            if a.which in ("both", "reference"):
+                row["reference"] = reference_run(cls, seed, a.buffer)
+            result["seeds"][seed] = row
+        print(f"seed {seed}: {time.time() - t0:.0f}s", file=sys.stderr)
+    if a.mode == "accuracy":
+        for side in ("synapse", "reference"):
+            finals = [r[side]["final"] for r in result["seeds"].values() if side in r]
+            if finals:
+                sd = statistics.stdev(finals) if len(finals) > 1 else 0.0
+                result[f"{side}_final"] = f"{statistics.mean(finals):.1f} ± {sd:.1f}"
+    text = json.dumps(result, indent=1)
+    if a.output:
+        with open(a.output, "w") as f:
+            f.write(text + "\n")
+    else:
+        print(text)
+
+
+if __name__ == "__main__":
+    main()
