@@ -8,7 +8,8 @@ sources on the path::
 
     PYTHONPATH=src /path/to/ref-venv/bin/python benchmarks/sidebyside.py steps --reference ../mammoth
     PYTHONPATH=src /path/to/ref-venv/bin/python benchmarks/sidebyside.py accuracy --reference ../mammoth \\
-        --seeds 0 1 2 --buffer 500 --revision 2024
+        --seeds 0 1 2 --buffer 500 --revision 2024 --output benchmarks/results/sidebyside_xder_b500.json
+    PYTHONPATH=src python benchmarks/sidebyside.py render   # the page, from benchmarks/results/sidebyside_*.json
 
 Modes:
 
@@ -16,6 +17,7 @@ Modes:
   had before the step, with the replay indices Synapse drew forced on mammoth's buffer; the two gradients
   are compared. At each task end mammoth's ``end_task`` runs on Synapse's memory and model, and the stored
   labels and logits are compared. The first step or task end that differs names the cause.
+- ``render``: ``REPRODUCIBILITY-sidebyside.md`` from the committed raw results (``--results``; no run).
 - ``accuracy``: whole runs, per seed: Synapse's CLI experiment, and mammoth's ``XDerCe`` driven by a loop
   over the same batches (mammoth's ``end_task`` sees the task's items in the order Synapse's ``end_task``
   does). Raw per-seed results go to ``--output`` (JSON).
@@ -27,7 +29,6 @@ eta 5e-3, replay minibatch 10); mammoth has none for seq-mnist.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import statistics
@@ -39,7 +40,7 @@ from typing import Any, Dict, List, Optional, Tuple
 BENCHMARKS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCHMARKS)
 
-from _runner import config_for  # noqa: E402  (benchmarks/ is not a package)
+from _runner import ROOT, config_for, provenance, provenance_lines  # noqa: E402  (benchmarks/ is not a package)
 
 # mammoth's models/config/xder_ce.yaml (seq-cifar100, buffer 500), with its parser's gamma.
 VALUES: Dict[str, Any] = {"lr": 0.03, "mb": 10, "alpha": 0.1, "beta": 0.5, "gamma": 0.85, "eta": 5e-3, "m": 0.1}
@@ -157,7 +158,10 @@ def reference_run(cls: Any, seed: int, buffer: int) -> Dict[str, Any]:
 
 
 def outcome(matrix: List[List[float]]) -> Dict[str, Any]:
-    return {"final": 100.0 * sum(matrix[-1]) / len(matrix[-1]), "diagonal": [100.0 * r[i] for i, r in enumerate(matrix)]}
+    return {
+        "final": 100.0 * sum(matrix[-1]) / len(matrix[-1]),
+        "diagonal": [100.0 * r[i] for i, r in enumerate(matrix)],
+    }
 
 
 # -------------------------------------------------------------------------------------------------- steps
@@ -231,6 +235,8 @@ def steps(cls: Any, seed: int, buffer: int, revision: str, per_task: int) -> Dic
             if check:
                 ref.net.load_state_dict(model.state_dict())
                 load_memory(ref, method)
+                ref.update_counter = method._update_count.clone().cpu()
+                counts = method._update_count.clone()
                 drawn.clear()
             opt.zero_grad()
             out = model(xb)
@@ -243,7 +249,11 @@ def steps(cls: Any, seed: int, buffer: int, revision: str, per_task: int) -> Dic
                 theirs = [p.grad for p in ref.net.parameters()]
                 scale = max(float(q.abs().max()) for q in theirs) or 1.0
                 diff = max(float((p - q).abs().max()) for p, q in zip(ours, theirs)) / scale
-                row = {"task": t, "step": step, "replay": replayed, "relative_grad_diff": diff}
+                # Past items drawn for the first time this task are rewritten with probability 1 in both codes.
+                fresh = ((counts == 0) & (method._update_count > 0)).nonzero().flatten()
+                ours_z = method.buffer.gather(fresh)["logits"].float() if len(fresh) else None
+                update = None if ours_z is None else float((ours_z - ref.buffer.logits[fresh].float()).abs().max())
+                row = {"task": t, "step": step, "replay": replayed, "relative_grad_diff": diff, "update_diff": update}
                 rows.append(row)
                 if first is None and diff > 1e-4:
                     first = row
@@ -259,9 +269,95 @@ def steps(cls: Any, seed: int, buffer: int, revision: str, per_task: int) -> Dic
         held = method.buffer.gather(torch.arange(n))
         theirs_n = min(ref.buffer.num_seen_examples, ref.buffer.buffer_size)
         same_labels = n == theirs_n and bool((held["targets"].long() == ref.buffer.labels[:n].long()).all())
-        logit_diff = float((held["logits"].float() - ref.buffer.logits[:n].float()).abs().max()) if same_labels else None
+        logit_diff = (
+            float((held["logits"].float() - ref.buffer.logits[:n].float()).abs().max()) if same_labels else None
+        )
         ends.append({"task": t, "items": [n, theirs_n], "same_labels": same_labels, "max_logit_diff": logit_diff})
     return {"first_difference": first, "steps": rows, "task_ends": ends}
+
+
+# -------------------------------------------------------------------------------------------------- render
+RESULTS = os.path.join(BENCHMARKS, "results")
+
+
+def _mean_std(values: List[float]) -> str:
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.1f}"
+
+
+def render(files: List[str]) -> str:
+    """The page from raw result files (steps and accuracy modes' JSON), in the order given."""
+    loaded = []
+    for path in files:
+        with open(path) as f:
+            loaded.append((os.path.relpath(path, ROOT), json.load(f)))
+    machine, versions = provenance_lines([r.get("provenance") for _, r in loaded])
+    commits = sorted({r["reference_commit"] for _, r in loaded})
+    lines = [
+        "# Side by side: Synapse against the authors' own code",
+        "",
+        "Generated by `benchmarks/sidebyside.py render` from the raw results named below; do not edit by hand.",
+        "The authors' code runs from a local checkout (never vendored) on the CLI experiment's data, model,",
+        "initial weights and batch order; see that script's docstring.",
+        "",
+        f"- Reference: aimagelab/mammoth `models/xder_ce.py` at commit {', '.join(commits)}",
+        f"- Values: {json.dumps(loaded[0][1]['values'])} (mammoth's seq-cifar100 `xder_ce` configuration)",
+        f"- {machine}; one thread per run",
+        f"- {versions}",
+        "",
+        "## X-DER (xder_ce) on Seq-F-MNIST, step by step",
+        "",
+        "Lockstep: each step, mammoth's `observe` on Synapse's model and memory before the step, with the replay",
+        "indices Synapse drew; each task end, mammoth's `end_task` on Synapse's memory. The gradient difference",
+        "is relative to the largest entry of mammoth's gradient. In-step rewrites: the stored logits of past items",
+        "drawn for the first time in the task (rewritten with probability 1 in both codes) after the step.",
+        "",
+        "| Synapse revision | seed | steps compared | first step differing (> 1e-4) | worst gradient difference "
+        "| in-step rewrites: largest stored-logit difference | task ends: largest stored-logit difference "
+        "| raw results |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for path, r in loaded:
+        if r["mode"] != "steps":
+            continue
+        for seed, run in r["seeds"].items():
+            first = run["first_difference"]
+            where = "none" if first is None else f"task {first['task'] + 1}, step {first['step'] + 1}"
+            worst = max(row["relative_grad_diff"] for row in run["steps"])
+            ends = " ".join(
+                "-" if e["max_logit_diff"] is None else f"{e['max_logit_diff']:.1e}" for e in run["task_ends"]
+            )
+            rewrites = [row["update_diff"] for row in run["steps"] if row.get("update_diff") is not None]
+            rewrite = f"{max(rewrites):.1e} ({len(rewrites)} steps)" if rewrites else "-"
+            cells = [r["synapse_revision"], seed, len(run["steps"]), where, f"{worst:.1e}", rewrite, ends, f"`{path}`"]
+            lines.append("| " + " | ".join(map(str, cells)) + " |")
+    lines += [
+        "",
+        "## X-DER (xder_ce) on Seq-F-MNIST, accuracy",
+        "",
+        "Final Class-IL average and the last task's Class-IL accuracy right after it was trained, in %, mean ± std",
+        "over seeds.",
+        "",
+        "| buffer | Synapse revision | seeds | Synapse final | mammoth final | Synapse last task | mammoth last task "
+        "| raw results |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for path, r in loaded:
+        if r["mode"] != "accuracy":
+            continue
+        runs = list(r["seeds"].values())
+        cells = []
+        for key in ("final", "last"):
+            for side in ("synapse", "reference"):
+                got = [x[side]["final"] if key == "final" else x[side]["diagonal"][-1] for x in runs if side in x]
+                cells.append(_mean_std(got) if got else "-")
+        row = [str(r["buffer"]), r["synapse_revision"], " ".join(r["seeds"]), *cells, f"`{path}`"]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += [
+        "",
+        "Revision 2022 follows mammoth's `xder_ce` before commit b558503 (December 2024), 2024 the code from it;",
+        "the differences are listed in `synapse.rehearsal.XDER`'s docstring. A `-` is a side not run in that file.",
+    ]
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -270,8 +366,9 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     torch.set_num_threads(1)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=("steps", "accuracy"))
-    p.add_argument("--reference", required=True, help="a local checkout of aimagelab/mammoth")
+    p.add_argument("mode", choices=("steps", "accuracy", "render"))
+    p.add_argument("--reference", help="a local checkout of aimagelab/mammoth (steps and accuracy)")
+    p.add_argument("--results", nargs="+", help="render: raw result files (default: results/sidebyside_xder_*)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--buffer", type=int, default=500)
     p.add_argument("--revision", choices=("2022", "2024"), default="2024", help="Synapse's X-DER revision")
@@ -279,6 +376,19 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--which", choices=("both", "synapse", "reference"), default="both")
     p.add_argument("--output", help="JSON file for the raw results (default: stdout)")
     a = p.parse_args(argv)
+    if a.mode == "render":
+        import glob
+
+        files = a.results or sorted(glob.glob(os.path.join(RESULTS, "sidebyside_xder_*.json")))
+        text = render(files)
+        out = a.output or os.path.join(ROOT, "REPRODUCIBILITY-sidebyside.md")
+        with open(out, "w") as f:
+            f.write(text + "\n")
+        print(f"written to {out}")
+        return
+    if not a.reference:
+        p.error(f"{a.mode} needs --reference PATH (a local checkout of aimagelab/mammoth)")
+    output = os.path.abspath(a.output) if a.output else None  # mammoth's import changes the directory
     cls = load_reference(a.reference)
     commit = os.popen(f"git -C {a.reference} rev-parse HEAD 2>/dev/null").read().strip() or "unknown"
     result: Dict[str, Any] = {
@@ -288,6 +398,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         "synapse_revision": a.revision,
         "buffer": a.buffer,
         "values": VALUES,
+        "provenance": provenance(),
         "seeds": {},
     }
     for seed in a.seeds:
@@ -309,8 +420,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                 sd = statistics.stdev(finals) if len(finals) > 1 else 0.0
                 result[f"{side}_final"] = f"{statistics.mean(finals):.1f} ± {sd:.1f}"
     text = json.dumps(result, indent=1)
-    if a.output:
-        with open(a.output, "w") as f:
+    if output:
+        with open(output, "w") as f:
             f.write(text + "\n")
     else:
         print(text)
