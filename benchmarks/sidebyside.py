@@ -44,6 +44,20 @@ from _runner import ROOT, config_for, provenance, provenance_lines  # noqa: E402
 
 # mammoth's models/config/xder_ce.yaml (seq-cifar100, buffer 500), with its parser's gamma.
 VALUES: Dict[str, Any] = {"lr": 0.03, "mb": 10, "alpha": 0.1, "beta": 0.5, "gamma": 0.85, "eta": 5e-3, "m": 0.1}
+
+
+def values_for(name: str, buffer: int) -> Dict[str, Any]:
+    """``'mammoth'``: :data:`VALUES`; ``'preset'``: the reproduction's seq-mnist row for ``buffer`` (its lr and
+    minibatch, the catalog's defaults for the rest)."""
+    if name == "mammoth":
+        return dict(VALUES)
+    from synapse import catalog
+    from synapse.experiments import presets
+
+    defaults = {k: v for k, v in catalog.get("xder").defaults().items() if k in VALUES}
+    return {**defaults, **presets.values("xder", "seq-mnist", buffer)}
+
+
 PER_TASK = 2  # Seq-F-MNIST: five tasks of two classes
 
 
@@ -116,12 +130,12 @@ def task_batches(exp: Any, x: Any, y: Any) -> List[Tuple[Any, Any, Any]]:
     return [(x[i : i + b], y[i : i + b], x[i : i + b]) for i in range(0, len(y), b)]
 
 
-def experiment(seed: int, buffer: int, revision: str, continual: bool) -> Any:
+def experiment(seed: int, buffer: int, revision: str, continual: bool, values: Dict[str, Any]) -> Any:
     import dataclasses
 
     from synapse.experiments.run import Experiment
 
-    hp = {**VALUES, "revision": revision}
+    hp = {**values, "revision": revision}
     cfg = config_for("fashion-mnist", "xder", buffer, seed, hp=hp, threads=1)
     if not continual:
         cfg = dataclasses.replace(cfg, training_type="sequential")
@@ -129,19 +143,19 @@ def experiment(seed: int, buffer: int, revision: str, continual: bool) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------- accuracy
-def synapse_run(seed: int, buffer: int, revision: str) -> Dict[str, Any]:
-    return outcome(experiment(seed, buffer, revision, True).run()["accuracy_matrix"]["class_il"])
+def synapse_run(seed: int, buffer: int, revision: str, values: Dict[str, Any]) -> Dict[str, Any]:
+    return outcome(experiment(seed, buffer, revision, True, values).run()["accuracy_matrix"]["class_il"])
 
 
-def reference_run(cls: Any, seed: int, buffer: int) -> Dict[str, Any]:
+def reference_run(cls: Any, seed: int, buffer: int, values: Dict[str, Any]) -> Dict[str, Any]:
     """mammoth's ``XDerCe`` over the experiment's batches (the order its ``run`` draws), evaluated by it."""
     import numpy as np
     import torch
 
-    exp = experiment(seed, buffer, "2022", False)  # no method attached: the revision plays no part
+    exp = experiment(seed, buffer, "2022", False, values)  # no method attached: the revision plays no part
     torch.manual_seed(seed)
     np.random.seed(seed)
-    model = reference_model(cls, exp, buffer, VALUES)
+    model = reference_model(cls, exp, buffer, values)
     matrix: List[List[float]] = []
     for t, (_, x, y) in enumerate(exp.stages()):
         begin_task(model, t)
@@ -195,7 +209,7 @@ def force_indices(model: Any, queue: List[Any]) -> None:
     model.buffer.get_data = forced
 
 
-def steps(cls: Any, seed: int, buffer: int, revision: str, per_task: int) -> Dict[str, Any]:
+def steps(cls: Any, seed: int, buffer: int, revision: str, per_task: int, values: Dict[str, Any]) -> Dict[str, Any]:
     """Lockstep over the first ``per_task`` steps of each task (all of them at task ends' comparisons)."""
     import numpy as np
     import torch
@@ -203,10 +217,10 @@ def steps(cls: Any, seed: int, buffer: int, revision: str, per_task: int) -> Dic
 
     from synapse import named_batches
 
-    exp = experiment(seed, buffer, revision, True)
+    exp = experiment(seed, buffer, revision, True, values)
     method, model, opt = exp.synapse, exp.model, exp.optimizer
-    ref_exp = experiment(seed, buffer, revision, False)
-    ref = reference_model(cls, ref_exp, buffer, VALUES)
+    ref_exp = experiment(seed, buffer, revision, False, values)
+    ref = reference_model(cls, ref_exp, buffer, values)
     ref.opt = torch.optim.SGD(ref.net.parameters(), lr=0.0)  # the gradient stays; the weights are copied in
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -300,7 +314,8 @@ def render(files: List[str]) -> str:
         "initial weights and batch order; see that script's docstring.",
         "",
         f"- Reference: aimagelab/mammoth `models/xder_ce.py` at commit {', '.join(commits)}",
-        f"- Values: {json.dumps(loaded[0][1]['values'])} (mammoth's seq-cifar100 `xder_ce` configuration)",
+        f"- Values (`--values mammoth`): {json.dumps(VALUES)}, mammoth's seq-cifar100 `xder_ce` configuration;",
+        "  `--values preset`: the reproduction's seq-mnist row (its lr and minibatch, the catalog's defaults).",
         f"- {machine}; one thread per run",
         f"- {versions}",
         "",
@@ -337,9 +352,9 @@ def render(files: List[str]) -> str:
         "Final Class-IL average and the last task's Class-IL accuracy right after it was trained, in %, mean ± std",
         "over seeds.",
         "",
-        "| buffer | Synapse revision | seeds | Synapse final | mammoth final | Synapse last task | mammoth last task "
-        "| raw results |",
-        "|---|---|---|---|---|---|---|---|",
+        "| values | buffer | Synapse revision | seeds | Synapse final | mammoth final | Synapse last task "
+        "| mammoth last task | raw results |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for path, r in loaded:
         if r["mode"] != "accuracy":
@@ -350,7 +365,14 @@ def render(files: List[str]) -> str:
             for side in ("synapse", "reference"):
                 got = [x[side]["final"] if key == "final" else x[side]["diagonal"][-1] for x in runs if side in x]
                 cells.append(_mean_std(got) if got else "-")
-        row = [str(r["buffer"]), r["synapse_revision"], " ".join(r["seeds"]), *cells, f"`{path}`"]
+        row = [
+            r.get("values_name", "mammoth"),
+            str(r["buffer"]),
+            r["synapse_revision"],
+            " ".join(r["seeds"]),
+            *cells,
+            f"`{path}`",
+        ]
         lines.append("| " + " | ".join(row) + " |")
     lines += [
         "",
@@ -373,6 +395,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--buffer", type=int, default=500)
     p.add_argument("--revision", choices=("2022", "2024"), default="2024", help="Synapse's X-DER revision")
     p.add_argument("--steps-per-task", type=int, default=100, help="steps mode: lockstep steps per task")
+    p.add_argument(
+        "--values",
+        choices=("mammoth", "preset"),
+        default="mammoth",
+        help="mammoth's cifar-100 config, or the reproduction's seq-mnist preset",
+    )
     p.add_argument("--which", choices=("both", "synapse", "reference"), default="both")
     p.add_argument("--output", help="JSON file for the raw results (default: stdout)")
     a = p.parse_args(argv)
@@ -391,26 +419,28 @@ def main(argv: Optional[List[str]] = None) -> None:
     output = os.path.abspath(a.output) if a.output else None  # mammoth's import changes the directory
     cls = load_reference(a.reference)
     commit = os.popen(f"git -C {a.reference} rev-parse HEAD 2>/dev/null").read().strip() or "unknown"
+    values = values_for(a.values, a.buffer)
     result: Dict[str, Any] = {
         "mode": a.mode,
         "reference": "aimagelab/mammoth models/xder_ce.py",
         "reference_commit": commit,
         "synapse_revision": a.revision,
         "buffer": a.buffer,
-        "values": VALUES,
+        "values_name": a.values,
+        "values": values,
         "provenance": provenance(),
         "seeds": {},
     }
     for seed in a.seeds:
         t0 = time.time()
         if a.mode == "steps":
-            result["seeds"][seed] = steps(cls, seed, a.buffer, a.revision, a.steps_per_task)
+            result["seeds"][seed] = steps(cls, seed, a.buffer, a.revision, a.steps_per_task, values)
         else:
             row: Dict[str, Any] = {}
             if a.which in ("both", "synapse"):
-                row["synapse"] = synapse_run(seed, a.buffer, a.revision)
+                row["synapse"] = synapse_run(seed, a.buffer, a.revision, values)
             if a.which in ("both", "reference"):
-                row["reference"] = reference_run(cls, seed, a.buffer)
+                row["reference"] = reference_run(cls, seed, a.buffer, values)
             result["seeds"][seed] = row
         print(f"seed {seed}: {time.time() - t0:.0f}s", file=sys.stderr)
     if a.mode == "accuracy":
