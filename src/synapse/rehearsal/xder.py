@@ -90,8 +90,9 @@ class XDER(ER):
       task-end forwards run as the authors' do: train mode, BatchNorm on batch statistics without
       updating its running statistics, no gradient.
 
-    **Revisions.** mammoth rewrote ``xder_ce`` in December 2024 (commit ``b558503``). ``revision='2022'``
-    (the default) follows the code before it, as above. ``revision='2024'`` follows the code from it:
+    **Revisions.** mammoth rewrote ``xder_ce`` in December 2024 (commit ``b558503``); its
+    ``REPRODUCIBILITY.md`` marks ``xder_ce`` as not reproducing its paper's numbers before that commit and as
+    reproducing them from it. ``revision='2022'`` (the default) follows the code before it, as above. ``revision='2024'`` follows the code from it:
     the incoming batch's cross-entropy spans the present head only (``CE_{N}``: the future heads leave
     its softmax, so they are not pushed down on every step, only by ``FC``'s margin), ``PC`` is dropped,
     the memory is not replayed during the first task (it still records a reservoir there, which the
