@@ -17,6 +17,9 @@ Modes:
   had before the step, with the replay indices Synapse drew forced on mammoth's buffer; the two gradients
   are compared. At each task end mammoth's ``end_task`` runs on Synapse's memory and model, and the stored
   labels and logits are compared. The first step or task end that differs names the cause.
+- ``gdumb``: Synapse's GDumb at the reproduction's preset, with the GDumb authors' MNIST retraining
+  (``--gdumb paper``: 128 epochs, no CutMix) or the DER authors' port's (``--gdumb port``: 256 epochs, CutMix
+  with alpha 1). Synapse only: the port is not driven here (yet).
 - ``render``: ``REPRODUCIBILITY-sidebyside.md`` from the committed raw results (``--results``; no run).
 - ``accuracy``: whole runs, per seed: Synapse's CLI experiment, and mammoth's ``XDerCe`` driven by a loop
   over the same batches (mammoth's ``end_task`` sees the task's items in the order Synapse's ``end_task``
@@ -290,6 +293,22 @@ def steps(cls: Any, seed: int, buffer: int, revision: str, per_task: int, values
     return {"first_difference": first, "steps": rows, "task_ends": ends}
 
 
+# -------------------------------------------------------------------------------------------------- GDumb
+GDUMB = {
+    "paper": {"retrain_epochs": 128, "retrain_cutmix": 0.0},
+    "port": {"retrain_epochs": 256, "retrain_cutmix": 1.0},
+}
+
+
+def gdumb_run(seed: int, buffer: int, setting: str) -> Dict[str, Any]:
+    from synapse.experiments import presets
+    from synapse.experiments.run import Experiment
+
+    hp = {**presets.values("gdumb", "seq-mnist", buffer), **GDUMB[setting]}
+    cfg = config_for("fashion-mnist", "gdumb", buffer, seed, hp=hp, threads=1)
+    return outcome(Experiment(cfg).run()["accuracy_matrix"]["class_il"])
+
+
 # -------------------------------------------------------------------------------------------------- render
 RESULTS = os.path.join(BENCHMARKS, "results")
 
@@ -305,7 +324,7 @@ def render(files: List[str]) -> str:
         with open(path) as f:
             loaded.append((os.path.relpath(path, ROOT), json.load(f)))
     machine, versions = provenance_lines([r.get("provenance") for _, r in loaded])
-    commits = sorted({r["reference_commit"] for _, r in loaded})
+    commits = sorted({r["reference_commit"] for _, r in loaded if "reference_commit" in r})
     lines = [
         "# Side by side: Synapse against the authors' own code",
         "",
@@ -374,6 +393,22 @@ def render(files: List[str]) -> str:
             f"`{path}`",
         ]
         lines.append("| " + " | ".join(row) + " |")
+    gdumb = [(path, r) for path, r in loaded if r["mode"] == "gdumb"]
+    if gdumb:
+        lines += [
+            "",
+            "## GDumb on Seq-F-MNIST: the DER authors' retraining (Synapse only)",
+            "",
+            "`paper`: the GDumb authors' MNIST retraining (128 epochs, no CutMix); `port`: the DER authors' port's",
+            "(256 epochs, CutMix with alpha 1 on half the batches). Class-IL, %, mean ± std over seeds.",
+            "",
+            "| retraining | buffer | seeds | final | last task right after it | raw results |",
+            "|---|---|---|---|---|---|",
+        ]
+        for path, r in gdumb:
+            runs = [x["synapse"] for x in r["seeds"].values()]
+            final, last = _mean_std([x["final"] for x in runs]), _mean_std([x["diagonal"][-1] for x in runs])
+            lines.append(f"| {r['setting']} | {r['buffer']} | {' '.join(r['seeds'])} | {final} | {last} | `{path}` |")
     lines += [
         "",
         "Revision 2022 follows mammoth's `xder_ce` before commit b558503 (December 2024), 2024 the code from it;",
@@ -388,9 +423,10 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     torch.set_num_threads(1)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=("steps", "accuracy", "render"))
+    p.add_argument("mode", choices=("steps", "accuracy", "gdumb", "render"))
+    p.add_argument("--gdumb", choices=tuple(GDUMB), default="port", help="gdumb mode: the retraining")
     p.add_argument("--reference", help="a local checkout of aimagelab/mammoth (steps and accuracy)")
-    p.add_argument("--results", nargs="+", help="render: raw result files (default: results/sidebyside_xder_*)")
+    p.add_argument("--results", nargs="+", help="render: raw result files (default: results/sidebyside_*.json)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--buffer", type=int, default=500)
     p.add_argument("--revision", choices=("2022", "2024"), default="2024", help="Synapse's X-DER revision")
@@ -407,12 +443,22 @@ def main(argv: Optional[List[str]] = None) -> None:
     if a.mode == "render":
         import glob
 
-        files = a.results or sorted(glob.glob(os.path.join(RESULTS, "sidebyside_xder_*.json")))
+        files = a.results or sorted(glob.glob(os.path.join(RESULTS, "sidebyside_*.json")))
         text = render(files)
         out = a.output or os.path.join(ROOT, "REPRODUCIBILITY-sidebyside.md")
         with open(out, "w") as f:
             f.write(text + "\n")
         print(f"written to {out}")
+        return
+    if a.mode == "gdumb":
+        runs = {seed: {"synapse": gdumb_run(seed, a.buffer, a.gdumb)} for seed in a.seeds}
+        gdumb = {"mode": "gdumb", "setting": a.gdumb, "hp": GDUMB[a.gdumb], "buffer": a.buffer}
+        text = json.dumps({**gdumb, "provenance": provenance(), "seeds": runs}, indent=1)
+        if a.output:
+            with open(a.output, "w") as f:
+                f.write(text + "\n")
+        else:
+            print(text)
         return
     if not a.reference:
         p.error(f"{a.mode} needs --reference PATH (a local checkout of aimagelab/mammoth)")
