@@ -17,6 +17,9 @@ Modes:
   had before the step, with the replay indices Synapse drew forced on mammoth's buffer; the two gradients
   are compared. At each task end mammoth's ``end_task`` runs on Synapse's memory and model, and the stored
   labels and logits are compared. The first step or task end that differs names the cause.
+- ``heads``: Synapse's X-DER over the first four tasks, per revision; then, on the last task's first 2000
+  items (not yet trained on), how far its classes' logits lie below the others': the state the last task
+  starts from.
 - ``gdumb``: Synapse's GDumb at the reproduction's preset, with the GDumb authors' MNIST retraining
   (``--gdumb paper``: 128 epochs, no CutMix) or the DER authors' port's (``--gdumb port``: 256 epochs, CutMix
   with alpha 1). Synapse only: the port is not driven here (yet).
@@ -293,6 +296,36 @@ def steps(cls: Any, seed: int, buffer: int, revision: str, per_task: int, values
     return {"first_difference": first, "steps": rows, "task_ends": ends}
 
 
+# -------------------------------------------------------------------------------------------------- heads
+def future_heads(seed: int, buffer: int, revision: str, values: Dict[str, Any]) -> Dict[str, float]:
+    """After the first four tasks: the last task's classes' logits against the others' on its items."""
+    import torch
+    import torch.nn.functional as F
+
+    from synapse import named_batches
+
+    exp = experiment(seed, buffer, revision, True, values)
+    model, opt, method = exp.model, exp.optimizer, exp.synapse
+    stages = exp.stages()
+    b = exp.cfg.batch_size
+    for _, x, y in stages[:-1]:  # as Experiment.run steps them
+        order = exp._new_order(len(y))
+        for s in range(0, len(order), b):
+            idx = order[s : s + b]
+            opt.zero_grad()
+            method.backward(F.cross_entropy(model(x[idx]), y[idx]), y[idx], inputs=x[idx])
+            opt.step()
+        method.end_task(named_batches(exp._task_batches(x, y), "inputs"))
+    with torch.no_grad():
+        out = model(stages[-1][1][:2000])
+    last = PER_TASK * (TaskData.N_TASKS - 1)
+    return {
+        "max_gap": float((out[:, last:].max(1).values - out[:, :last].max(1).values).mean()),
+        "mean_last": float(out[:, last:].mean()),
+        "mean_others": float(out[:, :last].mean()),
+    }
+
+
 # -------------------------------------------------------------------------------------------------- GDumb
 GDUMB = {
     "paper": {"retrain_epochs": 128, "retrain_cutmix": 0.0},
@@ -393,6 +426,22 @@ def render(files: List[str]) -> str:
             f"`{path}`",
         ]
         lines.append("| " + " | ".join(row) + " |")
+    for path, r in loaded:
+        if r["mode"] != "heads":
+            continue
+        lines += [
+            "",
+            "Where the last task starts: after the first four tasks, on the last task's first 2000 training items",
+            "(not yet trained on), the mean over items of (largest logit of its classes - largest of the others),",
+            "and the mean logits of its classes and of the others (seeds: " + " ".join(r["seeds"]) + f"; `{path}`):",
+            "",
+            "| Synapse revision | largest-logit gap | mean logit, last task's classes | mean logit, the others |",
+            "|---|---|---|---|",
+        ]
+        for revision in ("2022", "2024"):
+            runs = [x[revision] for x in r["seeds"].values()]
+            cells = [_mean_std([x[k] for x in runs]) for k in ("max_gap", "mean_last", "mean_others")]
+            lines.append(f"| {revision} | " + " | ".join(cells) + " |")
     gdumb = [(path, r) for path, r in loaded if r["mode"] == "gdumb"]
     if gdumb:
         lines += [
@@ -418,12 +467,21 @@ def render(files: List[str]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- main
+def write(text: str, path: Optional[str]) -> None:
+    """The raw results to ``path``, or to stdout."""
+    if path:
+        with open(path, "w") as f:
+            f.write(text + "\n")
+    else:
+        print(text)
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     import torch
 
     torch.set_num_threads(1)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=("steps", "accuracy", "gdumb", "render"))
+    p.add_argument("mode", choices=("steps", "accuracy", "heads", "gdumb", "render"))
     p.add_argument("--gdumb", choices=tuple(GDUMB), default="port", help="gdumb mode: the retraining")
     p.add_argument("--reference", help="a local checkout of aimagelab/mammoth (steps and accuracy)")
     p.add_argument("--results", nargs="+", help="render: raw result files (default: results/sidebyside_*.json)")
@@ -450,16 +508,19 @@ def main(argv: Optional[List[str]] = None) -> None:
             f.write(text + "\n")
         print(f"written to {out}")
         return
+    if a.mode == "heads":
+        values = values_for(a.values, a.buffer)
+        heads = {s: {rev: future_heads(s, a.buffer, rev, values) for rev in ("2022", "2024")} for s in a.seeds}
+        text = json.dumps(
+            {"mode": "heads", "buffer": a.buffer, "values": values, "provenance": provenance(), "seeds": heads},
+            indent=1,
+        )
+        return write(text, a.output)
     if a.mode == "gdumb":
         runs = {seed: {"synapse": gdumb_run(seed, a.buffer, a.gdumb)} for seed in a.seeds}
         gdumb = {"mode": "gdumb", "setting": a.gdumb, "hp": GDUMB[a.gdumb], "buffer": a.buffer}
         text = json.dumps({**gdumb, "provenance": provenance(), "seeds": runs}, indent=1)
-        if a.output:
-            with open(a.output, "w") as f:
-                f.write(text + "\n")
-        else:
-            print(text)
-        return
+        return write(text, a.output)
     if not a.reference:
         p.error(f"{a.mode} needs --reference PATH (a local checkout of aimagelab/mammoth)")
     output = os.path.abspath(a.output) if a.output else None  # mammoth's import changes the directory
@@ -495,12 +556,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             if finals:
                 sd = statistics.stdev(finals) if len(finals) > 1 else 0.0
                 result[f"{side}_final"] = f"{statistics.mean(finals):.1f} ± {sd:.1f}"
-    text = json.dumps(result, indent=1)
-    if output:
-        with open(output, "w") as f:
-            f.write(text + "\n")
-    else:
-        print(text)
+    write(json.dumps(result, indent=1), output)
 
 
 if __name__ == "__main__":
