@@ -15,7 +15,7 @@ from conftest import FASHION_MNIST_DIR, mlp
 from synapse import catalog
 from synapse.experiments.cli import main
 from synapse.rehearsal import GDumb
-from synapse.rehearsal.gdumb import gdumb_learning_rate
+from synapse.rehearsal.gdumb import cutmix, gdumb_learning_rate
 
 
 @pytest.fixture(autouse=True)
@@ -173,6 +173,73 @@ def test_one_full_batch_step_is_the_mean_cross_entropy_with_the_warm_up_rate_by_
     step = torch.cat([model.weight.flatten(), model.bias]).norm()
     assert step.item() == pytest.approx(0.1 * 0.3, rel=1e-5)
     assert torch.allclose(model.weight, -lr * grad_w * 0.3 / math.sqrt(3 / 8), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- CutMix
+def test_cutmix_pastes_one_box_from_the_partner_and_lam_is_the_share_kept():
+    import numpy as np
+
+    images = torch.arange(6 * 2 * 7 * 9.0).view(6, 2, 7, 9)  # every pixel distinct
+    applied = 0
+    for seed in range(40):
+        mixed, partner, lam = cutmix(images, 1.0, np.random.default_rng(seed), torch.Generator().manual_seed(seed))
+        assert torch.equal(images, torch.arange(6 * 2 * 7 * 9.0).view(6, 2, 7, 9))  # not modified
+        if lam == 1.0:
+            assert torch.equal(mixed, images)
+            continue
+        applied += 1
+        assert sorted(partner.tolist()) == list(range(6))
+        for i in range(6):
+            changed = (mixed[i] != images[i]).any(0)  # (H, W): the box, unless the partner is the image itself
+            if partner[i] == i:
+                assert not changed.any()
+                continue
+            rows, cols = changed.any(1).nonzero().flatten(), changed.any(0).nonzero().flatten()
+            box = (slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1))
+            assert changed[box].all() and changed.sum() == (1 - lam) * 7 * 9  # one full box, lam = share kept
+            assert torch.equal(mixed[i][:, box[0], box[1]], images[partner[i]][:, box[0], box[1]])
+    assert 10 < applied < 30  # half of the batches
+
+
+def test_a_retraining_step_with_cutmix_is_the_mixed_cross_entropy():
+    import numpy as np
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    syn = GDumb(model, buffer_size=6, retrain_lr=1.0, retrain_min_lr=0.0, retrain_weight_decay=0.0, retrain_cutmix=1.0)
+    x, y = torch.randn(6, 1, 4, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    stream(model, syn, [(x, y)])
+    syn.buffer.flush()
+    stored = syn.buffer.stored()
+    lams = []
+    for _ in range(4):  # the coin may skip CutMix: each retraining is checked, and one must have applied it
+        reference = copy.deepcopy(model)
+        g = torch.Generator()
+        g.set_state(syn._generator.get_state())
+        rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=g)))
+        order = torch.randperm(6, generator=g)
+        mixed, partner, lam = cutmix(stored["input:input"][order], 1.0, rng, g)
+        targets = stored["targets"][order].long()
+        out = reference(mixed)
+        loss = lam * F.cross_entropy(out, targets) + (1 - lam) * F.cross_entropy(out, targets[partner])
+        loss.backward()
+        syn.retrain(epochs=1, batch_size=6, reinitialize=False, clip_norm=0)
+        for p, q in zip(model.parameters(), reference.parameters()):
+            assert torch.allclose(p, q.detach() - 0.1 * q.grad, atol=1e-6)  # warm-up epoch: lr 0.1
+        lams.append(lam)
+    assert min(lams) < 1.0
+
+
+def test_cutmix_on_inputs_that_are_not_images_is_refused_before_any_change():
+    torch.manual_seed(0)
+    model = small_net()
+    syn = GDumb(model, buffer_size=16, retrain_cutmix=1.0)
+    stream(model, syn, blob_batches(2))
+    before, state = params(model), copy.deepcopy(syn.state_dict())
+    with pytest.raises(ValueError, match="retrain_cutmix needs one model input of images"):
+        syn.retrain()
+    assert same(params(model), before) and syn.num_retrains == 0
+    assert torch.equal(syn.state_dict()["state"]["retrain_rng"], state["state"]["retrain_rng"])
 
 
 def test_retrain_reinitialises_from_scratch():
@@ -335,6 +402,7 @@ def test_a_bad_state_dict_changes_nothing():
         {"retrain_min_lr": 0.1, "retrain_lr": 0.05},
         {"retrain_on_task_end": 1},
         {"reinitialize": "yes"},
+        {"retrain_cutmix": -1.0},
     ],
 )
 def test_bad_constructor_arguments_are_rejected(kwargs):

@@ -7,6 +7,7 @@ import math
 import warnings
 from typing import Any, Callable, Iterable, List, Mapping, Optional, Tuple, Union
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -20,7 +21,9 @@ from ..buffer import fresh_seed
 from ..catalog import HParam, MethodSpec, register
 from ..memory import ClassBalancedBuffer
 
-__all__ = ["GDumb", "gdumb_learning_rate"]
+__all__ = ["GDumb", "cutmix", "gdumb_learning_rate"]
+
+CUTMIX_PROB = 0.5  # the share of retraining batches CutMix applies to, the authors' (drimpossible/GDumb, mammoth)
 
 OptimizerFactory = Callable[[List[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]  # anything with .step(), stepped once per epoch
@@ -55,6 +58,44 @@ def gdumb_learning_rate(epoch: int, max_lr: float, min_lr: float) -> float:
         t_cur -= t_i
         t_i *= 2
     return min_lr + (max_lr - min_lr) * (1 + math.cos(math.pi * t_cur / t_i)) / 2
+
+
+def cutmix(
+    images: Tensor, alpha: float, rng: np.random.Generator, generator: torch.Generator
+) -> Tuple[Tensor, Tensor, float]:
+    """CutMix (Yun et al. 2019) on a batch, as GDumb's authors apply it: ``(mixed, partner, lam)``.
+
+    With probability 1/2 (:data:`CUTMIX_PROB`) each image gets a box cut from the image ``partner[i]`` (a
+    random permutation of the batch); the box covers ``1 - l`` of the picture in expectation with
+    ``l ~ Beta(alpha, alpha)``, centred uniformly on the picture and clipped at its edges, and ``lam`` is the
+    share of pixels kept. The loss is then ``lam * CE(f(mixed), y) + (1 - lam) * CE(f(mixed), y[partner])``.
+    Otherwise ``(images, identity, 1.0)``. The box spans the last two dimensions (height, width).
+
+    Args:
+        images: ``(N, ..., H, W)``; not modified.
+        alpha: the Beta distribution's parameter (``> 0``).
+        rng: the draws of the coin, ``l`` and the box centre.
+        generator: the draw of the permutation.
+
+    Example:
+        >>> x = torch.arange(2 * 16.0).view(2, 1, 4, 4)
+        >>> mixed, partner, lam = cutmix(x, 1.0, np.random.default_rng(0), torch.Generator().manual_seed(0))
+        >>> 0.0 <= lam <= 1.0 and mixed.shape == x.shape
+        True
+    """
+    n = images.shape[0]
+    if rng.random() > CUTMIX_PROB:
+        return images, torch.arange(n, device=images.device), 1.0
+    height, width = images.shape[-2:]
+    cut = math.sqrt(1.0 - float(rng.beta(alpha, alpha)))
+    cut_h, cut_w = int(height * cut), int(width * cut)
+    cy, cx = int(rng.integers(height)), int(rng.integers(width))
+    top, bottom = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, height)
+    left, right = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width)
+    partner = torch.randperm(n, generator=generator).to(images.device)
+    mixed = images.clone()
+    mixed[..., top:bottom, left:right] = images[partner][..., top:bottom, left:right]
+    return mixed, partner, 1.0 - (bottom - top) * (right - left) / (height * width)
 
 
 class GDumb(BufferedSynapse):
@@ -128,8 +169,11 @@ class GDumb(BufferedSynapse):
 
     * The memory's admission bar is the largest class's count, not ``capacity / classes seen``
       (:class:`~synapse.memory.ClassBalancedBuffer`); they agree whenever every class has its share.
-    * No cutmix: the authors use it (probability 0.5, ``alpha = 1``) on CIFAR, SVHN and ImageNet, not on
-      MNIST, which is this library's protocol; it is not implemented.
+    * CutMix is off by default (``retrain_cutmix=0``): the GDumb authors use it (probability 0.5,
+      ``alpha = 1``) on CIFAR, SVHN and ImageNet, not on MNIST, this library's protocol; the DER authors'
+      port uses it by default (``cutmix_alpha 1.0``, 256 ``fitting_epochs``). ``retrain_cutmix=1.0,
+      retrain_epochs=256`` gives the port's retraining (:func:`cutmix`); the box is cut from the one model
+      input, which must be images ``(N, ..., H, W)``.
     * The authors train in half precision (``model.half()``); here in the model's own dtype.
     * The authors' code evaluates after every pass and reports the *best* test accuracy over the passes, a
       choice made on the test set; here the model after the last epoch is the result.
@@ -153,6 +197,8 @@ class GDumb(BufferedSynapse):
         retrain_momentum: SGD momentum of the retraining.
         retrain_weight_decay: SGD weight decay of the retraining.
         retrain_clip_norm: the gradient norm is clipped to this (``0``: no clipping).
+        retrain_cutmix: CutMix's ``alpha`` in the retraining (:func:`cutmix`); ``0``: no CutMix (the GDumb
+            authors' MNIST setting); the DER authors' port uses ``1.0``.
         current_loss: ``'method'`` (the stream adds no gradient, the paper) or ``'user'`` (the user's loss is
             backpropagated as usual).
         retrain_on_task_end: :meth:`end_task` retrains (else only an explicit :meth:`retrain` does).
@@ -190,6 +236,7 @@ class GDumb(BufferedSynapse):
         retrain_momentum: float = 0.9,
         retrain_weight_decay: float = 1e-6,
         retrain_clip_norm: float = 10.0,
+        retrain_cutmix: float = 0.0,
         current_loss: str = "method",
         retrain_on_task_end: bool = True,
         reinitialize: Reinitialize = True,
@@ -206,6 +253,7 @@ class GDumb(BufferedSynapse):
         check_non_negative("retrain_momentum", retrain_momentum)
         check_non_negative("retrain_weight_decay", retrain_weight_decay)
         check_non_negative("retrain_clip_norm", retrain_clip_norm)
+        check_non_negative("retrain_cutmix", retrain_cutmix)
         current_loss = self._check_current_loss(current_loss)
         if not isinstance(retrain_on_task_end, bool):
             raise ValueError(f"retrain_on_task_end must be a bool, got {retrain_on_task_end!r}")
@@ -226,6 +274,7 @@ class GDumb(BufferedSynapse):
         self.retrain_momentum = float(retrain_momentum)
         self.retrain_weight_decay = float(retrain_weight_decay)
         self.retrain_clip_norm = float(retrain_clip_norm)
+        self.retrain_cutmix = float(retrain_cutmix)
         self.current_loss = current_loss
         self.retrain_on_task_end = retrain_on_task_end
         self.reinitialize = reinitialize
@@ -330,6 +379,7 @@ class GDumb(BufferedSynapse):
             if not callable(getattr(scheduler, "step", None)):
                 raise TypeError(f"scheduler_factory must return an object with step(), got {type(scheduler).__name__}")
         max_lrs = [float(group["lr"]) for group in optimizer.param_groups]
+        image = self._cutmix_input()
 
         # Validated: from here on the memory and the model change.
         self._follow_model_device()
@@ -352,6 +402,8 @@ class GDumb(BufferedSynapse):
         was_training = self.module.training
         self.module.train()
         epoch_loss = torch.zeros((), device=device)
+        # CutMix's draws: numpy's Beta, seeded from GDumb's generator (so a resumed run draws the same).
+        rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=self._generator))) if image else None
         try:
             with torch.enable_grad():
                 for epoch in range(epochs):
@@ -362,7 +414,15 @@ class GDumb(BufferedSynapse):
                     for index in self._epoch_order(n, largest).to(device).split(batch_size):
                         items = self._augment_replay({k: v.index_select(0, index) for k, v in storage.items()})
                         targets = items["targets"].long()
-                        loss = F.cross_entropy(self.model(**self._inputs_of(items)), targets)
+                        if rng is None:
+                            loss = F.cross_entropy(self.model(**self._inputs_of(items)), targets)
+                        else:
+                            assert image is not None
+                            items[image], partner, lam = cutmix(items[image], self.retrain_cutmix, rng, self._generator)
+                            out = self.model(**self._inputs_of(items))
+                            loss = lam * F.cross_entropy(out, targets) + (1 - lam) * F.cross_entropy(
+                                out, targets.index_select(0, partner)
+                            )
                         optimizer.zero_grad(set_to_none=True)
                         loss.backward()
                         if clip_norm > 0:
@@ -377,6 +437,21 @@ class GDumb(BufferedSynapse):
                 p.grad = None
         self.num_retrains += 1
         return float(epoch_loss) / largest  # a host read, at a task end
+
+    def _cutmix_input(self) -> Optional[str]:
+        """The stored field CutMix cuts boxes from (``None`` with CutMix off or nothing stored yet); raises,
+        before anything changes, unless the model takes one input of images ``(N, ..., H, W)``."""
+        schema = self.buffer.schema()
+        if not self.retrain_cutmix or not schema:
+            return None
+        inputs = {k: shape for k, (shape, _) in schema.items() if k.startswith("input:")}
+        if len(inputs) != 1 or len(next(iter(inputs.values()))) < 2:
+            got = ", ".join(f"{k[len('input:') :]} {tuple(v)}" for k, v in inputs.items())
+            raise ValueError(
+                f"retrain_cutmix needs one model input of images (N, ..., H, W), got per-item shapes: {got}; "
+                "pass retrain_cutmix=0 for other inputs"
+            )
+        return next(iter(inputs))
 
     def _optimizer(self, factory: Optional[OptimizerFactory], params: List[nn.Parameter]) -> torch.optim.Optimizer:
         if factory is None:
@@ -495,6 +570,9 @@ register(
             HParam("retrain_momentum", float, 0.9, "SGD momentum of the retraining", low=0.0),
             HParam("retrain_weight_decay", float, 1e-6, "SGD weight decay of the retraining", low=0.0),
             HParam("retrain_clip_norm", float, 10.0, "gradient norm clip of the retraining (0: off)", low=0.0),
+            HParam(
+                "retrain_cutmix", float, 0.0, "CutMix's alpha in the retraining (0: off; mammoth's port: 1)", low=0.0
+            ),
             HParam(
                 "current_loss",
                 str,

@@ -29,6 +29,7 @@ from .er import DERpp
 __all__ = ["XDER"]
 
 SLOTS = "slots"  # the buffer slots a replay sample came from (not a stored field)
+REVISIONS = ("2022", "2024")  # mammoth's xder_ce before and from commit b558503 (December 2024)
 
 
 class XDER(DERpp):
@@ -90,6 +91,19 @@ class XDER(DERpp):
       task-end forwards run as the authors' do: train mode, BatchNorm on batch statistics without
       updating its running statistics, no gradient.
 
+    **Revisions.** mammoth rewrote ``xder_ce`` in December 2024 (commit ``b558503``); its
+    ``REPRODUCIBILITY.md`` marks ``xder_ce`` as not reproducing its paper's numbers before that commit and
+    as reproducing them from it. ``revision='2022'`` (the default) follows the code before it, as above.
+    ``revision='2024'`` follows the code from it: the incoming batch's cross-entropy spans the present
+    head only (``CE_{N}``: the future heads leave its softmax, so only ``FC``'s margin holds them down),
+    ``PC`` is dropped, the memory is not replayed during the first task (it still records a reservoir
+    there, which the first task end empties, as in both revisions), and the task end rewrites the present
+    and future heads of past items (``U(z, f(x), y, not P)``). On Seq-F-MNIST the 2022 rule leaves the
+    last task at 0 % Class-IL right after it is trained, the 2024 one at about a third, as the authors'
+    code does (``benchmarks/sidebyside.py``, whose lockstep also shows the last task's own steps agree
+    between the two: what differs is what the earlier tasks left, the future heads having been pushed
+    down by every step's softmax).
+
     Defaults: mammoth's tuned ``xder_ce`` configuration (``models/config/xder_ce.yaml``, seq-cifar100,
     buffer 500: ``alpha=0.3, beta=0.5, eta=5e-3``) with its parser's ``gamma=0.85, m=0.3``; mammoth has
     no X-DER configuration for seq-mnist or seq-cifar10.
@@ -122,6 +136,7 @@ class XDER(DERpp):
         gamma: the memory update's rescaling factor, in ``(0, 1]``.
         eta: weight of both head constraints.
         m: their margin.
+        revision: ``'2022'`` or ``'2024'``: which of mammoth's two ``xder_ce`` codes to follow (see above).
         current_loss: ``'method'`` (the masked present-head cross-entropy replaces the loss passed to
             ``backward``, which is checked but not backpropagated) or ``'user'`` (keep the user's loss).
         fused: replay inside the user's forward (see :class:`~synapse.rehearsal.ER`).
@@ -157,12 +172,15 @@ class XDER(DERpp):
         eta: float = 5e-3,
         m: float = 0.3,
         *,
+        revision: str = "2022",
         current_loss: str = "method",
         fused: bool = True,
         buffer_scope: str = "rank",
         scaler: Optional[torch.amp.GradScaler] = None,
         replay_transform: Optional[Transform] = None,
     ) -> None:
+        if revision not in REVISIONS:
+            raise ValueError(f"revision must be one of {REVISIONS}, got {revision!r}")
         if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= 1:
             raise ValueError(f"gamma must be a number in (0, 1], got {gamma!r}")
         check_non_negative("eta", eta)
@@ -184,6 +202,7 @@ class XDER(DERpp):
         self.eta = float(eta)
         self.m = float(m)
         self.current_loss = current_loss
+        self.revision = revision
         self._rng = np.random.Generator(np.random.PCG64(fresh_seed()))  # the update draws and quota ties
         self._class_task: Optional[Tensor] = None  # (classes,) long: the task each class was first seen in, -1
         self._has_past = False  # some class was seen before the current task (host-known: set by end_task)
@@ -229,21 +248,30 @@ class XDER(DERpp):
         sample[SLOTS] = slots
         return self._replaying(sample)
 
+    def _replays(self) -> bool:
+        """Whether this step replays: from the first task end in revision 2024 (no first-task reservoir)."""
+        return len(self.buffer) > 0 and (self._has_past or self.revision == "2022")
+
+    def _fused_replay(self) -> Optional[Replay]:
+        return super()._fused_replay() if self._replays() else None
+
     def _backward(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
         out = self._forward.outputs
         assert out is not None  # checked by _check
         labels = targets.long()
         class_task = self._class_task_with(labels, out.shape[1], out.device)
         past, future = self._heads(class_task)
+        present = class_task == self.num_tasks_ended
         current = loss
         if self.current_loss == "method":  # the batch's own classes stay in, should one return from the past
-            current = asymmetric_cross_entropy(out, labels, (~past).index_fill(0, labels, True))
+            heads = ~past if self.revision == "2022" else present  # 2024: the future heads leave the softmax
+            current = asymmetric_cross_entropy(out, labels, heads.index_fill(0, labels, True))
         terms: List[Tuple[float, Tensor]] = []
         seeded: List[Tuple[Tensor, Tensor]] = []
         rows, row_labels, row_weights = [out], [labels], [torch.ones_like(labels, dtype=torch.bool)]
         update = None
         replay = None
-        if len(self.buffer) > 0:
+        if self._replays():
             replay = self._forward.replay if self.fused else self._separate_replay_forward()
         if replay is not None and replay.outputs is not None:
             (out1, out2), sample, part = replay.outputs, replay.sample, replay.part
@@ -265,8 +293,7 @@ class XDER(DERpp):
             own = class_task[torch.cat(row_labels)]
             good = class_task.unsqueeze(0) == own.unsqueeze(1)  # each row's own task's head
             terms.append((self.eta, head_margin_constraint(scores, good, future, self.m, torch.cat(row_weights))))
-            if self._has_past:
-                present = class_task == self.num_tasks_ended
+            if self._has_past and self.revision == "2022":  # 2024 dropped the past constraint
                 probs = torch.softmax(out.float().masked_fill(~(past | present), float("-inf")), 1)
                 in_present = present[labels]  # a returning past class has no present head to favour
                 terms.append((self.eta, head_margin_constraint(probs, present, past, self.m, in_present, True)))
@@ -365,7 +392,8 @@ class XDER(DERpp):
                         for rows in _chunks(labels.shape[0], chunk)
                     ]
                 )
-                learned = class_task == task
+                # 2022: the just-learned heads only; 2024: the present and future heads, as during training.
+                learned = class_task == task if self.revision == "2022" else ~past
                 rewritten = xder_update_logits(storage["logits"], responses, labels, learned, self.gamma)
                 storage["logits"] = torch.where(past[labels].unsqueeze(1), rewritten, storage["logits"])
         storage["logits"] = torch.nan_to_num(storage["logits"], 0.0, 0.0, 0.0)
@@ -532,6 +560,13 @@ register(
             ),
             HParam("eta", float, 5e-3, "weight of the past and future head constraints", low=0.0),
             HParam("m", float, 0.3, "margin of the head constraints", low=0.0),
+            HParam(
+                "revision",
+                str,
+                "2022",
+                "which mammoth xder_ce to follow: '2022' (before commit b558503) or '2024' (from it)",
+                choices=REVISIONS,
+            ),
             HParam(
                 "current_loss",
                 str,
