@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import synapse.structure
-from synapse import catalog
+from synapse import catalog, testing
 from synapse.experiments import presets
 from synapse.experiments.cli import build_parser, main
 from synapse.experiments.models import create_model
@@ -86,6 +86,16 @@ def test_a_new_method_file_reaches_every_list_with_no_other_edit(throwaway):
     assert ("throwaway", None) in reproduce.rows_for("fashion-mnist")
     assert reproduce.tuned_grids("seq-mnist")["throwaway"] == {"mas_lambda": [0.5]}
     assert _runner.config_for("fashion-mnist", "throwaway", None, 0).method_args == {"mas_lambda": 0.5}
+    # the contract harness: test_contract.py's cases come from the catalog, so the new method is among them,
+    # and it passes each check
+    from test_contract import _variants
+
+    cases = [case.values for case in _variants() if case.values[0].name == "throwaway"]
+    assert cases
+    for spec, hparams, run in cases:
+        testing.check_resume(spec, hparams, **run)
+        testing.check_rejected_calls(spec, hparams, **run)
+    testing.check_bad_hyperparameters(catalog.get("throwaway"))
 
 
 def test_family_init_imports_are_not_needed(monkeypatch):
