@@ -109,6 +109,7 @@ def check_er_loop() -> None:
     if all(torch.equal(a, b) for a, b in zip(before, model.parameters())):
         fail("the parameters did not change")
     state = synapse.state_dict()
+    synapse.remove_hooks()  # one method at a time hooks a model
     ER(model, buffer_size=50, buffer_sample_size=8, method="der++").load_state_dict(state)
     print(f"ER (DER++) loop: 20 steps, buffer 50/50, loss {losses[0]:.3f} -> {losses[-1]:.3f}; state_dict reloads")
 
@@ -124,7 +125,7 @@ def check_catalog_methods() -> None:
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        method = spec.create(model, buffer_size=20, buffer_sample_size=4)
+        method = spec.create(model, spec.harness_hparams, buffer_size=20, buffer_sample_size=4)  # small settings
         batches = [(torch.randn(6, 8), torch.randint(0, 4, (6,))) for _ in range(3)]
         for _task in range(2):
             for inputs, targets in batches:
