@@ -18,6 +18,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
+from torch import nn
+
+from synapse._model import unwrap_model
+
+from .distributed import World, reduce_ints
 
 # 2: progress holds the run's global step and the epoch's running totals (mid-epoch checkpoints).
 FORMAT = 2
@@ -88,6 +93,103 @@ def load_generations(path: str, identity: Mapping[str, Any]) -> List[Tuple[str, 
     if found and not readable:
         raise CheckpointError(f"no readable checkpoint among {', '.join(found)}: delete them to start from scratch")
     return readable
+
+
+# ---------------------------------------------------------------------------- an experiment's state
+def checkpoint_path(output_dir: Optional[str], world: World) -> Optional[str]:
+    """Where this process's checkpoint goes (one file per rank under torchrun); None without an output folder."""
+    if not output_dir:
+        return None
+    return os.path.join(output_dir, "checkpoint.pt" if world.size == 1 else f"checkpoint-rank{world.rank}.pt")
+
+
+def experiment_state(
+    identity: Mapping[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    method: Any,
+    data_gen: torch.Generator,
+    device: torch.device,
+    progress: Mapping[str, Any],
+) -> Dict[str, Any]:
+    """Everything a run continues from: weights, optimizer and method state, every random stream, and its
+    ``progress`` through the schedule."""
+    return {
+        "format": FORMAT,
+        "identity": dict(identity),
+        "model": unwrap_model(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "synapse": method.state_dict() if method is not None else None,
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "data": data_gen.get_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        },
+        "progress": dict(progress),
+    }
+
+
+def newest_common(
+    path: str, identity: Mapping[str, Any], world: World, device: torch.device
+) -> Optional[Tuple[str, Dict[str, Any]]]:
+    """The newest readable generation of ``path`` at a step that every rank holds, as ``(file, state)``; None
+    when no rank has one (start from scratch).
+
+    Under torchrun every rank must continue from the same step: a rank killed while the others were
+    writing may be one generation behind them, so the ranks agree on the newest step all of them hold.
+    """
+    folder = os.path.dirname(path) or "."
+    pattern = re.compile(r"checkpoint(-rank\d+)?\.pt")  # the latest generations, one per rank
+    others = sorted(f for f in os.listdir(folder) if pattern.fullmatch(f)) if os.path.isdir(folder) else []
+    if not generations(path) and others:
+        raise CheckpointError(
+            f"{path} does not exist, but {', '.join(others)} do: they were written by a run with another "
+            f"number of processes (one file per rank); resume with that world size, not {world.size}"
+        )
+    error: Optional[CheckpointError] = None
+    found: List[Tuple[str, Dict[str, Any]]] = []
+    try:
+        found = load_generations(path, identity)
+    except CheckpointError as e:  # raised below on every rank, after the ranks agreed (none waits alone)
+        error = e
+    newest = found[0][1]["progress"]["step"] if found else -1
+    failed, target = reduce_ints([int(error is not None), -newest], world, device)
+    target = -target  # the smallest newest step over the ranks
+    if error is not None:
+        raise error
+    if failed:
+        raise CheckpointError("another rank could not read its checkpoint (its error is printed above)")
+    if target < 0:
+        return None
+    chosen = [(file, state) for file, state in found if state["progress"]["step"] == target]
+    if not chosen:
+        steps = [state["progress"]["step"] for _, state in found]
+        raise CheckpointError(
+            f"rank {world.rank} holds checkpoints at steps {steps}, and another rank's newest is at step "
+            f"{target}: the ranks cannot continue from the same step"
+        )
+    return chosen[0]
+
+
+def load_experiment_state(
+    state: Mapping[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    method: Any,
+    data_gen: torch.Generator,
+    device: torch.device,
+) -> Dict[str, Any]:
+    """Put ``experiment_state``'s weights, optimizer and method state and random streams back; return its
+    progress."""
+    unwrap_model(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if method is not None:
+        method.load_state_dict(state["synapse"])
+    torch.set_rng_state(state["rng"]["torch"])
+    data_gen.set_state(state["rng"]["data"])
+    if state["rng"]["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+    return dict(state["progress"])
 
 
 def pause_for_tests(where: str) -> None:

@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 from synapse import metrics
 
 SETTINGS = ("class_il", "task_il")
+METRICS = ("average_accuracy", "average_incremental_accuracy", "forgetting", "bwt", "fwt")
 LABELS = {"class_il": "Class-IL", "task_il": "Task-IL"}
 
 
@@ -29,9 +30,7 @@ def summarize(
     accuracy: Mapping[str, List[List[float]]], untrained: Optional[Mapping[str, List[float]]]
 ) -> Dict[str, Dict[str, Optional[float]]]:
     """All metrics for both settings. Forgetting, BWT and FWT need one row per task (not joint runs)."""
-    out: Dict[str, Dict[str, Optional[float]]] = {
-        k: {} for k in ("average_accuracy", "average_incremental_accuracy", "forgetting", "bwt", "fwt")
-    }
+    out: Dict[str, Dict[str, Optional[float]]] = {k: {} for k in METRICS}
     for s in SETTINGS:
         r = accuracy[s]
         square = len(r) == len(r[-1])
@@ -118,3 +117,89 @@ def plot_accuracy(path: str, accuracy: Mapping[str, List[List[float]]], title: s
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def task_table(accuracy: Mapping[str, Sequence[Sequence[float]]], names: Sequence[str], task_il_applies: bool) -> str:
+    """``accuracy_table``, with Task-IL reading n/a where it does not apply (every task has every class)."""
+    table = accuracy_table(accuracy, names)
+    if task_il_applies:
+        return table
+    lines = table.splitlines()
+    width = max(7, *(len(n) for n in names)) + 1
+    lines = [line for line in lines if not line.startswith(LABELS["task_il"])]
+    return "\n".join([*lines, f"{LABELS['task_il']:<9}" + f"{'n/a':>{width}}" * (len(names) + 1)])
+
+
+def task_scalars(accuracy: Mapping[str, List[List[float]]], task_il_applies: bool) -> Dict[str, float]:
+    """The loggers' values after a task: its accuracy row, the average and forgetting, per setting."""
+    t = len(accuracy["class_il"])
+    values: Dict[str, float] = {}
+    for setting in SETTINGS if task_il_applies else ("class_il",):
+        row = accuracy[setting][-1]
+        values.update({f"task/{setting}/task_{k + 1}": a for k, a in enumerate(row)})
+        values[f"task/{setting}/average"] = sum(row) / len(row)
+        if t > 1:
+            best = [max(r[k] for r in accuracy[setting][:-1]) for k in range(t - 1)]
+            values[f"task/{setting}/forgetting"] = sum(b - row[k] for k, b in enumerate(best)) / (t - 1)
+    return values
+
+
+def results(
+    accuracy: Mapping[str, List[List[float]]],
+    untrained: Optional[Mapping[str, List[float]]],
+    *,
+    config: Mapping[str, Any],
+    versions: Mapping[str, str],
+    scenario: Mapping[str, Any],
+    predictor: str,
+    head: Optional[Mapping[str, Optional[float]]],
+    test_samples: Sequence[int],
+    wall_time_s: float,
+    epoch_log: Sequence[Mapping[str, Any]],
+    task_il_applies: bool,
+    stream: bool,
+) -> Dict[str, Any]:
+    """results.json's content: the settings, versions and scenario, the predictor scored (and the model's
+    head, for a method with its own predictor), the accuracy matrices, the metrics (``summarize``) and timings.
+
+    Task-IL is reported as null where it does not apply, not as the copy of Class-IL that evaluation computes;
+    a task-free ``stream`` has no tasks to forget or transfer between, so those metrics are null too.
+    """
+    summary = summarize(accuracy, untrained)
+    matrix: Dict[str, Any] = dict(accuracy)
+    before: Optional[Dict[str, Any]] = None if untrained is None else dict(untrained)
+    if not task_il_applies:
+        matrix["task_il"] = None
+        if before is not None:
+            before["task_il"] = None
+        for metric in summary.values():
+            metric["task_il"] = None
+    if stream:
+        for key in ("average_incremental_accuracy", "forgetting", "bwt", "fwt"):
+            summary[key]["class_il"] = None
+    return {
+        "config": config,
+        "versions": versions,
+        "scenario": scenario,
+        "predictor": predictor,
+        "head_average_accuracy": head,
+        "accuracy_matrix": matrix,
+        "untrained_accuracy": before,
+        **summary,
+        "test_samples_per_task": test_samples,
+        "wall_time_s": wall_time_s,
+        "epoch_log": epoch_log,
+    }
+
+
+def write_outputs(folder: str, results: Mapping[str, Any], plot_title: Optional[str]) -> Optional[str]:
+    """results.json, epoch_log.csv and (with a ``plot_title``) accuracy_matrix.png in ``folder``; returns the
+    figure's path, or None when not drawn."""
+    os.makedirs(folder, exist_ok=True)
+    write_results(os.path.join(folder, "results.json"), results)
+    write_epoch_log(os.path.join(folder, "epoch_log.csv"), results["epoch_log"])
+    if plot_title is None:
+        return None
+    figure = os.path.join(folder, "accuracy_matrix.png")
+    plot_accuracy(figure, results["accuracy_matrix"], plot_title)
+    return figure

@@ -1,77 +1,47 @@
-"""An experiment: the task schedule, checkpoints, clean stops, metrics and outputs."""
+"""An experiment: the task schedule and training loop, with clean stops and checkpoints.
+
+Its parts live beside it: settings and their checks (config.py), the task data (data.py), the model, optimizer
+and method (build.py), results and outputs (report.py), checkpoint files and state (checkpoint.py).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import re
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 import synapse
-from synapse import catalog, named_batches
-from synapse.augment import RandomCropFlip
-from synapse.scenarios import DomainIncremental, TaskFreeStream, mnist360, mnist360_test_angles, rotate, scenario
+from synapse import named_batches
+from synapse.scenarios import DomainIncremental, TaskFreeStream
 
 from . import report
+from .build import build_method, build_model, build_optimizer
 from .checkpoint import (
-    DEFAULT_EVERY,
-    FORMAT,
-    CheckpointError,
     Periodic,
     Writer,
-    generations,
-    load_generations,
+    checkpoint_path,
+    experiment_state,
+    load_experiment_state,
+    newest_common,
     parse_every,
     pause_for_tests,
 )
-from .datasets import DATASETS, DatasetSpec, load_tasks
+from .config import IDENTITY, TRAINING_TYPES, Config, check_scenario, check_world, set_threads, validate
+from .data import prepare
+from .datasets import load_tasks
 from .distributed import World, device_for, init_from_env, reduce_ints
 from .loggers import Logger, create_loggers
 from .loop import Evaluation, Totals, evaluate, shard, train_epoch
-from .models import create_model
 
-TRAINING_TYPES = ("joint", "sequential", "continual")
-# A checkpoint only resumes the experiment it came from: these settings must match.
-IDENTITY = (
-    "dataset",
-    "model",
-    "training_type",
-    "synapse_type",
-    "seed",
-    "lr",
-    "num_epochs",
-    "batch_size",
-    "validation_ratio",
-    "buffer_size",
-    "buffer_scope",
-    "buffer_sample_size",
-    "method_args",
-    "weight_decay",
-    "normalize",
-    "init",
-    "evaluate_on",
-    "unfused",
-    "max_train_per_task",
-    "max_test_per_task",
-    "augment",
-    "replay_augment",
-    "input_size",
-    "input_channels",
-    "pretrained",
-    "image_size",
-    "test_fraction",
-    "classes_per_task",
-    "first_task_classes",
-    "class_order_seed",
-)
+# Re-exported: cli.py, the tests and the benchmarks import them from here.
+__all__ = ["TRAINING_TYPES", "Config", "Experiment", "StopRequested", "StoppedBeforeTraining", "check_scenario"]
 
 # Where the run is in its schedule, and what it measured so far: all of it goes into checkpoints. ``step``
 # counts the run's training steps; ``totals`` are the running sums of the epoch in progress.
@@ -91,77 +61,6 @@ PROGRESS = (
 # Under torchrun, ranks agree on a stop (and on a time-based checkpoint) every this many steps: one
 # collective then, instead of one per step.
 SYNC_EVERY = 20
-
-
-@dataclass
-class Config:
-    dataset: str = "fashion-mnist"
-    dataset_dir: str = "datasets"
-    model: Optional[str] = None
-    lr: Optional[float] = None
-    training_type: str = "continual"
-    synapse_type: str = "der++"
-    num_epochs: Optional[int] = None
-    batch_size: Optional[int] = None
-    validation_ratio: float = 0.0
-    buffer_size: int = 500
-    buffer_scope: str = "rank"
-    buffer_sample_size: Optional[int] = None
-    # The method's hyperparameters by catalog name; unset ones take the catalog's defaults.
-    method_args: Dict[str, Any] = dataclasses.field(default_factory=dict)
-    weight_decay: float = 0.0
-    normalize: Optional[bool] = None  # None: the protocol's
-    init: Optional[str] = None  # None: the protocol's
-    evaluate_on: str = "test"  # or "validation": the held-out part of each task's training data
-    log: List[str] = dataclasses.field(default_factory=list)  # backends: csv, tensorboard, wandb
-    log_interval: int = 50  # steps between per-step scalars
-    unfused: bool = False
-    seed: int = 0
-    device: str = "auto"
-    num_workers: int = 0
-    output_dir: Optional[str] = None
-    resume: bool = False
-    # Periodic checkpoints inside a task: steps ("500"), a time ("30s", "10min") or "0"/"off" (task ends only).
-    checkpoint_every: str = DEFAULT_EVERY
-    max_train_per_task: Optional[int] = None
-    max_test_per_task: Optional[int] = None
-    quiet: bool = False
-    # CPU threads for torch; None leaves the process's setting alone. Either way the count in effect is
-    # recorded here by Experiment, so that the printed configuration and results.json show it.
-    threads: Optional[int] = None
-    # Vision: train augmentation (None: the dataset's), its re-application to replayed items (None: on when
-    # augmenting), the model's input size (None: the data's), a local weights file.
-    augment: Optional[bool] = None
-    replay_augment: Optional[bool] = None
-    input_size: Optional[int] = None
-    input_channels: Optional[int] = None
-    pretrained: Optional[str] = None
-    # Data: a folder: dataset's image size and held-out fraction; the task split of any class-IL dataset.
-    image_size: Optional[int] = None
-    test_fraction: Optional[float] = None
-    classes_per_task: Optional[int] = None
-    first_task_classes: Optional[int] = None
-    class_order_seed: Optional[int] = None
-    defaults: str = ""  # where the unset values came from, in words (filled by with_protocol)
-
-    def with_protocol(self, spec: DatasetSpec) -> Config:
-        """Fill unset values from the DER paper's protocol for the dataset, or the model family's defaults."""
-        p, source = spec.protocol.for_model(self.model, self.pretrained is not None)
-        batch = self.batch_size or p.batch_size
-        augment = spec.augment if self.augment is None else self.augment
-        return dataclasses.replace(
-            self,
-            defaults=source,
-            augment=augment,
-            replay_augment=augment if self.replay_augment is None else self.replay_augment,
-            model=self.model or p.model,
-            lr=self.lr if self.lr is not None else p.lr,
-            num_epochs=self.num_epochs or p.num_epochs,
-            batch_size=batch,
-            buffer_sample_size=self.buffer_sample_size or batch,
-            normalize=p.normalize if self.normalize is None else self.normalize,
-            init=self.init or p.init,
-        )
 
 
 class StopRequested(Exception):
@@ -217,80 +116,22 @@ class _Signals:
             signal.signal(sig, handler)
 
 
-def _limit(x: Tensor, y: Tensor, n: Optional[int]) -> Tuple[Tensor, Tensor]:
-    return (x, y) if n is None else (x[:n], y[:n])
-
-
-def _limit_per_class(x: Tensor, y: Tensor, n: Optional[int]) -> Tuple[Tensor, Tensor]:
-    """The first ``n`` items of every class, in dataset order (the task-free stream's quick-run limit)."""
-    if n is None:
-        return x, y
-    keep = torch.cat([torch.nonzero(y == c).flatten()[:n] for c in torch.unique(y)]).sort().values
-    return x[keep], y[keep]
-
-
-def check_scenario(cfg: Config, spec: DatasetSpec) -> None:
-    """Refuse settings that a scenario dataset cannot run, before any work (ValueError, naming the setting).
-
-    The task-free stream (``*-360``) is one pass without task boundaries: no method that needs them
-    (``MethodSpec.task_free``), no epochs, and no validation split (its held-out items would need rotations
-    of their own).
-    """
-    if spec.scenario is None or spec.scenario.kind != "task-free":
-        return
-    if cfg.training_type == "continual" and not catalog.get(cfg.synapse_type).task_free:
-        usable = ", ".join(s.name for s in catalog.specs() if s.task_free)
-        raise ValueError(
-            f"{cfg.synapse_type} needs task boundaries (it acts at task ends), and {spec.name} is a task-free stream "
-            f"without them (no end_task calls): it would be plain fine-tuning; choose a task-free method: {usable}"
-        )
-    if cfg.num_epochs not in (None, 1):
-        raise ValueError(f"{spec.name} is a single pass over its stream: num_epochs must be 1, got {cfg.num_epochs}")
-    if cfg.validation_ratio > 0 or cfg.evaluate_on != "test":
-        raise ValueError(f"{spec.name} has no validation split: use validation_ratio 0 and evaluate_on 'test'")
-
-
-def _split_validation(x: Tensor, y: Tensor, ratio: float, gen: torch.Generator) -> Tuple[Tensor, ...]:
-    if ratio <= 0:
-        return x, y, x[:0], y[:0]
-    perm = torch.randperm(len(y), generator=gen)
-    n_val = int(round(ratio * len(y)))
-    val, train = perm[:n_val], perm[n_val:]
-    return x[train], y[train], x[val], y[val]
-
-
 class Experiment:
     """Runs one configuration end to end. ``run()`` returns the results dict also written to results.json."""
 
     def __init__(self, cfg: Config) -> None:
-        if cfg.threads is not None:
-            if isinstance(cfg.threads, bool) or not isinstance(cfg.threads, int) or cfg.threads < 1:
-                raise ValueError(f"threads must be a positive int or None, got {cfg.threads!r}")
-            torch.set_num_threads(cfg.threads)
-        cfg = dataclasses.replace(cfg, threads=torch.get_num_threads())
+        cfg = validate(cfg)  # every check of the settings alone, before any state changes
+        self.periodic = Periodic(parse_every(cfg.checkpoint_every))
+        cfg = set_threads(cfg)
         self.world: World = init_from_env(
             cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         )
         self.device = device_for(cfg.device, self.world)
-        if cfg.evaluate_on not in ("test", "validation"):
-            raise ValueError(f"evaluate_on must be 'test' or 'validation', got {cfg.evaluate_on!r}")
-        if cfg.evaluate_on == "validation" and cfg.validation_ratio <= 0:
-            raise ValueError("evaluate_on='validation' needs validation_ratio > 0 (the held-out part it scores)")
-        if cfg.training_type == "continual":  # the method's full hyperparameters, checked before any work
-            cfg = dataclasses.replace(cfg, method_args=catalog.get(cfg.synapse_type).resolve(cfg.method_args))
-        check_scenario(cfg, DATASETS[cfg.dataset])
-        if cfg.replay_augment and not (DATASETS[cfg.dataset].augment if cfg.augment is None else cfg.augment):
-            raise ValueError("replay_augment re-applies the train augmentation to replayed items: it needs augment")
-        if cfg.log_interval < 1:
-            raise ValueError(f"log_interval must be a positive int, got {cfg.log_interval!r}")
-        self.periodic = Periodic(parse_every(cfg.checkpoint_every))
+        check_world(cfg, self.world.size)
         # Made (and their packages checked) before any work; only the main rank writes.
         self.logger: Logger = (
             create_loggers(cfg.log, cfg.output_dir, dataclasses.asdict(cfg)) if self.world.is_main else Logger()
         )
-        kind = getattr(DATASETS[cfg.dataset].scenario, "kind", "class-il")
-        if kind == "task-free" and self.world.size > 1:
-            raise ValueError(f"{cfg.dataset} is one stream, in order: it runs in one process, not {self.world.size}")
         self.spec, tensors, _ = load_tasks(
             cfg.dataset,
             cfg.dataset_dir,
@@ -304,72 +145,19 @@ class Experiment:
         self.main = self.world.is_main
         torch.manual_seed(self.cfg.seed)
         self.data_gen = torch.Generator().manual_seed(self.cfg.seed)
-        self.train_sets, self.val_sets, self.test_sets = [], [], []
+        data = prepare(self.cfg, self.spec, tensors, self.device, self.data_gen)
+        self.train_sets, self.val_sets, self.test_sets = data.train_sets, data.val_sets, data.test_sets
         # Scenario datasets (synapse.scenarios): a per-task transformation, or one task-free stream.
-        self.domain: Optional[DomainIncremental] = None
-        self.stream: Optional[TaskFreeStream] = None
-        if self.spec.scenario is None:
-            for train_x, train_y, test_x, test_y in tensors:
-                train_x, train_y = _limit(train_x, train_y, self.cfg.max_train_per_task)
-                tx, ty, vx, vy = _split_validation(train_x, train_y, self.cfg.validation_ratio, self.data_gen)
-                # Each task is held on the training device once (uint8: CIFAR-100's train set is 150 MB).
-                self.train_sets.append((tx.to(self.device), ty.to(self.device)))
-                self.val_sets.append((vx.to(self.device), vy.to(self.device)))
-                test_x, test_y = _limit(test_x, test_y, self.cfg.max_test_per_task)
-                self.test_sets.append((test_x.to(self.device), test_y.to(self.device)))
-        elif self.spec.scenario.kind == "domain-il":
-            self._domain_data(*tensors[0])
-        else:
-            self._stream_data(*tensors[0])
-        if self.cfg.evaluate_on == "validation":  # tuning: the test sets are never read
-            self.test_sets = self.val_sets
+        self.domain: Optional[DomainIncremental] = data.domain
+        self.stream: Optional[TaskFreeStream] = data.stream
         self.task_classes = list(self.spec.task_classes().values())
-        assert self.cfg.model is not None
-        model = create_model(
-            self.cfg.model,
-            self.spec.in_channels,
-            self.spec.image_size,
-            self.spec.num_classes,
-            self.spec.mean,
-            self.spec.std,
-            normalize=bool(self.cfg.normalize),
-            init=self.cfg.init or "default",
-            input_size=self.cfg.input_size,
-            input_channels=self.cfg.input_channels,
-            pretrained=self.cfg.pretrained,
-            log=self.log,
-        ).to(self.device)
-        if self.world.size > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        self.model = model
-        self.optimizer = torch.optim.SGD(
-            model.parameters(),
-            lr=self.cfg.lr,  # type: ignore[arg-type]
-            weight_decay=self.cfg.weight_decay,
-        )
+        self.model = build_model(self.cfg, self.spec, self.device, self.world, self.log)
+        self.optimizer = build_optimizer(self.cfg, self.model)
+        self.synapse: Optional[synapse.Synapse] = build_method(self.cfg, self.model)
         cfg_dict = dataclasses.asdict(self.cfg)
-        self.synapse: Optional[synapse.Synapse] = None
-        if self.cfg.training_type == "continual":
-            self.synapse = catalog.get(self.cfg.synapse_type).create(
-                model,
-                self.cfg.method_args,
-                buffer_size=self.cfg.buffer_size,
-                buffer_sample_size=self.cfg.buffer_sample_size,
-                buffer_scope=self.cfg.buffer_scope,
-                fused=not self.cfg.unfused,
-                # The train augmentation re-applied to replayed items, as the DER authors' code does.
-                replay_transform=RandomCropFlip() if self.cfg.replay_augment else None,
-            )
         self.identity = {k: cfg_dict[k] for k in IDENTITY}
         self.identity["world_size"] = self.world.size
-        self.ckpt_path = (
-            os.path.join(
-                self.cfg.output_dir, "checkpoint.pt" if self.world.size == 1 else f"checkpoint-rank{self.world.rank}.pt"
-            )
-            if self.cfg.output_dir
-            else None
-        )
+        self.ckpt_path = checkpoint_path(self.cfg.output_dir, self.world)
         self.writer = Writer(self.ckpt_path) if self.ckpt_path else None
         self.saved_step = -1  # the global step of the checkpoint on disk (none: -1)
         # Progress through the schedule, all of it checkpointed.
@@ -381,42 +169,6 @@ class Experiment:
         self.epoch_log: List[Dict[str, Any]] = []
         self.test_samples: List[int] = []
         self.elapsed = 0.0
-
-    # ------------------------------------------------------------------ scenarios
-    def _domain_data(self, train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor) -> None:
-        """Domain-IL: every task is the same images under the task's transformation. The training images are
-        held once and transformed batch by batch on the device; the test (and validation) sets of every task
-        are transformed once, up front, since every evaluation reads them all."""
-        assert self.spec.scenario is not None
-        self.domain = scenario(
-            self.spec.scenario.transform,
-            self.spec.scenario.num_tasks,
-            seed=self.cfg.seed,
-            image_size=self.spec.image_size,
-        )
-        train_x, train_y = _limit(train_x, train_y, self.cfg.max_train_per_task)
-        tx, ty, vx, vy = _split_validation(train_x, train_y, self.cfg.validation_ratio, self.data_gen)
-        tx, ty, vx, vy = (t.to(self.device) for t in (tx, ty, vx, vy))
-        test_x, test_y = (t.to(self.device) for t in _limit(test_x, test_y, self.cfg.max_test_per_task))
-        for t in range(self.domain.num_tasks):
-            self.train_sets.append((tx, ty))  # the same tensors: no copy per task
-            self.val_sets.append((self.domain.transform(vx, t), vy))
-            self.test_sets.append((self.domain.transform(test_x, t), test_y))
-
-    def _stream_data(self, train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor) -> None:
-        """Task-free: the MNIST-360 stream over the training images, and one test set of every class rotated
-        all the way round. The stream's inputs are rotated once, up front, in batches on the device (each
-        position is seen once, and a step then costs one gather, however small the batch). Quick-run limits
-        apply per class."""
-        train_x, train_y = _limit_per_class(train_x, train_y, self.cfg.max_train_per_task)
-        test_x, test_y = _limit_per_class(test_x, test_y, self.cfg.max_test_per_task)
-        k = self.spec.num_classes
-        self.stream = mnist360(train_y, batch_size=self.cfg.batch_size or 1, seed=self.cfg.seed, num_classes=k)
-        self.stream = self.stream.to(self.device)
-        self.train_sets.append(self.stream.inputs(train_x.to(self.device), train_y.to(self.device)))
-        self.val_sets.append((train_x[:0].to(self.device), train_y[:0].to(self.device)))
-        angles = mnist360_test_angles(test_y, k).to(self.device)
-        self.test_sets.append((rotate(test_x.to(self.device), angles), test_y.to(self.device)))
 
     @property
     def task_il_applies(self) -> bool:
@@ -594,15 +346,7 @@ class Experiment:
         if not self.cfg.log:
             return
         t = len(self.accuracy["class_il"])
-        values: Dict[str, float] = {}
-        for setting in ("class_il", "task_il") if self.task_il_applies else ("class_il",):
-            row = self.accuracy[setting][-1]
-            values.update({f"task/{setting}/task_{k + 1}": a for k, a in enumerate(row)})
-            values[f"task/{setting}/average"] = sum(row) / len(row)
-            if t > 1:
-                best = [max(r[k] for r in self.accuracy[setting][:-1]) for k in range(t - 1)]
-                values[f"task/{setting}/forgetting"] = sum(b - row[k] for k, b in enumerate(best)) / (t - 1)
-        self.logger.scalars(values, t)
+        self.logger.scalars(report.task_scalars(self.accuracy, self.task_il_applies), t)
         counts = self._memory_class_counts()
         if counts is not None:
             self.logger.histogram("memory/classes", counts, t)
@@ -631,13 +375,7 @@ class Experiment:
     def _accuracy_table(self, num_tasks: int) -> str:
         """The latest accuracy row per setting; Task-IL reads n/a where it does not apply."""
         names = ["stream"] if self.stream is not None else [f"task {t + 1}" for t in range(num_tasks)]
-        table = report.accuracy_table(self.accuracy, names)
-        if self.task_il_applies:
-            return table
-        lines = table.splitlines()
-        width = max(7, *(len(n) for n in names)) + 1
-        lines = [line for line in lines if not line.startswith(report.LABELS["task_il"])]
-        return "\n".join([*lines, f"{report.LABELS['task_il']:<9}" + f"{'n/a':>{width}}" * (len(names) + 1)])
+        return report.task_table(self.accuracy, names, self.task_il_applies)
 
     def finish_epoch(self, name: str, result: Any, seconds: float) -> None:
         row: Dict[str, Any] = {
@@ -699,53 +437,40 @@ class Experiment:
             bar.close()
 
     def finish(self) -> Dict[str, Any]:
-        summary = report.summarize(self.accuracy, self.untrained)
-        accuracy: Dict[str, Any] = dict(self.accuracy)
-        untrained: Optional[Dict[str, Any]] = None if self.untrained is None else dict(self.untrained)
-        if not self.task_il_applies:  # reported as null, not as the copy of Class-IL that evaluate() computes
-            accuracy["task_il"] = None
-            if untrained is not None:
-                untrained["task_il"] = None
-            for metric in summary.values():
-                metric["task_il"] = None
-        if self.stream is not None:  # one stream, no tasks: nothing to forget or transfer between tasks
-            for key in ("average_incremental_accuracy", "forgetting", "bwt", "fwt"):
-                summary[key]["class_il"] = None
+        """Assemble the results (report.results), print the summary, write the outputs and close the loggers."""
         head = None
         if self._predictor() is not None:  # a method with its own predictor: its model's head, for comparison
             cil, til, _ = evaluate(
                 self.model, self.test_sets, self.task_classes, rank=self.world.rank, world=self.world.size
             )
             head = {"class_il": sum(cil) / len(cil), "task_il": sum(til) / len(til) if self.task_il_applies else None}
-        results = {
-            "config": {**dataclasses.asdict(self.cfg), "world_size": self.world.size},
-            "versions": {"synapse": synapse.__version__, "torch": torch.__version__},
-            "scenario": self.scenario_info(),
-            "predictor": self.predictor_name,
-            "head_average_accuracy": head,
-            "accuracy_matrix": accuracy,
-            "untrained_accuracy": untrained,
-            **summary,
-            "test_samples_per_task": self.test_samples,
-            "wall_time_s": self.elapsed,
-            "epoch_log": self.epoch_log,
-        }
-        self.log("\nsummary (%):\n" + report.summary_text(summary, self.elapsed))
+        config = {**dataclasses.asdict(self.cfg), "world_size": self.world.size}
+        results = report.results(
+            self.accuracy,
+            self.untrained,
+            config=config,
+            versions={"synapse": synapse.__version__, "torch": torch.__version__},
+            scenario=self.scenario_info(),
+            predictor=self.predictor_name,
+            head=head,
+            test_samples=self.test_samples,
+            wall_time_s=self.elapsed,
+            epoch_log=self.epoch_log,
+            task_il_applies=self.task_il_applies,
+            stream=self.stream is not None,
+        )
+        self.log("\nsummary (%):\n" + report.summary_text(results, self.elapsed))
         if self.main and self.cfg.output_dir:
-            out = self.cfg.output_dir
-            os.makedirs(out, exist_ok=True)
-            report.write_results(os.path.join(out, "results.json"), results)
-            report.write_epoch_log(os.path.join(out, "epoch_log.csv"), self.epoch_log)
             title = f"{self.cfg.dataset} / {self.cfg.training_type}" + (
                 f" / {self.cfg.synapse_type}" if self.cfg.training_type == "continual" else ""
             )
-            if self.task_il_applies:  # the plot draws a Task-IL panel; scenario runs have none to draw
-                figure = os.path.join(out, "accuracy_matrix.png")
-                report.plot_accuracy(figure, self.accuracy, title)
+            # The plot draws a Task-IL panel; scenario runs have none to draw.
+            figure = report.write_outputs(self.cfg.output_dir, results, title if self.task_il_applies else None)
+            if figure is not None:
                 self.logger.figure("accuracy_matrix", figure, len(self.accuracy["class_il"]))
-            self.log(f"results written to {out}")
-        final = {f"final/{k}": v for k, v in summary["average_accuracy"].items() if v is not None}
-        self.logger.hparams({**dataclasses.asdict(self.cfg), "world_size": self.world.size}, final)
+            self.log(f"results written to {self.cfg.output_dir}")
+        final = {f"final/{k}": v for k, v in results["average_accuracy"].items() if v is not None}
+        self.logger.hparams(dict(config), final)
         self.logger.close()
         return results
 
@@ -754,73 +479,27 @@ class Experiment:
         """Write a new checkpoint generation (checkpoint.Writer: beside the old one, verified, rotated in)."""
         if self.writer is None:
             return
-        state = {
-            "format": FORMAT,
-            "identity": self.identity,
-            "model": synapse._base.unwrap_model(self.model).state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "synapse": self.synapse.state_dict() if self.synapse is not None else None,
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "data": self.data_gen.get_state(),
-                "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
-            },
-            "progress": {name: getattr(self, name) for name in PROGRESS},
-        }
+        progress = {name: getattr(self, name) for name in PROGRESS}
+        state = experiment_state(
+            self.identity, self.model, self.optimizer, self.synapse, self.data_gen, self.device, progress
+        )
         self.writer.save(state)
         self.saved_step = self.step
         self.periodic.written()
 
     def restore(self) -> None:
-        """Continue from the newest readable checkpoint generation, or start from scratch when there is none.
-
-        Under torchrun every rank must continue from the same step: a rank killed while the others were
-        writing may be one generation behind them, so the ranks agree on the newest step all of them hold.
-        """
+        """Continue from the newest checkpoint generation that every rank holds, or start from scratch when
+        there is none (checkpoint.newest_common)."""
         if self.ckpt_path is None:
             raise ValueError("--resume needs --output_dir, where the checkpoint is")
-        folder = os.path.dirname(self.ckpt_path) or "."
-        pattern = re.compile(r"checkpoint(-rank\d+)?\.pt")  # the latest generations, one per rank
-        others = sorted(f for f in os.listdir(folder) if pattern.fullmatch(f)) if os.path.isdir(folder) else []
-        if not generations(self.ckpt_path) and others:
-            raise CheckpointError(
-                f"{self.ckpt_path} does not exist, but {', '.join(others)} do: they were written by a run with another "
-                f"number of processes (one file per rank); resume with that world size, not {self.world.size}"
-            )
-        error: Optional[CheckpointError] = None
-        found: List[Tuple[str, Dict[str, Any]]] = []
-        try:
-            found = load_generations(self.ckpt_path, self.identity)
-        except CheckpointError as e:  # raised below on every rank, after the ranks agreed (none waits alone)
-            error = e
-        newest = found[0][1]["progress"]["step"] if found else -1
-        failed, target = reduce_ints([int(error is not None), -newest], self.world, self.device)
-        target = -target  # the smallest newest step over the ranks
-        if error is not None:
-            raise error
-        if failed:
-            raise CheckpointError("another rank could not read its checkpoint (its error is printed above)")
-        if target < 0:
-            self.log(f"no checkpoint in {folder}: starting from scratch")
+        found = newest_common(self.ckpt_path, self.identity, self.world, self.device)
+        if found is None:
+            self.log(f"no checkpoint in {os.path.dirname(self.ckpt_path) or '.'}: starting from scratch")
             return
-        chosen = [(file, state) for file, state in found if state["progress"]["step"] == target]
-        if not chosen:
-            steps = [state["progress"]["step"] for _, state in found]
-            raise CheckpointError(
-                f"rank {self.world.rank} holds checkpoints at steps {steps}, and another rank's newest is at step "
-                f"{target}: the ranks cannot continue from the same step"
-            )
-        file, state = chosen[0]
-        synapse._base.unwrap_model(self.model).load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.synapse is not None:
-            self.synapse.load_state_dict(state["synapse"])
-        torch.set_rng_state(state["rng"]["torch"])
-        self.data_gen.set_state(state["rng"]["data"])
-        if state["rng"]["cuda"] is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        file, state = found
+        progress = load_experiment_state(state, self.model, self.optimizer, self.synapse, self.data_gen, self.device)
         for name in PROGRESS:
-            setattr(self, name, state["progress"][name])
+            setattr(self, name, progress[name])
         self.totals = tuple(self.totals)  # type: ignore[assignment]
         self.saved_step = self.step
         self.log(

@@ -1,0 +1,69 @@
+"""Building a run's parts from its settings: the model (DDP-wrapped under torchrun), the optimizer and the
+continual-learning method."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+import synapse
+from synapse import catalog
+from synapse.augment import RandomCropFlip
+
+from .config import Config
+from .datasets import DatasetSpec
+from .distributed import World
+from .models import create_model
+
+
+def build_model(
+    cfg: Config, spec: DatasetSpec, device: torch.device, world: World, log: Callable[[str], None]
+) -> nn.Module:
+    """The configured model for the dataset's inputs and classes, on ``device``; DDP-wrapped when the run
+    has more than one process."""
+    assert cfg.model is not None
+    model: nn.Module = create_model(
+        cfg.model,
+        spec.in_channels,
+        spec.image_size,
+        spec.num_classes,
+        spec.mean,
+        spec.std,
+        normalize=bool(cfg.normalize),
+        init=cfg.init or "default",
+        input_size=cfg.input_size,
+        input_channels=cfg.input_channels,
+        pretrained=cfg.pretrained,
+        log=log,
+    ).to(device)
+    if world.size > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return model
+
+
+def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    """Plain SGD, as the DER protocol trains."""
+    return torch.optim.SGD(
+        model.parameters(),
+        lr=cfg.lr,  # type: ignore[arg-type]
+        weight_decay=cfg.weight_decay,
+    )
+
+
+def build_method(cfg: Config, model: nn.Module) -> Optional[synapse.Synapse]:
+    """The catalog's method for a continual run (``cfg.method_args`` already resolved); None otherwise."""
+    if cfg.training_type != "continual":
+        return None
+    return catalog.get(cfg.synapse_type).create(
+        model,
+        cfg.method_args,
+        buffer_size=cfg.buffer_size,
+        buffer_sample_size=cfg.buffer_sample_size,
+        buffer_scope=cfg.buffer_scope,
+        fused=not cfg.unfused,
+        # The train augmentation re-applied to replayed items, as the DER authors' code does.
+        replay_transform=RandomCropFlip() if cfg.replay_augment else None,
+    )
