@@ -212,7 +212,9 @@ def test_every_method_resumes_exactly_from_a_mid_task_checkpoint(tmp_path, metho
             shutil.copy(writer.path, snap)
 
     monkeypatch.setattr(checkpoint.Writer, "save", save_and_copy)
-    args = {"retrain_epochs": 8} if method == "gdumb" else {}  # its default 128 retraining epochs: 5 s here
+    # the harness's small settings (RanPAC's 10000-wide projection: 800 MB checkpoints), and a short GDumb
+    # retraining (its default 128 epochs: 5 s here)
+    args = {**catalog.get(method).harness_hparams, **({"retrain_epochs": 8} if method == "gdumb" else {})}
     expected = Experiment(_tiny(method, full, method_args=args)).run()
     assert progress(os.path.join(snap, "checkpoint.pt"))["next_batch"] == 2
     resumed = Experiment(_tiny(method, snap, method_args=args, resume=True)).run()
