@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import copy
+from abc import ABC, abstractmethod
 from typing import Any, Dict, List, Mapping, Tuple, cast
 
 import torch
@@ -28,7 +29,7 @@ from ._flat import FlatSpace
 __all__ = ["Floor", "PenaltyFloor"]
 
 
-class Floor:
+class Floor(ABC):
     """The shared part of the floors: a buffer of random items, index draws, fused replay, flat workspaces.
 
     Args:
@@ -108,8 +109,9 @@ class Floor:
         user, *self.replayed = out.split([x.shape[0], *[self.k] * self.fused])
         return user
 
+    @abstractmethod
     def backward(self, loss: Tensor, targets: Tensor, inputs: Tensor, logits: Tensor) -> None:
-        raise NotImplementedError
+        """The method's irreducible work for one step, leaving the gradients in ``.grad``."""
 
     # Backward passes use Synapse's seeded backward, the cheapest way into autograd this code knows.
     def run_backward(self, roots: Tuple[Tensor, ...], seeds: Tuple[Tensor, ...]) -> None:

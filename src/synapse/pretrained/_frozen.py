@@ -3,6 +3,7 @@ forward, feed statistics that the method accumulates without a backward pass."""
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import Any, List, Mapping, Optional, Sequence
 
 import torch
@@ -110,13 +111,13 @@ class FrozenFeatureMethod(Synapse):
             for tensor in tensors:
                 tensor.div_(world)
 
+    @abstractmethod
     def _accumulate(self, features: Tensor, targets: Tensor) -> None:
         """Add one batch's ``(batch, feature_dim)`` float32 features to the method's statistics."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _scores(self, features: Tensor) -> Tensor:
         """Class scores ``(batch, num_classes)`` of float32 features."""
-        raise NotImplementedError
 
 
 class FrozenFeatureFloor(Floor):
@@ -137,5 +138,6 @@ class FrozenFeatureFloor(Floor):
     def backward(self, loss: Tensor, targets: Tensor, inputs: Tensor, logits: Tensor) -> None:
         self.update(self.features.reshape(self.features.shape[0], -1).float(), targets)
 
+    @abstractmethod
     def update(self, features: Tensor, targets: Tensor) -> None:
-        raise NotImplementedError
+        """Add one batch's features to the floor's statistics (the method's irreducible work)."""

@@ -36,6 +36,7 @@ from torch.func import functional_call, jacrev, vmap
 from .._base import Synapse, TaskBatch, distributed_world
 from .._flat import FlatSpace
 from .._validation import check_positive_int
+from ..catalog import HParam
 from ._penalty import QuadraticPenalty
 from ._per_sample import PHIS, LayerwiseSums, vmap_chunk_size
 
@@ -46,6 +47,14 @@ _STATE = ("importance", "anchor")
 # The task-end pass joins consecutive batches up to this many samples: its per-batch cost (a forward, a
 # backward, the hooks) is then paid once per 128 samples rather than once per small training batch.
 TASK_END_BATCH = 128
+# EWC's and MAS's shared hyperparameter: how many samples the task-end pass takes per batch.
+TASK_END_BATCH_HPARAM = HParam(
+    "task_end_batch",
+    int,
+    TASK_END_BATCH,
+    "samples per batch of the task-end pass (consecutive batches joined; the same result)",
+    low=1,
+)
 
 
 Batch = Tuple[Tensor, Dict[str, Tensor]]

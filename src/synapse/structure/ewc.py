@@ -11,7 +11,7 @@ from .._floor import PenaltyFloor
 from .._validation import check_non_negative
 from ..catalog import HParam, MethodSpec, register
 from ..functional import merge_quadratic_penalties
-from ._importance import TASK_END_BATCH, ImportancePenalty
+from ._importance import TASK_END_BATCH, TASK_END_BATCH_HPARAM, ImportancePenalty
 
 __all__ = ["EWC"]
 
@@ -146,13 +146,7 @@ register(
                 "Fisher of the true labels, or under the model's predictions",
                 choices=FISHERS,
             ),
-            HParam(
-                "task_end_batch",
-                int,
-                TASK_END_BATCH,
-                "samples per batch of the task-end pass (consecutive batches joined; the same result)",
-                low=1,
-            ),
+            TASK_END_BATCH_HPARAM,
         ),
     )
 )

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from .._floor import PenaltyFloor
 from .._validation import check_non_negative
 from ..catalog import HParam, MethodSpec, register
-from ._importance import TASK_END_BATCH, ImportancePenalty
+from ._importance import TASK_END_BATCH, TASK_END_BATCH_HPARAM, ImportancePenalty
 
 __all__ = ["MAS"]
 
@@ -86,13 +86,7 @@ register(
         summary="output-sensitivity importance, quadratic penalty",
         hparams=(
             HParam("mas_lambda", float, 1.0, "penalty strength lambda", low=0.0),
-            HParam(
-                "task_end_batch",
-                int,
-                TASK_END_BATCH,
-                "samples per batch of the task-end pass (consecutive batches joined; the same result)",
-                low=1,
-            ),
+            TASK_END_BATCH_HPARAM,
         ),
     )
 )
