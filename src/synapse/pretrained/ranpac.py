@@ -18,9 +18,9 @@ from ._ridge import ridge_grid_search, ridge_solve
 
 __all__ = ["RanPAC", "RIDGE_GRID"]
 
-# The candidates for lambda, 10^-8 ... 10^13 by powers of ten, as the authors' code tries them (recalled from
-# RanPAC/RanPAC, not re-checked against the repository in this session).
-RIDGE_GRID = tuple(10.0**k for k in range(-8, 14))
+# The candidates for lambda, 10^-8 ... 10^8 by powers of ten, as the authors' code tries them (RanPAC/RanPAC,
+# RanPAC.py, optimise_ridge_parameter: 10.0 ** np.arange(-8, 9); checked by benchmarks/sidebyside_pretrained.py).
+RIDGE_GRID = tuple(10.0**k for k in range(-8, 9))
 STATE_TENSORS = (
     "projection",
     "gram",
