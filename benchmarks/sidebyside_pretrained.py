@@ -61,7 +61,9 @@ TOLERANCE = 1e-4  # relative: float32 on both sides, summed in different orders
 # The authors' lambda grid (RanPAC.py, optimise_ridge_parameter: 10.0 ** np.arange(-8, 9)).
 AUTHORS_RIDGES = tuple(10.0**k for k in range(-8, 9))
 
+STEPPED = ("l2p",)  # compared step by step (they train); the others at task ends
 REPOSITORIES = {
+    "l2p": ("JH-LEE-KR/l2p-pytorch", "engine.py (train_one_epoch), vision_transformer.py, prompt.py"),
     "simplecil": ("zhoudw-zdw/RevisitingCIL", "models/simplecil.py (Learner), utils/inc_net.py (SimpleVitNet)"),
     "ranpac": ("RanPAC/RanPAC", "RanPAC.py (Learner, ncm with use_RP), inc_net.py (SimpleVitNet, CosineLinear)"),
 }
@@ -161,6 +163,105 @@ def synapse_side(method: str, seed: int, train: int, test: int, batch: int, proj
     return {"exchange": exchange, "tasks": tasks}
 
 
+def synapse_l2p_side(seed: int, train: int, test: int, batch: int, steps: int, tasks: int) -> Dict[str, Any]:
+    """Synapse's L2P over the first ``steps`` batches of the first ``tasks`` tasks, trained as the authors do
+    (Adam, lr ``0.03 * batch / 256``, gradient norm clipped at 1): at each step the prompts, keys and head it
+    had before the step (the exchange), and what the step computed: the prompt selection, the logits, the
+    loss and the gradients; at each task end the test logits and selections."""
+    import torch
+    import torch.nn.functional as F
+
+    from synapse.pretrained.l2p import L2P
+
+    exp = experiment_data(seed, train, test)
+    torch.manual_seed(seed)
+    backbone = tiny_vit()
+    weights = {k: v.clone() for k, v in backbone.state_dict().items()}
+    model = adapted(backbone, exp.spec).train()
+    seen: List[Any] = []
+    backbone.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    method = L2P(model, **L2P_VALUES)
+    params = {"prompt": method.prompt, "key": method.key, "head.weight": method.head.weight}
+    params["head.bias"] = method.head.bias
+    optimizer = torch.optim.Adam(method.trainable_parameters(), lr=0.03 * batch / 256)
+
+    def state() -> Dict[str, Any]:
+        return {L2P_NAMES[k]: v.detach().clone() for k, v in params.items()}
+
+    exchange_steps: List[Dict[str, Any]] = []
+    records: List[Dict[str, Any]] = []
+    ends: List[Dict[str, Any]] = []
+    evaluations: List[Dict[str, Any]] = []
+    test_inputs: List[Any] = []
+    for t, (_, x, y) in enumerate(exp.stages()[:tasks]):
+        order = exp._new_order(len(y))
+        for s in range(steps):
+            idx = order[s * batch : (s + 1) * batch]
+            before = state()
+            optimizer.zero_grad(set_to_none=True)
+            logits = model(x[idx])
+            pull = method._pull.detach().clone()  # the key-query pull of this forward
+            loss = method.current_term(logits.detach(), y[idx]) - L2P_VALUES["pull_constraint"] * pull
+            method.backward(F.cross_entropy(logits, y[idx]), y[idx], inputs=x[idx])
+            records.append(
+                {
+                    "selection": method.last_selection.clone(),
+                    "logits": logits.detach().clone(),
+                    "loss": loss,
+                    "grads": {L2P_NAMES[k]: v.grad.clone() for k, v in params.items()},
+                }
+            )
+            exchange_steps.append({"task": t, "x": seen[-1], "y": y[idx].clone(), "state": before})
+            seen.clear()
+            torch.nn.utils.clip_grad_norm_(method.trainable_parameters(), 1.0)
+            optimizer.step()
+        method.end_task()
+        ends.append(state())
+        test_x = exp.test_sets[t][0]
+        with torch.no_grad():
+            model.eval()
+            model(test_x)
+            model.train()
+        test_inputs.append(seen[-1])
+        seen.clear()
+        logits = method.predict(inputs=torch.cat([exp.test_sets[i][0] for i in range(t + 1)]))
+        evaluations.append({"logits": logits, "selection": method.last_selection.clone()})
+    exchange = {
+        "method": "l2p",
+        "seed": seed,
+        "vit": dict(VIT),
+        "classes": CLASSES,
+        "values": dict(L2P_VALUES),
+        "class_mask": [list(c) for c in exp.task_classes],
+        "weights": weights,
+        "steps": exchange_steps,
+        "task_end_states": ends,
+        "test_inputs": test_inputs,
+    }
+    return {"exchange": exchange, "tasks": [{"steps": records, "evaluations": evaluations}]}
+
+
+def compare_steps(ours: Dict[str, Any], theirs: Dict[str, Any], tasks: List[int]) -> List[Dict[str, Any]]:
+    """One row per step (and per task end) and quantity, for the prompt methods."""
+    rows: List[Dict[str, Any]] = []
+    for i, (a, b) in enumerate(zip(ours["steps"], theirs["steps"])):
+        where = {"task": tasks[i] + 1, "step": i + 1}
+        same = float((a["selection"] == b["selection"]).double().mean())
+        rows.append({**where, "quantity": "prompt selection", "fraction": same})
+        rows.append({**where, "quantity": "logits", **difference(a["logits"], b["logits"])})
+        rows.append({**where, "quantity": "loss", **difference(a["loss"], b["loss"])})
+        for name, grad in a["grads"].items():
+            rows.append({**where, "quantity": f"gradient of {name}", **difference(grad, b["grads"][name])})
+    for t, (a, b) in enumerate(zip(ours["evaluations"], theirs["evaluations"])):
+        where = {"task": t + 1, "step": "end"}
+        same = float((a["selection"] == b["selection"]).double().mean())
+        rows.append({**where, "quantity": "prompt selection (test)", "fraction": same})
+        rows.append({**where, "quantity": "logits (test)", **difference(a["logits"], b["logits"])})
+        agree = float((a["logits"].argmax(1) == b["logits"].argmax(1)).double().mean())
+        rows.append({**where, "quantity": "predictions agree (test)", "fraction": agree})
+    return rows
+
+
 # ---------------------------------------------------------------------------------------- reference side
 def _cpu_only() -> None:
     """The authors' code moves tensors and modules to CUDA by name; on a CPU-only machine those moves stay on
@@ -180,6 +281,7 @@ def _cpu_only() -> None:
         return to(self, *args, **kwargs)
 
     torch.Tensor.to = to_cpu  # type: ignore[method-assign]
+    torch.cuda.synchronize = lambda *a, **k: None  # l2p-pytorch's engine syncs after each step
 
 
 def reference_backbone(ex: Dict[str, Any]) -> Any:
@@ -321,9 +423,139 @@ def reference_ranpac(path: str, ex: Dict[str, Any]) -> List[Dict[str, Any]]:
     return out
 
 
+# L2P's authors' values (configs/cifar100_l2p.py): pool 10, length 5, top-k 5, batch-wise selection, keys
+# matched to the [CLS] pre-logits, the head on the mean of the prompt tokens, pull coefficient 0.1, class mask.
+L2P_VALUES: Dict[str, Any] = {"pool_size": 10, "prompt_length": 5, "top_k": 5, "pull_constraint": 0.1}
+# What main.py freezes in the prompted model (--freeze's default).
+L2P_FROZEN = ("blocks", "patch_embed", "cls_token", "norm", "pos_embed")
+# Synapse's L2P parameters by the authors' names.
+L2P_NAMES = {
+    "prompt": "prompt.prompt",
+    "key": "prompt.prompt_key",
+    "head.weight": "head.weight",
+    "head.bias": "head.bias",
+}
+
+
+class GradientRecorder:
+    """Stands in for the optimizer of the authors' ``train_one_epoch``: ``step`` keeps the gradients (after
+    their clipping, which is set to none) and changes nothing."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.param_groups = [{"lr": 0.0}]
+        self.grads: Dict[str, Any] = {}
+
+    def zero_grad(self) -> None:
+        self.model.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        self.grads = {n: p.grad.clone() for n, p in self.model.named_parameters() if p.grad is not None}
+
+
+def reference_l2p(path: str, ex: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """l2p-pytorch's ``train_one_epoch`` (engine.py) over each exchanged batch, one batch an epoch, from the
+    prompts, keys and head Synapse had before that step; and its prompted model's test logits after each task.
+    The models are its ``VisionTransformer`` (vision_transformer.py) at the exchange's size, the weights loaded
+    through its own ``checkpoint_filter_fn`` (which gives the prompt positions the [CLS] position embedding)."""
+    import math
+    from argparse import Namespace
+
+    import torch
+
+    vit = _import_reference(path, "vision_transformer")
+    engine = _import_reference(path, "engine")
+    hp = ex["values"]
+    prompted = vit.VisionTransformer(
+        num_classes=ex["classes"],
+        prompt_length=hp["prompt_length"],
+        embedding_key="cls",
+        prompt_init="uniform",
+        prompt_pool=True,
+        prompt_key=True,
+        pool_size=hp["pool_size"],
+        top_k=hp["top_k"],
+        batchwise_prompt=True,
+        prompt_key_init="uniform",
+        head_type="prompt",
+        use_prompt_mask=False,
+        **ex["vit"],
+    )
+    missing, _ = prompted.load_state_dict(vit.checkpoint_filter_fn(ex["weights"], prompted), strict=False)
+    assert sorted(missing) == ["prompt.prompt", "prompt.prompt_key"], missing
+    original = vit.VisionTransformer(num_classes=ex["classes"], **ex["vit"])
+    original.load_state_dict(ex["weights"])
+    for p in original.parameters():
+        p.requires_grad = False
+    for n, p in prompted.named_parameters():
+        if n.startswith(L2P_FROZEN):
+            p.requires_grad = False
+    args = Namespace(
+        distributed=False,
+        epochs=1,
+        print_freq=10**9,
+        train_mask=True,
+        nb_classes=ex["classes"],
+        pull_constraint=True,
+        pull_constraint_coeff=hp["pull_constraint"],
+    )
+    seen: Dict[str, Any] = {}
+    prompted.register_forward_hook(lambda module, inputs, output: seen.update(output=output))
+    cross_entropy = torch.nn.CrossEntropyLoss()
+
+    def criterion(logits: Any, target: Any) -> Any:
+        seen["masked_logits"], seen["cross_entropy"] = logits.detach().clone(), cross_entropy(logits, target)
+        return seen["cross_entropy"]
+
+    def load(state: Dict[str, Any]) -> None:
+        with torch.no_grad():
+            for name, value in prompted.named_parameters():
+                if name in state:
+                    value.copy_(state[name])
+
+    out = []
+    for step in ex["steps"]:
+        load(step["state"])
+        recorder = GradientRecorder(prompted)
+        engine.train_one_epoch(
+            prompted,
+            original,
+            criterion,
+            [(step["x"], step["y"])],
+            recorder,
+            torch.device("cpu"),
+            0,
+            max_norm=math.inf,  # their clipping (at 1.0) comes after the gradient compared here
+            set_training_mode=True,
+            task_id=step["task"],
+            class_mask=ex["class_mask"],
+            args=args,
+        )
+        output = seen["output"]
+        loss = seen["cross_entropy"] - hp["pull_constraint"] * output["reduce_sim"]
+        out.append(
+            {
+                "selection": output["prompt_idx"].clone(),
+                "logits": output["logits"].detach().clone(),
+                "loss": loss.detach().clone(),
+                "grads": recorder.grads,
+            }
+        )
+    evaluations = []
+    for task, state in enumerate(ex["task_end_states"]):
+        load(state)
+        prompted.eval()
+        test = torch.cat(ex["test_inputs"][: task + 1])
+        with torch.no_grad():
+            result = prompted(test, task_id=task, cls_features=original(test)["pre_logits"])
+        evaluations.append({"logits": result["logits"], "selection": result["prompt_idx"]})
+    return [{"steps": out, "evaluations": evaluations}]
+
+
 REFERENCES: Dict[str, Callable[[str, Dict[str, Any]], List[Dict[str, Any]]]] = {
     "simplecil": reference_simplecil,
     "ranpac": reference_ranpac,
+    "l2p": reference_l2p,
 }
 
 
@@ -460,7 +692,10 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     }
     results["reference"]["commit"] = _checkout_commit(args.reference)
     for seed in args.seeds:
-        ours = synapse_side(args.method, seed, args.train, args.test, args.batch, args.projection_dim)
+        if args.method in STEPPED:
+            ours = synapse_l2p_side(seed, args.train, args.test, args.batch, args.steps, args.tasks)
+        else:
+            ours = synapse_side(args.method, seed, args.train, args.test, args.batch, args.projection_dim)
         with tempfile.TemporaryDirectory() as tmp:
             exchange = os.path.join(tmp, "exchange.pt")
             torch.save(ours["exchange"], exchange)
@@ -472,7 +707,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         if args.method == "ranpac":
             for record in ours["tasks"]:
                 record["projection"] = ours["exchange"]["projection"]
-        rows = compare(args.method, ours["tasks"], theirs["tasks"], ours["exchange"]["per_task"])
+        if args.method in STEPPED:
+            tasks = [step["task"] for step in ours["exchange"]["steps"]]
+            rows = compare_steps(ours["tasks"][0], theirs["tasks"][0], tasks)
+        else:
+            rows = compare(args.method, ours["tasks"], theirs["tasks"], ours["exchange"]["per_task"])
         results["seeds"][str(seed)] = rows
         results["reference"]["versions"] = f"timm {theirs['timm']}, torch {theirs['torch']}"
     return results
@@ -550,6 +789,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     r.add_argument("--test", type=int, default=100, help="test images per task")
     r.add_argument("--batch", type=int, default=20)
     r.add_argument("--projection-dim", type=int, default=64, help="RanPAC's M")
+    r.add_argument("--steps", type=int, default=3, help="prompt methods: steps compared per task")
+    r.add_argument("--tasks", type=int, default=2, help="prompt methods: tasks compared")
     r.add_argument("--output", help="default: benchmarks/results/sidebyside_pretrained_<method>.json")
     ref = sub.add_parser("reference", help=argparse.SUPPRESS)  # run by `run`, in the reference Python
     ref.add_argument("--method", required=True)
