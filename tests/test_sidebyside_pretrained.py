@@ -1,0 +1,75 @@
+"""The Synapse-side parts of ``benchmarks/sidebyside_pretrained.py`` (the authors' code is not in CI): the
+comparison rows, the reference backbone's weight loading, and the render."""
+
+import json
+import os
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import sidebyside_pretrained as sbs  # noqa: E402
+
+
+def ranpac_record(seed: int, classes: int = 4, m: int = 6, n: int = 20):
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.relu(torch.randn(n, m, generator=gen))
+    y = torch.nn.functional.one_hot(torch.arange(n) % classes, classes).float()
+    features = torch.randn(5, 3, generator=gen)
+    projection = torch.randn(3, m, generator=gen)
+    ridge = sbs.ridge_choice(h, y)["ridge"]  # the authors' choice, as their code would make it
+    weights = ((y.T @ h).double() @ torch.linalg.inv((h.T @ h).double() + ridge * torch.eye(m))).float()
+    logits = torch.relu(features @ projection) @ weights.T
+    ours = {"gram": h.T @ h, "class_features": y.T @ h, "ridge": ridge, "weights": weights, "logits": logits}
+    ours.update(features=features, projection=projection)
+    return ours, {**ours, "task_features": h, "task_targets": y}
+
+
+def test_identical_runs_compare_as_equal():
+    ours, theirs = ranpac_record(0)
+    rows = sbs.compare("ranpac", [ours], [theirs], per_task=4)
+    assert {r["quantity"] for r in rows} >= {"G = H^T H", "Q = H^T Y", "lambda on the authors' split"}
+    assert all(r["max_rel"] < 1e-5 for r in rows if "max_rel" in r)
+    assert all(r["same"] for r in rows if "same" in r)
+    assert all(r["fraction"] == 1.0 for r in rows if "fraction" in r)
+
+
+def test_a_changed_quantity_is_found():
+    ours, theirs = ranpac_record(1)
+    theirs = {**theirs, "gram": theirs["gram"] * 1.01}
+    rows = {r["quantity"]: r for r in sbs.compare("ranpac", [ours], [theirs], per_task=4)}
+    assert abs(rows["G = H^T H"]["max_rel"] - 0.01 / 1.01) < 1e-6
+
+
+def test_selection_rows_tell_sets_from_orders():
+    ours = torch.tensor([[0, 1], [2, 3]])
+    theirs = torch.tensor([[1, 0], [2, 4]])
+    rows = {r["quantity"]: r["fraction"] for r in sbs.selection_rows({}, "", ours, theirs)}
+    assert rows == {"prompt selection: same set": 0.5, "prompt selection: same order": 0.0}
+
+
+def test_reference_backbone_takes_the_weights_and_gives_the_heads_input():
+    torch.manual_seed(0)
+    model = sbs.tiny_vit().eval()
+    weights = model.state_dict()
+    vit = sbs.reference_backbone({"vit": dict(sbs.VIT), "weights": weights})
+    x = torch.randn(2, 3, sbs.VIT["img_size"], sbs.VIT["img_size"])
+    with torch.no_grad():
+        assert torch.allclose(vit(x), model.forward_head(model.forward_features(x), pre_logits=True), atol=1e-6)
+
+
+def test_render_reads_the_results(tmp_path):
+    ours, theirs = ranpac_record(2)
+    results = {
+        "method": "ranpac",
+        "reference": {"repository": "RanPAC/RanPAC", "files": "RanPAC.py", "commit": "abc", "versions": "timm x"},
+        "settings": {"dataset": "d", "train_per_task": 1, "test_per_task": 1, "batch_size": 1, "vit": "v"},
+        "tolerance": sbs.TOLERANCE,
+        "provenance": None,
+        "seeds": {"0": sbs.compare("ranpac", [ours], [theirs], per_task=4)},
+    }
+    (tmp_path / "sidebyside_pretrained_ranpac.json").write_text(json.dumps(results))
+    text = sbs.render(str(tmp_path))
+    assert "| G = H^T H |" in text and "within tolerance" in text
