@@ -72,7 +72,9 @@ def test_mean_and_covariance_equal_torch_cov_over_batches():
 
 def test_mean_decay_by_hand():
     # 0.9 + 0.1 (t + 1) / (T + 1) with T = 2
-    assert torch.allclose(mean_decay(torch.tensor([0, 1, 2]), 2), torch.tensor([0.9 + 0.1 / 3, 0.9 + 0.2 / 3, 1.0]).double())
+    assert torch.allclose(
+        mean_decay(torch.tensor([0, 1, 2]), 2), torch.tensor([0.9 + 0.1 / 3, 0.9 + 0.2 / 3, 1.0]).double()
+    )
 
 
 def test_sample_class_features_by_hand():
@@ -123,9 +125,9 @@ def reference_alignment(weight, bias, means, covs, task_ids, num_tasks, epochs, 
         for i in range(k):
             xb, yb = x[i * s : (i + 1) * s], y[i * s : (i + 1) * s]
             logits = xb @ w.T + b
-            norms = torch.stack(
-                [logits[:, task_ids == t].norm(dim=1) + 1e-7 for t in range(num_tasks)], 1
-            ).mean(1, keepdim=True)
+            norms = torch.stack([logits[:, task_ids == t].norm(dim=1) + 1e-7 for t in range(num_tasks)], 1).mean(
+                1, keepdim=True
+            )
             loss = F.cross_entropy(logits / norms / tau, yb)
             grads = torch.autograd.grad(loss, [w, b])
             with torch.no_grad():
@@ -147,7 +149,14 @@ def test_align_classifier_follows_the_authors_procedure():
     settings = dict(epochs=3, lr=0.05, momentum=0.9, weight_decay=5e-4, samples_per_class=5, temperature=0.1)
     w0, b0 = weight.clone(), bias.clone()
     w, b = align_classifier(
-        weight, bias, means, torch.linalg.cholesky(covs), task_ids, 2, generator=torch.Generator().manual_seed(7), **settings
+        weight,
+        bias,
+        means,
+        torch.linalg.cholesky(covs),
+        task_ids,
+        2,
+        generator=torch.Generator().manual_seed(7),
+        **settings,
     )
     assert torch.equal(weight, w0) and torch.equal(bias, b0)  # the inputs are left as they were
     ref_w, ref_b = reference_alignment(weight, bias, means, covs, task_ids, 2, 3, 0.05, 0.9, 5e-4, 5, 0.1, seed=7)

@@ -44,9 +44,7 @@ def build_model(
     return model
 
 
-def build_optimizer(
-    cfg: Config, model: nn.Module, method: Optional[synapse.Synapse] = None
-) -> torch.optim.Optimizer:
+def build_optimizer(cfg: Config, model: nn.Module, method: Optional[synapse.Synapse] = None) -> torch.optim.Optimizer:
     """Plain SGD, as the DER protocol trains; over the method's parameter groups where it has them (SLCA's
     slow learner: the backbone at a fraction of ``--lr``)."""
     groups = getattr(method, "param_groups", None)
