@@ -173,7 +173,11 @@ def align_classifier(
     draws and the shuffle from ``generator``, on the CPU), shuffles them together, and runs
     :func:`alignment_epoch` over batches of ``samples_per_class`` rows (as many batches as classes) with SGD
     (``lr``, ``momentum``, ``weight_decay``), the learning rate annealed by a cosine over the epochs (torch's
-    ``CosineAnnealingLR``, stepped per epoch), as in the authors' code.
+    ``CosineAnnealingLR``, stepped per epoch), as in the authors' code. Each epoch's draws, in order:
+    ``torch.randn(K, samples_per_class, dim, generator=generator)`` (class ``k``'s standard-normal draws are
+    row ``k``), then ``torch.randperm(K * samples_per_class, generator=generator)`` (the shuffle); feeding
+    the same numbers to the authors' ``MultivariateNormal.sample`` and ``torch.randperm`` reproduces their
+    alignment.
 
     Args:
         weight: ``(K, dim)`` the head's rows of the ``K`` classes; bias: ``(K,)`` or None.
