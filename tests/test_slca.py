@@ -366,3 +366,16 @@ def test_a_head_of_the_wrong_width_and_bad_task_data_are_refused_and_change_noth
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
     with pytest.raises(ValueError, match="ca_epochs"):
         SLCA(vit(), ca_epochs=-1)
+
+
+def test_a_covariance_that_cannot_be_sampled_is_a_clear_error_and_changes_nothing():
+    model = vit()
+    slca = SLCA(model, covariance_ridge=0.0, ca_samples=4)  # 8 samples in 32 dimensions: singular
+    optimizer = torch.optim.SGD(slca.param_groups(0.01))
+    train_task(model, slca, optimizer, [0, 1])
+    train_task(model, slca, optimizer, [2, 3], seed=1, end=False)
+    state, weights = copy.deepcopy(slca.state_dict()), copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="covariance_ridge > 0"):
+        slca.end_task(named_batches([images([2, 3], seed=5)]))
+    assert testing.state_equal(state, slca.state_dict())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())

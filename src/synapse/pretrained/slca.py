@@ -338,7 +338,13 @@ class SLCA(Synapse):
         means = statistics["class_means"]
         if self.mean_decay:
             means = means * mean_decay(class_tasks, task)[:, None]
-        trils = torch.linalg.cholesky(statistics["class_covariances"])
+        trils, info = torch.linalg.cholesky_ex(statistics["class_covariances"])
+        if bool((info != 0).any()):  # a task end: the sync is fine
+            bad = statistics["stat_classes"][info != 0].tolist()
+            raise ValueError(
+                f"SLCA cannot sample from the covariances of classes {bad}: they are not positive definite in "
+                f"float32 (covariance_ridge={self.covariance_ridge}); use a covariance_ridge > 0 (the authors' 1e-4)"
+            )
         tasks, task_ids = class_tasks.unique(return_inverse=True)  # the tasks that have classes
         bias = statistics["head_biases"] if self.head.bias is not None else None
         weight, aligned_bias = align_classifier(
