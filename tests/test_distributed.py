@@ -57,6 +57,11 @@ def test_parameters_stay_identical_across_ranks(tmp_path, method):
     if method == "ranpac":  # at the task end each rank solved its classifier from both ranks' statistics
         w0, w1 = (r["state"]["state"]["weights"] for r in (r0, r1))
         assert torch.equal(w0, w1) and w0.abs().sum() > 0
+    if method == "slca":  # each rank's task-end pass saw its own data; the statistics are of both ranks'
+        s0, s1 = r0["state"]["state"], r1["state"]["state"]
+        for name in ("stat_classes", "class_means", "class_covariances", "head_weights", "seen_classes"):
+            assert torch.equal(s0[name], s1[name]), name
+        assert len(s0["stat_classes"]) == 10
     if method == "agem":
         g = (r0["local_grad"] + r1["local_grad"]) / 2
         ref = (r0["local_reference"] + r1["local_reference"]) / 2

@@ -44,10 +44,12 @@ def build_model(
     return model
 
 
-def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
-    """Plain SGD, as the DER protocol trains."""
+def build_optimizer(cfg: Config, model: nn.Module, method: Optional[synapse.Synapse] = None) -> torch.optim.Optimizer:
+    """Plain SGD, as the DER protocol trains; over the method's parameter groups where it has them (SLCA's
+    slow learner: the backbone at a fraction of ``--lr``)."""
+    groups = getattr(method, "param_groups", None)
     return torch.optim.SGD(
-        model.parameters(),
+        groups(cfg.lr) if callable(groups) else model.parameters(),
         lr=cfg.lr,  # type: ignore[arg-type]
         weight_decay=cfg.weight_decay,
     )

@@ -1,4 +1,5 @@
-"""Methods on pretrained backbones: closed-form classifiers on frozen features (SimpleCIL, RanPAC).
+"""Methods on pretrained backbones: closed-form classifiers on frozen features (SimpleCIL, RanPAC), and a
+slowly fine-tuned backbone with a realigned head (SLCA).
 
 The user builds the backbone (e.g. ``timm.create_model(...)`` with their own local weights) and the method
 on it; the method reads the feature/head split from the model (:mod:`synapse.pretrained._backbone`), so
@@ -7,5 +8,6 @@ any timm ViT or ResNet, or any model whose last layer is an ``nn.Linear``, works
 
 from .ranpac import RanPAC
 from .simplecil import SimpleCIL
+from .slca import SLCA
 
-__all__ = ["SimpleCIL", "RanPAC"]
+__all__ = ["SimpleCIL", "RanPAC", "SLCA"]
