@@ -162,7 +162,7 @@ class _PrefixForward(_ClassForward):
 
 
 def attention_with_prefix(
-    attn: nn.Module,
+    attn: Any,
     prefix: Tuple[Tensor, Tensor],
     x: Tensor,
     attn_mask: Optional[Tensor] = None,
@@ -233,10 +233,11 @@ class PromptedViT:
             raise ValueError(f"prefix blocks must be block indices in [0, {self.depth}) (the model's depth), got {bad}")
         for i in prefix_blocks:
             a = blocks[i].attn
-            if not (isinstance(getattr(a, "qkv", None), nn.Linear) and all(
-                hasattr(a, n) for n in ("num_heads", "head_dim", "scale", "q_norm", "k_norm", "attn_drop", "proj")
-            )):
-                raise TypeError(f"block {i}'s attention is not timm's Attention (qkv, q_norm, k_norm, proj): prefixes need it")
+            parts = ("num_heads", "head_dim", "scale", "q_norm", "k_norm", "attn_drop", "proj")
+            if not (isinstance(getattr(a, "qkv", None), nn.Linear) and all(hasattr(a, n) for n in parts)):
+                raise TypeError(
+                    f"block {i}'s attention is not timm's Attention (qkv, q_norm, k_norm, proj): prefixes need it"
+                )
         if pool_prompts and not prompt_tokens:
             raise ValueError("pool_prompts pools the prompt tokens: it needs prompt_tokens=True")
         if prompt_tokens:
@@ -258,11 +259,12 @@ class PromptedViT:
             model.register_forward_pre_hook(_Hook(self, "_begin", model), with_kwargs=True),
             model.register_forward_hook(_Hook(self, "_end", model)),
         ]
+        hooked: Any = model
         if prompt_tokens:
-            self._handles.append(model.patch_drop.register_forward_hook(_Hook(self, "_insert", model.patch_drop)))
+            self._handles.append(hooked.patch_drop.register_forward_hook(_Hook(self, "_insert", hooked.patch_drop)))
         if pool_prompts:
-            self._handles.append(model.norm.register_forward_hook(_Hook(self, "_keep_sequence", model.norm)))
-            self._handles.append(model.fc_norm.register_forward_pre_hook(_Hook(self, "_pool", model.fc_norm)))
+            self._handles.append(hooked.norm.register_forward_hook(_Hook(self, "_keep_sequence", hooked.norm)))
+            self._handles.append(hooked.fc_norm.register_forward_pre_hook(_Hook(self, "_pool", hooked.fc_norm)))
         self._patched: List[nn.Module] = []
         for i in prefix_blocks:
             a = blocks[i].attn

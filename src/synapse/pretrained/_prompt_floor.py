@@ -4,7 +4,7 @@ over the timm ViT's parts (no hooks, no checks), then the masked cross-entropy a
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -24,9 +24,11 @@ class PromptFloor(Floor):
     def __init__(self, model: nn.Module, *args: Any, **kwargs: Any) -> None:
         freeze_backbone(model, find_head(model))
         super().__init__(model, *args, **kwargs)
-        self.vit = find_vit(model)
-        self.n = int(getattr(self.vit, "num_prefix_tokens", 1))
-        embed_dim = self.vit.blocks[0].attn.qkv.in_features
+        vit: Any = find_vit(model)
+        self.vit = vit
+        self.extra: List[nn.Parameter] = []
+        self.n = int(getattr(vit, "num_prefix_tokens", 1))
+        embed_dim = vit.blocks[0].attn.qkv.in_features
         self.setup(find_head(model).in_features, embed_dim)
         for p in self.extra:
             p.data = p.data.to(self.one.device)

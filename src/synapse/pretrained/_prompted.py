@@ -11,8 +11,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._base import TaskBatch
-from .._base import Synapse
+from .._base import Synapse, TaskBatch
 from .._model import distributed_world
 from .._validation import check_non_negative
 from ..functional import asymmetric_cross_entropy

@@ -129,7 +129,8 @@ class DualPrompt(PromptMethod):
         g_layers = parse_layers("g_prompt_layers", g_prompt_layers) if g_prompt_length else ()
         e_layers = parse_layers("e_prompt_layers", e_prompt_layers)
         if set(g_layers) & set(e_layers):
-            raise ValueError(f"a block takes the G-prompt or an E-prompt, not both: {sorted(set(g_layers) & set(e_layers))}")
+            both = sorted(set(g_layers) & set(e_layers))
+            raise ValueError(f"a block takes the G-prompt or an E-prompt, not both: blocks {both} are in both")
         for name, flag in (
             ("batchwise_prompt", batchwise_prompt),
             ("use_prompt_mask", use_prompt_mask),
@@ -208,7 +209,8 @@ class DualPromptFloor(PromptFloor):
         hp = self.hp
         self.g_layers = parse_layers("g", hp["g_prompt_layers"])
         self.e_layers = parse_layers("e", hp["e_prompt_layers"])
-        self.g_prompt = nn.Parameter(torch.empty(len(self.g_layers), 2, hp["g_prompt_length"], embed_dim).uniform_(-1, 1))
+        g_shape = (len(self.g_layers), 2, hp["g_prompt_length"], embed_dim)
+        self.g_prompt = nn.Parameter(torch.empty(g_shape).uniform_(-1, 1))
         shape = (len(self.e_layers), 2, hp["pool_size"], hp["prompt_length"], embed_dim)
         self.e_prompt = nn.Parameter(torch.empty(shape).uniform_(-1, 1))
         self.key = nn.Parameter(torch.empty(hp["pool_size"], dim).uniform_(-1, 1))

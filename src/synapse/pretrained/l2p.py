@@ -12,8 +12,8 @@ from .._validation import check_positive_int
 from ..catalog import HParam, MethodSpec, register
 from ..functional.prompts import key_pull, key_similarity, select_prompts
 from ._prompt import Injection
-from ._prompted import PromptMethod, uniform_parameter
 from ._prompt_floor import PromptFloor
+from ._prompted import PromptMethod, uniform_parameter
 
 __all__ = ["L2P"]
 
