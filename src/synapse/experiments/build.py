@@ -44,12 +44,16 @@ def build_model(
     return model
 
 
-def build_optimizer(cfg: Config, model: nn.Module, method: Optional[synapse.Synapse] = None) -> torch.optim.Optimizer:
-    """Plain SGD, as the DER protocol trains; over the method's parameter groups where it has them (SLCA's
-    slow learner: the backbone at a fraction of ``--lr``)."""
+def build_optimizer(
+    cfg: Config, model: nn.Module, method: Optional[synapse.Synapse] = None
+) -> torch.optim.Optimizer:
+    """Plain SGD, as the DER protocol trains: over the method's parameter groups where it has them (SLCA's
+    slow learner: the backbone at a fraction of ``--lr``), else over the model's parameters and those the
+    method keeps outside the model (L2P's prompts and keys)."""
     groups = getattr(method, "param_groups", None)
+    own = method.own_parameters() if method is not None else []
     return torch.optim.SGD(
-        groups(cfg.lr) if callable(groups) else model.parameters(),
+        groups(cfg.lr) if callable(groups) else [*model.parameters(), *own],
         lr=cfg.lr,  # type: ignore[arg-type]
         weight_decay=cfg.weight_decay,
     )

@@ -153,7 +153,7 @@ class Experiment:
         self.task_classes = list(self.spec.task_classes().values())
         self.model = build_model(self.cfg, self.spec, self.device, self.world, self.log)
         self.synapse: Optional[synapse.Synapse] = build_method(self.cfg, self.model)
-        self.optimizer = build_optimizer(self.cfg, self.model, self.synapse)
+        self.optimizer = build_optimizer(self.cfg, self.model, self.synapse)  # the method's prompts train too
         cfg_dict = dataclasses.asdict(self.cfg)
         self.identity = {k: cfg_dict[k] for k in IDENTITY}
         self.identity["world_size"] = self.world.size
