@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from synapse import catalog
+from synapse import catalog, testing
 from synapse.experiments.cli import SMALL_MODEL_THREADS, default_threads, main
 from synapse.experiments.run import Config, Experiment
 
@@ -50,7 +50,8 @@ def test_continual(tmp_path, synapse_type):
     spec = catalog.get(synapse_type)
     small = [f"{k}={v}" for k, v in spec.harness_hparams.items()]  # RanPAC's projection: 64 wide on the CPU
     args = ["--training_type", "continual", "--synapse_type", synapse_type, "--buffer_size", "100"]
-    r = run_cli(tmp_path, *args, *(["--method_args", *small] if small else []))
+    # --method_args must not swallow the model flags: they come first (L2P's prompts need the tiny ViT).
+    r = run_cli(tmp_path, *testing.cli_model_args(spec), *args, *(["--method_args", *small] if small else []))
     check_results(r, 5)
     assert r["config"]["synapse_type"] == synapse_type
     # results.json records every hyperparameter the method ran with, defaults included.
@@ -344,3 +345,18 @@ def test_experiment_rejects_bad_threads(keep_threads):
         with pytest.raises(ValueError, match="threads must be a positive int or None"):
             Experiment(Config(threads=bad))
     assert torch.get_num_threads() == before
+
+
+def test_model_args_reach_the_timm_constructor_and_bad_ones_are_refused(tmp_path):
+    pytest.importorskip("timm")
+    tiny = ["--model", "timm:vit_tiny_patch16_224", "--input_size", "16"]
+    r = run_cli(tmp_path, *tiny, "--model_args", "patch_size=8", "depth=1", "embed_dim=16", "num_heads=2")
+    assert r["config"]["model_args"] == {"patch_size": 8, "depth": 1, "embed_dim": 16, "num_heads": 2}
+    with pytest.raises(SystemExit) as e:
+        main(["--dataset", "fashion-mnist", *tiny, "--model_args", "depth"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        main(["--dataset", "fashion-mnist", "--model", "mlp", "--model_args", "depth=2"])
+    assert e.value.code == 2
+    bad = ["--max_train_per_task", "8", "--output_dir", str(tmp_path / "bad")]
+    assert main(["--dataset", "fashion-mnist", *tiny, *bad, "--model_args", "no_such_argument=1"]) == 2

@@ -131,6 +131,7 @@ class Synapse(Stateful, ABC):
     has_predictor: bool = False  # predict() is the method's own (iCaRL's nearest mean of exemplars)
     acts_at_task_end: bool = False  # without end_task() calls the method is fine-tuning (set for needs_task_*)
     reads_logits: bool = False  # the loss reads raw logits: log-probabilities change its meaning
+    requires_vit: bool = False  # works only on a timm VisionTransformer (prompts go into its tokens/attention)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

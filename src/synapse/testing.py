@@ -55,6 +55,7 @@ __all__ = [
     "toy_vit",
     "toy_images",
     "toy_for",
+    "cli_model_args",
     "optimized_parameters",
     "train",
     "state_equal",
@@ -114,6 +115,17 @@ def _random_batches(n: int, shape: Tuple[int, ...], batch: int, seed: int, class
     return [
         (torch.randn(batch, *shape, generator=g), torch.randint(0, classes, (batch,), generator=g)) for _ in range(n)
     ]
+
+
+def cli_model_args(spec: MethodSpec) -> List[str]:
+    """The experiment program's model flags for a short test run of ``spec``: none (the dataset's default
+    model) for most methods; :func:`toy_vit`'s tiny timm ViT for those that need a ViT."""
+    if not spec.cls.requires_vit:
+        return []
+    return [
+        "--model", "timm:vit_tiny_patch16_224", "--input_size", str(IMAGE_SIZE),
+        "--model_args", "patch_size=8", "depth=2", "embed_dim=32", "num_heads=2",
+    ]  # fmt: skip
 
 
 class Toy(NamedTuple):

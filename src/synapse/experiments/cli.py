@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence
@@ -16,7 +17,7 @@ from ._extras import missing_extras_message, missing_modules
 from .checkpoint import DEFAULT_EVERY, CheckpointError, parse_every
 from .datasets import DATASETS, DatasetUnavailable
 from .loggers import BACKENDS, LoggerUnavailable
-from .models import INITS, ModelUnavailable, check_model_name
+from .models import INITS, MODELS, ModelArgsError, ModelUnavailable, check_model_name
 from .run import TRAINING_TYPES, Config, Experiment, StoppedBeforeTraining, StopRequested, _Signals, check_scenario
 
 
@@ -193,6 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
         "optional timm extra) (default: the protocol's). torchvision and timm models get 3 channels (grey images are "
         "repeated); a model of another family than the dataset's protocol gets its family's lr, batch size, scaling "
         "and init (printed with the configuration as 'defaults')",
+    )
+    g.add_argument(
+        "--model_args",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="keyword arguments of a timm or torchvision model's constructor, values as Python literals (e.g. "
+        "depth=2 embed_dim=32 num_heads=2 patch_size=8 for a tiny timm ViT)",
     )
     g.add_argument(
         "--pretrained",
@@ -395,6 +404,24 @@ def _add_method_flags(p: argparse.ArgumentParser) -> None:
             )
 
 
+def _model_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Dict[str, Any]:
+    """--model_args as keywords: each value a Python literal (``2``, ``0.1``, ``True``, ``(8, 8)``), else the
+    string as given. Only timm and torchvision constructors take them (checked here: the model's own check
+    comes when it is built)."""
+    if args.model_args and (args.model is None or args.model in MODELS):
+        parser.error(f"--model_args are for timm:NAME and torchvision models, not {args.model or 'the default model'}")
+    kwargs: Dict[str, Any] = {}
+    for item in args.model_args:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            parser.error(f"--model_args takes KEY=VALUE pairs with KEY a keyword, got {item!r}")
+        try:
+            kwargs[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            kwargs[key] = value
+    return kwargs
+
+
 def _method_args(
     parser: argparse.ArgumentParser, args: argparse.Namespace, preset: Optional[Dict[str, Any]] = None
 ) -> Dict[str, Any]:
@@ -533,7 +560,7 @@ def _main(argv: Optional[List[str]]) -> int:
     preset = _apply_preset(parser, args, argv) if args.preset else None
     method_args = _method_args(parser, args, preset)
     fields = {k: v for k, v in vars(args).items() if not k.startswith("hp_") and k != "preset"}
-    cfg = Config(**{**fields, "method_args": method_args})
+    cfg = Config(**{**fields, "method_args": method_args, "model_args": _model_args(parser, args)})
     try:
         check_scenario(cfg, DATASETS[cfg.dataset])
     except ValueError as e:
@@ -541,7 +568,7 @@ def _main(argv: Optional[List[str]]) -> int:
     threads_before = torch.get_num_threads()  # put back at the end, for callers of main() in-process
     try:
         Experiment(cfg).run()
-    except (DatasetUnavailable, CheckpointError, LoggerUnavailable) as e:
+    except (DatasetUnavailable, CheckpointError, LoggerUnavailable, ModelArgsError) as e:
         print(f"synapse: error: {e}", file=sys.stderr)
         return 2
     except StopRequested as e:

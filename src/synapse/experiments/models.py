@@ -201,13 +201,25 @@ def xavier_init_(model: nn.Module) -> nn.Module:
     return model
 
 
-def _timm_backbone(name: str, num_classes: int, size: int, channels: int) -> nn.Module:
+class ModelArgsError(ValueError):
+    """A model's constructor rejected the ``model_args`` it was given; the message names them."""
+
+
+def _timm_backbone(name: str, num_classes: int, size: int, channels: int, kwargs: Mapping[str, Any]) -> nn.Module:
     """A timm model without downloaded weights; those that take ``img_size`` (ViTs) are built for ``size``."""
     timm = _timm()
+    if "img_size" not in kwargs:
+        try:
+            return timm.create_model(
+                name, pretrained=False, num_classes=num_classes, in_chans=channels, img_size=size, **kwargs
+            )
+        except TypeError as e:  # a model without a fixed input size (CNNs) takes no img_size
+            if "img_size" not in str(e):
+                raise ModelArgsError(f"timm:{name} rejected --model_args {dict(kwargs)}: {e}") from e
     try:
-        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=channels, img_size=size)
-    except TypeError:  # a model without a fixed input size (CNNs) takes no img_size
-        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=channels)
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=channels, **kwargs)
+    except TypeError as e:
+        raise ModelArgsError(f"timm:{name} rejected --model_args {dict(kwargs)}: {e}") from e
 
 
 def create_model(
@@ -223,6 +235,7 @@ def create_model(
     input_size: Optional[int] = None,
     input_channels: Optional[int] = None,
     pretrained: Optional[str] = None,
+    model_args: Optional[Mapping[str, Any]] = None,
     log: Optional[Callable[[str], None]] = None,
 ) -> nn.Module:
     """Build model ``name`` for uint8 images of the given shape, input scaling and adaptation included.
@@ -238,6 +251,8 @@ def create_model(
             and timm models, the data's for ours). Only 1-channel data can be adapted.
         pretrained: a local weights file (state dict, or a checkpoint holding one under ``state_dict`` or
             ``model``; ``.safetensors`` too) loaded into the backbone by name and shape (:func:`load_pretrained`).
+        model_args: keyword arguments of a timm or torchvision model's constructor (e.g. a ViT's ``depth``);
+            our own models take none.
         log: receives the report of what was loaded and what was left out.
 
     Example:
@@ -256,16 +271,22 @@ def create_model(
     channels = input_channels or (in_channels if name in MODELS else 3)
     if channels != in_channels and in_channels != 1:
         raise ValueError(f"{name} takes {channels}-channel images: only 1-channel data is adapted, not {in_channels}")
+    kwargs = dict(model_args or {})
     if name in MODELS:
+        if kwargs:
+            raise ModelArgsError(f"{name} takes no --model_args (only timm and torchvision models do), got {kwargs}")
         backbone = MODELS[name](channels, size, num_classes)
     elif name.startswith(TIMM_PREFIX):
-        backbone = _timm_backbone(name[len(TIMM_PREFIX) :], num_classes, size, channels)
+        backbone = _timm_backbone(name[len(TIMM_PREFIX) :], num_classes, size, channels, kwargs)
     else:
         import torchvision
 
         if channels != 3:
             raise ValueError(f"torchvision's {name} takes 3-channel images, not input_channels={channels}")
-        backbone = torchvision.models.get_model(name, num_classes=num_classes)
+        try:
+            backbone = torchvision.models.get_model(name, num_classes=num_classes, **kwargs)
+        except TypeError as e:
+            raise ModelArgsError(f"torchvision's {name} rejected --model_args {kwargs}: {e}") from e
     if init == "xavier":
         xavier_init_(backbone)
     if pretrained is not None:

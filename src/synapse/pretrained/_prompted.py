@@ -44,6 +44,8 @@ class PromptMethod(Synapse):
     are not the model's, so DDP does not see them) are averaged over the ranks in ``backward``.
     """
 
+    requires_vit = True
+
     def __init__(
         self,
         model: nn.Module,
