@@ -218,7 +218,8 @@ def get(name: str) -> MethodSpec:
 
 def usage_table() -> str:
     """The README's table of what each method asks of your loop, from the classes' attributes and from each
-    method as its defaults build it (on a throwaway model: its toy ViT for a method on a pretrained backbone): task ends, predictor, forward mode, logits."""
+    method as its defaults build it (on a throwaway model; a method on a pretrained backbone on its toy ViT): task
+    ends, predictor, forward mode, logits."""
     rows = [
         "| CLI name | `end_task` | Evaluate with | Forward that produced the loss | Outputs |",
         "|---|---|---|---|---|",

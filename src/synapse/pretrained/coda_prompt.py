@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Iterable, List, Mapping, Optional, Tuple
 
 import torch
@@ -157,20 +158,15 @@ class CODAPrompt(Synapse):
         self.task_classes = torch.zeros(self.num_classes, dtype=torch.bool, device=device)
         self.last_weights: List[Tensor] = []  # alpha per prompted block, of the latest forward
 
-        for name, value in (
-            ("pool_size", pool_size),
-            ("prompt_length", prompt_length),
-            ("num_tasks", num_tasks),
-            ("prompt_layers", prompt_layers),
-        ):
+        for name in ("pool_size", "prompt_length", "num_tasks", "prompt_layers"):
             self.add_value(name, int, equal=True)
         for part in PARTS:
             self.add_state(
                 part,
                 dtype=dtype,
                 shape=(layers, self.per_task, *shapes[part]),
-                get=lambda part=part: getattr(self, part).detach(),
-                set=lambda value, part=part: self._load_parameter(part, value),
+                get=partial(self._parameter_value, part),
+                set=partial(self._load_parameter, part),
             )
             self.add_state(f"frozen_{part}", dtype=dtype, shape=(layers, used, *shapes[part]))
         self.add_state("seen_classes", dtype=torch.bool, shape=(self.num_classes,))
@@ -320,6 +316,9 @@ class CODAPrompt(Synapse):
                 getattr(self, part).data = getattr(self, part).data.to(device)
                 setattr(self, f"frozen_{part}", getattr(self, f"frozen_{part}").to(device))
             self.seen_classes, self.task_classes = self.seen_classes.to(device), self.task_classes.to(device)
+
+    def _parameter_value(self, part: str) -> Tensor:
+        return getattr(self, part).detach()
 
     def _load_parameter(self, part: str, value: Tensor) -> None:
         with torch.no_grad():
