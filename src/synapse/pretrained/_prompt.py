@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from ..functional.prompts import prefix_attention
 
-__all__ = ["Injection", "PromptedViT"]
+__all__ = ["Injection", "PromptedViT", "attention_with_prefix", "find_vit"]
 
 
 @dataclass
@@ -65,6 +65,29 @@ class Injection:
 
 # provider(query (batch, D) no grad, training) -> Injection
 Provider = Callable[[Tensor, bool], Injection]
+
+
+VIT_PARTS = ("patch_embed", "blocks", "norm", "forward_features", "forward_head")
+
+
+def _is_vit(module: nn.Module) -> bool:
+    return all(hasattr(module, n) for n in VIT_PARTS)
+
+
+def find_vit(model: nn.Module) -> nn.Module:
+    """The timm ``VisionTransformer`` in ``model``: the model itself, or its one submodule that is one (a
+    wrapper that normalises or resizes the images first, as the experiment program's). Raises ``TypeError``
+    for a model without one, or with several."""
+    if _is_vit(model):
+        return model
+    found = [m for m in model.modules() if _is_vit(m)]
+    outer = [m for m in found if not any(m is not o and any(m is c for c in o.modules()) for o in found)]
+    if len(outer) != 1:
+        raise TypeError(
+            f"prompts need a timm VisionTransformer (patch_embed, blocks, norm, forward_features, forward_head); "
+            f"{type(model).__name__} " + ("contains none" if not outer else f"contains {len(outer)}")
+        )
+    return outer[0]
 
 
 def _require(model: nn.Module, names: Sequence[str]) -> None:
@@ -135,11 +158,11 @@ class _PrefixForward(_ClassForward):
         prefix = None if injector is None else injector._prefix(self._block)
         if prefix is None:
             return type(module).forward(module, *args, **kwargs)
-        return _attention_with_prefix(module, prefix, *args, **kwargs)
+        return attention_with_prefix(module, prefix, *args, **kwargs)
 
 
-def _attention_with_prefix(
-    attn: nn.Module,
+def attention_with_prefix(
+    attn: Any,
     prefix: Tuple[Tensor, Tensor],
     x: Tensor,
     attn_mask: Optional[Tensor] = None,
@@ -167,7 +190,7 @@ class PromptedViT:
     """Hooks a timm ``VisionTransformer`` so that each forward carries the prompts its owner provides.
 
     Args:
-        model: the timm ``VisionTransformer`` (unwrapped from DDP/``torch.compile``).
+        model: the timm ``VisionTransformer`` (:func:`find_vit` finds it in a wrapper).
         provider: ``provider(query, training) -> Injection``, called once per forward of the model with the
             query features ``(batch, D)`` (:meth:`query`, no grad) and whether the forward trains (train
             mode, grad enabled); its tensors may carry grad (prompts, keys).
@@ -190,7 +213,7 @@ class PromptedViT:
         prompt_tokens: bool = False,
         pool_prompts: bool = False,
     ) -> None:
-        _require(model, ("patch_embed", "blocks", "norm", "forward_features", "forward_head"))
+        _require(model, VIT_PARTS)
         blocks = list(model.blocks)  # type: ignore[arg-type]
         if not blocks or not all(isinstance(getattr(b, "attn", None), nn.Module) for b in blocks):
             raise TypeError(f"{type(model).__name__}.blocks must be transformer blocks with an attn module each")
@@ -210,10 +233,11 @@ class PromptedViT:
             raise ValueError(f"prefix blocks must be block indices in [0, {self.depth}) (the model's depth), got {bad}")
         for i in prefix_blocks:
             a = blocks[i].attn
-            if not (isinstance(getattr(a, "qkv", None), nn.Linear) and all(
-                hasattr(a, n) for n in ("num_heads", "head_dim", "scale", "q_norm", "k_norm", "attn_drop", "proj")
-            )):
-                raise TypeError(f"block {i}'s attention is not timm's Attention (qkv, q_norm, k_norm, proj): prefixes need it")
+            parts = ("num_heads", "head_dim", "scale", "q_norm", "k_norm", "attn_drop", "proj")
+            if not (isinstance(getattr(a, "qkv", None), nn.Linear) and all(hasattr(a, n) for n in parts)):
+                raise TypeError(
+                    f"block {i}'s attention is not timm's Attention (qkv, q_norm, k_norm, proj): prefixes need it"
+                )
         if pool_prompts and not prompt_tokens:
             raise ValueError("pool_prompts pools the prompt tokens: it needs prompt_tokens=True")
         if prompt_tokens:
@@ -235,11 +259,12 @@ class PromptedViT:
             model.register_forward_pre_hook(_Hook(self, "_begin", model), with_kwargs=True),
             model.register_forward_hook(_Hook(self, "_end", model)),
         ]
+        hooked: Any = model
         if prompt_tokens:
-            self._handles.append(model.patch_drop.register_forward_hook(_Hook(self, "_insert", model.patch_drop)))
+            self._handles.append(hooked.patch_drop.register_forward_hook(_Hook(self, "_insert", hooked.patch_drop)))
         if pool_prompts:
-            self._handles.append(model.norm.register_forward_hook(_Hook(self, "_keep_sequence", model.norm)))
-            self._handles.append(model.fc_norm.register_forward_pre_hook(_Hook(self, "_pool", model.fc_norm)))
+            self._handles.append(hooked.norm.register_forward_hook(_Hook(self, "_keep_sequence", hooked.norm)))
+            self._handles.append(hooked.fc_norm.register_forward_pre_hook(_Hook(self, "_pool", hooked.fc_norm)))
         self._patched: List[nn.Module] = []
         for i in prefix_blocks:
             a = blocks[i].attn

@@ -24,7 +24,7 @@ from ..functional.coda import (
     coda_split_prefix,
 )
 from ._backbone import find_head, freeze_backbone
-from ._prompt import Injection, PromptedViT
+from ._prompt import Injection, PromptedViT, find_vit
 
 __all__ = ["CODAPrompt"]
 
@@ -60,8 +60,9 @@ class CODAPrompt(Synapse):
     Details, equations and the authors' values: docs/methods/pretrained.md, "CODA-Prompt".
 
     Args:
-        model: a timm ``VisionTransformer`` with a linear head (one output per class). Every parameter
-            outside the head is frozen.
+        model: a timm ``VisionTransformer`` with a linear head (one output per class), or a model holding
+            one (a wrapper that normalises or resizes the images first). Every parameter outside the head is
+            frozen.
         pool_size: components per block over all tasks (the authors' 100).
         prompt_length: tokens per component, split into keys and values (the authors' 8).
         num_tasks: the number of tasks the pool is divided over (``pool_size // num_tasks`` per task).
@@ -95,6 +96,7 @@ class CODAPrompt(Synapse):
 
     has_predictor = True
     acts_at_task_end = True  # a new slice of components at each task end
+    train_mask = True  # the loss spans the current task's classes (L2P's and DualPrompt's option, always on here)
 
     def __init__(
         self,
@@ -126,12 +128,12 @@ class CODAPrompt(Synapse):
         current_loss = self._check_current_loss(current_loss)
         super().__init__(model, scaler=scaler)
         self.head = find_head(self.module)
-        blocks = getattr(self.module, "blocks", None)
-        depth = len(blocks) if isinstance(blocks, nn.Sequential) else None
-        if depth is not None and prompt_layers > depth:
+        vit = find_vit(self.module)  # the model, or the timm ViT inside a wrapper
+        depth = len(vit.blocks)  # type: ignore[arg-type]
+        if prompt_layers > depth:
             raise ValueError(f"prompt_layers={prompt_layers}, but the model has {depth} blocks")
         # Validates the model and hooks it; the first change to the model.
-        self._prompted = PromptedViT(self.module, self._inject, prefix_blocks=range(prompt_layers))
+        self._prompted = PromptedViT(vit, self._inject, prefix_blocks=range(prompt_layers))
         freeze_backbone(self.module, self.head)
         self.pool_size, self.prompt_length, self.num_tasks = pool_size, prompt_length, num_tasks
         self.prompt_layers, self.ortho_mu, self.current_loss = prompt_layers, float(ortho_mu), current_loss
@@ -197,7 +199,8 @@ class CODAPrompt(Synapse):
         return torch.cat([frozen, getattr(self, part)], dim=1)
 
     def query(self, **model_inputs: Tensor) -> Tensor:
-        """The query features ``(batch, key_dim)`` of ``model_inputs`` (the un-prompted model's pre-logits)."""
+        """The query features ``(batch, key_dim)`` of ``model_inputs`` (the un-prompted ViT's pre-logits; the
+        inputs as the ViT receives them, past any wrapper's preprocessing)."""
         (x,) = model_inputs.values()
         return self._prompted.query(x)
 
