@@ -202,3 +202,25 @@ def test_resume_and_rejections_through_the_harness():
     spec = catalog.get("coda-prompt")
     testing.check_resume(spec)
     testing.check_rejected_calls(spec)
+
+
+def test_the_floor_computes_the_same_logits_and_gradients_as_the_hooked_model():
+    from synapse.pretrained.coda_prompt import CODAPromptFloor
+
+    torch.manual_seed(0)
+    a, b = vit(depth=3), vit(depth=3)
+    b.load_state_dict(a.state_dict())
+    hp = {**catalog.get("coda-prompt").defaults(), **SMALL, "prompt_layers": 3}
+    coda = CODAPrompt(a, **{k: v for k, v in hp.items() if k != "current_loss"})
+    floor = CODAPromptFloor(b, 8, 4, (3, 16, 16), hp)
+    with torch.no_grad():
+        for mine, theirs in zip(coda.own_parameters(), floor.extra):
+            theirs.copy_(mine)
+    x, y = batch(0)
+    logits = floor.forward(x)
+    assert torch.allclose(a(x), logits, atol=1e-5)
+    loss = F.cross_entropy(a(x), y)
+    coda.backward(loss, y, x=x)
+    floor.backward(loss, y, x, logits)
+    for mine, theirs in zip(coda.own_parameters(), floor.extra):
+        assert torch.allclose(mine.grad, theirs.grad, atol=1e-5)

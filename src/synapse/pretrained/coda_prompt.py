@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -25,6 +25,7 @@ from ..functional.coda import (
 )
 from ._backbone import find_head, freeze_backbone
 from ._prompt import Injection, PromptedViT, find_vit
+from ._prompt_floor import PromptFloor
 
 __all__ = ["CODAPrompt"]
 
@@ -328,6 +329,42 @@ class CODAPrompt(Synapse):
             getattr(self, part).copy_(value)
 
 
+class CODAPromptFloor(PromptFloor):
+    """The query forward, the weighted components as prefixes in the prompted forward (the first task's slice),
+    the masked cross-entropy (and the orthogonality penalty when ``ortho_mu > 0``), one backward."""
+
+    def __init__(
+        self, model: nn.Module, buffer_size: int, minibatch: int, item: Tuple[int, ...], hparams: Mapping[str, Any]
+    ) -> None:
+        super().__init__(model, buffer_size, minibatch, item, {**hparams, "pull_constraint": 0.0})  # no key pull
+
+    def setup(self, dim: int, embed_dim: int) -> None:
+        hp = self.hp
+        layers, per_task = hp["prompt_layers"], hp["pool_size"] // hp["num_tasks"]
+        self.keys = nn.Parameter(torch.randn(layers, per_task, dim))
+        self.attention = nn.Parameter(torch.randn(layers, per_task, dim))
+        self.components = nn.Parameter(torch.randn(layers, per_task, hp["prompt_length"], embed_dim))
+        self.extra = [self.keys, self.attention, self.components]
+
+    def prompted(self, x: Tensor, query: Tensor) -> Tuple[Tensor, Tensor]:
+        prefixes = {
+            i: coda_split_prefix(
+                coda_assemble_prompt(coda_component_weights(query, self.keys[i], self.attention[i]), self.components[i])
+            )
+            for i in range(self.hp["prompt_layers"])
+        }
+        return self.forward_with(x, prefixes=prefixes), self.one
+
+    def backward(self, loss: Tensor, targets: Tensor, inputs: Tensor, logits: Tensor) -> None:
+        allowed = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device).index_fill_(0, targets, True)
+        roots, seeds = [asymmetric_cross_entropy(logits, targets, allowed)], [self.one]
+        if self.hp["ortho_mu"] > 0:
+            parts = (self.keys, self.attention, self.components)
+            roots.append(sum(coda_ortho_penalty(p[i].flatten(1)) for p in parts for i in range(len(p))))
+            seeds.append(self.weight("ortho_mu"))
+        self.run_backward(tuple(roots), tuple(seeds))
+
+
 register(
     MethodSpec(
         "coda-prompt",
@@ -355,5 +392,6 @@ register(
         ),
         toy="vit",
         harness_hparams={"pool_size": 10, "num_tasks": 5, "prompt_layers": 2},
+        floor=CODAPromptFloor,
     )
 )
