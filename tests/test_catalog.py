@@ -18,6 +18,7 @@ from synapse import catalog, testing
 from synapse.experiments import presets
 from synapse.experiments.cli import build_parser, main
 from synapse.experiments.models import Classifier, Normalize, create_model
+from synapse.pretrained import CODAPrompt
 from synapse.pretrained._prompted import PromptMethod
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -204,7 +205,9 @@ def test_cli_preset_errors_before_anything_runs(flags, message, capsys):
 def test_floor_steps_train(spec):
     """Each floor is a real step: finite gradients on the model (GDumb's stream step stores the batch only)."""
     torch.manual_seed(0)
-    prompts = issubclass(spec.cls, PromptMethod)  # on a tiny ViT behind the experiment program's normalisation
+    prompts = issubclass(
+        spec.cls, (PromptMethod, CODAPrompt)
+    )  # on a tiny ViT behind the experiment program's normalisation
     model = Classifier(Normalize([0.5], [0.25]), testing.toy_vit(), 3, testing.IMAGE_SIZE) if prompts else None
     model = model or create_model("mlp", 1, 28, 10, [0.5], [0.25])
     floor = spec.floor(model, 40, 5, (1, 28, 28), spec.resolve(spec.harness_hparams))
