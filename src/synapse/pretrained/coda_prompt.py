@@ -360,7 +360,7 @@ class CODAPromptFloor(PromptFloor):
         roots, seeds = [asymmetric_cross_entropy(logits, targets, allowed)], [self.one]
         if self.hp["ortho_mu"] > 0:
             parts = (self.keys, self.attention, self.components)
-            roots.append(sum(coda_ortho_penalty(p[i].flatten(1)) for p in parts for i in range(len(p))))
+            roots.append(torch.stack([coda_ortho_penalty(p[i].flatten(1)) for p in parts for i in range(len(p))]).sum())
             seeds.append(self.weight("ortho_mu"))
         self.run_backward(tuple(roots), tuple(seeds))
 
