@@ -46,7 +46,6 @@ from _runner import cpu_model, display_name, order_key, provenance  # noqa: E402
 from synapse import catalog  # noqa: E402
 from synapse._floor import Floor  # noqa: E402
 from synapse.experiments.models import create_model  # noqa: E402
-from synapse.pretrained._prompted import PromptMethod  # noqa: E402
 
 
 class ReferenceStyleDERpp:
@@ -398,7 +397,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     variants = make_variants(args.buffer_size, mb, (shape[0], shape[1], shape[1]))
     if not model_name.startswith("timm:vit"):  # prompt methods need a ViT: --model timm:vit_tiny_patch16_224
-        vit_only = {display_name(spec.name) for spec in catalog.specs() if issubclass(spec.cls, PromptMethod)}
+        vit_only = {display_name(spec.name) for spec in catalog.specs() if spec.cls.requires_vit}
         variants = {k: v for k, v in variants.items() if k.removeprefix("floor: ") not in vit_only}
     if args.only:
         variants = {k: v for k, v in variants.items() if k == "plain" or k in args.only}

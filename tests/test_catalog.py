@@ -19,7 +19,6 @@ from synapse.experiments import presets
 from synapse.experiments.cli import build_parser, main
 from synapse.experiments.models import Classifier, Normalize, create_model
 from synapse.pretrained._frozen import FrozenFeatureFloor
-from synapse.pretrained._prompted import PromptMethod
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -205,7 +204,7 @@ def test_cli_preset_errors_before_anything_runs(flags, message, capsys):
 def test_floor_steps_train(spec):
     """Each floor is a real step: finite gradients on the model (GDumb's stream step stores the batch only)."""
     torch.manual_seed(0)
-    prompts = issubclass(spec.cls, PromptMethod)  # on a tiny ViT behind the experiment program's normalisation
+    prompts = spec.cls.requires_vit  # on a tiny ViT behind the experiment program's normalisation
     model = Classifier(Normalize([0.5], [0.25]), testing.toy_vit(), 3, testing.IMAGE_SIZE) if prompts else None
     model = model or create_model("mlp", 1, 28, 10, [0.5], [0.25])
     floor = spec.floor(model, 40, 5, (1, 28, 28), spec.resolve(spec.harness_hparams))

@@ -7,6 +7,8 @@ the hot path of ``backward``. One module per kind; every public name is re-expor
 
 from .alignment import *  # noqa: F403
 from .alignment import __all__ as _alignment
+from .coda import *  # noqa: F403
+from .coda import __all__ as _coda
 from .distillation import *  # noqa: F403
 from .distillation import __all__ as _distillation
 from .penalties import *  # noqa: F403
@@ -20,4 +22,4 @@ from .replay import __all__ as _replay
 from .sampling import *  # noqa: F403
 from .sampling import __all__ as _sampling
 
-__all__ = [*_sampling, *_replay, *_projection, *_penalties, *_distillation, *_alignment, *_prompts]
+__all__ = [*_sampling, *_replay, *_projection, *_penalties, *_distillation, *_alignment, *_coda, *_prompts]

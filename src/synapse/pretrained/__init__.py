@@ -1,16 +1,17 @@
 """Methods on pretrained backbones: closed-form classifiers on frozen features (SimpleCIL, RanPAC), prompts
-learned for a frozen ViT (L2P, DualPrompt; :mod:`synapse.pretrained._prompt` injects them), and a slowly
-fine-tuned backbone with a realigned head (SLCA).
+learned for a frozen ViT (L2P, DualPrompt, CODA-Prompt; :mod:`synapse.pretrained._prompt` injects them), and a
+slowly fine-tuned backbone with a realigned head (SLCA).
 
 The user builds the backbone (e.g. ``timm.create_model(...)`` with their own local weights) and the method
 on it; the method reads the feature/head split from the model (:mod:`synapse.pretrained._backbone`), so
 any timm ViT or ResNet, or any model whose last layer is an ``nn.Linear``, works.
 """
 
+from .coda_prompt import CODAPrompt
 from .dualprompt import DualPrompt
 from .l2p import L2P
 from .ranpac import RanPAC
 from .simplecil import SimpleCIL
 from .slca import SLCA
 
-__all__ = ["SimpleCIL", "RanPAC", "L2P", "DualPrompt", "SLCA"]
+__all__ = ["SimpleCIL", "RanPAC", "L2P", "DualPrompt", "CODAPrompt", "SLCA"]
