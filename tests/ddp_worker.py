@@ -12,7 +12,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from conftest import mlp  # noqa: E402
-from synapse import catalog  # noqa: E402
+from synapse import catalog, testing  # noqa: E402
 
 # Every registered method, plus the variants whose options change how ranks interact.
 VARIANTS = {
@@ -32,15 +32,17 @@ def main(method: str, out_dir: str, steps: int = 12) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.manual_seed(0)  # the same initial model on every rank
-    model = nn.parallel.DistributedDataParallel(mlp())
+    vit = catalog.get(VARIANTS.get(method, (method, {}))[0]).cls.requires_vit  # prompts need the tiny ViT
+    model = nn.parallel.DistributedDataParallel(testing.toy_vit() if vit else mlp())
+    shape, name = ((3, testing.IMAGE_SIZE, testing.IMAGE_SIZE), "x") if vit else ((1, 28, 28), "input")
     syn = build(method, model)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    opt = torch.optim.SGD(testing.optimized_parameters(model, syn), lr=0.05)
     g = torch.Generator().manual_seed(100 + rank)  # every rank sees its own data
     record = {}
     task = []
     for step in range(steps):
-        x, y = torch.randn(8, 1, 28, 28, generator=g), torch.randint(0, 10, (8,), generator=g)
-        task.append((y, {"input": x}))
+        x, y = torch.randn(8, *shape, generator=g), torch.randint(0, 10, (8,), generator=g)
+        task.append((y, {name: x}))
         last = step == steps - 1
         if last and method == "agem":
             inner = copy.deepcopy(model.module)
@@ -55,7 +57,7 @@ def main(method: str, out_dir: str, steps: int = 12) -> None:
             dist.all_reduce = recording_all_reduce
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad()
-        syn.backward(loss, y, input=x)
+        syn.backward(loss, y, **{name: x})
         if last and method == "agem":
             dist.all_reduce = real_all_reduce
             record["applied"] = torch.cat([p.grad.flatten() for p in model.parameters()])

@@ -62,6 +62,13 @@ def test_parameters_stay_identical_across_ranks(tmp_path, method):
         for name in ("stat_classes", "class_means", "class_covariances", "head_weights", "seen_classes"):
             assert torch.equal(s0[name], s1[name]), name
         assert len(s0["stat_classes"]) == 10
+    if (
+        method in catalog.names() and catalog.get(method).cls.requires_vit
+    ):  # the prompts (and keys) train on the averaged gradient too
+        tensors = [
+            (k, v) for k, v in r0["state"]["state"].items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+        ]
+        assert tensors and all(torch.equal(v, r1["state"]["state"][k]) for k, v in tensors)
     if method == "agem":
         g = (r0["local_grad"] + r1["local_grad"]) / 2
         ref = (r0["local_reference"] + r1["local_reference"]) / 2

@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 
-from synapse import catalog
+from synapse import catalog, testing
 from synapse.experiments import checkpoint, run
 from synapse.experiments.cli import main
 from synapse.experiments.run import Config, Experiment
@@ -215,9 +215,10 @@ def test_every_method_resumes_exactly_from_a_mid_task_checkpoint(tmp_path, metho
     # the harness's small settings (RanPAC's 10000-wide projection: 800 MB checkpoints), and a short GDumb
     # retraining (its default 128 epochs: 5 s here)
     args = {**catalog.get(method).harness_hparams, **({"retrain_epochs": 8} if method == "gdumb" else {})}
-    expected = Experiment(_tiny(method, full, method_args=args)).run()
+    model = testing.experiment_model(catalog.get(method))  # the prompt methods run on a tiny ViT
+    expected = Experiment(_tiny(method, full, method_args=args, **model)).run()
     assert progress(os.path.join(snap, "checkpoint.pt"))["next_batch"] == 2
-    resumed = Experiment(_tiny(method, snap, method_args=args, resume=True)).run()
+    resumed = Experiment(_tiny(method, snap, method_args=args, resume=True, **model)).run()
     assert resumed["accuracy_matrix"] == expected["accuracy_matrix"]
     losses = [[row["train_loss"], row["train_accuracy"]] for row in expected["epoch_log"]]
     assert [[row["train_loss"], row["train_accuracy"]] for row in resumed["epoch_log"]] == losses

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from synapse import catalog, named_batches
+from synapse import catalog, named_batches, testing
 from synapse.experiments.cli import main
 from synapse.gradient import AGEM
 from synapse.rehearsal import ER
@@ -38,10 +38,18 @@ class Net(nn.Module):
         return F.log_softmax(out, 1) if self.log_probs else out
 
 
-def batch(classes, n=8, seed=0):
+def batch(classes, n=8, seed=0, shape=(8,)):
     g = torch.Generator().manual_seed(seed)
     y = torch.tensor(classes)[torch.randint(len(classes), (n,), generator=g)]
-    return torch.randn(n, 8, generator=g) + y[:, None].float(), y
+    return torch.randn(n, *shape, generator=g) + y.float().view(-1, *[1] * len(shape)), y
+
+
+def tutorial(name):
+    """The tutorial's model for method ``name`` and its input shape: Net, or the harness's tiny timm ViT for
+    the methods that need one (its forward's argument is ``x`` too)."""
+    if catalog.get(name).cls.requires_vit:
+        return testing.toy_vit(classes=6), (3, testing.IMAGE_SIZE, testing.IMAGE_SIZE)
+    return Net(), (8,)
 
 
 def step(model, syn, x, y, /, **names):
@@ -85,11 +93,11 @@ def assert_unchanged(model, syn, before):
 @pytest.mark.parametrize("name", NAMES)
 def test_a_name_forward_cannot_take_is_refused_at_the_first_step(name):
     """A-GEM used to fail only at step 2, EWC only at end_task: now every method refuses at step 1."""
-    model = Net()
+    model, shape = tutorial(name)
     syn = build(name, model)
-    x, y = batch([0, 1])
+    x, y = batch([0, 1], shape=shape)
     before = snapshot(model, syn)
-    with pytest.raises(ValueError, match=r"not parameters of Net.forward\(x\).*\['x'\]"):
+    with pytest.raises(ValueError, match=rf"not parameters of {type(model).__name__}.forward\(x\b.*\['x'"):
         step(model, syn, x, y, inputs=x)
     assert_unchanged(model, syn, before)
     assert syn.num_steps == 0
@@ -193,10 +201,10 @@ def test_er_with_fused_false_replays_in_eval_mode():
 
 # ---------------------------------------------------------------------- 3. forgetting end_task()
 def two_tasks(name, end_task, steps=9):
-    model = Net()
+    model, shape = tutorial(name)
     syn = build(name, model)
     for t, classes in enumerate(([0, 1], [2, 3])):
-        data = [batch(classes, seed=10 * t + s) for s in range(steps)]
+        data = [batch(classes, seed=10 * t + s, shape=shape) for s in range(steps)]
         for x, y in data:
             step(model, syn, x, y)
         if end_task:
@@ -305,12 +313,12 @@ def test_methods_whose_loss_is_a_cross_entropy_accept_log_probabilities():
 def test_a_forward_in_eval_mode_is_refused_exactly_by_the_methods_that_need_a_training_forward(name):
     """The README's table says which methods need the training forward: each of them refuses a step whose
     forward ran in eval mode (nothing changed); the others train as usual."""
-    model = Net()
+    model, shape = tutorial(name)
     syn = build(name, model)
     for s in range(3):
-        step(model, syn, *batch([0, 1], seed=s))
+        step(model, syn, *batch([0, 1], seed=s, shape=shape))
     model.eval()
-    x, y = batch([0, 1], seed=9)
+    x, y = batch([0, 1], seed=9, shape=shape)
     if syn.needs_training_forward:
         before = snapshot(model, syn)
         with pytest.raises(ValueError, match="train|eval"):

@@ -118,21 +118,24 @@ def check_catalog_methods() -> None:
     import torch
     from torch import nn
 
-    from synapse import catalog, named_batches
+    from synapse import catalog, named_batches, testing
 
     names = []
     for spec in catalog.specs():
         torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        if spec.cls.requires_vit:  # prompts go into a ViT's tokens: the harness's tiny timm ViT
+            model, shape, name = testing.toy_vit(4), (3, testing.IMAGE_SIZE, testing.IMAGE_SIZE), "x"
+        else:
+            model, shape, name = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)), (8,), "input"
         method = spec.create(model, spec.harness_hparams, buffer_size=20, buffer_sample_size=4)  # small settings
-        batches = [(torch.randn(6, 8), torch.randint(0, 4, (6,))) for _ in range(3)]
+        optimizer = torch.optim.SGD(testing.optimized_parameters(model, method), lr=0.1)
+        batches = [(torch.randn(6, *shape), torch.randint(0, 4, (6,))) for _ in range(3)]
         for _task in range(2):
             for inputs, targets in batches:
                 optimizer.zero_grad()
-                method.backward(nn.functional.cross_entropy(model(inputs), targets), targets, input=inputs)
+                method.backward(nn.functional.cross_entropy(model(inputs), targets), targets, **{name: inputs})
                 optimizer.step()
-            method.end_task(named_batches(batches, name="input"))
+            method.end_task(named_batches(batches, name=name))
         names.append(spec.name)
     print(f"catalog: {len(names)} methods ran 2 tasks of 3 steps with task ends ({', '.join(names)})")
 

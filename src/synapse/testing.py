@@ -55,6 +55,7 @@ __all__ = [
     "toy_vit",
     "toy_images",
     "toy_for",
+    "experiment_model",
     "cli_model_args",
     "optimized_parameters",
     "train",
@@ -84,6 +85,8 @@ def toy_batches(n: int, batch: int = 8, seed: int = 0, features: int = FEATURES,
 
 
 IMAGE_SIZE = 16
+TINY_VIT = "vit_tiny_patch16_224"
+TINY_VIT_ARGS: Dict[str, Any] = {"patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}
 
 
 def toy_vit(classes: int = CLASSES) -> nn.Module:
@@ -93,16 +96,7 @@ def toy_vit(classes: int = CLASSES) -> nn.Module:
         import timm  # optional: only the pretrained family's harness runs need it
     except ImportError:
         raise ImportError("the 'vit' toy model needs timm: pip install 'torch-synapse[timm]'") from None
-    return timm.create_model(
-        "vit_tiny_patch16_224",
-        pretrained=False,
-        img_size=IMAGE_SIZE,
-        patch_size=8,
-        depth=2,
-        embed_dim=32,
-        num_heads=2,
-        num_classes=classes,
-    )
+    return timm.create_model(TINY_VIT, pretrained=False, img_size=IMAGE_SIZE, num_classes=classes, **TINY_VIT_ARGS)
 
 
 def toy_images(n: int, batch: int = 8, seed: int = 0, classes: int = CLASSES) -> List[Batch]:
@@ -117,15 +111,21 @@ def _random_batches(n: int, shape: Tuple[int, ...], batch: int, seed: int, class
     ]
 
 
-def cli_model_args(spec: MethodSpec) -> List[str]:
-    """The experiment program's model flags for a short test run of ``spec``: none (the dataset's default
-    model) for most methods; :func:`toy_vit`'s tiny timm ViT for those that need a ViT."""
+def experiment_model(spec: MethodSpec) -> Dict[str, Any]:
+    """The experiment program's model settings (``Config`` fields) for a short test run of ``spec``: none (the
+    dataset's default model) for most methods; :func:`toy_vit`'s tiny timm ViT for those that need a ViT."""
     if not spec.cls.requires_vit:
+        return {}
+    return {"model": f"timm:{TINY_VIT}", "input_size": IMAGE_SIZE, "model_args": dict(TINY_VIT_ARGS)}
+
+
+def cli_model_args(spec: MethodSpec) -> List[str]:
+    """:func:`experiment_model` as the experiment program's flags."""
+    fields = experiment_model(spec)
+    if not fields:
         return []
-    return [
-        "--model", "timm:vit_tiny_patch16_224", "--input_size", str(IMAGE_SIZE),
-        "--model_args", "patch_size=8", "depth=2", "embed_dim=32", "num_heads=2",
-    ]  # fmt: skip
+    kwargs = [f"{k}={v}" for k, v in fields["model_args"].items()]
+    return ["--model", fields["model"], "--input_size", str(fields["input_size"]), "--model_args", *kwargs]
 
 
 class Toy(NamedTuple):
