@@ -17,7 +17,8 @@ import synapse.structure
 from synapse import catalog, testing
 from synapse.experiments import presets
 from synapse.experiments.cli import build_parser, main
-from synapse.experiments.models import create_model
+from synapse.experiments.models import Classifier, Normalize, create_model
+from synapse.pretrained._prompted import PromptMethod
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -203,13 +204,19 @@ def test_cli_preset_errors_before_anything_runs(flags, message, capsys):
 def test_floor_steps_train(spec):
     """Each floor is a real step: finite gradients on the model (GDumb's stream step stores the batch only)."""
     torch.manual_seed(0)
-    model = create_model("mlp", 1, 28, 10, [0.5], [0.25])
+    prompts = issubclass(spec.cls, PromptMethod)  # on a tiny ViT behind the experiment program's normalisation
+    model = Classifier(Normalize([0.5], [0.25]), testing.toy_vit(), 3, testing.IMAGE_SIZE) if prompts else None
+    model = model or create_model("mlp", 1, 28, 10, [0.5], [0.25])
     floor = spec.floor(model, 40, 5, (1, 28, 28), spec.resolve(spec.harness_hparams))
     x, y = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8), torch.randint(0, 10, (8,))
     logits = floor.forward(x)
     floor.backward(F.cross_entropy(logits, y), y, x, logits)
     grads = [p.grad for p in model.parameters()]
-    if spec.name == "gdumb":
+    if prompts:  # the prompts, keys and head train; the backbone gets no gradient
+        trained = floor.extra + list(model.backbone.head.parameters())
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0 for p in trained)
+        assert sum(g is not None for g in grads) == 2
+    elif spec.name == "gdumb":
         assert all(g is None for g in grads) and torch.equal(floor.x[:8], x)
     elif spec.family == "pretrained":  # a closed-form classifier: no backward pass, the batch's features kept
         assert all(g is None for g in grads) and floor.features.shape[0] == 8

@@ -396,6 +396,12 @@ class Synapse(Stateful, ABC):
     def trainable_parameters(self) -> List[nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
 
+    def own_parameters(self) -> List[nn.Parameter]:
+        """The trainable parameters the method keeps outside the model (L2P's prompts and keys): an optimizer
+        built on ``model.parameters()`` needs them added. Empty for a method that trains only the model."""
+        inside = {id(p) for p in self.module.parameters()}
+        return [p for p in self.trainable_parameters() if id(p) not in inside]
+
     def _gradients(self, params: Sequence[nn.Parameter]) -> List[Tensor]:
         """The ``.grad`` of each parameter, creating zeros for parameters this step did not reach."""
         for p in params:

@@ -218,13 +218,15 @@ def get(name: str) -> MethodSpec:
 
 def usage_table() -> str:
     """The README's table of what each method asks of your loop, from the classes' attributes and from each
-    method as its defaults build it (on a throwaway model): task ends, predictor, forward mode, logits."""
+    method as its defaults build it (on its harness toy model): task ends, predictor, forward mode, logits."""
+    from .testing import toy_for  # the harness's toys (a tiny ViT for the prompt methods)
+
     rows = [
         "| CLI name | `end_task` | Evaluate with | Forward that produced the loss | Outputs |",
         "|---|---|---|---|---|",
     ]
     for spec in specs():
-        method = spec.create(nn.Sequential(nn.Flatten(), nn.Linear(4, 4)), spec.harness_hparams)
+        method = spec.create(toy_for(spec).model(), spec.harness_hparams)
         method.remove_hooks()
         if method.needs_task_data:
             task_end = "**needed, with data**: `end_task(named_batches(loader))`"

@@ -55,6 +55,7 @@ __all__ = [
     "toy_vit",
     "toy_images",
     "toy_for",
+    "optimized_parameters",
     "train",
     "state_equal",
     "bad_values",
@@ -137,6 +138,12 @@ def _task_data(data: Sequence[Batch], input_name: str = "input") -> List[Tuple[T
     return [(y, {input_name: x}) for x, y in data]
 
 
+def optimized_parameters(model: nn.Module, method: Any) -> List[nn.Parameter]:
+    """What the harness's optimizer steps: the model's parameters, then those the method keeps outside it
+    (:meth:`~synapse.Synapse.own_parameters`: prompts and keys)."""
+    return [*model.parameters(), *method.own_parameters()]
+
+
 def train(
     model: nn.Module,
     method: Any,
@@ -150,7 +157,7 @@ def train(
     """Steps ``start, start + 1, ...`` of ``data`` with SGD; a task ends (with its data) every ``task_length``
     steps. The inputs go to ``backward`` as ``input_name`` (the toy's). Returns the optimizer, to continue
     or to save."""
-    optimizer = optimizer or torch.optim.SGD(model.parameters(), lr=lr)
+    optimizer = optimizer or torch.optim.SGD(optimized_parameters(model, method), lr=lr)
     for i, (x, y) in enumerate(data[start:], start):
         loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad()
@@ -224,7 +231,7 @@ def check_resume(
         resumed.load_state_dict(weights)
         method2 = _build(spec, resumed, hparams, **run_arguments)
         method2.load_state_dict(method_state)
-        optimizer2 = torch.optim.SGD(resumed.parameters(), lr=0.05)
+        optimizer2 = torch.optim.SGD(optimized_parameters(resumed, method2), lr=0.05)
         optimizer2.load_state_dict(optimizer_state)
         run(resumed, method2, data, start=at, optimizer=optimizer2)
         where = f"{spec.name} resumed after step {at}"

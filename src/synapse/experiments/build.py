@@ -44,10 +44,13 @@ def build_model(
     return model
 
 
-def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
-    """Plain SGD, as the DER protocol trains."""
+def build_optimizer(
+    cfg: Config, model: nn.Module, method: Optional[synapse.Synapse] = None
+) -> torch.optim.Optimizer:
+    """Plain SGD, as the DER protocol trains, over the model's parameters and those the method keeps outside
+    the model (L2P's prompts and keys)."""
     return torch.optim.SGD(
-        model.parameters(),
+        [*model.parameters(), *(method.own_parameters() if method is not None else [])],
         lr=cfg.lr,  # type: ignore[arg-type]
         weight_decay=cfg.weight_decay,
     )

@@ -152,8 +152,8 @@ class Experiment:
         self.stream: Optional[TaskFreeStream] = data.stream
         self.task_classes = list(self.spec.task_classes().values())
         self.model = build_model(self.cfg, self.spec, self.device, self.world, self.log)
-        self.optimizer = build_optimizer(self.cfg, self.model)
         self.synapse: Optional[synapse.Synapse] = build_method(self.cfg, self.model)
+        self.optimizer = build_optimizer(self.cfg, self.model, self.synapse)  # the method's prompts train too
         cfg_dict = dataclasses.asdict(self.cfg)
         self.identity = {k: cfg_dict[k] for k in IDENTITY}
         self.identity["world_size"] = self.world.size

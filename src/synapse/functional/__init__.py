@@ -11,9 +11,11 @@ from .penalties import *  # noqa: F403
 from .penalties import __all__ as _penalties
 from .projection import *  # noqa: F403
 from .projection import __all__ as _projection
+from .prompts import *  # noqa: F403
+from .prompts import __all__ as _prompts
 from .replay import *  # noqa: F403
 from .replay import __all__ as _replay
 from .sampling import *  # noqa: F403
 from .sampling import __all__ as _sampling
 
-__all__ = [*_sampling, *_replay, *_projection, *_penalties, *_distillation]
+__all__ = [*_sampling, *_replay, *_projection, *_penalties, *_distillation, *_prompts]

@@ -1,0 +1,183 @@
+"""L2P: Learning to Prompt, a pool of prompts chosen by key-query matching for a frozen ViT."""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .._base import CURRENT_LOSS
+from .._validation import check_positive_int
+from ..catalog import HParam, MethodSpec, register
+from ..functional.prompts import key_pull, key_similarity, select_prompts
+from ._prompt import Injection
+from ._prompt_floor import PromptFloor
+from ._prompted import PromptMethod, uniform_parameter
+
+__all__ = ["L2P"]
+
+HEAD_TYPES = ("prompt", "token")
+
+
+class L2P(PromptMethod):
+    """L2P (Wang et al. 2022, "Learning to Prompt for Continual Learning", CVPR; code:
+    ``JH-LEE-KR/l2p-pytorch``).
+
+    The backbone is frozen. A pool of ``pool_size`` prompts ``P_j`` (``prompt_length x D`` each) with keys
+    ``k_j`` (``D``) is learned. Each sample's query ``q(x)`` is the frozen, un-prompted model's pre-logits
+    ([CLS]); the ``top_k`` prompts whose keys are most cosine-similar to it are prepended to the patch
+    tokens (after [CLS]) and the model runs on ``[cls; P_{s_1}; ...; P_{s_N}; patches]``. With
+    ``head_type='prompt'`` the classifier reads the mean of the prompt tokens' outputs. The loss is
+
+        ``L = CE(mask_t(f(x; P_s)), y) - lambda * (1/B) sum_i sum_{j in s_i} gamma(q(x_i), k_j)``
+
+    with ``mask_t`` keeping the logits of the current task's classes (``train_mask``) and ``lambda`` the
+    pull constraint. ``batchwise_prompt`` (the authors' config) gives every sample of a batch the
+    ``top_k`` prompts selected most often in it, at training and at test.
+
+    **The loss you pass.** With ``current_loss='method'`` (the default) the loss given to :meth:`backward`
+    is checked and then replaced by ``L`` on the outputs of the forward that produced it (it must be the
+    model's ``(batch, classes)`` logits); with ``'user'`` your loss stands in for the cross-entropy and the
+    pull term is added to it.
+
+    Give the optimizer :meth:`trainable_parameters` (prompts, keys, head); evaluate with
+    ``synapse.predict(x=x)`` or ``model(x)`` in eval mode (both select prompts by the query). The authors
+    train with Adam (lr ``0.03 * batch / 256``), clip the gradient norm at 1 and rebuild the optimizer at
+    each task: that part is your loop's.
+
+    Args:
+        model: a timm ``VisionTransformer`` with a linear head of one output per class; every parameter
+            outside the head is frozen.
+        pool_size: prompts in the pool (authors' CIFAR-100 config: 10).
+        prompt_length: tokens per prompt (5).
+        top_k: prompts per sample (5).
+        pull_constraint: ``lambda``, the weight of the key-query pull (0.1).
+        batchwise_prompt: every sample of a batch uses the batch's most frequent prompts (True).
+        head_type: ``'prompt'``: the head reads the mean of the prompt tokens' outputs (authors' config);
+            ``'token'``: the model's own pooling ([CLS] for ``global_pool='token'``).
+        train_mask: mask the logits of classes outside the current task in the loss (True).
+        current_loss: ``'method'`` or ``'user'`` (above).
+        scaler: a ``torch.amp.GradScaler`` for mixed precision; pass the unscaled loss to ``backward``.
+
+    Example:
+        >>> import timm
+        >>> model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8,
+        ...                           depth=2, embed_dim=32, num_heads=2, num_classes=10)
+        >>> l2p = L2P(model)
+        >>> optimizer = torch.optim.Adam(l2p.trainable_parameters(), lr=0.001875)
+        >>> x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+        >>> l2p.backward(torch.nn.functional.cross_entropy(model(x), y), y, x=x)
+        >>> l2p.last_selection.shape
+        torch.Size([8, 5])
+
+    Deviations from the authors' code (docs/methods/pretrained.md):
+
+    * the query is the same model run without prompts (the authors build a second copy from the same weights);
+    * ``train_mask`` masks the classes of the task's batches so far, not the task's full class list;
+    * on a tie in batch-wise counts the lower prompt index wins (the authors' ``topk`` leaves it open);
+    * position dropout does not reach the prompt tokens (the authors' config has none);
+    * every parameter but the head is frozen (the authors leave ``fc_norm`` trainable; it is the identity
+      in their ViT-B/16).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        pool_size: int = 10,
+        prompt_length: int = 5,
+        top_k: int = 5,
+        pull_constraint: float = 0.1,
+        *,
+        batchwise_prompt: bool = True,
+        head_type: str = "prompt",
+        train_mask: bool = True,
+        current_loss: str = "method",
+        scaler: Optional[torch.amp.GradScaler] = None,
+    ) -> None:
+        check_positive_int("pool_size", pool_size)
+        check_positive_int("prompt_length", prompt_length)
+        check_positive_int("top_k", top_k)
+        if top_k > pool_size:
+            raise ValueError(f"top_k must be at most pool_size={pool_size}, got {top_k}")
+        if not isinstance(batchwise_prompt, bool):
+            raise TypeError(f"batchwise_prompt must be a bool, got {type(batchwise_prompt).__name__}")
+        if head_type not in HEAD_TYPES:
+            raise ValueError(f"head_type must be one of {HEAD_TYPES}, got {head_type!r}")
+        super().__init__(
+            model,
+            pull_constraint=pull_constraint,
+            train_mask=train_mask,
+            current_loss=current_loss,
+            prompt_tokens=True,
+            pool_prompts=head_type == "prompt",
+            scaler=scaler,
+        )
+        self.pool_size, self.prompt_length, self.top_k = pool_size, prompt_length, top_k
+        self.batchwise_prompt, self.head_type = batchwise_prompt, head_type
+        self.prompt = uniform_parameter(pool_size, prompt_length, self.embed_dim, device=self.device)
+        self.key = uniform_parameter(pool_size, self.feature_dim, device=self.device)
+        self._add_parameter_state("prompt", (pool_size, prompt_length, self.embed_dim))
+        self._add_parameter_state("key", (pool_size, self.feature_dim))
+
+    def _own_parameters(self) -> List[nn.Parameter]:
+        return [self.prompt, self.key]
+
+    def select(self, query: Tensor) -> Tensor:
+        """The prompt indices ``(batch, top_k)`` for query features ``(batch, feature_dim)``."""
+        return select_prompts(key_similarity(query, self.key), self.top_k, self.batchwise_prompt)
+
+    def _inject(self, query: Tensor, training: bool) -> Tuple[Injection, Tensor, Tensor]:
+        idx = self.select(query)
+        tokens = self.prompt[idx].flatten(1, 2)  # (batch, top_k * length, D), in selection order
+        return Injection(tokens=tokens), idx, key_pull(query, self.key, idx)
+
+
+class L2PFloor(PromptFloor):
+    """The query forward, top-k matching, the prompted forward with the mean of the prompt tokens as the
+    head's input, the masked cross-entropy and the key pull, one backward."""
+
+    def setup(self, dim: int, embed_dim: int) -> None:
+        hp = self.hp
+        self.prompt = nn.Parameter(torch.empty(hp["pool_size"], hp["prompt_length"], embed_dim).uniform_(-1, 1))
+        self.key = nn.Parameter(torch.empty(hp["pool_size"], dim).uniform_(-1, 1))
+        self.extra = [self.prompt, self.key]
+
+    def prompted(self, x: Tensor, query: Tensor) -> Tuple[Tensor, Tensor]:
+        idx = select_prompts(key_similarity(query, self.key), self.hp["top_k"], self.hp["batchwise_prompt"])
+        tokens = self.prompt[idx].flatten(1, 2)
+        return self.forward_with(x, tokens=tokens, pool_tokens=True), key_pull(query, self.key, idx)
+
+
+register(
+    MethodSpec(
+        "l2p",
+        L2P,
+        family="pretrained",
+        display="L2P",
+        paper="Wang et al. 2022, Learning to Prompt for Continual Learning (CVPR)",
+        summary="frozen ViT; a pool of prompts chosen per sample by key-query matching, prepended to the tokens",
+        hparams=(
+            HParam("pool_size", int, 10, "prompts in the pool", low=1),
+            HParam("prompt_length", int, 5, "tokens per prompt", low=1),
+            HParam("top_k", int, 5, "prompts per sample (at most pool_size)", low=1),
+            HParam("pull_constraint", float, 0.1, "weight of the key-query pull", low=0.0),
+            HParam("batchwise_prompt", bool, True, "every sample uses its batch's most frequent prompts"),
+            HParam("head_type", str, "prompt", "head input: mean of the prompt tokens, or the model's pooling",
+                   choices=HEAD_TYPES),
+            HParam("train_mask", bool, True, "mask the logits of classes outside the current task"),
+            HParam(
+                "current_loss",
+                str,
+                "method",
+                "'method': the masked cross-entropy replaces the loss passed to backward; 'user': keep it",
+                choices=CURRENT_LOSS,
+            ),
+        ),
+        toy="vit",
+        # The head on the [CLS] token: a random tiny ViT's mean prompt token barely separates classes within
+        # the harness's few steps (the contract variants still run head_type='prompt').
+        harness_hparams={"pool_size": 4, "prompt_length": 2, "top_k": 2, "head_type": "token"},
+        floor=L2PFloor,
+    )
+)
