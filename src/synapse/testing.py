@@ -57,6 +57,7 @@ __all__ = [
     "toy_for",
     "optimized_parameters",
     "train",
+    "optimized",
     "state_equal",
     "bad_values",
     "check_resume",
@@ -166,6 +167,13 @@ def train(
         if (i + 1) % task_length == 0:
             method.end_task(_task_data(data[i + 1 - task_length : i + 1], input_name))
     return optimizer
+
+
+def optimized(model: nn.Module, method: Any) -> List[nn.Parameter]:
+    """What the harness's optimizer trains: the model's parameters, then those the method trains outside
+    the model (a prompt method's prompts and keys, from its ``trainable_parameters()``)."""
+    own = list(model.parameters())
+    return own + [p for p in method.trainable_parameters() if all(p is not q for q in own)]
 
 
 def state_equal(a: Any, b: Any) -> bool:

@@ -5,6 +5,8 @@ the hot path of ``backward``. One module per kind; every public name is re-expor
 ``from synapse.functional import project_conflicting_`` works whichever module holds it.
 """
 
+from .coda import *  # noqa: F403
+from .coda import __all__ as _coda
 from .distillation import *  # noqa: F403
 from .distillation import __all__ as _distillation
 from .penalties import *  # noqa: F403
@@ -18,4 +20,4 @@ from .replay import __all__ as _replay
 from .sampling import *  # noqa: F403
 from .sampling import __all__ as _sampling
 
-__all__ = [*_sampling, *_replay, *_projection, *_penalties, *_distillation, *_prompts]
+__all__ = [*_sampling, *_replay, *_projection, *_penalties, *_distillation, *_coda, *_prompts]

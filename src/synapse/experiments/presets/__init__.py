@@ -55,6 +55,7 @@ BASELINES: Dict[str, Tuple[str, int]] = {"sequential": ("SGD (fine-tuning)", 0),
 PROTOCOLS: Dict[str, Tuple[str, ...]] = {
     "seq-mnist": ("fashion-mnist", "mnist"),
     "seq-cifar10": ("cifar10",),
+    "seq-cifar100": ("cifar100",),  # CIFAR-100 in 10 tasks: the pretrained-backbone papers' protocol
     "perm-mnist": ("perm-fashion-mnist", "perm-mnist"),
     "rot-mnist": ("rot-fashion-mnist", "rot-mnist"),
     "mnist-360": ("fashion-mnist-360", "mnist-360"),
