@@ -11,10 +11,20 @@ loaders) and hands it the exchange's weights and batches.
         --reference ../RevisitingCIL --reference-python ../venv_timm0613/bin/python
     PYTHONPATH=src python benchmarks/sidebyside_pretrained.py run --method ranpac \\
         --reference ../RanPAC --reference-python ../venv_timm0613/bin/python
+    PYTHONPATH=src python benchmarks/sidebyside_pretrained.py run --method l2p \\
+        --reference ../l2p-pytorch --reference-python ../venv_timm067/bin/python
+    PYTHONPATH=src python benchmarks/sidebyside_pretrained.py run --method dualprompt --batch 1 --steps 6 \\
+        --reference ../dualprompt-pytorch --reference-python ../venv_timm067/bin/python
+    PYTHONPATH=src python benchmarks/sidebyside_pretrained.py run --method dualprompt --batch 20 --steps 3 \\
+        --reference ../dualprompt-pytorch --reference-python ../venv_timm067/bin/python \\
+        --output benchmarks/results/sidebyside_pretrained_dualprompt_batch20.json
+    PYTHONPATH=src python benchmarks/sidebyside_pretrained.py run --method coda --batch 20 --steps 3 \\
+        --reference ../CODA-Prompt --reference-python ../venv_timm0412/bin/python
     PYTHONPATH=src python benchmarks/sidebyside_pretrained.py render  # the section, from the committed JSON
 
 The reference Python needs torch, numpy, scipy, tqdm, easydict and the authors' timm (RevisitingCIL and RanPAC
-pin timm 0.6.12, which does not import on Python 3.11; 0.6.13 is the closest that does).
+pin timm 0.6.12, which does not import on Python 3.11; 0.6.13 is the closest that does; l2p-pytorch and
+dualprompt-pytorch pin 0.6.7, CODA-Prompt 0.4.12, both of which import).
 
 The data are the experiment program's: Fashion-MNIST in five tasks of two classes (``fashion-mnist``), the
 first ``--train`` training and ``--test`` test images of each task, in the order the program draws, fed
@@ -33,6 +43,16 @@ the largest magnitude of the reference's: the relative difference):
   lambda Synapse's ridge search picks on the authors' own 80/20 split of the task (the same function given the
   authors' split, so it must agree), the classifier ``W_o`` solved from Synapse's statistics at the authors'
   lambda, and the logits on the test images.
+
+The prompt methods (L2P, DualPrompt, CODA-Prompt) train, so they are compared step by step: Synapse trains
+with the authors' optimizer; before each of the first ``--steps`` steps of the first ``--tasks`` tasks its
+parameters (prompts, keys, head) are handed to the authors' model, whose own training step runs on the same
+batch; the prompt selection, the logits, the loss and every gradient are compared. Between tasks the authors'
+own set-up of the next task (DualPrompt's E-prompt copy, CODA-Prompt's Gram-Schmidt of the next slice) is
+compared with Synapse's parameters after its task end, and at each task end the test logits and predictions
+(Synapse's taken before and after its ``end_task``, the authors' from their own evaluation). DualPrompt and
+CODA-Prompt need five blocks (``depth=5``); CODA-Prompt is built on the backbone itself (it hooks the ViT it
+is given) and handed the adapter's outputs.
 
 ``render`` writes ``benchmarks/results/sidebyside_pretrained.md`` from ``sidebyside_pretrained_*.json``.
 """
@@ -1265,8 +1285,9 @@ NOTES = {
     "l2p": (
         "Every step's logits, loss and gradients agree to float32 rounding, and so do the test logits and "
         "predictions at each task end. The selected prompts are the same set for every sample, in another order: "
-        "the authors order a sample's top-k by similarity, Synapse by index; L2P's prompt tokens all sit at the "
-        "same positions and the head reads their mean, so the order changes nothing downstream (the logits agree)."
+        "both order the batch's prompts by vote count, and among equal counts Synapse puts the lower index first, "
+        "the authors take `torch.topk`'s order; every prompt token carries the same position embedding (the [CLS] "
+        "token's) and the head reads their mean, so the order changes nothing downstream (the logits agree)."
     ),
     "dualprompt": (
         "At batches of one (the only size at which the authors' E-prefix is the selected prompt's keys and values: "
@@ -1280,7 +1301,8 @@ NOTES = {
         "before its `end_task`, but not after it: Synapse makes that copy in `end_task`, the authors at the next "
         "task's start, after their evaluation, so a test sample whose query selects the next task's E-prompt "
         "gets the copied prompt in Synapse and the untrained one in the authors' evaluation (the same selection, "
-        "different logits, some predictions differ)."
+        "different logits, some predictions differ). No test selection differs at batches of one (the row on "
+        "tied votes is then 100% by default)."
     ),
     "dualprompt_batch20": (
         "The same comparison at batches of 20 shows the authors' reshape of the selected E-prompts "
