@@ -73,3 +73,61 @@ def test_render_reads_the_results(tmp_path):
     (tmp_path / "sidebyside_pretrained_ranpac.json").write_text(json.dumps(results))
     text = sbs.render(str(tmp_path))
     assert "| G = H^T H |" in text and "within tolerance" in text
+
+
+def step_record(gen, partial=False, selection=True):
+    record = {
+        "logits": torch.randn(3, 4, generator=gen),
+        "loss": torch.randn((), generator=gen),
+        "grads": {"e_prompt.prompt": torch.randn(2, 2, 6, generator=gen)},
+        "mask_partial": partial,
+    }
+    if selection:
+        record["selection"] = torch.tensor([[0], [0], [1]])
+    return record
+
+
+def test_prompt_steps_compare_reshaped_gradients_and_mark_partial_masks():
+    gen = torch.Generator().manual_seed(3)
+    ours = {"steps": [step_record(gen, partial=True), step_record(gen)], "evaluations": []}
+    # The authors keep heads apart: (..., 6) is their (..., heads 2, 3); the same numbers.
+    theirs = {
+        "steps": [
+            {**step, "grads": {"e_prompt.prompt": step["grads"]["e_prompt.prompt"].reshape(2, 2, 2, 3)}}
+            for step in ours["steps"]
+        ],
+        "evaluations": [],
+    }
+    rows = sbs.compare_steps(ours, theirs, [0, 0])
+    quantities = [r["quantity"] for r in rows]
+    assert "loss" + sbs.PARTIAL_MASK in quantities and "loss" in quantities
+    assert "gradient of e_prompt.prompt" + sbs.PARTIAL_MASK in quantities
+    assert all(r["max_rel"] == 0.0 for r in rows if "max_rel" in r)
+
+
+def test_prompt_task_ends_compare_starts_and_tied_votes():
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(4, 3, generator=gen)
+    state = {"key": torch.randn(2, 3, generator=gen)}
+    ours = {
+        "steps": [step_record(gen, selection=False)],
+        "task_end_states": [state],
+        "evaluations": [{"logits": logits, "selection": torch.tensor([[0], [0], [1], [1]])}],
+    }
+    theirs = {
+        "steps": [{**ours["steps"][0]}],
+        "task_starts": [{"key": state["key"] + 1.0}],
+        "evaluations": [
+            {
+                "logits": logits,
+                "selection": torch.tensor([[0], [0], [0], [0]]),
+                "vote_tied": torch.tensor([False, False, True, True]),
+            }
+        ],
+    }
+    rows = {r["quantity"]: r for r in sbs.compare_steps(ours, theirs, [0])}
+    assert not any(q.startswith("prompt selection:") for q in rows)  # no selection (CODA-Prompt)
+    start = rows["key at task start (Synapse: after its task end)"]
+    assert abs(start["max_abs"] - 1.0) < 1e-6
+    assert rows["prompt selection (test): same set"]["fraction"] == 0.5
+    assert rows["of the test selections that differ: in a batch whose vote ties"]["fraction"] == 1.0
