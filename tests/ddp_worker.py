@@ -33,9 +33,14 @@ def main(method: str, out_dir: str, steps: int = 12) -> None:
     rank = dist.get_rank()
     torch.manual_seed(0)  # the same initial model on every rank
     vit = catalog.get(VARIANTS.get(method, (method, {}))[0]).cls.requires_vit  # prompts need the tiny ViT
-    model = nn.parallel.DistributedDataParallel(testing.toy_vit() if vit else mlp())
     shape, name = ((3, testing.IMAGE_SIZE, testing.IMAGE_SIZE), "x") if vit else ((1, 28, 28), "input")
-    syn = build(method, model)
+    if vit:  # a method that freezes the backbone comes before DDP, which reduces what was trainable when built
+        inner = testing.toy_vit()
+        syn = build(method, inner)
+        model = nn.parallel.DistributedDataParallel(inner)
+    else:
+        model = nn.parallel.DistributedDataParallel(mlp())
+        syn = build(method, model)
     opt = torch.optim.SGD(testing.optimized_parameters(model, syn), lr=0.05)
     g = torch.Generator().manual_seed(100 + rank)  # every rank sees its own data
     record = {}

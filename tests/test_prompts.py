@@ -228,3 +228,21 @@ def test_the_floor_computes_the_same_logits_as_the_hooked_model(floor_cls, metho
             theirs.copy_(mine)
     x, _ = images(4)
     assert torch.allclose(a(x), floor.forward(x), atol=1e-5)
+
+
+def test_a_ddp_wrapped_model_is_refused_before_anything_changes(monkeypatch):
+    """Freezing the backbone after DDP was built breaks DDP's reducer at the first backward with an error that
+    does not say why: the method refuses the wrapped model up front and points to the right order."""
+    from torch import nn
+
+    from synapse import testing
+    from synapse.pretrained import L2P
+
+    model = testing.toy_vit()
+    monkeypatch.setattr(nn.parallel.DistributedDataParallel, "__init__", lambda self, module: nn.Module.__init__(self))
+    wrapped = nn.parallel.DistributedDataParallel(model)
+    wrapped.module = model
+    before = [p.requires_grad for p in model.parameters()]
+    with pytest.raises(ValueError, match="before wrapping the model in DistributedDataParallel"):
+        L2P(wrapped)
+    assert [p.requires_grad for p in model.parameters()] == before and not model._forward_pre_hooks

@@ -19,10 +19,15 @@ from .models import create_model
 
 
 def build_model(
-    cfg: Config, spec: DatasetSpec, device: torch.device, world: World, log: Callable[[str], None]
+    cfg: Config,
+    spec: DatasetSpec,
+    device: torch.device,
+    world: World,
+    log: Callable[[str], None],
+    wrap: bool = True,
 ) -> nn.Module:
     """The configured model for the dataset's inputs and classes, on ``device``; DDP-wrapped when the run
-    has more than one process."""
+    has more than one process (and ``wrap``: :func:`wrap_for_world` does it later)."""
     assert cfg.model is not None
     model: nn.Module = create_model(
         cfg.model,
@@ -39,6 +44,11 @@ def build_model(
         model_args=cfg.model_args,
         log=log,
     ).to(device)
+    return wrap_for_world(model, device, world) if wrap else model
+
+
+def wrap_for_world(model: nn.Module, device: torch.device, world: World) -> nn.Module:
+    """``model`` DDP-wrapped when the run has more than one process."""
     if world.size > 1:
         ids = [device.index] if device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(model, device_ids=ids)

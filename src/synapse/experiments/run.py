@@ -18,11 +18,11 @@ import torch
 from torch import Tensor
 
 import synapse
-from synapse import named_batches
+from synapse import catalog, named_batches
 from synapse.scenarios import DomainIncremental, TaskFreeStream
 
 from . import report
-from .build import build_method, build_model, build_optimizer
+from .build import build_method, build_model, build_optimizer, wrap_for_world
 from .checkpoint import (
     Periodic,
     Writer,
@@ -151,8 +151,13 @@ class Experiment:
         self.domain: Optional[DomainIncremental] = data.domain
         self.stream: Optional[TaskFreeStream] = data.stream
         self.task_classes = list(self.spec.task_classes().values())
-        self.model = build_model(self.cfg, self.spec, self.device, self.world, self.log)
+        # A method that freezes the backbone (the prompt methods) is built before DDP wraps the model: DDP
+        # reduces the parameters that were trainable when it was built.
+        freezes_first = self.cfg.training_type == "continual" and catalog.get(self.cfg.synapse_type).cls.requires_vit
+        self.model = build_model(self.cfg, self.spec, self.device, self.world, self.log, wrap=not freezes_first)
         self.synapse: Optional[synapse.Synapse] = build_method(self.cfg, self.model)
+        if freezes_first:
+            self.model = wrap_for_world(self.model, self.device, self.world)
         self.optimizer = build_optimizer(self.cfg, self.model, self.synapse)  # the method's prompts train too
         cfg_dict = dataclasses.asdict(self.cfg)
         self.identity = {k: cfg_dict[k] for k in IDENTITY}

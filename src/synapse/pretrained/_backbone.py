@@ -14,7 +14,7 @@ from typing import Any, Optional, Tuple
 
 from torch import Tensor, nn
 
-__all__ = ["FeatureTap", "find_head", "float_features", "freeze_backbone"]
+__all__ = ["FeatureTap", "find_head", "float_features", "freeze_backbone", "refuse_ddp_wrapped"]
 
 
 def find_head(model: nn.Module) -> nn.Linear:
@@ -31,6 +31,18 @@ def find_head(model: nn.Module) -> nn.Linear:
             f"{type(head).__name__}: build the model with num_classes > 0"
         )
     return head
+
+
+def refuse_ddp_wrapped(model: nn.Module, who: str) -> None:
+    """Raise when ``model`` is already a ``DistributedDataParallel``: DDP reduces the parameters that were
+    trainable when it was built, so a backbone frozen afterwards fails at the first backward pass, with an
+    error that does not name the cause."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise ValueError(
+            f"{who} freezes the model's backbone: build it on the model before wrapping the model in "
+            f"DistributedDataParallel (DDP reduces the parameters that were trainable when it was built), e.g. "
+            f"method = {who}(model); model = DistributedDataParallel(model)"
+        )
 
 
 def freeze_backbone(model: nn.Module, head: nn.Module) -> None:

@@ -15,7 +15,7 @@ from .._base import Synapse, TaskBatch
 from .._model import distributed_world
 from .._validation import check_non_negative
 from ..functional import asymmetric_cross_entropy
-from ._backbone import find_head, freeze_backbone
+from ._backbone import find_head, freeze_backbone, refuse_ddp_wrapped
 from ._prompt import Injection, PromptedViT, find_vit
 
 __all__ = ["PromptMethod", "uniform_parameter"]
@@ -62,6 +62,7 @@ class PromptMethod(Synapse):
         if not isinstance(train_mask, bool):
             raise TypeError(f"train_mask must be a bool, got {type(train_mask).__name__}")
         current_loss = self._check_current_loss(current_loss)
+        refuse_ddp_wrapped(model, type(self).__name__)
         super().__init__(model, scaler=scaler)
         self.head = find_head(self.module)
         self.num_classes, self.feature_dim = self.head.out_features, self.head.in_features
