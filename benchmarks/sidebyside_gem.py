@@ -5,8 +5,9 @@ The reference is a local checkout the user fetched (never vendored:
 ``git clone https://github.com/facebookresearch/GradientEpisodicMemory``). Its ``Net`` needs ``quadprog``, so
 run this with a Python that has it, and Synapse's sources on the path::
 
-    PYTHONPATH=src /path/to/ref-venv/bin/python benchmarks/sidebyside_gem.py run --reference ../GradientEpisodicMemory \\
-        --seeds 0 1 2 --gamma 0.5 --output benchmarks/results/sidebyside_gem_g0.5.json
+    PYTHONPATH=src /path/to/ref-venv/bin/python benchmarks/sidebyside_gem.py run \\
+        --reference ../GradientEpisodicMemory --seeds 0 1 2 --gamma 0.5 \\
+        --output benchmarks/results/sidebyside_gem_g0.5.json
     PYTHONPATH=src python benchmarks/sidebyside_gem.py render   # a markdown section from the committed raw results
 
 One run drives both in lockstep: the CLI's experiment (``Experiment``) trains Synapse's GEM as the
@@ -55,7 +56,12 @@ def _reference_net(reference: str, tasks: int, buffer: int, lr: float, gamma: fl
     from model.gem import Net  # type: ignore[import-not-found]  (the reference checkout)
 
     args = Namespace(
-        n_layers=2, n_hiddens=100, memory_strength=gamma, data_file="perm.pt", lr=lr, n_memories=buffer // tasks,
+        n_layers=2,
+        n_hiddens=100,
+        memory_strength=gamma,
+        data_file="perm.pt",
+        lr=lr,
+        n_memories=buffer // tasks,
         cuda=False,
     )
     return Net(784, 10, tasks, args)
@@ -81,8 +87,9 @@ def run_seed(reference: str, seed: int, buffer: int, gamma: float, lr: float, ma
     from synapse.experiments.run import Experiment
 
     torch.set_num_threads(1)
-    cfg = config_for(DATASET, "gem", buffer, seed, hp={"lr": lr, "gamma": gamma, "mb": buffer},
-                     max_test_per_task=max_test)
+    cfg = config_for(
+        DATASET, "gem", buffer, seed, hp={"lr": lr, "gamma": gamma, "mb": buffer}, max_test_per_task=max_test
+    )
     exp = Experiment(cfg)
     method = exp.synapse
     assert method is not None
@@ -158,8 +165,15 @@ def run_seed(reference: str, seed: int, buffer: int, gamma: float, lr: float, ma
     method.backward, method.end_task = backward, end_task  # type: ignore[method-assign]
     start = time.perf_counter()
     results = exp.run()
-    out: Dict[str, Any] = {"seed": seed, "buffer": buffer, "gamma": gamma, "lr": lr, "max_test_per_task": max_test,
-                           "wall_time_s": time.perf_counter() - start, "provenance": provenance()}
+    out: Dict[str, Any] = {
+        "seed": seed,
+        "buffer": buffer,
+        "gamma": gamma,
+        "lr": lr,
+        "max_test_per_task": max_test,
+        "wall_time_s": time.perf_counter() - start,
+        "provenance": provenance(),
+    }
     for name in ("synapse", "reference"):
         rows = accuracy[name]
         out[name] = {
@@ -191,7 +205,8 @@ def render(results_dir: str) -> str:
         f"- {machine}",
         f"- {versions}",
         "",
-        "| gamma (margin) | lr | code | seeds | final average (%) | just-trained accuracy, tasks 1-20 (%) | steps projected | median  ‖g̃‖/‖g‖ |",
+        "| gamma (margin) | lr | code | seeds | final average (%) | just-trained accuracy, tasks 1-20 (%) "
+        "| steps projected | median ‖g̃‖/‖g‖ |",
         "|---|---|---|---|---|---|---|---|",
     ]
     groups: Dict[Any, List[Dict[str, Any]]] = {}
@@ -201,7 +216,10 @@ def render(results_dir: str) -> str:
         for name, label in (("synapse", "Synapse"), ("reference", "authors")):
             finals = [100 * r[name]["final_average"] for r in rs]
             sd = statistics.stdev(finals) if len(finals) > 1 else 0.0
-            trained = [statistics.mean(100 * r[name]["just_trained"][t] for r in rs) for t in range(len(rs[0][name]["just_trained"]))]
+            trained = [
+                statistics.mean(100 * r[name]["just_trained"][t] for r in rs)
+                for t in range(len(rs[0][name]["just_trained"]))
+            ]
             frac = statistics.mean(r[name]["projected_fraction"] for r in rs)
             shr = [r[name]["median_shrink"] for r in rs if r[name]["median_shrink"] is not None]
             lines.append(
@@ -232,9 +250,16 @@ def main(argv: Any = None) -> None:
     runs = []
     for seed in args.seeds:
         r = run_seed(args.reference, seed, args.buffer, args.gamma, args.lr, args.max_test_per_task)
-        print(json.dumps({k: r[k] for k in ("seed", "wall_time_s")} |
-                         {n: {k: r[n][k] for k in ("final_average", "projected_fraction", "median_shrink")}
-                          for n in ("synapse", "reference")}), flush=True)
+        print(
+            json.dumps(
+                {k: r[k] for k in ("seed", "wall_time_s")}
+                | {
+                    n: {k: r[n][k] for k in ("final_average", "projected_fraction", "median_shrink")}
+                    for n in ("synapse", "reference")
+                }
+            ),
+            flush=True,
+        )
         runs.append(r)
         with open(args.output, "w") as f:
             json.dump({"command": " ".join(sys.argv), "runs": runs}, f, indent=1)
