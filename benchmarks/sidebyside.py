@@ -476,6 +476,21 @@ def write(text: str, path: Optional[str]) -> None:
         print(text)
 
 
+def sibling_sections(results_dir: str) -> List[str]:
+    """The sections of the sibling scripts (``benchmarks/sidebyside_<method>.py``, one per reference), each
+    from its own ``section(results_dir)``, in name order: one page for every side-by-side run."""
+    import glob
+    import importlib
+
+    sections = []
+    for path in sorted(glob.glob(os.path.join(BENCHMARKS, "sidebyside_*.py"))):
+        module = importlib.import_module(os.path.splitext(os.path.basename(path))[0])
+        text = module.section(results_dir).strip()
+        if text:
+            sections.append(text + "\n")
+    return sections
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     import torch
 
@@ -501,8 +516,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     if a.mode == "render":
         import glob
 
-        files = a.results or sorted(glob.glob(os.path.join(RESULTS, "sidebyside_*.json")))
-        text = render(files)
+        files = a.results or sorted(
+            f for prefix in ("xder", "gdumb") for f in glob.glob(os.path.join(RESULTS, f"sidebyside_{prefix}_*.json"))
+        )
+        text = render(files) + "".join("\n" + section for section in sibling_sections(RESULTS))
         out = a.output or os.path.join(ROOT, "REPRODUCIBILITY-sidebyside.md")
         with open(out, "w") as f:
             f.write(text + "\n")

@@ -230,6 +230,12 @@ def render(results_dir: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+
+def section(results_dir: str) -> str:
+    """This script's section of REPRODUCIBILITY-sidebyside.md (``benchmarks/sidebyside.py render``)."""
+    return render(results_dir)
+
+
 def main(argv: Any = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="mode", required=True)

@@ -1410,6 +1410,12 @@ def render(results_dir: str = RESULTS) -> str:
     return "\n".join(lines)
 
 
+
+def section(results_dir: str) -> str:
+    """This script's section of REPRODUCIBILITY-sidebyside.md (``benchmarks/sidebyside.py render``)."""
+    return render(results_dir)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="mode", required=True)
