@@ -360,11 +360,13 @@ def compare_step(
     pre, post = losses[1], losses[2]
     score = post - (torch.minimum(pre, losses[3]) if compare else pre)
     row["scores"] = float((ours["scores"] - score).abs().max())
-    # The replayed items: the rows of their replay forward (the last) among the candidates, as sets.
-    cands = held["input:inputs"][ours["slots"]]
-    mem_x = replayed[-1]
-    theirs_idx = sorted(int((cands.flatten(1) == r.flatten()).all(1).nonzero()[0]) for r in mem_x)
-    row["same_replay"] = theirs_idx == sorted(ours["chosen"].tolist())
+    # The replayed items, as multisets of (label, image): the memory may hold one image twice.
+    cands, labels = held["input:inputs"][ours["slots"]], held["targets"][ours["slots"]]
+    mine = sorted((int(labels[i]), cands[i].numpy().tobytes()) for i in ours["chosen"].tolist())
+    mem_x = replayed[-1]  # their replay forward is the last; its labels follow from the rows
+    by_row = {cands[i].numpy().tobytes(): int(labels[i]) for i in range(len(labels))}
+    theirs_rows = sorted((by_row[r.numpy().tobytes()], r.numpy().tobytes()) for r in mem_x)
+    row["same_replay"] = mine == theirs_rows
     grads = [p.grad for p in method.module.parameters()]
     ref_grads = [p.grad for p in ref_model.parameters()]
     scale = max(float(g.abs().max()) for g in ref_grads) or 1.0
