@@ -129,7 +129,7 @@ def test_past_tasks_candidates_come_from_ended_tasks_only():
         step(model, syn, x, y)
     assert syn.last_replay is None and not seen  # no past task yet: no replay (the authors' ``task > 0``)
     syn.end_task()
-    for i, (x, y) in enumerate(batches(6, [2, 3], batch=5, seed=1, shape=(6,))):
+    for x, y in batches(6, [2, 3], batch=5, seed=1, shape=(6,)):
         step(model, syn, x, y)
         assert seen["candidates"]["targets"].shape == (C,) and bool((seen["candidates"]["targets"] < 2).all())
         assert syn.last_replay["targets"].shape == (K,) and bool((syn.last_replay["targets"] < 2).all())
@@ -160,7 +160,9 @@ def test_past_tasks_with_fewer_past_items_than_replayed():
 def test_compare_to_old_logits_against_a_direct_implementation():
     model = tiny()
     # 14 batches of 5 fit in the memory: no slot is overwritten, so each keeps its item's lowest loss.
-    syn = MIR(model, buffer_size=100, buffer_sample_size=K, buffer_candidates=C, virtual_lr=LR, compare_to_old_logits=True)
+    syn = MIR(
+        model, buffer_size=100, buffer_sample_size=K, buffer_candidates=C, virtual_lr=LR, compare_to_old_logits=True
+    )
     data = stream(14)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for x, y in data[:8]:

@@ -109,8 +109,9 @@ def eligible_subset(keys: Tensor, eligible: Tensor, c: int) -> Tuple[Tensor, Ten
         (tensor([2, 1]), tensor([True, True]))
     """
     if keys.dim() != 1 or eligible.shape != keys.shape or eligible.dtype != torch.bool:
-        raise ValueError(f"keys must be 1-d and eligible a bool mask of its shape, got {_describe(keys)} and "
-                         f"{_describe(eligible)}")
+        raise ValueError(
+            f"keys must be 1-d and eligible a bool mask of its shape, got {_describe(keys)} and {_describe(eligible)}"
+        )
     if isinstance(c, bool) or not isinstance(c, int) or not 1 <= c <= keys.shape[0]:
         raise ValueError(f"c must be an int in [1, {keys.shape[0]}], got {c!r}")
     indices = torch.where(eligible, keys, torch.full_like(keys, -1.0)).topk(c).indices

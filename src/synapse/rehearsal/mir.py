@@ -41,10 +41,16 @@ class MIR(ER):
     storage and the state dict are ER's (``fused=False``). The steps, the authors' settings behind the
     defaults and the normalisation layers: docs/methods/rehearsal.md, "MIR in detail".
 
+    The authors' code (``optimass/Maximally_Interfered_Retrieval``) draws the candidates from past tasks'
+    items only and, on MNIST, scores against the lowest loss seen: ``candidates='past_tasks'`` and
+    ``compare_to_old_logits=True`` do the same (both need :meth:`end_task` calls).
+
     Deviations (each explained in the method page):
 
-    * Task-free: candidates come from the whole reservoir, replay starts at once.
-    * The authors' optional ``--compare_to_old_logits`` score is not implemented.
+    * By default task-free: candidates come from the whole reservoir, replay starts at once.
+    * ``compare_to_old_logits`` keeps each item's lowest loss where the authors keep logits, at the item's
+      own slot (theirs index the memory with positions among the past tasks' items), reset when a slot is
+      overwritten.
     * With at most ``k`` candidates all are replayed and the virtual step is skipped.
     * Candidate forwards do not update BatchNorm's running statistics.
     * Parameters the loss does not reach, and frozen ones, keep their value in ``theta_v``.
@@ -57,6 +63,11 @@ class MIR(ER):
         buffer_sample_size: ``k``, the items replayed per step.
         buffer_candidates: ``C``, the random memories scored per step; at least ``buffer_sample_size``.
         virtual_lr: ``eta``, the virtual SGD step's learning rate: your optimizer's learning rate.
+        candidates: ``'all'`` (default): from the whole memory; ``'past_tasks'``: from the items stored
+            before the last :meth:`end_task` only, and no replay before the first (the authors' code).
+        compare_to_old_logits: score the rise of each candidate's loss above the lower of today's loss and
+            the lowest remembered for it (:func:`synapse.functional.interference_scores`; the authors'
+            ``--compare_to_old_logits``, in their MNIST scripts). Default False: the paper's score.
         buffer_scope: ``'rank'`` or ``'global'`` (see :class:`~synapse.rehearsal.ER`).
         scaler: a ``torch.amp.GradScaler`` for mixed precision; pass the unscaled loss to ``backward``.
         replay_transform: augments every draw of candidates on the device (scored and replayed in the
@@ -182,7 +193,9 @@ class MIR(ER):
         keys = torch.from_numpy(self._candidate_rng.random(n)).to(past.device)
         return eligible_subset(keys, past, c)
 
-    def _most_interfered(self, candidates: Mapping[str, Tensor], slots: Tensor, valid: Optional[Tensor], k: int) -> Tensor:
+    def _most_interfered(
+        self, candidates: Mapping[str, Tensor], slots: Tensor, valid: Optional[Tensor], k: int
+    ) -> Tensor:
         """Indices (into ``candidates``, on the device) of the ``k`` highest interference scores."""
         assert self._loss is not None
         loss = self._loss
