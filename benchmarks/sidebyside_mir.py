@@ -442,8 +442,8 @@ def render(files: List[str]) -> str:
                 f"`{path}`",
             ]
             lines.append("| " + " | ".join(map(str, cells)) + " |")
-    accuracy = [(path, r) for path, r in loaded if r["mode"] == "accuracy"]
-    arms = [arm for arm in ARMS if any(arm in x for _, r in accuracy for x in r["seeds"].values())]
+    groups = merged_accuracy(loaded)
+    arms = [arm for arm in ARMS if any(arm in x for g in groups.values() for x in g["seeds"].values())]
     lines += [
         "",
         "### Accuracy",
@@ -456,24 +456,42 @@ def render(files: List[str]) -> str:
         "| data | buffer | seeds | " + " | ".join(LABELS[a] for a in arms) + " | raw results |",
         "|---|---|---|" + "---|" * len(arms) + "---|",
     ]
-    for path, r in accuracy:
-        runs = list(r["seeds"].values())
-        cells = [_mean_std([x[a]["final"] for x in runs if a in x]) if any(a in x for x in runs) else "-" for a in arms]
-        data = "full" if r.get("max_train_per_task") is None else f"{r['max_train_per_task']} per task"
-        lines.append(f"| {data} | {r['buffer']} | {' '.join(r['seeds'])} | " + " | ".join(cells) + f" | `{path}` |")
+    for (data, buffer), g in groups.items():
+        runs = list(g["seeds"].values())
+        cells = []
+        for arm in arms:
+            got = [x[arm]["final"] for x in runs if arm in x]
+            cells.append(f"{_mean_std(got)} ({len(got)})" if got else "-")
+        seeds = " ".join(sorted(g["seeds"], key=int))
+        files = ", ".join(f"`{p}`" for p in g["files"])
+        lines.append(f"| {data} | {buffer} | {seeds} | " + " | ".join(cells) + f" | {files} |")
     lines += [
         "",
-        "Per seed (final Class-IL, %):",
+        "In parentheses: the seeds each arm ran. Per seed (final Class-IL, %):",
         "",
         "| data | buffer | seed | " + " | ".join(LABELS[a] for a in arms) + " |",
         "|---|---|---|" + "---|" * len(arms),
     ]
-    for _, r in accuracy:
-        data = "full" if r.get("max_train_per_task") is None else f"{r['max_train_per_task']} per task"
-        for seed, x in r["seeds"].items():
+    for (data, buffer), g in groups.items():
+        for seed in sorted(g["seeds"], key=int):
+            x = g["seeds"][seed]
             cells = [f"{x[a]['final']:.2f}" if a in x else "-" for a in arms]
-            lines.append(f"| {data} | {r['buffer']} | {seed} | " + " | ".join(cells) + " |")
+            lines.append(f"| {data} | {buffer} | {seed} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def merged_accuracy(loaded: List[Tuple[str, Dict[str, Any]]]) -> Dict[Tuple[str, int], Dict[str, Any]]:
+    """The accuracy files' runs by (data, buffer): every file's arms and seeds merged, with the files named."""
+    groups: Dict[Tuple[str, int], Dict[str, Any]] = {}
+    for path, r in loaded:
+        if r["mode"] != "accuracy":
+            continue
+        data = "full" if r.get("max_train_per_task") is None else f"{r['max_train_per_task']} per task"
+        g = groups.setdefault((data, r["buffer"]), {"seeds": {}, "files": []})
+        g["files"].append(path)
+        for seed, row in r["seeds"].items():
+            g["seeds"].setdefault(seed, {}).update(row)
+    return dict(sorted(groups.items(), key=lambda kv: (kv[0][0] != "full", kv[0][1])))
 
 
 # ---------------------------------------------------------------------------------------------------- main
