@@ -443,7 +443,8 @@ def render(files: List[str]) -> str:
             ]
             lines.append("| " + " | ".join(map(str, cells)) + " |")
     groups = merged_accuracy(loaded)
-    arms = [arm for arm in ARMS if any(arm in x for g in groups.values() for x in g["seeds"].values())]
+    found = {arm for g in groups.values() for x in g["seeds"].values() for arm in x}
+    arms = [arm for arm in ARMS if arm in found] + sorted(found - set(ARMS))
     lines += [
         "",
         "### Accuracy",
@@ -453,7 +454,7 @@ def render(files: List[str]) -> str:
         "reproduction runs it (6,000 items per class); *1000 per task*: the authors' MNIST protocol",
         "(`--samples_per_task 1000`).",
         "",
-        "| data | buffer | seeds | " + " | ".join(LABELS[a] for a in arms) + " | raw results |",
+        "| data | buffer | seeds | " + " | ".join(label(a) for a in arms) + " | raw results |",
         "|---|---|---|" + "---|" * len(arms) + "---|",
     ]
     for (data, buffer), g in groups.items():
@@ -469,7 +470,7 @@ def render(files: List[str]) -> str:
         "",
         "In parentheses: the seeds each arm ran. Per seed (final Class-IL, %):",
         "",
-        "| data | buffer | seed | " + " | ".join(LABELS[a] for a in arms) + " |",
+        "| data | buffer | seed | " + " | ".join(label(a) for a in arms) + " |",
         "|---|---|---|" + "---|" * len(arms),
     ]
     for (data, buffer), g in groups.items():
@@ -478,6 +479,12 @@ def render(files: List[str]) -> str:
             cells = [f"{x[a]['final']:.2f}" if a in x else "-" for a in arms]
             lines.append(f"| {data} | {buffer} | {seed} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def label(arm: str) -> str:
+    """An arm's column heading; a patched checkout's arm: the arm's, and the patch."""
+    base, _, patch = arm.partition(" patched: ")
+    return LABELS[base] + (f", checkout patched locally: {patch}" if patch else "")
 
 
 def merged_accuracy(loaded: List[Tuple[str, Dict[str, Any]]]) -> Dict[Tuple[str, int], Dict[str, Any]]:
@@ -489,7 +496,10 @@ def merged_accuracy(loaded: List[Tuple[str, Dict[str, Any]]]) -> Dict[Tuple[str,
         data = "full" if r.get("max_train_per_task") is None else f"{r['max_train_per_task']} per task"
         g = groups.setdefault((data, r["buffer"]), {"seeds": {}, "files": []})
         g["files"].append(path)
+        patch = r.get("reference_patch")
         for seed, row in r["seeds"].items():
+            if patch:  # a patched checkout's arms are other arms
+                row = {f"{arm} patched: {patch}" if arm.startswith("reference") else arm: x for arm, x in row.items()}
             g["seeds"].setdefault(seed, {}).update(row)
     return dict(sorted(groups.items(), key=lambda kv: (kv[0][0] != "full", kv[0][1])))
 
@@ -509,6 +519,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--max-train-per-task", type=int, help="accuracy: items per task (the authors' MNIST: 1000)")
     p.add_argument("--steps-per-task", type=int, default=100, help="steps mode: lockstep steps per task")
     p.add_argument("--compare", action="store_true", help="steps mode: with compare_to_old_logits on both sides")
+    p.add_argument(
+        "--reference-patch",
+        help="accuracy: what a locally patched checkout changes (recorded; its arms render as their own columns)",
+    )
     p.add_argument("--output", help="JSON file for the raw results (default: stdout)")
     a = p.parse_args(argv)
     if a.mode == "render":
@@ -532,6 +546,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         "reference_commit": commit or "unknown",
         "buffer": a.buffer,
         "max_train_per_task": a.max_train_per_task,
+        "reference_patch": a.reference_patch,
         "values": {"lr": LR, "virtual_lr": LR, "mb": MB, "buffer_candidates": CANDIDATES, "batch_size": 10},
         "provenance": provenance(),
         "seeds": {},
