@@ -454,21 +454,22 @@ def render(files: List[str]) -> str:
         "reproduction runs it (6,000 items per class); *1000 per task*: the authors' MNIST protocol",
         "(`--samples_per_task 1000`).",
         "",
-        "| data | buffer | seeds | " + " | ".join(label(a) for a in arms) + " | raw results |",
-        "|---|---|---|" + "---|" * len(arms) + "---|",
+        "| arm | " + " | ".join(f"{data}, buffer {buffer}" for data, buffer in groups) + " |",
+        "|---|" + "---|" * len(groups),
     ]
-    for (data, buffer), g in groups.items():
-        runs = list(g["seeds"].values())
+    for arm in arms:
         cells = []
-        for arm in arms:
-            got = [x[arm]["final"] for x in runs if arm in x]
+        for g in groups.values():
+            got = [x[arm]["final"] for x in g["seeds"].values() if arm in x]
             cells.append(f"{_mean_std(got)} ({len(got)})" if got else "-")
-        seeds = " ".join(sorted(g["seeds"], key=int))
-        files = ", ".join(f"`{p}`" for p in g["files"])
-        lines.append(f"| {data} | {buffer} | {seeds} | " + " | ".join(cells) + f" | {files} |")
+        lines.append(f"| {label(arm)} | " + " | ".join(cells) + " |")
+    patches = sorted({arm.partition(" patched: ")[2] for arm in arms} - {""})
+    lines += ["", "In parentheses: the number of seeds (each seed below)."]
+    lines += [f"Local patch of the authors' checkout (arms marked so): {patch}." for patch in patches]
+    lines += ["Raw results: " + ", ".join(f"`{p}`" for g in groups.values() for p in g["files"]) + "."]
     lines += [
         "",
-        "In parentheses: the seeds each arm ran. Per seed (final Class-IL, %):",
+        "Per seed (final Class-IL, %):",
         "",
         "| data | buffer | seed | " + " | ".join(label(a) for a in arms) + " |",
         "|---|---|---|" + "---|" * len(arms),
@@ -484,7 +485,7 @@ def render(files: List[str]) -> str:
 def label(arm: str) -> str:
     """An arm's column heading; a patched checkout's arm: the arm's, and the patch."""
     base, _, patch = arm.partition(" patched: ")
-    return LABELS[base] + (f", checkout patched locally: {patch}" if patch else "")
+    return LABELS[base] + (", logits per item (local patch)" if patch else "")
 
 
 def merged_accuracy(loaded: List[Tuple[str, Dict[str, Any]]]) -> Dict[Tuple[str, int], Dict[str, Any]]:
