@@ -362,7 +362,7 @@ def compare_step(
     score = post - (torch.minimum(pre, losses[3]) if compare else pre)
     row["scores"] = float((ours["scores"] - score).abs().max())
     # The replayed items, as multisets of (label, image): the memory may hold one image twice.
-    cands, labels = held["input:inputs"][ours["slots"]], held["targets"][ours["slots"]]
+    cands, labels = held["input:inputs"][ours["slots"]].float(), held["targets"][ours["slots"]]  # theirs: floats
     mine = sorted((int(labels[i]), cands[i].numpy().tobytes()) for i in ours["chosen"].tolist())
     mem_x = replayed[-1]  # their replay forward is the last; its labels follow from the rows
     by_row = {cands[i].numpy().tobytes(): int(labels[i]) for i in range(len(labels))}
