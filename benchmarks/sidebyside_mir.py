@@ -256,7 +256,14 @@ def steps(ref: Tuple[Any, Any], seed: int, buffer: int, per_task: int, compare: 
         ours.values["chosen"] = out.clone()
         return out
 
+    write = method.buffer.write
+
+    def written(name: str, indices: Any, values: Any) -> None:  # the lowest losses kept, before any insertion
+        ours.values["lowest"] = values.clone()
+        write(name, indices, values)
+
     method._draw_candidates, method._run, method._most_interfered = drawn, ran, chosen
+    method.buffer.write = written
     syn_mir.interference_scores = scored
     rows: List[Dict[str, Any]] = []
     first: Optional[Dict[str, Any]] = None
@@ -336,6 +343,7 @@ def compare_step(
         out = cross_entropy(logits, target, *a, **k)
         if k.get("reduction") == "none":
             theirs.setdefault("losses", []).append(out.clone())
+        theirs["targets"] = target  # the last call's: the replayed labels
         return out
 
     def forced_choice(size: int, amt: int, replace: bool = True) -> Any:
@@ -364,9 +372,8 @@ def compare_step(
     # The replayed items, as multisets of (label, image): the memory may hold one image twice.
     cands, labels = held["input:inputs"][ours["slots"]].float(), held["targets"][ours["slots"]]  # theirs: floats
     mine = sorted((int(labels[i]), cands[i].numpy().tobytes()) for i in ours["chosen"].tolist())
-    mem_x = replayed[-1]  # their replay forward is the last; its labels follow from the rows
-    by_row = {cands[i].numpy().tobytes(): int(labels[i]) for i in range(len(labels))}
-    theirs_rows = sorted((by_row[r.numpy().tobytes()], r.numpy().tobytes()) for r in mem_x)
+    mem_x, mem_y = replayed[-1], theirs["targets"]  # their replay forward and cross-entropy are the last
+    theirs_rows = sorted((int(y), r.numpy().tobytes()) for r, y in zip(mem_x, mem_y))
     row["same_replay"] = mine == theirs_rows
     grads = [p.grad for p in method.module.parameters()]
     ref_grads = [p.grad for p in ref_model.parameters()]
@@ -374,8 +381,7 @@ def compare_step(
     row["grad"] = max(float((a - b).abs().max()) for a, b in zip(grads, ref_grads)) / scale
     row["worst"] = max(row["theta_v"], row["scores"], row["grad"], 0.0 if row["same_replay"] else 1.0)
     if compare:  # the lowest loss each side keeps for the candidates after the step
-        width = memory.logits.shape[1]
-        kept = method.buffer.gather(ours["slots"], ["mir_lowest_loss"])["mir_lowest_loss"].clamp(max=math.log(width))
+        kept = ours["lowest"].clamp(max=math.log(memory.logits.shape[1]))  # as written, before the insertion
         written = F.cross_entropy(memory.logits[torch.from_numpy(forced)], memory.by[ours["slots"]], reduction="none")
         row["lowest"] = float((kept - written).abs().max())
         row["worst"] = max(row["worst"], row["lowest"])
