@@ -26,7 +26,10 @@ Modes:
   authors'), Synapse's ER at MIR's lr and minibatch, and the authors' MIR and ER (``--method mir_replay`` and
   ``rand_replay``, with and without ``--compare_to_old_logits``) driven by a loop over the experiment's
   batches. Raw per-seed results go to ``--output`` (JSON). ``--max-train-per-task 1000`` gives the authors'
-  MNIST protocol (``--samples_per_task 1000`` in their ``Scripts/ER_experiments.sh``).
+  MNIST protocol (``--samples_per_task 1000`` in their ``Scripts/ER_experiments.sh``). A checkout the user
+  patched (the committed diagnostic: their ``Buffer.sample`` returning memory slots, so that
+  ``--compare_to_old_logits`` keeps its logits per item) is named with ``--reference-patch TEXT``; its arms
+  render as their own rows.
 - ``render``: the markdown section from the committed raw results (``benchmarks/results/sidebyside_mir_*.json``).
 
 Values: the authors' Split-MNIST script (lr 0.1 for the model and the virtual step, 50 candidates, replay
