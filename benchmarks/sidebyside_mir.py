@@ -424,6 +424,9 @@ def render(files: List[str]) -> str:
         "step with Synapse's candidates forced. Largest absolute differences; the gradient's relative to the",
         "largest entry of the authors'. With `compare_to_old_logits` the authors' stored logits are loaded so that",
         "their loss is the lowest loss Synapse remembers; the last column compares what each side keeps after.",
+        "Replayed items may differ where the scores tie at the k-th place (candidates whose loss rounds to 0 in",
+        "float32 before and after the virtual step): `topk` and the authors' `sort` break the tie differently,",
+        "and such rows add no gradient, as the gradient column shows.",
         "",
         "| compare_to_old_logits | buffer | seed | steps | first step differing (> 1e-4) | virtual parameters "
         "| scores | same replayed items | gradient | lowest loss kept | raw results |",
