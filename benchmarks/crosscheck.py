@@ -20,7 +20,9 @@ Checks (``--checks``):
 - ``xder``: X-DER (``xder_ce``) on Seq-F-MNIST at the reproduction's values (X-DER's seq-mnist preset).
 - ``gem-qp``: GEM on P-MNIST, every 7th dual QP Synapse solves compared with scipy's solution.
 - ``mir-200``, ``mir-500``: MIR against ER run at MIR's own learning rate and replay minibatch (both
-  Synapse): the only difference is the retrieval.
+  Synapse): the difference is the retrieval, with the MIR authors' rules of the preset (candidates from
+  past tasks only, scored against the lowest loss remembered). ``benchmarks/sidebyside_mir.py`` runs the
+  authors' own MIR and ER beside them.
 
     python benchmarks/crosscheck.py --cache runs.jsonl                # all checks, each at its own seeds
     python benchmarks/crosscheck.py --checks xder --seeds 0 1 2 --output -
@@ -412,7 +414,8 @@ PAIRS: Dict[str, Pair] = {
             10.0,
             ("MIR", partial(mir_run, b)),
             ("ER, MIR's lr and minibatch", partial(er_with_mir_settings, b)),
-            "Both are Synapse; the only difference is MIR's retrieval, so this isolates what it adds.",
+            "Both are Synapse; the difference is MIR's retrieval, with its authors' rules (the preset's: candidates "
+            "from past tasks only, scored against the lowest loss remembered), so this isolates what it adds.",
             seeds=tuple(range(5)),
         )
         for b in (200, 500)

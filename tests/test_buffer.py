@@ -145,6 +145,17 @@ def test_widen_pads_with_zeros():
     assert z.shape == (2, 5) and z[:, :3].eq(1).all() and z[:, 3:].eq(0).all()
 
 
+def test_write_overwrites_the_rows_named_and_no_others():
+    buf = ReservoirBuffer(4, seed=0)
+    buf.add({"x": torch.arange(4.0).unsqueeze(1), "loss": torch.zeros(4)})
+    buf.write("loss", torch.tensor([2, 0]), torch.tensor([5.0, float("nan")], dtype=torch.float64))
+    stored = buf.stored()
+    assert stored["loss"].tolist() == [0.0, 0.0, 5.0, 0.0] and stored["loss"].dtype == torch.float32
+    assert stored["x"].flatten().tolist() == [0.0, 1.0, 2.0, 3.0]
+    buf.write("loss", torch.tensor([1]), torch.tensor([7.0]))
+    assert buf.stored()["loss"].tolist() == [0.0, 7.0, 5.0, 0.0]  # non-finite as 0 (above); others kept
+
+
 @pytest.mark.parametrize("n, k", [(6, 2), (6, 4), (5, 5)])  # rejection branch, partition branch, permutation
 def test_replay_minibatches_are_uniform_distinct_subsets(n, k):
     import itertools

@@ -272,6 +272,11 @@ class Buffer(Stateful, ABC):
         names = self._storage if names is None else names
         return {k: self._storage[k].index_select(0, indices) for k in names}
 
+    def write(self, name: str, indices: Tensor, values: Tensor) -> None:
+        """Overwrite field ``name`` of the stored rows at 1-d ``indices`` with ``values`` (one row each), on the
+        device, non-finite floats as 0: for what a method keeps about an item and revises later."""
+        self._storage[name].index_copy_(0, indices, self._clean(values).to(self._storage[name].dtype))
+
     def stored(self, names: Optional[Iterable[str]] = None) -> Dict[str, Tensor]:
         """Every stored item (rows ``[0, len)``), for every field or for ``names``: views of the storage,
         valid until the next insertion; do not write to them."""

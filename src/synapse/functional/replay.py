@@ -112,18 +112,28 @@ def ace_class_mask(
     return allowed if classes is None else allowed.logical_or_(classes)
 
 
-def interference_scores(logits_before: Tensor, logits_after: Tensor, targets: Tensor) -> Tensor:
+def interference_scores(
+    logits_before: Tensor, logits_after: Tensor, targets: Tensor, lowest_loss: Optional[Tensor] = None
+) -> Tensor:
     """MIR's retrieval criterion (Aljundi et al. 2019): how much each sample's cross-entropy would rise
     under the foreseen update, ``s(x, y) = CE(f_{theta_v}(x), y) - CE(f_theta(x), y)``, one score per row.
+
+    With ``lowest_loss`` (the MIR authors' ``--compare_to_old_logits``), the rise is measured from the lower
+    of today's loss and the lowest one remembered for the sample,
+    ``s = CE(f_{theta_v}(x), y) - min(CE(f_theta(x), y), lowest_loss)``: a sample already forgotten scores
+    by how far it stands above the best it ever was, not only by what the next step adds.
 
     Args:
         logits_before: ``(n, classes)``, the model's outputs with its current parameters ``theta``.
         logits_after: ``(n, classes)``, its outputs with the virtually updated parameters ``theta_v``.
         targets: ``(n,)`` class indices.
+        lowest_loss: optional ``(n,)``, the lowest cross-entropy remembered for each sample.
 
     MIR replays the rows with the largest scores (``scores.topk(k)``): those the update would hurt most.
     """
     before = F.cross_entropy(logits_before, targets, reduction="none")
+    if lowest_loss is not None:
+        before = torch.minimum(before, lowest_loss.to(before.dtype))
     return F.cross_entropy(logits_after, targets, reduction="none") - before
 
 

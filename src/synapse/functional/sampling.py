@@ -13,7 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["reservoir_plan", "reservoir_draws", "last_wins", "distinct_subsets", "herding_selection"]
+__all__ = [
+    "reservoir_plan",
+    "reservoir_draws",
+    "last_wins",
+    "distinct_subsets",
+    "eligible_subset",
+    "herding_selection",
+]
 
 
 def reservoir_draws(first: int, uniforms: np.ndarray, capacity: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -76,6 +83,39 @@ def distinct_subsets(rng: np.random.Generator, n: int, k: int, rows: int) -> np.
         redo = redo[(ordered[:, 1:] == ordered[:, :-1]).any(axis=1)]
         picks[redo] = rng.integers(0, n, size=(len(redo), k))
     return picks
+
+
+def eligible_subset(keys: Tensor, eligible: Tensor, c: int) -> Tuple[Tensor, Tensor]:
+    """A uniformly random ``c``-subset of the rows ``eligible`` marks, drawn on their device with no host
+    sync: the ``c`` eligible rows with the largest ``keys``.
+
+    With ``keys`` i.i.d. uniform on ``[0, 1)``, the rows holding the ``c`` largest keys among the eligible
+    ones are a uniformly random ``c``-subset of them (sampling without replacement, as
+    ``numpy.random.choice(n, c, replace=False)`` draws it). Ineligible rows get the key ``-1``, so they
+    come last; when fewer than ``c`` rows are eligible, the subset is padded with ineligible rows, which the
+    returned mask marks (the number eligible is a device value the host does not read).
+
+    Args:
+        keys: ``(n,)`` floating keys in ``[0, 1)``.
+        eligible: ``(n,)`` bool mask of the rows that may be drawn.
+        c: rows to draw, ``1 <= c <= n``.
+
+    Returns:
+        ``(indices, valid)``: ``(c,)`` int64 row indices (by decreasing key) and the ``(c,)`` bool mask of
+        those that are eligible.
+
+    Example:
+        >>> eligible_subset(torch.tensor([0.9, 0.5, 0.7, 0.1]), torch.tensor([False, True, True, True]), 2)
+        (tensor([2, 1]), tensor([True, True]))
+    """
+    if keys.dim() != 1 or eligible.shape != keys.shape or eligible.dtype != torch.bool:
+        raise ValueError(
+            f"keys must be 1-d and eligible a bool mask of its shape, got {_describe(keys)} and {_describe(eligible)}"
+        )
+    if isinstance(c, bool) or not isinstance(c, int) or not 1 <= c <= keys.shape[0]:
+        raise ValueError(f"c must be an int in [1, {keys.shape[0]}], got {c!r}")
+    indices = torch.where(eligible, keys, torch.full_like(keys, -1.0)).topk(c).indices
+    return indices, eligible.index_select(0, indices)
 
 
 def herding_selection(features: Tensor, m: int, *, normalize: bool = True) -> Tensor:

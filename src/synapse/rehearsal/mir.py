@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional
+import math
+from typing import Dict, List, Mapping, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -14,11 +16,16 @@ from .._capture import Replay
 from .._floor import Floor
 from .._validation import check_positive, check_positive_int
 from ..augment import Transform
+from ..buffer import fresh_seed
 from ..catalog import HParam, MethodSpec, register
-from ..functional import interference_scores
-from .er import ER
+from ..functional import eligible_subset, interference_scores
+from .er import ER, ReplayTerms
 
 __all__ = ["MIR"]
+
+CANDIDATES = ("all", "past_tasks")
+TASK, LOWEST = "mir_task", "mir_lowest_loss"  # the memory fields the authors' options keep
+NEVER_SCORED = float(torch.finfo(torch.float32).max)  # a lowest loss not yet seen: above any real one
 
 
 class MIR(ER):
@@ -34,10 +41,16 @@ class MIR(ER):
     storage and the state dict are ER's (``fused=False``). The steps, the authors' settings behind the
     defaults and the normalisation layers: docs/methods/rehearsal.md, "MIR in detail".
 
+    The authors' code (``optimass/Maximally_Interfered_Retrieval``) draws the candidates from past tasks'
+    items only and, on MNIST, scores against the lowest loss seen: ``candidates='past_tasks'`` and
+    ``compare_to_old_logits=True`` do the same (both need :meth:`end_task` calls).
+
     Deviations (each explained in the method page):
 
-    * Task-free: candidates come from the whole reservoir, replay starts at once.
-    * The authors' optional ``--compare_to_old_logits`` score is not implemented.
+    * By default task-free: candidates come from the whole reservoir, replay starts at once.
+    * ``compare_to_old_logits`` keeps each item's lowest loss where the authors keep logits, at the item's
+      own slot (theirs index the memory with positions among the past tasks' items), reset when a slot is
+      overwritten.
     * With at most ``k`` candidates all are replayed and the virtual step is skipped.
     * Candidate forwards do not update BatchNorm's running statistics.
     * Parameters the loss does not reach, and frozen ones, keep their value in ``theta_v``.
@@ -50,6 +63,11 @@ class MIR(ER):
         buffer_sample_size: ``k``, the items replayed per step.
         buffer_candidates: ``C``, the random memories scored per step; at least ``buffer_sample_size``.
         virtual_lr: ``eta``, the virtual SGD step's learning rate: your optimizer's learning rate.
+        candidates: ``'all'`` (default): from the whole memory; ``'past_tasks'``: from the items stored
+            before the last :meth:`end_task` only, and no replay before the first (the authors' code).
+        compare_to_old_logits: score the rise of each candidate's loss above the lower of today's loss and
+            the lowest remembered for it (:func:`synapse.functional.interference_scores`; the authors'
+            ``--compare_to_old_logits``, in their MNIST scripts). Default False: the paper's score.
         buffer_scope: ``'rank'`` or ``'global'`` (see :class:`~synapse.rehearsal.ER`).
         scaler: a ``torch.amp.GradScaler`` for mixed precision; pass the unscaled loss to ``backward``.
         replay_transform: augments every draw of candidates on the device (scored and replayed in the
@@ -75,6 +93,8 @@ class MIR(ER):
         buffer_candidates: int = 50,
         virtual_lr: float = 0.1,
         *,
+        candidates: str = "all",
+        compare_to_old_logits: bool = False,
         buffer_scope: str = "rank",
         scaler: Optional[torch.amp.GradScaler] = None,
         replay_transform: Optional[Transform] = None,
@@ -87,6 +107,10 @@ class MIR(ER):
                 f"top buffer_sample_size of them), got {buffer_candidates}"
             )
         check_positive("virtual_lr", virtual_lr)
+        if candidates not in CANDIDATES:
+            raise ValueError(f"candidates must be one of {CANDIDATES}, got {candidates!r}")
+        if not isinstance(compare_to_old_logits, bool):
+            raise TypeError(f"compare_to_old_logits must be a bool, got {compare_to_old_logits!r}")
         super().__init__(
             model,
             buffer_size,
@@ -99,7 +123,26 @@ class MIR(ER):
         )
         self.buffer_candidates = buffer_candidates
         self.virtual_lr = float(virtual_lr)
+        self.candidates = candidates
+        self.compare_to_old_logits = compare_to_old_logits
         self._loss: Optional[Tensor] = None  # the incoming batch's loss, during backward only
+        self._candidate_rng: Optional[np.random.Generator] = None
+        self._valid: Optional[Tensor] = None  # the replayed rows that hold past tasks' items (past_tasks)
+        if candidates == "past_tasks":
+            # The current task is the one end_task has not closed yet: without task ends, nothing is past.
+            self.acts_at_task_end = True
+            # Its own generator (declared only here, so the default's state dict and draws stay ER's).
+            self._candidate_rng = np.random.Generator(np.random.PCG64(fresh_seed()))
+            self.add_generator("candidate_rng", "_candidate_rng")
+
+    def _stored_items(self, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+        items = super()._stored_items(targets, model_inputs)
+        batch, device = targets.shape[0], targets.device
+        if self.candidates == "past_tasks":  # the task each item came in: the number of tasks ended then
+            items[TASK] = torch.full((batch,), self.num_tasks_ended, dtype=torch.int64, device=device)
+        if self.compare_to_old_logits:
+            items[LOWEST] = torch.full((batch,), NEVER_SCORED, dtype=torch.float32, device=device)
+        return items
 
     def _backward(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
         self._loss = loss  # read by _separate_replay_forward, which ER calls before the real backward
@@ -108,23 +151,51 @@ class MIR(ER):
         finally:
             self._loss = None
 
-    def _separate_replay_forward(self) -> Replay:
+    def _separate_replay_forward(self) -> Optional[Replay]:  # type: ignore[override]
         """ER's replay forward, on the most interfered of ``C`` candidates instead of a random minibatch."""
         self._follow_model_device()
+        if self.candidates == "past_tasks" and self.num_tasks_ended == 0:
+            return None  # no past task yet: the authors replay from the second task on
+        slots, valid = self._draw_candidates()
         # The candidates are augmented once: scored, and then replayed, in the same view.
-        sample = self._augment_replay(self.buffer.sample(self.buffer_candidates, 1, self._replay_fields()))
-        k = min(self.buffer_sample_size, len(self.buffer))
-        if sample["targets"].shape[0] > k:  # sizes the host knows: no sync
-            chosen = self._most_interfered(sample, k)
+        sample = self._augment_replay(self.buffer.gather(slots, self._replay_fields()))
+        k = min(self.buffer_sample_size, slots.shape[0])
+        if slots.shape[0] > k:  # sizes the host knows: no sync
+            chosen = self._most_interfered(sample, slots, valid, k)
             sample = {name: field.index_select(0, chosen) for name, field in sample.items()}
+            valid = None if valid is None else valid.index_select(0, chosen)
         self._replaying(sample)
         with self._forward.paused():
             outputs = self.module(**self._inputs_of(sample))
         replay = Replay(sample, 1)
         replay.outputs = [outputs]
+        self._valid = valid
         return replay
 
-    def _most_interfered(self, candidates: Mapping[str, Tensor], k: int) -> Tensor:
+    def _replay_terms(self, replay: Replay) -> ReplayTerms:
+        """ER's replay cross-entropy; with ``candidates='past_tasks'``, its mean over the replayed rows of
+        past tasks only (all of them, unless the memory holds fewer than ``k`` such items)."""
+        valid, self._valid = self._valid, None
+        if valid is None:
+            return super()._replay_terms(replay)
+        assert replay.outputs is not None
+        losses = F.cross_entropy(replay.outputs[0], replay.sample["targets"], reduction="none")
+        mean = (losses * valid).sum() / valid.sum().clamp(min=1)
+        return [(self.alpha, mean)], []
+
+    def _draw_candidates(self) -> Tuple[Tensor, Optional[Tensor]]:
+        """The candidates' slots, and (``candidates='past_tasks'``) which of them hold a past task's item."""
+        c = min(self.buffer_candidates, len(self.buffer))
+        if self._candidate_rng is None:  # 'all': ER's own uniform draw from the whole memory
+            return self.buffer.sample_indices(c).view(-1), None
+        n = len(self.buffer)
+        past = self.buffer.stored([TASK])[TASK] < self.num_tasks_ended
+        keys = torch.from_numpy(self._candidate_rng.random(n)).to(past.device)
+        return eligible_subset(keys, past, c)
+
+    def _most_interfered(
+        self, candidates: Mapping[str, Tensor], slots: Tensor, valid: Optional[Tensor], k: int
+    ) -> Tensor:
         """Indices (into ``candidates``, on the device) of the ``k`` highest interference scores."""
         assert self._loss is not None
         loss = self._loss
@@ -149,8 +220,24 @@ class MIR(ER):
             with self._forward.paused():
                 before = self._run(inputs, {}, statistics)
                 after = self._run(inputs, theta_v, statistics)
-            scores = interference_scores(before, after, candidates["targets"])
+            targets = candidates["targets"]
+            lowest = None
+            if self.compare_to_old_logits:
+                lowest = self._lowest_losses(slots, valid, before, targets)
+            scores = interference_scores(before, after, targets, lowest)
+            if valid is not None:
+                scores = scores.masked_fill(~valid, -math.inf)
         return scores.topk(k).indices
+
+    def _lowest_losses(self, slots: Tensor, valid: Optional[Tensor], before: Tensor, targets: Tensor) -> Tensor:
+        """The lowest loss remembered for each candidate (the authors' stored logits start at zero, whose
+        loss is ``log(classes)``); the memory then keeps the lower of it and today's loss (for the
+        candidates of past tasks only, with ``candidates='past_tasks'``)."""
+        stored = self.buffer.gather(slots, [LOWEST])[LOWEST]
+        remembered = stored.clamp(max=math.log(before.shape[1]))
+        lowest = torch.minimum(F.cross_entropy(before, targets, reduction="none").float(), remembered)
+        self.buffer.write(LOWEST, slots, lowest if valid is None else torch.where(valid, lowest, stored))
+        return remembered
 
     def _running_statistics(self) -> Dict[str, Tensor]:
         """The buffers a forward in the current mode would update: the running statistics of the
@@ -211,6 +298,19 @@ register(
                 "learning rate of the virtual SGD step: set it to the optimizer's",
                 low=0.0,
                 low_open=True,
+            ),
+            HParam(
+                "candidates",
+                str,
+                "all",
+                "where candidates come from: the whole memory, or past tasks' items only (the authors' code)",
+                choices=CANDIDATES,
+            ),
+            HParam(
+                "compare_to_old_logits",
+                bool,
+                False,
+                "score the rise above the lowest loss remembered per item (the authors' MNIST option)",
             ),
         ),
     )
