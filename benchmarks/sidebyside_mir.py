@@ -44,6 +44,7 @@ import copy
 import io
 import json
 import math
+import glob
 import os
 import statistics
 import sys
