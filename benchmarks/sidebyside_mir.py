@@ -44,7 +44,6 @@ import copy
 import io
 import json
 import math
-import glob
 import os
 import statistics
 import sys
