@@ -36,6 +36,7 @@ def build_model(
         input_size=cfg.input_size,
         input_channels=cfg.input_channels,
         pretrained=cfg.pretrained,
+        model_args=cfg.model_args,
         log=log,
     ).to(device)
     if world.size > 1:

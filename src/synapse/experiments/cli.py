@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence
@@ -200,6 +201,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="a local weights file (state dict or checkpoint; .safetensors too) loaded into the model by name and "
         "shape; the run reports what was loaded and what was left out (e.g. a new head). Nothing is downloaded",
+    )
+    g.add_argument(
+        "--model_args",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="keyword arguments for a timm or torchvision model's constructor, passed through unchanged (values "
+        "read as Python literals: numbers, True/False, strings), e.g. a small ViT: --model timm:vit_tiny_patch16_224 "
+        "--model_args patch_size=4 depth=4 embed_dim=64 num_heads=4",
     )
     g.add_argument(
         "--input_size",
@@ -427,6 +437,21 @@ def _method_args(
         raise  # unreachable: parser.error exits
 
 
+def _model_args(parser: argparse.ArgumentParser, items: Sequence[str]) -> Dict[str, Any]:
+    """``--model_args``'s KEY=VALUE pairs as keyword arguments: each value a Python literal where it reads as one
+    (``4``, ``0.1``, ``True``, ``(4, 4)``), else the string."""
+    kwargs: Dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.isidentifier():
+            parser.error(f"--model_args takes KEY=VALUE pairs with KEY a keyword name, got {item!r}")
+        try:
+            kwargs[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            kwargs[key] = text
+    return kwargs
+
+
 # --preset's run settings and the flags they fill (a preset's other keys are the method's hyperparameters).
 _PRESET_FLAGS = {"lr": "lr", "weight_decay": "weight_decay", "batch_size": "batch_size", "mb": "buffer_sample_size"}
 
@@ -533,7 +558,7 @@ def _main(argv: Optional[List[str]]) -> int:
     preset = _apply_preset(parser, args, argv) if args.preset else None
     method_args = _method_args(parser, args, preset)
     fields = {k: v for k, v in vars(args).items() if not k.startswith("hp_") and k != "preset"}
-    cfg = Config(**{**fields, "method_args": method_args})
+    cfg = Config(**{**fields, "method_args": method_args, "model_args": _model_args(parser, args.model_args)})
     try:
         check_scenario(cfg, DATASETS[cfg.dataset])
     except ValueError as e:

@@ -41,6 +41,7 @@ IDENTITY = (
     "input_size",
     "input_channels",
     "pretrained",
+    "model_args",
     "image_size",
     "test_fraction",
     "classes_per_task",
@@ -92,6 +93,8 @@ class Config:
     input_size: Optional[int] = None
     input_channels: Optional[int] = None
     pretrained: Optional[str] = None
+    # Keyword arguments for a timm or torchvision model's constructor (e.g. a small ViT's depth), unchanged.
+    model_args: Dict[str, Any] = dataclasses.field(default_factory=dict)
     # Data: a folder: dataset's image size and held-out fraction; the task split of any class-IL dataset.
     image_size: Optional[int] = None
     test_fraction: Optional[float] = None
