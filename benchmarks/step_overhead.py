@@ -380,7 +380,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto")
     p.add_argument("--model", default=None, help="default: mlp on CPU, resnet18-reduced on CUDA (--vit: see above)")
-    p.add_argument("--model_args", nargs="*", default=None, metavar="KEY=VALUE", help="the model's constructor keywords")
+    p.add_argument(
+        "--model_args", nargs="*", default=None, metavar="KEY=VALUE", help="the model's constructor keywords"
+    )
     p.add_argument("--vit", action="store_true", help="the pretrained family (toy 'vit' methods) on a small ViT")
     p.add_argument(
         "--hparams",
