@@ -216,7 +216,14 @@ def _worker(job: Tuple[str, Optional[int], int, str, str, str]) -> Dict[str, Any
     method, buffer, seed, weights, sha, dataset_dir = job
     start = time.perf_counter()
     r = Experiment(config(method, buffer, seed, weights, dataset_dir)).run()
-    keep = ("average_accuracy", "forgetting", "accuracy_matrix", "test_samples", "predictor", "head_average_accuracy")
+    keep = (
+        "average_accuracy",
+        "forgetting",
+        "accuracy_matrix",
+        "test_samples_per_task",
+        "predictor",
+        "head_average_accuracy",
+    )
     return {
         **_key(method, buffer, seed, sha),
         "result": {k: r.get(k) for k in keep},
@@ -246,10 +253,24 @@ def run(methods: Optional[Sequence[str]], seeds: Sequence[int], workers: int, da
 
 
 # ------------------------------------------------------------------------------------------------- render
-def overall_accuracy(result: Dict[str, Any]) -> float:
+def test_counts(dataset_dir: str = "datasets") -> List[int]:
+    """Each task's test images, counted from the split (for runs saved before their results kept it)."""
+    from synapse.experiments.datasets import load_tasks
+
+    _, tensors, _ = load_tasks(
+        DATASET, dataset_dir, classes_per_task=CLASSES_PER_TASK, first_task_classes=FIRST_TASK_CLASSES
+    )
+    return [len(test_y) for *_, test_y in tensors]
+
+
+def overall_accuracy(result: Dict[str, Any], counts: Optional[List[int]] = None) -> float:
     """Class-IL accuracy over every test image of the 10 classes after the last task (each task weighted by
-    its test images; the program's average weighs the 4-class first task like a 2-class one)."""
-    last, counts = result["accuracy_matrix"]["class_il"][-1], result["test_samples"]
+    its test images; the program's average weighs the 4-class first task like a 2-class one). ``counts``:
+    the test images per task where the result lacks them."""
+    last = result["accuracy_matrix"]["class_il"][-1]
+    counts = result.get("test_samples_per_task") or counts
+    if counts is None:
+        raise ValueError("the result records no test images per task: pass counts")
     return sum(a * n for a, n in zip(last, counts)) / sum(counts)
 
 
@@ -258,7 +279,9 @@ def _stat(values: List[float]) -> str:
     return f"{statistics.mean(v):.2f} ± {statistics.stdev(v):.2f}" if len(v) > 1 else f"{v[0]:.2f}"
 
 
-def table(entries: List[Dict[str, Any]], sha: str) -> Tuple[List[str], List[Dict[str, Any]]]:
+def table(
+    entries: List[Dict[str, Any]], sha: str, counts: Optional[List[int]] = None
+) -> Tuple[List[str], List[Dict[str, Any]]]:
     """The results table over seeds, rows in :func:`rows` order (runs of another backbone or setting are left
     out), and the entries it used."""
     used: List[Dict[str, Any]] = []
@@ -278,7 +301,8 @@ def table(entries: List[Dict[str, Any]], sha: str) -> Tuple[List[str], List[Dict
         forgetting = [r["forgetting"]["class_il"] for r in res]
         lines.append(
             f"| {name} | {_stat([r['average_accuracy']['class_il'] for r in res])} | "
-            f"{_stat([overall_accuracy(r) for r in res])} | {_stat([r['average_accuracy']['task_il'] for r in res])} | "
+            f"{_stat([overall_accuracy(r, counts) for r in res])} | "
+            f"{_stat([r['average_accuracy']['task_il'] for r in res])} | "
             f"{_stat(forgetting) if None not in forgetting else 'n/a'} | {len(runs)} | "
             f"{statistics.mean(e['wall_time_s'] for e in runs):.0f} |"
         )
@@ -330,12 +354,13 @@ rate and batch size of each paper's recipe are the method's (see its section in 
 and its preset); the closed-form methods (SimpleCIL, RanPAC) train nothing and need one pass per task."""
 
 
-def render(path: str = OUTPUT) -> str:
+def render(path: str = OUTPUT, dataset_dir: str = "datasets") -> str:
     entries = Cache(RUNS).entries()
     with open(os.path.splitext(WEIGHTS)[0] + ".json") as f:
         backbone = json.load(f)
     sha = backbone["sha256"]
-    lines, used = table(entries, sha)
+    lacking = any("test_samples_per_task" not in e["result"] for e in entries)
+    lines, used = table(entries, sha, test_counts(dataset_dir) if lacking else None)
     machine, versions = provenance_lines([e.get("provenance") for e in used])
     p = backbone["settings"]
     val = ", ".join(f"{100 * e['validation_accuracy']:.1f}" for e in backbone["epochs"])
@@ -422,7 +447,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         return
     if args.action == "run":
         run(args.methods, args.seeds, args.workers, args.dataset_dir)
-    text = render(args.output)
+    text = render(args.output, args.dataset_dir)
     if args.output == "-":
         print(text)
 
