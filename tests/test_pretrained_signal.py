@@ -47,12 +47,17 @@ def test_the_printed_commands_are_the_programs_own_settings():
     assert _parsed(signal.command("joint", None, 0, signal.WEIGHTS))[1].training_type == "joint"
 
 
-def test_the_documented_protocol_commands_parse():
+def test_the_documented_protocol_commands_parse(tmp_path):
+    from PIL import Image
+
+    for name in ("n01", "n02"):  # a stand-in for the ImageNet-R tree, which the parser checks
+        os.makedirs(tmp_path / name)
+        Image.new("RGB", (8, 8)).save(tmp_path / name / "0.png")
     blocks = signal.PROTOCOL_COMMANDS.split("```bash\n", 1)[1].split("```", 1)[0]
     lines = [line for line in blocks.replace("\\\n", " ").splitlines() if line.startswith("python")]
     assert len(lines) == 2
     for line in lines:
-        _, args = _parsed(line)
+        _, args = _parsed(line.replace("/data/imagenet-r", str(tmp_path)))
         assert args.input_size == 224 or args.image_size == 224
         assert args.model == "timm:vit_base_patch16_224" and args.pretrained
 
