@@ -152,9 +152,11 @@ class Runner:
         ).to(device)
         self.model = torch.compile(model, backend=compile_backend) if compile_backend else model
         self.method = make(self.model) if make else None
-        # What the method says trains (a frozen backbone's head, prompts outside the model); none: no step.
+        # What the method says trains (its parameter groups: SLCA's slow backbone; a frozen backbone's head,
+        # prompts outside the model); none: no optimizer step.
+        groups = getattr(self.method, "param_groups", None)
         params = (
-            self.method.trainable_parameters()
+            (groups(0.01) if callable(groups) else self.method.trainable_parameters())
             if isinstance(self.method, synapse.Synapse)
             else list(self.model.parameters())
         )
