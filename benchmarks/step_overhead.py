@@ -133,7 +133,8 @@ def _create(spec: Any, buffer_size: int, mb: int, fused: Optional[bool], hparams
 # The --vit models: timm's vit_tiny_patch16_224 cut down for a CPU, and a ViT-S-sized one for a GPU.
 VIT_CPU = ("timm:vit_tiny_patch16_224", {"patch_size": 8, "depth": 4, "embed_dim": 64, "num_heads": 4}, 32)
 VIT_GPU = ("timm:vit_small_patch16_224", {}, 224)
-VIT_QUICK = ("timm:vit_tiny_patch16_224", {"patch_size": 16, "depth": 1, "embed_dim": 16, "num_heads": 2}, 32)
+# The contract harness's toy ViT (synapse.testing.toy_vit), which the methods' harness settings are made for.
+VIT_QUICK = ("timm:vit_tiny_patch16_224", {"patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}, 16)
 
 
 class Runner:
@@ -397,7 +398,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         "--quick",
         action="store_true",
         help="a smoke run of the same code path (e.g. gpu_checks.sh's line with --device cpu): a few steps of a "
-        "small buffer, batch 4; with --vit a one-block ViT of width 16 and the harness settings",
+        "small buffer, batch 4; with --vit the harness's toy ViT (2 blocks of width 32) and the harness settings",
     )
     p.add_argument("--buffer_batch", type=int, default=None, help="default: the batch size")
     p.add_argument("--buffer_size", type=int, default=500)
