@@ -214,13 +214,13 @@ def _key(method: str, buffer: Optional[int], seed: int, weights_sha: str) -> Dic
     return {"method": method, "buffer": buffer, "seed": seed, "weights_sha256": weights_sha, "setting": setting}
 
 
-def _worker(job: Tuple[str, Optional[int], int, str, str, str]) -> Dict[str, Any]:
+def _worker(job: Tuple[str, Optional[int], int, str, str, str, Dict[str, str]]) -> Dict[str, Any]:
     import torch
 
     from synapse.experiments.run import Experiment
 
     torch.set_num_threads(1)
-    method, buffer, seed, weights, sha, dataset_dir = job
+    method, buffer, seed, weights, sha, dataset_dir, made_by = job
     start = time.perf_counter()
     r = Experiment(config(method, buffer, seed, weights, dataset_dir)).run()
     keep = (
@@ -235,7 +235,7 @@ def _worker(job: Tuple[str, Optional[int], int, str, str, str]) -> Dict[str, Any
         **_key(method, buffer, seed, sha),
         "result": {k: r.get(k) for k in keep},
         "wall_time_s": time.perf_counter() - start,
-        "provenance": provenance(),
+        "provenance": made_by,  # the code the workers imported when the pool started, not the tree's now
     }
 
 
@@ -243,6 +243,7 @@ def run(methods: Optional[Sequence[str]], seeds: Sequence[int], workers: int, da
     if not os.path.exists(WEIGHTS):
         raise SystemExit(f"no backbone at {WEIGHTS}: run `python benchmarks/pretrained_signal.py pretrain` first")
     sha = _sha256(WEIGHTS)
+    made_by = provenance()
     cache = Cache(RUNS)
     done = [e for e in cache.entries()]
     jobs = []
@@ -250,7 +251,7 @@ def run(methods: Optional[Sequence[str]], seeds: Sequence[int], workers: int, da
         for seed in seeds:
             key = _key(method, buffer, seed, sha)
             if not any(all(e.get(k) == v for k, v in key.items()) for e in done):
-                jobs.append((method, buffer, seed, WEIGHTS, sha, dataset_dir))
+                jobs.append((method, buffer, seed, WEIGHTS, sha, dataset_dir, made_by))
     print(f"{len(jobs)} run(s) to do", flush=True)
     for entry in run_jobs(_worker, jobs, workers):
         cache.append(entry)
@@ -399,7 +400,7 @@ trouser, pullover, dress) with a {FIRST_TASK_CLASSES}-way head: AdamW, lr {p["lr
 Validation accuracy per epoch (%): {val}; test accuracy on those {FIRST_TASK_CLASSES} classes
 {100 * backbone["test_accuracy_first_task"]:.2f}%. Weights: `benchmarks/results/pretrained_signal_vit.pt`
 (sha256 `{sha[:16]}…`), made by `python benchmarks/pretrained_signal.py pretrain`
-({backbone["seconds"] / 60:.0f} min, one thread).
+({backbone["seconds"] / 60:.0f} min on one thread of a shared, busy machine).
 
 **Continual runs.** From that backbone with a new 10-way head, the experiment program learns Fashion-MNIST as
 {1 + (10 - FIRST_TASK_CLASSES) // CLASSES_PER_TASK} tasks (classes 0-{FIRST_TASK_CLASSES - 1}, then
@@ -409,7 +410,7 @@ trained baselines (the program's defaults for a pretrained model); each method w
 Class-IL is the single-head accuracy over all classes seen; each method scores with its own predictor where it
 has one. Mean ± standard deviation over seeds {", ".join(map(str, SEEDS))}, one thread per run. The
 program's final average weighs each task alike (the 4-class first task like a 2-class one); the next column
-scores every test image once.
+scores every test image once. s/run: wall time of one run on a shared 2-core machine busy with other jobs.
 
 {chr(10).join(lines)}
 
