@@ -45,6 +45,10 @@ def test_the_printed_commands_are_the_programs_own_settings():
     assert (args.synapse_type, args.buffer_size, args.training_type) == ("er", 200, "continual")
     assert os.path.join(ROOT, args.pretrained) == cfg.pretrained
     assert _parsed(signal.command("joint", None, 0, signal.WEIGHTS))[1].training_type == "joint"
+    values, _ = signal.ADAPTED["ranpac"]  # a method's adapted values are its own flags
+    parsed = vars(_parsed(signal.command("ranpac", None, 0, signal.WEIGHTS))[1])
+    assert values == {"projection_dim": 2000} and 2000 in parsed.values()
+    assert signal.config("ranpac", None, 0, signal.WEIGHTS).method_args == values
 
 
 def test_the_documented_protocol_commands_parse(tmp_path):
