@@ -414,7 +414,9 @@ trained baselines (the program's defaults for a pretrained model); each method w
 Class-IL is the single-head accuracy over all classes seen; each method scores with its own predictor where it
 has one. Mean ± standard deviation over seeds {", ".join(map(str, SEEDS))}, one thread per run. The
 program's final average weighs each task alike (the 4-class first task like a 2-class one); the next column
-scores every test image once. s/run: wall time of one run on a shared 2-core machine busy with other jobs.
+scores every test image once. Joint trains on every task's data at once, one epoch at the same lr from the
+same backbone: a reference, not a tight bound. A frozen backbone with prototypes (SimpleCIL) has nothing
+random left to vary with the seed. s/run: wall time of one run on a shared 2-core machine busy with other jobs.
 
 {chr(10).join(lines)}
 
