@@ -8,7 +8,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu-out}"
 mkdir -p "$out"
-rm -f "$out/step_overhead_cuda.json" "$out/step_overhead_cuda_compiled.json"  # never render a stale table
+rm -f "$out/step_overhead_cuda.json" "$out/step_overhead_cuda_compiled.json" "$out/step_overhead_cuda_vit.json"  # never render a stale table
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/gpu_tests.log"
@@ -19,8 +19,13 @@ python3 benchmarks/step_overhead.py --device cuda --rounds 5 --steps 100 --task_
 python3 benchmarks/step_overhead.py --device cuda --compile --rounds 5 --steps 100 --task_ends 0 \
     --only "ER (fused)" "DER (fused)" "DER++ (fused)" "A-GEM" "SI" \
     --json "$out/step_overhead_cuda_compiled.json" 2>&1 | tee "$out/step_overhead_cuda_compiled.log"
+# The pretrained family (the catalog's ViT methods) on a ViT-S-sized random model at 224x224, each row a ratio
+# to a plain fine-tuning step of the same model, with the methods' catalog defaults (RanPAC's 10000-wide
+# projection). tests/test_step_overhead.py runs this line on the CPU with --device cpu --quick.
+python3 benchmarks/step_overhead.py --device cuda --vit --hparams defaults --rounds 5 --steps 50 --task_ends 1 \
+    --json "$out/step_overhead_cuda_vit.json" 2>&1 | tee "$out/step_overhead_cuda_vit.log"
 tables=()
-for f in "$out/step_overhead_cuda.json" "$out/step_overhead_cuda_compiled.json"; do
+for f in "$out/step_overhead_cuda.json" "$out/step_overhead_cuda_compiled.json" "$out/step_overhead_cuda_vit.json"; do
     if [ -f "$f" ]; then tables+=("$f"); else echo "gpu_checks: no $f, so its table is left out" >&2; fi
 done
 if [ "${#tables[@]}" -gt 0 ]; then

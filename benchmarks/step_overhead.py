@@ -9,6 +9,15 @@ buffer is full and after warm-up.
     python benchmarks/step_overhead.py --e2e                 # also the end-to-end DER++ reproduction run
     python benchmarks/step_overhead.py --device cuda --compile   # every variant on torch.compile(model)
     python benchmarks/step_overhead.py --from-json a.json [b.json ...] [--readme]   # render saved results
+    python benchmarks/step_overhead.py --vit                 # the pretrained family on a small ViT (CPU: tiny)
+    python benchmarks/step_overhead.py --vit --device cuda --hparams defaults   # ViT-S-sized, full settings
+
+``--vit`` times the methods whose contract-harness toy is a ViT (``MethodSpec.toy == "vit"``: the pretrained
+family), each as a ratio to a plain fine-tuning step of the same ViT (every weight trained), beside a no-grad
+forward of it: a closed-form method trains nothing, so its step should cost no more than that forward. The
+model is random (no weights are fetched): on the CPU timm's ``vit_tiny_patch16_224`` at 32x32 in patches of 8,
+4 blocks of width 64; on CUDA a ViT-S-sized one (``vit_small_patch16_224``, 224x224). Without ``--vit`` the
+ViT methods have no rows (the MLP and ResNet tables are the other methods').
 
 With ``--compile`` every variant's model is ``torch.compile(model)`` and the method is attached to the
 compiled module, as the README tells users to do (``compiled = torch.compile(model); ER(compiled, ...)``),
@@ -80,33 +89,52 @@ class ReferenceStyleDERpp:
             self.seen += 1
 
 
+class ForwardOnly:
+    """The ``forward only`` row: a no-grad forward of the model, no loss, no backward, no optimizer step."""
+
+
 def make_variants(
-    buffer_size: int, mb: int, item: Tuple[int, ...]
+    buffer_size: int, mb: int, item: Tuple[int, ...], vit: bool = False, hparams: str = "harness"
 ) -> Dict[str, Optional[Callable[[nn.Module], object]]]:
     """Every row, from the catalog: plain; each method with its catalog defaults and ``harness_hparams`` (the
     ER family fused and unfused), in table order; the reference-style DER++; each method's floor step
-    (``MethodSpec.floor``, written beside the method). A new method file gets its rows with no edit here."""
+    (``MethodSpec.floor``, written beside the method). A new method file gets its rows with no edit here.
+
+    ``vit``: the methods whose toy is a ViT instead (the others have no rows), with a ``forward only`` row and
+    without the reference-style DER++. ``hparams``: ``'harness'`` (the small settings a CPU run affords:
+    RanPAC's projection 64 wide, not 10000) or ``'defaults'`` (the catalog's, the papers' values)."""
     alpha, beta = 0.3, 0.5
-    specs = sorted(catalog.specs(), key=lambda spec: order_key(spec.name))
+    specs = sorted((s for s in catalog.specs() if (s.toy == "vit") == vit), key=lambda spec: order_key(spec.name))
     rows: Dict[str, Optional[Callable[[nn.Module], object]]] = {"plain": None}
+    if vit:
+        rows["forward only"] = lambda m: ForwardOnly()
     for spec in specs:
         name = display_name(spec.name)
         fusable = "fused" in inspect.signature(spec.cls).parameters
         modes = ((" (fused)", True), (" (unfused)", False)) if fusable else (("", None),)
         for suffix, fused in modes:
-            rows[name + suffix] = partial(_create, spec, buffer_size, mb, fused)
-    rows["DER++ reference-style"] = lambda m: ReferenceStyleDERpp(m, buffer_size, mb, alpha, beta)
+            rows[name + suffix] = partial(_create, spec, buffer_size, mb, fused, hparams)
+    if not vit:
+        rows["DER++ reference-style"] = lambda m: ReferenceStyleDERpp(m, buffer_size, mb, alpha, beta)
     for spec in specs:
         if spec.floor is not None:
+            values = spec.resolve(spec.harness_hparams if hparams == "harness" else {})
             rows[f"floor: {display_name(spec.name)}"] = partial(
-                spec.floor, buffer_size=buffer_size, minibatch=mb, item=item, hparams=spec.resolve(spec.harness_hparams)
+                spec.floor, buffer_size=buffer_size, minibatch=mb, item=item, hparams=values
             )
     return rows
 
 
-def _create(spec: Any, buffer_size: int, mb: int, fused: Optional[bool], model: nn.Module) -> object:
-    # harness_hparams: the small settings a CPU run affords (RanPAC's projection 64 wide, not 10000).
-    return spec.create(model, spec.harness_hparams, buffer_size=buffer_size, buffer_sample_size=mb, fused=fused)
+def _create(spec: Any, buffer_size: int, mb: int, fused: Optional[bool], hparams: str, model: nn.Module) -> object:
+    values = spec.harness_hparams if hparams == "harness" else {}
+    return spec.create(model, values, buffer_size=buffer_size, buffer_sample_size=mb, fused=fused)
+
+
+# The --vit models: timm's vit_tiny_patch16_224 cut down for a CPU, and a ViT-S-sized one for a GPU.
+VIT_CPU = ("timm:vit_tiny_patch16_224", {"patch_size": 8, "depth": 4, "embed_dim": 64, "num_heads": 4}, 32)
+VIT_GPU = ("timm:vit_small_patch16_224", {}, 224)
+# The contract harness's toy ViT (synapse.testing.toy_vit), which the methods' harness settings are made for.
+VIT_QUICK = ("timm:vit_tiny_patch16_224", {"patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}, 16)
 
 
 class Runner:
@@ -116,12 +144,24 @@ class Runner:
     is attached to it, the way the README tells users to combine the two.
     """
 
-    def __init__(self, name, make, model_name, shape, classes, batch, device, seed=0, compile_backend=None):
+    def __init__(
+        self, name, make, model_name, shape, classes, batch, device, seed=0, compile_backend=None, model_args=None
+    ):
         torch.manual_seed(seed)
-        model = create_model(model_name, shape[0], shape[1], classes, [0.5] * shape[0], [0.25] * shape[0]).to(device)
+        model = create_model(
+            model_name, shape[0], shape[1], classes, [0.5] * shape[0], [0.25] * shape[0], model_args=model_args
+        ).to(device)
         self.model = torch.compile(model, backend=compile_backend) if compile_backend else model
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01)
         self.method = make(self.model) if make else None
+        # What the method says trains (its parameter groups: SLCA's slow backbone; a frozen backbone's head,
+        # prompts outside the model); none: no optimizer step.
+        groups = getattr(self.method, "param_groups", None)
+        params = (
+            (groups(0.01) if callable(groups) else self.method.trainable_parameters())
+            if isinstance(self.method, synapse.Synapse)
+            else list(self.model.parameters())
+        )
+        self.opt = torch.optim.SGD(params, lr=0.01) if params else None
         self.name, self.device = name, device
         g = torch.Generator().manual_seed(seed)
         self.pool = [
@@ -138,16 +178,22 @@ class Runner:
     def step(self) -> None:
         x, y = self.pool[self.i % len(self.pool)]
         self.i += 1
+        if isinstance(self.method, ForwardOnly):
+            with torch.no_grad():
+                self.model(x)
+            return
         out = self.method.forward(x) if isinstance(self.method, Floor) else self.model(x)
         loss = F.cross_entropy(out, y)
-        self.opt.zero_grad(set_to_none=True)
+        if self.opt is not None:
+            self.opt.zero_grad(set_to_none=True)
         if self.method is None:
             loss.backward()
         elif isinstance(self.method, (ReferenceStyleDERpp, Floor)):
             self.method.backward(loss, y, x, out)
         else:
             self.method.backward(loss, y, inputs=x)
-        self.opt.step()
+        if self.opt is not None:
+            self.opt.step()
 
     def end_task(self, batches: int = 16) -> None:
         if isinstance(self.method, synapse.Synapse):
@@ -313,7 +359,7 @@ def from_json(paths: Sequence[str], readme: bool) -> None:
 # What only a measurement uses: --from-json says which of these it was given, since it would ignore them.
 MEASUREMENT_OPTIONS = (
     "device", "model", "batch", "buffer_batch", "buffer_size", "steps", "rounds", "warmup", "only", "e2e",
-    "e2e_seeds", "json", "compile", "compile_backend",
+    "e2e_seeds", "json", "compile", "compile_backend", "model_args", "vit", "hparams", "quick",
 )  # fmt: skip
 
 
@@ -336,8 +382,24 @@ def write_readme_section(name: str, text: str) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto")
-    p.add_argument("--model", default=None, help="default: mlp on CPU, resnet18-reduced on CUDA")
-    p.add_argument("--batch", type=int, default=None, help="default: 10 on CPU, 32 on CUDA")
+    p.add_argument("--model", default=None, help="default: mlp on CPU, resnet18-reduced on CUDA (--vit: see above)")
+    p.add_argument(
+        "--model_args", nargs="*", default=None, metavar="KEY=VALUE", help="the model's constructor keywords"
+    )
+    p.add_argument("--vit", action="store_true", help="the pretrained family (toy 'vit' methods) on a small ViT")
+    p.add_argument(
+        "--hparams",
+        choices=("harness", "defaults"),
+        default="harness",
+        help="the methods' small harness settings (CPU) or their catalog defaults (the papers' values)",
+    )
+    p.add_argument("--batch", type=int, default=None, help="default: 10 on CPU, 32 on CUDA and with --vit")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run of the same code path (e.g. gpu_checks.sh's line with --device cpu): a few steps of a "
+        "small buffer, batch 4; with --vit the harness's toy ViT (2 blocks of width 32) and the harness settings",
+    )
     p.add_argument("--buffer_batch", type=int, default=None, help="default: the batch size")
     p.add_argument("--buffer_size", type=int, default=500)
     p.add_argument("--steps", type=int, default=200, help="timed steps per variant per round")
@@ -390,20 +452,31 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         else ("cpu" if args.device == "auto" else args.device)
     )
     gpu = device.type == "cuda"
-    model_name = args.model or ("resnet18-reduced" if gpu else "mlp")
-    batch = args.batch or (32 if gpu else 10)
-    mb = args.buffer_batch or batch
-    shape, classes = ((3, 32), 10) if model_name != "mlp" else ((1, 28), 10)
+    if args.quick:
+        args.steps, args.rounds, args.warmup, args.buffer_size, args.task_ends = 2, 1, 2, 8, min(args.task_ends, 1)
+        args.batch, args.hparams = 4, "harness"
+    model_args: Dict[str, Any] = {}
+    if args.vit:
+        vit_name, model_args, size = VIT_QUICK if args.quick else VIT_GPU if gpu else VIT_CPU
+        model_name = args.model or vit_name
+        model_args = dict(model_args) if args.model is None else {}
+        shape, classes = (3, size), 10
+    else:
+        model_name = args.model or ("resnet18-reduced" if gpu else "mlp")
+        shape, classes = ((3, 32), 10) if model_name != "mlp" else ((1, 28), 10)
+    if args.model_args is not None:
+        from synapse.experiments.cli import _model_args
 
-    variants = make_variants(args.buffer_size, mb, (shape[0], shape[1], shape[1]))
-    if not model_name.startswith("timm:vit"):  # prompt methods need a ViT: --model timm:vit_tiny_patch16_224
-        vit_only = {display_name(spec.name) for spec in catalog.specs() if spec.cls.requires_vit}
-        variants = {k: v for k, v in variants.items() if k.removeprefix("floor: ") not in vit_only}
+        model_args = _model_args(p, args.model_args)
+    batch = args.batch or (32 if gpu or args.vit else 10)
+    mb = args.buffer_batch or batch
+
+    variants = make_variants(args.buffer_size, mb, (shape[0], shape[1], shape[1]), vit=args.vit, hparams=args.hparams)
     if args.only:
         variants = {k: v for k, v in variants.items() if k == "plain" or k in args.only}
     backend = args.compile_backend if args.compile else None
     runners = [
-        Runner(name, make, model_name, shape, classes, batch, device, compile_backend=backend)
+        Runner(name, make, model_name, shape, classes, batch, device, compile_backend=backend, model_args=model_args)
         for name, make in variants.items()
     ]
     fill = -(-args.buffer_size // batch)
@@ -438,8 +511,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             task_ends.append({"variant": r.name, "median_ms": 1000 * med, "plain_steps": med / plain})
     device_name = torch.cuda.get_device_name(device) if gpu else f"{cpu_model()} CPU, {torch.get_num_threads()} threads"
     compiled = f"torch.compile(model, backend={args.compile_backend!r})" if args.compile else None
+    described = model_name + (f" ({', '.join(f'{k}={v}' for k, v in model_args.items())})" if model_args else "")
+    if args.vit:
+        described += f" at {shape[1]}x{shape[1]}, random init, methods with their {args.hparams} settings"
     header = (
-        f"{model_name}{f' under {compiled}' if compiled else ''}, batch {batch} + buffer batch {mb}, "
+        f"{described}{f' under {compiled}' if compiled else ''}, batch {batch} + buffer batch {mb}, "
         f"buffer {args.buffer_size}, {device_name}, torch {torch.__version__}, "
         f"median of {args.rounds * args.steps} steps"
     )
@@ -450,6 +526,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         "device_name": device_name,
         "compiled": compiled,
         "model": model_name,
+        "model_args": model_args,
+        "vit": args.vit,
+        "hparams": args.hparams,
         "batch": batch,
         "buffer_batch": mb,
         "buffer_size": args.buffer_size,
@@ -471,8 +550,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.e2e:
         result["end_to_end"] = end_to_end(args.e2e_seeds)
     if args.readme:
-        write_readme_section(f"step-overhead-{device.type}", "\n".join(render(result)))
-    name = f"step_overhead_{device.type}{'_compiled' if args.compile else ''}.json"
+        write_readme_section(f"step-overhead-{device.type}{'-vit' if args.vit else ''}", "\n".join(render(result)))
+    name = f"step_overhead_{device.type}{'_vit' if args.vit else ''}{'_compiled' if args.compile else ''}.json"
     path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", name)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:

@@ -108,3 +108,29 @@ def test_protocol_defaults_follow_the_model_family():
     tuned, why = cifar.for_model("resnet18", pretrained=True)
     assert tuned.lr == 0.01 and tuned.num_epochs == cifar.num_epochs and "'pretrained'" in why
     assert cifar.for_model(TINY_VIT)[0].lr == 0.01
+
+
+def test_model_args_reach_the_timm_constructor_and_bad_ones_are_refused():
+    torch.manual_seed(0)
+    small = {"patch_size": 4, "depth": 2, "embed_dim": 32, "num_heads": 2}
+    model = create_model(TINY_VIT, 1, 28, 10, (0.5,), (0.25,), model_args=small)
+    vit = model.backbone
+    assert (len(vit.blocks), vit.embed_dim, vit.patch_embed.patch_size) == (2, 32, (4, 4))
+    assert vit.patch_embed.num_patches == 49  # 28 / 4 = 7 patches a side, at the data's size
+    assert model(torch.zeros(2, 1, 28, 28, dtype=torch.uint8)).shape == (2, 10)
+    with pytest.raises(ValueError, match="does not take model_args"):
+        create_model(TINY_VIT, 1, 28, 10, (0.5,), (0.25,), model_args={"depthh": 2})
+    with pytest.raises(ValueError, match="may not set img_size"):
+        create_model(TINY_VIT, 1, 28, 10, (0.5,), (0.25,), model_args={"img_size": 64})
+    with pytest.raises(ValueError, match="mlp takes none"):
+        create_model("mlp", 1, 28, 10, (0.5,), (0.25,), model_args={"depth": 2})
+
+
+def test_model_args_on_the_command_line_are_read_as_literals():
+    from synapse.experiments.cli import _model_args
+
+    parser = build_parser()
+    args = parser.parse_args(["--model", TINY_VIT, "--model_args", "depth=2", "drop_rate=0.1", "global_pool=avg"])
+    assert _model_args(parser, args.model_args) == {"depth": 2, "drop_rate": 0.1, "global_pool": "avg"}
+    with pytest.raises(SystemExit):
+        _model_args(parser, ["depth"])

@@ -25,11 +25,12 @@ def test_step_overhead_runs_every_variant(tmp_path):
     from synapse import catalog
 
     # Every catalog method has a row and a floor row, by its display name (the ER family fused and unfused);
-    # on this MLP, all but those that need a ViT (their rows come with --model timm:vit...).
-    on_mlp = [spec for spec in catalog.specs() if not spec.cls.requires_vit]
+    # the methods whose toy is a ViT have theirs in the --vit table (below), not here.
+    mlp = [spec for spec in catalog.specs() if spec.toy != "vit"]
     expected = {"plain", "ER (fused)", "DER++ (unfused)", "A-GEM", "SI", "GEM", "GDumb", "DER++ reference-style"}
-    expected |= {f"floor: {spec.display_name}" for spec in on_mlp}
+    expected |= {f"floor: {spec.display_name}" for spec in mlp}
     assert expected <= rows.keys()
+    assert not any(spec.display_name in rows for spec in catalog.specs() if spec.toy == "vit")
     assert all(r["median_ms"] > 0 for r in rows.values())
     assert rows["plain"]["ratio_to_plain"] == 1.0
     # Each method's rows are also compared with its floor (the goal: at most 1.1x).
@@ -40,9 +41,29 @@ def test_step_overhead_runs_every_variant(tmp_path):
     # Every method's task end is timed too (floors and the reference-style DER++ have none).
     ends = {r["variant"]: r for r in result["task_end"]["rows"]}
     assert {"GDumb", "iCaRL (fused)", "EWC (online)", "ER (fused)", "SI"} <= ends.keys()
-    assert all(any(name.startswith(spec.display_name) for name in ends) for spec in on_mlp)
+    assert all(any(name.startswith(spec.display_name) for name in ends) for spec in mlp)
     assert not any(name.startswith("floor") or "reference" in name for name in ends)
     assert all(r["median_ms"] > 0 for r in ends.values())
+
+
+def test_step_overhead_vit_rows_are_the_catalogs_vit_methods(tmp_path):
+    pytest.importorskip("timm")
+    from synapse import catalog
+
+    out = tmp_path / "vit.json"
+    # gpu_checks.sh's line (a ViT-S-sized model on CUDA, the catalog's defaults), as a CPU smoke run
+    args = ["--vit", "--hparams", "defaults", "--device", "cpu", "--quick", "--json", str(out)]
+    subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "step_overhead.py"), *args], check=True)
+    result = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in result["rows"]}
+    vit = [spec for spec in catalog.specs() if spec.toy == "vit"]
+    assert vit  # the pretrained family is registered
+    expected = {"plain", "forward only"}
+    expected |= {spec.display_name for spec in vit} | {f"floor: {s.display_name}" for s in vit if s.floor}
+    assert set(rows) == expected  # no MLP method runs on the ViT
+    assert result["model_args"] == {"patch_size": 16, "depth": 1, "embed_dim": 16, "num_heads": 2}
+    assert "vit_tiny_patch16_224" in result["setting"] and rows["plain"]["ratio_to_plain"] == 1.0
+    assert {spec.display_name for spec in vit} <= {r["variant"] for r in result["task_end"]["rows"]}
 
 
 def saved(tmp_path, name="result.json", **fields):

@@ -17,7 +17,7 @@ from ._extras import missing_extras_message, missing_modules
 from .checkpoint import DEFAULT_EVERY, CheckpointError, parse_every
 from .datasets import DATASETS, DatasetUnavailable
 from .loggers import BACKENDS, LoggerUnavailable
-from .models import INITS, MODELS, ModelArgsError, ModelUnavailable, check_model_name
+from .models import INITS, ModelArgsError, ModelUnavailable, check_model_name
 from .run import TRAINING_TYPES, Config, Experiment, StoppedBeforeTraining, StopRequested, _Signals, check_scenario
 
 
@@ -196,19 +196,20 @@ def build_parser() -> argparse.ArgumentParser:
         "and init (printed with the configuration as 'defaults')",
     )
     g.add_argument(
-        "--model_args",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="keyword arguments of a timm or torchvision model's constructor, values as Python literals (e.g. "
-        "depth=2 embed_dim=32 num_heads=2 patch_size=8 for a tiny timm ViT)",
-    )
-    g.add_argument(
         "--pretrained",
         default=None,
         metavar="PATH",
         help="a local weights file (state dict or checkpoint; .safetensors too) loaded into the model by name and "
         "shape; the run reports what was loaded and what was left out (e.g. a new head). Nothing is downloaded",
+    )
+    g.add_argument(
+        "--model_args",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="keyword arguments for a timm or torchvision model's constructor, passed through unchanged (values "
+        "read as Python literals: numbers, True/False, strings), e.g. a small ViT: --model timm:vit_tiny_patch16_224 "
+        "--model_args patch_size=4 depth=4 embed_dim=64 num_heads=4",
     )
     g.add_argument(
         "--input_size",
@@ -404,24 +405,6 @@ def _add_method_flags(p: argparse.ArgumentParser) -> None:
             )
 
 
-def _model_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Dict[str, Any]:
-    """--model_args as keywords: each value a Python literal (``2``, ``0.1``, ``True``, ``(8, 8)``), else the
-    string as given. Only timm and torchvision constructors take them (checked here: the model's own check
-    comes when it is built)."""
-    if args.model_args and (args.model is None or args.model in MODELS):
-        parser.error(f"--model_args are for timm:NAME and torchvision models, not {args.model or 'the default model'}")
-    kwargs: Dict[str, Any] = {}
-    for item in args.model_args:
-        key, sep, value = item.partition("=")
-        if not sep or not key.isidentifier():
-            parser.error(f"--model_args takes KEY=VALUE pairs with KEY a keyword, got {item!r}")
-        try:
-            kwargs[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            kwargs[key] = value
-    return kwargs
-
-
 def _method_args(
     parser: argparse.ArgumentParser, args: argparse.Namespace, preset: Optional[Dict[str, Any]] = None
 ) -> Dict[str, Any]:
@@ -452,6 +435,21 @@ def _method_args(
     except ValueError as e:
         parser.error(f"{spec.name}: {e}")
         raise  # unreachable: parser.error exits
+
+
+def _model_args(parser: argparse.ArgumentParser, items: Sequence[str]) -> Dict[str, Any]:
+    """``--model_args``'s KEY=VALUE pairs as keyword arguments: each value a Python literal where it reads as one
+    (``4``, ``0.1``, ``True``, ``(4, 4)``), else the string."""
+    kwargs: Dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.isidentifier():
+            parser.error(f"--model_args takes KEY=VALUE pairs with KEY a keyword name, got {item!r}")
+        try:
+            kwargs[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            kwargs[key] = text
+    return kwargs
 
 
 # --preset's run settings and the flags they fill (a preset's other keys are the method's hyperparameters).
@@ -560,7 +558,7 @@ def _main(argv: Optional[List[str]]) -> int:
     preset = _apply_preset(parser, args, argv) if args.preset else None
     method_args = _method_args(parser, args, preset)
     fields = {k: v for k, v in vars(args).items() if not k.startswith("hp_") and k != "preset"}
-    cfg = Config(**{**fields, "method_args": method_args, "model_args": _model_args(parser, args)})
+    cfg = Config(**{**fields, "method_args": method_args, "model_args": _model_args(parser, args.model_args)})
     try:
         check_scenario(cfg, DATASETS[cfg.dataset])
     except ValueError as e:

@@ -93,7 +93,7 @@ class Config:
     input_size: Optional[int] = None
     input_channels: Optional[int] = None
     pretrained: Optional[str] = None
-    # Keyword arguments of the model's constructor (timm's or torchvision's), e.g. a ViT's depth.
+    # Keyword arguments for a timm or torchvision model's constructor (e.g. a small ViT's depth), unchanged.
     model_args: Dict[str, Any] = dataclasses.field(default_factory=dict)
     # Data: a folder: dataset's image size and held-out fraction; the task split of any class-IL dataset.
     image_size: Optional[int] = None

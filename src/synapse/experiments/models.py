@@ -202,24 +202,28 @@ def xavier_init_(model: nn.Module) -> nn.Module:
 
 
 class ModelArgsError(ValueError):
-    """A model's constructor rejected the ``model_args`` it was given; the message names them."""
+    """``model_args`` the model cannot take; the message names them."""
 
 
 def _timm_backbone(name: str, num_classes: int, size: int, channels: int, kwargs: Mapping[str, Any]) -> nn.Module:
-    """A timm model without downloaded weights; those that take ``img_size`` (ViTs) are built for ``size``."""
+    """A timm model without downloaded weights; those that take ``img_size`` (ViTs) are built for ``size``.
+    ``kwargs`` go to ``timm.create_model`` unchanged (e.g. a ViT's ``depth``, ``embed_dim``, ``patch_size``)."""
     timm = _timm()
-    if "img_size" not in kwargs:
-        try:
-            return timm.create_model(
-                name, pretrained=False, num_classes=num_classes, in_chans=channels, img_size=size, **kwargs
-            )
-        except TypeError as e:  # a model without a fixed input size (CNNs) takes no img_size
-            if "img_size" not in str(e):
-                raise ModelArgsError(f"timm:{name} rejected --model_args {dict(kwargs)}: {e}") from e
     try:
+        return timm.create_model(
+            name, pretrained=False, num_classes=num_classes, in_chans=channels, img_size=size, **kwargs
+        )
+    except TypeError as e:
+        if "img_size" not in str(e):  # another keyword the model does not take: the user's to fix
+            raise ModelArgsError(f"timm:{name} does not take model_args {dict(kwargs)}: {e}") from None
+    try:  # a model without a fixed input size (CNNs) takes no img_size
         return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=channels, **kwargs)
     except TypeError as e:
-        raise ModelArgsError(f"timm:{name} rejected --model_args {dict(kwargs)}: {e}") from e
+        raise ModelArgsError(f"timm:{name} does not take model_args {dict(kwargs)}: {e}") from None
+
+
+# What create_model sets itself: model_args may not name these.
+RESERVED_MODEL_ARGS = ("pretrained", "num_classes", "in_chans", "img_size")
 
 
 def create_model(
@@ -251,8 +255,9 @@ def create_model(
             and timm models, the data's for ours). Only 1-channel data can be adapted.
         pretrained: a local weights file (state dict, or a checkpoint holding one under ``state_dict`` or
             ``model``; ``.safetensors`` too) loaded into the backbone by name and shape (:func:`load_pretrained`).
-        model_args: keyword arguments of a timm or torchvision model's constructor (e.g. a ViT's ``depth``);
-            our own models take none.
+        model_args: keyword arguments for the model's constructor, passed through unchanged (timm's
+            ``create_model`` or torchvision's ``get_model``), e.g. ``{"depth": 4, "patch_size": 4}`` for a
+            small ViT; not for our own models, nor the keywords set here (:data:`RESERVED_MODEL_ARGS`).
         log: receives the report of what was loaded and what was left out.
 
     Example:
@@ -267,14 +272,20 @@ def create_model(
     if pretrained is not None and not os.path.isfile(pretrained):
         raise FileNotFoundError(f"pretrained weights {pretrained!r}: no such file (weights are never downloaded)")
     check_model_name(name)
+    kwargs = dict(model_args or {})
+    if kwargs and name in MODELS:
+        raise ModelArgsError(f"model_args are for timm and torchvision models; {name} takes none, got {kwargs}")
+    reserved = sorted(set(kwargs) & set(RESERVED_MODEL_ARGS))
+    if reserved:
+        raise ModelArgsError(
+            f"model_args may not set {', '.join(reserved)}: the data and the program set them (use "
+            "--input_size, --input_channels, --pretrained)"
+        )
     size = input_size or image_size
     channels = input_channels or (in_channels if name in MODELS else 3)
     if channels != in_channels and in_channels != 1:
         raise ValueError(f"{name} takes {channels}-channel images: only 1-channel data is adapted, not {in_channels}")
-    kwargs = dict(model_args or {})
     if name in MODELS:
-        if kwargs:
-            raise ModelArgsError(f"{name} takes no --model_args (only timm and torchvision models do), got {kwargs}")
         backbone = MODELS[name](channels, size, num_classes)
     elif name.startswith(TIMM_PREFIX):
         backbone = _timm_backbone(name[len(TIMM_PREFIX) :], num_classes, size, channels, kwargs)
@@ -286,12 +297,12 @@ def create_model(
         try:
             backbone = torchvision.models.get_model(name, num_classes=num_classes, **kwargs)
         except TypeError as e:
-            raise ModelArgsError(f"torchvision's {name} rejected --model_args {kwargs}: {e}") from e
+            raise ModelArgsError(f"torchvision's {name} does not take model_args {kwargs}: {e}") from None
     if init == "xavier":
         xavier_init_(backbone)
     if pretrained is not None:
         report = load_pretrained(backbone, pretrained)
-        mean, std = _weights_statistics(backbone)
+        mean, std = weights_statistics(backbone)
         report.normalization = (tuple(mean), tuple(std))
         if log is not None:
             log(str(report))
@@ -301,7 +312,7 @@ def create_model(
     return Classifier(Normalize(mean, std), backbone, repeat, input_size if input_size != image_size else None)
 
 
-def _weights_statistics(backbone: nn.Module) -> Tuple[Sequence[float], Sequence[float]]:
+def weights_statistics(backbone: nn.Module) -> Tuple[Sequence[float], Sequence[float]]:
     """The input normalisation pretrained weights expect: a timm model's own, else ImageNet's."""
     cfg = getattr(backbone, "pretrained_cfg", None) or {}
     if "mean" in cfg and "std" in cfg:
