@@ -5,7 +5,8 @@ and records, at every step, the current batch's loss and, for DER and DER++, the
 uses them: ``alpha * MSE(f(x'), z')`` on the logit minibatch, ``beta * CE(f(x''), y'')`` on the label one, the
 largest stored logit ``|z'|`` replayed and the largest current output (the logits this step stores), and the
 largest weight after the step. Written to ``--json``: the first non-finite step, the first step whose loss is
-``--factor`` times the median of the steps before it, and every recorded step in a window around them.
+``--factor`` times the median of the steps before it, and every recorded step of the first ``--window`` and
+in a window around each event.
 
     python benchmarks/diverge_trace.py --dataset fashion-mnist-360 --method der++ --buffer 500 --seed 0 \\
         --json benchmarks/results/diverge_trace_derpp_360_b500_s0.json
@@ -49,12 +50,12 @@ def trace(dataset: str, method: str, buffer: int, seed: int, **overrides: Any) -
             record["replayed_logit_max"] = float(stored.abs().max())
             record["replay_output_max"] = float(out.abs().max())
         for weight, term in terms:  # DER++'s beta CE (ER's alpha CE)
-            record["weighted_ce"] = weight * float(term)
+            record["weighted_ce"] = weight * float(term.detach())
         return terms, seeded
 
     def traced_backward(loss: Any, targets: Any, model_inputs: Any) -> None:
         outputs = learner._forward.outputs
-        steps.append({"step": len(steps), "loss": float(loss)})
+        steps.append({"step": len(steps), "loss": float(loss.detach())})
         if outputs is not None:
             steps[-1]["stored_logit_max"] = float(outputs.detach().abs().max())
         backward(loss, targets, model_inputs)
@@ -65,7 +66,7 @@ def trace(dataset: str, method: str, buffer: int, seed: int, **overrides: Any) -
     return {"steps": steps, "results": results}
 
 
-def first_events(steps: List[Dict[str, Any]], factor: float, warmup: int = 50) -> Dict[str, Optional[int]]:
+def first_events(steps: List[Dict[str, Any]], factor: float, warmup: int = 5) -> Dict[str, Optional[int]]:
     """The first step whose loss is non-finite, and the first (after ``warmup`` steps) whose loss is more than
     ``factor`` times the median loss of the steps before it."""
     losses = [s["loss"] for s in steps]
@@ -92,7 +93,7 @@ def main() -> int:
     steps = run["steps"]
     events = first_events(steps, args.factor)
     keep = sorted(
-        {i for e in events.values() if e is not None for i in range(e - args.window, e + args.window + 1)}
+        {i for e in [0, *events.values()] if e is not None for i in range(e - args.window, e + args.window + 1)}
         & set(range(len(steps)))
     )
     out = {
