@@ -397,6 +397,16 @@ NOTES = """\
   DER++ steps equals the authors' loss on the rows it replayed, to 4e-6 relative. (An earlier, uncommitted
   re-implementation had suggested Synapse was 12 points low from seeds 0-6 alone; more seeds of both do not
   bear that out: the spread between seeds is that large.)
+- Where seed 0 of MNIST-360 DER++ (buffer 500) diverges: in its first dozen steps (`python
+  benchmarks/diverge_trace.py --seed 0 --json ...`; the steps in
+  `benchmarks/results/diverge_trace_derpp_360_b500_s0.json`). At lr 0.2 and batch 16 the outputs a step stores
+  reach 26.6 at step 4 (below 2 at step 0); at step 5 the logit-matching term alpha MSE is 221, against a
+  current loss of 24.6 and a beta CE of 14.2, and the largest weight grows from 0.42 to 2.0. From there each
+  step stores larger logits than those it is pulled towards (340 at step 7, 3858 at step 8, 2.8e13 at step 10),
+  and the loss is non-finite at step 11 of 3394. Seed 1, which does not diverge (26.7), goes through the same
+  early growth (largest weight 0.23 to 7.4 in 8 steps, stored logits up to 29.5; `..._s1.json`) and recovers.
+  The first few batches and the initial weights decide it; the authors' code draws both in its own way, so its
+  one run at seed 0 that did not diverge is another draw, not evidence of another update.
 - GEM on P-MNIST (the authors' lr 0.1 and gamma 0.5) learns the first dozen tasks or so without forgetting,
   then collapses: from task 14 or 15 each new task scores 20 to 45% right after it, and the final average
   falls to SGD's. Its dual QP is not the cause: along such a run every 7th QP Synapse solves matches
