@@ -126,6 +126,9 @@ def test_every_method_has_checked_presets_and_table_fields():
     assert presets.display_name("er-ace") == "ER-ACE" and presets.display_name("sequential") == "SGD (fine-tuning)"
 
 
+_ER_ROW = {"source": "paper", "reference": "x", "rows": [{"buffer": 200, "values": {"lr": 0.1}}]}
+
+
 @pytest.mark.parametrize(
     "content, problem",
     [
@@ -156,6 +159,27 @@ def test_every_method_has_checked_presets_and_table_fields():
                 },
             },
             "buffer None for a method with a memory",
+        ),
+        (
+            {"method": "er", "protocols": {"seq-mnist": {**_ER_ROW, "tuned": {**_ER_ROW, "grid": {"lr": [0.1]}}}}},
+            "seq-mnist (tuned): a second row is 'validation-grid', with the 'grid' it searched",
+        ),
+        (
+            {
+                "method": "er",
+                "protocols": {
+                    "seq-mnist": {
+                        **_ER_ROW,
+                        "tuned": {
+                            **_ER_ROW,
+                            "source": "validation-grid",
+                            "grid": {"lr": [0.1]},
+                            "rows": [{"buffer": 500, "values": {"lr": 0.1}}],
+                        },
+                    }
+                },
+            },
+            "buffers [500] have no first row (the paper's values) to pair with",
         ),
     ],
 )

@@ -308,3 +308,33 @@ def test_protocol_tables_are_valid_catalog_arguments():
             assert (buffer is not None) == spec.has_buffer
             if protocol == "mnist-360":
                 assert spec.task_free and "batch_size" in hp
+
+
+def test_a_second_row_chosen_on_validation_is_tuned_run_and_rendered_under_its_first():
+    """A preset's ``tuned`` block: tune.py searches its grid on top of the paper's row, protocols.py runs those
+    values and shows them as a second row, under the paper's, with the grid and the changed comparisons."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import protocols
+    import tune
+    from synapse.experiments import presets
+
+    paper = presets.values("der", "perm-mnist", 200)
+    second = presets.values("der", "perm-mnist", 200, tuned=True)
+    grid = presets.block("der", "perm-mnist", tuned=True)["grid"]
+    assert ("der", 200, paper, grid) in tune.grids("perm-mnist")
+    points = tune.grid_points(paper, grid)
+    assert second in points and all({**p, **{k: paper[k] for k in grid}} == paper for p in points)
+    assert protocols.TUNED["perm-mnist"][("der", 200)] == second
+    stat = {"class_il": (20.0, 1.0), "task_il": (20.0, 1.0), "forgetting": (5.0, 0.5), "wall_time_s": (1.0, 0.0)}
+    rows = [("sequential", None), ("er", 200), ("der", 200), ("der++", 200)]
+    table = {row: stat for row in rows}
+    better = {**stat, "class_il": (90.0, 1.0)}
+    text = protocols.render_section("perm-mnist", rows, [0], table, 1.0, {}, tuned={("der", 200): better})
+    lines = text.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("| DER | 200 | 20.00"))
+    assert (
+        lines[at + 1].startswith("| DER, validation-tuned | 200 | 90.00 ± 1.00") and "validation split" in lines[at + 1]
+    )
+    assert "lr in {" in text and "With the validation-tuned rows (DER 200)" in text
+    with pytest.raises(KeyError, match="no perm-mnist validation-tuned preset for er at buffer 200"):
+        presets.values("er", "perm-mnist", 200, tuned=True)

@@ -10,8 +10,11 @@ values come from and one row per buffer size (``null`` for a method without a me
 ``source`` is one of :data:`SOURCES`; ``stand-in`` rows (values the authors did not publish for that
 protocol) carry a ``note`` saying where they come from, ``validation-grid`` ones the ``grid`` searched. A
 protocol may also name a ``known_gap``: a finding of the paper the benchmark does not reproduce, with what
-was checked. In ``values``, the keys of :data:`RUN_KEYS` are run settings (``lr`` is SGD's, ``mb`` the replay
-minibatch, ``batch_size`` the stream's batch); the rest are the method's hyperparameters by catalog name.
+was checked. Where the paper's values fail on this data (diverge), a protocol may add a ``tuned`` block: a
+second row for some of its buffers, ``validation-grid`` values with their ``grid`` and ``reference`` (the
+tuning command), read with ``tuned=True``; the tables show both. In ``values``, the keys of :data:`RUN_KEYS`
+are run settings (``lr`` is SGD's, ``mb`` the replay minibatch, ``batch_size`` the stream's batch); the rest
+are the method's hyperparameters by catalog name.
 
 The CLI's ``--preset PROTOCOL`` and the benchmark scripts read these files; nothing else lists the values.
 
@@ -26,7 +29,7 @@ from __future__ import annotations
 import json
 import os
 from functools import cache
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Tuple
 
 from synapse import catalog
 
@@ -93,7 +96,7 @@ def load(method: str) -> Dict[str, Any]:
 
 
 def _check(method: str, data: Dict[str, Any], path: str) -> None:
-    def fail(problem: str) -> None:
+    def fail(problem: str) -> NoReturn:
         raise ValueError(f"{path}: {problem}")
 
     if data.get("method") != method:
@@ -102,49 +105,67 @@ def _check(method: str, data: Dict[str, Any], path: str) -> None:
     for protocol, entry in data.get("protocols", {}).items():
         if protocol not in PROTOCOLS:
             fail(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
-        if entry.get("source") not in SOURCES:
-            fail(f"{protocol}: 'source' must be one of {SOURCES}, got {entry.get('source')!r}")
-        if not entry.get("reference") or (entry["source"] == "stand-in" and not entry.get("note")):
-            fail(f"{protocol}: every entry names its 'reference', and a stand-in its 'note'")
-        buffers = [row["buffer"] for row in entry.get("rows", [])]
-        if not buffers or len(set(buffers)) != len(buffers):
-            fail(f"{protocol}: 'rows' must list each buffer size once, got {buffers}")
-        for row in entry["rows"]:
-            has_buffer = spec is not None and spec.has_buffer
-            if (row["buffer"] is not None) != has_buffer:
-                fail(f"{protocol}: buffer {row['buffer']} for a method {'with' if has_buffer else 'without'} a memory")
-            own = {k: v for k, v in row["values"].items() if k not in RUN_KEYS}
-            if "lr" not in row["values"] or (spec is None and own):
-                fail(f"{protocol}, buffer {row['buffer']}: needs 'lr', and a baseline takes only {RUN_KEYS}")
-            if spec is not None:
-                try:
-                    spec.resolve(own)
-                except ValueError as e:
-                    fail(f"{protocol}, buffer {row['buffer']}: {e}")
+        _check_entry(fail, spec, protocol, entry)
+        if "tuned" in entry:
+            tuned = entry["tuned"]
+            where = f"{protocol} (tuned)"
+            if tuned.get("source") != "validation-grid" or not isinstance(tuned.get("grid"), dict) or not tuned["grid"]:
+                fail(f"{where}: a second row is 'validation-grid', with the 'grid' it searched")
+            _check_entry(fail, spec, where, tuned)
+            extra = {row["buffer"] for row in tuned["rows"]} - {row["buffer"] for row in entry["rows"]}
+            if extra:
+                fail(f"{where}: buffers {sorted(extra)} have no first row (the paper's values) to pair with")
 
 
-def block(method: str, protocol: str) -> Optional[Dict[str, Any]]:
-    """``method``'s entry for ``protocol`` (source, reference, rows, ...), or None."""
-    return load(method)["protocols"].get(protocol)
+def _check_entry(
+    fail: Callable[[str], NoReturn], spec: Optional[catalog.MethodSpec], where: str, entry: Dict[str, Any]
+) -> None:
+    if entry.get("source") not in SOURCES:
+        fail(f"{where}: 'source' must be one of {SOURCES}, got {entry.get('source')!r}")
+    if not entry.get("reference") or (entry["source"] == "stand-in" and not entry.get("note")):
+        fail(f"{where}: every entry names its 'reference', and a stand-in its 'note'")
+    buffers = [row["buffer"] for row in entry.get("rows", [])]
+    if not buffers or len(set(buffers)) != len(buffers):
+        fail(f"{where}: 'rows' must list each buffer size once, got {buffers}")
+    for row in entry["rows"]:
+        has_buffer = spec is not None and spec.has_buffer
+        if (row["buffer"] is not None) != has_buffer:
+            fail(f"{where}: buffer {row['buffer']} for a method {'with' if has_buffer else 'without'} a memory")
+        own = {k: v for k, v in row["values"].items() if k not in RUN_KEYS}
+        if "lr" not in row["values"] or (spec is None and own):
+            fail(f"{where}, buffer {row['buffer']}: needs 'lr', and a baseline takes only {RUN_KEYS}")
+        if spec is not None:
+            try:
+                spec.resolve(own)
+            except ValueError as e:
+                fail(f"{where}, buffer {row['buffer']}: {e}")
 
 
-def values(method: str, protocol: str, buffer: Optional[int]) -> Dict[str, Any]:
-    """The preset values of one row (a fresh dict); raises ``KeyError`` saying which rows exist."""
-    entry = block(method, protocol)
+def block(method: str, protocol: str, tuned: bool = False) -> Optional[Dict[str, Any]]:
+    """``method``'s entry for ``protocol`` (source, reference, rows, ...), or None; with ``tuned``, its second
+    rows' (the ``tuned`` block), or None."""
+    entry = load(method)["protocols"].get(protocol)
+    return (entry or {}).get("tuned") if tuned else entry
+
+
+def values(method: str, protocol: str, buffer: Optional[int], tuned: bool = False) -> Dict[str, Any]:
+    """The preset values of one row (a fresh dict; ``tuned``: of its second row); raises ``KeyError`` saying
+    which rows exist."""
+    entry = block(method, protocol, tuned)
     rows = {row["buffer"]: row["values"] for row in (entry or {}).get("rows", [])}
     if buffer not in rows:
         have = ", ".join("no buffer" if b is None else f"buffer {b}" for b in rows) or "none"
-        raise KeyError(
-            f"no {protocol} preset for {method} at {'no buffer' if buffer is None else f'buffer {buffer}'}"
-            f" (it has: {have})"
-        )
+        kind = "validation-tuned preset" if tuned else "preset"
+        where = "no buffer" if buffer is None else f"buffer {buffer}"
+        raise KeyError(f"no {protocol} {kind} for {method} at {where} (it has: {have})")
     return dict(rows[buffer])
 
 
-def table(protocol: str) -> Dict[Row, Dict[str, Any]]:
-    """Every preset row of ``protocol``, method by method in table order, each method's rows in file order."""
+def table(protocol: str, tuned: bool = False) -> Dict[Row, Dict[str, Any]]:
+    """Every preset row of ``protocol`` (``tuned``: every second row), method by method in table order, each
+    method's rows in file order."""
     rows: Dict[Row, Dict[str, Any]] = {}
     for method in methods():
-        for row in (block(method, protocol) or {}).get("rows", []):
+        for row in (block(method, protocol, tuned) or {}).get("rows", []):
             rows[(method, row["buffer"])] = dict(row["values"])
     return rows
