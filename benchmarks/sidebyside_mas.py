@@ -161,7 +161,11 @@ def rel_diff(ours: Any, theirs: Any) -> float:
 def stability(omega: Any, hp: Dict[str, Any]) -> Dict[str, float]:
     """``lr * lambda * Omega``: above 1 the penalty's SGD step on that weight overshoots its anchor and grows."""
     k = hp["lr"] * hp["mas_lambda"] * omega
-    return {"max_omega": float(omega.max()), "max_lr_lambda_omega": float(k.max()), "weights_above_1": int((k > 1).sum())}
+    return {
+        "max_omega": float(omega.max()),
+        "max_lr_lambda_omega": float(k.max()),
+        "weights_above_1": int((k > 1).sum()),
+    }
 
 
 # -------------------------------------------------------------------------------------------------- steps
@@ -191,7 +195,7 @@ def steps(plugin_cls: Any, args: argparse.Namespace, seed: int, hp: Dict[str, An
             method.backward(loss, yb, inputs=xb)
             if step < args.steps_per_task:
                 ours = flat(p.grad for p in model.parameters())
-                row: Dict[str, Any] = {"task": t, "step": step, "loss": float(loss)}
+                row: Dict[str, Any] = {"task": t, "step": step, "loss": float(loss.detach())}
                 for key, plugin in (("avalanche", own), ("formula", formula)):
                     ref_model.load_state_dict(model.state_dict())
                     driver.step(plugin, xb, yb)
@@ -252,7 +256,9 @@ def finite_model(model: Any) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
-def synapse_run(args: argparse.Namespace, seed: int, hp: Dict[str, Any], training_type: str = "continual") -> Dict[str, Any]:
+def synapse_run(
+    args: argparse.Namespace, seed: int, hp: Dict[str, Any], training_type: str = "continual"
+) -> Dict[str, Any]:
     exp = experiment(args, seed, {**hp, **args.synapse_args} if training_type == "continual" else hp, training_type)
     results = exp.run()
     return outcome(exp, results["accuracy_matrix"], finite_model(exp.model))
@@ -289,7 +295,9 @@ def _side(runs: List[Dict[str, Any]], side: str, key: str) -> str:
         return "-"
     diverged = sum(1 for g in got if g["diverged"] or (g["final_class_il"] <= 10.5 and key == "final_class_il"))
     text = _mean_std(values)
-    return text + (f" ({diverged} of {len(got)} at chance or non-finite)" if diverged and key == "final_class_il" else "")
+    return text + (
+        f" ({diverged} of {len(got)} at chance or non-finite)" if diverged and key == "final_class_il" else ""
+    )
 
 
 def render(results_dir: str = RESULTS) -> str:
@@ -361,7 +369,8 @@ def render(results_dir: str = RESULTS) -> str:
         runs = list(r["seeds"].values())
         sides = ("synapse", "reference", "sgd")
         cells = [
-            r["dataset"] + (f" ({r['max_train_per_task']} train items per task)" if r.get("max_train_per_task") else ""),
+            r["dataset"]
+            + (f" ({r['max_train_per_task']} train items per task)" if r.get("max_train_per_task") else ""),
             f"{r['hp']['lr']}, {r['hp']['mas_lambda']}",
             json.dumps(r["synapse_args"]) if r["synapse_args"] else "-",
             " ".join(r["seeds"]),
@@ -381,18 +390,22 @@ def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=("steps", "accuracy", "render"))
     p.add_argument("--reference", help="a local checkout of ContinualAI/avalanche (steps and accuracy)")
-    p.add_argument("--dataset", default="fashion-mnist", choices=("fashion-mnist", "perm-fashion-mnist", "rot-fashion-mnist"))
+    p.add_argument(
+        "--dataset", default="fashion-mnist", choices=("fashion-mnist", "perm-fashion-mnist", "rot-fashion-mnist")
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--lr", type=float, default=None, help="default: the MAS preset's for the dataset's protocol")
     p.add_argument("--mas_lambda", type=float, default=None, help="default: the MAS preset's")
     p.add_argument("--alpha", type=float, default=ALPHA, help="MASPlugin's alpha")
-    p.add_argument("--synapse-args", type=json.loads, default={}, help='extra MAS options for Synapse, JSON')
+    p.add_argument("--synapse-args", type=json.loads, default={}, help="extra MAS options for Synapse, JSON")
     p.add_argument("--max_train_per_task", type=int, default=None)
     p.add_argument("--max_test_per_task", type=int, default=2000)
     p.add_argument("--tasks", type=int, default=None, help="steps mode: the first this many tasks")
     p.add_argument("--steps-per-task", type=int, default=100, help="steps mode: lockstep steps per task")
     p.add_argument("--check-samples", type=int, default=2000, help="steps mode: items per task-end check")
-    p.add_argument("--which", nargs="+", choices=("synapse", "reference", "sgd"), default=["synapse", "reference", "sgd"])
+    p.add_argument(
+        "--which", nargs="+", choices=("synapse", "reference", "sgd"), default=["synapse", "reference", "sgd"]
+    )
     p.add_argument("--output", help="JSON file for the raw results (default: stdout)")
     a = p.parse_args(argv)
     if a.mode == "render":
