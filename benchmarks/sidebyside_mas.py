@@ -282,6 +282,11 @@ def reference_run(plugin_cls: Any, args: argparse.Namespace, seed: int, hp: Dict
 
 
 # -------------------------------------------------------------------------------------------------- render
+def accumulation(r: Dict[str, Any]) -> str:
+    """The accumulation Synapse's MAS ran with in a results file: its options over the preset's."""
+    return str({**r["hp"], **r["synapse_args"]}.get("accumulate", "sum"))
+
+
 def _finite(values: Any) -> List[float]:
     """The finite values (a diverged run's last task ends are NaN)."""
     return [v for v in values if v is not None and math.isfinite(v)] or [math.nan]
@@ -330,7 +335,7 @@ def render(results_dir: str = RESULTS) -> str:
         "(per-sample) and the ratio of the plugin's at the run's batch size to it; then the largest",
         "`lr * lambda * Omega` of the accumulated importances (above 1, plain SGD on the penalty overshoots).",
         "",
-        "| data | Synapse args | seed | steps | first step differing, avalanche | first, formula "
+        "| data | Synapse accumulate | seed | steps | first step differing, avalanche | first, formula "
         "| per-sample importance diff (worst task) | batched / per-sample (tasks) "
         "| max lr·λ·Ω Synapse (tasks) | max lr·λ·Ω Avalanche (tasks) | raw |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -346,7 +351,7 @@ def render(results_dir: str = RESULTS) -> str:
             ends = run["task_ends"]
             cells = [
                 r["dataset"],
-                json.dumps(r["synapse_args"]) if r["synapse_args"] else "-",
+                accumulation(r),
                 seed,
                 len(run["steps"]),
                 where(run["first_difference"]["avalanche"]),
@@ -364,7 +369,7 @@ def render(results_dir: str = RESULTS) -> str:
         "",
         "Final average accuracy in %, mean ± std over seeds (Task-IL only where tasks have their own classes).",
         "",
-        "| data | lr, λ | Synapse args | seeds | Synapse Class-IL | Avalanche Class-IL | SGD Class-IL "
+        "| data | lr, λ | Synapse accumulate | seeds | Synapse Class-IL | Avalanche Class-IL | SGD Class-IL "
         "| Synapse Task-IL | Avalanche Task-IL | SGD Task-IL | raw |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -377,7 +382,7 @@ def render(results_dir: str = RESULTS) -> str:
             r["dataset"]
             + (f" ({r['max_train_per_task']} train items per task)" if r.get("max_train_per_task") else ""),
             f"{r['hp']['lr']}, {r['hp']['mas_lambda']}",
-            json.dumps(r["synapse_args"]) if r["synapse_args"] else "-",
+            accumulation(r) if any("synapse" in x for x in runs) else "-",
             " ".join(r["seeds"]),
             *(_side(runs, s, "final_class_il") for s in sides),
             *(_side(runs, s, "final_task_il") for s in sides),
@@ -392,7 +397,7 @@ def finding(loaded: List[Tuple[str, Dict[str, Any]]]) -> List[str]:
     """The step-level finding and what was done, its numbers read from the steps results."""
     ends = [e for _, r in loaded if r["mode"] == "steps" for run in r["seeds"].values() for e in run["task_ends"]]
     sums = [
-        (r, run) for _, r in loaded if r["mode"] == "steps" and not r["synapse_args"] for run in r["seeds"].values()
+        (r, run) for _, r in loaded if r["mode"] == "steps" and accumulation(r) == "sum" for run in r["seeds"].values()
     ]
     if not ends or not sums:
         return []
