@@ -340,8 +340,13 @@ def render(results_dir: str = RESULTS) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
-    def where(first: Optional[Dict[str, Any]]) -> str:
-        return "none" if first is None else f"task {first['task'] + 1}, step {first['step'] + 1}"
+    def where(first: Optional[Dict[str, Any]], rows: List[Dict[str, Any]]) -> str:
+        if first is None:
+            return "none"
+        losses = [x["loss"] for x in rows if (x["task"], x["step"]) == (first["task"], first["step"])]
+        blown = losses and not (math.isfinite(losses[0]) and losses[0] < 1e3)
+        late = f" (after the blow-up: loss {losses[0]:.0e})" if blown else ""
+        return f"task {first['task'] + 1}, step {first['step'] + 1}{late}"
 
     for path, r in loaded:
         if r["mode"] != "steps":
@@ -353,8 +358,8 @@ def render(results_dir: str = RESULTS) -> str:
                 accumulation(r),
                 seed,
                 len(run["steps"]),
-                where(run["first_difference"]["avalanche"]),
-                where(run["first_difference"]["formula"]),
+                where(run["first_difference"]["avalanche"], run["steps"]),
+                where(run["first_difference"]["formula"], run["steps"]),
                 f"{max(_finite(e['per_sample_rel_diff'] for e in ends)):.1e}",
                 " ".join(f"{e['batched_over_per_sample_sum']:.2f}" for e in ends),
                 " ".join(f"{e['accumulated_synapse']['max_lr_lambda_omega']:.2g}" for e in ends),
@@ -419,7 +424,8 @@ def finding(loaded: List[Tuple[str, Dict[str, Any]]]) -> List[str]:
     if not ends or not sums:
         return []
     per_sample = max(_finite(e["per_sample_rel_diff"] for e in ends))
-    ratios = _finite(e["batched_over_per_sample_sum"] for e in ends)
+    sane = [e for e in ends if e["accumulated_synapse"]["max_lr_lambda_omega"] < 10]  # not yet blown up
+    ratios = _finite(e["batched_over_per_sample_sum"] for e in sane)
     crossed = [
         f"{r['dataset']} (lr {r['hp']['lr']}, λ {r['hp']['mas_lambda']}): task "
         + str(
@@ -433,7 +439,7 @@ def finding(loaded: List[Tuple[str, Dict[str, Any]]]) -> List[str]:
         "penalty's gradient with the same importance and anchor is the plugin's (`formula` column): the same λ,",
         "no ½. The first step that differs (second task, once the penalty acts) comes from the plugin's",
         "batched importance, the absolute value of each batch's mean gradient: "
-        f"{min(ratios):.2f} to {max(ratios):.2f} of the per-sample one.",
+        f"{min(ratios):.2f} to {max(ratios):.2f} of the per-sample one (task ends before a run blew up).",
         "The difference that matters is the accumulation: Synapse summed the tasks' importances (as the MAS",
         "authors' code does), Avalanche keeps a running average (alpha 0.5), so Synapse's largest lr·λ·Ω grows",
         "with every task and passes 1 (plain SGD then overshoots the anchor and diverges) at the task listed per",
