@@ -460,6 +460,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=("steps", "accuracy", "render"))
     p.add_argument("--reference", help="a local checkout of ContinualAI/avalanche (steps and accuracy)")
+    p.add_argument("--reference-commit", help="the checkout's commit, when it is not a git work tree (an archive)")
     p.add_argument(
         "--dataset", default="fashion-mnist", choices=("fashion-mnist", "perm-fashion-mnist", "rot-fashion-mnist")
     )
