@@ -8,13 +8,25 @@ Avalanche strategy it reads. Avalanche needs a few packages Synapse does not (``
 
     python3 -m venv /path/to/venv_avalanche      # torch as Synapse's, or from a .pth to its site-packages
     /path/to/venv_avalanche/bin/pip install dill gputil gdown pytorchcv qpsolvers psutil
-    PYTHONPATH=src /path/to/venv_avalanche/bin/python benchmarks/sidebyside_mas.py steps \\
-        --reference ../avalanche --dataset fashion-mnist --seeds 0 \\
-        --output benchmarks/results/sidebyside_mas_steps_seq.json
-    PYTHONPATH=src /path/to/venv_avalanche/bin/python benchmarks/sidebyside_mas.py accuracy \\
-        --reference ../avalanche --dataset fashion-mnist --seeds 0 1 2 3 4 \\
-        --output benchmarks/results/sidebyside_mas_seq.json
+    PY="env PYTHONPATH=src /path/to/venv_avalanche/bin/python benchmarks/sidebyside_mas.py"
+    $PY steps --reference ../avalanche --dataset fashion-mnist --seeds 0 --steps-per-task 50 \
+        --check-samples 500 --synapse-args '{"accumulate": "sum"}' \
+        --output benchmarks/results/sidebyside_mas_steps_seq_sum.json
+    $PY steps --reference ../avalanche --dataset perm-fashion-mnist --seeds 0 --steps-per-task 10 \
+        --check-samples 300 --max_train_per_task 10000 --synapse-args '{"accumulate": "sum"}' \
+        --output benchmarks/results/sidebyside_mas_steps_perm_sum.json
+    $PY accuracy --reference ../avalanche --dataset fashion-mnist --seeds 0 1 2 3 4 \
+        --synapse-args '{"accumulate": "sum"}' --output benchmarks/results/sidebyside_mas_seq.json
+    $PY accuracy --reference ../avalanche --dataset fashion-mnist --seeds 0 1 2 3 4 --which synapse \
+        --synapse-args '{"accumulate": "average"}' --output benchmarks/results/sidebyside_mas_seq_average.json
+    $PY accuracy --reference ../avalanche --dataset perm-fashion-mnist --seeds 0 1 2 --max_train_per_task 10000 \
+        --which reference sgd --output benchmarks/results/sidebyside_mas_perm_ref.json   # and rot-, and
+        # --which synapse with each accumulation (sidebyside_mas_{perm,rot}_{sum,average}.json)
     PYTHONPATH=src python benchmarks/sidebyside_mas.py render   # the section, from sidebyside_mas_*.json
+
+``--reference-commit`` records the checkout's commit where it has no git metadata (a ``git archive``). The
+committed files ran with the presets of their commit (``lr`` and ``mas_lambda``: 0.03 and 0.1 on Seq-F-MNIST,
+0.2 and 0.1 on P-/R-F-MNIST), scored on the first 2000 test items of each task, one thread per run.
 
 Modes:
 
