@@ -15,6 +15,7 @@ from synapse.functional import (
     mas_importance,
     merge_quadratic_penalties,
     quadratic_penalty,
+    running_average_importance,
     true_fisher_diagonal,
 )
 from synapse.structure import EWC, MAS
@@ -87,6 +88,18 @@ def test_mas_importance_by_hand():
     grads_b = torch.tensor([[2.0, 4.0], [6.0, -2.0]])
     ow, ob = mas_importance([grads_w, grads_b])
     assert torch.equal(ow, MAS_W) and torch.equal(ob, MAS_B)
+
+
+def test_running_average_importance_by_hand():
+    # alpha 0.25: 0.25 * (4, 0, 8) + 0.75 * (0, 2, 8) = (1, 1.5, 8); the first task end takes the new one.
+    old, new = [torch.tensor([4.0, 0.0, 8.0])], [torch.tensor([0.0, 2.0, 8.0])]
+    assert torch.equal(running_average_importance(old, new, 0.25)[0], torch.tensor([1.0, 1.5, 8.0]))
+    assert torch.equal(running_average_importance(old, new, 0.25, first=True)[0], new[0])
+    for bad in (-0.1, 1.5, math.nan):
+        with pytest.raises(ValueError, match="alpha"):
+            running_average_importance(old, new, bad)
+    with pytest.raises(ValueError, match="as many"):
+        running_average_importance(old, [], 0.5)
 
 
 def test_merge_quadratic_penalties_by_hand():
@@ -400,6 +413,24 @@ def test_online_fisher_decays_by_gamma():
     assert all(torch.allclose(w, 2 * f) for w, f in zip(mas.importance, first))
 
 
+def test_mas_running_average_folds_as_its_twin():
+    torch.manual_seed(0)
+    model = mlp(num_classes=4, in_features=12)
+    (x1, y1), (x2, y2) = random_task(6, 0, 4, (1, 12)), random_task(6, 1, 4, (1, 12))
+    syn = MAS(model, accumulate="average", alpha=0.25)
+    syn.end_task(task(x1, y1, 3))
+    alone1 = MAS(copy.deepcopy(model))
+    alone1.end_task(task(x1, y1, 3))
+    assert all(torch.equal(w, f) for w, f in zip(syn.importance, alone1.importance))  # the first task: its own
+    moved(model)
+    syn.end_task(task(x2, y2, 3))
+    alone2 = MAS(copy.deepcopy(model))
+    alone2.end_task(task(x2, y2, 3))
+    want = running_average_importance(alone1.importance, alone2.importance, 0.25)
+    assert all(torch.allclose(w, f, rtol=1e-6, atol=0) for w, f in zip(syn.importance, want))
+    assert not torch.allclose(syn.importance[0], alone1.importance[0] + alone2.importance[0])  # not the sum
+
+
 def test_separate_mode_is_the_sum_of_one_penalty_per_task():
     torch.manual_seed(0)
     model = mlp(num_classes=4, in_features=12)
@@ -466,6 +497,10 @@ def test_state_dict_round_trip(make):
         (lambda m: EWC(m, fisher="exact"), "fisher"),
         (lambda m: MAS(m, mas_lambda=-0.5), "mas_lambda"),
         (lambda m: MAS(m, mas_lambda="1"), "mas_lambda"),
+        (lambda m: MAS(m, accumulate="mean"), "accumulate"),
+        (lambda m: MAS(m, accumulate="average", alpha=1.5), "alpha"),
+        (lambda m: MAS(m, alpha=math.nan), "alpha"),
+        (lambda m: MAS(m, alpha=True), "alpha"),
         (lambda m: EWC(m, task_end_batch=0), "task_end_batch"),
         (lambda m: MAS(m, task_end_batch=2.5), "task_end_batch"),
     ],

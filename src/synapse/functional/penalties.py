@@ -18,6 +18,7 @@ __all__ = [
     "empirical_fisher_diagonal",
     "true_fisher_diagonal",
     "mas_importance",
+    "running_average_importance",
     "merge_quadratic_penalties",
 ]
 
@@ -97,6 +98,31 @@ def mas_importance(per_sample_grads: Sequence[Tensor], reduction: str = "mean") 
     """
     _check_reduction(reduction)
     return [_reduce(g.abs(), reduction) for g in per_sample_grads]
+
+
+def running_average_importance(
+    previous: Sequence[Tensor], new: Sequence[Tensor], alpha: float, first: bool = False
+) -> List[Tensor]:
+    """The importance after a task end under a running average: ``alpha * previous + (1 - alpha) * new``,
+    or ``new`` alone at the first task end (``first``).
+
+    Avalanche's ``MASPlugin`` (after FACIL's MAS) folds each task's importance in this way, where the MAS
+    paper's authors add it (``previous + new``), so that the importance stays a weighted mean of the
+    tasks' importances rather than growing with their number.
+
+    Args:
+        previous: the running importance, one tensor per parameter.
+        new: the finished task's importance, one tensor per parameter.
+        alpha: the weight of the running importance, in ``[0, 1]``.
+        first: whether this is the first task end (``previous`` is then ignored).
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    if len(previous) != len(new):
+        raise ValueError(f"need as many new importances as previous ones, got {len(new)} and {len(previous)}")
+    if first:
+        return [n.clone() for n in new]
+    return [alpha * p + (1.0 - alpha) * n for p, n in zip(previous, new)]
 
 
 def merge_quadratic_penalties(
