@@ -465,6 +465,11 @@ def finding(loaded: List[Tuple[str, Dict[str, Any]]]) -> List[str]:
 
 
 # ---------------------------------------------------------------------------------------------------- main
+def section(results_dir: str) -> str:
+    """This script's section of REPRODUCIBILITY-sidebyside.md (``benchmarks/sidebyside.py render``)."""
+    return render(results_dir)
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     import torch
 

@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import glob
 import io
 import json
 import math
@@ -518,6 +519,11 @@ def merged_accuracy(loaded: List[Tuple[str, Dict[str, Any]]]) -> Dict[Tuple[str,
 
 
 # ---------------------------------------------------------------------------------------------------- main
+def section(results_dir: str) -> str:
+    """This script's section of REPRODUCIBILITY-sidebyside.md (``benchmarks/sidebyside.py render``)."""
+    return render(sorted(glob.glob(os.path.join(results_dir, "sidebyside_mir_*.json"))))
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     import torch
 
