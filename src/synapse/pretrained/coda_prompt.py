@@ -45,7 +45,9 @@ class CODAPrompt(Synapse):
 
     whose first half is the prefix keys, the second the prefix values. Each task trains its own slice of
     ``pool_size // num_tasks`` components (and the model's head); at :meth:`end_task` that slice is frozen
-    and the next one is initialised by Gram-Schmidt against all earlier components. The frozen components
+    and the next one is initialised by Gram-Schmidt against all earlier components; it joins the prediction at
+    the next task's first training forward (an evaluation right after ``end_task`` uses the components up
+    to the ended task's, as the authors', who draw the slice at the next task's start). The frozen components
     are no parameters at all, so no optimizer can move them; the trained slice is the same three
     parameters every task (:meth:`trainable_parameters`), re-initialised in place.
 
@@ -159,6 +161,9 @@ class CODAPrompt(Synapse):
         self.generator = torch.Generator().manual_seed(fresh_seed())  # torch.manual_seed decides the draws
         # The authors' first slice: per block, the components, keys and attention vectors, in that order.
         self._new_slice(0, ("components", "keys", "attention"))
+        # Whether the current slice is in use: from the start (the authors' first slice), and after a task end
+        # from the next task's first training forward on (the authors' process_task_count at its start).
+        self.slice_in_use = True
         self.seen_classes = torch.zeros(self.num_classes, dtype=torch.bool, device=device)
         self.task_classes = torch.zeros(self.num_classes, dtype=torch.bool, device=device)
         self.last_weights: List[Tensor] = []  # alpha per prompted block, of the latest forward
@@ -176,6 +181,7 @@ class CODAPrompt(Synapse):
             self.add_state(f"frozen_{part}", dtype=dtype, shape=(layers, used, *shapes[part]))
         self.add_state("seen_classes", dtype=torch.bool, shape=(self.num_classes,))
         self.add_state("task_classes", dtype=torch.bool, shape=(self.num_classes,))
+        self.add_value("slice_in_use", bool)
         self.add_generator("generator", "generator")
 
     # ------------------------------------------------------------------ public
@@ -195,9 +201,11 @@ class CODAPrompt(Synapse):
 
     def pool(self, part: str) -> Tensor:
         """The components in use (``part``: ``'keys'``, ``'attention'`` or ``'components'``), ``(layers, n, ...)``:
-        the frozen ones (detached), then the current slice (with grad) while one is left to train."""
+        the frozen ones (detached), then the current slice (with grad) once its task has begun training. The
+        slice drawn at a task end joins at the next task's first training forward: until then (the
+        evaluation of the ended task) the components up to the ended task's are in use, as the authors'."""
         frozen = getattr(self, f"frozen_{part}")[:, : self.frozen_count]
-        if self.pool_exhausted:
+        if self.pool_exhausted or not self.slice_in_use:
             return frozen
         return torch.cat([frozen, getattr(self, part)], dim=1)
 
@@ -234,6 +242,8 @@ class CODAPrompt(Synapse):
 
     # ------------------------------------------------------------------ backward
     def _inject(self, query: Tensor, training: bool) -> Injection:
+        if training and not self.pool_exhausted:
+            self.slice_in_use = True  # the task's first training forward: its slice joins the pool
         return Injection(prefixes=self.prefixes(query.to(self.keys.dtype)))
 
     def _check(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
@@ -297,7 +307,8 @@ class CODAPrompt(Synapse):
             for part in PARTS:
                 getattr(self, f"frozen_{part}")[:, rows] = getattr(self, part).detach()
             if task + 1 < self.num_tasks:
-                self._new_slice(task + 1, PARTS)
+                self._new_slice(task + 1, PARTS)  # drawn now, in use from the next task's first training forward
+        self.slice_in_use = False
         self.seen_classes = ClassHistory._union_over_ranks(self.seen_classes)
         self.task_classes = torch.zeros_like(self.task_classes)
 
