@@ -134,8 +134,14 @@ def main() -> None:
             prompt.process_task_count()  # the authors' Gram-Schmidt, from torch's global generator
             coda.generator.set_state(state)
             coda.end_task()
-            gap = max(
-                (coda.pool(part)[i].detach() - getattr(prompt, f"e_{s}_{i}")[: 2 * per]).abs().max().item()
+            gap = max(  # the frozen slice and the one drawn for the next task (in use from its first forward)
+                (
+                    torch.cat([coda.pool(part)[i], getattr(coda, part)[i]]).detach()
+                    - getattr(prompt, f"e_{s}_{i}")[: 2 * per]
+                )
+                .abs()
+                .max()
+                .item()
                 for s, part in names
                 for i in range(LAYERS)
             )

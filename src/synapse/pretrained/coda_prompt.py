@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any, Iterable, List, Mapping, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from .._base import CURRENT_LOSS, Synapse, TaskBatch
 from .._classes import ClassHistory
-from .._model import distributed_world
 from .._validation import check_non_negative, check_positive_int
 from ..buffer import fresh_seed
 from ..catalog import HParam, MethodSpec, register
@@ -26,6 +23,7 @@ from ..functional.coda import (
 from ._backbone import find_head, freeze_backbone
 from ._prompt import Injection, PromptedViT, find_vit
 from ._prompt_floor import PromptFloor
+from ._prompted import average_over_ranks, declare_parameter
 
 __all__ = ["CODAPrompt"]
 
@@ -171,13 +169,7 @@ class CODAPrompt(Synapse):
         for name in ("pool_size", "prompt_length", "num_tasks", "prompt_layers"):
             self.add_value(name, int, equal=True)
         for part in PARTS:
-            self.add_state(
-                part,
-                dtype=dtype,
-                shape=(layers, self.per_task, *shapes[part]),
-                get=partial(self._parameter_value, part),
-                set=partial(self._load_parameter, part),
-            )
+            declare_parameter(self, part, (layers, self.per_task, *shapes[part]), dtype)
             self.add_state(f"frozen_{part}", dtype=dtype, shape=(layers, used, *shapes[part]))
         self.add_state("seen_classes", dtype=torch.bool, shape=(self.num_classes,))
         self.add_state("task_classes", dtype=torch.bool, shape=(self.num_classes,))
@@ -274,7 +266,7 @@ class CODAPrompt(Synapse):
             root = asymmetric_cross_entropy(logits, targets, task_classes)  # the user's graph is never walked
         terms = [(self.ortho_mu, self._ortho_penalty())] if self.ortho_mu > 0 else []
         self._run_backward(root, terms)
-        self._average_over_ranks()
+        average_over_ranks((self.keys, self.attention, self.components))
         self._forward.clear()
         self.task_classes = task_classes
         self.seen_classes.index_fill_(0, targets, True)
@@ -287,16 +279,6 @@ class CODAPrompt(Synapse):
             (coda_ortho_penalty(pool[i].flatten(1)) for pool in pools for i in range(self.prompt_layers)),
             torch.zeros((), device=self.device),
         )
-
-    def _average_over_ranks(self) -> None:
-        """Under DDP the prompts are not the wrapped model's parameters: average their gradients here, as DDP
-        does the model's (an asynchronous collective, no host sync)."""
-        world = distributed_world()
-        if world > 1:
-            for p in (self.keys, self.attention, self.components):
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad.div_(world)
 
     # ------------------------------------------------------------------ task ends
     def _end_task(self, data: Optional[Iterable[TaskBatch]]) -> None:
@@ -333,13 +315,6 @@ class CODAPrompt(Synapse):
                 getattr(self, part).data = getattr(self, part).data.to(device)
                 setattr(self, f"frozen_{part}", getattr(self, f"frozen_{part}").to(device))
             self.seen_classes, self.task_classes = self.seen_classes.to(device), self.task_classes.to(device)
-
-    def _parameter_value(self, part: str) -> Tensor:
-        return getattr(self, part).detach()
-
-    def _load_parameter(self, part: str, value: Tensor) -> None:
-        with torch.no_grad():
-            getattr(self, part).copy_(value)
 
 
 class CODAPromptFloor(PromptFloor):
