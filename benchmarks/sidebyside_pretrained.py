@@ -1307,13 +1307,11 @@ NOTES = {
         "the steps before a task's batches have shown both its classes: Synapse masks the classes of the task's "
         "batches so far (its named deviation), the authors the task's class list, so the loss and the gradients "
         "differ there by design (the key's gradient, from the pull alone, agrees). The authors' own copy of the "
-        "ended task's E-prompt into the next one's, run by their `train_and_evaluate`, gives exactly the "
-        "parameters Synapse has after its task end. At the task ends the test logits agree with Synapse's taken "
-        "before its `end_task`, but not after it: Synapse makes that copy in `end_task`, the authors at the next "
-        "task's start, after their evaluation, so a test sample whose query selects the next task's E-prompt "
-        "gets the copied prompt in Synapse and the untrained one in the authors' evaluation (the same selection, "
-        "different logits, some predictions differ). No test selection differs at batches of one (the row on "
-        "tied votes is then 100% by default)."
+        "ended task's E-prompt into the next one's, run by their `train_and_evaluate` at the next task's start, "
+        "gives exactly the parameters Synapse has at the next task's first training forward, where Synapse makes "
+        "that copy. At the task ends the test logits agree with Synapse's taken before its `end_task` and after "
+        "it: until the next task trains, its E-prompt is untrained on both sides. No test selection differs at "
+        "batches of one (the row on tied votes is then 100% by default)."
     ),
     "dualprompt_batch20": (
         "The same comparison at batches of 20 shows the authors' reshape of the selected E-prompts "
@@ -1328,12 +1326,11 @@ NOTES = {
     "coda": (
         "Every step's logits, loss and gradients (of the current slice of keys, attention vectors and "
         "components, and of the head) agree to float32 rounding. The authors' `process_task_count` (their "
-        "Gram-Schmidt of the next task's slice, drawn from torch's generator set to the state of Synapse's) "
-        "gives the parameters Synapse has after its task end. At the task ends the test logits agree with "
-        "Synapse's taken before its `end_task`, but not after it: after `end_task` Synapse's prediction sums the "
-        "next task's fresh, untrained components in as well, while the authors evaluate a task before "
-        "`process_task_count` makes them (their trainer calls it at the next task's start), with the components "
-        "up to the ended task only."
+        "Gram-Schmidt of the next task's slice, drawn from torch's generator set to the state of Synapse's "
+        "before its task end) gives the parameters Synapse has at the next task's first training forward: "
+        "Synapse draws the slice at its task end and puts it in use there. At the task ends the test logits "
+        "agree with Synapse's taken before its `end_task` and after it: both sides evaluate with the components "
+        "up to the ended task only (the authors' trainer calls `process_task_count` at the next task's start)."
     ),
     "ranpac": (
         "The statistics agree to float32 rounding. The authors solve `W_o` in float32 and Synapse in float64; "
