@@ -49,7 +49,8 @@ with the authors' optimizer; before each of the first ``--steps`` steps of the f
 parameters (prompts, keys, head) are handed to the authors' model, whose own training step runs on the same
 batch; the prompt selection, the logits, the loss and every gradient are compared. Between tasks the authors'
 own set-up of the next task (DualPrompt's E-prompt copy, CODA-Prompt's Gram-Schmidt of the next slice) is
-compared with Synapse's parameters after its task end, and at each task end the test logits and predictions
+compared with Synapse's parameters at its next task's first training forward (where Synapse makes it), and
+at each task end the test logits and predictions
 (Synapse's taken before and after its ``end_task``, the authors' from their own evaluation). DualPrompt and
 CODA-Prompt need five blocks (``depth=5``); CODA-Prompt is built on the backbone itself (it hooks the ViT it
 is given) and handed the adapter's outputs.
@@ -198,7 +199,8 @@ def synapse_prompt_side(
     """Synapse's prompt method ``name`` over the first ``steps`` batches of the first ``tasks`` tasks, trained
     as the authors do (their optimizer, rebuilt at each task): at each step the parameters it had before the
     step (the exchange), and what the step computed: the prompt selection, the logits, the loss and the
-    gradients; at each task end its parameters and the test logits and selections."""
+    gradients; at each task end its parameters and the test logits and selections, and at each later task's
+    first training forward its parameters (the task's start: DualPrompt's copy, CODA-Prompt's new slice)."""
     import torch
     import torch.nn.functional as F
 
@@ -254,14 +256,17 @@ def synapse_prompt_side(
     evaluations: List[Dict[str, Any]] = []
     before_end: List[Dict[str, Any]] = []
     test_inputs: List[Any] = []
+    starts: List[Dict[str, Any]] = []
     for t, (_, x, y) in enumerate(exp.stages()[:tasks]):
         order = exp._new_order(len(y))
         optimizer = spec["optimizer"](method.trainable_parameters(), batch)
         for s in range(steps):
             idx = order[s * batch : (s + 1) * batch]
-            before = state()
             optimizer.zero_grad(set_to_none=True)
             logits = model(x[idx])
+            before = state()  # the parameters of this step: a task's first forward makes the task's start
+            if s == 0 and t > 0:
+                starts.append(before)
             loss = spec["loss"](method, logits.detach(), y[idx])  # what backward puts on this forward
             given = {"x": seen[-1]} if bare else {"inputs": x[idx]}
             method.backward(F.cross_entropy(logits, y[idx]), y[idx], **given)
@@ -316,7 +321,12 @@ def synapse_prompt_side(
         "test_inputs": test_inputs,
         "test_labels": [exp.test_sets[t][1].clone() for t in range(len(test_inputs))],
     }
-    record: Dict[str, Any] = {"steps": records, "evaluations": evaluations, "task_end_states": ends}
+    record: Dict[str, Any] = {
+        "steps": records,
+        "evaluations": evaluations,
+        "task_end_states": ends,
+        "task_start_states": starts,
+    }
     if before_end:
         record["evaluations_before_end"] = before_end
     return {"exchange": exchange, "tasks": [record]}
@@ -357,11 +367,11 @@ def compare_steps(ours: Dict[str, Any], theirs: Dict[str, Any], tasks: List[int]
             rows.append({**where, "quantity": f"gradient of {name}{partial}", **difference(grad, theirs_grad)})
     for t, start in enumerate(theirs.get("task_starts", [])):
         where = {"task": t + 2, "step": "start"}
-        for name, value in ours["task_end_states"][t].items():
-            quantity = f"{name} at task start (Synapse: after its task end)"
+        for name, value in ours["task_start_states"][t].items():
+            quantity = f"{name} at task start (Synapse: at its first training forward)"
             rows.append({**where, "quantity": quantity, **difference(value, start[name].reshape(value.shape))})
     evaluated = [("", ours["evaluations"])]
-    if "evaluations_before_end" in ours:  # the authors evaluate before their next task's E-prompt copy
+    if "evaluations_before_end" in ours:  # the authors evaluate before their next task's set-up
         evaluated = [(", Synapse after its task end", ours["evaluations"])]
         evaluated.append((", Synapse before its task end", ours["evaluations_before_end"]))
     for suffix, evaluations in evaluated:
@@ -823,8 +833,8 @@ def reference_dualprompt(path: str, ex: Dict[str, Any]) -> List[Dict[str, Any]]:
     ``train_one_epoch`` run on each exchanged batch from the parameters Synapse had before that step, and its
     own ``evaluate_till_now`` at each task end, from Synapse's parameters after the task's last step. Between
     tasks ``train_and_evaluate`` itself copies the ended task's E-prompt into the next one's: the parameters it
-    then holds are compared with Synapse's after its task end. The models are its ``VisionTransformer``
-    (vision_transformer.py) at the exchange's size, as main.py builds them."""
+    then holds are compared with Synapse's at its next task's first training forward. The models are its
+    ``VisionTransformer`` (vision_transformer.py) at the exchange's size, as main.py builds them."""
     import math
     from argparse import Namespace
 
@@ -1000,10 +1010,11 @@ def reference_coda(path: str, ex: Dict[str, Any]) -> List[Dict[str, Any]]:
     the parameters Synapse had before that step, its ``predict`` at each task end from Synapse's parameters
     after the task's last step, and its ``CodaPrompt.process_task_count`` (models/zoo.py: the next slice's
     Gram-Schmidt, drawn from torch's global generator, set to Synapse's generator's state) whose result is
-    compared with Synapse's parameters after its task end. The network is their ``ViTZoo`` (its forward: the
-    query, then the prompted pass, then ``last``) assembled at the exchange's size: their constructor
-    hard-codes ViT-B/16 and downloads its weights, so its parts are set here (their ``VisionTransformer`` from
-    models/vit.py with the exchange's weights, their ``CodaPrompt`` with ``key_dim`` the width, ``last``)."""
+    compared with Synapse's parameters at its next task's first training forward. The network is their
+    ``ViTZoo`` (its forward: the query, then the prompted pass, then ``last``) assembled at the exchange's
+    size: their constructor hard-codes ViT-B/16 and downloads its weights, so its parts are set here (their
+    ``VisionTransformer`` from models/vit.py with the exchange's weights, their ``CodaPrompt`` with ``key_dim``
+    the width, ``last``)."""
     import torch
 
     vit = _import_reference(path, "models.vit")
@@ -1296,13 +1307,11 @@ NOTES = {
         "the steps before a task's batches have shown both its classes: Synapse masks the classes of the task's "
         "batches so far (its named deviation), the authors the task's class list, so the loss and the gradients "
         "differ there by design (the key's gradient, from the pull alone, agrees). The authors' own copy of the "
-        "ended task's E-prompt into the next one's, run by their `train_and_evaluate`, gives exactly the "
-        "parameters Synapse has after its task end. At the task ends the test logits agree with Synapse's taken "
-        "before its `end_task`, but not after it: Synapse makes that copy in `end_task`, the authors at the next "
-        "task's start, after their evaluation, so a test sample whose query selects the next task's E-prompt "
-        "gets the copied prompt in Synapse and the untrained one in the authors' evaluation (the same selection, "
-        "different logits, some predictions differ). No test selection differs at batches of one (the row on "
-        "tied votes is then 100% by default)."
+        "ended task's E-prompt into the next one's, run by their `train_and_evaluate` at the next task's start, "
+        "gives exactly the parameters Synapse has at the next task's first training forward, where Synapse makes "
+        "that copy. At the task ends the test logits agree with Synapse's taken before its `end_task` and after "
+        "it: until the next task trains, its E-prompt is untrained on both sides. No test selection differs at "
+        "batches of one (the row on tied votes is then 100% by default)."
     ),
     "dualprompt_batch20": (
         "The same comparison at batches of 20 shows the authors' reshape of the selected E-prompts "
@@ -1317,12 +1326,11 @@ NOTES = {
     "coda": (
         "Every step's logits, loss and gradients (of the current slice of keys, attention vectors and "
         "components, and of the head) agree to float32 rounding. The authors' `process_task_count` (their "
-        "Gram-Schmidt of the next task's slice, drawn from torch's generator set to the state of Synapse's) "
-        "gives the parameters Synapse has after its task end. At the task ends the test logits agree with "
-        "Synapse's taken before its `end_task`, but not after it: after `end_task` Synapse's prediction sums the "
-        "next task's fresh, untrained components in as well, while the authors evaluate a task before "
-        "`process_task_count` makes them (their trainer calls it at the next task's start), with the components "
-        "up to the ended task only."
+        "Gram-Schmidt of the next task's slice, drawn from torch's generator set to the state of Synapse's "
+        "before its task end) gives the parameters Synapse has at the next task's first training forward: "
+        "Synapse draws the slice at its task end and puts it in use there. At the task ends the test logits "
+        "agree with Synapse's taken before its `end_task` and after it: both sides evaluate with the components "
+        "up to the ended task only (the authors' trainer calls `process_task_count` at the next task's start)."
     ),
     "ranpac": (
         "The statistics agree to float32 rounding. The authors solve `W_o` in float32 and Synapse in float64; "

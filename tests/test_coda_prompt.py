@@ -52,7 +52,8 @@ def test_new_components_are_orthonormal_to_untrained_earlier_ones():
     coda.end_task()  # nothing trained: the first slice is still as Gram-Schmidt made it
     coda.end_task()
     for part in ("keys", "attention", "components"):
-        rows = coda.pool(part).detach().flatten(2)  # (layers, 6, n): two frozen slices, then the current one
+        # (layers, 6, n): two frozen slices, then the current one (drawn, not yet in use)
+        rows = torch.cat([coda.pool(part), getattr(coda, part)], dim=1).detach().flatten(2)
         for layer in rows:
             assert torch.allclose(layer @ layer.T, torch.eye(6), atol=1e-5), part
 
@@ -71,6 +72,42 @@ def test_new_components_are_the_authors_gram_schmidt_of_the_trained_ones():
             draws = torch.stack([torch.randn(earlier.shape[1], generator=generator) for _ in range(2)])
             expected = coda_gram_schmidt(earlier, draws)
             assert torch.allclose(getattr(coda, part)[layer].detach().flatten(1), expected, atol=1e-6)
+
+
+def test_the_next_slice_joins_the_prediction_at_the_next_tasks_first_training_forward():
+    """The authors draw the next task's slice at its start, after evaluating the ended task: the logits right
+    after end_task are those before it; the slice drawn at end_task joins at the next training forward."""
+    torch.manual_seed(0)
+    model = vit()
+    coda = CODAPrompt(model, **SMALL)
+    train_task(model, coda, (0, 1))
+    x, _ = batch(99)
+    before = coda.predict(x=x)
+    coda.end_task()
+    assert torch.equal(coda.predict(x=x), before)
+    assert coda.pool("keys").shape[1] == 2 and not coda.slice_in_use
+    drawn = coda.keys.detach().clone()
+    x1, y1 = batch(5, (2, 3))
+    model(x1)  # task 1's first training forward
+    assert coda.slice_in_use and coda.pool("keys").shape[1] == 4
+    assert torch.equal(coda.pool("keys")[:, 2:], drawn)  # the same draws as at end_task
+    assert not torch.equal(coda.predict(x=x), before)
+
+
+def test_a_vit_inside_the_experiment_programs_wrapper():
+    from synapse.experiments.models import Classifier, Normalize
+
+    torch.manual_seed(0)
+    wrapped = Classifier(Normalize((0.5,), (0.5,)), testing.toy_vit(), channels=3)
+    coda = CODAPrompt(wrapped, **SMALL)
+    x = torch.randint(0, 256, (4, 1, 16, 16), dtype=torch.uint8)
+    y = torch.tensor([0, 1, 0, 1])
+    optimizer = torch.optim.Adam(coda.trainable_parameters(), lr=0.05)
+    coda.backward(F.cross_entropy(wrapped(x), y), y, inputs=x)
+    optimizer.step()
+    assert coda.keys.grad is not None and coda.keys.grad.abs().sum() > 0
+    coda.end_task()
+    assert coda.predict(inputs=x).shape == (4, 10)
 
 
 def test_frozen_components_and_the_backbone_never_move():

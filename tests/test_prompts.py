@@ -195,10 +195,21 @@ def test_dualprompt_trains_each_task_on_its_e_prompt_and_passes_it_on():
     x, y = images(6)
     dual.backward(F.cross_entropy(model(x), y), y, x=x)
     assert dual.last_selection.tolist() == [[0]] * 6
+    untrained = dual.e_prompt[:, :, 1].detach().clone()
     dual.end_task()
-    assert torch.equal(dual.e_prompt[:, :, 1], dual.e_prompt[:, :, 0])  # shared_prompt_pool
-    dual.backward(F.cross_entropy(model(x), y), y, x=x)
+    with torch.no_grad():
+        model.eval()
+        ended = dual.predict(x=x)
+        model.train()
+    # Task 1's E-prompt is untouched until task 1 trains: the evaluation after end_task sees it untrained, as
+    # the authors' (they copy at the next task's start).
+    assert torch.equal(dual.e_prompt[:, :, 1], untrained) and not torch.equal(untrained, dual.e_prompt[:, :, 0])
+    assert dual.started_task == 0
+    logits = model(x)  # task 1's first training forward: shared_prompt_pool copies task 0's E-prompt in
+    assert torch.equal(dual.e_prompt[:, :, 1], dual.e_prompt[:, :, 0]) and dual.started_task == 1
     assert dual.last_selection.tolist() == [[1]] * 6
+    dual.backward(F.cross_entropy(logits, y), y, x=x)
+    assert ended.shape == (6, 10)
     dual.end_task()
     dual.end_task()  # task 3 of a pool of 3: matched by its keys, as at test
     model(x)
@@ -206,6 +217,26 @@ def test_dualprompt_trains_each_task_on_its_e_prompt_and_passes_it_on():
         model.eval()
         model(x)
     assert torch.equal(dual.last_selection, select_prompts(key_similarity(dual.prompts.last_query, dual.key), 1, True))
+
+
+def test_dualprompt_copies_at_each_task_start_in_turn_as_the_authors():
+    """Task ends without training in between: each task's start copies the previous task's E-prompt, in
+    order (the authors' train_and_evaluate at every task's start), all at the first training forward."""
+    torch.manual_seed(0)
+    model = vit(depth=2)
+    dual = DualPrompt(model, pool_size=4, g_prompt_layers="0", e_prompt_layers="1")
+    pool = dual.e_prompt.detach().clone()
+    dual.end_task()
+    dual.end_task()
+    with torch.no_grad():
+        model.eval()
+        model(images(6)[0])  # an evaluation: no task start
+        model.train()
+    assert torch.equal(dual.e_prompt, pool)
+    model(images(6)[0])  # task 2's first training forward: task 1's start, then task 2's
+    for slot in (1, 2):
+        assert torch.equal(dual.e_prompt[:, :, slot], pool[:, :, 0])
+    assert torch.equal(dual.e_prompt[:, :, 3], pool[:, :, 3])
 
 
 @pytest.mark.parametrize("floor_cls, method", [(L2PFloor, "l2p"), (DualPromptFloor, "dualprompt")])

@@ -18,12 +18,33 @@ from ..functional import asymmetric_cross_entropy
 from ._backbone import find_head, freeze_backbone, refuse_ddp_wrapped
 from ._prompt import Injection, PromptedViT, find_vit
 
-__all__ = ["PromptMethod", "uniform_parameter"]
+__all__ = ["PromptMethod", "average_over_ranks", "declare_parameter", "uniform_parameter"]
 
 
 def uniform_parameter(*shape: int, device: torch.device) -> nn.Parameter:
     """A parameter drawn from ``U(-1, 1)``, the authors' ``'uniform'`` initialiser of prompts and keys."""
     return nn.Parameter(torch.empty(*shape, device=device).uniform_(-1.0, 1.0))
+
+
+def average_over_ranks(parameters: Iterable[nn.Parameter]) -> None:
+    """Under DDP, average the gradients of ``parameters`` (a method's prompts: not the wrapped model's, so DDP
+    does not see them) over the ranks, as DDP does the model's (an asynchronous collective, no host sync)."""
+    world = distributed_world()
+    if world > 1:
+        for p in parameters:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad.div_(world)
+
+
+def declare_parameter(owner: Synapse, name: str, shape: Tuple[int, ...], dtype: torch.dtype = torch.float32) -> None:
+    """Declare ``owner``'s parameter ``name`` as state; a load copies into it, so an optimizer keeps holding it."""
+
+    def load(value: Tensor) -> None:
+        with torch.no_grad():
+            getattr(owner, name).copy_(value)
+
+    owner.add_state(name, dtype=dtype, shape=shape, get=lambda: getattr(owner, name).detach(), set=load)
 
 
 class PromptMethod(Synapse):
@@ -158,18 +179,10 @@ class PromptMethod(Synapse):
             root = self.current_term(logits, targets)  # the user's loss is replaced: its graph is never walked
         terms = [(-self.pull_constraint, pull)] if self.pull_constraint else []
         self._run_backward(root, terms)
-        self._average_over_ranks()
+        average_over_ranks(self._own_parameters())
         self._task_classes = self._task_classes.to(self.device).index_fill_(0, targets, True)
         self._pull = None
         self._forward.clear()
-
-    def _average_over_ranks(self) -> None:
-        world = distributed_world()
-        if world > 1:
-            for p in self._own_parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad.div_(world)
 
     def _end_task(self, data: Optional[Iterable[TaskBatch]]) -> None:
         self._task_classes = torch.zeros_like(self._task_classes)  # a new task has no classes yet
@@ -177,9 +190,4 @@ class PromptMethod(Synapse):
     # ------------------------------------------------------------------ state
     def _add_parameter_state(self, name: str, shape: Tuple[int, ...]) -> None:
         """Declare the parameter ``name``; a load copies into it, so the optimizer keeps holding it."""
-
-        def load(value: Tensor) -> None:
-            with torch.no_grad():
-                getattr(self, name).copy_(value)
-
-        self.add_state(name, dtype=torch.float32, shape=shape, get=lambda: getattr(self, name).detach(), set=load)
+        declare_parameter(self, name, shape)

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any, Iterable, List, Mapping, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from .._base import CURRENT_LOSS, Synapse, TaskBatch
 from .._classes import ClassHistory
-from .._model import distributed_world
 from .._validation import check_non_negative, check_positive_int
 from ..buffer import fresh_seed
 from ..catalog import HParam, MethodSpec, register
@@ -26,6 +23,7 @@ from ..functional.coda import (
 from ._backbone import find_head, freeze_backbone
 from ._prompt import Injection, PromptedViT, find_vit
 from ._prompt_floor import PromptFloor
+from ._prompted import average_over_ranks, declare_parameter
 
 __all__ = ["CODAPrompt"]
 
@@ -45,7 +43,9 @@ class CODAPrompt(Synapse):
 
     whose first half is the prefix keys, the second the prefix values. Each task trains its own slice of
     ``pool_size // num_tasks`` components (and the model's head); at :meth:`end_task` that slice is frozen
-    and the next one is initialised by Gram-Schmidt against all earlier components. The frozen components
+    and the next one is initialised by Gram-Schmidt against all earlier components; it joins the prediction at
+    the next task's first training forward (an evaluation right after ``end_task`` uses the components up
+    to the ended task's, as the authors', who draw the slice at the next task's start). The frozen components
     are no parameters at all, so no optimizer can move them; the trained slice is the same three
     parameters every task (:meth:`trainable_parameters`), re-initialised in place.
 
@@ -159,6 +159,9 @@ class CODAPrompt(Synapse):
         self.generator = torch.Generator().manual_seed(fresh_seed())  # torch.manual_seed decides the draws
         # The authors' first slice: per block, the components, keys and attention vectors, in that order.
         self._new_slice(0, ("components", "keys", "attention"))
+        # Whether the current slice is in use: from the start (the authors' first slice), and after a task end
+        # from the next task's first training forward on (the authors' process_task_count at its start).
+        self.slice_in_use = True
         self.seen_classes = torch.zeros(self.num_classes, dtype=torch.bool, device=device)
         self.task_classes = torch.zeros(self.num_classes, dtype=torch.bool, device=device)
         self.last_weights: List[Tensor] = []  # alpha per prompted block, of the latest forward
@@ -166,16 +169,11 @@ class CODAPrompt(Synapse):
         for name in ("pool_size", "prompt_length", "num_tasks", "prompt_layers"):
             self.add_value(name, int, equal=True)
         for part in PARTS:
-            self.add_state(
-                part,
-                dtype=dtype,
-                shape=(layers, self.per_task, *shapes[part]),
-                get=partial(self._parameter_value, part),
-                set=partial(self._load_parameter, part),
-            )
+            declare_parameter(self, part, (layers, self.per_task, *shapes[part]), dtype)
             self.add_state(f"frozen_{part}", dtype=dtype, shape=(layers, used, *shapes[part]))
         self.add_state("seen_classes", dtype=torch.bool, shape=(self.num_classes,))
         self.add_state("task_classes", dtype=torch.bool, shape=(self.num_classes,))
+        self.add_value("slice_in_use", bool)
         self.add_generator("generator", "generator")
 
     # ------------------------------------------------------------------ public
@@ -195,9 +193,11 @@ class CODAPrompt(Synapse):
 
     def pool(self, part: str) -> Tensor:
         """The components in use (``part``: ``'keys'``, ``'attention'`` or ``'components'``), ``(layers, n, ...)``:
-        the frozen ones (detached), then the current slice (with grad) while one is left to train."""
+        the frozen ones (detached), then the current slice (with grad) once its task has begun training. The
+        slice drawn at a task end joins at the next task's first training forward: until then (the
+        evaluation of the ended task) the components up to the ended task's are in use, as the authors'."""
         frozen = getattr(self, f"frozen_{part}")[:, : self.frozen_count]
-        if self.pool_exhausted:
+        if self.pool_exhausted or not self.slice_in_use:
             return frozen
         return torch.cat([frozen, getattr(self, part)], dim=1)
 
@@ -234,6 +234,8 @@ class CODAPrompt(Synapse):
 
     # ------------------------------------------------------------------ backward
     def _inject(self, query: Tensor, training: bool) -> Injection:
+        if training and not self.pool_exhausted:
+            self.slice_in_use = True  # the task's first training forward: its slice joins the pool
         return Injection(prefixes=self.prefixes(query.to(self.keys.dtype)))
 
     def _check(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
@@ -264,7 +266,7 @@ class CODAPrompt(Synapse):
             root = asymmetric_cross_entropy(logits, targets, task_classes)  # the user's graph is never walked
         terms = [(self.ortho_mu, self._ortho_penalty())] if self.ortho_mu > 0 else []
         self._run_backward(root, terms)
-        self._average_over_ranks()
+        average_over_ranks((self.keys, self.attention, self.components))
         self._forward.clear()
         self.task_classes = task_classes
         self.seen_classes.index_fill_(0, targets, True)
@@ -278,16 +280,6 @@ class CODAPrompt(Synapse):
             torch.zeros((), device=self.device),
         )
 
-    def _average_over_ranks(self) -> None:
-        """Under DDP the prompts are not the wrapped model's parameters: average their gradients here, as DDP
-        does the model's (an asynchronous collective, no host sync)."""
-        world = distributed_world()
-        if world > 1:
-            for p in (self.keys, self.attention, self.components):
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad.div_(world)
-
     # ------------------------------------------------------------------ task ends
     def _end_task(self, data: Optional[Iterable[TaskBatch]]) -> None:
         self._follow_device(self.device)
@@ -297,7 +289,8 @@ class CODAPrompt(Synapse):
             for part in PARTS:
                 getattr(self, f"frozen_{part}")[:, rows] = getattr(self, part).detach()
             if task + 1 < self.num_tasks:
-                self._new_slice(task + 1, PARTS)
+                self._new_slice(task + 1, PARTS)  # drawn now, in use from the next task's first training forward
+        self.slice_in_use = False
         self.seen_classes = ClassHistory._union_over_ranks(self.seen_classes)
         self.task_classes = torch.zeros_like(self.task_classes)
 
@@ -322,13 +315,6 @@ class CODAPrompt(Synapse):
                 getattr(self, part).data = getattr(self, part).data.to(device)
                 setattr(self, f"frozen_{part}", getattr(self, f"frozen_{part}").to(device))
             self.seen_classes, self.task_classes = self.seen_classes.to(device), self.task_classes.to(device)
-
-    def _parameter_value(self, part: str) -> Tensor:
-        return getattr(self, part).detach()
-
-    def _load_parameter(self, part: str, value: Tensor) -> None:
-        with torch.no_grad():
-            getattr(self, part).copy_(value)
 
 
 class CODAPromptFloor(PromptFloor):

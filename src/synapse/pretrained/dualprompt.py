@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
-from .._base import CURRENT_LOSS, TaskBatch
+from .._base import CURRENT_LOSS
 from .._validation import check_non_negative, check_positive_int
 from ..catalog import HParam, MethodSpec, register
 from ..functional.prompts import key_pull, key_similarity, select_prompts
@@ -52,8 +52,10 @@ class DualPrompt(PromptMethod):
       ``q(x)`` (the un-prompted model's pre-logits).
 
     The loss is that of L2P with the task's E-prompt:
-    ``L = CE(mask_t(f(x; g, e_t)), y) - lambda (1/B) sum_i gamma(q(x_i), k_t)``. At each task end, the
-    E-prompt of the next task starts as a copy of the one that just ended (``shared_prompt_pool``).
+    ``L = CE(mask_t(f(x; g, e_t)), y) - lambda (1/B) sum_i gamma(q(x_i), k_t)``. Each task's E-prompt starts
+    as a copy of the previous task's (``shared_prompt_pool``), made at the task's first training forward,
+    as the authors make it at the task's start: an evaluation right after :meth:`end_task` still sees the
+    next task's E-prompt untrained.
 
     **The loss you pass** is replaced (``current_loss='method'``) or kept (``'user'``), as in
     :class:`~synapse.pretrained.L2P`. Give the optimizer :meth:`trainable_parameters` (G-prompt,
@@ -73,7 +75,8 @@ class DualPrompt(PromptMethod):
         batchwise_prompt: at test, every sample of a batch uses the batch's most frequent E-prompts (True).
         use_prompt_mask: train task ``t`` on E-prompts ``t*top_k ... (t+1)*top_k - 1`` (True); past the pool, or
             False, select by the query as at test.
-        shared_prompt_pool: a task end copies the ended task's E-prompt into the next one's (True).
+        shared_prompt_pool: a task's first training forward copies the previous task's E-prompt into its
+            own (True).
         train_mask: mask the logits of classes outside the current task in the loss (True).
         current_loss: ``'method'`` or ``'user'``.
         scaler: a ``torch.amp.GradScaler`` for mixed precision; pass the unscaled loss to ``backward``.
@@ -159,6 +162,8 @@ class DualPrompt(PromptMethod):
         self._add_parameter_state("e_prompt", (len(e_layers), 2, pool_size, prompt_length, d))
         self._add_parameter_state("key", (pool_size, self.feature_dim))
         self._task_prompts: Dict[Tuple[int, torch.device], Tensor] = {}
+        self.started_task = 0  # the last task whose start (the E-prompt copy) is done
+        self.add_value("started_task", int)
 
     def _own_parameters(self) -> List[nn.Parameter]:
         return [self.g_prompt, self.e_prompt, self.key]
@@ -188,17 +193,23 @@ class DualPrompt(PromptMethod):
         return out
 
     def _inject(self, query: Tensor, training: bool) -> Tuple[Injection, Tensor, Tensor]:
+        if training:
+            self._start_task()
         idx = self.select(query, training)
         masked = training and self.use_prompt_mask and (self.num_tasks_ended + 1) * self.top_k <= self.pool_size
         injection = Injection(prefixes=self.prefixes(idx, shared=masked or self.batchwise_prompt))
         return injection, idx, key_pull(query, self.key, idx)
 
-    def _end_task(self, data: Optional[Iterable[TaskBatch]]) -> None:
-        super()._end_task(data)
-        task, k = self.num_tasks_ended, self.top_k
-        if self.shared_prompt_pool and (task + 2) * k <= self.pool_size:
-            with torch.no_grad():  # the next task's E-prompt starts from this one's
-                self.e_prompt[:, :, (task + 1) * k : (task + 2) * k] = self.e_prompt[:, :, task * k : (task + 1) * k]
+    @torch.no_grad()
+    def _start_task(self) -> None:
+        """At the current task's first training forward: the start of each task since the last one started,
+        in order, as the authors' ``train_and_evaluate`` makes it at each task's start (``shared_prompt_pool``:
+        task ``t``'s E-prompt becomes a copy of task ``t - 1``'s, while both are in the pool)."""
+        k = self.top_k
+        for task in range(self.started_task + 1, self.num_tasks_ended + 1):
+            if self.shared_prompt_pool and (task + 1) * k <= self.pool_size:
+                self.e_prompt[:, :, task * k : (task + 1) * k] = self.e_prompt[:, :, (task - 1) * k : task * k]
+        self.started_task = self.num_tasks_ended
 
 
 class DualPromptFloor(PromptFloor):
@@ -247,7 +258,7 @@ register(
             HParam("pull_constraint", float, 1.0, "weight of the key-query pull", low=0.0),
             HParam("batchwise_prompt", bool, True, "at test, every sample uses its batch's most frequent E-prompt"),
             HParam("use_prompt_mask", bool, True, "train task t on E-prompt t (task identity)"),
-            HParam("shared_prompt_pool", bool, True, "a task end copies its E-prompt into the next task's"),
+            HParam("shared_prompt_pool", bool, True, "a task starts its E-prompt as a copy of the previous task's"),
             HParam("train_mask", bool, True, "mask the logits of classes outside the current task"),
             HParam(
                 "current_loss",
@@ -258,7 +269,7 @@ register(
             ),
         ),
         toy="vit",
-        # Two E-prompts: the first task end copies the first into the second, which a test-time match may pick.
+        # Two E-prompts: the second task's first step copies the first into the second, which a test match may pick.
         harness_hparams={
             "pool_size": 2,
             "prompt_length": 2,
