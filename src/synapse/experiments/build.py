@@ -22,7 +22,8 @@ def build_model(
     cfg: Config, spec: DatasetSpec, device: torch.device, world: World, log: Callable[[str], None]
 ) -> nn.Module:
     """The configured model for the dataset's inputs and classes, on ``device``; DDP-wrapped when the run
-    has more than one process."""
+    has more than one process; ``torch.compile``d with ``--compile``; ``channels_last`` and bf16 autocast
+    inside its forward (:class:`~synapse.experiments.models.Classifier`)."""
     assert cfg.model is not None
     model: nn.Module = create_model(
         cfg.model,
@@ -36,11 +37,17 @@ def build_model(
         input_size=cfg.input_size,
         input_channels=cfg.input_channels,
         pretrained=cfg.pretrained,
+        channels_last=cfg.channels_last,
+        autocast=torch.bfloat16 if cfg.bf16 else None,
         log=log,
     ).to(device)
     if world.size > 1:
         ids = [device.index] if device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if cfg.compile:
+        # The method is attached to the compiled module (its replay hooks run eagerly around the compiled
+        # graph); checkpoints hold the original module's state, so a run resumes compiled or not.
+        model = torch.compile(model, backend=cfg.compile_backend)  # type: ignore[assignment]
     return model
 
 
