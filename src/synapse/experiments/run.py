@@ -412,7 +412,8 @@ class Experiment:
             f"{name} epoch {row['epoch']}: loss {row['train_loss']:.4f}, train accuracy "
             f"{100 * row['train_accuracy']:.2f}%{val} ({seconds:.1f} s)"
         )
-        self.epoch, self.next_batch, self.order = self.epoch + 1, 0, None
+        # The next epoch starts afresh: no running sums carried over from a mid-epoch checkpoint of this one.
+        self.epoch, self.next_batch, self.order, self.totals = self.epoch + 1, 0, None, (0.0, 0, 0)
 
     def _predictor(self) -> Optional[Callable[[Tensor], Tensor]]:
         """The method's own predictor (iCaRL's nearest mean of exemplars), or None: the model's outputs."""
