@@ -39,7 +39,7 @@ from .datasets import load_split, read_tasks
 from .distributed import World, device_for, init_from_env, reduce_ints
 from .loggers import Logger, create_loggers
 from .loop import Evaluation, Totals, evaluate, shard, train_epoch
-from .streaming import DEFAULT_WORKERS, Streamed, batches, cat, choose, streamed_tasks
+from .streaming import DEFAULT_WORKERS, Images, Streamed, batches, cat, choose, streamed_tasks
 
 # Re-exported: cli.py, the tests and the benchmarks import them from here.
 __all__ = ["TRAINING_TYPES", "Config", "Experiment", "StopRequested", "StoppedBeforeTraining", "check_scenario"]
@@ -143,7 +143,8 @@ class Experiment:
             class_order_seed=cfg.class_order_seed,
         )
         # In device memory when the data fits the budget, else streamed from the host (streaming.choose).
-        path = choose(cfg.data, cfg.data_budget, self.spec, tasks, self.device, cfg.max_train_per_task, cfg.max_test_per_task)
+        limits = (cfg.max_train_per_task, cfg.max_test_per_task)
+        path = choose(cfg.data, cfg.data_budget, self.spec, tasks, self.device, *limits)
         workers = min(DEFAULT_WORKERS, os.cpu_count() or 1) if cfg.num_workers is None else cfg.num_workers
         self.cfg = dataclasses.replace(
             cfg.with_protocol(self.spec), data="stream" if path.stream else "memory", num_workers=workers
@@ -195,7 +196,7 @@ class Experiment:
         return {"kind": "class-il", "num_tasks": len(self.task_classes), "classes_per_task": self.spec.classes_per_task}
 
     # ------------------------------------------------------------------ schedule
-    def stages(self) -> List[Tuple[str, Tensor, Tensor]]:
+    def stages(self) -> List[Tuple[str, Images, Tensor]]:
         """``(name, images, labels)`` per stage; for scenarios the labels' length is the number of items the
         stage draws from (positions of the stream, or tasks x images in a joint domain-IL run)."""
         if self.stream is not None:  # the stream's inputs, in stream order
@@ -209,7 +210,7 @@ class Experiment:
             return [("all tasks", cat(xs), torch.cat(ys))]
         return [(f"task {t + 1}", x, y) for t, (x, y) in enumerate(self.train_sets)]
 
-    def _gather(self, stage: int, x: Tensor, y: Tensor) -> Optional[Callable[[Tensor], Tuple[Tensor, Tensor]]]:
+    def _gather(self, stage: int, x: Any, y: Tensor) -> Optional[Callable[[Tensor], Tuple[Tensor, Tensor]]]:
         """How a stage builds a batch from its order's indices: None for the plain ``x[idx], y[idx]``."""
         domain = self.domain
         if domain is None:

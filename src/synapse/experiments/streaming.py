@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+
+from synapse.tasks import TaskSubset
 
 from .datasets import DatasetSpec, SplitDataset, read_images
 
@@ -44,7 +46,7 @@ class _Reader(Dataset):
         return read_images(self.base, self.indices[positions]), self.labels[positions]
 
 
-def _as_batch(batch: Tuple[Tensor, Tensor]) -> Tuple[Tensor, Tensor]:
+def _as_batch(batch: Any) -> Any:
     return batch  # the reader returns whole batches: nothing to collate
 
 
@@ -123,14 +125,14 @@ def streamed_tasks(
     tasks: SplitDataset, device: torch.device, workers: int
 ) -> List[Tuple[Streamed, Tensor, Streamed, Tensor]]:
     """``load_tasks``' list, with every task's images left unread: ``(train, labels, test, labels)`` per task."""
-    out = []
-    for task in tasks.values():
-        pair = []
-        for part in (task.train_set, task.test_set):
-            labels = part.targets.clone()
-            pair += [Streamed(part.dataset, part.indices.numpy(), labels, device, workers), labels]
-        out.append((pair[0], pair[1], pair[2], pair[3]))
-    return out
+
+    def unread(part: TaskSubset) -> Streamed:
+        return Streamed(part.dataset, part.indices.numpy(), part.targets.clone(), device, workers)
+
+    return [
+        (unread(t.train_set), t.train_set.targets.clone(), unread(t.test_set), t.test_set.targets.clone())
+        for t in tasks.values()
+    ]
 
 
 @dataclass(frozen=True)
