@@ -75,27 +75,31 @@ def run(model: str, replay_augment: bool, seed: int) -> Dict[str, Any]:
 
 def render(entries: Sequence[Dict[str, Any]]) -> str:
     """The table: one row per model and replay, seeds listed, means over them."""
+    unique: Dict[Key, Dict[str, Any]] = {}
+    for e in entries:  # a run saved twice (two processes) counts once
+        unique.setdefault((e["model"], e["replay_augment"], e["seed"]), e)
     rows: Dict[Tuple[str, bool], List[Dict[str, Any]]] = {}
-    for e in sorted(entries, key=lambda e: (MODELS.index(e["model"]), not e["replay_augment"], e["seed"])):
-        rows.setdefault((e["model"], e["replay_augment"]), []).append(e)
+    for key in sorted(unique, key=lambda k: (MODELS.index(k[0]), not k[1], k[2])):
+        rows.setdefault(key[:2], []).append(unique[key])
     lines = [
         f"Split Fashion-MNIST, {TRAIN_PER_TASK} training and {TEST_PER_TASK} test images per task, DER++ with a "
         "buffer of 500, 1 epoch per task, 32x32 with 3 channels, crop-and-flip augmentation, one CPU thread "
         "(`python benchmarks/vision_fmnist.py`; raw results: `benchmarks/results/vision_fmnist.jsonl`). "
         "Accuracies are final averages over the 5 tasks, in %.",
         "",
-        "| Model | Replay | Class-IL per seed | Class-IL mean ± sd | Task-IL mean ± sd | forgetting (Class-IL) | "
+        "| Model | Replay | Class-IL per seed | Class-IL (mean ± sd over seeds) | Task-IL | forgetting (Class-IL) | "
         "user CPU per run |",
         "|---|---|---|---|---|---|---|",
     ]
 
     def stat(values: List[float]) -> str:
         values = [100 * v for v in values]
-        sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{statistics.mean(values):.1f} ± {sd:.1f}"
+        if len(values) == 1:
+            return f"{values[0]:.1f}"
+        return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
     for (model, reaug), runs in rows.items():
-        seeds = ", ".join(f"{100 * r['class_il']:.1f} ({r['seed']})" for r in runs)
+        seeds = ", ".join(f"{100 * r['class_il']:.1f} (seed {r['seed']})" for r in runs)
         cpu = statistics.mean(r["cpu_s"] for r in runs)
         lines.append(
             f"| `{model}` | {'re-augmented' if reaug else 'stored augmented view'} | {seeds} | "
