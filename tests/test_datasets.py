@@ -125,3 +125,31 @@ def test_tiny_imagenet_layout_reads_as_it_is(tmp_path):
     assert [len(t[1]) for t in tensors] == [3, 3, 3] and [len(t[3]) for t in tensors] == [2, 2, 2]
     for train_x, train_y, test_x, test_y in tensors:
         assert labels_match_pixels(train_x, train_y) and labels_match_pixels(test_x, test_y)
+
+
+def test_imagenet_r_layout_is_one_tree_with_a_held_out_fraction(tmp_path):
+    """ImageNet-R: one folder per WordNet id, JPEGs named by rendition; 20 % of every class held out."""
+    for label, wnid in enumerate(("n01443537", "n01484850", "n01494475")):
+        folder = tmp_path / wnid
+        folder.mkdir()
+        for i, kind in enumerate(("art", "cartoon", "sketch", "toy", "painting")):
+            Image.new("RGB", (24, 18), (shade(label),) * 3).save(folder / f"{kind}_{i}.jpg", quality=100)
+    spec, tensors, _ = load_tasks(f"folder:{tmp_path}", "unused", image_size=8)
+    assert spec.num_classes == 3 and [(len(t[1]), len(t[3])) for t in tensors] == [(4, 1)] * 3
+    for train_x, train_y, test_x, test_y in tensors:
+        assert labels_match_pixels(train_x, train_y) and labels_match_pixels(test_x, test_y)
+
+
+def test_the_download_code_keeps_its_offline_error(tmp_path, monkeypatch):
+    """Nothing can be downloaded here: torchvision's downloader fails, and the error says how to get the data."""
+    import urllib.error
+
+    import torchvision
+
+    class Offline:
+        def __init__(self, *args, **kwargs):
+            raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", Offline)
+    with pytest.raises(DatasetUnavailable, match="could not be downloaded .*URLError.*internet access"):
+        DATASETS["cifar10"].load(str(tmp_path))

@@ -190,10 +190,10 @@ def _tiny(method, out, **changes):
 
 @pytest.fixture(scope="module")
 def fashion(fashion_tasks):
-    """load_tasks' answer, read from disk once for all the methods' runs."""
-    from synapse.experiments.datasets import DATASETS
+    """load_split's answer and read_tasks' images, read from disk once for all the methods' runs."""
+    from synapse.experiments.datasets import load_split
 
-    return DATASETS["fashion-mnist"], fashion_tasks, None
+    return load_split("fashion-mnist", "/nonexistent-dataset-dir"), fashion_tasks
 
 
 @pytest.mark.parametrize("method", catalog.names())
@@ -201,7 +201,9 @@ def test_every_method_resumes_exactly_from_a_mid_task_checkpoint(tmp_path, metho
     """The uninterrupted run keeps a copy of its checkpoint at step 6 (task 2, batch 2 of 4); a run resumed
     from that copy ends with the same accuracy matrices and the same per-epoch losses."""
     full, snap = str(tmp_path / "full"), str(tmp_path / "snap")
-    monkeypatch.setattr(run, "load_tasks", lambda *_, **__: fashion)
+    split, images = fashion
+    monkeypatch.setattr(run, "load_split", lambda *_, **__: split)
+    monkeypatch.setattr(run, "read_tasks", lambda _: images)
     monkeypatch.setattr(run.report, "plot_accuracy", lambda *_: None)  # the figure is not under test (1 s a run)
     save = checkpoint.Writer.save
 

@@ -114,7 +114,7 @@ def _random_batches(n: int, shape: Tuple[int, ...], batch: int, seed: int, class
 def experiment_model(spec: MethodSpec) -> Dict[str, Any]:
     """The experiment program's model settings (``Config`` fields) for a short test run of ``spec``: none (the
     dataset's default model) for most methods; :func:`toy_vit`'s tiny timm ViT for those that need a ViT."""
-    if not spec.cls.requires_vit:
+    if not getattr(spec.cls, "requires_vit", False):
         return {}
     return {"model": f"timm:{TINY_VIT}", "input_size": IMAGE_SIZE, "model_args": dict(TINY_VIT_ARGS)}
 

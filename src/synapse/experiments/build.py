@@ -27,7 +27,9 @@ def build_model(
     wrap: bool = True,
 ) -> nn.Module:
     """The configured model for the dataset's inputs and classes, on ``device``; DDP-wrapped when the run
-    has more than one process (and ``wrap``: :func:`wrap_for_world` does it later)."""
+    has more than one process (and ``wrap``: :func:`wrap_for_world` does it later); ``torch.compile``d with
+    ``--compile``; ``channels_last`` and bf16 autocast inside its forward
+    (:class:`~synapse.experiments.models.Classifier`)."""
     assert cfg.model is not None
     model: nn.Module = create_model(
         cfg.model,
@@ -42,16 +44,22 @@ def build_model(
         input_channels=cfg.input_channels,
         pretrained=cfg.pretrained,
         model_args=cfg.model_args,
+        channels_last=cfg.channels_last,
+        autocast=torch.bfloat16 if cfg.bf16 else None,
         log=log,
     ).to(device)
-    return wrap_for_world(model, device, world) if wrap else model
+    return wrap_for_world(cfg, model, device, world) if wrap else model
 
 
-def wrap_for_world(model: nn.Module, device: torch.device, world: World) -> nn.Module:
-    """``model`` DDP-wrapped when the run has more than one process."""
+def wrap_for_world(cfg: Config, model: nn.Module, device: torch.device, world: World) -> nn.Module:
+    """``model`` DDP-wrapped when the run has more than one process, and compiled with ``--compile``."""
     if world.size > 1:
         ids = [device.index] if device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if cfg.compile:
+        # The method is attached to the compiled module (its replay hooks run eagerly around the compiled
+        # graph); checkpoints hold the original module's state, so a run resumes compiled or not.
+        model = torch.compile(model, backend=cfg.compile_backend)  # type: ignore[assignment]
     return model
 
 

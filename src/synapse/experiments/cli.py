@@ -172,11 +172,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluate on at most this many test images per task (quick runs; task-free stream: per class)",
     )
     g.add_argument(
+        "--data",
+        choices=("auto", "memory", "stream"),
+        default=d.data,
+        help="memory: every task held on the training device as uint8, a batch one gather there; stream: left on "
+        "the host (a folder's images in their files) and read batch by batch by DataLoader workers, pinned on a "
+        "GPU machine; auto: memory when the data's uint8 size is within --data_budget, else stream. Both give "
+        "the same batches, and augmentation runs on the device either way; the run prints which it took",
+    )
+    g.add_argument(
+        "--data_budget",
+        type=_number(float, 0),
+        default=None,
+        metavar="GB",
+        help="the most data (GB of uint8 images) --data auto holds on the device (default: a quarter of the GPU's "
+        "memory, or of the host's on a CPU)",
+    )
+    g.add_argument(
         "--num_workers",
         type=_number(int, 0),
         default=d.num_workers,
-        help="accepted for compatibility with DataLoader-based scripts, without effect: each task is held in memory "
-        "as uint8 tensors and batched by indexing, with augmentation batched on the device",
+        help="the streaming path's DataLoader workers (default: 4, at most the CPUs; 0 reads in the training "
+        "process); the in-memory path needs none",
     )
     g.add_argument(
         "--evaluate_on",
@@ -275,6 +292,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--seed", type=int, default=d.seed, help="seed for initialisation, data order and the buffer")
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model (the method is attached to the compiled module; checkpoints hold the "
+        "original's state, so a run resumes compiled or not)",
+    )
+    g.add_argument(
+        "--compile_backend",
+        default=d.compile_backend,
+        help="the torch.compile backend of --compile (inductor needs a C compiler; eager and aot_eager do not)",
+    )
+    g.add_argument(
+        "--channels_last",
+        action="store_true",
+        help="the model's weights and its inputs in channels_last memory format (faster convolutions on GPUs)",
+    )
+    g.add_argument(
+        "--bf16",
+        action="store_true",
+        help="every forward under bf16 autocast (torch.autocast), its outputs float32: losses, gradients' "
+        "accumulation and stored logits stay float32",
+    )
     g.add_argument(
         "--threads",
         type=_number(int, 0, low_open=True),

@@ -12,6 +12,7 @@ from synapse import catalog
 
 from .checkpoint import DEFAULT_EVERY
 from .datasets import DATASETS, DatasetSpec
+from .streaming import DATA_PATHS
 
 TRAINING_TYPES = ("joint", "sequential", "continual")
 # A checkpoint only resumes the experiment it came from: these settings must match.
@@ -75,7 +76,13 @@ class Config:
     unfused: bool = False
     seed: int = 0
     device: str = "auto"
-    num_workers: int = 0
+    # The data's path: "auto" holds it on the training device when its uint8 size is within data_budget (GB;
+    # None: a quarter of the device's memory) and streams it from the host otherwise; "memory" or "stream"
+    # force one. Both give the same batches. num_workers: the streaming path's DataLoader workers (None: 4,
+    # at most the CPUs). Experiment records the path and workers taken.
+    data: str = "auto"
+    data_budget: Optional[float] = None
+    num_workers: Optional[int] = None
     output_dir: Optional[str] = None
     resume: bool = False
     # Periodic checkpoints inside a task: steps ("500"), a time ("30s", "10min") or "0"/"off" (task ends only).
@@ -101,6 +108,12 @@ class Config:
     classes_per_task: Optional[int] = None
     first_task_classes: Optional[int] = None
     class_order_seed: Optional[int] = None
+    # Speed: torch.compile the model (with this backend), channels_last memory format, bf16 autocast of the
+    # forward passes. None of them changes what a checkpoint holds, so none is part of its identity.
+    compile: bool = False
+    compile_backend: str = "inductor"
+    channels_last: bool = False
+    bf16: bool = False
     defaults: str = ""  # where the unset values came from, in words (filled by with_protocol)
 
     def with_protocol(self, spec: DatasetSpec) -> Config:
@@ -159,6 +172,12 @@ def validate(cfg: Config) -> Config:
     check_scenario(cfg, DATASETS[cfg.dataset])
     if cfg.replay_augment and not (DATASETS[cfg.dataset].augment if cfg.augment is None else cfg.augment):
         raise ValueError("replay_augment re-applies the train augmentation to replayed items: it needs augment")
+    if cfg.data not in DATA_PATHS:
+        raise ValueError(f"data must be one of {DATA_PATHS}, got {cfg.data!r}")
+    if cfg.data_budget is not None and not cfg.data_budget >= 0:
+        raise ValueError(f"data_budget must be a number of GB >= 0, got {cfg.data_budget!r}")
+    if cfg.num_workers is not None and (isinstance(cfg.num_workers, bool) or cfg.num_workers < 0):
+        raise ValueError(f"num_workers must be an int >= 0 or None, got {cfg.num_workers!r}")
     if cfg.log_interval < 1:
         raise ValueError(f"log_interval must be a positive int, got {cfg.log_interval!r}")
     return cfg

@@ -4,7 +4,7 @@ tensors; for scenario datasets, the per-task transformation (domain-IL) or the t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -13,8 +13,9 @@ from synapse.scenarios import DomainIncremental, TaskFreeStream, mnist360, mnist
 
 from .config import Config
 from .datasets import DatasetSpec
+from .streaming import Images
 
-Pair = Tuple[Tensor, Tensor]
+Pair = Tuple[Images, Tensor]  # images held on the device, or a streamed set of them; their labels
 
 
 @dataclass
@@ -30,9 +31,10 @@ class TaskData:
 
 
 def prepare(
-    cfg: Config, spec: DatasetSpec, tensors: Sequence[Tuple[Tensor, ...]], device: torch.device, gen: torch.Generator
+    cfg: Config, spec: DatasetSpec, tensors: Sequence[Tuple[Any, ...]], device: torch.device, gen: torch.Generator
 ) -> TaskData:
-    """The run's task data from ``load_tasks``'s tensors: quick-run limits, the validation split (drawn from
+    """The run's task data from ``read_tasks``' tensors, or ``streamed_tasks``' unread sets (which take the
+    same limits and split, and stay on the host): quick-run limits, the validation split (drawn from
     ``gen``), every set moved to ``device``; with ``evaluate_on='validation'`` the validation sets stand in
     for the test sets (tuning never reads the test sets)."""
     data = TaskData()

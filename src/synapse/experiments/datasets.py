@@ -14,7 +14,7 @@ import dataclasses
 import gzip
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -180,6 +180,23 @@ class ImageTensors(Dataset):
         return self.data[i], int(self.targets[i])
 
 
+class FileImages(Dataset):
+    """Image files and their int64 labels, read lazily: each as RGB, resized to ``size`` squared (bilinear).
+    A folder dataset's train or test part; its images are read when a task is loaded into memory, or batch by
+    batch by the streaming path's workers."""
+
+    def __init__(self, files: Sequence[str], targets: Tensor, size: int) -> None:
+        self.files = list(files)
+        self.targets = targets
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> Tuple[Tensor, int]:
+        return _read_images([self.files[i]], self.size)[0], int(self.targets[i])
+
+
 class SplitDataset(TaskDict):
     """A :class:`TaskDict` over any registered dataset's loader."""
 
@@ -197,27 +214,37 @@ class SplitDataset(TaskDict):
         return self._test
 
 
-def _relabel(dataset: Dataset, order: Sequence[int]) -> ImageTensors:
+def _relabel(dataset: Dataset, order: Sequence[int]) -> Dataset:
     """``dataset``'s images with label ``order[i]`` renumbered ``i``."""
     new_label = torch.empty(len(order), dtype=torch.int64)
     new_label[torch.as_tensor(order)] = torch.arange(len(order))
+    if isinstance(dataset, FileImages):
+        return FileImages(dataset.files, new_label[dataset.targets], dataset.size)
     data = getattr(dataset, "data", None)
     if data is None:
         raise TypeError(f"{type(dataset).__name__} has no 'data' array: a class order cannot be applied to it")
     return ImageTensors(data, new_label[dataset_targets(dataset)])
 
 
-def images_of(subset: TaskSubset) -> Tuple[Tensor, Tensor]:
-    """A task subset as uint8 ``(N, C, H, W)`` images and int64 labels, gathered in one indexing op."""
-    data = getattr(subset.dataset, "data", None)
+def read_images(dataset: Dataset, indices: np.ndarray) -> Tensor:
+    """The items ``indices`` of ``dataset`` as uint8 ``(N, C, H, W)``: gathered from its ``data`` array in one
+    indexing op, or (:class:`FileImages`) read from their files."""
+    if isinstance(dataset, FileImages):
+        return _read_images([dataset.files[i] for i in indices], dataset.size)
+    data = getattr(dataset, "data", None)
     if data is None:
-        raise TypeError(f"{type(subset.dataset).__name__} has no 'data' array to gather images from")
-    images = torch.as_tensor(np.asarray(data)[subset.indices.numpy()])
+        raise TypeError(f"{type(dataset).__name__} has no 'data' array to gather images from")
+    images = torch.as_tensor(np.asarray(data)[indices])
     if images.dim() == 3:  # (N, H, W): greyscale
         images = images.unsqueeze(1)
     elif images.shape[-1] in (1, 3):  # (N, H, W, C): torchvision's CIFAR layout
         images = images.permute(0, 3, 1, 2)
-    return images.contiguous(), subset.targets.clone()
+    return images.contiguous()
+
+
+def images_of(subset: TaskSubset) -> Tuple[Tensor, Tensor]:
+    """A task subset as uint8 ``(N, C, H, W)`` images and int64 labels."""
+    return read_images(subset.dataset, subset.indices.numpy()), subset.targets.clone()
 
 
 # ---------------------------------------------------------------------------- loaders
@@ -404,7 +431,7 @@ for _base, (_mean, _std, _load) in _BASES.items():
         DATASETS.register(_spec.name)(_spec)
 
 
-def load_tasks(
+def load_split(
     name: str,
     root: str,
     *,
@@ -413,11 +440,10 @@ def load_tasks(
     classes_per_task: Optional[int] = None,
     first_task_classes: Optional[int] = None,
     class_order_seed: Optional[int] = None,
-) -> Tuple[DatasetSpec, List[Tuple[Tensor, Tensor, Tensor, Tensor]], SplitDataset]:
-    """``(spec, [(train_x, train_y, test_x, test_y) per task], task_dict)`` for dataset ``name``.
+) -> Tuple[DatasetSpec, SplitDataset]:
+    """``(spec, task_dict)`` for dataset ``name``, split into tasks, with no image read yet (a folder's files
+    are only listed; torchvision's datasets are read whole, as they come).
 
-    For a scenario dataset (``spec.scenario``) the list has one entry, the base data restricted to the
-    scenario's classes, untransformed: the experiment builds the tasks or the stream from it.
     ``image_size`` and ``test_fraction`` apply to ``folder:`` datasets (:func:`folder_spec`); the split
     options to any class-incremental one (:meth:`DatasetSpec.with_split`).
     """
@@ -433,9 +459,25 @@ def load_tasks(
     else:
         spec = DATASETS[name]
     spec = spec.with_split(classes_per_task, first_task_classes, class_order_seed)
-    tasks = SplitDataset(root, spec)
-    tensors = [(*images_of(t.train_set), *images_of(t.test_set)) for t in tasks.values()]
-    return spec, tensors, tasks
+    return spec, SplitDataset(root, spec)
+
+
+def read_tasks(tasks: SplitDataset) -> List[Tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """``[(train_x, train_y, test_x, test_y) per task]``: every task's images read into memory as uint8."""
+    return [(*images_of(t.train_set), *images_of(t.test_set)) for t in tasks.values()]
+
+
+def load_tasks(
+    name: str, root: str, **options: Any
+) -> Tuple[DatasetSpec, List[Tuple[Tensor, Tensor, Tensor, Tensor]], SplitDataset]:
+    """``(spec, [(train_x, train_y, test_x, test_y) per task], task_dict)`` for dataset ``name``: :func:`load_split`
+    (which takes the ``options``), then every image read into memory (:func:`read_tasks`).
+
+    For a scenario dataset (``spec.scenario``) the list has one entry, the base data restricted to the
+    scenario's classes, untransformed: the experiment builds the tasks or the stream from it.
+    """
+    spec, tasks = load_split(name, root, **options)
+    return spec, read_tasks(tasks), tasks
 
 
 # ---------------------------------------------------------------------------- image folders
@@ -578,7 +620,7 @@ def _load_folder(path: str, size: int, test_fraction: float) -> Tuple[Dataset, D
             f"{path}: no training images in class folder(s) {empty} ({', '.join(IMAGE_EXTENSIONS)})"
         )
     train, test = (
-        ImageTensors(_read_images(files, size), torch.tensor(labels, dtype=torch.int64))
+        FileImages(files, torch.tensor(labels, dtype=torch.int64), size)
         for files, labels in (parts["train"], parts["test"])
     )
     return train, test

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -12,6 +12,8 @@ from torch import Tensor, nn
 
 from synapse import Synapse
 from synapse.augment import random_crop_flip
+
+from .streaming import Images, Streamed, batches
 
 
 def shard(indices: Tensor, rank: int, world: int) -> Tensor:
@@ -40,7 +42,7 @@ def train_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     synapse: Optional[Synapse],
-    images: Tensor,
+    images: Images,
     labels: Tensor,
     order: Tensor,
     batch_size: int,
@@ -62,7 +64,9 @@ def train_epoch(
     running (loss sum, correct, seen) from a mid-epoch checkpoint: the sums continue in float32 on the
     device, so a resumed epoch reports exactly the loss and accuracy of an uninterrupted one.
 
-    ``images``, ``labels`` and ``order`` live on the model's device, so a batch is one gather there.
+    ``images``, ``labels`` and ``order`` live on the model's device, so a batch is one gather there; or
+    ``images`` is a :class:`~synapse.experiments.streaming.Streamed` set, whose workers read the batches of
+    ``order`` (then on the host) ahead, from ``start_batch``.
     ``gather`` replaces ``images[idx], labels[idx]`` (scenarios transform their batches on the device), and
     ``boundaries`` replaces batches of ``batch_size``: batch ``b`` is ``order[boundaries[b]:boundaries[b + 1]]``
     (a task-free stream's own batches). Every ``log_every`` steps, ``log_step(interval_loss_sum, steps)``
@@ -82,14 +86,19 @@ def train_epoch(
     def running() -> Totals:  # read only when a checkpoint is written: one host sync then
         return float(loss_sum), int(correct), seen
 
+    def index_batches() -> Iterator[Tensor]:
+        for b in range(start_batch, num_batches):
+            if boundaries is not None:
+                yield order[boundaries[b] : boundaries[b + 1]]
+            else:
+                yield order[b * batch_size : (b + 1) * batch_size]
+
+    # Gathered on the device, or read ahead by a streamed set's workers.
+    source = batches(images, labels, index_batches()) if gather is None else map(gather, index_batches())
     while batch_index < num_batches:
         if should_stop(batch_index, running):
             break
-        if boundaries is not None:
-            idx = order[boundaries[batch_index] : boundaries[batch_index + 1]]
-        else:
-            idx = order[batch_index * batch_size : (batch_index + 1) * batch_size]
-        inputs, targets = (images[idx], labels[idx]) if gather is None else gather(idx)
+        inputs, targets = next(source)
         raw = inputs
         if augment:
             inputs = random_crop_flip(inputs, generator)
@@ -104,9 +113,9 @@ def train_epoch(
             synapse.backward(loss, targets, inputs=stored)
         optimizer.step()
         # Accumulated on the device: one host sync per epoch, not per step.
-        loss_sum += loss.detach() * len(idx)
+        loss_sum += loss.detach() * len(targets)
         correct += (outputs.detach().argmax(1) == targets).sum()
-        seen += len(idx)
+        seen += len(targets)
         batch_index += 1
         if log_step is not None and log_every > 0:
             interval_loss += loss.detach()
@@ -127,7 +136,7 @@ class Evaluation(NamedTuple):
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    test_sets: Sequence[Tuple[Tensor, Tensor]],
+    test_sets: Sequence[Tuple[Images, Tensor]],
     task_classes: Sequence[Sequence[int]],
     batch_size: int = 512,
     rank: int = 0,
@@ -149,14 +158,14 @@ def evaluate(
     for t in progress(range(len(test_sets))):
         images, labels = test_sets[t]
         own = torch.as_tensor(list(task_classes[t]), device=device)
-        mine = torch.arange(rank, len(labels), world, device=labels.device)  # each sample once across ranks
-        for start in range(0, len(mine), batch_size):
-            idx = mine[start : start + batch_size]
-            x, y = images[idx], labels[idx]
+        where = "cpu" if isinstance(images, Streamed) else labels.device  # a streamed set reads on the host
+        mine = torch.arange(rank, len(labels), world, device=where)  # each sample once across ranks
+        chunks = (mine[start : start + batch_size] for start in range(0, len(mine), batch_size))
+        for x, y in batches(images, labels, chunks):
             logits = model(x) if predict is None else predict(x)
             counts[t, 0] += (logits.argmax(1) == y).sum()
             counts[t, 1] += (own[logits.index_select(1, own).argmax(1)] == y).sum()
-            counts[t, 2] += len(idx)
+            counts[t, 2] += len(y)
     if world > 1:
         dist.all_reduce(counts)
     model.train(was_training)

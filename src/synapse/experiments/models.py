@@ -51,16 +51,29 @@ class Classifier(nn.Module):
     Args:
         channels: repeat a 1-channel input to this many channels first (0: as it comes).
         size: resize the scaled input to ``size x size`` (bilinear) before the backbone (None: as it comes).
+        channels_last: hand the backbone its input in ``channels_last`` memory format (convert the model's
+            weights with ``model.to(memory_format=torch.channels_last)`` too).
+        autocast: run the backbone under ``torch.autocast`` with this dtype (e.g. ``torch.bfloat16``) and
+            return float32 outputs, so every forward (the training step's, a method's replay and teachers,
+            the evaluation) is mixed precision, and the losses and stored logits stay float32.
     """
 
     def __init__(
-        self, normalize: Normalize, backbone: nn.Module, channels: int = 0, size: Optional[int] = None
+        self,
+        normalize: Normalize,
+        backbone: nn.Module,
+        channels: int = 0,
+        size: Optional[int] = None,
+        channels_last: bool = False,
+        autocast: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
         self.normalize = normalize
         self.backbone = backbone
         self.channels = channels
         self.size = size
+        self.channels_last = channels_last
+        self.autocast = autocast
 
     def forward(self, inputs: Tensor) -> Tensor:
         if self.channels > inputs.shape[1] == 1:  # shapes only: no host sync
@@ -68,7 +81,12 @@ class Classifier(nn.Module):
         x = self.normalize(inputs)
         if self.size is not None and tuple(x.shape[-2:]) != (self.size, self.size):
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        return self.backbone(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.autocast is None:
+            return self.backbone(x)
+        with torch.autocast(x.device.type, dtype=self.autocast):
+            return self.backbone(x).float()
 
 
 @MODELS.register("mlp")
@@ -240,6 +258,8 @@ def create_model(
     input_channels: Optional[int] = None,
     pretrained: Optional[str] = None,
     model_args: Optional[Mapping[str, Any]] = None,
+    channels_last: bool = False,
+    autocast: Optional[torch.dtype] = None,
     log: Optional[Callable[[str], None]] = None,
 ) -> nn.Module:
     """Build model ``name`` for uint8 images of the given shape, input scaling and adaptation included.
@@ -258,6 +278,8 @@ def create_model(
         model_args: keyword arguments for the model's constructor, passed through unchanged (timm's
             ``create_model`` or torchvision's ``get_model``), e.g. ``{"depth": 4, "patch_size": 4}`` for a
             small ViT; not for our own models, nor the keywords set here (:data:`RESERVED_MODEL_ARGS`).
+        channels_last: the weights and the backbone's inputs in ``channels_last`` memory format.
+        autocast: the backbone's forward under ``torch.autocast`` with this dtype (:class:`Classifier`).
         log: receives the report of what was loaded and what was left out.
 
     Example:
@@ -309,7 +331,9 @@ def create_model(
     elif not normalize:
         mean, std = (0.0,) * in_channels, (1.0,) * in_channels
     repeat = channels if channels != in_channels else 0
-    return Classifier(Normalize(mean, std), backbone, repeat, input_size if input_size != image_size else None)
+    size_in = input_size if input_size != image_size else None
+    model = Classifier(Normalize(mean, std), backbone, repeat, size_in, channels_last, autocast)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
 def weights_statistics(backbone: nn.Module) -> Tuple[Sequence[float], Sequence[float]]:

@@ -35,10 +35,11 @@ from .checkpoint import (
 )
 from .config import IDENTITY, TRAINING_TYPES, Config, check_scenario, check_world, set_threads, validate
 from .data import prepare
-from .datasets import load_tasks
+from .datasets import load_split, read_tasks
 from .distributed import World, device_for, init_from_env, reduce_ints
 from .loggers import Logger, create_loggers
 from .loop import Evaluation, Totals, evaluate, shard, train_epoch
+from .streaming import DEFAULT_WORKERS, Images, Streamed, batches, cat, choose, streamed_tasks
 
 # Re-exported: cli.py, the tests and the benchmarks import them from here.
 __all__ = ["TRAINING_TYPES", "Config", "Experiment", "StopRequested", "StoppedBeforeTraining", "check_scenario"]
@@ -132,7 +133,7 @@ class Experiment:
         self.logger: Logger = (
             create_loggers(cfg.log, cfg.output_dir, dataclasses.asdict(cfg)) if self.world.is_main else Logger()
         )
-        self.spec, tensors, _ = load_tasks(
+        self.spec, tasks = load_split(
             cfg.dataset,
             cfg.dataset_dir,
             image_size=cfg.image_size,
@@ -141,7 +142,15 @@ class Experiment:
             first_task_classes=cfg.first_task_classes,
             class_order_seed=cfg.class_order_seed,
         )
-        self.cfg = cfg.with_protocol(self.spec)
+        # In device memory when the data fits the budget, else streamed from the host (streaming.choose).
+        limits = (cfg.max_train_per_task, cfg.max_test_per_task)
+        path = choose(cfg.data, cfg.data_budget, self.spec, tasks, self.device, *limits)
+        workers = min(DEFAULT_WORKERS, os.cpu_count() or 1) if cfg.num_workers is None else cfg.num_workers
+        self.cfg = dataclasses.replace(
+            cfg.with_protocol(self.spec), data="stream" if path.stream else "memory", num_workers=workers
+        )
+        self.data_path = path.why + (f" ({workers} workers)" if path.stream else "")
+        tensors = streamed_tasks(tasks, self.device, workers) if path.stream else read_tasks(tasks)
         self.main = self.world.is_main
         torch.manual_seed(self.cfg.seed)
         self.data_gen = torch.Generator().manual_seed(self.cfg.seed)
@@ -153,11 +162,11 @@ class Experiment:
         self.task_classes = list(self.spec.task_classes().values())
         # A method that freezes the backbone (the prompt methods) is built before DDP wraps the model: DDP
         # reduces the parameters that were trainable when it was built.
-        freezes_first = self.cfg.training_type == "continual" and catalog.get(self.cfg.synapse_type).cls.requires_vit
+        freezes_first = self.cfg.training_type == "continual" and getattr(catalog.get(self.cfg.synapse_type).cls, "requires_vit", False)
         self.model = build_model(self.cfg, self.spec, self.device, self.world, self.log, wrap=not freezes_first)
         self.synapse: Optional[synapse.Synapse] = build_method(self.cfg, self.model)
         if freezes_first:
-            self.model = wrap_for_world(self.model, self.device, self.world)
+            self.model = wrap_for_world(self.cfg, self.model, self.device, self.world)
         self.optimizer = build_optimizer(self.cfg, self.model, self.synapse)  # the method's prompts train too
         cfg_dict = dataclasses.asdict(self.cfg)
         self.identity = {k: cfg_dict[k] for k in IDENTITY}
@@ -192,7 +201,7 @@ class Experiment:
         return {"kind": "class-il", "num_tasks": len(self.task_classes), "classes_per_task": self.spec.classes_per_task}
 
     # ------------------------------------------------------------------ schedule
-    def stages(self) -> List[Tuple[str, Tensor, Tensor]]:
+    def stages(self) -> List[Tuple[str, Images, Tensor]]:
         """``(name, images, labels)`` per stage; for scenarios the labels' length is the number of items the
         stage draws from (positions of the stream, or tasks x images in a joint domain-IL run)."""
         if self.stream is not None:  # the stream's inputs, in stream order
@@ -203,10 +212,10 @@ class Experiment:
                 x, y = self.train_sets[0]
                 return [("all tasks", x, y.repeat(self.domain.num_tasks))]
             xs, ys = zip(*self.train_sets)
-            return [("all tasks", torch.cat(xs), torch.cat(ys))]
+            return [("all tasks", cat(xs), torch.cat(ys))]
         return [(f"task {t + 1}", x, y) for t, (x, y) in enumerate(self.train_sets)]
 
-    def _gather(self, stage: int, x: Tensor, y: Tensor) -> Optional[Callable[[Tensor], Tuple[Tensor, Tensor]]]:
+    def _gather(self, stage: int, x: Any, y: Tensor) -> Optional[Callable[[Tensor], Tuple[Tensor, Tensor]]]:
         """How a stage builds a batch from its order's indices: None for the plain ``x[idx], y[idx]``."""
         domain = self.domain
         if domain is None:
@@ -248,6 +257,7 @@ class Experiment:
         self.log(
             "configuration:\n" + json.dumps({**dataclasses.asdict(self.cfg), "world_size": self.world.size}, indent=2)
         )
+        self.log(f"data: {self.data_path}")
         if self.cfg.resume:
             self.restore()
         started = time.perf_counter() - self.elapsed
@@ -307,7 +317,8 @@ class Experiment:
                         self.synapse,
                         x,
                         y,
-                        self.order.to(self.device),  # the checkpointed copy stays on the host
+                        # The checkpointed copy stays on the host, where a streamed set reads its batches.
+                        self.order if isinstance(x, Streamed) else self.order.to(self.device),
                         self.cfg.batch_size,  # type: ignore[arg-type]
                         self.next_batch,
                         bool(self.cfg.augment),
@@ -367,15 +378,15 @@ class Experiment:
         return torch.bincount(targets[: len(buffer)].long().cpu(), minlength=self.spec.num_classes).tolist()
 
     def _task_batches(
-        self, x: Tensor, y: Tensor, gather: Optional[Callable[[Tensor], Tuple[Tensor, Tensor]]] = None
+        self, x: Any, y: Tensor, gather: Optional[Callable[[Tensor], Tuple[Tensor, Tensor]]] = None
     ) -> Iterable[Tuple[Tensor, Tensor]]:
         """This rank's share of a task's training data in batches of the run's size, without augmentation
         (transformed as the task sees it, for domain-IL scenarios)."""
-        mine = shard(torch.arange(len(y), device=y.device), self.world.rank, self.world.size)
+        where = "cpu" if isinstance(x, Streamed) else y.device
+        mine = shard(torch.arange(len(y), device=where), self.world.rank, self.world.size)
         step = self.cfg.batch_size or len(mine)
-        for start in range(0, len(mine), step):
-            idx = mine[start : start + step]
-            yield (x[idx], y[idx]) if gather is None else gather(idx)
+        chunks = (mine[start : start + step] for start in range(0, len(mine), step))
+        return batches(x, y, chunks) if gather is None else map(gather, chunks)
 
     def _accuracy_table(self, num_tasks: int) -> str:
         """The latest accuracy row per setting; Task-IL reads n/a where it does not apply."""
@@ -392,7 +403,7 @@ class Experiment:
         }
         if self.cfg.validation_ratio > 0:
             stage_tasks = range(len(self.val_sets)) if self.cfg.training_type == "joint" else [self.stage]
-            val_x = torch.cat([self.val_sets[t][0] for t in stage_tasks])
+            val_x = cat([self.val_sets[t][0] for t in stage_tasks])
             val_y = torch.cat([self.val_sets[t][1] for t in stage_tasks])
             all_classes = [c for t in stage_tasks for c in self.task_classes[t]]
             result = evaluate(self.model, [(val_x, val_y)], [all_classes], rank=self.world.rank, world=self.world.size)
@@ -407,7 +418,8 @@ class Experiment:
             f"{name} epoch {row['epoch']}: loss {row['train_loss']:.4f}, train accuracy "
             f"{100 * row['train_accuracy']:.2f}%{val} ({seconds:.1f} s)"
         )
-        self.epoch, self.next_batch, self.order = self.epoch + 1, 0, None
+        # The next epoch starts afresh: no running sums carried over from a mid-epoch checkpoint of this one.
+        self.epoch, self.next_batch, self.order, self.totals = self.epoch + 1, 0, None, (0.0, 0, 0)
 
     def _predictor(self) -> Optional[Callable[[Tensor], Tensor]]:
         """The method's own predictor (iCaRL's nearest mean of exemplars), or None: the model's outputs."""
