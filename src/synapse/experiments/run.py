@@ -162,7 +162,8 @@ class Experiment:
         self.task_classes = list(self.spec.task_classes().values())
         # A method that freezes the backbone (the prompt methods) is built before DDP wraps the model: DDP
         # reduces the parameters that were trainable when it was built.
-        freezes_first = self.cfg.training_type == "continual" and getattr(catalog.get(self.cfg.synapse_type).cls, "requires_vit", False)
+        method_class = catalog.get(self.cfg.synapse_type).cls if self.cfg.training_type == "continual" else None
+        freezes_first = bool(getattr(method_class, "requires_vit", False))
         self.model = build_model(self.cfg, self.spec, self.device, self.world, self.log, wrap=not freezes_first)
         self.synapse: Optional[synapse.Synapse] = build_method(self.cfg, self.model)
         if freezes_first:
