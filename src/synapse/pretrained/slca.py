@@ -17,7 +17,7 @@ from .._validation import check_non_negative, check_positive, check_positive_int
 from ..buffer import fresh_seed
 from ..catalog import HParam, MethodSpec, register
 from ..functional import align_classifier, asymmetric_cross_entropy, class_moments, mean_and_covariance, mean_decay
-from ._backbone import find_head, freeze_backbone
+from ._backbone import find_head, freeze_backbone, refuse_ddp_wrapped
 
 __all__ = ["SLCA"]
 
@@ -128,6 +128,8 @@ class SLCA(Synapse):
         if not isinstance(mean_decay, bool):
             raise ValueError(f"mean_decay must be a bool, got {mean_decay!r}")
         current_loss = self._check_current_loss(current_loss)
+        if backbone_lr_scale == 0:
+            refuse_ddp_wrapped(model, "SLCA")  # backbone_lr_scale=0 freezes it
         super().__init__(model, scaler=scaler)
         self.head = find_head(self.module)
         self.num_classes, self.feature_dim = self.head.out_features, self.head.in_features
