@@ -411,9 +411,11 @@ NOTES = """\
   then collapses: from task 14 or 15 each new task scores 20 to 45% right after it, and the final average
   falls to SGD's. Its dual QP is not the cause: along such a run every 7th QP Synapse solves matches
   scipy's solution to 1e-5 (relative objective) at every number of constraints up to 19
-  (REPRODUCIBILITY-crosscheck.md). A likely cause,
-  not verified here: each projected step adds at least gamma times every past task's gradient, a sum that
-  grows with the number of tasks, at ten times the learning rate of R-MNIST (0.01), where GEM holds.
+  (REPRODUCIBILITY-crosscheck.md). The cause is the margin: gamma is a lower bound on every dual variable,
+  so each projected step adds at least gamma times every past task's gradient, a sum that grows with the
+  number of tasks. The GEM authors' own code (facebookresearch/GradientEpisodicMemory), driven on the same
+  batches from the same weights, collapses the same way at gamma 0.5, and neither code does at gamma 0
+  (benchmarks/sidebyside_gem.py; its section of REPRODUCIBILITY-sidebyside.md).
 - A-GEM on P-MNIST and R-MNIST is the authors' `agem`: an episodic memory filled at task ends (`memory
   episodic`); on MNIST-360, which has no task ends, their `agem_r`: a reservoir memory (`memory reservoir`).
 - Each run uses one CPU thread; runs go two at a time. Wall times include loading the data and every
