@@ -180,6 +180,7 @@ def _tiny(method, out, **changes):
         max_train_per_task=40,
         max_test_per_task=20,
         seed=1,
+        batch_size=10,  # the MLP protocol's, also for the ViT (whose family default is 32): 4 steps a task
         checkpoint_every="3",
         output_dir=out,
         quiet=True,
