@@ -111,7 +111,7 @@ def test_prompt_task_ends_compare_starts_and_tied_votes():
     state = {"key": torch.randn(2, 3, generator=gen)}
     ours = {
         "steps": [step_record(gen, selection=False)],
-        "task_end_states": [state],
+        "task_start_states": [state],  # at the next task's first training forward
         "evaluations": [{"logits": logits, "selection": torch.tensor([[0], [0], [1], [1]])}],
     }
     theirs = {
@@ -127,7 +127,7 @@ def test_prompt_task_ends_compare_starts_and_tied_votes():
     }
     rows = {r["quantity"]: r for r in sbs.compare_steps(ours, theirs, [0])}
     assert not any(q.startswith("prompt selection:") for q in rows)  # no selection (CODA-Prompt)
-    start = rows["key at task start (Synapse: after its task end)"]
+    start = rows["key at task start (Synapse: at its first training forward)"]
     assert abs(start["max_abs"] - 1.0) < 1e-6
     assert rows["prompt selection (test): same set"]["fraction"] == 0.5
     assert rows["of the test selections that differ: in a batch whose vote ties"]["fraction"] == 1.0

@@ -61,7 +61,7 @@ def test_step_overhead_vit_rows_are_the_catalogs_vit_methods(tmp_path):
     expected = {"plain", "forward only"}
     expected |= {spec.display_name for spec in vit} | {f"floor: {s.display_name}" for s in vit if s.floor}
     assert set(rows) == expected  # no MLP method runs on the ViT
-    assert result["model_args"] == {"patch_size": 16, "depth": 1, "embed_dim": 16, "num_heads": 2}
+    assert result["model_args"] == step_overhead.VIT_QUICK[1]  # the quick path's tiny ViT
     assert "vit_tiny_patch16_224" in result["setting"] and rows["plain"]["ratio_to_plain"] == 1.0
     assert {spec.display_name for spec in vit} <= {r["variant"] for r in result["task_end"]["rows"]}
 
