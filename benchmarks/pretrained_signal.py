@@ -56,6 +56,9 @@ ADAPTED: Dict[str, Tuple[Dict[str, Any], str]] = {
     "dualprompt": ({"e_prompt_layers": "2,3"}, "its default's block 4 is not in this 4-block backbone"),
     # M = 10000 (McDonnell et al. 2023) makes each task end a 10000 x 10000 eigendecomposition in double
     # precision: minutes of one CPU thread, four times a run; 2000 is still 31 times the 64 features.
+    # CODA-Prompt prefixes blocks 0-4 of ViT-B's 12 (Smith et al. 2023): here the 4 blocks there are, as
+    # DualPrompt's G- and E-prompts above together cover all 4.
+    "coda-prompt": ({"prompt_layers": 4}, "its default's blocks 0-4 are more than this backbone's 4"),
     "ranpac": ({"projection_dim": 2000}, "the paper's 10000 makes each task end minutes of one CPU thread"),
 }
 # Pretraining: AdamW, as ViTs are commonly trained from scratch (e.g. DeiT, Touvron et al. 2021); fixed
