@@ -144,17 +144,24 @@ def run_protocol(
     **overrides: Any,
 ) -> Dict[Row, List[Dict[str, Any]]]:
     """Every row (``tuned``: their second rows) at every seed, ``workers`` runs at a time. With ``cache`` (a
-    JSON-lines file), each finished run is appended there, and runs already in it (same protocol, row, seed,
-    overrides, and for a second row the same values) are not run again."""
+    JSON-lines file), each finished run is appended there, with the row's hyperparameters (``values``), and
+    runs already in it (same protocol, row, seed, overrides and hyperparameters) are not run again."""
     results: Dict[Row, List[Dict[str, Any]]] = {}
     done = set()
     for entry in Cache(cache).entries():
         if "method" not in entry:  # a protocol's wall time (see measured_wall)
             continue
         key = (entry["method"], entry["buffer"], entry["seed"])
+        if entry["protocol"] != protocol or (key[0], key[1]) not in rows:
+            continue
         values = TUNED[protocol].get((key[0], key[1])) if tuned else None  # a second row's cache entry has them
-        same = entry["protocol"] == protocol and entry["overrides"] == overrides and entry.get("tuned") == values
-        if same and (key[0], key[1]) in rows:
+        # A run counts only with the hyperparameters the row has now (a changed preset runs again).
+        same = (
+            entry["overrides"] == overrides
+            and entry.get("tuned") == values
+            and entry.get("values") == (values or BEST[protocol][(key[0], key[1])])
+        )
+        if same:
             if key[2] in seeds and key not in done:
                 done.add(key)
                 results.setdefault((key[0], key[1]), []).append(entry["result"])
@@ -166,9 +173,11 @@ def run_protocol(
         counted[0] = len(done)  # how many came from the cache
     for (method, buffer, seed), r in run_jobs(_worker, jobs, workers):
         results.setdefault((method, buffer), []).append(r)
-        entry = {"protocol": protocol, "method": method, "buffer": buffer, "seed": seed, "overrides": overrides}
+        row_values = (TUNED if tuned else BEST)[protocol][(method, buffer)]
+        entry = {"protocol": protocol, "method": method, "buffer": buffer, "seed": seed, "overrides": overrides,
+                 "values": row_values}  # fmt: skip
         if tuned:
-            entry["tuned"] = TUNED[protocol][(method, buffer)]
+            entry["tuned"] = row_values
         Cache(cache).append({**entry, "result": r})
         print(
             f"  {TITLE[protocol]:<9} {method + (' (tuned)' if tuned else ''):<10} buffer {buffer or '-':<4} "
