@@ -3,13 +3,15 @@
 When a reproduction misses a paper's finding, the first question is whether the method or Synapse is to
 blame. The paired checks run Synapse through the CLI's experiment loop and, on the *same* data, model,
 initialisation and test set (taken from that loop's ``Experiment``), a plain PyTorch loop written from the
-authors' description of the update (mammoth's ``models/derpp.py`` and ``models/xder_ce.py``, read for the
-protocol, not copied): per-item reservoir insertion, numpy sampling, separate forwards, one loss summed
-and backpropagated. The two draw different random numbers, so they agree in distribution, not bit for
-bit; where runs diverge at the authors' learning rates, the count of diverged seeds is part of the result.
+authors' description of the update (mammoth's ``models/derpp.py``, read for the protocol, not copied):
+per-item reservoir insertion, numpy sampling, separate forwards, one loss summed and backpropagated. The
+two draw different random numbers, so they agree in distribution, not bit for bit; where runs diverge at
+the authors' learning rates, the count of diverged seeds is part of the result.
 The single-run checks follow one Synapse run and compare what it computes, step by step, with a direct
 computation (the authors' loss on the replayed rows; scipy's solution of GEM's QP). MIR's check pairs two
-Synapse runs instead, to isolate its retrieval.
+Synapse runs instead, to isolate its retrieval. X-DER, once paired here with a plain loop, is checked against
+the DER authors' own ``xder_ce`` by ``benchmarks/sidebyside.py`` instead (a re-implementation of our own is
+not a reference).
 
 Checks (``--checks``):
 
@@ -17,7 +19,6 @@ Checks (``--checks``):
   minibatch 16, alpha 0.5, beta 1), one pass over the stream.
 - ``derpp-steps``: along that stream, every DER++ step's gradient against the authors' loss evaluated on
   the very rows Synapse replayed (a copy of the model before the step): exact up to float rounding.
-- ``xder``: X-DER (``xder_ce``) on Seq-F-MNIST at the reproduction's values (X-DER's seq-mnist preset).
 - ``gem-qp``: GEM on P-MNIST, every 7th dual QP Synapse solves compared with scipy's solution.
 - ``mir-200``, ``mir-500``: MIR against ER run at MIR's own learning rate and replay minibatch (both
   Synapse): the difference is the retrieval, with the MIR authors' rules of the preset (candidates from
@@ -25,7 +26,7 @@ Checks (``--checks``):
   authors' own MIR and ER beside them.
 
     python benchmarks/crosscheck.py --cache runs.jsonl                # all checks, each at its own seeds
-    python benchmarks/crosscheck.py --checks xder --seeds 0 1 2 --output -
+    python benchmarks/crosscheck.py --checks mir-200 --seeds 0 1 2 --output -
 
 Output: ``REPRODUCIBILITY-crosscheck.md`` (generated; do not edit by hand).
 """
@@ -58,7 +59,6 @@ from _runner import (  # noqa: E402  (benchmarks/ is not a package)
 )
 
 DERPP_360 = ("fashion-mnist-360", "der++", 500)
-XDER = ("fashion-mnist", "xder", 500)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -243,128 +243,6 @@ def gem_qp_along_pmnist(seed: int, every: int = 7) -> Dict[str, Any]:
     return {"outcome": _outcome(result["accuracy_matrix"]["class_il"]), "qp": {str(t): r for t, r in stats.items()}}
 
 
-# ------------------------------------------------------------------------------------------- X-DER
-def plain_xder_ce(seed: int) -> Outcome:
-    """The authors' ``xder_ce`` (models/xder_ce.py) on Seq-F-MNIST, written from its description: present
-    and future heads' CE on the batch; DER's MSE on all heads and past heads' CE on two buffer minibatches;
-    the replayed past items' logits rewritten with probability 1/n (n: times drawn this task); the future
-    and past margin constraints; a reservoir during task 1 only; at each task end the memory cut to
-    floor(K / seen classes) per class (emptied after task 1), refilled with the task's items in equal
-    quotas (past heads damped), and the past items' logits rewritten on the task's own heads."""
-    import numpy as np
-    import torch
-    import torch.nn.functional as F
-
-    exp, hp = _experiment(*XDER, seed, continual=False)
-    model, opt = exp.model, exp.optimizer
-    alpha, beta, gamma, eta, margin = (hp[k] for k in ("alpha", "beta", "gamma", "eta", "m"))
-    batch, mb, capacity = exp.cfg.batch_size, hp["mb"], XDER[2]
-    stages = exp.stages()
-    tasks, per_task = len(stages), len(exp.task_classes[0])
-    rng = np.random.RandomState(seed)
-    order_gen = torch.Generator().manual_seed(seed)
-    memory = PlainReservoir(capacity, rng)
-    drawn = torch.zeros(capacity)
-    matrix: List[List[float]] = []
-
-    def rewrite(old, new, labels, first_task: int, num_tasks: int):
-        """The memory update U: columns of tasks [first_task, first_task + num_tasks) take ``new``, scaled
-        by gamma * old[y] / max(new) where that max exceeds old[y]."""
-        old = old.clone()
-        cols = slice(first_task * per_task, (first_task + num_tasks) * per_task)
-        new = new[:, cols].clone()
-        true = old[torch.arange(len(labels)), labels]
-        top = new.max(1).values
-        scale = torch.where(top > true, gamma * true / top, torch.ones_like(top))
-        old[:, cols] = new * scale.unsqueeze(1)
-        return old
-
-    for t, (_, x, y) in enumerate(stages):
-        order = torch.randperm(len(y), generator=order_gen)
-        for s in range(0, len(y), batch):
-            idx = order[s : s + batch]
-            xb, yb = x[idx], y[idx]
-            opt.zero_grad()
-            out = model(xb)
-            loss = F.cross_entropy(out[:, t * per_task :], yb - t * per_task)
-            rows = None
-            if len(memory):
-                i1, m1 = memory.draw(mb)
-                o1 = model(m1["x"])
-                loss = loss + alpha * F.mse_loss(o1, m1["z"])
-                i2, m2 = memory.draw(mb)
-                o2 = model(m2["x"])
-                loss = loss + beta * F.cross_entropy(o2[:, : max(t, 1) * per_task], m2["y"])
-                slots, labels = torch.cat([i1, i2]), torch.cat([m1["y"], m2["y"]])
-                logits, outputs = torch.cat([m1["z"], m2["z"]]), torch.cat([o1, o2])
-                unique = torch.tensor([int(v) not in slots[:j].tolist() for j, v in enumerate(slots.tolist())])
-                slots, labels, logits, outputs = slots[unique], labels[unique], logits[unique], outputs[unique]
-                rows = (labels, outputs)
-                with torch.no_grad():
-                    past = labels // per_task < t
-                    drawn[slots[past]] += 1
-                    chosen = past.clone()
-                    chosen[past] = torch.rand(int(past.sum())) * drawn[slots[past]] < 1
-                    if chosen.any():
-                        memory.fields["z"][slots[chosen]] = rewrite(
-                            logits[chosen], outputs[chosen].detach(), labels[chosen], t, tasks - t
-                        )
-            if t > 0:  # past heads below the present one, in probability
-                probs = F.softmax(out[:, : (t + 1) * per_task], 1)
-                gap = probs[:, : t * per_task].max(1)[0].detach() + margin - probs[:, t * per_task :].max(1)[0]
-                if (gap > 0).any():
-                    loss = loss + eta * gap[gap > 0].mean()
-            if t < tasks - 1:  # future heads below each row's own task's head
-                bad, good = out[:, (t + 1) * per_task :], out[:, t * per_task : (t + 1) * per_task]
-                if rows is not None:
-                    labels, outputs = rows
-                    own = torch.stack(outputs.split(per_task, 1), 1)[torch.arange(len(labels)), labels // per_task]
-                    bad, good = torch.cat([bad, outputs[:, (t + 1) * per_task :]]), torch.cat([good, own])
-                gap = bad.max(1)[0] + margin - good.max(1)[0]
-                if (gap > 0).any():
-                    loss = loss + eta * gap[gap > 0].mean()
-            loss.backward()
-            opt.step()
-            if t == 0:
-                memory.add(x=xb, y=yb, z=out.detach())
-        with torch.no_grad():  # the task end
-            if t > 0:
-                keep = capacity // ((t + 1) * per_task)
-                held = {k: v[: len(memory)].clone() for k, v in memory.fields.items()}
-                memory.empty()
-                for c in held["y"].unique():
-                    mine = held["y"] == c
-                    memory.add(**{k: v[mine][:keep] for k, v in held.items()})
-            else:
-                memory.empty()
-            free = capacity - memory.seen
-            quota = torch.full((per_task,), free // per_task)
-            quota[torch.randperm(per_task)[: free - (free // per_task) * per_task]] += 1
-            order = torch.randperm(len(y), generator=order_gen)
-            for s in range(0, len(y), batch):
-                if (quota == 0).all():
-                    break
-                idx = order[s : s + batch]
-                xb, yb = x[idx], y[idx]
-                out = model(xb)
-                if t > 0:
-                    out = rewrite(out, out, yb, 0, t)
-                take = torch.zeros(len(yb), dtype=torch.bool)
-                for j, c in enumerate((yb % per_task).tolist()):
-                    if quota[c] > 0:
-                        take[j], quota[c] = True, quota[c] - 1
-                memory.add(x=xb[take], y=yb[take], z=out[take])
-            n = len(memory)
-            outputs = torch.cat([model(memory.fields["x"][i : i + batch]) for i in range(0, n, batch)])
-            past = memory.fields["y"][:n] // per_task < t
-            if past.any():
-                z = memory.fields["z"][:n]
-                z[past] = rewrite(z[past], outputs[past], memory.fields["y"][:n][past], t, 1)
-        drawn.zero_()
-        matrix = _evaluate(exp, matrix)
-    return _outcome(matrix)
-
-
 # ------------------------------------------------------------------------------------------- MIR
 def mir_run(buffer: int, seed: int) -> Outcome:
     return synapse_run("fashion-mnist", "mir", buffer, seed)
@@ -390,7 +268,6 @@ class Pair(NamedTuple):
     first: Tuple[str, Callable[[int], Outcome]]
     second: Tuple[str, Callable[[int], Outcome]]
     note: str = ""
-    diagonal: bool = False  # also report each task's accuracy right after it was trained
     seeds: Tuple[int, ...] = tuple(range(10))  # unless --seeds says otherwise
 
 
@@ -400,13 +277,6 @@ PAIRS: Dict[str, Pair] = {
         100.0 / 9,
         ("Synapse", partial(synapse_run, *DERPP_360)),
         ("plain", plain_derpp_360),
-    ),
-    "xder": Pair(
-        f"{display_name(XDER[1])} (xder_ce) on Seq-F-MNIST, buffer {XDER[2]} (the reproduction's values)",
-        10.0,
-        ("Synapse", partial(synapse_run, *XDER)),
-        ("plain", plain_xder_ce),
-        diagonal=True,
     ),
     **{
         f"mir-{b}": Pair(
@@ -510,29 +380,33 @@ def render(
             f"| {pair.second[0]} | {_summary(b, pair.chance)} |",
             "",
         ]
-        if pair.diagonal:
-            tasks = len(runs[0][0]["diagonal"])
-            lines += [
-                "Each task's accuracy right after it was trained (Class-IL, mean over seeds):",
-                "",
-                "| | " + " | ".join(f"task {t + 1}" for t in range(tasks)) + " |",
-                "|---|" + "---|" * tasks,
-            ]
-            for (label, _), side in zip((pair.first, pair.second), runs):
-                means = [statistics.mean(r["diagonal"][t] for r in side) for t in range(tasks)]
-                lines.append(f"| {label} | " + " | ".join(f"{m:.1f}" for m in means) + " |")
-            lines.append("")
     lines.append("Diverged: the loss became NaN and the model predicts one class (chance accuracy).")
     return "\n".join(lines)
 
 
+# The presets each check's runs read, as (dataset, method, buffer): a cached run counts only while they hold
+# the values it was made with (its entry records them), so a changed preset runs the check again.
+READS: Dict[str, Tuple[Tuple[str, str, int], ...]] = {
+    "derpp-steps": (DERPP_360,),
+    "gem-qp": (("perm-fashion-mnist", "gem", 200),),
+    "derpp-360": (DERPP_360,),
+    **{f"mir-{b}": (("fashion-mnist", "mir", b),) for b in (200, 500)},
+}
+
+
+def check_values(check: str) -> Dict[str, Any]:
+    """The preset values ``check`` runs with (see :data:`READS`), keyed ``"dataset method buffer"``."""
+    return {f"{dataset} {m} {b}": presets.values(m, presets.protocol_of(dataset), b) for dataset, m, b in READS[check]}
+
+
 def _load_cache(path: Optional[str]) -> Tuple[Dict[Job, Any], Dict[Job, Optional[Dict[str, str]]]]:
-    """The cached runs' values and provenance, by job."""
+    """The cached runs' values and provenance, by job: those made with the presets' values of today."""
     done: Dict[Job, Any] = {}
     made_by: Dict[Job, Optional[Dict[str, str]]] = {}
     for r in Cache(path).entries():
-        job = (r["check"], r["side"], r["seed"])
-        done[job], made_by[job] = r["value"], r.get("provenance")
+        if r["check"] in READS and r.get("values") == check_values(r["check"]):
+            job = (r["check"], r["side"], r["seed"])
+            done[job], made_by[job] = r["value"], r.get("provenance")
     return done, made_by
 
 
@@ -555,7 +429,8 @@ def main() -> int:
     for job, value, seconds, prov in run_jobs(_job, todo, args.workers):
         results[job], made_by[job] = value, prov
         print(f"{job}: {value} ({seconds:.0f} s)", flush=True)
-        Cache(args.cache).append({"check": job[0], "side": job[1], "seed": job[2], "value": value, "provenance": prov})
+        entry = {"check": job[0], "side": job[1], "seed": job[2], "value": value, "provenance": prov}
+        Cache(args.cache).append({**entry, "values": check_values(job[0])})
     wall = time.perf_counter() - start if len(todo) == len(jobs) else None
     text = render(results, args.seeds, args.checks, wall, [made_by[j] for j in jobs])
     if args.output == "-":
