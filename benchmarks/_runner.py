@@ -201,6 +201,22 @@ def _kernels() -> str:
 NOT_RECORDED = "not recorded with these raw results"
 
 
+def load_results(paths: Iterable[str]) -> List[Tuple[str, Dict[str, Any]]]:
+    """Each raw result file, in the order given, as its path from the repository root (what a page names)
+    and its JSON."""
+    loaded = []
+    for path in paths:
+        with open(path) as f:
+            loaded.append((os.path.relpath(path, ROOT), json.load(f)))
+    return loaded
+
+
+def mean_std(values: Sequence[float], digits: int = 1) -> str:
+    """``mean ± std`` of ``values`` at ``digits`` decimals (the sample standard deviation; 0 for one value)."""
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.{digits}f} ± {std:.{digits}f}"
+
+
 def provenance_lines(recorded: Iterable[Optional[Dict[str, str]]]) -> Tuple[str, str]:
     """The "Machine:" and versions lines of a render, from the provenance its raw results recorded (one per
     run, or one for them all): each distinct value once, in the order first seen, and

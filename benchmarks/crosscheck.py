@@ -27,6 +27,11 @@ Checks (``--checks``):
 
     python benchmarks/crosscheck.py --cache runs.jsonl                # all checks, each at its own seeds
     python benchmarks/crosscheck.py --checks mir-200 --seeds 0 1 2 --output -
+    python benchmarks/crosscheck.py --render-only --cache benchmarks/results/crosscheck_runs.jsonl
+
+``--render-only`` runs nothing: it renders the cached runs and refuses (exit 2, nothing written) when one is
+missing. Every render opens with the summary of ``benchmarks/crosscheck_summary.py``: one row per method of
+issue 23, Synapse against the authors' code, computed from the raw results in ``--results``.
 
 Output: ``REPRODUCIBILITY-crosscheck.md`` (generated; do not edit by hand).
 """
@@ -41,11 +46,12 @@ import statistics
 import sys
 import time
 from functools import partial
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 BENCHMARKS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCHMARKS)
 
+import crosscheck_summary  # noqa: E402
 from _runner import (  # noqa: E402  (benchmarks/ is not a package)
     ROOT,
     Cache,
@@ -313,14 +319,34 @@ def _summary(values: List[float], chance: float) -> str:
     return f"{statistics.mean(values):.2f} | {mean} | {len(values) - len(ok)} of {len(values)}"
 
 
+def summary_checks(results: Dict[Job, Any]) -> crosscheck_summary.Checks:
+    """What the summary takes from these runs: the DER++ stream pair (seeds with both sides), the DER++ step
+    check and the GEM QP check."""
+    pair = PAIRS["derpp-360"]
+    seeds = [s for s in pair.seeds if all(("derpp-360", side, s) in results for side in (0, 1))]
+    steps = results.get(("derpp-steps", 0, STEPS_SEED))
+    qp = results.get(("gem-qp", 0, STEPS_SEED))
+    return crosscheck_summary.Checks(
+        [results[("derpp-360", 0, s)]["final"] for s in seeds],
+        [results[("derpp-360", 1, s)]["final"] for s in seeds],
+        partial(_diverged, chance=pair.chance),
+        None if steps is None else (int(steps[0]), float(steps[1])),
+        None if qp is None else max(row[1] for row in qp["qp"].values()),
+    )
+
+
 def render(
     results: Dict[Job, Any],
     seeds: Optional[List[int]],
     checks: List[str],
     wall: Optional[float],
     recorded: Optional[List[Optional[Dict[str, str]]]] = None,
+    summary: Sequence[str] = (),
+    stale: Sequence[str] = (),
 ) -> str:
-    """The page; ``recorded``: the provenance of the runs shown (None for runs cached without it)."""
+    """The page; ``recorded``: the provenance of the runs shown (None for runs cached without it); ``summary``:
+    the lines of the summary section, put first; ``stale``: checks left out whose cached runs were all made
+    with other preset values."""
     took = "not recorded (some runs came from the cache)" if wall is None else f"{wall / 60:.1f} min"
     machine, versions = provenance_lines(recorded or [])
     lines = [
@@ -334,7 +360,16 @@ def render(
         + (f" --seeds {' '.join(map(str, seeds))}`" if seeds else "`"),
         f"- {machine}; one thread per run; total wall time {took}",
         f"- {versions}",
+        *(
+            [
+                f"- Not shown: {', '.join(stale)}; every cached run of these was made with other preset values than "
+                "today's (see `READS` in `benchmarks/crosscheck.py`), so they are to be run again"
+            ]
+            if stale
+            else []
+        ),
         "",
+        *summary,
     ]
     for check in checks:
         if check == "derpp-steps":
@@ -410,14 +445,18 @@ def _load_cache(path: Optional[str]) -> Tuple[Dict[Job, Any], Dict[Job, Optional
     return done, made_by
 
 
-def main() -> int:
+def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checks", nargs="+", choices=CHECKS, default=list(CHECKS))
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="default: each check's own (10 or 5)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--cache", default=None, help="JSON lines: finished runs are kept here and not run again")
     p.add_argument("--output", default=os.path.join(ROOT, "REPRODUCIBILITY-crosscheck.md"), help="'-': stdout")
-    args = p.parse_args()
+    p.add_argument("--render-only", action="store_true", help="run nothing: render the --cache's runs")
+    p.add_argument("--results", default=crosscheck_summary.RESULTS, help="the raw results the summary reads")
+    args = p.parse_args(argv)
+    if args.render_only and not args.cache:
+        p.error("--render-only renders a --cache: name it")
     jobs: List[Job] = []
     for check in args.checks:
         sides = (0,) if check in SINGLE else (0, 1)
@@ -425,6 +464,8 @@ def main() -> int:
         jobs += [(check, side, s) for s in seeds for side in sides]
     results, made_by = _load_cache(args.cache)
     todo = [j for j in jobs if j not in results]
+    if args.render_only and todo:
+        p.error(f"--render-only: {len(todo)} run(s) not in {args.cache}, e.g. {todo[0]}; nothing was written")
     start = time.perf_counter()
     for job, value, seconds, prov in run_jobs(_job, todo, args.workers):
         results[job], made_by[job] = value, prov
@@ -432,7 +473,11 @@ def main() -> int:
         entry = {"check": job[0], "side": job[1], "seed": job[2], "value": value, "provenance": prov}
         Cache(args.cache).append({**entry, "values": check_values(job[0])})
     wall = time.perf_counter() - start if len(todo) == len(jobs) else None
-    text = render(results, args.seeds, args.checks, wall, [made_by[j] for j in jobs])
+    summary = crosscheck_summary.render(args.results, summary_checks(results))
+    # Checks left out whose cached runs all predate today's preset values: the page says so.
+    cached = {r["check"] for r in Cache(args.cache).entries()} - {job[0] for job in results}
+    stale = [c for c in CHECKS if c not in args.checks and c in cached]
+    text = render(results, args.seeds, args.checks, wall, [made_by[j] for j in jobs], summary, stale)
     if args.output == "-":
         print(text)
     else:

@@ -30,7 +30,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -133,21 +133,14 @@ def _worker(
     return (method, buffer, seed), result
 
 
-def run_protocol(
-    protocol: str,
-    rows: List[Row],
-    seeds: List[int],
-    workers: int,
-    cache: Optional[str] = None,
-    counted: Optional[List[int]] = None,
-    tuned: bool = False,
-    **overrides: Any,
-) -> Dict[Row, List[Dict[str, Any]]]:
-    """Every row (``tuned``: their second rows) at every seed, ``workers`` runs at a time. With ``cache`` (a
-    JSON-lines file), each finished run is appended there, with the row's hyperparameters (``values``), and
-    runs already in it (same protocol, row, seed, overrides and hyperparameters) are not run again."""
+def cached_runs(
+    cache: Optional[str], protocol: str, rows: List[Row], seeds: List[int], tuned: bool, overrides: Dict[str, Any]
+) -> Tuple[Dict[Row, List[Dict[str, Any]]], Set[Tuple[str, Optional[int], int]]]:
+    """The runs of ``rows`` at ``seeds`` already in ``cache`` (same protocol, overrides and the hyperparameters
+    the row has now; ``tuned``: the second rows), by row, and the ``(method, buffer, seed)`` found. Nothing
+    is run."""
     results: Dict[Row, List[Dict[str, Any]]] = {}
-    done = set()
+    done: Set[Tuple[str, Optional[int], int]] = set()
     for entry in Cache(cache).entries():
         if "method" not in entry:  # a protocol's wall time (see measured_wall)
             continue
@@ -165,6 +158,23 @@ def run_protocol(
             if key[2] in seeds and key not in done:
                 done.add(key)
                 results.setdefault((key[0], key[1]), []).append(entry["result"])
+    return results, done
+
+
+def run_protocol(
+    protocol: str,
+    rows: List[Row],
+    seeds: List[int],
+    workers: int,
+    cache: Optional[str] = None,
+    counted: Optional[List[int]] = None,
+    tuned: bool = False,
+    **overrides: Any,
+) -> Dict[Row, List[Dict[str, Any]]]:
+    """Every row (``tuned``: their second rows) at every seed, ``workers`` runs at a time. With ``cache`` (a
+    JSON-lines file), each finished run is appended there, with the row's hyperparameters (``values``), and
+    runs already in it (same protocol, row, seed, overrides and hyperparameters) are not run again."""
+    results, done = cached_runs(cache, protocol, rows, seeds, tuned, overrides)
     # The costliest rows first, so that the two workers finish together.
     cost = {"gem": 0, "er": 1, "der++": 2, "der": 3, "er-ace": 4, "agem": 5, "ewc": 6, "lwf": 7}
     ordered = sorted(rows, key=lambda r: cost.get(r[0], 9))

@@ -391,28 +391,7 @@ def render(results_dir: str = RESULTS) -> str:
         "| Task-IL: Synapse, sum | Synapse, average | Avalanche | SGD | raw |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    groups: Dict[Tuple[Any, ...], List[Tuple[str, Dict[str, Any]]]] = {}
-    for path, r in loaded:
-        if r["mode"] == "accuracy":
-            key = (
-                r["dataset"],
-                r["hp"]["lr"],
-                r["hp"]["mas_lambda"],
-                r.get("max_train_per_task"),
-                r["avalanche_alpha"],
-            )
-            groups.setdefault(key, []).append((path, r))
-    for (dataset, lr, lam, limit, _), files in groups.items():
-        sides: Dict[str, List[Dict[str, Any]]] = {"sum": [], "average": [], "reference": [], "sgd": []}
-        seeds: List[str] = []
-        for _, r in files:
-            for seed, run in r["seeds"].items():
-                seeds += [seed] if seed not in seeds else []
-                if "synapse" in run:
-                    sides[accumulation(r)].append({"synapse": run["synapse"]})
-                for side in ("reference", "sgd"):
-                    if side in run:
-                        sides[side].append({side: run[side]})
+    for (dataset, lr, lam, limit, _), (sides, seeds, files) in accuracy_groups(loaded).items():
         names = {"sum": "synapse", "average": "synapse", "reference": "reference", "sgd": "sgd"}
         cells = [
             dataset + (f" ({limit} train items per task)" if limit else ""),
@@ -462,6 +441,47 @@ def finding(loaded: List[Tuple[str, Dict[str, Any]]]) -> List[str]:
         "(`benchmarks/results/tune_mas_average.json`); the P-MNIST and R-MNIST stand-ins take the same λ and",
         "the running average at their protocol's lr.",
     ]
+
+
+Sides = Dict[str, List[Dict[str, Any]]]  # "sum", "average", "reference", "sgd": {side name: run} per seed
+
+
+def accuracy_groups(
+    loaded: List[Tuple[str, Dict[str, Any]]],
+) -> Dict[Tuple[Any, ...], Tuple[Sides, List[str], List[Tuple[str, Dict[str, Any]]]]]:
+    """The accuracy files' runs by configuration (dataset, lr, lambda, train items per task, Avalanche's
+    alpha): the runs of each side, the seeds, and the files read together."""
+    groups: Dict[Tuple[Any, ...], List[Tuple[str, Dict[str, Any]]]] = {}
+    for path, r in loaded:
+        if r["mode"] == "accuracy":
+            key = (
+                r["dataset"],
+                r["hp"]["lr"],
+                r["hp"]["mas_lambda"],
+                r.get("max_train_per_task"),
+                r["avalanche_alpha"],
+            )
+            groups.setdefault(key, []).append((path, r))
+    out = {}
+    for key, files in groups.items():
+        sides: Sides = {"sum": [], "average": [], "reference": [], "sgd": []}
+        seeds: List[str] = []
+        for _, r in files:
+            for seed, run in r["seeds"].items():
+                seeds += [seed] if seed not in seeds else []
+                if "synapse" in run:
+                    sides[accumulation(r)].append({"synapse": run["synapse"]})
+                for side in ("reference", "sgd"):
+                    if side in run:
+                        sides[side].append({side: run[side]})
+        out[key] = (sides, seeds, files)
+    return out
+
+
+def run_diverged(run: Dict[str, Any]) -> bool:
+    """Whether one side's run in an accuracy file diverged: non-finite weights, or a final Class-IL at chance
+    (the rule of the accuracy table's counts)."""
+    return bool(run["diverged"]) or run["final_class_il"] <= 10.5
 
 
 # ---------------------------------------------------------------------------------------------------- main
