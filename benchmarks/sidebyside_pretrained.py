@@ -27,9 +27,9 @@ loaders) and hands it the exchange's weights and batches.
         --output benchmarks/results/sidebyside_pretrained_slca_ca0.json
     PYTHONPATH=src python benchmarks/sidebyside_pretrained.py render  # the section, from the committed JSON
 
-The reference Python needs torch, numpy, scipy, tqdm, easydict and the authors' timm (RevisitingCIL and RanPAC
-pin timm 0.6.12, which does not import on Python 3.11; 0.6.13 is the closest that does; l2p-pytorch and
-dualprompt-pytorch pin 0.6.7, CODA-Prompt 0.4.12, SLCA 0.5.4, all of which import).
+The reference Python needs torch, numpy, scipy, tqdm, easydict (SLCA: torchvision) and the authors' timm
+(RevisitingCIL and RanPAC pin timm 0.6.12, which does not import on Python 3.11; 0.6.13 is the closest that does;
+l2p-pytorch and dualprompt-pytorch pin 0.6.7, CODA-Prompt 0.4.12, SLCA 0.5.4, all of which import).
 
 The data are the experiment program's: Fashion-MNIST in five tasks of two classes (``fashion-mnist``), the
 first ``--train`` training and ``--test`` test images of each task, in the order the program draws, fed
