@@ -20,11 +20,16 @@ loaders) and hands it the exchange's weights and batches.
         --output benchmarks/results/sidebyside_pretrained_dualprompt_batch20.json
     PYTHONPATH=src python benchmarks/sidebyside_pretrained.py run --method coda --batch 20 --steps 3 \\
         --reference ../CODA-Prompt --reference-python ../venv_timm0412/bin/python
+    PYTHONPATH=src python benchmarks/sidebyside_pretrained.py run --method slca --steps 3 --tasks 5 \\
+        --reference ../SLCA --reference-python ../venv_timm054/bin/python
+    PYTHONPATH=src python benchmarks/sidebyside_pretrained.py run --method slca --steps 5 --tasks 5 --ca-epochs 0 \\
+        --reference ../SLCA --reference-python ../venv_timm054/bin/python \\
+        --output benchmarks/results/sidebyside_pretrained_slca_ca0.json
     PYTHONPATH=src python benchmarks/sidebyside_pretrained.py render  # the section, from the committed JSON
 
-The reference Python needs torch, numpy, scipy, tqdm, easydict and the authors' timm (RevisitingCIL and RanPAC
-pin timm 0.6.12, which does not import on Python 3.11; 0.6.13 is the closest that does; l2p-pytorch and
-dualprompt-pytorch pin 0.6.7, CODA-Prompt 0.4.12, both of which import).
+The reference Python needs torch, numpy, scipy, tqdm, easydict (SLCA: torchvision) and the authors' timm
+(RevisitingCIL and RanPAC pin timm 0.6.12, which does not import on Python 3.11; 0.6.13 is the closest that does;
+l2p-pytorch and dualprompt-pytorch pin 0.6.7, CODA-Prompt 0.4.12, SLCA 0.5.4, all of which import).
 
 The data are the experiment program's: Fashion-MNIST in five tasks of two classes (``fashion-mnist``), the
 first ``--train`` training and ``--test`` test images of each task, in the order the program draws, fed
@@ -54,6 +59,9 @@ at each task end the test logits and predictions
 (Synapse's taken before and after its ``end_task``, the authors' from their own evaluation). DualPrompt and
 CODA-Prompt need five blocks (``depth=5``); CODA-Prompt is built on the backbone itself (it hooks the ViT it
 is given) and handed the adapter's outputs.
+
+SLCA trains the whole model, so it too is compared step by step (the slow learner's gradients and the step its
+optimizer takes), and at every task end its class statistics and its aligned head (``_slca_sidebyside.py``).
 
 ``render`` writes ``benchmarks/results/sidebyside_pretrained.md`` from ``sidebyside_pretrained_*.json``.
 """
@@ -96,6 +104,11 @@ REPOSITORIES = {
     ),
     "simplecil": ("zhoudw-zdw/RevisitingCIL", "models/simplecil.py (Learner), utils/inc_net.py (SimpleVitNet)"),
     "ranpac": ("RanPAC/RanPAC", "RanPAC.py (Learner, ncm with use_RP), inc_net.py (SimpleVitNet, CosineLinear)"),
+    "slca": (
+        "GengDavid/SLCA",
+        "models/slca.py (incremental_train, _run, _stage2_compact_classifier), models/base.py (_compute_class_mean), "
+        "utils/inc_net.py (FinetuneIncrementalNet), convs/linears.py (SimpleContinualLinear), convs/vits.py",
+    ),
 }
 
 
@@ -1108,12 +1121,20 @@ def reference_coda(path: str, ex: Dict[str, Any]) -> List[Dict[str, Any]]:
     return [{"steps": records, "evaluations": evaluations, "task_starts": task_starts}]
 
 
+def reference_slca(path: str, ex: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """GengDavid/SLCA's learner over the exchange's tasks (``_slca_sidebyside.reference``)."""
+    import _slca_sidebyside
+
+    return _slca_sidebyside.reference(path, ex)
+
+
 REFERENCES: Dict[str, Callable[[str, Dict[str, Any]], List[Dict[str, Any]]]] = {
     "simplecil": reference_simplecil,
     "ranpac": reference_ranpac,
     "l2p": reference_l2p,
     "dualprompt": reference_dualprompt,
     "coda": reference_coda,
+    "slca": reference_slca,
 }
 
 
@@ -1242,8 +1263,9 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             "test_per_task": args.test,
             "batch_size": args.batch,
             "vit": f"vit_tiny_patch16_224, {PROMPT_METHODS[args.method]['vit'] if args.method in STEPPED else VIT}",
-            **({"steps_per_task": args.steps, "tasks": args.tasks} if args.method in STEPPED else {}),
+            **({"steps_per_task": args.steps, "tasks": args.tasks} if args.method in (*STEPPED, "slca") else {}),
             **({"projection_dim": args.projection_dim} if args.method == "ranpac" else {}),
+            **({"ca_epochs": args.ca_epochs} if args.method == "slca" else {}),
         },
         "tolerance": TOLERANCE,
         "provenance": provenance(),
@@ -1251,7 +1273,13 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     }
     results["reference"]["commit"] = _checkout_commit(args.reference)
     for seed in args.seeds:
-        if args.method in STEPPED:
+        if args.method == "slca":
+            import _slca_sidebyside
+
+            ours = _slca_sidebyside.synapse_side(
+                seed, args.train, args.test, args.batch, args.steps, args.tasks, args.ca_epochs
+            )
+        elif args.method in STEPPED:
             ours = synapse_prompt_side(args.method, seed, args.train, args.test, args.batch, args.steps, args.tasks)
         else:
             ours = synapse_side(args.method, seed, args.train, args.test, args.batch, args.projection_dim)
@@ -1266,8 +1294,12 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         if args.method == "ranpac":
             for record in ours["tasks"]:
                 record["projection"] = ours["exchange"]["projection"]
-        if args.method in STEPPED:
+        if args.method in (*STEPPED, "slca"):
             tasks = [step["task"] for step in ours["exchange"]["steps"]]
+        if args.method == "slca":
+            per_task = ours["exchange"]["per_task"]
+            rows = _slca_sidebyside.compare(ours["tasks"][0], theirs["tasks"][0], tasks, per_task)
+        elif args.method in STEPPED:
             rows = compare_steps(ours["tasks"][0], theirs["tasks"][0], tasks)
         else:
             rows = compare(args.method, ours["tasks"], theirs["tasks"], ours["exchange"]["per_task"])
@@ -1286,7 +1318,15 @@ UNJUDGED = {
     "ranpac": {
         "logits (test images seen)": "each side's own lambda, which differ by design (below)",
         "logits at the authors' lambda": "float32 statistics through an ill-conditioned solve (the W_o rows)",
-    }
+    },
+    "slca": {
+        "logits of the earlier classes": "Synapse's head keeps the last alignment's rows between task ends (below)",
+        "optimizer step of the earlier classes' head rows (authors: frozen)": "weight decay on Synapse's head (below)",
+    },
+    "slca_ca0": {
+        "logits of the earlier classes": "weight decay on Synapse's head during the task (below)",
+        "optimizer step of the earlier classes' head rows (authors: frozen)": "weight decay on Synapse's head (below)",
+    },
 }
 # Runs that show a known difference: no row is judged against the tolerance.
 SHOWN = {
@@ -1332,6 +1372,26 @@ NOTES = {
         "agree with Synapse's taken before its `end_task` and after it: both sides evaluate with the components "
         "up to the ended task only (the authors' trainer calls `process_task_count` at the next task's start)."
     ),
+    "slca": (
+        "Every step's logits of the task's classes, loss and gradients agree to float32 rounding, and so does the "
+        "step each optimizer takes (its learning rate times its momentum buffer): the backbone's at 0.01 times "
+        "the head's learning rate on both sides, the slow learner. At each task end the class means and "
+        "covariances agree, and so does the head: the first task's as trained, every later one as aligned. "
+        "The authors' alignment draws from torch's global generator, set here to the state of Synapse's before "
+        "its task end, and on the CPU those are the same numbers (Synapse's `randn(K, 256, d)`, their 256 x d "
+        "per class; then the same `randperm`), so the aligned heads agree to float32 rounding. Two quantities "
+        "differ by design (Synapse's named deviation, one head for every class): Synapse's optimizer holds the "
+        "whole head, so its weight decay moves the earlier classes' rows during a task (the authors freeze their "
+        "heads), and between task ends Synapse's head keeps the last alignment's rows where the authors put back "
+        "the rows before it after evaluating; so the earlier classes' logits differ during training. Neither "
+        "reaches a task end: the alignment starts from the rows each task left, on both sides."
+    ),
+    "slca_ca0": (
+        "Without classifier alignment (`ca_epochs=0`, every batch of each task trained): the head at each task "
+        "end has the earlier classes' rows as their own tasks left them on both sides. Synapse's weight decay "
+        "moves them during the next task (the earlier classes' logits differ while it trains), and its task end "
+        "puts them back, as the authors' frozen heads are."
+    ),
     "ranpac": (
         "The statistics agree to float32 rounding. The authors solve `W_o` in float32 and Synapse in float64; "
         "`G + lambda I` is ill-conditioned here (`condition` in the JSON), so a float32 rounding "
@@ -1374,6 +1434,7 @@ def render(results_dir: str = RESULTS) -> str:
             f"{s['dataset']}, {s['train_per_task']} training and {s['test_per_task']} test images per task, batches "
             f"of {s['batch_size']}; backbone {s['vit']}, random weights from the seed"
             + (f"; projection width {s['projection_dim']}" if "projection_dim" in s else "")
+            + (f"; {s['ca_epochs']} alignment epochs" if "ca_epochs" in s else "")
             + (
                 f"; the first {s['steps_per_task']} steps of each of the first {s['tasks']} tasks, each from the "
                 "parameters Synapse had before it"
@@ -1418,7 +1479,6 @@ def render(results_dir: str = RESULTS) -> str:
     return "\n".join(lines)
 
 
-
 def section(results_dir: str) -> str:
     """This script's section of REPRODUCIBILITY-sidebyside.md (``benchmarks/sidebyside.py render``)."""
     return render(results_dir)
@@ -1436,8 +1496,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     r.add_argument("--test", type=int, default=100, help="test images per task")
     r.add_argument("--batch", type=int, default=20)
     r.add_argument("--projection-dim", type=int, default=64, help="RanPAC's M")
-    r.add_argument("--steps", type=int, default=3, help="prompt methods: steps compared per task")
-    r.add_argument("--tasks", type=int, default=2, help="prompt methods: tasks compared")
+    r.add_argument("--steps", type=int, default=3, help="prompt methods and SLCA: steps compared per task")
+    r.add_argument("--tasks", type=int, default=2, help="prompt methods and SLCA: tasks compared")
+    r.add_argument("--ca-epochs", type=int, default=5, help="SLCA's alignment epochs (the authors' 5)")
     r.add_argument("--output", help="default: benchmarks/results/sidebyside_pretrained_<method>.json")
     ref = sub.add_parser("reference", help=argparse.SUPPRESS)  # run by `run`, in the reference Python
     ref.add_argument("--method", required=True)

@@ -5,11 +5,13 @@ import json
 import os
 import sys
 
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
+import _slca_sidebyside as slca_sbs  # noqa: E402
 import sidebyside_pretrained as sbs  # noqa: E402
 
 
@@ -131,3 +133,61 @@ def test_prompt_task_ends_compare_starts_and_tied_votes():
     assert abs(start["max_abs"] - 1.0) < 1e-6
     assert rows["prompt selection (test): same set"]["fraction"] == 0.5
     assert rows["of the test selections that differ: in a batch whose vote ties"]["fraction"] == 1.0
+
+
+def slca_records(gen, per_task=2, tasks=2):
+    """A Synapse-side SLCA record of one step per task and one task end per task, and the authors' record of
+    the same numbers in their layout (their logits have the classes so far only, their head of the step's task
+    only)."""
+    classes = per_task * tasks
+    ours = {"steps": [], "ends": []}
+    theirs = {"steps": [], "ends": []}
+    for t in range(tasks):
+        rows = slice(t * per_task, (t + 1) * per_task)
+        grads = {"blocks.0.w": torch.randn(3, 2, generator=gen), "head.weight": torch.zeros(classes, 3)}
+        grads["head.bias"] = torch.zeros(classes)
+        grads["head.weight"][rows] = torch.randn(per_task, 3, generator=gen)
+        steps = {k: 0.01 * v for k, v in grads.items()}
+        logits = torch.randn(4, classes, generator=gen)
+        ours["steps"].append({"logits": logits, "loss": torch.tensor(1.0), "grads": grads, "steps": steps})
+        theirs["steps"].append(
+            {
+                "logits": logits[:, : (t + 1) * per_task],
+                "loss": torch.tensor(1.0),
+                "grads": {k: v[rows] if k in slca_sbs.HEAD else v for k, v in grads.items()},
+                "steps": {k: v[rows] if k in slca_sbs.HEAD else v for k, v in steps.items()},
+            }
+        )
+        shown = (t + 1) * per_task
+        end = {
+            "class_means": torch.randn(shown, 3, generator=gen).double(),
+            "class_covariances": torch.randn(shown, 3, 3, generator=gen),
+            "head.weight": torch.randn(shown, 3, generator=gen),
+            "head.bias": torch.randn(shown, generator=gen),
+            "logits": torch.randn(5, shown, generator=gen),
+        }
+        ours["ends"].append({**end, "stat_classes": torch.arange(shown), "aligned": t > 0})
+        theirs["ends"].append(end)
+    return ours, theirs
+
+
+def test_slca_rows_map_the_authors_per_task_heads_onto_synapses_rows():
+    ours, theirs = slca_records(torch.Generator().manual_seed(5))
+    rows = slca_sbs.compare(ours, theirs, [0, 1], per_task=2)
+    assert all(r["max_rel"] == 0.0 for r in rows if "max_rel" in r)
+    quantities = {r["quantity"] for r in rows}
+    assert "aligned head: weight" in quantities and "logits of the earlier classes" in quantities
+    assert "optimizer step of the earlier classes' head rows (authors: frozen)" in quantities
+    # Synapse's earlier rows moved (weight decay) and a backbone gradient is off: both are found.
+    ours["steps"][1]["steps"]["head.weight"][0, 0] = 0.5
+    ours["steps"][1]["grads"]["blocks.0.w"] = theirs["steps"][1]["grads"]["blocks.0.w"] * 1.01
+    found = {(r["task"], r["quantity"]): r for r in slca_sbs.compare(ours, theirs, [0, 1], per_task=2)}
+    assert found[(2, "optimizer step of the earlier classes' head rows (authors: frozen)")]["max_abs"] == 0.5
+    assert abs(found[(2, "gradient of the backbone (worst tensor)")]["max_rel"] - 0.01) < 1e-6
+
+
+def test_slca_worst_tensor_is_the_largest_relative_difference():
+    ours = {"a": torch.tensor([100.0, 1.0]), "b": torch.tensor([0.011])}
+    theirs = {"a": torch.tensor([100.0, 0.0]), "b": torch.tensor([0.010])}
+    assert slca_sbs.worst_tensor(ours, theirs, ["a", "b"]) == pytest.approx({"max_abs": 0.001, "max_rel": 0.1})
+    assert slca_sbs.worst_tensor(ours, theirs, []) == {"max_abs": 0.0, "max_rel": 0.0}

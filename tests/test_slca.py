@@ -292,6 +292,29 @@ def test_alignment_starts_from_the_rows_each_task_left():
     assert torch.equal(*results)
 
 
+@pytest.mark.parametrize("current_loss", ["method", "user"])
+def test_without_alignment_the_earlier_rows_end_as_their_task_left_them(current_loss):
+    """The authors freeze the earlier tasks' heads. Here the loss gives their rows no gradient but weight decay
+    moves them; with no alignment (ca_epochs=0) the task end puts back the rows each task left. A user's own
+    loss may train them on purpose: then they are kept."""
+    model = vit()
+    slca = SLCA(model, ca_epochs=0, current_loss=current_loss)
+    torch.manual_seed(5)
+    train_task(model, slca, torch.optim.SGD(slca.param_groups(0.01)), [0, 1])
+    left = model.head.weight[:2].clone(), model.head.bias[:2].clone()
+    optimizer = torch.optim.SGD(slca.param_groups(0.01), momentum=0.9, weight_decay=0.5)
+    train_task(model, slca, optimizer, [2, 3], seed=1, end=False)
+    moved = model.head.weight[:2].clone()
+    assert not torch.equal(moved, left[0])  # weight decay moved the earlier rows during the task
+    trained = model.head.weight[2:4].clone()
+    slca.end_task(named_batches([images([2, 3], seed=5)]))
+    if current_loss == "method":
+        assert torch.equal(model.head.weight[:2], left[0]) and torch.equal(model.head.bias[:2], left[1])
+    else:
+        assert torch.equal(model.head.weight[:2], moved)
+    assert torch.equal(model.head.weight[2:4], trained)  # the task's own rows stay as trained
+
+
 def test_the_method_loss_is_the_current_tasks_cross_entropy():
     model = vit()
     slca = SLCA(model)

@@ -50,7 +50,8 @@ class SLCA(Synapse):
     SGD from those rows (``ca_lr``, ``ca_momentum``, ``ca_weight_decay``, cosine-annealed), on logits
     divided by ``logit_norm`` times the mean of their per-task norms. ``s_c`` is the authors'
     ``0.9 + 0.1 (t_c + 1) / (T + 1)`` (``mean_decay``). Only the head changes, and only its rows of the
-    classes seen; the draws come from the method's own generator.
+    classes seen; the draws come from the method's own generator. Without alignment (``ca_epochs=0``), the
+    task end puts back the earlier classes' rows as their tasks left them (``current_loss='method'``).
 
     **Predictions.** :meth:`predict` gives the model's logits with the classes not yet seen at ``-inf``
     (the authors' head has no rows for them).
@@ -90,7 +91,8 @@ class SLCA(Synapse):
     Deviations from the authors' code (each explained in docs/methods/pretrained.md):
 
     * one head of every class, built up front: a class's rows start from the model's initialisation and are
-      masked out of the loss until its task (the authors add a freshly drawn head per task);
+      masked out of the loss until its task (the authors add a freshly drawn head per task); during a task the
+      earlier classes' rows hold the last alignment's values, moved by the optimizer's weight decay;
     * the current task's classes are those seen in its batches so far;
     * the task of a class is the task end that computed its statistics (the authors' ``class // task_size``);
     * the logit norm averages over the tasks that have classes;
@@ -246,6 +248,10 @@ class SLCA(Synapse):
         self.seen_classes = seen
         self.task_classes = torch.zeros_like(self.task_classes)
         self._generator = generator
+        if aligned is None and self.current_loss == "method":
+            # No alignment: each class's rows as its own task left them. The loss gave the earlier classes' rows
+            # no gradient, but the optimizer's weight decay and momentum moved them; the authors freeze them.
+            aligned = self.head_weights, self.head_biases
         if aligned is not None:
             weight, bias = aligned
             rows = self.stat_classes
