@@ -283,6 +283,16 @@ def render(
     return "\n".join(lines) + "\n"
 
 
+def results_from_raw(raw: Dict[str, Any]) -> Dict[Row, List[Dict[str, Any]]]:
+    """The per-seed runs of a raw results file (``{"method/buffer": [run, ...]}``, ``_meta`` aside), by row."""
+    results = {}
+    for key, runs in raw.items():
+        if key != "_meta":
+            method, buffer = key.rsplit("/", 1)
+            results[(method, None if buffer == "None" else int(buffer))] = runs
+    return results
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="fashion-mnist", choices=sorted(PROTOCOL))
@@ -337,10 +347,7 @@ def main() -> int:
         if args.merge:
             with open(args.from_json, "w") as f:
                 json.dump({"_meta": meta, **raw}, f)
-        results = {}
-        for key, runs in raw.items():
-            method, buffer = key.rsplit("/", 1)
-            results[(method, None if buffer == "None" else int(buffer))] = runs
+        results = results_from_raw(raw)
         args.seeds = meta.get("seeds", args.seeds)
         total = meta.get("total_s", float("nan"))
         # The numbers are the full run's; this command only rendered them again.

@@ -1,16 +1,41 @@
-"""The reproduction at one seed: the paper's orderings must hold (margins from the 3-seed run)."""
+"""The reproduction's findings: on the committed raw runs always, and at one seed from scratch on request."""
 
+import json
 import os
 import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-from reproduce import check_orderings, open_failures, run_all, summarize  # noqa: E402
+from reproduce import check_orderings, open_failures, results_from_raw, run_all, summarize  # noqa: E402
+
+RAW = os.path.join(ROOT, "benchmarks", "results", "reproduce_fashion-mnist.json")
+
+
+def test_committed_runs_keep_the_papers_orderings():
+    """The raw runs REPRODUCIBILITY.md is rendered from hold every finding it states, known gaps aside."""
+    with open(RAW) as f:
+        results = results_from_raw(json.load(f))
+    assert ("der++", 500) in results and len(results[("der++", 500)]) == 3
+    assert open_failures(check_orderings(summarize(results))) == []
+
+
+def test_a_broken_ordering_is_reported():
+    with open(RAW) as f:
+        results = results_from_raw(json.load(f))
+    chance = [{**r, "average_accuracy": {"class_il": 0.1, "task_il": 0.5}} for r in results[("der++", 500)]]
+    failures = open_failures(check_orderings(summarize({**results, ("der++", 500): chance})))
+    assert any(f.startswith("buffer 500: DER++ 10.00 <") for f in failures)
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    not os.environ.get("SYNAPSE_FULL_REPRODUCTION"),
+    reason="a full Seq-F-MNIST reproduction at one seed (about 5 CPU-min on 2 cores); CI runs none: set "
+    "SYNAPSE_FULL_REPRODUCTION=1",
+)
 def test_seq_mnist_protocol_orderings_on_fashion_mnist(fashion_tasks):
     table = summarize(run_all("fashion-mnist", seeds=[0], workers=2))
     # Every finding holds except the documented gaps (reproduce.KNOWN_GAPS, stated in REPRODUCIBILITY.md).
