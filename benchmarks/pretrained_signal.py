@@ -61,6 +61,12 @@ ADAPTED: Dict[str, Tuple[Dict[str, Any], str]] = {
     "coda-prompt": ({"prompt_layers": 4}, "its default's blocks 0-4 are more than this backbone's 4"),
     "ranpac": ({"projection_dim": 2000}, "the paper's 10000 makes each task end minutes of one CPU thread"),
 }
+# The second rows: each trained row's SGD lr chosen on a validation split (never the test set), from the program's
+# default for a pretrained model and 3x and 10x above it, at seed 0 with a tenth of each task's training images
+# held out and scored instead of the test set. A row whose choice is the default keeps its one row.
+DEFAULT_LR = 0.01
+LR_GRID = (DEFAULT_LR, 0.03, 0.1)
+TUNE_SEED, VALIDATION_RATIO = 0, 0.1
 # Pretraining: AdamW, as ViTs are commonly trained from scratch (e.g. DeiT, Touvron et al. 2021); fixed
 # epochs, with the accuracy on a held-out tenth of the first task's training images recorded per epoch.
 PRETRAIN = {"epochs": 10, "batch_size": 64, "lr": 1e-3, "weight_decay": 0.05, "augment": True, "seed": 0,
@@ -171,12 +177,33 @@ def rows(methods: Optional[Sequence[str]] = None) -> List[Row]:
     return found
 
 
-def config(method: str, buffer: Optional[int], seed: int, weights: str, dataset_dir: str = "datasets") -> Any:
+def tunable(methods: Optional[Sequence[str]] = None) -> List[Row]:
+    """The rows whose lr matters: fine-tuning, ER and every method that trains parameters (not joint, the
+    reference, nor the methods on frozen features, which train nothing)."""
+    from synapse.pretrained._frozen import FrozenFeatureMethod
+
+    def trains(method: str) -> bool:
+        return method in ("sequential", "er") or not issubclass(catalog.get(method).cls, FrozenFeatureMethod)
+
+    return [r for r in rows(methods) if r[0] != "joint" and trains(r[0])]
+
+
+def config(
+    method: str,
+    buffer: Optional[int],
+    seed: int,
+    weights: str,
+    dataset_dir: str = "datasets",
+    lr: Optional[float] = None,
+    validation: bool = False,
+) -> Any:
     """The experiment program's configuration of one row: the protocol's defaults for a pretrained model
-    (lr 0.01, batch 32, 1 epoch per task), the method's catalog defaults."""
+    (lr 0.01, batch 32, 1 epoch per task), the method's catalog defaults; ``lr`` in place of the default, and
+    ``validation``: score the held-out part of the training images, not the test set (for choosing ``lr``)."""
     from synapse.experiments.run import Config
 
     baseline = method in ("sequential", "joint")
+    held_out = {"validation_ratio": VALIDATION_RATIO, "evaluate_on": "validation"} if validation else {}
     return Config(
         dataset=DATASET,
         dataset_dir=dataset_dir,
@@ -191,13 +218,15 @@ def config(method: str, buffer: Optional[int], seed: int, weights: str, dataset_
         method_args=dict(ADAPTED[method][0]) if method in ADAPTED else {},
         buffer_size=buffer or 1,
         seed=seed,
+        lr=lr,
         device="cpu",
         threads=1,
         quiet=True,
+        **held_out,
     )
 
 
-def command(method: str, buffer: Optional[int], seed: int, weights: str) -> str:
+def command(method: str, buffer: Optional[int], seed: int, weights: str, lr: Optional[float] = None) -> str:
     """The ``python -m synapse.experiments`` line of one row."""
     baseline = method in ("sequential", "joint")
     args = [
@@ -208,29 +237,46 @@ def command(method: str, buffer: Optional[int], seed: int, weights: str) -> str:
         f"--training_type {method}" if baseline else f"--synapse_type {method}",
         f"--buffer_size {buffer}" if buffer else "",
         " ".join(f"--{k} {v}" for k, v in ADAPTED[method][0].items()) if method in ADAPTED else "",
+        f"--lr {lr}" if lr is not None else "",
         f"--seed {seed} --device cpu --threads 1",
     ]
     return "python -m synapse.experiments " + " ".join(a for a in args if a)
 
 
-def _key(method: str, buffer: Optional[int], seed: int, weights_sha: str) -> Dict[str, Any]:
-    """What makes a run the same run: the row, the seed, the setting and the backbone's bytes."""
+def _key(
+    method: str,
+    buffer: Optional[int],
+    seed: int,
+    weights_sha: str,
+    lr: Optional[float] = None,
+    validation: bool = False,
+) -> Dict[str, Any]:
+    """What makes a run the same run: the row, the seed, the setting, the backbone's bytes, and an lr other than
+    the default or a validation score where the run has them (``None`` where not, as in the runs made before)."""
     setting = {"model_args": MODEL_ARGS, "first": FIRST_TASK_CLASSES, "per_task": CLASSES_PER_TASK,
                "max_train": MAX_TRAIN_PER_TASK}  # fmt: skip
     if method in ADAPTED:
         setting["method_args"] = ADAPTED[method][0]
-    return {"method": method, "buffer": buffer, "seed": seed, "weights_sha256": weights_sha, "setting": setting}
+    return {"method": method, "buffer": buffer, "seed": seed, "weights_sha256": weights_sha, "setting": setting,
+            "lr": lr, "validation_ratio": VALIDATION_RATIO if validation else None}  # fmt: skip
 
 
-def _worker(job: Tuple[str, Optional[int], int, str, str, str, Dict[str, str]]) -> Dict[str, Any]:
+def _matches(entry: Dict[str, Any], key: Dict[str, Any]) -> bool:
+    return all(entry.get(k) == v for k, v in key.items())
+
+
+Job = Tuple[str, Optional[int], int, str, str, str, Dict[str, str], Optional[float], bool]
+
+
+def _worker(job: Job) -> Dict[str, Any]:
     import torch
 
     from synapse.experiments.run import Experiment
 
     torch.set_num_threads(1)
-    method, buffer, seed, weights, sha, dataset_dir, made_by = job
+    method, buffer, seed, weights, sha, dataset_dir, made_by, lr, validation = job
     start = time.perf_counter()
-    r = Experiment(config(method, buffer, seed, weights, dataset_dir)).run()
+    r = Experiment(config(method, buffer, seed, weights, dataset_dir, lr, validation)).run()
     keep = (
         "average_accuracy",
         "forgetting",
@@ -240,32 +286,68 @@ def _worker(job: Tuple[str, Optional[int], int, str, str, str, Dict[str, str]]) 
         "head_average_accuracy",
     )
     return {
-        **_key(method, buffer, seed, sha),
+        **_key(method, buffer, seed, sha, lr, validation),
         "result": {k: r.get(k) for k in keep},
         "wall_time_s": time.perf_counter() - start,
         "provenance": made_by,  # the code the workers imported when the pool started, not the tree's now
     }
 
 
+def chosen_lrs(entries: List[Dict[str, Any]], sha: str) -> Dict[Row, Dict[float, float]]:
+    """Each tunable row's validation scores (final Class-IL average on the held-out images) by lr, for the rows
+    whose whole grid has run."""
+    scores: Dict[Row, Dict[float, float]] = {}
+    for method, buffer in tunable():
+        found = {}
+        for lr in LR_GRID:
+            runs = [e for e in entries if _matches(e, _key(method, buffer, TUNE_SEED, sha, lr, validation=True))]
+            if runs:
+                found[lr] = runs[-1]["result"]["average_accuracy"]["class_il"]
+        if len(found) == len(LR_GRID):
+            scores[(method, buffer)] = found
+    return scores
+
+
+def best_lr(scores: Dict[float, float]) -> float:
+    """The lr of the highest validation score; a tie goes to the earlier grid point (the default first)."""
+    return max(LR_GRID, key=lambda lr: (scores[lr], -LR_GRID.index(lr)))
+
+
+def _missing(entries: List[Dict[str, Any]], keys: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    return [k for k in keys if not any(_matches(e, k) for e in entries)]
+
+
 def run(methods: Optional[Sequence[str]], seeds: Sequence[int], workers: int, dataset_dir: str) -> None:
+    """The rows at ``seeds``; then each tunable row's lr grid on the validation split; then, at ``seeds``, the
+    second rows of those whose best lr is not the default. Finished runs (in the raw file) are not run again."""
     if not os.path.exists(WEIGHTS):
         raise SystemExit(f"no backbone at {WEIGHTS}: run `python benchmarks/pretrained_signal.py pretrain` first")
     sha = _sha256(WEIGHTS)
     made_by = provenance()
     cache = Cache(RUNS)
-    done = [e for e in cache.entries()]
-    jobs = []
-    for method, buffer in rows(methods):
-        for seed in seeds:
-            key = _key(method, buffer, seed, sha)
-            if not any(all(e.get(k) == v for k, v in key.items()) for e in done):
-                jobs.append((method, buffer, seed, WEIGHTS, sha, dataset_dir, made_by))
-    print(f"{len(jobs)} run(s) to do", flush=True)
-    for entry in run_jobs(_worker, jobs, workers):
-        cache.append(entry)
-        acc = entry["result"]["average_accuracy"]
-        print(f"  {entry['method']:<12} seed {entry['seed']}: Class-IL {100 * acc['class_il']:.2f}%  "
-              f"({entry['wall_time_s']:.0f} s)", flush=True)  # fmt: skip
+
+    def run_keys(keys: List[Dict[str, Any]]) -> None:
+        todo = _missing(cache.entries(), keys)
+        print(f"{len(todo)} run(s) to do", flush=True)
+        jobs = [(k["method"], k["buffer"], k["seed"], WEIGHTS, sha, dataset_dir, made_by, k["lr"],
+                 k["validation_ratio"] is not None) for k in todo]  # fmt: skip
+        for entry in run_jobs(_worker, jobs, workers):
+            cache.append(entry)
+            acc = entry["result"]["average_accuracy"]
+            what = (f", lr {entry['lr']}" if entry["lr"] is not None else "") + (
+                ", validation" if entry["validation_ratio"] else "")  # fmt: skip
+            print(f"  {entry['method']:<12} seed {entry['seed']}{what}: Class-IL {100 * acc['class_il']:.2f}%  "
+                  f"({entry['wall_time_s']:.0f} s)", flush=True)  # fmt: skip
+
+    run_keys([_key(m, b, seed, sha) for m, b in rows(methods) for seed in seeds])
+    grid = [_key(m, b, TUNE_SEED, sha, lr, validation=True) for m, b in tunable(methods) for lr in LR_GRID]
+    run_keys(grid)
+    second = []
+    for (m, b), scores in chosen_lrs(cache.entries(), sha).items():
+        lr = best_lr(scores)
+        if lr != DEFAULT_LR and (methods is None or m in methods):
+            second += [_key(m, b, seed, sha, lr) for seed in seeds]
+    run_keys(second)
 
 
 # ------------------------------------------------------------------------------------------------- render
@@ -306,23 +388,45 @@ def table(
         "forgetting, Class-IL (%) | seeds | s/run |",
         "|---|---|---|---|---|---|---|",
     ]
+    lrs = {row: best_lr(scores) for row, scores in chosen_lrs(entries, sha).items()}
     for method, buffer in rows():
-        runs = [e for e in entries if _key(method, buffer, e["seed"], sha).items() <= e.items()]
-        runs = list({e["seed"]: e for e in runs}.values())  # a seed run twice: its latest
-        if not runs:
-            continue
-        used += runs
-        res = [e["result"] for e in runs]
         name = display_name(method) + (f", buffer {buffer}" if buffer else "")
-        forgetting = [r["forgetting"]["class_il"] for r in res]
-        lines.append(
-            f"| {name} | {_stat([r['average_accuracy']['class_il'] for r in res])} | "
-            f"{_stat([overall_accuracy(r, counts) for r in res])} | "
-            f"{_stat([r['average_accuracy']['task_il'] for r in res])} | "
-            f"{_stat(forgetting) if None not in forgetting else 'n/a'} | {len(runs)} | "
-            f"{statistics.mean(e['wall_time_s'] for e in runs):.0f} |"
-        )
+        variants = [(name, None)]
+        if lrs.get((method, buffer), DEFAULT_LR) != DEFAULT_LR:
+            lr = lrs[(method, buffer)]
+            variants.append((f"{name}, lr {lr} (chosen on a validation split)", lr))
+        for label, lr in variants:
+            runs = [e for e in entries if _matches(e, _key(method, buffer, e["seed"], sha, lr))]
+            runs = list({e["seed"]: e for e in runs}.values())  # a seed run twice: its latest
+            if not runs:
+                continue
+            used += runs
+            res = [e["result"] for e in runs]
+            forgetting = [r["forgetting"]["class_il"] for r in res]
+            lines.append(
+                f"| {label} | {_stat([r['average_accuracy']['class_il'] for r in res])} | "
+                f"{_stat([overall_accuracy(r, counts) for r in res])} | "
+                f"{_stat([r['average_accuracy']['task_il'] for r in res])} | "
+                f"{_stat(forgetting) if None not in forgetting else 'n/a'} | {len(runs)} | "
+                f"{statistics.mean(e['wall_time_s'] for e in runs):.0f} |"
+            )
     return lines, used
+
+
+def validation_table(entries: List[Dict[str, Any]], sha: str) -> List[str]:
+    """The lr grid's validation scores of each tunable row (seed 0), and the lr chosen."""
+    scores = chosen_lrs(entries, sha)
+    if not scores:
+        return []
+    lines = [
+        "| row | " + " | ".join(f"lr {lr}" for lr in LR_GRID) + " | chosen |",
+        "|---|" + "---|" * (len(LR_GRID) + 1),
+    ]
+    for (method, buffer), by_lr in scores.items():
+        name = display_name(method) + (f", buffer {buffer}" if buffer else "")
+        cells = " | ".join(f"{100 * by_lr[lr]:.2f}" for lr in LR_GRID)
+        lines.append(f"| {name} | {cells} | {best_lr(by_lr)} |")
+    return lines
 
 
 # The papers' numbers (issue 24's table), each with its source and ImageNet-R split; none of them was run here.
@@ -377,6 +481,20 @@ def render(path: str = OUTPUT, dataset_dir: str = "datasets") -> str:
     sha = backbone["sha256"]
     lacking = any("test_samples_per_task" not in e["result"] for e in entries)
     lines, used = table(entries, sha, test_counts(dataset_dir) if lacking else None)
+    validation = validation_table(entries, sha)
+    grid = ", ".join(map(str, LR_GRID))
+    tuning = (
+        f"""**Second rows: the lr chosen on a validation split.** Every row that trains by SGD (fine-tuning, ER and
+the methods with trainable parameters) ran once more at seed {TUNE_SEED} for each lr in {{{grid}}}, with
+{100 * VALIDATION_RATIO:.0f}% of each task's training images held out and scored in place of the test set (the
+test images are not read). A row whose best lr is not the default {DEFAULT_LR} gets a second row at that lr,
+over the same seeds. Final Class-IL average on the held-out images (%):
+
+{chr(10).join(validation)}
+"""
+        if validation
+        else ""
+    )
     machine, versions = provenance_lines([e.get("provenance") for e in used])
     p = backbone["settings"]
     val = ", ".join(f"{100 * e['validation_accuracy']:.1f}" for e in backbone["epochs"])
@@ -412,8 +530,9 @@ Validation accuracy per epoch (%): {val}; test accuracy on those {FIRST_TASK_CLA
 **Continual runs.** From that backbone with a new 10-way head, the experiment program learns Fashion-MNIST as
 {1 + (10 - FIRST_TASK_CLASSES) // CLASSES_PER_TASK} tasks (classes 0-{FIRST_TASK_CLASSES - 1}, then
 {(10 - FIRST_TASK_CLASSES) // CLASSES_PER_TASK} tasks of {CLASSES_PER_TASK}), the first {MAX_TRAIN_PER_TASK}
-training images of each task, 1 epoch per task, batch 32, every test image; plain SGD at lr 0.01 for the
-trained baselines (the program's defaults for a pretrained model); each method with its catalog defaults{adapted}.
+training images of each task, 1 epoch per task, batch 32, every test image; plain SGD at lr {DEFAULT_LR} (the
+program's default for a pretrained model; second rows below at an lr chosen on a validation split); each method
+with its catalog defaults{adapted}.
 Class-IL is the single-head accuracy over all classes seen; each method scores with its own predictor where it
 has one. Mean ± standard deviation over seeds {", ".join(map(str, SEEDS))}, one thread per run. The
 program's final average weighs each task alike (the 4-class first task like a 2-class one); the next column
@@ -423,6 +542,7 @@ random left to vary with the seed. s/run: wall time of one run on a shared 2-cor
 
 {chr(10).join(lines)}
 
+{tuning}
 {machine}.
 {versions}.
 

@@ -98,3 +98,39 @@ def test_overall_accuracy_weighs_each_task_by_its_test_images():
 
 def test_the_split_has_4000_then_2000_test_images():
     assert signal.test_counts() == [4000, 2000, 2000, 2000]
+
+
+def test_the_lr_grid_covers_the_rows_that_train_and_picks_the_best_validation_score():
+    tunable = signal.tunable()
+    assert tunable[:2] == [("sequential", None), ("er", signal.ER_BUFFER)]
+    assert {m for m, _ in tunable} >= {"l2p", "slca"} and not {m for m, _ in tunable} & {"simplecil", "ranpac", "joint"}
+    assert signal.LR_GRID[0] == signal.DEFAULT_LR
+    assert signal.best_lr({0.01: 0.5, 0.03: 0.7, 0.1: 0.6}) == 0.03
+    assert signal.best_lr({0.01: 0.7, 0.03: 0.7, 0.1: 0.6}) == signal.DEFAULT_LR  # a tie keeps the default
+
+
+def _entry(method, buffer, seed, lr=None, validation=False, accuracy=0.5):
+    key = signal._key(method, buffer, seed, "sha", lr, validation)
+    matrix = [[0.9, 0.0], [0.5, 0.5]]
+    result = {"average_accuracy": {"class_il": accuracy, "task_il": 0.9}, "forgetting": {"class_il": 0.4},
+              "accuracy_matrix": {"class_il": matrix}, "test_samples_per_task": [10, 10]}  # fmt: skip
+    return {**key, "result": result, "wall_time_s": 1.0}
+
+
+def test_a_row_whose_best_lr_is_not_the_default_gets_a_second_row():
+    grid = [_entry("l2p", None, 0, lr, True, acc) for lr, acc in zip(signal.LR_GRID, (0.3, 0.6, 0.5))]
+    grid += [_entry("sequential", None, 0, lr, True, acc) for lr, acc in zip(signal.LR_GRID, (0.4, 0.2, 0.1))]
+    runs = [_entry("l2p", None, s, accuracy=0.3) for s in (0, 1)] + [_entry("l2p", None, s, 0.03, accuracy=0.6)
+                                                                      for s in (0, 1)]  # fmt: skip
+    runs += [_entry("sequential", None, s, accuracy=0.2) for s in (0, 1)]
+    scores = signal.chosen_lrs(grid, "sha")
+    assert scores[("l2p", None)] == dict(zip(signal.LR_GRID, (0.3, 0.6, 0.5))) and len(scores) == 2
+    lines, used = signal.table(grid + runs, "sha")
+    rows = lines[2:]  # sequential (its best lr is the default: one row), L2P, L2P at its chosen lr
+    assert len(rows) == 3 and len(used) == 6  # the validation runs are never rows
+    assert rows[1].startswith("| L2P | 30.00 ± 0.00 |") and "lr 0." not in rows[0]
+    assert rows[2].startswith("| L2P, lr 0.03 (chosen on a validation split) | 60.00 ± 0.00 |")
+    parser, args = _parsed(signal.command("l2p", None, 0, signal.WEIGHTS, 0.03))
+    assert args.lr == signal.config("l2p", None, 0, signal.WEIGHTS, lr=0.03).lr == 0.03
+    held_out = signal.config("l2p", None, 0, signal.WEIGHTS, validation=True)
+    assert (held_out.validation_ratio, held_out.evaluate_on) == (signal.VALIDATION_RATIO, "validation")
