@@ -192,7 +192,7 @@ def test_reservoir_stays_uniform_across_draw_blocks():
     # A stream longer than two blocks of pre-drawn replacements, fed in uneven batches.
     import numpy as np
 
-    from synapse.buffer import DRAW_BLOCK
+    from synapse.memory.reservoir import DRAW_BLOCK
 
     stream, capacity, trials, bins = 2 * DRAW_BLOCK + 1000, 6, 400, 9
     sizes = [7, 13, 1, 32]
@@ -231,3 +231,14 @@ def test_host_writes_equal_the_torch_path(monkeypatch):
     assert reference_buffer._host is None  # the torch path really ran
     assert all(torch.equal(host[k], reference[k]) for k in reference)
     assert torch.isfinite(host["z"]).all() and torch.isfinite(host["w"]).all()
+
+
+def test_the_reservoir_keeps_its_old_import_path():
+    import synapse.buffer
+    import synapse.memory
+    from synapse.buffer import ReservoirBuffer as from_buffer
+
+    assert from_buffer is synapse.memory.ReservoirBuffer is ReservoirBuffer
+    assert from_buffer.__module__ == "synapse.memory.reservoir"
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        synapse.buffer.Nope  # noqa: B018

@@ -92,7 +92,7 @@ DOCTESTS = _collect()
 def test_the_examples_are_found():
     # The method docstrings have examples: finding none would mean the search broke, not that all passed.
     found = {p.id for p in DOCTESTS}
-    assert {"synapse.rehearsal.er.ER", "synapse.buffer.ReservoirBuffer", "synapse.tasks.TaskDict"} <= found
+    assert {"synapse.rehearsal.er.ER", "synapse.memory.reservoir.ReservoirBuffer", "synapse.tasks.TaskDict"} <= found
 
 
 @pytest.mark.parametrize("test", DOCTESTS)

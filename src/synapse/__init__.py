@@ -7,7 +7,7 @@ Replace ``loss.backward()`` with ``synapse.backward(loss, targets, inputs=inputs
 """
 
 from ._base import Synapse, named_batches
-from .buffer import ReservoirBuffer
+from .memory import ReservoirBuffer
 from .scenarios import Permuted, Rotated, TaskFreeStream, mnist360
 from .tasks import Task, TaskDict
 

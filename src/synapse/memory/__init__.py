@@ -4,7 +4,7 @@ Every policy is a :class:`~synapse.buffer.Buffer`: named tensors in ``capacity``
 data's device, sampled uniformly without replacement, with an exact state dict. They differ in what
 stays:
 
-* ``'reservoir'`` (:class:`~synapse.buffer.ReservoirBuffer`): a uniform sample of the stream;
+* ``'reservoir'`` (:class:`ReservoirBuffer`): a uniform sample of the stream;
 * ``'class_balanced'`` (:class:`ClassBalancedBuffer`): GDumb's greedy class balancer, every class an
   equal share;
 * ``'herding'`` (:class:`HerdingMemory`): iCaRL's exemplars, chosen at task ends so that their mean
@@ -19,9 +19,10 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from .._model import FeaturesFn, head_input_features
-from ..buffer import Buffer, ReservoirBuffer
+from ..buffer import Buffer
 from .class_balanced import UNIFORM_BLOCK, ClassBalancedBuffer
 from .herding import HerdingMemory
+from .reservoir import ReservoirBuffer
 
 __all__ = [
     "BUFFER_POLICIES",
@@ -30,6 +31,7 @@ __all__ = [
     "ClassBalancedBuffer",
     "FeaturesFn",
     "HerdingMemory",
+    "ReservoirBuffer",
     "head_input_features",
     "make_buffer",
 ]
