@@ -100,7 +100,8 @@ def test_the_split_has_4000_then_2000_test_images():
     assert signal.test_counts() == [4000, 2000, 2000, 2000]
 
 
-def test_the_lr_grid_covers_the_rows_that_train_and_picks_the_best_validation_score():
+def test_the_lr_grid_covers_the_rows_that_train_and_picks_the_best_validation_score(monkeypatch):
+    monkeypatch.setattr(signal, "LR_GRID", (signal.DEFAULT_LR, 0.03, 0.1))
     tunable = signal.tunable()
     assert tunable[:2] == [("sequential", None), ("er", signal.ER_BUFFER)]
     assert {m for m, _ in tunable} >= {"l2p", "slca"} and not {m for m, _ in tunable} & {"simplecil", "ranpac", "joint"}
@@ -117,7 +118,8 @@ def _entry(method, buffer, seed, lr=None, validation=False, accuracy=0.5):
     return {**key, "result": result, "wall_time_s": 1.0}
 
 
-def test_a_row_whose_best_lr_is_not_the_default_gets_a_second_row():
+def test_a_row_whose_best_lr_is_not_the_default_gets_a_second_row(monkeypatch):
+    monkeypatch.setattr(signal, "LR_GRID", (signal.DEFAULT_LR, 0.03, 0.1))
     grid = [_entry("l2p", None, 0, lr, True, acc) for lr, acc in zip(signal.LR_GRID, (0.3, 0.6, 0.5))]
     grid += [_entry("sequential", None, 0, lr, True, acc) for lr, acc in zip(signal.LR_GRID, (0.4, 0.2, 0.1))]
     runs = [_entry("l2p", None, s, accuracy=0.3) for s in (0, 1)] + [_entry("l2p", None, s, 0.03, accuracy=0.6)
