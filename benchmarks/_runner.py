@@ -230,3 +230,17 @@ def provenance_lines(recorded: Iterable[Optional[Dict[str, str]]]) -> Tuple[str,
             if value not in seen:
                 seen.append(value)
     return "Machine: " + "; ".join(machines or [NOT_RECORDED]), "Versions: " + "; ".join(versions or [NOT_RECORDED])
+
+
+def page_arguments(argv: List[str]) -> List[str]:
+    """The arguments that decide a page's runs, for its "Command:" line: a render that runs nothing
+    (``--render-only``), or one written elsewhere (``--output``), states the command of the runs it shows."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--output":
+            skip = True
+        elif arg != "--render-only" and not arg.startswith("--output="):
+            kept.append(arg)
+    return kept

@@ -40,6 +40,7 @@ from _runner import (  # noqa: E402  (benchmarks/ is not a package)
     Row,
     display_name,
     order_key,
+    page_arguments,
     presets,
     provenance,
     provenance_lines,
@@ -169,16 +170,22 @@ def run_protocol(
     cache: Optional[str] = None,
     counted: Optional[List[int]] = None,
     tuned: bool = False,
+    allow_runs: bool = True,
     **overrides: Any,
 ) -> Dict[Row, List[Dict[str, Any]]]:
     """Every row (``tuned``: their second rows) at every seed, ``workers`` runs at a time. With ``cache`` (a
     JSON-lines file), each finished run is appended there, with the row's hyperparameters (``values``), and
-    runs already in it (same protocol, row, seed, overrides and hyperparameters) are not run again."""
+    runs already in it (same protocol, row, seed, overrides and hyperparameters) are not run again;
+    ``allow_runs=False``: a run not in the cache is an error (exit 2), not run."""
     results, done = cached_runs(cache, protocol, rows, seeds, tuned, overrides)
     # The costliest rows first, so that the two workers finish together.
     cost = {"gem": 0, "er": 1, "der++": 2, "der": 3, "er-ace": 4, "agem": 5, "ewc": 6, "lwf": 7}
     ordered = sorted(rows, key=lambda r: cost.get(r[0], 9))
     jobs = [(protocol, m, b, s, tuned, overrides) for (m, b) in ordered for s in seeds if (m, b, s) not in done]
+    if jobs and not allow_runs:
+        missing = ", ".join(f"{m} {b or '-'} seed {s}" + (" (tuned)" if tuned else "") for _, m, b, s, *_ in jobs)
+        print(f"protocols.py --render-only: {TITLE[protocol]} lacks cached runs: {missing}", file=sys.stderr)
+        raise SystemExit(2)
     if counted is not None:
         counted[0] = len(done)  # how many came from the cache
     for (method, buffer, seed), r in run_jobs(_worker, jobs, workers):
@@ -275,14 +282,10 @@ def render_section(
         (
             f"- Wall time of this reproduction: {wall_s / 60:.1f} min ({wall_s:.0f} s) for "
             f"{len(rows_run) + len(tuned)} rows x {len(seeds)} seeds"
-            + (
-                f" ({cached} runs came from the --cache of an earlier invocation and took no time here)"
-                if cached
-                else ""
-            )
-            if cached < (len(rows_run) + len(tuned)) * len(seeds)
-            else f"- Wall time of this reproduction: not measured by this invocation (all {cached} runs, "
-            f"{len(rows_run) + len(tuned)} rows x {len(seeds)} seeds, came from the --cache of earlier ones)"
+            if not cached
+            # Only a time that a later render can state again: one invocation's, recorded in the cache.
+            else "- Wall time of this reproduction: not measured as one invocation (its runs were made by more "
+            "than one, through --cache)"
         )
         + f"; the runs' own wall times add up to {run_total / 60:.1f} min, one thread each.",
     ]
@@ -471,8 +474,8 @@ def render(
             f"- Total wall time: {total_s / 60:.1f} min ({total_s:.0f} s), {workers} run(s) in parallel, "
             "one thread each"
             if not cached
-            else f"- Total wall time: not measured by this invocation ({cached} runs came from --cache, made by "
-            f"earlier ones, one thread each); the runs' own wall times add up to {run_s / 60:.1f} min"
+            else "- Total wall time: not measured as one invocation (runs came from --cache, made by more than "
+            f"one, one thread each); the runs' own wall times add up to {run_s / 60:.1f} min"
         ),
         "- Hyperparameters: the DER authors' best values for each protocol (mammoth `utils/best_args.py`, buffers "
         "200, 500 and 5120, or 1000 on MNIST-360), in the catalog's names (the methods' presets, "
@@ -516,17 +519,24 @@ def main() -> int:
         help="a JSON-lines file: every finished run is appended to it, and a rerun skips the runs already there",
     )
     p.add_argument(
+        "--render-only",
+        action="store_true",
+        help="run nothing: render the --cache's runs, and refuse (exit 2, nothing written) if one is missing",
+    )
+    p.add_argument(
         "--output",
         default=os.path.join(ROOT, "REPRODUCIBILITY-protocols.md"),
         help="markdown file to write; '-' prints only",
     )
     args = p.parse_args()
+    if args.render_only and not args.cache:
+        p.error("--render-only renders a --cache: name it")
     known = {m for protocol in args.protocols for m, _ in BEST[protocol]}
     unknown = sorted({m.split(":", 1)[-1] for m in args.methods or []} - known)
     if unknown:
         p.error(f"unknown method(s) {unknown}; choose from {sorted(known)}")
     overrides = {k: getattr(args, k) for k in ("max_train_per_task", "max_test_per_task") if getattr(args, k)}
-    command = "python benchmarks/protocols.py " + " ".join(sys.argv[1:])
+    command = "python benchmarks/protocols.py " + " ".join(page_arguments(sys.argv[1:]))
     sections, failed, total, cached_total, run_total_all = [], False, 0.0, 0, 0.0
     recorded: List[Optional[Dict[str, str]]] = []
     for protocol in args.protocols:
@@ -538,9 +548,10 @@ def main() -> int:
         these = {k: v for k, v in overrides.items() if protocol != "mnist-360" or k != "max_test_per_task"}
         second = [row for row in rows if row in TUNED[protocol]]  # the rows with a validation-tuned second row
         cached_runs, cached_second = [0], [0]
-        results = run_protocol(protocol, rows, args.seeds, args.workers, cache=args.cache, counted=cached_runs, **these)
+        cached_only = {"cache": args.cache, "allow_runs": not args.render_only}
+        results = run_protocol(protocol, rows, args.seeds, args.workers, counted=cached_runs, **cached_only, **these)
         tuned = run_protocol(
-            protocol, second, args.seeds, args.workers, cache=args.cache, counted=cached_second, tuned=True, **these
+            protocol, second, args.seeds, args.workers, counted=cached_second, tuned=True, **cached_only, **these
         )
         cached_runs[0] += cached_second[0]
         wall = time.perf_counter() - t0

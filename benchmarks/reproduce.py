@@ -350,13 +350,12 @@ def main() -> int:
         results = results_from_raw(raw)
         args.seeds = meta.get("seeds", args.seeds)
         total = meta.get("total_s", float("nan"))
-        # The numbers are the full run's; this command only rendered them again.
         reruns = "".join(
             f"; rows {', '.join(r['rows'])} re-run since by `{r['command']}` ({(r['total_s'] or 0) / 60:.1f} min)"
             for r in meta.get("reruns", [])
         )
-        full_run = meta.get("command", "python benchmarks/reproduce.py")
-        command = f"`{full_run}`{reruns} (rendered by: `{command.strip()}`)"
+        # The numbers are the runs' own: the page states their commands, whichever command renders it.
+        command = f"`{meta.get('command', 'python benchmarks/reproduce.py')}`{reruns}"
     else:
         rows = rows_for(args.dataset, args.methods, args.buffers)
         results = run_all(args.dataset, args.seeds, args.workers, rows)
