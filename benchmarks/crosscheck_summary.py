@@ -82,8 +82,7 @@ TEXTS: Dict[str, Texts] = {
         "presets' `tuned` blocks: values chosen on a validation split (10% of the training images), rendered "
         "as a second row in REPRODUCIBILITY-protocols.md",
         "issue 23's notes (DER and DER++ where the authors' values diverge); the authors' diverging P-F-MNIST "
-        "run named in issue 23 is not among the committed raw results; not yet on REPRODUCIBILITY-protocols.md: "
-        "the DER++ 500 second row (its re-render waits on the MAS rows)",
+        "run named in issue 23 is not among the committed raw results",
     ),
 }
 
