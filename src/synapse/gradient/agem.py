@@ -42,7 +42,7 @@ class AGEM(BufferedSynapse):
         model: the model being trained (may be wrapped in DDP or ``torch.compile``).
         buffer_size: items kept in the reservoir (per rank in a distributed run).
         buffer_sample_size: items in the reference minibatch.
-        memory: ``'reservoir'`` (default, task-free) or ``'episodic'`` (the paper's, per task; see above).
+        memory: ``'reservoir'`` (default, task-free) or ``'episodic'`` (the paper's, per task; see the method page).
         buffer_scope: ``'rank'`` (default): every rank of a distributed run keeps ``buffer_size`` items of
             its own stream; ``'global'``: ``buffer_size`` is the whole run's budget, split across ranks.
         scaler: a ``torch.amp.GradScaler`` for mixed precision; pass the unscaled loss to ``backward``.

@@ -59,11 +59,10 @@ class BiC(ClassHistory, ER):
     * ``L_c`` and ``L_b`` span the classes seen so far; the head's width must not change.
     * Distributed: per-rank memories; ranks average their fitted ``(alpha, beta)``.
 
-    The model must return ``(batch, classes)`` logits, and ``backward``'s keywords must name ``forward``'s
-    parameters (the old model and stage 2 call it with them).
-
     Args:
-        model: the model being trained (may be wrapped in DDP or ``torch.compile``).
+        model: the model being trained (may be wrapped in DDP or ``torch.compile``); it returns a
+            ``(batch, classes)`` logits tensor, and ``backward``'s keywords name ``forward``'s parameters
+            (the old model and stage 2 call it with them).
         buffer_size: the exemplar budget (per rank in a distributed run), validation memory included.
         buffer_sample_size: exemplar rows replayed per step.
         temperature: the distillation temperature ``T`` (> 0).

@@ -29,43 +29,28 @@ ReplayTerms = Tuple[List[Tuple[float, Tensor]], List[Tuple[Tensor, Tensor]]]
 class ER(BufferedSynapse):
     """Experience Replay and Dark Experience Replay from a reservoir buffer.
 
-    ``ER(model, method=...)`` is the entry for all four variants: it builds :class:`ER` itself for ``'er'``
-    and the variant's subclass otherwise (:class:`DER`, :class:`DERpp`, :class:`CustomER`), each of which
-    overrides the replay terms; ``method`` reports the variant.
+    ``ER(model, method=...)`` is the entry for four variants, each its own class (:class:`DER`,
+    :class:`DERpp`, :class:`CustomER`; ``method`` reports it). With ``L`` the user's loss, ``f`` the model
+    and ``(x', y', z')`` memory items with the logits stored with them:
 
-    Methods (``L`` is the user's loss on the current batch, ``(x', y', z')`` buffer samples with their
-    stored logits ``z'``, ``f`` the model):
-
-    * ``'er'``: ``L + alpha * CE(f(x'), y')`` -- Experience Replay as in Chaudhry et al. 2019,
-      "On Tiny Episodic Memories in Continual Learning", with reservoir sampling. The paper (and the
-      DER authors' code) averages the cross-entropy over the union of the batch and the replay
-      minibatch; ``joint_mean=True`` gives exactly that, ``(B L + k CE(f(x'), y')) / (B + k)`` with
-      ``B`` the batch's and ``k = min(buffer_sample_size, len(buffer))`` the minibatch's size (``L``
-      alone while the buffer is empty). The default sum equals it only up to the step size.
-    * ``'der'``: ``L + alpha * MSE(f(x'), z')`` -- Buzzega et al. 2020, "Dark Experience for General
-      Continual Learning: a Strong, Simple Baseline", eq. 4.
-    * ``'der++'``: ``L + alpha * MSE(f(x'), z') + beta * CE(f(x''), y'')`` with ``(x'', y'')`` a second,
-      independent buffer minibatch -- the same paper, eq. 6.
+    * ``'er'``: ``L + alpha * CE(f(x'), y')``, Chaudhry et al. 2019, "On Tiny Episodic Memories in
+      Continual Learning";
+    * ``'der'``: ``L + alpha * MSE(f(x'), z')``, Buzzega et al. 2020, "Dark Experience for General
+      Continual Learning: a Strong, Simple Baseline", eq. 4;
+    * ``'der++'`` (default): DER plus ``beta * CE(f(x''), y'')`` on a second minibatch, eq. 6;
     * ``'custom'``: ``L + custom_loss_fn(f(x'), z', y')``.
 
-    ``z'`` are the logits the user's own forward produced when the sample was stored (captured by a
-    forward hook, never recomputed). If the model's head grows between tasks, stored logits are
-    narrower than today's output; DER then compares only the columns that existed at insertion, and
-    rows stored at different widths are masked individually.
+    ``z'`` are the outputs of the user's own forward when the item was stored. By default the replayed
+    minibatches ride in that forward (*fused replay*: the user still gets outputs for their own batch
+    only) and ``backward`` runs one backward pass; a loss from an eval-mode forward is then refused once
+    the memory holds anything (use ``fused=False`` to train with frozen BatchNorm statistics). The
+    equations, fused replay, growing heads, the memory policies and augmentation:
+    docs/methods/rehearsal.md, "ER, DER and DER++ in detail".
 
-    **Fused replay** (``fused=True``, the default): the buffer minibatch(es) ride along in the
-    forward pass the user already makes -- a forward pre-hook appends them to the batch and a forward
-    hook splits the output, so the user still receives outputs for their own batch only -- and
-    ``backward`` runs a single backward pass. Replay rides on the first training-mode forward with
-    grad enabled after each ``backward``; eval mode and ``torch.no_grad()`` forwards are untouched.
-    BatchNorm layers then see the current batch and the replayed samples together, as in the ER
-    of Chaudhry et al. (their batch is the union of both). With ``fused=False`` the replay minibatches
-    go through a separate forward pass and the loss terms are summed before one backward.
+    Deviations (each explained in the method page):
 
-    **Eval mode.** A step whose loss came from a forward in ``eval()`` mode would carry no fused replay, so
-    it is refused (``ValueError``) once the memory holds anything, rather than silently fine-tune. To train
-    with frozen BatchNorm statistics, use ``fused=False``: the replay's own forward then runs in the model's
-    current mode too (DER and DER++ also read the outputs of a training-mode forward, and still need one).
+    * ER sums ``L`` and the replay term by default; ``joint_mean=True`` is the paper's one mean.
+    * With ``fused=True`` BatchNorm sees the batch and the replayed items together.
 
     Args:
         model: the model being trained (may be wrapped in DDP or ``torch.compile``).
@@ -75,24 +60,19 @@ class ER(BufferedSynapse):
         beta: weight of DER++'s cross-entropy term.
         method: ``'er'``, ``'der'``, ``'der++'`` or ``'custom'``: the variant, and with it the class built.
         custom_loss_fn: ``fn(logits, past_logits, past_targets) -> scalar`` for ``method='custom'``.
-        joint_mean: ``method='er'`` only: one mean over the batch and the replay minibatch (see above);
-            ``L`` must then be the batch's *mean* cross-entropy, and ``alpha`` stays 1.
-        fused: replay inside the user's forward (see above).
+        joint_mean: ``method='er'`` only: one mean over the batch and the replay minibatch; ``L`` must
+            then be the batch's *mean* cross-entropy, and ``alpha`` stays 1.
+        fused: replay inside the user's forward (see the method page).
         logits_dtype: dtype for stored logits, e.g. ``torch.bfloat16`` to halve their memory;
             by default the output's dtype.
         buffer_scope: ``'rank'`` (default): every rank of a distributed run keeps ``buffer_size`` items of
             its own stream; ``'global'``: ``buffer_size`` is the whole run's budget, split across ranks.
         scaler: a ``torch.amp.GradScaler`` for mixed precision; pass the unscaled loss to ``backward``.
-        buffer_policy: what the memory keeps: ``'reservoir'`` (default), a uniform sample of the stream as
-            in both papers, or ``'class_balanced'``, GDumb's greedy class balancer (Prabhu et al. 2020):
-            every class seen holds an equal share, within one slot (:class:`synapse.memory.ClassBalancedBuffer`;
-            on CUDA a batch enters one step late, so that choosing slots by label never syncs). The
-            class-balanced memory stores targets, with DER too.
-        replay_transform: augment every replayed minibatch on the device before its forward (fused or
-            not), e.g. :class:`synapse.augment.RandomCropFlip`; per-image randomness from the method's own
-            generator, saved in the state dict. Default None: replay what was stored. Pair it with storing
-            the raw view: ``backward(loss, y, inputs=x)`` after ``model(augment(x))``. DER's stored logits
-            are those of that augmented forward, as in the DER authors' code.
+        buffer_policy: what the memory keeps: ``'reservoir'`` (default), a uniform sample of the stream, or
+            ``'class_balanced'``, GDumb's greedy class balancer (:class:`synapse.memory.ClassBalancedBuffer`).
+        replay_transform: augment every replayed minibatch on the device before its forward, e.g.
+            :class:`synapse.augment.RandomCropFlip` (default None: replay what was stored; see the method
+            page).
 
     Example:
         >>> synapse = ER(model, buffer_size=500, buffer_sample_size=32, alpha=0.3, beta=0.5)  # a DERpp

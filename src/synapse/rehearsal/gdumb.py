@@ -31,19 +31,10 @@ Reinitialize = Union[bool, Callable[[nn.Module], None]]
 
 
 def gdumb_learning_rate(epoch: int, max_lr: float, min_lr: float) -> float:
-    """The learning rate of retraining epoch ``epoch`` (from 0) in GDumb's schedule.
-
-    One warm-up epoch at ``max_lr / 10``, one at ``max_lr``, then SGDR (Loshchilov & Hutter 2017, cosine
-    annealing with warm restarts, ``T_0 = 1``, ``T_mult = 2``) stepped once per epoch from epoch 2 on: after
-    ``s = epoch - 1`` steps, with the cycle lengths ``T_i = 1, 2, 4, ...`` and ``T_cur`` the epochs into the
-    current cycle, ::
-
-        lr = min_lr + (max_lr - min_lr) * (1 + cos(pi * T_cur / T_i)) / 2
-
-    so epochs 2, 3, 4, 5, ... run at ``max``, ``(max + min) / 2``, ``max``, ``max - (max - min)(1 - cos(pi/4))/2``,
-    ... and 128 epochs end near ``min_lr``. This is the schedule of the authors' code (drimpossible/GDumb,
-    ``src/main.py``: ``CosineAnnealingWarmRestarts(T_0=1, T_mult=2, eta_min=minlr)`` stepped from the third
-    epoch, the first two set by hand), also used by the DER authors' port (aimagelab/mammoth ``models/gdumb.py``).
+    """The learning rate of retraining epoch ``epoch`` (from 0) in GDumb's schedule: one warm-up epoch at
+    ``max_lr / 10``, one at ``max_lr``, then cosine annealing with warm restarts (SGDR, ``T_0 = 1``,
+    ``T_mult = 2``) down to ``min_lr``, stepped once per epoch, as in the authors' code. The formula and its
+    source: docs/methods/rehearsal.md, "GDumb in detail".
 
     Example:
         >>> [round(gdumb_learning_rate(e, 0.05, 0.0005), 5) for e in range(5)]
@@ -65,11 +56,12 @@ def cutmix(
 ) -> Tuple[Tensor, Tensor, float]:
     """CutMix (Yun et al. 2019) on a batch, as GDumb's authors apply it: ``(mixed, partner, lam)``.
 
-    With probability 1/2 (:data:`CUTMIX_PROB`) each image gets a box cut from the image ``partner[i]`` (a
-    random permutation of the batch); the box covers ``1 - l`` of the picture in expectation with
-    ``l ~ Beta(alpha, alpha)``, centred uniformly on the picture and clipped at its edges, and ``lam`` is the
-    share of pixels kept. The loss is then ``lam * CE(f(mixed), y) + (1 - lam) * CE(f(mixed), y[partner])``.
-    Otherwise ``(images, identity, 1.0)``. The box spans the last two dimensions (height, width).
+    With probability 1/2 (:data:`CUTMIX_PROB`) each image gets a box, of expected area ``1 - l`` with
+    ``l ~ Beta(alpha, alpha)``, cut from the image ``partner[i]`` (a random permutation of the batch);
+    ``lam`` is the share of pixels kept, and the loss is then
+    ``lam * CE(f(mixed), y) + (1 - lam) * CE(f(mixed), y[partner])``. Otherwise ``(images, identity, 1.0)``.
+    The box spans the last two dimensions (height, width). Details: docs/methods/rehearsal.md, "GDumb in
+    detail".
 
     Args:
         images: ``(N, ..., H, W)``; not modified.
@@ -102,88 +94,26 @@ class GDumb(BufferedSynapse):
     """GDumb, from Prabhu, Torr & Dokania 2020, "GDumb: A Simple Approach that Questions Our Progress in
     Continual Learning" (ECCV 2020).
 
-    GDumb learns nothing from the stream. It has two parts:
+    GDumb learns nothing from the stream: a greedy sampler offers every incoming item to a class-balanced
+    memory (:class:`~synapse.memory.ClassBalancedBuffer`), and at each :meth:`end_task` (or an explicit
+    :meth:`retrain`, e.g. on a task-free stream) the model is re-initialised and trained from scratch on the
+    memory alone, by SGD on the cross-entropy with the authors' schedule (:func:`gdumb_learning_rate`) and
+    defaults (their MNIST setting: 128 passes, no CutMix). With ``current_loss='method'`` (the paper)
+    :meth:`backward` stores the batch and adds no gradient, so ``optimizer.step()`` after
+    ``zero_grad()`` changes nothing (skip ``scaler.step`` there: it refuses an optimizer without
+    gradients). The retraining uses its own optimizer and GDumb's own generator (saved in the state
+    dict), and is trained on the union of the ranks' memories in a distributed run. What "from scratch"
+    means, the stream's steps, the schedule, the defaults' sources and the distributed costs:
+    docs/methods/rehearsal.md, "GDumb in detail".
 
-    * the **greedy sampler**: every incoming item is offered to a class-balanced memory of ``buffer_size``
-      items (:class:`~synapse.memory.ClassBalancedBuffer`; its docstring states the admission rule and its
-      one deviation from the paper's);
-    * the **dumb learner**: at inference, the model is trained *from scratch* on the memory alone, by
-      minibatch SGD on the plain cross-entropy ``(1/|M|) sum_{(x,y) in M} CE(f(x), y)``.
+    Deviations from the paper and the authors' code (each explained in the method page):
 
-    **When it retrains: at every task end.** The paper evaluates once, at the end, after training on the
-    final memory; the DER authors' port retrains after the last task only. Synapse retrains in
-    :meth:`end_task` (``retrain_on_task_end=True``), and the experiment program evaluates right after every
-    ``end_task``, so every evaluation sees a model trained from scratch on the memory as it is then: the
-    paper's "train at inference" at each evaluation. In your own loop call :meth:`retrain` yourself before
-    you evaluate (e.g. on a task-free stream, or with ``retrain_on_task_end=False``). The experiment program
-    has no task ends on its task-free stream, so the catalog marks GDumb as needing task boundaries
-    (``needs_task_boundaries``); nothing else in the method does.
-
-    **The stream's steps.** With ``current_loss='method'`` (the default, the paper) :meth:`backward` checks
-    its arguments, offers the batch to the memory and *does not backpropagate* ``loss``: it adds nothing to
-    any ``.grad`` and leaves them as they were (the loss's graph is freed with it). After the usual
-    ``optimizer.zero_grad()`` (``set_to_none=True``, PyTorch's default) every gradient is ``None``, and every
-    ``torch.optim`` optimizer skips such parameters, so ``optimizer.step()`` changes nothing, weight decay
-    and momentum included. With ``zero_grad(set_to_none=False)`` the gradients are zeros instead: plain SGD
-    still does nothing, but weight decay would shrink the weights and a momentum buffer or Adam's moments
-    from earlier steps would keep moving them (harmless to GDumb, whose retraining starts from scratch, but
-    the model is then not "untouched" between task ends). With a ``torch.amp.GradScaler`` in the loop,
-    ``scaler.step(optimizer)`` refuses an optimizer without gradients ("No inf checks were recorded"): skip
-    it with ``current_loss='method'``, there is nothing to step. With ``current_loss='user'`` the stream is
-    trained on as usual (the user's loss backpropagated, the scaler applied): not the paper, an option.
-
-    **The retraining** (:meth:`retrain`): re-initialise the model, then ``retrain_epochs`` epochs over the
-    memory, each in a fresh random order (the last batch may be short), with SGD (momentum
-    ``retrain_momentum``, weight decay ``retrain_weight_decay``), the gradient norm clipped to
-    ``retrain_clip_norm``, and the learning rate of :func:`gdumb_learning_rate` between ``retrain_lr`` and
-    ``retrain_min_lr``. The defaults are the authors' (``drimpossible/GDumb``, ``src/opts.py`` and
-    ``src/main.py``): SGD with momentum 0.9, weight decay 1e-6, batch 16, learning rate 0.05 down to 0.0005,
-    one warm-up epoch at 0.005, gradient norm clipped at 10; and their MNIST setting
-    (``scripts/replicate.sh``: an MLP, 128 passes over the memory, no cutmix). The DER authors' port
-    (``aimagelab/mammoth`` ``models/gdumb.py``) keeps ``maxlr 0.05``, ``minlr 5e-4`` and the schedule, with
-    256 ``fitting_epochs`` by default and cutmix off (``cutmix_alpha`` None) in its original version; its
-    ``utils/best_args.py`` has no GDumb entry.
-
-    * **From scratch** means: every submodule that has a ``reset_parameters()`` method gets it called
-      (``nn.Linear``, ``nn.Conv*``, normalisation layers, which also reset their running statistics,
-      embeddings, RNNs, ...), with randomness drawn from GDumb's own generator (torch's global RNG is left as
-      it was). Parameters of modules *without* ``reset_parameters()`` keep their trained values; GDumb warns
-      once, naming them. Pass ``reinitialize=fn`` to :meth:`retrain` (or to the constructor) to
-      re-initialise your own way (``fn(model)``, under the same seeded RNG), or ``False`` to fine-tune.
-    * **Order and seeds.** The epoch orders and the re-initialisation come from GDumb's own generator (seeded
-      from torch's global RNG at construction, saved in the state dict): a run is reproducible, and a
-      resumed run retrains bit-identically.
-    * **Your optimizer** is not touched: the retraining builds its own (``optimizer_factory``). The Parameter
-      objects stay the same, so your optimizer keeps working afterwards; with ``current_loss='user'`` its
-      momentum buffers still hold the pre-retraining trajectory (reset them if that matters to you).
-    * Gradients left by the retraining are cleared (``.grad = None``); the model is put back in the mode it
-      was in.
-    * **Distributed.** Each rank keeps its own memory of its own stream (``buffer_scope``); the retraining
-      runs through the (DDP-wrapped) model, so gradients are averaged over the ranks: the model is trained
-      on the union of their memories. The re-initialised weights are broadcast from rank 0, and the ranks
-      agree on the number of batches per epoch (the largest memory's); a rank with a smaller memory
-      revisits some of its items to fill it. Besides DDP's all-reduce at every step, a retraining costs one
-      all-reduce of the memory sizes and one broadcast per parameter and buffer.
-
-    **Deviations**, all named:
-
-    * The memory's admission bar is the largest class's count, not ``capacity / classes seen``
-      (:class:`~synapse.memory.ClassBalancedBuffer`); they agree whenever every class has its share.
-    * CutMix is off by default (``retrain_cutmix=0``): the GDumb authors use it (probability 0.5,
-      ``alpha = 1``) on CIFAR, SVHN and ImageNet, not on MNIST, this library's protocol; the DER authors'
-      port uses it by default (``cutmix_alpha 1.0``, 256 ``fitting_epochs``). ``retrain_cutmix=1.0,
-      retrain_epochs=256`` gives the port's retraining (:func:`cutmix`); the box is cut from the one model
-      input, which must be images ``(N, ..., H, W)``.
-    * The authors train in half precision (``model.half()``); here in the model's own dtype.
-    * The authors' code evaluates after every pass and reports the *best* test accuracy over the passes, a
-      choice made on the test set; here the model after the last epoch is the result.
-    * "From scratch" is PyTorch's default initialisation of each layer (``reset_parameters``); the
-      authors build a new network with its constructor's initialisation (the same for their MLP). A model
-      initialised otherwise (e.g. the experiment program's ``--init xavier``) is re-initialised with
-      PyTorch's defaults unless ``reinitialize`` says otherwise.
-    * With the experiment program's defaults, retraining happens at every task end (see above), not once.
-
-    The retraining reads the host freely (it is not the hot path); :meth:`backward` never does.
+    * The memory's admission bar is the largest class's count, not ``capacity / classes seen``.
+    * CutMix is off by default (the authors' MNIST setting); ``retrain_cutmix=1.0`` is theirs on images.
+    * Training runs in the model's own dtype, not half precision.
+    * The model after the last epoch is the result, not the best epoch on the test set.
+    * "From scratch" is each layer's ``reset_parameters()``, not the network's constructor.
+    * The experiment program retrains at every task end, not once at the end.
 
     Args:
         model: the model being trained (may be wrapped in DDP or ``torch.compile``).
@@ -317,11 +247,11 @@ class GDumb(BufferedSynapse):
     ) -> Optional[float]:
         """Re-initialise the model and train it on the memory alone (GDumb's learner).
 
-        Pending items enter the memory first (:meth:`~synapse.memory.ClassBalancedBuffer.flush`). Then, if
-        the memory holds anything: the model is re-initialised (``reinitialize``), and trained for ``epochs``
-        epochs, each over the memory in a fresh random order from GDumb's generator, in minibatches of
-        ``batch_size``, on the plain cross-entropy, in train mode; the gradient norm is clipped to
-        ``clip_norm`` before each step. Every argument left ``None`` takes the constructor's setting.
+        Pending items enter the memory first; if it holds anything, the model is re-initialised and
+        trained for ``epochs`` passes over the memory, each in a fresh random order, on the plain
+        cross-entropy, in train mode. Every argument left ``None`` takes the constructor's setting;
+        everything is checked (and the optimizer and scheduler built) before the model changes. Details:
+        docs/methods/rehearsal.md, "GDumb in detail".
 
         Args:
             epochs: passes over the memory.
@@ -335,15 +265,13 @@ class GDumb(BufferedSynapse):
             min_lr: the minimum of the paper's schedule (``retrain_min_lr``).
             clip_norm: clip the gradient norm to this before each step (``retrain_clip_norm``; 0: off).
             reinitialize: ``True``: call ``reset_parameters()`` on every submodule that has one (from
-                scratch; see the class docstring); ``False``: start from the current weights; a callable:
+                scratch; see the method page); ``False``: start from the current weights; a callable:
                 ``reinitialize(model)`` re-initialises the model your way. Randomness comes from GDumb's
                 generator in every case. ``None``: the constructor's ``reinitialize`` (``True`` by default).
 
         Returns:
             The last epoch's mean training loss over this rank's items, or ``None`` when the memory is
             empty (on every rank): nothing was changed then.
-
-        Everything is checked (and the optimizer and scheduler built) before the model changes.
 
         Example:
             >>> gdumb = GDumb(model, buffer_size=100, retrain_on_task_end=False)

@@ -38,12 +38,10 @@ class MIR(ER):
     runs the model on ``theta - virtual_lr * grad`` through ``torch.func.functional_call`` (no copy of the
     model), and the real update is one backward of the user's loss plus the replay cross-entropy. Synapse
     never sees the optimizer, so **set** ``virtual_lr`` **to your optimizer's learning rate**. Sampling,
-    storage and the state dict are ER's (``fused=False``). The steps, the authors' settings behind the
-    defaults and the normalisation layers: docs/methods/rehearsal.md, "MIR in detail".
-
-    The authors' code (``optimass/Maximally_Interfered_Retrieval``) draws the candidates from past tasks'
-    items only and, on MNIST, scores against the lowest loss seen: ``candidates='past_tasks'`` and
-    ``compare_to_old_logits=True`` do the same (both need :meth:`end_task` calls).
+    storage and the state dict are ER's (``fused=False``). ``candidates='past_tasks'`` and
+    ``compare_to_old_logits=True`` follow two rules of the authors' code (both need :meth:`end_task`
+    calls). The steps, the authors' settings behind the defaults, their two rules and the normalisation
+    layers: docs/methods/rehearsal.md, "MIR in detail".
 
     Deviations (each explained in the method page):
 

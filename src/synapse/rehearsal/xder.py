@@ -34,97 +34,28 @@ REVISIONS = ("2022", "2024")  # mammoth's xder_ce before and from commit b558503
 
 class XDER(DERpp):
     """X-DER, from Boschini et al. 2022, "Class-Incremental Continual Learning into the eXtended
-    DER-verse" (TPAMI), in the SimCLR-free form its authors ship as ``xder_ce`` in ``aimagelab/mammoth``
-    (``models/xder_ce.py``: "X-DER with cross-entropy on future heads").
+    DER-verse" (TPAMI), in the SimCLR-free form its authors ship as ``xder_ce`` in ``aimagelab/mammoth``.
 
     DER++ whose memory keeps learning: the logits stored with past items are rewritten with what the
-    model later learns about them (the "future past"), items are stored at the end of their task, with
-    the whole task's knowledge and a class-balanced share of the memory, and two margin constraints keep
-    the heads of past, present and future classes in order.
+    model later learns about them (:func:`~synapse.functional.xder_update_logits`), items are stored at
+    the end of their task (``end_task(data)`` is needed) in a class-balanced share of the memory, and two
+    margin constraints (:func:`~synapse.functional.head_margin_constraint`) keep the heads of past,
+    present and future classes in order. Heads come from the data: a class belongs to the task in which
+    it first appears. The model must output every class's logit from the start, at a fixed width. With
+    ``current_loss='method'`` the loss passed to :meth:`backward` is checked, then replaced by the
+    incoming batch's masked cross-entropy. ``revision`` picks mammoth's ``xder_ce`` before (``'2022'``,
+    the default) or from (``'2024'``, the Seq-MNIST preset's) its December 2024 rewrite. The variant, the
+    equations, the memory, the revisions and the defaults' source: docs/methods/rehearsal.md, "X-DER in
+    detail".
 
-    **Which variant, and why.** The paper's X-DER prepares the heads of future classes with a supervised
-    contrastive (SimCLR-style) loss on several augmented views of each input; the augmentations are the
-    training pipeline's, which Synapse does not own in the user's loop. The authors' other SimCLR-free
-    variant, ``xder_rpc``, replaces the model's classifier by a fixed regular-simplex one (Regular Polytope
-    Classifier), which changes the user's model. ``xder_ce`` needs neither: the future heads take part in
-    the incoming batch's softmax instead, so this class implements it, term for term. Not implemented: the
-    contrastive future-preparation term (``lambd``, ``simclr_*`` in mammoth's ``xder``) and the RPC head.
+    Deviations from the authors' code (each explained in the method page):
 
-    **Heads, from the data.** mammoth knows each task's class block in advance. Here a class belongs to
-    the task in which it first appears in a batch (``end_task`` counts the tasks): with ``t`` the current
-    task, ``P`` = classes first seen in tasks before ``t`` (past heads), ``N`` = classes first seen in ``t``
-    (present head), ``F`` = classes not seen yet (future heads), and ``h(y)`` = the classes of the task in
-    which ``y`` was first seen. The model must output every class's logit from the start (the future
-    heads), so its output width may not change. With ``f`` the model, ``(x, y)`` the incoming batch,
-    ``(x', y', z')`` and ``(x'', y'')`` two independent buffer minibatches with stored logits ``z'``::
-
-        L = CE_{not P}(f(x), y)                          present and future heads
-          + alpha * MSE(f(x'), z')                       all heads (DER)
-          + beta  * CE_{P}(f(x''), y'')                  past heads (DER++); all seen classes while P is empty
-          + eta   * FC + eta * PC
-        FC = mean_{r: v_r > 0} v_r,  v_r = max_{c in F} f_c(x_r) + m - max_{c in h(y_r)} f_c(x_r)
-             over the incoming rows and the distinct items of both buffer minibatches
-        PC = mean_{i: u_i > 0} u_i,  u_i = sg(max_{c in P} p_c(x_i)) + m - max_{c in N} p_c(x_i),
-             p = softmax of f(x) over P and N, sg = no gradient; only once P is not empty
-
-    ``CE_S`` is the cross-entropy with the softmax restricted to the columns ``S``
-    (:func:`~synapse.functional.asymmetric_cross_entropy`); the constraints are
-    :func:`~synapse.functional.head_margin_constraint`. With ``current_loss='user'`` the user's loss
-    replaces the first term (no masking of the incoming batch's softmax; not a variant of the paper).
-
-    **Memory.** ``U(z, o, y, M)`` is the update :func:`~synapse.functional.xder_update_logits`: the
-    columns ``M`` of stored logits ``z`` become the responses ``o``, scaled by
-    ``gamma * z[y] / max_M o`` when ``max_M o > z[y]`` so that the true class stays on top.
-
-    * During the first task the memory is a reservoir of the incoming batches with their logits, as in
-      DER++ (the authors' choice for ``xder_ce``); afterwards nothing is inserted during training.
-    * Each step from the second task on, every distinct replayed item of a past class is counted (``n``,
-      per slot) and, with probability ``1/n``, its logits become ``U(z', f(x'), y', not P)``: the present
-      and future heads take today's responses.
-    * ``end_task(data)`` (needed: ``needs_task_data``) then (1) empties the memory at the first task end,
-      or keeps the first ``floor(K / |seen|)`` items of each class at later ones (``K`` = the memory's
-      size), (2) fills the free slots with the task's first items of each class of ``N`` in ``data``'s
-      order, in equal quotas (the remainder, one each, to classes drawn at random), storing
-      ``z = U(o, o, y, P)``: their own outputs with the past heads damped, (3) rewrites every stored item
-      of a past class as ``z <- U(z, f(x), y, N)``: the just-learned classes' columns only, as ``xder_ce``
-      does (mammoth's ``xder`` rewrites the future heads there too), and (4) resets the counts. The
-      task-end forwards run as the authors' do: train mode, BatchNorm on batch statistics without
-      updating its running statistics, no gradient.
-
-    **Revisions.** mammoth rewrote ``xder_ce`` in December 2024 (commit ``b558503``); its
-    ``REPRODUCIBILITY.md`` marks ``xder_ce`` as not reproducing its paper's numbers before that commit and
-    as reproducing them from it. ``revision='2022'`` (the default) follows the code before it, as above.
-    ``revision='2024'`` follows the code from it: the incoming batch's cross-entropy spans the present
-    head only (``CE_{N}``: the future heads leave its softmax, so only ``FC``'s margin holds them down),
-    ``PC`` is dropped, the memory is not replayed during the first task (it still records a reservoir
-    there, which the first task end empties, as in both revisions), and the task end rewrites the present
-    and future heads of past items (``U(z, f(x), y, not P)``). On Seq-F-MNIST the 2022 rule leaves the
-    last task at 0 % Class-IL right after it is trained, the 2024 one at about a third, as the authors'
-    code does (``benchmarks/sidebyside.py``, whose lockstep also shows the last task's own steps agree
-    between the two: what differs is what the earlier tasks left, the future heads having been pushed
-    down by every step's softmax).
-
-    Defaults: mammoth's tuned ``xder_ce`` configuration (``models/config/xder_ce.yaml``, seq-cifar100,
-    buffer 500: ``alpha=0.3, beta=0.5, eta=5e-3``) with its parser's ``gamma=0.85, m=0.3``; mammoth has
-    no X-DER configuration for seq-mnist or seq-cifar10.
-
-    Deviations from the authors' code, all named:
-
-    * Heads come from the data as above. In a class-incremental stream this equals mammoth's fixed blocks
-      except that a class of the current task counts as future (in ``F``, not ``N``) until its first
-      batch; mammoth's present head spans the task's whole block from its first step. Streams in which a
-      class returns in a later task are outside the paper's setting; they run, with the returning class
-      added to the incoming batch's softmax (so its target is never masked out) and left out of ``PC``.
-    * Stored inputs are replayed as stored; mammoth re-augments buffer items with the training transform
-      at each replay and at the task-end update. Items stored at a task's end hold the inputs ``data``
-      gives (mammoth stores the non-augmented image but computes its logits on an augmented view).
-    * With ``fused=True`` both minibatches ride in the user's forward, so BatchNorm sees them together
-      with the batch (mammoth runs them separately); ``fused=False`` gives one separate forward of both.
-    * The task-end update forwards the memory in slot order, in chunks of ``data``'s first batch's size
-      (mammoth: a random order, chunks of its batch size); this matters only for BatchNorm's statistics.
-    * Updated logits that are not finite (``max_M o = 0`` with ``z[y] < 0`` divides by zero, in both
-      codes) are stored as 0, the memory's rule for any non-finite value.
-    * In a distributed run each rank keeps its own memory and tells heads from its own batches.
+    * Heads come from the data: a current-task class counts as future until its first batch.
+    * Replay is augmented only with ``replay_transform``; the task-end update forwards items as stored.
+    * With ``fused=True`` both minibatches ride in the user's forward (BatchNorm sees them together).
+    * The task-end update forwards the memory in slot order, in chunks of ``data``'s first batch's size.
+    * Non-finite updated logits are stored as 0.
+    * Distributed: each rank keeps its own memory and tells heads from its own batches.
 
     Args:
         model: the model being trained (may be wrapped in DDP or ``torch.compile``); it returns a
@@ -136,7 +67,8 @@ class XDER(DERpp):
         gamma: the memory update's rescaling factor, in ``(0, 1]``.
         eta: weight of both head constraints.
         m: their margin.
-        revision: ``'2022'`` or ``'2024'``: which of mammoth's two ``xder_ce`` codes to follow (see above).
+        revision: ``'2022'`` or ``'2024'``: which of mammoth's two ``xder_ce`` codes to follow (see the method
+            page).
         current_loss: ``'method'`` (the masked present-head cross-entropy replaces the loss passed to
             ``backward``, which is checked but not backpropagated) or ``'user'`` (keep the user's loss).
         fused: replay inside the user's forward (see :class:`~synapse.rehearsal.ER`).

@@ -39,10 +39,9 @@ class MAS(ImportancePenalty):
         model: the model being trained; its output must be a tensor (``(batch, ...)``).
         mas_lambda: strength ``lambda`` of eq. 4 (>= 0). Default 1: the authors' value for their object
             recognition experiments (their code: "In object recognition it was set to 1").
-        accumulate: how a task's importance joins the running one: ``"sum"`` (the authors' code,
-            ``Omega <- Omega + Omega_new``) or ``"average"`` (Avalanche's ``MASPlugin``,
-            ``Omega <- alpha Omega + (1 - alpha) Omega_new`` after the first task), which keeps the importance
-            from growing with the number of tasks.
+        accumulate: how a task's importance joins the running one: ``"sum"`` (the authors' code) or
+            ``"average"`` (Avalanche's running average, which does not grow with the number of tasks; the
+            reproduction's presets, see the method page).
         alpha: the running average's weight on the old importance, in ``[0, 1]`` (``accumulate="average"``
             only). Default 0.5: Avalanche's.
         task_end_batch: the task-end pass joins consecutive batches of the data into batches of up to this

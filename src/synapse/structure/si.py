@@ -43,8 +43,8 @@ class SI(Synapse):
         alpha: strength of the penalty (the paper's ``c``).
         xi: damping ``xi`` of the consolidation (> 0 avoids division by zero).
         checkpoint_per_steps: consolidate every this many ``backward`` calls.
-        path_integral: ``'observed'`` (default) measures ``delta_theta``; ``'sgd'`` assumes plain SGD and
-            uses ``-g * delta_theta = model_lr * g**2``, the approximation of some reference code.
+        path_integral: ``'observed'`` (default) measures ``delta_theta``; ``'sgd'`` assumes plain SGD at
+            ``model_lr`` (see the method page).
         scaler: a ``torch.amp.GradScaler`` for mixed precision; pass the unscaled loss to ``backward``.
 
     Example:
