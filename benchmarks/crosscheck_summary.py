@@ -54,7 +54,7 @@ TEXTS: Dict[str, Texts] = {
     "xder": Texts(
         "`XDER(revision='2024')` follows the authors' current `xder_ce` (from mammoth b558503); the Seq-MNIST "
         "preset uses it",
-        "`synapse.rehearsal.XDER`'s docstring; issue 23's notes (stop 25, X-DER)",
+        "docs/methods/rehearsal.md (X-DER in detail); issue 23's notes (stop 25, X-DER)",
     ),
     "gdumb": Texts(
         "`GDumb(retrain_cutmix=...)` and the port's 256 epochs; the Seq-MNIST preset uses them",
@@ -68,7 +68,7 @@ TEXTS: Dict[str, Texts] = {
     ),
     "mir": Texts(
         "`candidates='past_tasks'` and `compare_to_old_logits` (the authors' rules); the preset uses both",
-        "`synapse.rehearsal.MIR`'s docstring; issue 23's notes (MIR)",
+        "docs/methods/rehearsal.md (MIR); issue 23's notes (MIR)",
     ),
     "gem": Texts(
         "GEM unchanged (no defect); the protocol notes name the margin",

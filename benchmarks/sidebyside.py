@@ -461,7 +461,8 @@ def render(files: List[str]) -> str:
     lines += [
         "",
         "Revision 2022 follows mammoth's `xder_ce` before commit b558503 (December 2024), 2024 the code from it;",
-        "the differences are listed in `synapse.rehearsal.XDER`'s docstring. A `-` is a side not run in that file.",
+        "the differences are listed in docs/methods/rehearsal.md (X-DER in detail). A `-` is a side not run in "
+        "that file.",
     ]
     return "\n".join(lines)
 
