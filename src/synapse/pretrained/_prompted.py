@@ -1,5 +1,6 @@
 """The base of the prompt methods (L2P, DualPrompt): a frozen ViT whose forwards carry learned prompts, a
-head masked to the current task's classes, and the key-query pull, in one backward pass."""
+head masked to the current task's classes, and the key-query pull, in one backward pass; and what the prompt
+methods (CODA-Prompt too) declare and check alike."""
 
 from __future__ import annotations
 
@@ -11,14 +12,50 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._base import Synapse, TaskBatch
+from .._base import CURRENT_LOSS, Synapse, TaskBatch
 from .._model import distributed_world
-from .._validation import check_non_negative
+from .._validation import check_non_negative, check_positive_int
+from ..catalog import HParam
 from ..functional import asymmetric_cross_entropy
 from ._backbone import find_head, freeze_backbone, refuse_ddp_wrapped
 from ._prompt import Injection, PromptedViT, find_vit
 
-__all__ = ["PromptMethod", "average_over_ranks", "declare_parameter", "uniform_parameter"]
+__all__ = [
+    "CURRENT_LOSS_HPARAM",
+    "TRAIN_MASK_HPARAM",
+    "PromptMethod",
+    "average_over_ranks",
+    "check_bool",
+    "check_pool",
+    "declare_parameter",
+    "uniform_parameter",
+]
+
+# The loss options of the prompt methods' catalog entries (CODA-Prompt's train mask is always on: it has the
+# second only).
+TRAIN_MASK_HPARAM = HParam("train_mask", bool, True, "mask the logits of classes outside the current task")
+CURRENT_LOSS_HPARAM = HParam(
+    "current_loss",
+    str,
+    "method",
+    "'method': the masked cross-entropy replaces the loss passed to backward; 'user': keep it",
+    choices=CURRENT_LOSS,
+)
+
+
+def check_bool(name: str, value: object) -> None:
+    """Raise ``TypeError`` unless ``value`` is a bool (an int would pass for one in ``if`` tests)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
+def check_pool(pool_size: int, prompt_length: int, top_k: int) -> None:
+    """Check a pool of ``pool_size`` prompts of ``prompt_length`` tokens, ``top_k`` of them chosen per sample."""
+    check_positive_int("pool_size", pool_size)
+    check_positive_int("prompt_length", prompt_length)
+    check_positive_int("top_k", top_k)
+    if top_k > pool_size:
+        raise ValueError(f"top_k must be at most pool_size={pool_size}, got {top_k}")
 
 
 def uniform_parameter(*shape: int, device: torch.device) -> nn.Parameter:
@@ -80,8 +117,7 @@ class PromptMethod(Synapse):
         scaler: Optional[torch.amp.GradScaler] = None,
     ) -> None:
         check_non_negative("pull_constraint", pull_constraint)
-        if not isinstance(train_mask, bool):
-            raise TypeError(f"train_mask must be a bool, got {type(train_mask).__name__}")
+        check_bool("train_mask", train_mask)
         current_loss = self._check_current_loss(current_loss)
         refuse_ddp_wrapped(model, type(self).__name__)
         super().__init__(model, scaler=scaler)

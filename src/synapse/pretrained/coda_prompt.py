@@ -7,7 +7,7 @@ from typing import Any, Iterable, List, Mapping, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .._base import CURRENT_LOSS, Synapse, TaskBatch
+from .._base import Synapse, TaskBatch
 from .._classes import ClassHistory
 from .._validation import check_non_negative, check_positive_int
 from ..buffer import fresh_seed
@@ -23,7 +23,7 @@ from ..functional.coda import (
 from ._backbone import find_head, freeze_backbone
 from ._prompt import Injection, PromptedViT, find_vit
 from ._prompt_floor import PromptFloor
-from ._prompted import average_over_ranks, declare_parameter
+from ._prompted import CURRENT_LOSS_HPARAM, average_over_ranks, declare_parameter
 
 __all__ = ["CODAPrompt"]
 
@@ -370,13 +370,7 @@ register(
             HParam("num_tasks", int, 10, "tasks the pool is divided over (pool_size // num_tasks each)", low=1),
             HParam("prompt_layers", int, 5, "prefix in the first N blocks (the authors' blocks 0-4)", low=1),
             HParam("ortho_mu", float, 0.0, "weight of the orthogonality penalty (the authors' 0.0)", low=0.0),
-            HParam(
-                "current_loss",
-                str,
-                "method",
-                "'method': the masked cross-entropy replaces the loss passed to backward; 'user': keep it",
-                choices=CURRENT_LOSS,
-            ),
+            CURRENT_LOSS_HPARAM,
         ),
         toy="vit",
         harness_hparams={"pool_size": 10, "num_tasks": 5, "prompt_layers": 2},

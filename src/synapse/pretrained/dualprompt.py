@@ -7,13 +7,19 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .._base import CURRENT_LOSS
-from .._validation import check_non_negative, check_positive_int
+from .._validation import check_non_negative
 from ..catalog import HParam, MethodSpec, register
 from ..functional.prompts import key_pull, key_similarity, select_prompts
 from ._prompt import Injection
 from ._prompt_floor import PromptFloor
-from ._prompted import PromptMethod, uniform_parameter
+from ._prompted import (
+    CURRENT_LOSS_HPARAM,
+    TRAIN_MASK_HPARAM,
+    PromptMethod,
+    check_bool,
+    check_pool,
+    uniform_parameter,
+)
 
 __all__ = ["DualPrompt", "parse_layers"]
 
@@ -121,26 +127,18 @@ class DualPrompt(PromptMethod):
         current_loss: str = "method",
         scaler: Optional[torch.amp.GradScaler] = None,
     ) -> None:
-        check_positive_int("pool_size", pool_size)
-        check_positive_int("prompt_length", prompt_length)
-        check_positive_int("top_k", top_k)
+        check_pool(pool_size, prompt_length, top_k)
         check_non_negative("g_prompt_length", g_prompt_length)
         if isinstance(g_prompt_length, bool) or not isinstance(g_prompt_length, int):
             raise TypeError(f"g_prompt_length must be an int, got {g_prompt_length!r}")
-        if top_k > pool_size:
-            raise ValueError(f"top_k must be at most pool_size={pool_size}, got {top_k}")
         g_layers = parse_layers("g_prompt_layers", g_prompt_layers) if g_prompt_length else ()
         e_layers = parse_layers("e_prompt_layers", e_prompt_layers)
         if set(g_layers) & set(e_layers):
             both = sorted(set(g_layers) & set(e_layers))
             raise ValueError(f"a block takes the G-prompt or an E-prompt, not both: blocks {both} are in both")
-        for name, flag in (
-            ("batchwise_prompt", batchwise_prompt),
-            ("use_prompt_mask", use_prompt_mask),
-            ("shared_prompt_pool", shared_prompt_pool),
-        ):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+        check_bool("batchwise_prompt", batchwise_prompt)
+        check_bool("use_prompt_mask", use_prompt_mask)
+        check_bool("shared_prompt_pool", shared_prompt_pool)
         super().__init__(
             model,
             pull_constraint=pull_constraint,
@@ -259,14 +257,8 @@ register(
             HParam("batchwise_prompt", bool, True, "at test, every sample uses its batch's most frequent E-prompt"),
             HParam("use_prompt_mask", bool, True, "train task t on E-prompt t (task identity)"),
             HParam("shared_prompt_pool", bool, True, "a task starts its E-prompt as a copy of the previous task's"),
-            HParam("train_mask", bool, True, "mask the logits of classes outside the current task"),
-            HParam(
-                "current_loss",
-                str,
-                "method",
-                "'method': the masked cross-entropy replaces the loss passed to backward; 'user': keep it",
-                choices=CURRENT_LOSS,
-            ),
+            TRAIN_MASK_HPARAM,
+            CURRENT_LOSS_HPARAM,
         ),
         toy="vit",
         # Two E-prompts: the second task's first step copies the first into the second, which a test match may pick.

@@ -7,13 +7,11 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .._base import CURRENT_LOSS
-from .._validation import check_positive_int
 from ..catalog import HParam, MethodSpec, register
 from ..functional.prompts import key_pull, key_similarity, select_prompts
 from ._prompt import Injection
 from ._prompt_floor import PromptFloor
-from ._prompted import PromptMethod, uniform_parameter
+from ._prompted import CURRENT_LOSS_HPARAM, TRAIN_MASK_HPARAM, PromptMethod, check_bool, check_pool, uniform_parameter
 
 __all__ = ["L2P"]
 
@@ -95,13 +93,8 @@ class L2P(PromptMethod):
         current_loss: str = "method",
         scaler: Optional[torch.amp.GradScaler] = None,
     ) -> None:
-        check_positive_int("pool_size", pool_size)
-        check_positive_int("prompt_length", prompt_length)
-        check_positive_int("top_k", top_k)
-        if top_k > pool_size:
-            raise ValueError(f"top_k must be at most pool_size={pool_size}, got {top_k}")
-        if not isinstance(batchwise_prompt, bool):
-            raise TypeError(f"batchwise_prompt must be a bool, got {type(batchwise_prompt).__name__}")
+        check_pool(pool_size, prompt_length, top_k)
+        check_bool("batchwise_prompt", batchwise_prompt)
         if head_type not in HEAD_TYPES:
             raise ValueError(f"head_type must be one of {HEAD_TYPES}, got {head_type!r}")
         super().__init__(
@@ -163,16 +156,15 @@ register(
             HParam("top_k", int, 5, "prompts per sample (at most pool_size)", low=1),
             HParam("pull_constraint", float, 0.1, "weight of the key-query pull", low=0.0),
             HParam("batchwise_prompt", bool, True, "every sample uses its batch's most frequent prompts"),
-            HParam("head_type", str, "prompt", "head input: mean of the prompt tokens, or the model's pooling",
-                   choices=HEAD_TYPES),
-            HParam("train_mask", bool, True, "mask the logits of classes outside the current task"),
             HParam(
-                "current_loss",
+                "head_type",
                 str,
-                "method",
-                "'method': the masked cross-entropy replaces the loss passed to backward; 'user': keep it",
-                choices=CURRENT_LOSS,
+                "prompt",
+                "head input: mean of the prompt tokens, or the model's pooling",
+                choices=HEAD_TYPES,
             ),
+            TRAIN_MASK_HPARAM,
+            CURRENT_LOSS_HPARAM,
         ),
         toy="vit",
         # The head on the [CLS] token: a random tiny ViT's mean prompt token barely separates classes within
