@@ -117,6 +117,14 @@ def summarize(results: Dict[Row, List[Dict[str, Any]]]) -> Dict[Row, Dict[str, T
     return table
 
 
+def add_table_arguments(parser: Any, methods_help: str) -> None:
+    """The options of the scripts that run a table of rows over seeds: ``--seeds``, ``--workers`` and
+    ``--methods`` (its help ``methods_help``), in that order (the order of their ``--help``)."""
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--methods", nargs="+", default=None, help=methods_help)
+
+
 # ------------------------------------------------------------------------------------ pool and cache
 def run_jobs(work: Callable[[Any], Any], jobs: Sequence[Any], workers: int) -> Iterator[Any]:
     """``work(job)`` for every job, as they finish: ``workers`` spawned processes (one thread each is the

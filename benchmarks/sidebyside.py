@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from argparse import Namespace
@@ -46,7 +45,7 @@ from typing import Any, Dict, List, Optional, Tuple
 BENCHMARKS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCHMARKS)
 
-from _runner import ROOT, config_for, provenance, provenance_lines  # noqa: E402  (benchmarks/ is not a package)
+from _runner import ROOT, config_for, load_results, mean_std, provenance, provenance_lines  # noqa: E402  (benchmarks/ is not a package)
 
 # mammoth's models/config/xder_ce.yaml (seq-cifar100, buffer 500), with its parser's gamma.
 VALUES: Dict[str, Any] = {"lr": 0.03, "mb": 10, "alpha": 0.1, "beta": 0.5, "gamma": 0.85, "eta": 5e-3, "m": 0.1}
@@ -346,16 +345,9 @@ def gdumb_run(seed: int, buffer: int, setting: str) -> Dict[str, Any]:
 RESULTS = os.path.join(BENCHMARKS, "results")
 
 
-def _mean_std(values: List[float]) -> str:
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.1f}"
-
-
 def render(files: List[str]) -> str:
     """The page from raw result files (steps and accuracy modes' JSON), in the order given."""
-    loaded = []
-    for path in files:
-        with open(path) as f:
-            loaded.append((os.path.relpath(path, ROOT), json.load(f)))
+    loaded = load_results(files)
     machine, versions = provenance_lines([r.get("provenance") for _, r in loaded])
     commits = sorted({r["reference_commit"] for _, r in loaded if "reference_commit" in r})
     lines = [
@@ -416,7 +408,7 @@ def render(files: List[str]) -> str:
         for key in ("final", "last"):
             for side in ("synapse", "reference"):
                 got = [x[side]["final"] if key == "final" else x[side]["diagonal"][-1] for x in runs if side in x]
-                cells.append(_mean_std(got) if got else "-")
+                cells.append(mean_std(got) if got else "-")
         row = [
             r.get("values_name", "mammoth"),
             str(r["buffer"]),
@@ -440,7 +432,7 @@ def render(files: List[str]) -> str:
         ]
         for revision in ("2022", "2024"):
             runs = [x[revision] for x in r["seeds"].values()]
-            cells = [_mean_std([x[k] for x in runs]) for k in ("max_gap", "mean_last", "mean_others")]
+            cells = [mean_std([x[k] for x in runs]) for k in ("max_gap", "mean_last", "mean_others")]
             lines.append(f"| {revision} | " + " | ".join(cells) + " |")
     gdumb = [(path, r) for path, r in loaded if r["mode"] == "gdumb"]
     if gdumb:
@@ -456,7 +448,7 @@ def render(files: List[str]) -> str:
         ]
         for path, r in gdumb:
             runs = [x["synapse"] for x in r["seeds"].values()]
-            final, last = _mean_std([x["final"] for x in runs]), _mean_std([x["diagonal"][-1] for x in runs])
+            final, last = mean_std([x["final"] for x in runs]), mean_std([x["diagonal"][-1] for x in runs])
             lines.append(f"| {r['setting']} | {r['buffer']} | {' '.join(r['seeds'])} | {final} | {last} | `{path}` |")
     lines += [
         "",
@@ -572,8 +564,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         for side in ("synapse", "reference"):
             finals = [r[side]["final"] for r in result["seeds"].values() if side in r]
             if finals:
-                sd = statistics.stdev(finals) if len(finals) > 1 else 0.0
-                result[f"{side}_final"] = f"{statistics.mean(finals):.1f} ± {sd:.1f}"
+                result[f"{side}_final"] = mean_std(finals)
     write(json.dumps(result, indent=1), output)
 
 

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 BENCHMARKS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCHMARKS)
 
-from _runner import ROOT, config_for, provenance, provenance_lines  # noqa: E402  (benchmarks/ is not a package)
+from _runner import ROOT, config_for, mean_std, provenance, provenance_lines  # noqa: E402  (benchmarks/ is not a package)
 
 DATASET = "perm-fashion-mnist"
 
@@ -215,7 +215,6 @@ def render(results_dir: str) -> str:
     for (gamma, lr, _buffer), rs in sorted(groups.items()):
         for name, label in (("synapse", "Synapse"), ("reference", "authors")):
             finals = [100 * r[name]["final_average"] for r in rs]
-            sd = statistics.stdev(finals) if len(finals) > 1 else 0.0
             trained = [
                 statistics.mean(100 * r[name]["just_trained"][t] for r in rs)
                 for t in range(len(rs[0][name]["just_trained"]))
@@ -224,7 +223,7 @@ def render(results_dir: str) -> str:
             shr = [r[name]["median_shrink"] for r in rs if r[name]["median_shrink"] is not None]
             lines.append(
                 f"| {gamma:g} | {lr:g} | {label} | {', '.join(str(r['seed']) for r in rs)} | "
-                f"{statistics.mean(finals):.2f} ± {sd:.2f} | {' '.join(f'{a:.0f}' for a in trained)} | "
+                f"{mean_std(finals, 2)} | {' '.join(f'{a:.0f}' for a in trained)} | "
                 f"{100 * frac:.0f}% | {f'{statistics.median(shr):.2f}' if shr else 'n/a'} |"
             )
     lines += [
@@ -235,7 +234,6 @@ def render(results_dir: str) -> str:
         "and 0.5, which differ in nothing else, in both codes.",
     ]
     return "\n".join(lines) + "\n"
-
 
 
 def section(results_dir: str) -> str:

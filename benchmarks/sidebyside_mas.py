@@ -56,7 +56,6 @@ import glob
 import json
 import math
 import os
-import statistics
 import sys
 import time
 from types import SimpleNamespace
@@ -65,7 +64,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 BENCHMARKS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCHMARKS)
 
-from _runner import ROOT, config_for, provenance, provenance_lines  # noqa: E402  (benchmarks/ is not a package)
+from _runner import config_for, load_results, mean_std, provenance, provenance_lines  # noqa: E402  (benchmarks/ is not a package)
 
 RESULTS = os.path.join(BENCHMARKS, "results")
 ALPHA = 0.5  # MASPlugin's default alpha (its running average's weight on the old importance)
@@ -304,28 +303,19 @@ def _finite(values: Any) -> List[float]:
     return [v for v in values if v is not None and math.isfinite(v)] or [math.nan]
 
 
-def _mean_std(values: List[float]) -> str:
-    if not values:
-        return "-"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.2f}"
-
-
 def _side(runs: List[Dict[str, Any]], side: str, key: str) -> str:
     got = [r[side] for r in runs if side in r]
     values = [g[key] for g in got if key in g]
     if not values:
         return "-"
     diverged = sum(1 for g in got if g["diverged"] or (g["final_class_il"] <= 10.5 and key == "final_class_il"))
-    text = _mean_std(values)
+    text = mean_std(values, 2)
     return text + (f" ({diverged} of {len(got)} diverged)" if diverged and key == "final_class_il" else "")
 
 
 def render(results_dir: str = RESULTS) -> str:
     """The markdown section for REPRODUCIBILITY-crosscheck.md / -sidebyside.md from the raw results."""
-    loaded = []
-    for path in sorted(glob.glob(os.path.join(results_dir, "sidebyside_mas_*.json"))):
-        with open(path) as f:
-            loaded.append((os.path.relpath(path, ROOT), json.load(f)))
+    loaded = load_results(sorted(glob.glob(os.path.join(results_dir, "sidebyside_mas_*.json"))))
     machine, versions = provenance_lines([r.get("provenance") for _, r in loaded])
     commits = sorted({r["reference_commit"] for _, r in loaded})
     lines = [

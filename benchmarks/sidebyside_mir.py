@@ -46,7 +46,6 @@ import io
 import json
 import math
 import os
-import statistics
 import sys
 import time
 from argparse import Namespace
@@ -55,7 +54,7 @@ from typing import Any, Dict, List, Optional, Tuple
 BENCHMARKS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCHMARKS)
 
-from _runner import ROOT, config_for, provenance, provenance_lines  # noqa: E402  (benchmarks/ is not a package)
+from _runner import config_for, load_results, mean_std, provenance, provenance_lines  # noqa: E402  (benchmarks/ is not a package)
 
 RESULTS = os.path.join(BENCHMARKS, "results")
 LR, MB, CANDIDATES = 0.1, 10, 50  # the authors' Split-MNIST values (Scripts/ER_experiments.sh)
@@ -393,16 +392,9 @@ def compare_step(
 
 
 # -------------------------------------------------------------------------------------------------- render
-def _mean_std(values: List[float]) -> str:
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.1f}"
-
-
 def render(files: List[str]) -> str:
     """The markdown section from raw result files (steps and accuracy modes' JSON), in the order given."""
-    loaded = []
-    for path in files:
-        with open(path) as f:
-            loaded.append((os.path.relpath(path, ROOT), json.load(f)))
+    loaded = load_results(files)
     machine, versions = provenance_lines([r.get("provenance") for _, r in loaded])
     commits = sorted({r["reference_commit"] for _, r in loaded})
     lines = [
@@ -474,7 +466,7 @@ def render(files: List[str]) -> str:
         cells = []
         for g in groups.values():
             got = [x[arm]["final"] for x in g["seeds"].values() if arm in x]
-            cells.append(f"{_mean_std(got)} ({len(got)})" if got else "-")
+            cells.append(f"{mean_std(got)} ({len(got)})" if got else "-")
         lines.append(f"| {label(arm)} | " + " | ".join(cells) + " |")
     patches = sorted({arm.partition(" patched: ")[2] for arm in arms} - {""})
     lines += ["", "In parentheses: the number of seeds (each seed below)."]
