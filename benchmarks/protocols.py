@@ -38,6 +38,7 @@ from _runner import (  # noqa: E402  (benchmarks/ is not a package)
     ROOT,
     Cache,
     Row,
+    add_table_arguments,
     display_name,
     order_key,
     page_arguments,
@@ -489,14 +490,7 @@ def render(
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--protocols", nargs="+", default=list(BEST), choices=list(BEST))
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument(
-        "--methods",
-        nargs="+",
-        default=None,
-        help="only these rows: CLI names, plus sequential and joint; PROTOCOL:NAME for one protocol only",
-    )
+    add_table_arguments(p, "only these rows: CLI names, plus sequential and joint; PROTOCOL:NAME for one protocol only")
     p.add_argument(
         "--buffers",
         type=int,

@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _runner import (  # noqa: E402  (benchmarks/ is not a package)
     ROOT,
     Row,
+    add_table_arguments,
     config_for,
     display_name,
     presets,
@@ -296,14 +297,7 @@ def results_from_raw(raw: Dict[str, Any]) -> Dict[Row, List[Dict[str, Any]]]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="fashion-mnist", choices=sorted(PROTOCOL))
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument(
-        "--methods",
-        nargs="+",
-        default=None,
-        help="only these rows: the CLI's --synapse_type names, plus sequential and joint",
-    )
+    add_table_arguments(p, "only these rows: the CLI's --synapse_type names, plus sequential and joint")
     p.add_argument(
         "--buffers", type=int, nargs="+", default=None, help="only these buffer sizes (memoryless methods always run)"
     )
