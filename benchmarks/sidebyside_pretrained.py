@@ -75,7 +75,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 BENCHMARKS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCHMARKS)
@@ -742,6 +742,80 @@ class GradientRecorder:
         self.grads = {n: p.grad.clone() for n, p in self.model.named_parameters() if p.grad is not None}
 
 
+def exchanged_steps(
+    steps: List[Dict[str, Any]],
+    model: Any,
+    load: Callable[[Dict[str, Any]], None],
+    run_step: Callable[[Dict[str, Any], GradientRecorder], Dict[str, Any]],
+) -> List[Dict[str, Any]]:
+    """The authors' training step on each exchanged step, from the parameters Synapse had before it: ``load``
+    puts them in ``model``, then ``run_step(step, recorder)`` runs the authors' step with a
+    :class:`GradientRecorder` of ``model`` for its optimizer and returns what the step computed."""
+    records = []
+    for step in steps:
+        load(step["state"])
+        records.append(run_step(step, GradientRecorder(model)))
+    return records
+
+
+def _named_loader(model: Any) -> Callable[[Dict[str, Any]], None]:
+    """A function that copies a state (values by parameter name, any shape of the parameter's size) into
+    ``model``'s parameters of those names."""
+    import torch
+
+    def load(state: Dict[str, Any]) -> None:
+        with torch.no_grad():
+            for name, value in model.named_parameters():
+                if name in state:
+                    value.copy_(state[name].reshape(value.shape))
+
+    return load
+
+
+def _prompted_models(vit: Any, ex: Dict[str, Any], missing: List[str], **options: Any) -> Tuple[Any, Any]:
+    """l2p-pytorch's and dualprompt-pytorch's (one code base) prompted ``VisionTransformer`` at the exchange's
+    size, with the options both configs share and ``options``, holding the exchange's weights loaded through
+    its own ``checkpoint_filter_fn`` (``missing``: the parameters that leaves out, asserted), main.py's
+    ``--freeze`` parts frozen; and the frozen un-prompted model that gives the queries."""
+    hp = ex["values"]
+    prompted = vit.VisionTransformer(
+        num_classes=ex["classes"],
+        prompt_length=hp["prompt_length"],
+        embedding_key="cls",
+        prompt_init="uniform",
+        prompt_pool=True,
+        prompt_key=True,
+        pool_size=hp["pool_size"],
+        top_k=hp["top_k"],
+        batchwise_prompt=True,
+        prompt_key_init="uniform",
+        **options,
+        **ex["vit"],
+    )
+    left_out, _ = prompted.load_state_dict(vit.checkpoint_filter_fn(ex["weights"], prompted), strict=False)
+    assert sorted(left_out) == missing, left_out
+    original = vit.VisionTransformer(num_classes=ex["classes"], **ex["vit"])
+    original.load_state_dict(ex["weights"])
+    for p in original.parameters():
+        p.requires_grad = False
+    for n, p in prompted.named_parameters():
+        if n.startswith(L2P_FROZEN):
+            p.requires_grad = False
+    return prompted, original
+
+
+def _pull_step(output: Dict[str, Any], cross_entropy: Any, pull_constraint: float, recorder: Any) -> Dict[str, Any]:
+    """What one of l2p-pytorch's or dualprompt-pytorch's training steps computed, from its model's ``output``:
+    the prompt selection, the logits, the loss (the cross-entropy minus the pull term) and the gradients."""
+    loss = cross_entropy - pull_constraint * output["reduce_sim"]
+    return {
+        "selection": output["prompt_idx"].clone(),
+        "logits": output["logits"].detach().clone(),
+        "loss": loss.detach().clone(),
+        "grads": recorder.grads,
+    }
+
+
 def reference_l2p(path: str, ex: Dict[str, Any]) -> List[Dict[str, Any]]:
     """l2p-pytorch's ``train_one_epoch`` (engine.py) over each exchanged batch, one batch an epoch, from the
     prompts, keys and head Synapse had before that step; and its prompted model's test logits after each task.
@@ -755,30 +829,8 @@ def reference_l2p(path: str, ex: Dict[str, Any]) -> List[Dict[str, Any]]:
     vit = _import_reference(path, "vision_transformer")
     engine = _import_reference(path, "engine")
     hp = ex["values"]
-    prompted = vit.VisionTransformer(
-        num_classes=ex["classes"],
-        prompt_length=hp["prompt_length"],
-        embedding_key="cls",
-        prompt_init="uniform",
-        prompt_pool=True,
-        prompt_key=True,
-        pool_size=hp["pool_size"],
-        top_k=hp["top_k"],
-        batchwise_prompt=True,
-        prompt_key_init="uniform",
-        head_type="prompt",
-        use_prompt_mask=False,
-        **ex["vit"],
-    )
-    missing, _ = prompted.load_state_dict(vit.checkpoint_filter_fn(ex["weights"], prompted), strict=False)
-    assert sorted(missing) == ["prompt.prompt", "prompt.prompt_key"], missing
-    original = vit.VisionTransformer(num_classes=ex["classes"], **ex["vit"])
-    original.load_state_dict(ex["weights"])
-    for p in original.parameters():
-        p.requires_grad = False
-    for n, p in prompted.named_parameters():
-        if n.startswith(L2P_FROZEN):
-            p.requires_grad = False
+    missing = ["prompt.prompt", "prompt.prompt_key"]
+    prompted, original = _prompted_models(vit, ex, missing, head_type="prompt", use_prompt_mask=False)
     args = Namespace(
         distributed=False,
         epochs=1,
@@ -796,16 +848,9 @@ def reference_l2p(path: str, ex: Dict[str, Any]) -> List[Dict[str, Any]]:
         seen["masked_logits"], seen["cross_entropy"] = logits.detach().clone(), cross_entropy(logits, target)
         return seen["cross_entropy"]
 
-    def load(state: Dict[str, Any]) -> None:
-        with torch.no_grad():
-            for name, value in prompted.named_parameters():
-                if name in state:
-                    value.copy_(state[name].reshape(value.shape))
+    load = _named_loader(prompted)
 
-    out = []
-    for step in ex["steps"]:
-        load(step["state"])
-        recorder = GradientRecorder(prompted)
+    def run_step(step: Dict[str, Any], recorder: GradientRecorder) -> Dict[str, Any]:
         engine.train_one_epoch(
             prompted,
             original,
@@ -820,16 +865,9 @@ def reference_l2p(path: str, ex: Dict[str, Any]) -> List[Dict[str, Any]]:
             class_mask=ex["class_mask"],
             args=args,
         )
-        output = seen["output"]
-        loss = seen["cross_entropy"] - hp["pull_constraint"] * output["reduce_sim"]
-        out.append(
-            {
-                "selection": output["prompt_idx"].clone(),
-                "logits": output["logits"].detach().clone(),
-                "loss": loss.detach().clone(),
-                "grads": recorder.grads,
-            }
-        )
+        return _pull_step(seen["output"], seen["cross_entropy"], hp["pull_constraint"], recorder)
+
+    out = exchanged_steps(ex["steps"], prompted, load, run_step)
     evaluations = []
     for task, state in enumerate(ex["task_end_states"]):
         load(state)
@@ -860,17 +898,10 @@ def reference_dualprompt(path: str, ex: Dict[str, Any]) -> List[Dict[str, Any]]:
     def layers(text: str) -> List[int]:
         return [int(i) for i in text.split(",") if i.strip()]
 
-    prompted = vit.VisionTransformer(
-        num_classes=ex["classes"],
-        prompt_length=hp["prompt_length"],
-        embedding_key="cls",
-        prompt_init="uniform",
-        prompt_pool=True,
-        prompt_key=True,
-        pool_size=hp["pool_size"],
-        top_k=hp["top_k"],
-        batchwise_prompt=True,
-        prompt_key_init="uniform",
+    prompted, original = _prompted_models(
+        vit,
+        ex,
+        ["e_prompt.prompt", "e_prompt.prompt_key", "g_prompt"],
         head_type="token",
         use_prompt_mask=True,
         use_g_prompt=True,
@@ -881,17 +912,7 @@ def reference_dualprompt(path: str, ex: Dict[str, Any]) -> List[Dict[str, Any]]:
         e_prompt_layer_idx=layers(hp["e_prompt_layers"]),
         use_prefix_tune_for_e_prompt=True,
         same_key_value=False,
-        **ex["vit"],
     )
-    missing, _ = prompted.load_state_dict(vit.checkpoint_filter_fn(ex["weights"], prompted), strict=False)
-    assert sorted(missing) == ["e_prompt.prompt", "e_prompt.prompt_key", "g_prompt"], missing
-    original = vit.VisionTransformer(num_classes=ex["classes"], **ex["vit"])
-    original.load_state_dict(ex["weights"])
-    for p in original.parameters():
-        p.requires_grad = False
-    for n, p in prompted.named_parameters():
-        if n.startswith(L2P_FROZEN):  # main.py's --freeze default, the same as L2P's
-            p.requires_grad = False
     tasks = max(step["task"] for step in ex["steps"]) + 1
     args = Namespace(
         distributed=False,
@@ -927,11 +948,7 @@ def reference_dualprompt(path: str, ex: Dict[str, Any]) -> List[Dict[str, Any]]:
         seen["cross_entropy"] = cross_entropy(logits, target)
         return seen["cross_entropy"]
 
-    def load(state: Dict[str, Any]) -> None:
-        with torch.no_grad():
-            for name, value in prompted.named_parameters():
-                if name in state:
-                    value.copy_(state[name].reshape(value.shape))
+    load = _named_loader(prompted)
 
     def parameters() -> Dict[str, Any]:
         return {n: p.detach().clone() for n, p in prompted.named_parameters() if n in ex["task_end_states"][0]}
@@ -954,22 +971,14 @@ def reference_dualprompt(path: str, ex: Dict[str, Any]) -> List[Dict[str, Any]]:
     def train_task(model: Any, original_model: Any, criterion: Any, data_loader: Any, optimizer: Any, **kw: Any) -> Any:
         task = kw["task_id"]
         task_starts.append(parameters())  # after train_and_evaluate's copy into this task's E-prompt
-        for step in steps_of[task]:
-            load(step["state"])
-            recorder = GradientRecorder(prompted)
+
+        def run_step(step: Dict[str, Any], recorder: GradientRecorder) -> Dict[str, Any]:
             outputs.clear()
             train_one_epoch(model, original_model, criterion, [(step["x"], step["y"])], recorder, **kw)
-            output = outputs[-1]
-            loss = seen["cross_entropy"] - hp["pull_constraint"] * output["reduce_sim"]
-            records.append(
-                {
-                    "selection": output["prompt_idx"].clone(),
-                    "logits": output["logits"].detach().clone(),
-                    "loss": loss.detach().clone(),
-                    "grads": recorder.grads,
-                    "prefix_intact": prefix_intact(),
-                }
-            )
+            record = _pull_step(outputs[-1], seen["cross_entropy"], hp["pull_constraint"], recorder)
+            return {**record, "prefix_intact": prefix_intact()}
+
+        records.extend(exchanged_steps(steps_of[task], prompted, load, run_step))
         load(ex["task_last_states"][task])  # Synapse's parameters after the task's last step
         return {}
 
@@ -1095,21 +1104,23 @@ def reference_coda(path: str, ex: Dict[str, Any]) -> List[Dict[str, Any]]:
     evaluations: List[Dict[str, Any]] = []
     task_starts: List[Dict[str, Any]] = []
     per = hp["pool_size"] // hp["num_tasks"]
+
+    def run_step(step: Dict[str, Any], recorder: GradientRecorder) -> Dict[str, Any]:
+        network.train()
+        learner.optimizer = recorder
+        loss, _ = learner.update_model(step["x"], step["y"])
+        rows = slice(step["task"] * per, (step["task"] + 1) * per)  # the task's slice of components
+        grads = {
+            short: torch.stack([parameter(short, layer).grad[rows].clone() for layer in layers])
+            for short in CODA_PARTS.values()
+        }
+        grads.update({f"last.{n}": p.grad.clone() for n, p in network.last.named_parameters()})
+        return {"logits": seen["logits"], "loss": loss.detach().clone(), "grads": grads}
+
     for task in range(tasks):
         assert network.prompt.task_count == task
         set_task(task)
-        rows = slice(task * per, (task + 1) * per)
-        for step in [s for s in ex["steps"] if s["task"] == task]:
-            load(step["state"])
-            network.train()
-            learner.optimizer = GradientRecorder(network)
-            loss, _ = learner.update_model(step["x"], step["y"])
-            grads = {
-                short: torch.stack([parameter(short, layer).grad[rows].clone() for layer in layers])
-                for short in CODA_PARTS.values()
-            }
-            grads.update({f"last.{n}": p.grad.clone() for n, p in network.last.named_parameters()})
-            records.append({"logits": seen["logits"], "loss": loss.detach().clone(), "grads": grads})
+        records.extend(exchanged_steps([s for s in ex["steps"] if s["task"] == task], network, load, run_step))
         load(ex["task_last_states"][task])
         test = torch.cat(ex["test_inputs"][: task + 1])
         with torch.no_grad():
