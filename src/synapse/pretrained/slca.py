@@ -30,31 +30,25 @@ class SLCA(Synapse):
     """SLCA (Zhang et al. 2023, "SLCA: Slow Learner with Classifier Alignment for Continual Learning on a
     Pre-trained Model", ICCV; code: ``GengDavid/SLCA``).
 
-    **Slow learner.** The whole model trains, the backbone with a learning rate ``backbone_lr_scale`` times
-    the head's (the authors': 0.01, i.e. 1e-4 against 0.01). Your optimizer takes the two groups from
-    :meth:`param_groups`: ``torch.optim.SGD(slca.param_groups(0.01), momentum=0.9, weight_decay=5e-4)``.
-    ``backbone_lr_scale=0`` freezes the backbone (the authors' ``fix_bcb``).
+    Sequential fine-tuning of the whole model, made to work on a pretrained backbone by two changes: the
+    backbone learns ``backbone_lr_scale`` times slower than the head (your optimizer takes the two groups
+    from :meth:`param_groups`), and at each task end from the second on the head is realigned on features
+    drawn from per-class Gaussians of the head's input (:func:`~synapse.functional.align_classifier`).
+    :meth:`end_task` needs the finished task's un-augmented data. With ``current_loss='method'`` the loss
+    passed to :meth:`backward` is checked, then replaced by the cross-entropy over the current task's
+    classes. :meth:`predict` gives the logits with the classes not yet seen at ``-inf``. The equations,
+    the defaults' sources and the check against the authors' code: docs/methods/pretrained.md, "SLCA in
+    detail".
 
-    **The current task's loss.** With ``current_loss='method'`` (default) the loss passed to :meth:`backward`
-    is checked, then replaced by the cross-entropy of the same forward's logits over the classes of the
-    current task only (those seen in its batches so far), as the authors train the new task's head alone;
-    the other classes' logits get no gradient. ``'user'`` keeps your loss as it is. The model's head must
-    have one output per class of the whole run, built up front.
+    Deviations from the authors' code (each explained in the method page):
 
-    **Classifier alignment.** :meth:`end_task` needs the finished task's data (un-augmented, as the authors
-    take it: ``end_task(named_batches(loader))``). It runs the model in eval mode over it, and keeps, for
-    each class in it, the mean ``mu_c`` and covariance ``Sigma_c`` (+ ``covariance_ridge`` I) of the head's
-    input features, and the head's rows for the class as trained. From the second task end on, it then
-    retrains the head of every class seen on features drawn from ``N(s_c mu_c, Sigma_c)``
-    (:func:`~synapse.functional.align_classifier`): ``ca_epochs`` epochs of ``ca_samples`` draws per class,
-    SGD from those rows (``ca_lr``, ``ca_momentum``, ``ca_weight_decay``, cosine-annealed), on logits
-    divided by ``logit_norm`` times the mean of their per-task norms. ``s_c`` is the authors'
-    ``0.9 + 0.1 (t_c + 1) / (T + 1)`` (``mean_decay``). Only the head changes, and only its rows of the
-    classes seen; the draws come from the method's own generator. Without alignment (``ca_epochs=0``), the
-    task end puts back the earlier classes' rows as their tasks left them (``current_loss='method'``).
-
-    **Predictions.** :meth:`predict` gives the model's logits with the classes not yet seen at ``-inf``
-    (the authors' head has no rows for them).
+    * One head of every class, built up front; during a task earlier rows hold the last alignment's values.
+    * The current task's classes are those seen in its batches so far.
+    * A class's task is the task end that computed its statistics (the authors': ``class // task_size``).
+    * The logit norm averages over the tasks that have classes.
+    * The draws come from the method's CPU generator (the authors': torch's global RNG on the GPU).
+    * A class with one sample gets the covariance ``covariance_ridge * I`` (the authors': NaN).
+    * Distributed: the moments are summed over ranks; every rank takes rank 0's aligned head.
 
     Args:
         model: the pretrained model; its head (``model.get_classifier()`` or its last ``nn.Linear``) must
@@ -87,16 +81,6 @@ class SLCA(Synapse):
         ...     slca.end_task(named_batches([(x, y)]))
         >>> slca.predict(x=x).shape
         torch.Size([8, 4])
-
-    Deviations from the authors' code (each explained in docs/methods/pretrained.md):
-
-    * one head of every class, built up front: a class's rows start from the model's initialisation and are
-      masked out of the loss until its task (the authors add a freshly drawn head per task); during a task the
-      earlier classes' rows hold the last alignment's values, moved by the optimizer's weight decay;
-    * the current task's classes are those seen in its batches so far;
-    * the task of a class is the task end that computed its statistics (the authors' ``class // task_size``);
-    * the logit norm averages over the tasks that have classes;
-    * the draws come from the method's CPU generator (the authors': torch's global RNG on the GPU).
     """
 
     needs_task_data = True
