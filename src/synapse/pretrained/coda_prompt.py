@@ -34,31 +34,22 @@ class CODAPrompt(Synapse):
     """CODA-Prompt (Smith et al. 2023, "CODA-Prompt: COntinual Decomposed Attention-based Prompting for
     Rehearsal-Free Continual Learning", CVPR; code: ``GT-RIPL/CODA-Prompt``).
 
-    The backbone, a timm ``VisionTransformer``, is frozen; its first ``prompt_layers`` blocks get a prefix
-    (keys and values prepended to their attention's) built from a pool of ``pool_size`` prompt components
-    ``P_m`` (``prompt_length x D``), each with a key ``K_m`` and an attention vector ``A_m``. The query
-    ``q(x)`` is the frozen, un-prompted model's pre-logits (a no-grad forward), and per block
+    The backbone, a timm ``VisionTransformer``, is frozen; its first ``prompt_layers`` blocks get an
+    attention prefix assembled from a pool of prompt components, each weighted by the cosine of the
+    attended query (the un-prompted model's pre-logits) and its key. Each task trains its own slice of
+    ``pool_size // num_tasks`` components (and the head); :meth:`end_task` freezes it and initialises the
+    next by Gram-Schmidt against the earlier ones. With ``current_loss='method'`` the loss passed to
+    :meth:`backward` is checked, then replaced by the cross-entropy over the current task's classes.
+    Evaluate with :meth:`predict`; build the optimizer on :meth:`trainable_parameters` at each task, as the
+    authors do. The equations, the task ends, the authors' values and the check against their code:
+    docs/methods/pretrained.md, "CODA-Prompt".
 
-        ``alpha_m = cos(q * A_m, K_m)``,  ``p = sum_m alpha_m P_m``,
+    Deviations from the authors' code (each explained in the method page):
 
-    whose first half is the prefix keys, the second the prefix values. Each task trains its own slice of
-    ``pool_size // num_tasks`` components (and the model's head); at :meth:`end_task` that slice is frozen
-    and the next one is initialised by Gram-Schmidt against all earlier components; it joins the prediction at
-    the next task's first training forward (an evaluation right after ``end_task`` uses the components up
-    to the ended task's, as the authors', who draw the slice at the next task's start). The frozen components
-    are no parameters at all, so no optimizer can move them; the trained slice is the same three
-    parameters every task (:meth:`trainable_parameters`), re-initialised in place.
-
-    **The user's loss.** With ``current_loss='method'`` (default) the loss passed to :meth:`backward` is
-    checked, then replaced by the authors' masked cross-entropy on the outputs of your forward: the softmax
-    spans the classes of the current task (those seen since the last task end, this batch included), past
-    and unseen classes at ``-inf``. With ``'user'`` your loss is kept. ``ortho_mu > 0`` adds the
-    orthogonality penalty on the keys, attention vectors and components (the authors' final config uses 0).
-
-    Evaluate with :meth:`predict`: the prompted model's logits over the classes seen so far (``-inf``
-    elsewhere), as the authors restrict the head to the classes of the tasks so far. Build the optimizer
-    on :meth:`trainable_parameters` at each task, as the authors' learner does (Adam, lr 1e-3 on CIFAR-100).
-    Details, equations and the authors' values: docs/methods/pretrained.md, "CODA-Prompt".
+    * The current task's classes are those its batches have shown so far.
+    * The query is taken in eval mode (the same without dropout).
+    * The Gram-Schmidt draws come from the method's own generator; a zero-length component is skipped.
+    * After ``num_tasks`` task ends no components are left to train: ``backward`` then raises.
 
     Args:
         model: a timm ``VisionTransformer`` with a linear head (one output per class), or a model holding
@@ -84,15 +75,6 @@ class CODAPrompt(Synapse):
         >>> coda.end_task()
         >>> coda.predict(x=x).shape
         torch.Size([8, 10])
-
-    Deviations from the authors' code (each explained in the method page):
-
-    * the current task's classes are those its batches have shown so far, not the task's declared class
-      range;
-    * the query is taken in eval mode (the authors' runs in the model's mode; the same without dropout);
-    * the Gram-Schmidt draws come from the method's own generator, and an earlier component of zero length
-      is skipped (the authors' code draws again, forever);
-    * after ``num_tasks`` task ends no components are left to train: ``backward`` then raises.
     """
 
     requires_vit = True
