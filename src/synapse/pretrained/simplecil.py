@@ -20,19 +20,18 @@ class SimpleCIL(FrozenFeatureMethod):
     """SimpleCIL (Zhou et al. 2023, "Revisiting Class-Incremental Learning with Pre-Trained Models:
     Generalizability and Adaptivity are All You Need", IJCV 2024; code: ``zhoudw-zdw/RevisitingCIL``).
 
-    The backbone is frozen and nothing trains. Each class ``c`` is its prototype, the mean of the
-    features ``phi(x)`` of its training samples, and a sample is classified by the cosine similarity of its
-    features to the prototypes:
+    The backbone is frozen and nothing trains: each class is the mean of its samples' features (the input
+    of the model's head), streamed as per-class sums and counts on the device, and a sample is scored by
+    the cosine similarity of its features to each class mean. ``backward`` reads the features of the
+    forward that produced the loss and runs no backward pass; ``end_task`` is needed only in a distributed
+    run (it sums the ranks' statistics). The equations and the streaming: docs/methods/pretrained.md,
+    "SimpleCIL in detail".
 
-        ``p_c = (1 / n_c) sum_{i: y_i = c} phi(x_i)``,  ``score_c(x) = cos(phi(x), p_c)``.
+    Deviations from the authors' code (each explained in the method page):
 
-    The prototypes are accumulated as streams, on the device and without a host sync: per class the sum
-    of the features ``s_c`` and the count ``n_c`` (``index_add_``); ``p_c = s_c / n_c`` equals the batch
-    mean over every sample seen, in any order and batching. Because the statistics are sums, SimpleCIL
-    needs no task boundaries (``end_task`` is optional) and costs a forward per step.
-
-    ``phi`` is the input of the model's head (:func:`~synapse.pretrained._backbone.find_head`): a timm
-    ViT's pre-logits, a ResNet's pooled features, any model's last ``nn.Linear`` input.
+    * The prototypes come from the user's training forwards, not a task-end pass without augmentation.
+    * The scores are the cosine similarities, unscaled (no prediction changes).
+    * The paper's first-session adaptation (its ADAM variant, Aper) is not here.
 
     Args:
         model: the pretrained model; its head must be an ``nn.Linear`` with one output per class. Every
@@ -48,15 +47,6 @@ class SimpleCIL(FrozenFeatureMethod):
         >>> simplecil.backward(torch.nn.functional.cross_entropy(model(x), y), y, x=x)
         >>> simplecil.predict(x=x).shape
         torch.Size([8, 10])
-
-    Deviations from the authors' code:
-
-    * the prototypes come from the features of the user's training forwards (their augmentation, the
-      model in train mode), not from a separate pass over the task's data without augmentation at its end;
-    * the scores are the cosine similarities themselves (the authors' cosine classifier scales them,
-      which changes no prediction);
-    * the first-session adaptation of the paper's ADAM variant (Aper) is not part of SimpleCIL and is not
-      here.
     """
 
     def __init__(self, model: nn.Module, *, scaler: Optional[torch.amp.GradScaler] = None) -> None:
