@@ -37,24 +37,19 @@ class RanPAC(FrozenFeatureMethod):
     """RanPAC (McDonnell et al. 2023, "RanPAC: Random Projections and Pre-trained Models for Continual
     Learning", NeurIPS; code: ``RanPAC/RanPAC``).
 
-    The backbone is frozen. Its features ``phi(x)`` (the input of the model's head) go through a fixed
-    random projection ``W`` (``feature_dim x M``, entries ``N(0, 1)``, drawn once) and a ReLU,
-    ``h = ReLU(phi(x) W)``, and a ridge regression onto the one-hot targets ``y`` classifies them:
+    The backbone is frozen and nothing trains: its features (the input of the model's head) go through a
+    fixed random projection and a ReLU, and a ridge regression onto the one-hot targets classifies them,
+    solved at each :meth:`end_task` from Gram statistics streamed on the device, so the classifier never
+    forgets. With ``ridge=0`` the ridge is chosen at each task end from :data:`RIDGE_GRID` on held-out
+    rows (the last fifth of each batch). The equations, the held-out choice and its cost:
+    docs/methods/pretrained.md, "RanPAC in detail".
 
-        ``G = sum_i h_i h_i^T``  (M x M),   ``C = sum_i y_i h_i^T``  (classes x M),
-        ``W_o = C (G + lambda I)^-1``,        ``score(x) = W_o h(x)``.
+    Deviations from the paper and the authors' code (each explained in the method page):
 
-    ``G`` and ``C`` are sums over every sample seen, accumulated as streams on the device with no host
-    sync (one ``h^T h`` and one ``index_add_`` per step): they equal the batch Gram matrix and
-    class-feature product of all the data, whatever its order and batching, so the classifier never
-    forgets. The solve happens at each :meth:`end_task` (``W_o`` is what :meth:`predict` uses).
-
-    ``lambda``: with ``ridge=0`` (default) it is chosen at each task end from :data:`RIDGE_GRID` by the
-    squared error on held-out rows, as the paper does on an 80/20 split; here the last fifth of each
-    batch's rows (``batch // 5``) is held out into its own Gram statistics, so that the choice needs no
-    stored data: the held-out error of ``W(lambda)`` is ``tr(W G_v W^T) - 2 tr(W C_v^T) + const``, for every
-    ``lambda`` from one eigendecomposition of the fitting rows' ``G``. The final solve then uses all rows.
-    ``ridge > 0`` fixes ``lambda``.
+    * No first-session adaptation (the paper's Phase 1): the paper's "RanPAC without Phase 1" ablation.
+    * The ridge is chosen on held-out rows of all data so far, in closed form from their Gram statistics.
+    * The statistics come from the user's training forwards, not a separate pass over the task's data.
+    * Scores of classes never seen are ``-inf``.
 
     Args:
         model: the pretrained model; its head must be an ``nn.Linear`` with one output per class. Every
@@ -74,17 +69,6 @@ class RanPAC(FrozenFeatureMethod):
         >>> ranpac.end_task()
         >>> ranpac.predict(x=x).shape
         torch.Size([10, 10])
-
-    Deviations from the paper and the authors' code:
-
-    * no first-session adaptation: the paper's Phase 1 (parameter-efficient tuning of the backbone on the
-      first task, with adapters, SSF or VPT) is not done; the backbone stays as the user gives it. This is
-      the paper's "RanPAC without Phase 1" ablation;
-    * ``lambda`` is chosen on the last fifth of each batch's rows over all data so far, in closed form from
-      their Gram statistics; the authors choose it on a split of the current task's stored features;
-    * the statistics come from the features of the user's training forwards (their augmentation, the model
-      in train mode), not from a separate pass over the task's data;
-    * scores of classes never seen are ``-inf``.
     """
 
     acts_at_task_end = True  # the classifier is solved at task ends
