@@ -22,27 +22,22 @@ class L2P(PromptMethod):
     """L2P (Wang et al. 2022, "Learning to Prompt for Continual Learning", CVPR; code:
     ``JH-LEE-KR/l2p-pytorch``).
 
-    The backbone is frozen. A pool of ``pool_size`` prompts ``P_j`` (``prompt_length x D`` each) with keys
-    ``k_j`` (``D``) is learned. Each sample's query ``q(x)`` is the frozen, un-prompted model's pre-logits
-    ([CLS]); the ``top_k`` prompts whose keys are most cosine-similar to it are prepended to the patch
-    tokens (after [CLS]) and the model runs on ``[cls; P_{s_1}; ...; P_{s_N}; patches]``. With
-    ``head_type='prompt'`` the classifier reads the mean of the prompt tokens' outputs. The loss is
+    The backbone is frozen. A pool of ``pool_size`` prompts with keys is learned; each sample's query (the
+    frozen, un-prompted model's pre-logits) selects the ``top_k`` prompts of the most cosine-similar keys,
+    which are inserted after [CLS]; with ``head_type='prompt'`` the head reads the mean of the prompt
+    tokens' outputs. With ``current_loss='method'`` the loss passed to :meth:`backward` is checked, then
+    replaced by the cross-entropy masked to the current task's classes minus ``pull_constraint`` times the
+    key-query pull. Give the optimizer :meth:`trainable_parameters`; evaluate with ``predict`` or ``model``
+    in eval mode. The loss, the authors' values and training loop: docs/methods/pretrained.md, "Prompts:
+    L2P and DualPrompt".
 
-        ``L = CE(mask_t(f(x; P_s)), y) - lambda * (1/B) sum_i sum_{j in s_i} gamma(q(x_i), k_j)``
+    Deviations from the authors' code (each explained in the method page):
 
-    with ``mask_t`` keeping the logits of the current task's classes (``train_mask``) and ``lambda`` the
-    pull constraint. ``batchwise_prompt`` (the authors' config) gives every sample of a batch the
-    ``top_k`` prompts selected most often in it, at training and at test.
-
-    **The loss you pass.** With ``current_loss='method'`` (the default) the loss given to :meth:`backward`
-    is checked and then replaced by ``L`` on the outputs of the forward that produced it (it must be the
-    model's ``(batch, classes)`` logits); with ``'user'`` your loss stands in for the cross-entropy and the
-    pull term is added to it.
-
-    Give the optimizer :meth:`trainable_parameters` (prompts, keys, head); evaluate with
-    ``synapse.predict(x=x)`` or ``model(x)`` in eval mode (both select prompts by the query). The authors
-    train with Adam (lr ``0.03 * batch / 256``), clip the gradient norm at 1 and rebuild the optimizer at
-    each task: that part is your loop's.
+    * The query is the same model run without prompts (the authors build a second copy).
+    * ``train_mask`` masks the classes of the task's batches so far, not the task's full class list.
+    * On a tie in batch-wise counts the lower prompt index wins.
+    * Position dropout does not reach the prompt tokens (the authors' config has none).
+    * Every parameter but the head is frozen (the authors leave ``fc_norm``, an identity, trainable).
 
     Args:
         model: a timm ``VisionTransformer`` with a linear head of one output per class; every parameter
@@ -51,11 +46,13 @@ class L2P(PromptMethod):
         prompt_length: tokens per prompt (5).
         top_k: prompts per sample (5).
         pull_constraint: ``lambda``, the weight of the key-query pull (0.1).
-        batchwise_prompt: every sample of a batch uses the batch's most frequent prompts (True).
+        batchwise_prompt: every sample of a batch uses the batch's most frequent prompts, at training and at
+            test (True).
         head_type: ``'prompt'``: the head reads the mean of the prompt tokens' outputs (authors' config);
             ``'token'``: the model's own pooling ([CLS] for ``global_pool='token'``).
         train_mask: mask the logits of classes outside the current task in the loss (True).
-        current_loss: ``'method'`` or ``'user'`` (above).
+        current_loss: ``'method'`` (the method's loss replaces the one passed to ``backward``) or ``'user'``
+            (that loss stands in for the masked cross-entropy; the pull is added to it).
         scaler: a ``torch.amp.GradScaler`` for mixed precision; pass the unscaled loss to ``backward``.
 
     Example:
@@ -68,15 +65,6 @@ class L2P(PromptMethod):
         >>> l2p.backward(torch.nn.functional.cross_entropy(model(x), y), y, x=x)
         >>> l2p.last_selection.shape
         torch.Size([8, 5])
-
-    Deviations from the authors' code (docs/methods/pretrained.md):
-
-    * the query is the same model run without prompts (the authors build a second copy from the same weights);
-    * ``train_mask`` masks the classes of the task's batches so far, not the task's full class list;
-    * on a tie in batch-wise counts the lower prompt index wins (the authors' ``topk`` leaves it open);
-    * position dropout does not reach the prompt tokens (the authors' config has none);
-    * every parameter but the head is frozen (the authors leave ``fc_norm`` trainable; it is the identity
-      in their ViT-B/16).
     """
 
     def __init__(
