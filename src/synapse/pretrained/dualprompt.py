@@ -48,25 +48,23 @@ class DualPrompt(PromptMethod):
     Learning", ECCV; code: ``JH-LEE-KR/dualprompt-pytorch``).
 
     The backbone is frozen. Two kinds of prompts enter as prefix keys and values of the attention of chosen
-    blocks (prefix-tuning: block ``l`` attends over ``[P_k; K]`` and ``[P_v; V]``):
+    blocks: a G-prompt shared by every task, in ``g_prompt_layers``, and a pool of E-prompts with keys, in
+    ``e_prompt_layers``. Training on task ``t`` uses E-prompt ``t`` (task identity, ``use_prompt_mask``),
+    which starts as a copy of task ``t - 1``'s; at test each sample takes the E-prompt whose key is most
+    cosine-similar to its query (the un-prompted model's pre-logits). The loss is L2P's with the task's
+    E-prompt: with ``current_loss='method'`` it replaces the loss passed to :meth:`backward`, with
+    ``'user'`` that loss stands in for its cross-entropy. Give the optimizer :meth:`trainable_parameters`.
+    The prefixes, the loss, the authors' values and training loop: docs/methods/pretrained.md, "Prompts:
+    L2P and DualPrompt".
 
-    * the **G-prompt** ``g_l`` (``g_prompt_length`` tokens, keys and values), shared by every task, in the
-      blocks ``g_prompt_layers``;
-    * the **E-prompts** ``e_{j,l}`` (``prompt_length`` tokens), a pool of ``pool_size`` with keys ``k_j``, in
-      the blocks ``e_prompt_layers``. Training on task ``t`` uses E-prompt ``t`` (``use_prompt_mask``, task
-      identity); at test each sample takes the E-prompt whose key is most cosine-similar to its query
-      ``q(x)`` (the un-prompted model's pre-logits).
+    Deviations from the authors' code (each explained in the method page):
 
-    The loss is that of L2P with the task's E-prompt:
-    ``L = CE(mask_t(f(x; g, e_t)), y) - lambda (1/B) sum_i gamma(q(x_i), k_t)``. Each task's E-prompt starts
-    as a copy of the previous task's (``shared_prompt_pool``), made at the task's first training forward,
-    as the authors make it at the task's start: an evaluation right after :meth:`end_task` still sees the
-    next task's E-prompt untrained.
-
-    **The loss you pass** is replaced (``current_loss='method'``) or kept (``'user'``), as in
-    :class:`~synapse.pretrained.L2P`. Give the optimizer :meth:`trainable_parameters` (G-prompt,
-    E-prompts, keys, head); the authors use Adam (lr ``0.03 * batch / 256``), clip the gradient norm at 1 and
-    rebuild the optimizer at each task.
+    * The E-prompt's keys and values are its two halves for every sample (the authors' ``reshape`` mixes
+      the batch and key/value axes for batches of more than one).
+    * The query is the same model run without prompts (the authors build a second copy).
+    * ``train_mask`` masks the classes of the task's batches so far, not the task's full class list.
+    * On a tie in batch-wise counts the lower prompt index wins.
+    * Every parameter but the head is frozen (the authors leave ``fc_norm``, an identity, trainable).
 
     Args:
         model: a timm ``VisionTransformer`` with a linear head of one output per class, at least as deep
@@ -84,7 +82,8 @@ class DualPrompt(PromptMethod):
         shared_prompt_pool: a task's first training forward copies the previous task's E-prompt into its
             own (True).
         train_mask: mask the logits of classes outside the current task in the loss (True).
-        current_loss: ``'method'`` or ``'user'``.
+        current_loss: ``'method'`` (the method's loss replaces the one passed to ``backward``) or ``'user'``
+            (that loss stands in for the masked cross-entropy; the pull is added to it).
         scaler: a ``torch.amp.GradScaler`` for mixed precision; pass the unscaled loss to ``backward``.
 
     Example:
@@ -96,15 +95,6 @@ class DualPrompt(PromptMethod):
         >>> dual.backward(torch.nn.functional.cross_entropy(model(x), y), y, x=x)
         >>> dual.last_selection[0]  # task 0 trains E-prompt 0
         tensor([0])
-
-    Deviations from the authors' code (docs/methods/pretrained.md):
-
-    * the E-prompt's keys and values are its first and second halves for every sample: the authors'
-      ``reshape`` of ``(layers, 2, batch, ...)`` into ``(layers, batch, 2, ...)`` mixes the batch and
-      key/value axes for batches of more than one (``JH-LEE-KR/dualprompt-pytorch`` issue 8);
-    * the query is the same model run without prompts (the authors build a second copy);
-    * ``train_mask`` masks the classes of the task's batches so far, not the task's full class list;
-    * on a tie in batch-wise counts the lower prompt index wins.
     """
 
     acts_at_task_end = True  # a task end moves training to the next E-prompt
