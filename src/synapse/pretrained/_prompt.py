@@ -1,38 +1,11 @@
 """Learned prompts in the user's own timm ``VisionTransformer``, without the user editing the model.
 
 :class:`PromptedViT` hooks the model and, at each forward, asks its owner (a prompt method) what to inject,
-given the frozen model's own features of the batch (the *query*). Two kinds of injection, which may be
-combined:
-
-* **prompt tokens** (prompt-tuning, L2P): ``(batch, T, D)`` tokens inserted into the token sequence right
-  after the prefix tokens ([CLS], and register tokens if any) and before the patch tokens, as the L2P
-  authors' ``vision_transformer.py`` does (``[cls, prompts, patches]``). Each prompt token gets the
-  position embedding of the [CLS] token (the authors resize the pretrained position embedding by
-  repeating the [CLS] entry over the prompt positions). With ``pool_prompts`` the classifier's input is
-  the mean of the prompt tokens' outputs (after the final norm), the authors' ``head_type='prompt'``;
-  otherwise the model pools as it is configured.
-* **prefixes** (prefix-tuning, DualPrompt, CODA-Prompt): per chosen block, ``(batch or 1, P, D)`` keys and
-  values prepended to that block's attention keys and values (:func:`~synapse.functional.prefix_attention`).
-
-The query is :meth:`PromptedViT.query`: a ``no_grad`` forward of the un-prompted model in eval mode, giving
-the pre-logits (the normed [CLS] token for the usual ``global_pool='token'``), as the authors' separate
-``original_model`` gives them. It costs one plain no-grad forward.
-
-How the model is hooked (all removable with :meth:`PromptedViT.remove`):
-
-* a forward pre-hook on the model computes the query and asks for the injection; a forward hook ends it;
-* prompt tokens: a forward hook on ``patch_drop`` (what follows the position embedding); the pooled
-  prompts: a forward hook on ``norm`` keeps the sequence, a forward pre-hook on ``fc_norm`` pools it;
-* prefixes: the chosen blocks' ``attn`` get an instance ``forward`` that computes timm's ``Attention``
-  (``qkv``, ``q_norm``/``k_norm``, ``attn_drop``, ``norm``, ``gate``, ``proj``, ``proj_drop``, read from
-  the module) with the prefixes concatenated; without a prefix it runs the class's own ``forward``.
-
-Every hook reaches the injector through a weak reference and does nothing once it is gone, or in a deep
-copy of the model (whose patched attentions run their class's ``forward``).
-
-Embedding width, heads, head width and depth are read from the model: a 2-block ViT of width 32 works as
-ViT-B/16 does. A model that is not a timm ``VisionTransformer`` (no ``patch_embed``, ``blocks`` of
-``attn`` with a fused ``qkv``, ``forward_features``/``forward_head``) is refused with a ``TypeError``.
+given the query (:meth:`PromptedViT.query`: the un-prompted model's pre-logits, from a ``no_grad`` forward in
+eval mode): prompt tokens after the prefix tokens (L2P), attention prefixes in chosen blocks (DualPrompt,
+CODA-Prompt), or both. Every hook is removable (:meth:`PromptedViT.remove`) and inert in a deep copy; a
+model that is not a timm ``VisionTransformer`` is refused with a ``TypeError``. Where each hook sits and
+why: docs/methods/pretrained.md, "How the model is hooked".
 """
 
 from __future__ import annotations
