@@ -332,6 +332,7 @@ def summary_checks(results: Dict[Job, Any]) -> crosscheck_summary.Checks:
         partial(_diverged, chance=pair.chance),
         None if steps is None else (int(steps[0]), float(steps[1])),
         None if qp is None else max(row[1] for row in qp["qp"].values()),
+        seeds,
     )
 
 

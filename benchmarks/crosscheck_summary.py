@@ -76,7 +76,7 @@ TEXTS: Dict[str, Texts] = {
     ),
     "derpp-360": Texts(
         "nothing changed: no defect found; the first batches and initial weights decide a seed",
-        "issue 14's and issue 23's notes (DER++ on fashion-mnist-360); no mammoth run on the stream",
+        "issue 14's and issue 23's notes (DER++ on fashion-mnist-360)",
     ),
     "der-domain": Texts(
         "presets' `tuned` blocks: values chosen on a validation split (10% of the training images), rendered "
@@ -345,25 +345,49 @@ class Checks(NamedTuple):
     diverged: Callable[[float], bool]
     derpp_steps: Optional[Tuple[int, float]]
     gem_qp_worst: Optional[float]
+    derpp_seeds: Sequence[int] = ()  # the seeds of the DER++ stream pair's lists
 
 
 NO_CHECKS = Checks([], [], lambda v: False, None, None)
 
 
 def derpp_stream_row(results_dir: str, checks: Checks) -> Row:
-    """DER++ on the task-free stream: Synapse against the plain re-implementation (no authors' run), with the
-    seed-0 divergence traced."""
-    a, b = checks.derpp_synapse, checks.derpp_plain
+    """DER++ on the task-free stream: Synapse against mammoth's ``Derpp`` (``sidebyside_derpp360.py``), with
+    the plain re-implementation as context and the seed-0 divergence traced."""
+    import sidebyside_derpp360 as derpp360
 
-    def runs(values: List[float]) -> str:
-        bad = sum(map(checks.diverged, values))
+    a, b = checks.derpp_synapse, checks.derpp_plain
+    seeds, side, side_files = derpp360.stream_runs(results_dir)
+    ours, theirs = ([r["final"] for r in side[s]] for s in derpp360.SIDES)
+    plain = dict(zip(checks.derpp_seeds, b))
+
+    def runs(values: List[float], bad: Optional[int] = None) -> str:
+        bad = sum(map(checks.diverged, values)) if bad is None else bad
         return (
             f"{statistics.mean(values):.1f} over {len(values)} seeds, {bad} diverged"
             if values
             else "not in this render"
         )
 
+    authors = (
+        f"mammoth `Derpp`, {runs(theirs, sum(r['diverged'] for r in side['reference']))}"
+        if theirs
+        else "not run (no mammoth run on the stream)"
+    )
     finding = []
+    paired = [(seed, final) for seed, final in zip(seeds, theirs) if seed in plain]
+    if paired:
+        same = sum(final == plain[seed] for seed, final in paired)
+        finding.append(
+            f"mammoth's final accuracy equals the plain loop's on {same} of {len(paired)} seeds (both draw from "
+            "numpy, seeded alike, in the same order)"
+        )
+    for path, seed, run in derpp360.lockstep_runs(results_dir):
+        worst = max(row["relative_grad_diff"] for row in run["steps"])
+        first = run["first_difference"]
+        where = "none differs" if first is None else f"first differs at step {first['step'] + 1}"
+        finding.append(f"seed {seed}: {len(run['steps'])} lockstep steps with mammoth's `Derpp`, {where} ({worst:.1e})")
+        side_files.append(path)
     if checks.derpp_steps is not None:
         done, worst = checks.derpp_steps
         finding.append(
@@ -385,12 +409,12 @@ def derpp_stream_row(results_dir: str, checks: Checks) -> Row:
         "DER++ (stream)",
         "fashion-mnist-360, buffer 500, the authors' MNIST-360 values (lr 0.2)",
         runs(a),
-        "not run (no mammoth run on the stream). Standing instead: a plain re-implementation of the authors' "
-        f"step, {runs(b)}",
+        f"{authors}. For context, a plain re-implementation of the authors' step: {runs(b)}",
         "; ".join(finding),
         TEXTS["derpp-360"].done,
-        f"not shown (no authors' number); level with the plain loop, all seeds: {versus(a, b)}",
-        ("benchmarks/results/crosscheck_runs.jsonl",) + tuple(p for p, _ in traces),
+        (f"level with the authors' code, all seeds: {versus(ours, theirs)}; " if theirs else "")
+        + f"level with the plain loop, all seeds: {versus(a, b)}",
+        ("benchmarks/results/crosscheck_runs.jsonl", *side_files) + tuple(p for p, _ in traces),
     )
 
 

@@ -66,13 +66,14 @@ def values_for(name: str, buffer: int) -> Dict[str, Any]:
 PER_TASK = 2  # Seq-F-MNIST: five tasks of two classes
 
 
-def load_reference(path: str) -> Any:
-    """mammoth's ``XDerCe`` class from the checkout at ``path``, built without its optimizer (the loop
-    passes the experiment's)."""
+def load_reference(path: str, module: str = "xder_ce", name: str = "XDerCe") -> Any:
+    """mammoth's model class ``name`` (``models/<module>.py``) from the checkout at ``path``, built without
+    its optimizer (the loop passes the experiment's)."""
+    import importlib
     import types
 
     # mammoth's ``datasets`` package imports every dataset module on import, and some fetch CLIP weights
-    # from the network; ``xder_ce`` is given its dataset, so an empty stand-in package serves.
+    # from the network; the model is given its dataset, so an empty stand-in package serves.
     stand_in = types.ModuleType("datasets")
     stand_in.get_dataset = lambda args: None  # type: ignore[attr-defined]
     stand_in.get_dataset_names = stand_in.get_dataset_config_names = lambda *a, **k: []  # type: ignore[attr-defined]
@@ -81,12 +82,13 @@ def load_reference(path: str) -> Any:
     sys.path.insert(0, os.path.abspath(path))
     try:
         from models.utils.continual_model import ContinualModel
-        from models.xder_ce import XDerCe
+
+        cls = getattr(importlib.import_module(f"models.{module}"), name)
     finally:
         os.chdir(here)  # mammoth's models package changes the working directory to its checkout
 
     ContinualModel.get_optimizer = lambda self: None  # the experiment's optimizer is set after construction
-    return XDerCe
+    return cls
 
 
 class TaskData:

@@ -94,3 +94,22 @@ def test_the_committed_page_is_the_render_of_the_committed_raw_results(tmp_path)
     cache = os.path.join(ROOT, "benchmarks", "results", "crosscheck_runs.jsonl")
     assert crosscheck.main([*argv, "--render-only", "--cache", cache, "--output", str(out)]) == 0
     assert out.read_text() == page
+
+
+def test_derpp_stream_row_reads_mammoths_runs_and_pairs_them_with_the_plain_loop(tmp_path):
+    def run(final, diverged=False):
+        return {"final": final, "diverged": diverged}
+
+    seeds = {
+        "0": {"synapse": run(20.0), "reference": run(10.0, True)},
+        "1": {"synapse": run(30.0), "reference": run(41.0)},
+    }
+    _write(tmp_path / "sidebyside_derpp360.json", {"mode": "accuracy", "seeds": seeds})
+    trace = {"row": {"seed": 1}, "events": {"non_finite": None}, "window": [{"weight_max": 3.0}]}
+    _write(tmp_path / "diverge_trace_derpp_360_b500_s1.json", trace)
+    checks = summary.Checks([20.0, 30.0], [10.0, 40.0], lambda v: v < 11.2, None, None, [0, 1])
+    row = summary.derpp_stream_row(str(tmp_path), checks)
+    assert row.authors.startswith("mammoth `Derpp`, 25.5 over 2 seeds, 1 diverged. For context, a plain")
+    assert row.finding.startswith("mammoth's final accuracy equals the plain loop's on 1 of 2 seeds")
+    assert row.status.startswith("level with the authors' code, all seeds: within seed noise (-0.5)")
+    assert any(p.endswith("sidebyside_derpp360.json") for p in row.sources)
