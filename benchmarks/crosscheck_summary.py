@@ -58,8 +58,7 @@ TEXTS: Dict[str, Texts] = {
     ),
     "gdumb": Texts(
         "`GDumb(retrain_cutmix=...)` and the port's 256 epochs; the Seq-MNIST preset uses them",
-        "issue 23's notes (stop 25, GDumb): mammoth's `gdumb` was not driven (its buffer differs, and it "
-        "retrains only after the last task)",
+        "REPRODUCIBILITY-sidebyside.md, GDumb against mammoth's `GDumb` (`benchmarks/sidebyside_gdumb.py`)",
     ),
     "mas": Texts(
         "`MAS(accumulate='average', alpha=0.5)`, Avalanche's running average; the presets use it, λ chosen on a "
@@ -168,22 +167,40 @@ def xder_row(results_dir: str) -> Row:
 
 
 def gdumb_row(results_dir: str) -> Row:
-    """GDumb: Synapse with the DER authors' port's retraining against the GDumb authors' (no authors' run)."""
-    loaded = [(p, r) for p, r in _files(results_dir, "sidebyside_gdumb_*.json") if r["mode"] == "gdumb"]
-    by = {(r["setting"], r["buffer"]): _finals(list(r["seeds"].values()), "synapse") for _, r in loaded}
-    ours = [f"{setting}'s retraining, buffer {buffer}: {cell(v)}" for (setting, buffer), v in sorted(by.items())]
-    port, paper = by.get(("port", 500), []), by.get(("paper", 500), [])
-    gain = versus(port, paper) if port and paper else "not run"
+    """GDumb at the preset against mammoth's ``GDumb`` (``sidebyside_gdumb.py``), per buffer; Synapse with the
+    port's optimizer as the finding."""
+    import sidebyside_gdumb as gdumb
+
+    finals, files = gdumb.summary(results_dir)
+    if not finals:
+        raise FileNotFoundError(f"no raw results {gdumb.PATTERN} in {results_dir}")
+    ours, theirs, finding, status = [], [], [], []
+    for buffer, by in sorted(finals.items()):
+        preset, ref, port = by.get("preset", []), by.get("mammoth", []), by.get("port-optimizer", [])
+        ours.append(f"buffer {buffer}: {cell(preset)}")
+        theirs.append(f"buffer {buffer}: {cell(ref)}")
+        status.append(f"buffer {buffer}: {versus(preset, ref)}")
+        if port:
+            finding.append(f"buffer {buffer}: {cell(port)}, {versus(port, ref)}")
+    # Synapse alone (``sidebyside.py gdumb``): the port's retraining against the GDumb paper's.
+    alone = [(p, r) for p, r in _files(results_dir, "sidebyside_gdumb_*.json") if r["mode"] == "gdumb"]
+    settings = {r["setting"]: _finals(list(r["seeds"].values()), "synapse") for _, r in alone if r["buffer"] == 500}
+    versus_paper = ""
+    if settings.get("port") and settings.get("paper"):
+        gain = versus(settings["port"], settings["paper"])
+        versus_paper = f". Synapse, the port's retraining against the paper's, buffer 500: {gain}"
     return Row(
         "GDumb",
-        "Seq-F-MNIST",
+        "Seq-F-MNIST, the preset (the port's 256 epochs and CutMix); mammoth `gdumb` at its defaults",
         "; ".join(ours),
-        "not run: the DER authors' port was not driven. Standing instead: Synapse with the port's retraining "
-        "(256 epochs, CutMix) against the GDumb paper's (128, none)",
-        "none (no lockstep run)",
+        "mammoth `GDumb`, " + "; ".join(theirs),
+        "no lockstep run (the memories differ: mammoth's is a reservoir). Synapse with the port's retraining "
+        f"optimizer ({', '.join(f'{k} {v:g}' for k, v in gdumb.PORT_OPTIMIZER.items())}) against mammoth: "
+        + "; ".join(finding)
+        + versus_paper,
         TEXTS["gdumb"].done,
-        f"not shown (no authors' number); the port's retraining against the paper's, buffer 500: {gain}",
-        tuple(p for p, _ in loaded),
+        "level with the authors' code: " + "; ".join(status),
+        tuple(dict.fromkeys([*files, *(p for p, _ in alone)])),
     )
 
 

@@ -22,7 +22,7 @@ Modes:
   starts from.
 - ``gdumb``: Synapse's GDumb at the reproduction's preset, with the GDumb authors' MNIST retraining
   (``--gdumb paper``: 128 epochs, no CutMix) or the DER authors' port's (``--gdumb port``: 256 epochs, CutMix
-  with alpha 1). Synapse only: the port is not driven here (yet).
+  with alpha 1). Synapse only; the port itself runs in ``benchmarks/sidebyside_gdumb.py``.
 - ``render``: ``REPRODUCIBILITY-sidebyside.md`` from the committed raw results (``--results``; no run).
 - ``accuracy``: whole runs, per seed: Synapse's CLI experiment, and mammoth's ``XDerCe`` driven by a loop
   over the same batches (mammoth's ``end_task`` sees the task's items in the order Synapse's ``end_task``
@@ -334,11 +334,12 @@ GDUMB = {
 }
 
 
-def gdumb_run(seed: int, buffer: int, setting: str) -> Dict[str, Any]:
+def gdumb_run(seed: int, buffer: int, setting: str, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Synapse's GDumb at the preset with ``setting``'s retraining (and ``extra`` method values over it)."""
     from synapse.experiments import presets
     from synapse.experiments.run import Experiment
 
-    hp = {**presets.values("gdumb", "seq-mnist", buffer), **GDUMB[setting]}
+    hp = {**presets.values("gdumb", "seq-mnist", buffer), **GDUMB[setting], **(extra or {})}
     cfg = config_for("fashion-mnist", "gdumb", buffer, seed, hp=hp, threads=1)
     return outcome(Experiment(cfg).run()["accuracy_matrix"]["class_il"])
 
@@ -348,8 +349,9 @@ RESULTS = os.path.join(BENCHMARKS, "results")
 
 
 def render(files: List[str]) -> str:
-    """The page from raw result files (steps and accuracy modes' JSON), in the order given."""
-    loaded = load_results(files)
+    """The page from raw result files (steps and accuracy modes' JSON), in the order given; other scripts'
+    files (``sidebyside_gdumb_ref_*``: their own sections) are left out."""
+    loaded = [(p, r) for p, r in load_results(files) if r["mode"] in ("steps", "accuracy", "heads", "gdumb")]
     machine, versions = provenance_lines([r.get("provenance") for _, r in loaded])
     commits = sorted({r["reference_commit"] for _, r in loaded if "reference_commit" in r})
     lines = [
