@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _runner import ROOT, Cache, display_name, provenance, provenance_lines, run_jobs  # noqa: E402
+from _runner import ROOT, Cache, display_name, mean_std, provenance, provenance_lines, run_jobs  # noqa: E402
 from synapse import catalog  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -375,7 +375,7 @@ def overall_accuracy(result: Dict[str, Any], counts: Optional[List[int]] = None)
 
 def _stat(values: List[float]) -> str:
     v = [100 * x for x in values]
-    return f"{statistics.mean(v):.2f} ± {statistics.stdev(v):.2f}" if len(v) > 1 else f"{v[0]:.2f}"
+    return mean_std(v, digits=2) if len(v) > 1 else f"{v[0]:.2f}"
 
 
 def table(
