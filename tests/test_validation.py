@@ -48,3 +48,36 @@ def test_load_state_dict_of_another_method_is_refused():
     er, si = ER(mlp()), SI(mlp())
     with pytest.raises(ValueError, match="SI"):
         er.load_state_dict(si.state_dict())
+
+
+def test_class_indices_are_checked_on_the_cpu_and_at_the_first_step_elsewhere():
+    from synapse._validation import check_class_indices
+
+    check_class_indices(torch.tensor([0, 9]), 10, first_step=False)
+    check_class_indices(torch.tensor([], dtype=torch.long), 10, first_step=True)  # nothing to read
+    with pytest.raises(ValueError, match=r"class indices in \[0, 10\).*got values in \[-1, 10\]"):
+        check_class_indices(torch.tensor([-1, 10]), 10, first_step=False)
+    # Off the CPU the range is read (a host sync) at the first step only: a meta tensor has no values to read.
+    meta = torch.empty(4, dtype=torch.long, device="meta")
+    check_class_indices(meta, 10, first_step=False)
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        check_class_indices(meta, 10, first_step=True)
+
+
+def test_every_method_refuses_an_empty_batch_clearly_or_takes_it():
+    """An empty batch either trains as one (the methods that need no row) or is refused with a ValueError that
+    names the method: never a shape error from deep inside."""
+    from synapse import catalog, testing
+
+    for spec in catalog.specs():
+        toy = testing.toy_for(spec)
+        torch.manual_seed(0)
+        model = toy.model()
+        method = spec.create(model, dict(spec.harness_hparams), buffer_size=20)
+        x, y = toy.batches(1)[0]
+        x, y = x[:0], y[:0]
+        loss = F.cross_entropy(model(x), y)
+        try:
+            method.backward(loss, y, **{toy.input_name: x})
+        except ValueError as error:
+            assert "non-empty batch" in str(error) and spec.display_name.split()[0] in str(error), spec.name

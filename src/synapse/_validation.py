@@ -62,6 +62,24 @@ def check_targets_and_inputs(targets: Any, model_inputs: Mapping[str, Any]) -> i
     return batch
 
 
+def check_non_empty(method: str, targets: Tensor) -> None:
+    """Raise unless the batch has rows (a method that reads each row's logits or features needs one)."""
+    if targets.shape[0] == 0:
+        raise ValueError(f"{method} needs a non-empty batch: targets has no rows")
+
+
+def check_class_indices(targets: Tensor, num_classes: int, first_step: bool) -> None:
+    """Raise unless every target is a class index of a head with ``num_classes`` outputs. Reading the range is a
+    host sync on CUDA, so there it is checked at the ``first_step`` only; on the CPU at every step."""
+    if targets.numel() and (first_step or targets.device.type == "cpu"):
+        low, high = int(targets.min()), int(targets.max())
+        if low < 0 or high >= num_classes:
+            raise ValueError(
+                f"targets must be class indices in [0, {num_classes}) (the model's head has {num_classes} "
+                f"outputs), got values in [{low}, {high}]"
+            )
+
+
 def forward_signature(module: nn.Module) -> Optional[inspect.Signature]:
     """``module.forward``'s signature, read once on the host; None when Python cannot read one."""
     try:

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from .._base import Synapse
 from .._floor import Floor
 from .._model import distributed_world
+from .._validation import check_class_indices, check_non_empty
 from ._backbone import FeatureTap, find_head, float_features, freeze_backbone
 
 __all__ = ["FrozenFeatureMethod", "FrozenFeatureFloor"]
@@ -66,13 +67,8 @@ class FrozenFeatureMethod(Synapse):
                 f"the last forward saw a batch of {features.shape[0]}, but targets has batch size "
                 f"{targets.shape[0]}: pass the loss and targets of the forward you just ran"
             )
-        if targets.device.type == "cpu" or self.num_steps == 0:  # on CUDA a sync: the first step only
-            low, high = int(targets.min()), int(targets.max())
-            if low < 0 or high >= self.num_classes:
-                raise ValueError(
-                    f"targets must be class indices in [0, {self.num_classes}) (the model's head has "
-                    f"{self.num_classes} outputs), got values in [{low}, {high}]"
-                )
+        check_non_empty(type(self).__name__, targets)
+        check_class_indices(targets, self.num_classes, first_step=self.num_steps == 0)
 
     def _backward(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
         features = self._tap.take()

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .._base import CURRENT_LOSS, Synapse, TaskBatch
 from .._model import distributed_world
-from .._validation import check_non_negative, check_positive_int
+from .._validation import check_class_indices, check_non_empty, check_non_negative, check_positive_int
 from ..catalog import HParam
 from ..functional import asymmetric_cross_entropy
 from ._backbone import find_head, freeze_backbone, refuse_ddp_wrapped
@@ -188,13 +188,8 @@ class PromptMethod(Synapse):
             logits = self._forward.checked_outputs(name, targets.shape[0])
             if logits.shape[1] != self.num_classes:
                 raise ValueError(f"{name} reads (batch, {self.num_classes}) logits, got {tuple(logits.shape)}")
-        if targets.device.type == "cpu" or self.num_steps == 0:  # on CUDA a sync: the first step only
-            low, high = int(targets.min()), int(targets.max())
-            if low < 0 or high >= self.num_classes:
-                raise ValueError(
-                    f"targets must be class indices in [0, {self.num_classes}) (the model's head has "
-                    f"{self.num_classes} outputs), got values in [{low}, {high}]"
-                )
+        check_non_empty(name, targets)
+        check_class_indices(targets, self.num_classes, first_step=self.num_steps == 0)
 
     def current_term(self, logits: Tensor, targets: Tensor) -> Tensor:
         """The cross-entropy the method puts on the current batch: over the current task's classes (those

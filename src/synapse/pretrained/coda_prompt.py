@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from .._base import Synapse, TaskBatch
 from .._classes import ClassHistory
-from .._validation import check_non_negative, check_positive_int
+from .._validation import check_class_indices, check_non_empty, check_non_negative, check_positive_int
 from ..buffer import fresh_seed
 from ..catalog import HParam, MethodSpec, register
 from ..functional import asymmetric_cross_entropy
@@ -226,15 +226,9 @@ class CODAPrompt(Synapse):
                 f"CODA-Prompt was built for num_tasks={self.num_tasks} tasks and all of them have ended: no "
                 "components are left to train (build it with a larger num_tasks)"
             )
-        if targets.device.type == "cpu" or self.num_steps == 0:  # on CUDA a sync: the first step only
-            if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= self.num_classes):
-                raise ValueError(
-                    f"targets must be class indices in [0, {self.num_classes}) (the model's head has "
-                    f"{self.num_classes} outputs), got values in [{int(targets.min())}, {int(targets.max())}]"
-                )
+        check_class_indices(targets, self.num_classes, first_step=self.num_steps == 0)
         if self.current_loss == "method":
-            if targets.shape[0] == 0:
-                raise ValueError("CODA-Prompt needs a non-empty batch: targets has no rows")
+            check_non_empty("CODA-Prompt", targets)
             self._forward.checked_outputs("CODA-Prompt", targets.shape[0])
 
     def _backward(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:

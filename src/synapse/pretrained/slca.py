@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from .._base import CURRENT_LOSS, Synapse, TaskBatch
 from .._floor import Floor
 from .._model import distributed_world, head_input_features
-from .._validation import check_non_negative, check_positive, check_positive_int
+from .._validation import check_class_indices, check_non_empty, check_non_negative, check_positive, check_positive_int
 from ..buffer import fresh_seed
 from ..catalog import HParam, MethodSpec, register
 from ..functional import align_classifier, asymmetric_cross_entropy, class_moments, mean_and_covariance, mean_decay
@@ -167,24 +167,14 @@ class SLCA(Synapse):
     # ------------------------------------------------------------------ backward
     def _check(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
         if self._forward is not None:
-            if targets.shape[0] == 0:
-                raise ValueError("SLCA needs a non-empty batch: targets has no rows")
+            check_non_empty("SLCA", targets)
             logits = self._forward.checked_outputs("SLCA", targets.shape[0])
             if logits.shape[1] != self.num_classes:
                 raise ValueError(
                     f"the model's forward gave {logits.shape[1]} logits, but its head has {self.num_classes} "
                     "outputs: SLCA reads the head's logits, one per class"
                 )
-        self._check_targets(targets, always=self.num_steps == 0)  # on CUDA a sync: the first step only
-
-    def _check_targets(self, targets: Tensor, always: bool = True) -> None:
-        if targets.numel() and (always or targets.device.type == "cpu"):
-            low, high = int(targets.min()), int(targets.max())
-            if low < 0 or high >= self.num_classes:
-                raise ValueError(
-                    f"targets must be class indices in [0, {self.num_classes}) (the model's head has "
-                    f"{self.num_classes} outputs), got values in [{low}, {high}]"
-                )
+        check_class_indices(targets, self.num_classes, first_step=self.num_steps == 0)
 
     def _backward(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
         self._follow_device()
@@ -256,7 +246,7 @@ class SLCA(Synapse):
                 for targets, inputs in self._iter_task_data(data):
                     if targets.shape[0] == 0:
                         continue
-                    self._check_targets(targets)
+                    check_class_indices(targets, self.num_classes, first_step=True)
                     targets = targets.to(self.device)
                     features = self._features({k: v.to(self.device) for k, v in inputs.items()})
                     if features.shape != (targets.shape[0], self.feature_dim):

@@ -12,6 +12,7 @@ from .._base import CURRENT_LOSS, TaskBatch
 from .._classes import widened
 from .._floor import Floor
 from .._state import width_of
+from .._validation import check_non_empty
 from ..augment import Transform
 from ..catalog import HParam, MethodSpec, register
 from ..functional import ace_class_mask, asymmetric_cross_entropy
@@ -110,8 +111,7 @@ class ERACE(ER):
     # ------------------------------------------------------------------ backward
     def _check(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
         if self.current_loss == "method":
-            if targets.shape[0] == 0:
-                raise ValueError("ER-ACE needs a non-empty batch: targets has no rows")
+            check_non_empty("ER-ACE", targets)
             logits = self._forward.checked_outputs("ER-ACE", targets.shape[0])
             if targets.device != logits.device:
                 raise ValueError(f"targets are on {targets.device} but the model's outputs on {logits.device}")

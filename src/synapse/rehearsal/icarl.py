@@ -15,6 +15,7 @@ from .._capture import Replay
 from .._classes import ClassHistory, widened
 from .._floor import Floor
 from .._state import both_or_neither
+from .._validation import check_non_empty
 from ..augment import Transform
 from ..catalog import HParam, MethodSpec, register
 from ..functional import icarl_loss, nearest_mean_scores
@@ -140,8 +141,7 @@ class ICaRL(ClassHistory, ER):
     # ------------------------------------------------------------------ backward
     def _check(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
         batch = targets.shape[0]
-        if batch == 0:
-            raise ValueError("iCaRL needs a non-empty batch: targets has no rows")
+        check_non_empty("iCaRL", targets)
         outputs = self._forward.checked_outputs("iCaRL", batch)
         if targets.device != outputs.device:
             raise ValueError(f"targets are on {targets.device} but the model's outputs on {outputs.device}")

@@ -14,7 +14,7 @@ from .._capture import Replay
 from .._device import to_device
 from .._floor import Floor
 from .._state import width_of
-from .._validation import check_non_negative
+from .._validation import check_non_empty, check_non_negative
 from ..augment import Transform
 from ..buffer import fresh_seed
 from ..catalog import HParam, MethodSpec, register
@@ -160,8 +160,7 @@ class XDER(DERpp):
 
     # ------------------------------------------------------------------ backward
     def _check(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
-        if targets.shape[0] == 0:
-            raise ValueError("X-DER needs a non-empty batch: targets has no rows")
+        check_non_empty("X-DER", targets)
         logits = self._forward.checked_outputs("X-DER", targets.shape[0])
         if targets.device != logits.device:
             raise ValueError(f"targets are on {targets.device} but the model's outputs on {logits.device}")
