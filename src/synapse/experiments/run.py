@@ -40,6 +40,7 @@ from .distributed import World, device_for, init_from_env, reduce_ints
 from .loggers import Logger, create_loggers
 from .loop import Evaluation, Totals, evaluate, shard, train_epoch
 from .streaming import DEFAULT_WORKERS, Images, Streamed, batches, cat, choose, streamed_tasks
+from .streaming import close as close_streams
 
 # Re-exported: cli.py, the tests and the benchmarks import them from here.
 __all__ = ["TRAINING_TYPES", "Config", "Experiment", "StopRequested", "StoppedBeforeTraining", "check_scenario"]
@@ -255,6 +256,12 @@ class Experiment:
 
     # ------------------------------------------------------------------ run
     def run(self) -> Dict[str, Any]:
+        try:
+            return self._run()
+        finally:  # a streamed run's DataLoader workers serve it to its end, and no longer
+            close_streams([*self.train_sets, *self.val_sets, *self.test_sets])
+
+    def _run(self) -> Dict[str, Any]:
         self.log(
             "configuration:\n" + json.dumps({**dataclasses.asdict(self.cfg), "world_size": self.world.size}, indent=2)
         )
