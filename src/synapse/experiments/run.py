@@ -139,6 +139,7 @@ class Experiment:
             cfg.dataset_dir,
             image_size=cfg.image_size,
             test_fraction=cfg.test_fraction,
+            split_dir=cfg.split_dir,
             classes_per_task=cfg.classes_per_task,
             first_task_classes=cfg.first_task_classes,
             class_order_seed=cfg.class_order_seed,
@@ -266,6 +267,8 @@ class Experiment:
             "configuration:\n" + json.dumps({**dataclasses.asdict(self.cfg), "world_size": self.world.size}, indent=2)
         )
         self.log(f"data: {self.data_path}")
+        if self.spec.test_split:
+            self.log(f"test set: {self.spec.test_split}")
         if self.cfg.resume:
             self.restore()
         started = time.perf_counter() - self.elapsed
