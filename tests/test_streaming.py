@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
 from typing import Any, List
 
 import pytest
@@ -12,7 +11,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from synapse.experiments import checkpoint, streaming
+from conftest import keep_checkpoint_at
+from synapse.experiments import streaming
 from synapse.experiments.cli import main
 from synapse.experiments.datasets import DATASETS, load_split
 from synapse.experiments.run import Config, Experiment
@@ -105,16 +105,9 @@ def test_the_streamed_run_equals_the_in_memory_run_and_starts_its_workers_once(
 def test_a_streamed_run_resumes_exactly_from_a_mid_epoch_checkpoint(tree, tmp_path, monkeypatch):
     """A checkpoint written mid-epoch (task 1's second epoch, batch 2 of 4) resumes streamed, with new workers,
     to the uninterrupted streamed run's numbers, which are the in-memory run's."""
-    save = checkpoint.Writer.save
     full, snap = str(tmp_path / "full"), str(tmp_path / "snap")
 
-    def save_and_copy(writer, state):
-        save(writer, state)
-        if state["progress"]["step"] == 6 and writer.path.startswith(full):
-            os.makedirs(snap)
-            shutil.copy(writer.path, snap)
-
-    monkeypatch.setattr(checkpoint.Writer, "save", save_and_copy)
+    keep_checkpoint_at(monkeypatch, 6, full, snap)
     streamed = dict(data="stream", num_workers=1, num_epochs=2, checkpoint_every="3")
     uninterrupted = Experiment(config(tree, output_dir=full, **streamed)).run()
     state = torch.load(os.path.join(snap, "checkpoint.pt"), weights_only=True)["progress"]
