@@ -181,7 +181,9 @@ def write_lists(folder, parts, form: str = "txt", prefix: str = "") -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for part, paths in parts.items():
         if form == "txt":
-            (folder / f"{part}.txt").write_text("# generated\n" + "".join(f"{prefix}{p}\n" for p in paths) + "\n")
+            # as a Windows editor may save it: a byte-order mark, CRLF line ends
+            text = "\ufeff# generated\r\n" + "".join(f"{prefix}{p}\r\n" for p in paths) + "\r\n"
+            (folder / f"{part}.txt").write_bytes(text.encode("utf-8"))
         else:
             lines = ["data:"] + [f"- {prefix}{p}" for p in paths] + ["targets:"] + ["- 7"] * len(paths)
             (folder / f"imagenet-r_{part}.yaml").write_text("\n".join(lines) + "\n")

@@ -57,7 +57,7 @@ def list_files(folder: str) -> Optional[Tuple[str, str]]:
 def read_entries(file: str) -> List[str]:
     """The image paths listed in ``file`` (:data:`FORMATS`)."""
     if not file.endswith(".yaml"):
-        with open(file, encoding="utf-8") as f:
+        with open(file, encoding="utf-8-sig") as f:  # a byte-order mark and CRLF line ends are read too
             return [s for s in (line.strip() for line in f) if s and not s.startswith("#")]
     try:
         import yaml
