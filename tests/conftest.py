@@ -1,4 +1,5 @@
 import os
+import shutil
 from typing import Iterable, Optional, Sequence, Tuple
 
 import pytest
@@ -7,6 +8,22 @@ import torch.nn.functional as F
 from torch import nn
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+def keep_checkpoint_at(monkeypatch, step: int, run_dir: str, copy_dir: str) -> None:
+    """Have the experiment whose output is ``run_dir`` copy the checkpoint it writes at global step ``step``
+    into ``copy_dir`` (a run to resume from the middle of an uninterrupted one)."""
+    from synapse.experiments import checkpoint
+
+    save = checkpoint.Writer.save
+
+    def save_and_copy(writer, state):
+        save(writer, state)
+        if state["progress"]["step"] == step and writer.path.startswith(run_dir):
+            os.makedirs(copy_dir)
+            shutil.copy(writer.path, copy_dir)
+
+    monkeypatch.setattr(checkpoint.Writer, "save", save_and_copy)
 
 
 def mlp(num_classes: int = 10, in_features: int = 784) -> nn.Module:

@@ -153,3 +153,119 @@ def test_the_download_code_keeps_its_offline_error(tmp_path, monkeypatch):
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", Offline)
     with pytest.raises(DatasetUnavailable, match="could not be downloaded .*URLError.*internet access"):
         DATASETS["cifar10"].load(str(tmp_path))
+
+
+WNIDS = ("n01443537", "n01484850", "n01494475")
+KINDS = ("art", "cartoon", "sketch", "toy", "painting")
+
+
+@pytest.fixture
+def imagenet_r(tmp_path):
+    """ImageNet-R's layout (one folder per WordNet id, JPEGs named by rendition) in tree/, and a generated
+    split: each class's sketch and toy images are its test set; painting is in neither list."""
+    tree = tmp_path / "imagenet-r"
+    for label, wnid in enumerate(WNIDS):
+        (tree / wnid).mkdir(parents=True)
+        for i, kind in enumerate(KINDS):
+            Image.new("RGB", (24, 18), (shade(label),) * 3).save(tree / wnid / f"{kind}_{i}.jpg", quality=100)
+    parts = {
+        part: [f"{wnid}/{kind}_{i}.jpg" for wnid in WNIDS for i, kind in enumerate(KINDS) if kind in chosen]
+        for part, chosen in (("train", ("art", "cartoon")), ("test", ("sketch", "toy")))
+    }
+    return tree, parts
+
+
+def write_lists(folder, parts, form: str = "txt", prefix: str = "") -> None:
+    """The split in a format :mod:`synapse.experiments.split_lists` reads: plain lists, or CODA-Prompt's YAML
+    (its targets are numbers the loader must not read: here every one is 7)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for part, paths in parts.items():
+        if form == "txt":
+            # as a Windows editor may save it: a byte-order mark, CRLF line ends
+            text = "\ufeff# generated\r\n" + "".join(f"{prefix}{p}\r\n" for p in paths) + "\r\n"
+            (folder / f"{part}.txt").write_bytes(text.encode("utf-8"))
+        else:
+            lines = ["data:"] + [f"- {prefix}{p}" for p in paths] + ["targets:"] + ["- 7"] * len(paths)
+            (folder / f"imagenet-r_{part}.yaml").write_text("\n".join(lines) + "\n")
+
+
+def files_of(split_dataset, part: str, tree) -> list:
+    """Every task's files of ``part`` (``train_set``/``test_set``), relative to ``tree``."""
+    return sorted(
+        os.path.relpath(getattr(task, part).dataset.files[i], tree)
+        for task in split_dataset.values()
+        for i in getattr(task, part).indices.tolist()
+    )
+
+
+@pytest.mark.parametrize("form,prefix", [("txt", ""), ("yaml", "data/imagenet-r/")])
+def test_imagenet_r_reads_the_split_lists_beside_its_tree(imagenet_r, form, prefix):
+    """Plain lists of relative paths, or CODA-Prompt's YAML (paths under its data/imagenet-r/, targets not
+    read): the test set is exactly the listed images, labelled by their folders, and the run says so."""
+    tree, parts = imagenet_r
+    write_lists(tree, parts, form, prefix)
+    spec, tensors, split = load_tasks(f"folder:{tree}", "unused", image_size=8)
+    assert spec.num_classes == 3 and [(len(t[1]), len(t[3])) for t in tensors] == [(2, 2)] * 3
+    assert files_of(split, "train_set", tree) == sorted(parts["train"])
+    assert files_of(split, "test_set", tree) == sorted(parts["test"])
+    for train_x, train_y, test_x, test_y in tensors:
+        assert labels_match_pixels(train_x, train_y) and labels_match_pixels(test_x, test_y)
+    name = "test.txt" if form == "txt" else "imagenet-r_test.yaml"
+    assert spec.test_split.startswith("the split lists") and f"{name} (6 images)" in spec.test_split
+
+
+def test_without_lists_the_seeded_hold_out_is_used_and_said(imagenet_r):
+    tree, _ = imagenet_r
+    spec, tensors, _ = load_tasks(f"folder:{tree}", "unused", image_size=8)
+    assert [(len(t[1]), len(t[3])) for t in tensors] == [(4, 1)] * 3
+    assert spec.test_split.startswith("0.2 of every class held out")
+
+
+def test_split_dir_names_lists_kept_elsewhere_and_the_run_uses_them(imagenet_r, tmp_path, capsys):
+    tree, parts = imagenet_r
+    write_lists(tmp_path / "splits", parts, "yaml", "data/imagenet-r/")
+    out = tmp_path / "run"
+    args = ["--dataset", f"folder:{tree}", "--split_dir", str(tmp_path / "splits"), "--image_size", "8"]
+    args += ["--model", "mlp", "--classes_per_task", "1", "--threads", "1", "--output_dir", str(out)]
+    assert main([*args, "--buffer_size", "4", "--max_train_per_task", "2"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["test_samples_per_task"] == [2, 2, 2] and results["config"]["split_dir"] == str(tmp_path / "splits")
+    assert (
+        f"test set: the split lists {tmp_path / 'splits' / 'imagenet-r_train.yaml'} (6 images)"
+        in capsys.readouterr().out
+    )
+
+
+def test_bad_split_lists_are_refused_with_what_is_wrong(imagenet_r, tmp_path):
+    tree, parts = imagenet_r
+    bad = {
+        "unknown": {**parts, "test": parts["test"] + ["n09999999/art_0.jpg"]},
+        "missing": {**parts, "test": parts["test"] + [f"{WNIDS[0]}/art_9.jpg"]},
+        "twice": {**parts, "test": parts["test"] + parts["test"][:1]},
+        "shared": {**parts, "test": parts["test"] + parts["train"][:1]},
+    }
+    messages = {
+        "unknown": r"1 paths through no class folder of the tree \(e.g. 'n09999999/art_0.jpg'\)",
+        "missing": rf"1 paths to files that are not there \(e.g. '{WNIDS[0]}/art_9.jpg'\)",
+        "twice": "1 paths listed twice",
+        "shared": r"share 1 images",
+    }
+    for case, lists in bad.items():
+        write_lists(tmp_path / case, lists)
+        with pytest.raises(DatasetUnavailable, match=messages[case]):
+            folder_spec(str(tree), split_dir=str(tmp_path / case))
+    (tree / "train.txt").write_text(parts["train"][0] + "\n")  # a pair's one half, beside the tree
+    with pytest.raises(DatasetUnavailable, match="holds the split list train.txt but not test.txt"):
+        folder_spec(str(tree))
+    with pytest.raises(DatasetUnavailable, match="holds no split lists"):
+        folder_spec(str(tree), split_dir=str(tmp_path))
+    write_lists(tree, parts)
+    with pytest.raises(DatasetUnavailable, match="test_fraction does not apply"):
+        folder_spec(str(tree), test_fraction=0.3)
+    assert sorted(os.listdir(tree)) == sorted([*WNIDS, "test.txt", "train.txt"])  # nothing written or moved
+
+
+def test_a_train_test_tree_takes_no_split_lists(split_tree):
+    with pytest.raises(DatasetUnavailable, match="that is its split, so split_dir and test_fraction do not apply"):
+        folder_spec(str(split_tree), split_dir=str(split_tree))
+    assert folder_spec(str(split_tree)).test_split == "the images in test/"

@@ -17,6 +17,7 @@ import time
 import pytest
 import torch
 
+from conftest import keep_checkpoint_at
 from synapse import catalog, testing
 from synapse.experiments import checkpoint, run
 from synapse.experiments.cli import main
@@ -206,15 +207,7 @@ def test_every_method_resumes_exactly_from_a_mid_task_checkpoint(tmp_path, metho
     monkeypatch.setattr(run, "load_split", lambda *_, **__: split)
     monkeypatch.setattr(run, "read_tasks", lambda _: images)
     monkeypatch.setattr(run.report, "plot_accuracy", lambda *_: None)  # the figure is not under test (1 s a run)
-    save = checkpoint.Writer.save
-
-    def save_and_copy(writer, state):
-        save(writer, state)
-        if state["progress"]["step"] == 6 and writer.path.startswith(full):
-            os.makedirs(snap)
-            shutil.copy(writer.path, snap)
-
-    monkeypatch.setattr(checkpoint.Writer, "save", save_and_copy)
+    keep_checkpoint_at(monkeypatch, 6, full, snap)
     # the harness's small settings (RanPAC's 10000-wide projection: 800 MB checkpoints), and a short GDumb
     # retraining (its default 128 epochs: 5 s here)
     args = {**catalog.get(method).harness_hparams, **({"retrain_epochs": 8} if method == "gdumb" else {})}

@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from synapse.experiments import checkpoint
+from conftest import keep_checkpoint_at
 from synapse.experiments.cli import build_parser
 from synapse.experiments.run import Config, Experiment
 from test_streaming import write_tree
@@ -74,16 +74,9 @@ def test_bf16_changes_the_numbers_and_plain_float32_is_untouched(tree):
 def test_a_compiled_run_equals_the_eager_one_and_resumes_from_its_checkpoint_either_way(tree, tmp_path, monkeypatch):
     """torch.compile with the eager backend (no C compiler needed) traces the model and the method's hooks;
     a checkpoint written mid-task by the compiled run resumes uncompiled to the same numbers."""
-    save = checkpoint.Writer.save
     full, snap = str(tmp_path / "full"), str(tmp_path / "snap")
 
-    def save_and_copy(writer, state):
-        save(writer, state)
-        if state["progress"]["step"] == 3 and writer.path.startswith(full):
-            os.makedirs(snap)
-            shutil.copy(writer.path, snap)
-
-    monkeypatch.setattr(checkpoint.Writer, "save", save_and_copy)
+    keep_checkpoint_at(monkeypatch, 3, full, snap)
     torch._dynamo.reset()
     eager = Experiment(config(tree)).run()
     compiled = Experiment(

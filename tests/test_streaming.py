@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import os
+from typing import Any, List
 
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
+from conftest import keep_checkpoint_at
+from synapse.experiments import streaming
 from synapse.experiments.cli import main
 from synapse.experiments.datasets import DATASETS, load_split
 from synapse.experiments.run import Config, Experiment
@@ -49,17 +54,90 @@ def config(tree: str, **changes) -> Config:
     return Config(**{**fields, **changes})
 
 
+def _started(path: str, worker_id: int) -> None:  # a DataLoader worker's first act: say so in a file
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()}\n")
+
+
+def count_workers(monkeypatch, path: str) -> List[Any]:
+    """Every DataLoader the streaming path makes, its workers noting their start in ``path``."""
+    made: List[Any] = []
+
+    def loader(*args, **kwargs):
+        made.append(DataLoader(*args, worker_init_fn=functools.partial(_started, path), **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(streaming, "DataLoader", loader)
+    return made
+
+
+def numbers(result):
+    rows = result["epoch_log"]
+    return result["accuracy_matrix"], [(r["train_loss"], r.get("validation_accuracy")) for r in rows]
+
+
 @pytest.mark.parametrize("training_type", ["continual", "joint"])
-def test_the_streamed_run_equals_the_in_memory_run(tree, training_type):
-    """Same seed, same batches in the same order, same augmentation and replay: the same numbers, exactly."""
-    held = Experiment(config(tree, data="memory", training_type=training_type))
-    streamed = Experiment(config(tree, data="stream", num_workers=1, training_type=training_type))
+def test_the_streamed_run_equals_the_in_memory_run_and_starts_its_workers_once(
+    tree, training_type, monkeypatch, tmp_path
+):
+    """Same seed, same batches in the same order, same augmentation and replay: the same numbers, exactly,
+    over several epochs; the training set's workers (also the validation sets') and the test sets' start once
+    for the whole run, and end with it."""
+    starts = str(tmp_path / "starts")
+    made = count_workers(monkeypatch, starts)
+    held = Experiment(config(tree, data="memory", training_type=training_type, num_epochs=3))
+    streamed = Experiment(config(tree, data="stream", num_workers=2, training_type=training_type, num_epochs=3))
     assert isinstance(streamed.train_sets[0][0], Streamed) and isinstance(held.train_sets[0][0], torch.Tensor)
     a, b = held.run(), streamed.run()
-    assert (a["config"]["data"], b["config"]["data"], b["config"]["num_workers"]) == ("memory", "stream", 1)
-    assert a["accuracy_matrix"] == b["accuracy_matrix"]
-    assert [r["train_loss"] for r in a["epoch_log"]] == [r["train_loss"] for r in b["epoch_log"]]
-    assert [r["validation_accuracy"] for r in a["epoch_log"]] == [r["validation_accuracy"] for r in b["epoch_log"]]
+    assert (a["config"]["data"], b["config"]["data"], b["config"]["num_workers"]) == ("memory", "stream", 2)
+    assert numbers(a) == numbers(b)
+    assert len(b["epoch_log"]) == (6 if training_type == "continual" else 3)
+    assert all(row["validation_accuracy"] is not None for row in b["epoch_log"])
+    # Two datasets (the train and test images), one loader and 2 workers each: 4 starts, not some per epoch.
+    with open(starts) as f:
+        pids = [int(pid) for pid in f.read().split()]
+    assert len(pids) == 4 and len(made) == 2
+    for pid in pids:  # the workers ended with the run (joined, so not even a zombie is left)
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_a_streamed_run_resumes_exactly_from_a_mid_epoch_checkpoint(tree, tmp_path, monkeypatch):
+    """A checkpoint written mid-epoch (task 1's second epoch, batch 2 of 4) resumes streamed, with new workers,
+    to the uninterrupted streamed run's numbers, which are the in-memory run's."""
+    full, snap = str(tmp_path / "full"), str(tmp_path / "snap")
+
+    keep_checkpoint_at(monkeypatch, 6, full, snap)
+    streamed = dict(data="stream", num_workers=1, num_epochs=2, checkpoint_every="3")
+    uninterrupted = Experiment(config(tree, output_dir=full, **streamed)).run()
+    state = torch.load(os.path.join(snap, "checkpoint.pt"), weights_only=True)["progress"]
+    assert (state["stage"], state["epoch"], state["next_batch"]) == (0, 1, 2)
+    resumed = Experiment(config(tree, output_dir=snap, resume=True, **streamed)).run()
+    assert numbers(resumed) == numbers(uninterrupted)
+    assert numbers(uninterrupted) == numbers(Experiment(config(tree, data="memory", num_epochs=2)).run())
+
+
+def test_a_pass_draws_nothing_from_the_global_rng_and_a_new_pass_ends_the_old(tree):
+    """The loader's seeds come from its own generator: a dropout layer or a foreign replay transform draws
+    the same numbers from torch's global RNG on either path, and after a resume."""
+    spec, tasks = load_split(f"folder:{tree}", "unused", image_size=8, classes_per_task=2)
+    part = tasks[0].train_set
+    whole = Streamed(part.dataset, part.indices.numpy(), part.targets, torch.device("cpu"), workers=1)
+    order = [torch.tensor([0, 1]), torch.tensor([2, 3]), torch.tensor([4])]
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    first = [y for _, y in whole.batches(order)]
+    again = [y for _, y in whole[:5].batches(order)]  # a set cut from it: the same workers, another pass
+    assert torch.equal(torch.get_rng_state(), before)
+    assert [y.tolist() for y in first] == [y.tolist() for y in again] == [part.targets[b].tolist() for b in order]
+    abandoned = whole.batches(order)
+    next(abandoned)
+    assert len(list(whole.batches(order[:1]))) == 1  # a new pass, while the old one is unfinished
+    with pytest.raises(RuntimeError, match="another pass over this data started"):
+        next(abandoned)
+    whole.close()
+    assert len(list(whole.batches(order))) == 3  # closed: the next pass starts new workers
+    whole.close()
 
 
 def test_a_streamed_set_reads_the_images_held_in_memory(tree):

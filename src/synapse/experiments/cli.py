@@ -132,7 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--test_fraction",
         type=_number(float, 0, 1, low_open=True),
         default=None,
-        help="folder: datasets of one tree: the fraction of each class held out as its test set (default 0.2)",
+        help="folder: datasets of one tree without split lists: the fraction of each class held out as its test set "
+        "(default 0.2)",
+    )
+    g.add_argument(
+        "--split_dir",
+        default=None,
+        metavar="DIR",
+        help="folder: datasets of one tree: the folder holding its split lists, train.txt and test.txt (image paths "
+        "relative to the tree, one a line) or CODA-Prompt's imagenet-r_train.yaml and imagenet-r_test.yaml (default: "
+        "the tree itself, when it holds them; else --test_fraction is held out)",
     )
     g.add_argument(
         "--classes_per_task",

@@ -45,6 +45,7 @@ IDENTITY = (
     "model_args",
     "image_size",
     "test_fraction",
+    "split_dir",
     "classes_per_task",
     "first_task_classes",
     "class_order_seed",
@@ -102,9 +103,11 @@ class Config:
     pretrained: Optional[str] = None
     # Keyword arguments for a timm or torchvision model's constructor (e.g. a small ViT's depth), unchanged.
     model_args: Dict[str, Any] = dataclasses.field(default_factory=dict)
-    # Data: a folder: dataset's image size and held-out fraction; the task split of any class-IL dataset.
+    # Data: a folder: dataset's image size, held-out fraction or split lists; the task split of any class-IL
+    # dataset.
     image_size: Optional[int] = None
     test_fraction: Optional[float] = None
+    split_dir: Optional[str] = None
     classes_per_task: Optional[int] = None
     first_task_classes: Optional[int] = None
     class_order_seed: Optional[int] = None

@@ -14,7 +14,7 @@ import dataclasses
 import gzip
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -25,6 +25,9 @@ from synapse.tasks import TaskDict, TaskSubset, dataset_targets
 
 from .models import FAMILY_DEFAULTS, family
 from .registry import Registry
+
+if TYPE_CHECKING:
+    from .split_lists import Split
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
@@ -98,6 +101,7 @@ class DatasetSpec:
     scenario: Optional[Scenario] = None  # None: a class-incremental split
     first_task_classes: Optional[int] = None  # an uneven first task (e.g. CIFAR-100 as 50 + 5 x 10)
     class_order: Optional[Tuple[int, ...]] = None  # class_order[i]: the dataset's label that becomes class i
+    test_split: str = ""  # a folder dataset's: where its test set comes from, in words (printed by the run)
 
     @property
     def num_tasks(self) -> int:
@@ -437,6 +441,7 @@ def load_split(
     *,
     image_size: Optional[int] = None,
     test_fraction: Optional[float] = None,
+    split_dir: Optional[str] = None,
     classes_per_task: Optional[int] = None,
     first_task_classes: Optional[int] = None,
     class_order_seed: Optional[int] = None,
@@ -444,17 +449,15 @@ def load_split(
     """``(spec, task_dict)`` for dataset ``name``, split into tasks, with no image read yet (a folder's files
     are only listed; torchvision's datasets are read whole, as they come).
 
-    ``image_size`` and ``test_fraction`` apply to ``folder:`` datasets (:func:`folder_spec`); the split
-    options to any class-incremental one (:meth:`DatasetSpec.with_split`).
+    ``image_size``, ``test_fraction`` and ``split_dir`` apply to ``folder:`` datasets (:func:`folder_spec`);
+    the split options to any class-incremental one (:meth:`DatasetSpec.with_split`).
     """
     if name.startswith(FOLDER_PREFIX):
-        spec = folder_spec(
-            name[len(FOLDER_PREFIX) :], image_size or 32, 0.2 if test_fraction is None else test_fraction
-        )
-    elif image_size is not None or test_fraction is not None:
+        spec = folder_spec(name[len(FOLDER_PREFIX) :], image_size or 32, test_fraction, split_dir)
+    elif (image_size, test_fraction, split_dir) != (None, None, None):
         raise ValueError(
-            f"image_size and test_fraction apply to folder: datasets, not {name!r} (to feed a model another size, "
-            "use input_size)"
+            f"image_size, test_fraction and split_dir apply to folder: datasets, not {name!r} (to feed a model "
+            "another size, use input_size)"
         )
     else:
         spec = DATASETS[name]
@@ -548,10 +551,13 @@ def _annotated(folder: str, classes: List[str]) -> Dict[str, List[str]]:
     return {c: sorted(files) for c, files in index.items()}
 
 
-def folder_spec(path: str, image_size: int = 32, test_fraction: float = 0.2) -> DatasetSpec:
+def folder_spec(
+    path: str, image_size: int = 32, test_fraction: Optional[float] = None, split_dir: Optional[str] = None
+) -> DatasetSpec:
     """A dataset of the images under ``path``, in ImageFolder layout: ``train/`` and ``test/`` (or ``val/``)
-    with one folder per class, or one folder per class, of which ``test_fraction`` of every class is held
-    out (the same items for every run: a fixed seed). TinyImageNet reads as it is: images at any depth
+    with one folder per class, or one folder per class. One tree is split by the list files in ``split_dir``
+    or beside it (:mod:`~synapse.experiments.split_lists`), else ``test_fraction`` (default 0.2) of every
+    class is held out (the same items for every run: a fixed seed). TinyImageNet reads as it is: images at any depth
     below their class folder (``train/<wnid>/images/``), and ``val/`` labelled by ``val_annotations.txt``.
     Images are read as RGB and resized to ``image_size`` squared
     (bilinear) when loaded; the CIFAR protocol applies (augmentation included). Classes are numbered in
@@ -562,9 +568,10 @@ def folder_spec(path: str, image_size: int = 32, test_fraction: float = 0.2) -> 
     """
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
         raise ValueError(f"image_size must be an int of at least 8, got {image_size!r}")
-    if not 0 < test_fraction < 1:
+    if test_fraction is not None and not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
-    classes, _ = _folder_layout(path)
+    classes, held_out = _folder_layout(path)
+    split, test_split = _test_split(path, classes, held_out, test_fraction, split_dir)
     k = len(classes)
     return DatasetSpec(
         f"{FOLDER_PREFIX}{path}",
@@ -576,8 +583,32 @@ def folder_spec(path: str, image_size: int = 32, test_fraction: float = 0.2) -> 
         std=_FOLDER_STD,
         augment=True,
         protocol=_CIFAR_PROTOCOL,
-        load=lambda root: _load_folder(path, image_size, test_fraction),
+        load=lambda root: _load_folder(path, image_size, test_fraction or 0.2, split),
+        test_split=test_split,
     )
+
+
+def _test_split(
+    path: str, classes: List[str], held_out: Optional[str], test_fraction: Optional[float], split_dir: Optional[str]
+) -> Tuple[Optional[Split], str]:
+    """A folder's split lists (:class:`~synapse.experiments.split_lists.Split`, checked) or None, and where its
+    test set comes from, in words."""
+    from .split_lists import find_split  # it imports this module (DatasetUnavailable)
+
+    if held_out is not None:
+        if split_dir is not None or test_fraction is not None:
+            raise DatasetUnavailable(
+                f"{path} holds train/ and {held_out}/: that is its split, so split_dir and test_fraction do not apply"
+            )
+        annotated = os.path.isfile(os.path.join(path, held_out, ANNOTATIONS))
+        return None, f"the images in {held_out}/" + (f", labelled by {ANNOTATIONS}" if annotated else "")
+    split = find_split(path, classes, split_dir)
+    if split is None:
+        fraction = 0.2 if test_fraction is None else test_fraction
+        return None, f"{fraction:g} of every class held out, the same items every run (no split lists in {path})"
+    if test_fraction is not None:
+        raise DatasetUnavailable(f"test_fraction does not apply: the test set is given by {split.why}")
+    return split, split.why
 
 
 def _read_images(files: Sequence[str], size: int) -> Tensor:
@@ -591,8 +622,32 @@ def _read_images(files: Sequence[str], size: int) -> Tensor:
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
 
-def _load_folder(path: str, size: int, test_fraction: float) -> Tuple[Dataset, Dataset]:
+def _load_folder(path: str, size: int, test_fraction: float, split: Optional[Split]) -> Tuple[Dataset, Dataset]:
+    """The train and test parts of a folder: ``split``'s lists (a checked
+    :class:`~synapse.experiments.split_lists.Split`), else its layout's."""
     classes, held_out = _folder_layout(path)
+    parts = (
+        {"train": split.train, "test": split.test}
+        if split is not None
+        else _listed(path, classes, held_out, test_fraction)
+    )
+    present = set(parts["train"][1])
+    empty = [c for i, c in enumerate(classes) if i not in present]
+    if empty:
+        listed = "in the split list" if split is not None else f"({', '.join(IMAGE_EXTENSIONS)})"
+        raise DatasetUnavailable(f"{path}: no training images {listed} in class folder(s) {empty}")
+    train, test = (
+        FileImages(files, torch.tensor(labels, dtype=torch.int64), size)
+        for files, labels in (parts["train"], parts["test"])
+    )
+    return train, test
+
+
+def _listed(
+    path: str, classes: List[str], held_out: Optional[str], test_fraction: float
+) -> Dict[str, Tuple[List[str], List[int]]]:
+    """The files and labels of each part, from the layout: ``train/`` and ``held_out/``, or one tree of which
+    ``test_fraction`` of every class is held out."""
     parts: Dict[str, Tuple[List[str], List[int]]] = {"train": ([], []), "test": ([], [])}
     generator = torch.Generator().manual_seed(0)  # the held-out items never change between runs
     annotated = None
@@ -613,14 +668,4 @@ def _load_folder(path: str, size: int, test_fraction: float) -> Tuple[Dataset, D
         for part, chosen in (("test", order[:held]), ("train", order[held:])):
             parts[part][0].extend(files[i] for i in sorted(chosen))
             parts[part][1].extend([label] * len(chosen))
-    present = set(parts["train"][1])
-    empty = [c for i, c in enumerate(classes) if i not in present]
-    if empty:
-        raise DatasetUnavailable(
-            f"{path}: no training images in class folder(s) {empty} ({', '.join(IMAGE_EXTENSIONS)})"
-        )
-    train, test = (
-        FileImages(files, torch.tensor(labels, dtype=torch.int64), size)
-        for files, labels in (parts["train"], parts["test"])
-    )
-    return train, test
+    return parts

@@ -40,6 +40,7 @@ from .distributed import World, device_for, init_from_env, reduce_ints
 from .loggers import Logger, create_loggers
 from .loop import Evaluation, Totals, evaluate, shard, train_epoch
 from .streaming import DEFAULT_WORKERS, Images, Streamed, batches, cat, choose, streamed_tasks
+from .streaming import close as close_streams
 
 # Re-exported: cli.py, the tests and the benchmarks import them from here.
 __all__ = ["TRAINING_TYPES", "Config", "Experiment", "StopRequested", "StoppedBeforeTraining", "check_scenario"]
@@ -138,6 +139,7 @@ class Experiment:
             cfg.dataset_dir,
             image_size=cfg.image_size,
             test_fraction=cfg.test_fraction,
+            split_dir=cfg.split_dir,
             classes_per_task=cfg.classes_per_task,
             first_task_classes=cfg.first_task_classes,
             class_order_seed=cfg.class_order_seed,
@@ -255,10 +257,18 @@ class Experiment:
 
     # ------------------------------------------------------------------ run
     def run(self) -> Dict[str, Any]:
+        try:
+            return self._run()
+        finally:  # a streamed run's DataLoader workers serve it to its end, and no longer
+            close_streams([*self.train_sets, *self.val_sets, *self.test_sets])
+
+    def _run(self) -> Dict[str, Any]:
         self.log(
             "configuration:\n" + json.dumps({**dataclasses.asdict(self.cfg), "world_size": self.world.size}, indent=2)
         )
         self.log(f"data: {self.data_path}")
+        if self.spec.test_split:
+            self.log(f"test set: {self.spec.test_split}")
         if self.cfg.resume:
             self.restore()
         started = time.perf_counter() - self.elapsed
