@@ -8,6 +8,9 @@ checks and their tables. Every method, its display name and its values come from
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -136,9 +139,55 @@ def run_jobs(work: Callable[[Any], Any], jobs: Sequence[Any], workers: int) -> I
         yield from pool.imap_unordered(work, jobs)
 
 
+def resolved_config(cfg: Any) -> Dict[str, Any]:
+    """What a run of the experiment configuration ``cfg`` computes, in full, as JSON: its checkpoint identity
+    (``config.IDENTITY``) after the checks and defaults the experiment applies: the method's catalog defaults
+    filled in, the dataset's protocol (or the model family's) defaults applied. A pretrained weights file is
+    named by its SHA-256, not its path.
+
+    A cache entry that records it counts only while today's code resolves the row to the same thing, so that a
+    changed preset, catalog default or protocol default runs again instead of serving the old runs."""
+    from synapse.experiments.config import IDENTITY, validate
+    from synapse.experiments.datasets import DATASETS
+
+    cfg = validate(cfg).with_protocol(DATASETS[cfg.dataset])
+    identity = {field: getattr(cfg, field) for field in IDENTITY}
+    if identity["pretrained"] is not None:
+        identity["pretrained"] = "sha256:" + file_sha256(identity["pretrained"])
+    return json.loads(json.dumps(identity))  # tuples as lists, as a cache file holds them
+
+
+def file_sha256(path: str) -> str:
+    """The SHA-256 of a file's bytes (hex); read once per version of the file (path, size, mtime)."""
+    stat = os.stat(path)
+    return _sha256(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+
+
+def same_config(recorded: Optional[Dict[str, Any]], today: Dict[str, Any]) -> bool:
+    """Whether a cache entry's recorded :func:`resolved_config` is the run ``today``'s resolves to. A setting
+    added to the experiment since the entry was made counts as the same when today's value is its default
+    (new settings default to the old behaviour); an entry that recorded nothing never counts."""
+    if recorded is None or set(recorded) - set(today):
+        return False
+    from synapse.experiments.config import Config
+
+    defaults = json.loads(json.dumps(dataclasses.asdict(Config())))
+    return all(recorded[k] == v if k in recorded else v == defaults.get(k) for k, v in today.items())
+
+
+@functools.cache
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 class Cache:
     """A JSON-lines file of finished runs: a rerun reads what is there and appends what it adds (each run's
-    result carries the :func:`provenance` of the process that made it). ``None`` as the path: nothing is kept."""
+    result carries the :func:`provenance` of the process that made it). ``None`` as the path: nothing is kept.
+    Entries record the :func:`resolved_config` of their run under ``"config"``."""
 
     def __init__(self, path: Optional[str]) -> None:
         self.path = path

@@ -24,7 +24,6 @@ gets its row with no edit here.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import statistics
@@ -34,7 +33,18 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _runner import ROOT, Cache, display_name, mean_std, provenance, provenance_lines, run_jobs  # noqa: E402
+from _runner import (  # noqa: E402
+    ROOT,
+    Cache,
+    display_name,
+    file_sha256,
+    mean_std,
+    provenance,
+    provenance_lines,
+    resolved_config,
+    run_jobs,
+    same_config,
+)
 from synapse import catalog  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -72,11 +82,6 @@ TUNE_SEED, VALIDATION_RATIO = 0, 0.1
 # epochs, with the accuracy on a held-out tenth of the first task's training images recorded per epoch.
 PRETRAIN = {"epochs": 10, "batch_size": 64, "lr": 1e-3, "weight_decay": 0.05, "augment": True, "seed": 0,
             "validation_ratio": 0.1}  # fmt: skip
-
-
-def _sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 def _first_task(dataset_dir: str) -> Tuple[Any, ...]:
@@ -152,7 +157,7 @@ def pretrain(dataset_dir: str, path: str = WEIGHTS) -> Dict[str, Any]:
         "epochs": log,
         "test_accuracy_first_task": accuracy(test_x, test_y),
         "seconds": time.perf_counter() - start,
-        "sha256": _sha256(path),
+        "sha256": file_sha256(path),
         "provenance": provenance(),
     }
     with open(os.path.splitext(path)[0] + ".json", "w") as f:
@@ -253,17 +258,20 @@ def _key(
     validation: bool = False,
 ) -> Dict[str, Any]:
     """What makes a run the same run: the row, the seed, the setting, the backbone's bytes, and an lr other than
-    the default or a validation score where the run has them (``None`` where not, as in the runs made before)."""
+    the default or a validation score where the run has them (``None`` where not, as in the runs made before);
+    and the whole configuration the experiment resolves it to (``_runner.resolved_config``), so that a changed
+    default of the method or the protocol runs it again."""
     setting = {"model_args": MODEL_ARGS, "first": FIRST_TASK_CLASSES, "per_task": CLASSES_PER_TASK,
                "max_train": MAX_TRAIN_PER_TASK}  # fmt: skip
     if method in ADAPTED:
         setting["method_args"] = ADAPTED[method][0]
     return {"method": method, "buffer": buffer, "seed": seed, "weights_sha256": weights_sha, "setting": setting,
-            "lr": lr, "validation_ratio": VALIDATION_RATIO if validation else None}  # fmt: skip
+            "lr": lr, "validation_ratio": VALIDATION_RATIO if validation else None,
+            "config": resolved_config(config(method, buffer, seed, WEIGHTS, lr=lr, validation=validation))}  # fmt: skip
 
 
 def _matches(entry: Dict[str, Any], key: Dict[str, Any]) -> bool:
-    return all(entry.get(k) == v for k, v in key.items())
+    return all(same_config(entry.get(k), v) if k == "config" else entry.get(k) == v for k, v in key.items())
 
 
 Job = Tuple[str, Optional[int], int, str, str, str, Dict[str, str], Optional[float], bool]
@@ -323,7 +331,7 @@ def run(methods: Optional[Sequence[str]], seeds: Sequence[int], workers: int, da
     second rows of those whose best lr is not the default. Finished runs (in the raw file) are not run again."""
     if not os.path.exists(WEIGHTS):
         raise SystemExit(f"no backbone at {WEIGHTS}: run `python benchmarks/pretrained_signal.py pretrain` first")
-    sha = _sha256(WEIGHTS)
+    sha = file_sha256(WEIGHTS)
     made_by = provenance()
     cache = Cache(RUNS)
 

@@ -39,14 +39,17 @@ from _runner import (  # noqa: E402  (benchmarks/ is not a package)
     Cache,
     Row,
     add_table_arguments,
+    config_for,
     display_name,
     order_key,
     page_arguments,
     presets,
     provenance,
     provenance_lines,
+    resolved_config,
     run_jobs,
     run_one,
+    same_config,
     summarize,
 )
 
@@ -110,6 +113,14 @@ def rows_for(protocol: str, methods: Optional[List[str]] = None, buffers: Option
     )
 
 
+def row_config(
+    protocol: str, method: str, buffer: Optional[int], seed: int, tuned: bool, overrides: Dict[str, Any]
+) -> Dict[str, Any]:
+    """What one row (``tuned``: its second row) at one seed resolves to (``_runner.resolved_config``)."""
+    hp = (TUNED if tuned else BEST)[protocol][(method, buffer)]
+    return resolved_config(config_for(DATASET[protocol], method, buffer, seed, hp=hp, **overrides))
+
+
 def run_row(
     protocol: str, method: str, buffer: Optional[int], seed: int, tuned: bool = False, **overrides: Any
 ) -> Dict[str, Any]:
@@ -149,14 +160,10 @@ def cached_runs(
         key = (entry["method"], entry["buffer"], entry["seed"])
         if entry["protocol"] != protocol or (key[0], key[1]) not in rows:
             continue
-        values = TUNED[protocol].get((key[0], key[1])) if tuned else None  # a second row's cache entry has them
-        # A run counts only with the hyperparameters the row has now (a changed preset runs again).
-        same = (
-            entry["overrides"] == overrides
-            and entry.get("tuned") == values
-            and entry.get("values") == (values or BEST[protocol][(key[0], key[1])])
-        )
-        if same:
+        # A run counts only while the row resolves to the configuration it ran (a changed preset, catalog or
+        # protocol default runs again); a second row's entry is marked ``tuned``.
+        config = row_config(protocol, *key, tuned, overrides)
+        if bool(entry.get("tuned")) == tuned and same_config(entry.get("config"), config):
             if key[2] in seeds and key not in done:
                 done.add(key)
                 results.setdefault((key[0], key[1]), []).append(entry["result"])
@@ -192,8 +199,9 @@ def run_protocol(
     for (method, buffer, seed), r in run_jobs(_worker, jobs, workers):
         results.setdefault((method, buffer), []).append(r)
         row_values = (TUNED if tuned else BEST)[protocol][(method, buffer)]
+        config = row_config(protocol, method, buffer, seed, tuned, overrides)
         entry = {"protocol": protocol, "method": method, "buffer": buffer, "seed": seed, "overrides": overrides,
-                 "values": row_values}  # fmt: skip
+                 "values": row_values, "config": config}  # fmt: skip
         if tuned:
             entry["tuned"] = row_values
         Cache(cache).append({**entry, "result": r})

@@ -1,0 +1,86 @@
+"""Benchmark caches serve a run only while today's code resolves its row to the configuration the run had."""
+
+import dataclasses
+import json
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import _runner  # noqa: E402
+import protocols  # noqa: E402
+from synapse import catalog  # noqa: E402
+from synapse.experiments.config import Config  # noqa: E402
+
+ROW = ("perm-mnist", "er", 200)
+
+
+def test_same_config_counts_only_the_same_resolution():
+    today = {"lr": 0.1, "method_args": {"mb": 128}, "unfused": False}
+    assert _runner.same_config(dict(today), today)
+    assert not _runner.same_config(None, today)  # recorded nothing: never served
+    assert not _runner.same_config({**today, "lr": 0.2}, today)
+    assert not _runner.same_config({**today, "method_args": {"mb": 64}}, today)
+    assert not _runner.same_config({**today, "removed_since": 1}, today)
+
+
+def test_a_setting_added_since_the_entry_counts_only_at_its_default():
+    assert Config().unfused is False  # the field this test leans on, and its default
+    recorded = {"lr": 0.1}
+    assert _runner.same_config(recorded, {"lr": 0.1, "unfused": False})
+    assert not _runner.same_config(recorded, {"lr": 0.1, "unfused": True})
+
+
+def test_resolved_config_fills_catalog_defaults_and_names_weights_by_content(tmp_path):
+    cfg = _runner.config_for("fashion-mnist", "mas", None, 0, hp={"lr": 0.1})
+    resolved = _runner.resolved_config(cfg)
+    assert resolved["method_args"]["mas_lambda"] == catalog.get("mas").defaults()["mas_lambda"]
+    json.dumps(resolved)  # a cache line holds it as it is
+
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"first")
+    first = _runner.file_sha256(str(weights))
+    weights.write_bytes(b"second version")  # another size: read again, not served from the memo
+    assert _runner.file_sha256(str(weights)) != first
+
+
+def _entry(config):
+    protocol, method, buffer = ROW
+    return {"protocol": protocol, "method": method, "buffer": buffer, "seed": 0, "overrides": {},
+            "config": config, "result": {"average_accuracy": {"class_il": 0.5}}}  # fmt: skip
+
+
+def _served(tmp_path, entry):
+    cache = tmp_path / "runs.jsonl"
+    cache.write_text(json.dumps(entry) + "\n")
+    _, done = protocols.cached_runs(str(cache), ROW[0], [ROW[1:]], [0], False, {})
+    return done
+
+
+def test_a_protocol_run_is_served_while_its_row_resolves_the_same(tmp_path):
+    config = protocols.row_config(*ROW, 0, False, {})
+    assert _served(tmp_path, _entry(config)) == {(*ROW[1:], 0)}
+    assert _served(tmp_path, {k: v for k, v in _entry(config).items() if k != "config"}) == set()
+    assert _served(tmp_path, {**_entry(config), "tuned": {"lr": 0.1}}) == set()  # a second row's run
+
+
+def test_a_changed_preset_or_catalog_default_runs_the_row_again(tmp_path, monkeypatch):
+    entry = _entry(protocols.row_config(*ROW, 0, False, {}))
+    preset = protocols.BEST[ROW[0]][ROW[1:]]
+    monkeypatch.setitem(protocols.BEST[ROW[0]], ROW[1:], {**preset, "lr": preset["lr"] / 2})
+    assert _served(tmp_path, entry) == set()
+    monkeypatch.setitem(protocols.BEST[ROW[0]], ROW[1:], preset)
+    assert _served(tmp_path, entry) == {(*ROW[1:], 0)}
+
+    # A default the preset does not set, changed in the method's catalog entry.
+    spec = catalog.get(ROW[1])
+    unset = [h for h in spec.hparams if h.name not in preset and isinstance(h.default, (int, float))]
+    if not unset:
+        pytest.skip("the preset sets every numeric value of the method")
+    changed = dataclasses.replace(unset[0], default=unset[0].default * 2 + 1)
+    hparams = tuple(changed if h.name == changed.name else h for h in spec.hparams)
+    monkeypatch.setitem(catalog._REGISTRY, ROW[1], dataclasses.replace(spec, hparams=hparams))
+    assert _served(tmp_path, entry) == set()
