@@ -78,6 +78,33 @@ ADAPTED: Dict[str, Tuple[Dict[str, Any], str]] = {
 DEFAULT_LR = 0.01
 LR_GRID = (DEFAULT_LR, 0.03, 0.1, 0.3)
 TUNE_SEED, VALIDATION_RATIO = 0, 0.1
+# The third rows: the prompt methods under their authors' optimizer, lr and schedule, read from the authors'
+# code (all three re-create it at each task, as the program's optimizer state restarts), at this page's batch
+# 32 and 1 epoch per task. The values and their sources are on the page.
+AUTHORS_OPTIMIZER: Dict[str, Tuple[Dict[str, Any], str]] = {
+    "l2p": (
+        {"optimizer": "adam", "lr": 0.00375},
+        "`JH-LEE-KR/l2p-pytorch`, `configs/cifar100_l2p.py`: `--opt adam` (timm's `create_optimizer`), betas "
+        "(0.9, 0.999), `--lr 0.03`, `--weight-decay 0`, `--sched constant`, `--reinit_optimizer True`; `main.py` "
+        "scales the lr by batch/256 (`unscale_lr`: 0.03 x 16/256 at their batch 16), so at batch 32: "
+        "0.03 x 32/256 = 0.00375. Not applied: their gradient clipping at norm 1 (`--clip-grad 1.0`)",
+    ),
+    "dualprompt": (
+        {"optimizer": "adam", "lr": 0.00375},
+        "`JH-LEE-KR/dualprompt-pytorch`, `configs/cifar100_dualprompt.py`: the same optimizer settings as L2P's "
+        "(Adam, betas (0.9, 0.999), `--lr 0.03`, weight decay 0, constant, re-created per task) and the same "
+        "batch/256 scaling in `main.py` (0.03 x 24/256 at their batch 24), so at batch 32: 0.00375. Not applied: "
+        "their gradient clipping at norm 1",
+    ),
+    "coda-prompt": (
+        {"optimizer": "adam", "lr": 0.001, "lr_schedule": "cosine"},
+        "`GT-RIPL/CODA-Prompt`, `configs/cifar-100_prompt.yaml`: `optimizer: Adam`, `lr: 0.001`, betas "
+        "(`momentum` 0.9, 0.999) in `learners/prompt.py`, `weight_decay: 0`, `schedule_type: cosine` (their "
+        "`utils/schedulers.py` `CosineSchedule`, stepped per epoch and rebuilt with the optimizer at every task: "
+        "`learners/default.py`, `reset_optimizer`), batch 128. Their code scales no lr by the batch, so 0.001 as "
+        "given. The cosine runs per step over each task's steps: per epoch it would be constant over one epoch",
+    ),
+}
 # Pretraining: AdamW, as ViTs are commonly trained from scratch (e.g. DeiT, Touvron et al. 2021); fixed
 # epochs, with the accuracy on a held-out tenth of the first task's training images recorded per epoch.
 PRETRAIN = {"epochs": 10, "batch_size": 64, "lr": 1e-3, "weight_decay": 0.05, "augment": True, "seed": 0,
@@ -202,14 +229,17 @@ def config(
     dataset_dir: str = "datasets",
     lr: Optional[float] = None,
     validation: bool = False,
+    authors: bool = False,
 ) -> Any:
     """The experiment program's configuration of one row: the protocol's defaults for a pretrained model
-    (lr 0.01, batch 32, 1 epoch per task), the method's catalog defaults; ``lr`` in place of the default, and
-    ``validation``: score the held-out part of the training images, not the test set (for choosing ``lr``)."""
+    (lr 0.01, batch 32, 1 epoch per task), the method's catalog defaults; ``lr`` in place of the default,
+    ``validation``: score the held-out part of the training images, not the test set (for choosing ``lr``),
+    and ``authors``: the method's :data:`AUTHORS_OPTIMIZER` settings (optimizer, lr, schedule)."""
     from synapse.experiments.run import Config
 
     baseline = method in ("sequential", "joint")
     held_out = {"validation_ratio": VALIDATION_RATIO, "evaluate_on": "validation"} if validation else {}
+    optimizer = {"lr": lr, **(AUTHORS_OPTIMIZER[method][0] if authors else {})}
     return Config(
         dataset=DATASET,
         dataset_dir=dataset_dir,
@@ -224,16 +254,18 @@ def config(
         method_args=dict(ADAPTED[method][0]) if method in ADAPTED else {},
         buffer_size=buffer or 1,
         seed=seed,
-        lr=lr,
         device="cpu",
         threads=1,
         quiet=True,
         **held_out,
+        **optimizer,
     )
 
 
-def command(method: str, buffer: Optional[int], seed: int, weights: str, lr: Optional[float] = None) -> str:
-    """The ``python -m synapse.experiments`` line of one row."""
+def command(
+    method: str, buffer: Optional[int], seed: int, weights: str, lr: Optional[float] = None, authors: bool = False
+) -> str:
+    """The ``python -m synapse.experiments`` line of one row (``authors``: a third row's settings as flags)."""
     baseline = method in ("sequential", "joint")
     args = [
         f"--dataset {DATASET} --first_task_classes {FIRST_TASK_CLASSES} --classes_per_task {CLASSES_PER_TASK}",
@@ -244,6 +276,7 @@ def command(method: str, buffer: Optional[int], seed: int, weights: str, lr: Opt
         f"--buffer_size {buffer}" if buffer else "",
         " ".join(f"--{k} {v}" for k, v in ADAPTED[method][0].items()) if method in ADAPTED else "",
         f"--lr {lr}" if lr is not None else "",
+        " ".join(f"--{k} {v}" for k, v in AUTHORS_OPTIMIZER[method][0].items()) if authors else "",
         f"--seed {seed} --device cpu --threads 1",
     ]
     return "python -m synapse.experiments " + " ".join(a for a in args if a)
@@ -256,9 +289,11 @@ def _key(
     weights_sha: str,
     lr: Optional[float] = None,
     validation: bool = False,
+    authors: bool = False,
 ) -> Dict[str, Any]:
     """What makes a run the same run: the row, the seed, the setting, the backbone's bytes, and an lr other than
-    the default or a validation score where the run has them (``None`` where not, as in the runs made before);
+    the default, a validation score or the authors' optimizer settings where the run has them (``None`` where
+    not, as in the runs made before);
     and the whole configuration the experiment resolves it to (``_runner.resolved_config``), so that a changed
     default of the method or the protocol runs it again."""
     setting = {"model_args": MODEL_ARGS, "first": FIRST_TASK_CLASSES, "per_task": CLASSES_PER_TASK,
@@ -267,14 +302,16 @@ def _key(
         setting["method_args"] = ADAPTED[method][0]
     return {"method": method, "buffer": buffer, "seed": seed, "weights_sha256": weights_sha, "setting": setting,
             "lr": lr, "validation_ratio": VALIDATION_RATIO if validation else None,
-            "config": resolved_config(config(method, buffer, seed, WEIGHTS, lr=lr, validation=validation))}  # fmt: skip
+            "authors_optimizer": AUTHORS_OPTIMIZER[method][0] if authors else None,
+            "config": resolved_config(config(method, buffer, seed, WEIGHTS, lr=lr, validation=validation,
+                                             authors=authors))}  # fmt: skip
 
 
 def _matches(entry: Dict[str, Any], key: Dict[str, Any]) -> bool:
     return all(same_config(entry.get(k), v) if k == "config" else entry.get(k) == v for k, v in key.items())
 
 
-Job = Tuple[str, Optional[int], int, str, str, str, Dict[str, str], Optional[float], bool]
+Job = Tuple[str, Optional[int], int, str, str, str, Dict[str, str], Optional[float], bool, bool]
 
 
 def _worker(job: Job) -> Dict[str, Any]:
@@ -283,9 +320,9 @@ def _worker(job: Job) -> Dict[str, Any]:
     from synapse.experiments.run import Experiment
 
     torch.set_num_threads(1)
-    method, buffer, seed, weights, sha, dataset_dir, made_by, lr, validation = job
+    method, buffer, seed, weights, sha, dataset_dir, made_by, lr, validation, authors = job
     start = time.perf_counter()
-    r = Experiment(config(method, buffer, seed, weights, dataset_dir, lr, validation)).run()
+    r = Experiment(config(method, buffer, seed, weights, dataset_dir, lr, validation, authors)).run()
     keep = (
         "average_accuracy",
         "forgetting",
@@ -295,7 +332,7 @@ def _worker(job: Job) -> Dict[str, Any]:
         "head_average_accuracy",
     )
     return {
-        **_key(method, buffer, seed, sha, lr, validation),
+        **_key(method, buffer, seed, sha, lr, validation, authors),
         "result": {k: r.get(k) for k in keep},
         "wall_time_s": time.perf_counter() - start,
         "provenance": made_by,  # the code the workers imported when the pool started, not the tree's now
@@ -328,7 +365,8 @@ def _missing(entries: List[Dict[str, Any]], keys: List[Dict[str, Any]]) -> List[
 
 def run(methods: Optional[Sequence[str]], seeds: Sequence[int], workers: int, dataset_dir: str) -> None:
     """The rows at ``seeds``; then each tunable row's lr grid on the validation split; then, at ``seeds``, the
-    second rows of those whose best lr is not the default. Finished runs (in the raw file) are not run again."""
+    second rows of those whose best lr is not the default, and the third rows (:data:`AUTHORS_OPTIMIZER`).
+    Finished runs (in the raw file) are not run again."""
     if not os.path.exists(WEIGHTS):
         raise SystemExit(f"no backbone at {WEIGHTS}: run `python benchmarks/pretrained_signal.py pretrain` first")
     sha = file_sha256(WEIGHTS)
@@ -339,12 +377,13 @@ def run(methods: Optional[Sequence[str]], seeds: Sequence[int], workers: int, da
         todo = _missing(cache.entries(), keys)
         print(f"{len(todo)} run(s) to do", flush=True)
         jobs = [(k["method"], k["buffer"], k["seed"], WEIGHTS, sha, dataset_dir, made_by, k["lr"],
-                 k["validation_ratio"] is not None) for k in todo]  # fmt: skip
+                 k["validation_ratio"] is not None, k["authors_optimizer"] is not None) for k in todo]  # fmt: skip
         for entry in run_jobs(_worker, jobs, workers):
             cache.append(entry)
             acc = entry["result"]["average_accuracy"]
             what = (f", lr {entry['lr']}" if entry["lr"] is not None else "") + (
-                ", validation" if entry["validation_ratio"] else "")  # fmt: skip
+                ", validation" if entry["validation_ratio"] else "") + (
+                f", {entry['authors_optimizer']}" if entry["authors_optimizer"] else "")  # fmt: skip
             print(f"  {entry['method']:<12} seed {entry['seed']}{what}: Class-IL {100 * acc['class_il']:.2f}%  "
                   f"({entry['wall_time_s']:.0f} s)", flush=True)  # fmt: skip
 
@@ -357,6 +396,8 @@ def run(methods: Optional[Sequence[str]], seeds: Sequence[int], workers: int, da
         if lr != DEFAULT_LR and (methods is None or m in methods):
             second += [_key(m, b, seed, sha, lr) for seed in seeds]
     run_keys(second)
+    third = [m for m, _ in rows(methods) if m in AUTHORS_OPTIMIZER]
+    run_keys([_key(m, None, seed, sha, authors=True) for m in third for seed in seeds])
 
 
 # ------------------------------------------------------------------------------------------------- render
@@ -386,6 +427,14 @@ def _stat(values: List[float]) -> str:
     return mean_std(v, digits=2) if len(v) > 1 else f"{v[0]:.2f}"
 
 
+def _authors_label(method: str) -> str:
+    """A third row's settings in words: "Adam, lr 0.001, cosine"."""
+    values = AUTHORS_OPTIMIZER[method][0]
+    optimizer = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}[values["optimizer"]]
+    schedule = values.get("lr_schedule", "constant")
+    return f"{optimizer}, lr {values['lr']}" + (f", {schedule}" if schedule != "constant" else "")
+
+
 def table(
     entries: List[Dict[str, Any]], sha: str, counts: Optional[List[int]] = None
 ) -> Tuple[List[str], List[Dict[str, Any]]]:
@@ -400,12 +449,14 @@ def table(
     lrs = {row: best_lr(scores) for row, scores in chosen_lrs(entries, sha).items()}
     for method, buffer in rows():
         name = display_name(method) + (f", buffer {buffer}" if buffer else "")
-        variants = [(name, None)]
+        variants: List[Tuple[str, Optional[float], bool]] = [(name, None, False)]
         if lrs.get((method, buffer), DEFAULT_LR) != DEFAULT_LR:
             lr = lrs[(method, buffer)]
-            variants.append((f"{name}, lr {lr} (chosen on a validation split)", lr))
-        for label, lr in variants:
-            runs = [e for e in entries if _matches(e, _key(method, buffer, e["seed"], sha, lr))]
+            variants.append((f"{name}, lr {lr} (chosen on a validation split)", lr, False))
+        if method in AUTHORS_OPTIMIZER:
+            variants.append((f"{name}, {_authors_label(method)} (its authors')", None, True))
+        for label, lr, authors in variants:
+            runs = [e for e in entries if _matches(e, _key(method, buffer, e["seed"], sha, lr, authors=authors))]
             runs = list({e["seed"]: e for e in runs}.values())  # a seed run twice: its latest
             if not runs:
                 continue
@@ -504,6 +555,16 @@ over the same seeds. Final Class-IL average on the held-out images (%):
         if validation
         else ""
     )
+    third = [m for m, _ in rows() if m in AUTHORS_OPTIMIZER]
+    authors = f"""**Third rows: the authors' optimizer.** {", ".join(display_name(m) for m in third)} once more under
+the optimizer, lr and schedule of their authors' code, over the same seeds, batch 32 and 1 epoch per task as the
+other rows (the authors train 5 epochs at batch 16 or 24 (L2P, DualPrompt) and 20 at batch 128 (CODA-Prompt) on
+CIFAR-100). The program re-creates the optimizer's state at each task, as all three authors' code does. Each
+value and where it comes from:
+
+| row | settings | source |
+|---|---|---|
+""" + "\n".join(f"| {display_name(m)} | {_authors_label(m)} | {AUTHORS_OPTIMIZER[m][1]} |" for m in third)
     machine, versions = provenance_lines([e.get("provenance") for e in used])
     p = backbone["settings"]
     val = ", ".join(f"{100 * e['validation_accuracy']:.1f}" for e in backbone["epochs"])
@@ -540,7 +601,8 @@ Validation accuracy per epoch (%): {val}; test accuracy on those {FIRST_TASK_CLA
 {1 + (10 - FIRST_TASK_CLASSES) // CLASSES_PER_TASK} tasks (classes 0-{FIRST_TASK_CLASSES - 1}, then
 {(10 - FIRST_TASK_CLASSES) // CLASSES_PER_TASK} tasks of {CLASSES_PER_TASK}), the first {MAX_TRAIN_PER_TASK}
 training images of each task, 1 epoch per task, batch 32, every test image; plain SGD at lr {DEFAULT_LR} (the
-program's default for a pretrained model; second rows below at an lr chosen on a validation split); each method
+program's default for a pretrained model; second rows below at an lr chosen on a validation split, third rows
+under the prompt methods' authors' optimizer); each method
 with its catalog defaults{adapted}.
 Class-IL is the single-head accuracy over all classes seen; each method scores with its own predictor where it
 has one. Mean ± standard deviation over seeds {", ".join(map(str, SEEDS))}, one thread per run. The
@@ -552,13 +614,16 @@ random left to vary with the seed. s/run: wall time of one run on a shared 2-cor
 {chr(10).join(lines)}
 
 {tuning}
+{authors}
+
 {machine}.
 {versions}.
 
-One run, for example:
+Runs, for example (a row, and CODA-Prompt's third row):
 
 ```bash
 {command("simplecil", None, 0, WEIGHTS)}
+{command("coda-prompt", None, 0, WEIGHTS, authors=True)}
 ```
 
 `python benchmarks/pretrained_signal.py run` runs every row (finished runs are reused from the raw file) and

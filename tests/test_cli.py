@@ -91,6 +91,8 @@ def test_protocol_defaults_and_config_printed(tmp_path, capsys):
     assert main(["--max_train_per_task", "50", "--max_test_per_task", "50", "--output_dir", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert '"model": "mlp"' in printed and '"batch_size": 10' in printed and "summary" in printed
+    assert '"optimizer": "sgd"' in printed and '"lr_schedule": "constant"' in printed
+    assert "optimizer: sgd (no momentum, weight decay 0.0) at lr 0.03, schedule constant" in printed
 
 
 @pytest.mark.parametrize(
@@ -102,6 +104,8 @@ def test_protocol_defaults_and_config_printed(tmp_path, capsys):
         (["--dataset", "imagenet"], "--dataset"),
         (["--batch_size", "0"], "--batch_size"),
         (["--resume"], "--resume needs --output_dir"),
+        (["--optimizer", "rmsprop"], "--optimizer"),
+        (["--lr_schedule", "step"], "--lr_schedule"),
     ],
 )
 def test_bad_flags_are_argparse_errors(flags, message, capsys):
@@ -144,6 +148,8 @@ def test_help_explains_every_flag():
         "--normalize",
         "--init",
         "--weight_decay",
+        "--optimizer",
+        "--lr_schedule",
         "--seed",
         "--device",
         "--num_workers",
@@ -345,6 +351,21 @@ def test_experiment_rejects_bad_threads(keep_threads):
         with pytest.raises(ValueError, match="threads must be a positive int or None"):
             Experiment(Config(threads=bad))
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"optimizer": "rmsprop"}, "optimizer must be one of"),
+        ({"optimizer": "Adam"}, "optimizer must be one of"),
+        ({"lr_schedule": "step"}, "lr_schedule must be one of"),
+    ],
+)
+def test_experiment_rejects_an_unknown_optimizer_or_schedule_before_any_work(changes, message, keep_threads):
+    before = torch.get_num_threads()
+    with pytest.raises(ValueError, match=message):
+        Experiment(Config(threads=before + 1, **changes))
+    assert torch.get_num_threads() == before  # refused before set_threads, the first change it makes
 
 
 def test_model_args_reach_the_timm_constructor_and_bad_ones_are_refused(tmp_path):

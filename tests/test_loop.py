@@ -1,6 +1,12 @@
+import math
+
+import pytest
 import torch
 
+from synapse.experiments.build import build_optimizer
+from synapse.experiments.config import Config
 from synapse.experiments.loop import random_crop_flip, shard
+from synapse.experiments.schedule import lr_factor, set_lr
 
 
 def test_crop_and_flip_move_pixels_without_changing_them():
@@ -30,3 +36,51 @@ def test_shards_cover_every_index_once_with_wrapped_padding():
     assert [len(p) for p in parts] == [4, 4, 4]
     assert sorted(torch.cat(parts).tolist()) == sorted(list(range(10)) + [0, 1])
     assert torch.equal(shard(idx, 0, 1), idx)
+
+
+@pytest.mark.parametrize("epochs", [2, 5, 20])
+def test_the_cosine_at_each_epochs_first_step_is_coda_prompts_per_epoch_curve(epochs):
+    """CODA-Prompt's CosineSchedule (utils/schedulers.py) sets cos(99 pi e / (200 (K - 1))) at epoch e of K;
+    per step over K steps it is the same curve: 1 at the start, cos(0.495 pi) (1.6%) at the last step."""
+    factors = [lr_factor("cosine", e, epochs) for e in range(epochs)]
+    assert factors == pytest.approx([math.cos(99 * math.pi * e / (200 * (epochs - 1))) for e in range(epochs)])
+    assert factors[0] == 1.0 and factors[-1] == pytest.approx(0.0157, abs=1e-4)
+    assert all(a > b for a, b in zip(factors, factors[1:]))
+
+
+def test_constant_and_one_step_tasks_keep_the_lr_and_unknown_schedules_are_refused():
+    assert {lr_factor("constant", s, 10) for s in range(10)} == {1.0}
+    assert lr_factor("cosine", 0, 1) == 1.0  # a one-step task: the base lr (the authors' form divides by zero)
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        lr_factor("step", 0, 10)
+
+
+class _SlowBackbone:
+    """A method with parameter groups, as SLCA's: the first layer at a tenth of the lr."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def param_groups(self, lr):
+        return [{"params": self.model[1].parameters(), "lr": lr}, {"params": self.model[0].parameters(), "lr": lr / 10}]
+
+    def own_parameters(self):
+        return []
+
+
+@pytest.mark.parametrize(
+    "name, kind", [("sgd", torch.optim.SGD), ("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)]
+)
+def test_the_optimizer_is_the_configured_one_and_the_schedule_scales_every_group_from_its_own_lr(name, kind):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    optimizer = build_optimizer(Config(lr=0.5, weight_decay=0.01, optimizer=name), model, _SlowBackbone(model))
+    assert type(optimizer) is kind
+    assert [g["lr"] for g in optimizer.param_groups] == [0.5, 0.05]
+    assert {g["weight_decay"] for g in optimizer.param_groups} == {0.01}
+    assert {g.get("betas") for g in optimizer.param_groups} == ({None} if name == "sgd" else {(0.9, 0.999)})
+    set_lr(optimizer, 0.25)
+    set_lr(optimizer, 0.5)  # from each group's base, not compounded
+    assert [g["lr"] for g in optimizer.param_groups] == [0.25, 0.025]
+    fresh = build_optimizer(Config(lr=0.5, optimizer=name), model, _SlowBackbone(model))
+    fresh.load_state_dict(optimizer.state_dict())  # a checkpoint carries the base lrs
+    assert [g["initial_lr"] for g in fresh.param_groups] == [0.5, 0.05]

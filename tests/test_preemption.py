@@ -19,7 +19,7 @@ import torch
 
 from conftest import keep_checkpoint_at
 from synapse import catalog, testing
-from synapse.experiments import checkpoint, run
+from synapse.experiments import checkpoint, run, schedule
 from synapse.experiments.cli import main
 from synapse.experiments.run import Config, Experiment
 
@@ -198,16 +198,28 @@ def fashion(fashion_tasks):
     return load_split("fashion-mnist", "/nonexistent-dataset-dir"), fashion_tasks
 
 
+def _copy_checkpoint_at(step, full, snap, monkeypatch, fashion):
+    """Runs read ``fashion`` (no disk reads, no figure); the run writing under ``full`` copies its checkpoint
+    of global step ``step`` into ``snap``, for a second run to resume from."""
+    split, images = fashion
+    monkeypatch.setattr(run, "load_split", lambda *_, **__: split)
+    monkeypatch.setattr(run, "read_tasks", lambda _: images)
+    monkeypatch.setattr(run.report, "plot_accuracy", lambda *_: None)  # the figure is not under test (1 s a run)
+    keep_checkpoint_at(monkeypatch, step, full, snap)
+
+
+def _same_run(resumed, expected):
+    assert resumed["accuracy_matrix"] == expected["accuracy_matrix"]
+    losses = [[row["train_loss"], row["train_accuracy"]] for row in expected["epoch_log"]]
+    assert [[row["train_loss"], row["train_accuracy"]] for row in resumed["epoch_log"]] == losses
+
+
 @pytest.mark.parametrize("method", catalog.names())
 def test_every_method_resumes_exactly_from_a_mid_task_checkpoint(tmp_path, method, monkeypatch, fashion):
     """The uninterrupted run keeps a copy of its checkpoint at step 6 (task 2, batch 2 of 4); a run resumed
     from that copy ends with the same accuracy matrices and the same per-epoch losses."""
     full, snap = str(tmp_path / "full"), str(tmp_path / "snap")
-    split, images = fashion
-    monkeypatch.setattr(run, "load_split", lambda *_, **__: split)
-    monkeypatch.setattr(run, "read_tasks", lambda _: images)
-    monkeypatch.setattr(run.report, "plot_accuracy", lambda *_: None)  # the figure is not under test (1 s a run)
-    keep_checkpoint_at(monkeypatch, 6, full, snap)
+    _copy_checkpoint_at(6, full, snap, monkeypatch, fashion)
     # the harness's small settings (RanPAC's 10000-wide projection: 800 MB checkpoints), and a short GDumb
     # retraining (its default 128 epochs: 5 s here)
     args = {**catalog.get(method).harness_hparams, **({"retrain_epochs": 8} if method == "gdumb" else {})}
@@ -215,6 +227,46 @@ def test_every_method_resumes_exactly_from_a_mid_task_checkpoint(tmp_path, metho
     expected = Experiment(_tiny(method, full, method_args=args, **model)).run()
     assert progress(os.path.join(snap, "checkpoint.pt"))["next_batch"] == 2
     resumed = Experiment(_tiny(method, snap, method_args=args, resume=True, **model)).run()
-    assert resumed["accuracy_matrix"] == expected["accuracy_matrix"]
-    losses = [[row["train_loss"], row["train_accuracy"]] for row in expected["epoch_log"]]
-    assert [[row["train_loss"], row["train_accuracy"]] for row in resumed["epoch_log"]] == losses
+    _same_run(resumed, expected)
+
+
+def test_adam_with_a_cosine_schedule_resumes_exactly_and_restarts_at_each_task(tmp_path, monkeypatch, fashion):
+    """Adam and the cosine schedule, 2 epochs of 4 steps per task: the checkpoint at step 15 is in task 2's
+    second epoch (batch 3), so the lr there depends on the epoch as well as the batch, and Adam's moments on
+    the task's first 7 steps only (its state restarts at each task). A run resumed from it ends as the
+    uninterrupted one; resuming it with another optimizer or schedule is refused, naming the setting."""
+    full, snap = str(tmp_path / "full"), str(tmp_path / "snap")
+    _copy_checkpoint_at(15, full, snap, monkeypatch, fashion)
+    adam = {"optimizer": "adam", "lr_schedule": "cosine", "lr": 0.001, "num_epochs": 2}
+    expected = Experiment(_tiny("er", full, **adam)).run()
+    state = torch.load(os.path.join(snap, "checkpoint.pt"), weights_only=True)
+    assert (state["progress"]["stage"], state["progress"]["epoch"], state["progress"]["next_batch"]) == (1, 1, 3)
+    assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {7}  # task 2's steps, not 15
+    lrs = {g["lr"] / g["initial_lr"] for g in state["optimizer"]["param_groups"]}
+    assert lrs == {schedule.lr_factor("cosine", 6, 8)}  # the step it took last: the 7th of the task's 8
+    for other, named in (({"optimizer": "sgd"}, "optimizer"), ({"lr_schedule": "constant"}, "lr_schedule")):
+        with pytest.raises(checkpoint.CheckpointError, match=f"{named}: checkpoint has"):
+            Experiment(_tiny("er", snap, resume=True, **{**adam, **other})).run()
+    resumed = Experiment(_tiny("er", snap, resume=True, **adam)).run()
+    _same_run(resumed, expected)
+    sgd = Experiment(_tiny("er", str(tmp_path / "sgd"), lr=0.001, num_epochs=2)).run()
+    assert sgd["accuracy_matrix"] != expected["accuracy_matrix"]  # the optimizer was Adam, not the default
+
+
+def test_a_checkpoint_from_before_the_optimizer_setting_resumes_as_sgd_and_refuses_adam(tmp_path, monkeypatch, fashion):
+    """A checkpoint written before ``optimizer`` and ``lr_schedule`` joined the identity (its identity and
+    optimizer groups without them) was written by plain SGD at a constant lr: it resumes so, exactly, and a
+    resume with Adam is refused, naming the setting."""
+    full, snap = str(tmp_path / "full"), str(tmp_path / "snap")
+    _copy_checkpoint_at(6, full, snap, monkeypatch, fashion)
+    expected = Experiment(_tiny("er", full)).run()
+    path = os.path.join(snap, "checkpoint.pt")
+    state = torch.load(path, weights_only=True)
+    for key in ("optimizer", "lr_schedule"):
+        del state["identity"][key]
+    for group in state["optimizer"]["param_groups"]:
+        del group["initial_lr"]
+    torch.save(state, path)
+    with pytest.raises(checkpoint.CheckpointError, match="optimizer: checkpoint has 'sgd', this run has 'adam'"):
+        Experiment(_tiny("er", snap, resume=True, optimizer="adam")).run()
+    _same_run(Experiment(_tiny("er", snap, resume=True)).run(), expected)

@@ -110,8 +110,8 @@ def test_the_lr_grid_covers_the_rows_that_train_and_picks_the_best_validation_sc
     assert signal.best_lr({0.01: 0.7, 0.03: 0.7, 0.1: 0.6}) == signal.DEFAULT_LR  # a tie keeps the default
 
 
-def _entry(method, buffer, seed, lr=None, validation=False, accuracy=0.5):
-    key = signal._key(method, buffer, seed, "sha", lr, validation)
+def _entry(method, buffer, seed, lr=None, validation=False, accuracy=0.5, authors=False):
+    key = signal._key(method, buffer, seed, "sha", lr, validation, authors)
     matrix = [[0.9, 0.0], [0.5, 0.5]]
     result = {"average_accuracy": {"class_il": accuracy, "task_il": 0.9}, "forgetting": {"class_il": 0.4},
               "accuracy_matrix": {"class_il": matrix}, "test_samples_per_task": [10, 10]}  # fmt: skip
@@ -136,3 +136,27 @@ def test_a_row_whose_best_lr_is_not_the_default_gets_a_second_row(monkeypatch):
     assert args.lr == signal.config("l2p", None, 0, signal.WEIGHTS, lr=0.03).lr == 0.03
     held_out = signal.config("l2p", None, 0, signal.WEIGHTS, validation=True)
     assert (held_out.validation_ratio, held_out.evaluate_on) == (signal.VALIDATION_RATIO, "validation")
+
+
+def test_the_prompt_methods_third_rows_run_under_their_authors_optimizer():
+    assert set(signal.AUTHORS_OPTIMIZER) == {"l2p", "dualprompt", "coda-prompt"}
+    for method, (values, source) in signal.AUTHORS_OPTIMIZER.items():
+        cfg = signal.config(method, None, 0, signal.WEIGHTS, authors=True)
+        assert {k: getattr(cfg, k) for k in values} == values and source
+        parser, args = _parsed(signal.command(method, None, 0, signal.WEIGHTS, authors=True))
+        assert {k: getattr(args, k) for k in values} == values  # the printed flags are the run's settings
+        assert (cfg.optimizer, cfg.num_epochs, cfg.batch_size) == ("adam", None, None)  # epochs, batch: the rows'
+    assert signal.config("l2p", None, 0, signal.WEIGHTS).optimizer == "sgd"
+    assert signal.AUTHORS_OPTIMIZER["l2p"][0]["lr"] == 0.03 * 32 / 256  # their batch/256 scaling at batch 32
+    assert signal.AUTHORS_OPTIMIZER["coda-prompt"][0]["lr_schedule"] == "cosine"
+
+
+def test_a_third_row_reads_only_the_runs_under_the_authors_optimizer():
+    runs = [_entry("coda-prompt", None, s, accuracy=0.3) for s in (0, 1)]
+    runs += [_entry("coda-prompt", None, s, accuracy=0.4, authors=True) for s in (0, 1, 2)]
+    lines, used = signal.table(runs, "sha")
+    rows = lines[2:]
+    assert len(rows) == 2 and len(used) == 5
+    assert rows[0].startswith("| CODA-Prompt | 30.00 ± 0.00 |") and rows[0].endswith("| 2 | 1 |")
+    assert rows[1].startswith("| CODA-Prompt, Adam, lr 0.001, cosine (its authors') | 40.00 ± 0.00 |")
+    assert rows[1].endswith("| 3 | 1 |")

@@ -405,12 +405,11 @@ def test_a_covariance_that_cannot_be_sampled_is_a_clear_error_and_changes_nothin
 
 
 def test_the_experiment_programs_optimizer_takes_the_slow_learners_groups():
-    from types import SimpleNamespace
-
     from synapse.experiments.build import build_optimizer
+    from synapse.experiments.config import Config
 
     model = vit()
-    cfg = SimpleNamespace(lr=0.1, weight_decay=5e-4)
+    cfg = Config(lr=0.1, weight_decay=5e-4)
     optimizer = build_optimizer(cfg, model, SLCA(model))
     assert [g["lr"] for g in optimizer.param_groups] == [0.1, pytest.approx(0.001)]
     assert [g["weight_decay"] for g in optimizer.param_groups] == [5e-4, 5e-4]

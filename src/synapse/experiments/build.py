@@ -12,10 +12,11 @@ import synapse
 from synapse import catalog
 from synapse.augment import RandomCropFlip
 
-from .config import Config
+from .config import ADAM_BETAS, OPTIMIZERS, Config
 from .datasets import DatasetSpec
 from .distributed import World
 from .models import create_model
+from .schedule import remember_base_lr
 
 
 def build_model(
@@ -63,18 +64,31 @@ def wrap_for_world(cfg: Config, model: nn.Module, device: torch.device, world: W
     return model
 
 
-def build_optimizer(
-    cfg: Config, model: nn.Module, method: Optional[synapse.Synapse] = None
-) -> torch.optim.Optimizer:
-    """Plain SGD, as the DER protocol trains: over the method's parameter groups where it has them (SLCA's
-    slow learner: the backbone at a fraction of ``--lr``), else over the model's parameters and those the
-    method keeps outside the model (L2P's prompts and keys)."""
+def build_optimizer(cfg: Config, model: nn.Module, method: Optional[synapse.Synapse] = None) -> torch.optim.Optimizer:
+    """``cfg.optimizer`` at ``--lr`` with ``--weight_decay``: plain SGD (the DER protocol's), Adam (L2, as
+    torch's) or AdamW (decoupled), both with betas (0.9, 0.999). Over the method's parameter groups where it
+    has them (SLCA's slow learner: the backbone at a fraction of ``--lr``), else over the model's parameters
+    and those the method keeps outside the model (L2P's prompts and keys). Each group's lr is also recorded
+    as its ``initial_lr``, the base of ``--lr_schedule``."""
     groups = getattr(method, "param_groups", None)
     own = method.own_parameters() if method is not None else []
-    return torch.optim.SGD(
-        groups(cfg.lr) if callable(groups) else [*model.parameters(), *own],
-        lr=cfg.lr,  # type: ignore[arg-type]
-        weight_decay=cfg.weight_decay,
+    params = groups(cfg.lr) if callable(groups) else [*model.parameters(), *own]
+    extra = {} if cfg.optimizer == "sgd" else {"betas": ADAM_BETAS}
+    optimizer = OPTIMIZERS[cfg.optimizer](params, lr=cfg.lr, weight_decay=cfg.weight_decay, **extra)
+    return remember_base_lr(optimizer)
+
+
+def describe_optimizer(cfg: Config) -> str:
+    """One line for the run's log: the optimizer, its settings and the lr schedule."""
+    settings = "no momentum" if cfg.optimizer == "sgd" else f"betas {ADAM_BETAS}"
+    schedule = (
+        "constant"
+        if cfg.lr_schedule == "constant"
+        else "cosine over each task's steps, from lr to 1.6% of it (CODA-Prompt's curve)"
+    )
+    return (
+        f"{cfg.optimizer} ({settings}, weight decay {cfg.weight_decay}) at lr {cfg.lr}, schedule {schedule}; "
+        "its state restarts at each task"
     )
 
 

@@ -64,22 +64,30 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
     return state
 
 
-def check_identity(state: Mapping[str, Any], identity: Mapping[str, Any], path: str) -> None:
-    """Refuse a checkpoint of another experiment, naming every setting that differs."""
+def check_identity(
+    state: Mapping[str, Any], identity: Mapping[str, Any], path: str, absent: Optional[Mapping[str, Any]] = None
+) -> None:
+    """Refuse a checkpoint of another experiment, naming every setting that differs. ``absent``: the value
+    of a setting the checkpoint does not record (one added to the identity after it was written)."""
+    absent = absent or {}
+    recorded = {key: state["identity"].get(key, absent.get(key)) for key in identity}
     mismatches = [
-        f"{key}: checkpoint has {state['identity'].get(key)!r}, this run has {value!r}"
+        f"{key}: checkpoint has {recorded[key]!r}, this run has {value!r}"
         for key, value in identity.items()
-        if state["identity"].get(key) != value
+        if recorded[key] != value
     ]
     if mismatches:
         raise CheckpointError(f"checkpoint {path} is from a different experiment; " + "; ".join(mismatches))
 
 
-def load_generations(path: str, identity: Mapping[str, Any]) -> List[Tuple[str, Dict[str, Any]]]:
+def load_generations(
+    path: str, identity: Mapping[str, Any], absent: Optional[Mapping[str, Any]] = None
+) -> List[Tuple[str, Dict[str, Any]]]:
     """Every readable generation of ``path`` as ``(file, state)``, newest first; [] when there is none.
 
     An unreadable file is skipped with a warning (a truncated copy, a disk error: the older generation is
-    still good); a checkpoint of another experiment is an error, as is having files but none readable.
+    still good); a checkpoint of another experiment is an error (``absent``: as in :func:`check_identity`), as
+    is having files but none readable.
     """
     found, readable = generations(path), []
     for file in found:
@@ -88,7 +96,7 @@ def load_generations(path: str, identity: Mapping[str, Any]) -> List[Tuple[str, 
         except CheckpointUnreadable as e:
             warnings.warn(f"{e}; falling back to the previous checkpoint", UserWarning, stacklevel=2)
             continue
-        check_identity(state, identity, file)
+        check_identity(state, identity, file, absent)
         readable.append((file, state))
     if found and not readable:
         raise CheckpointError(f"no readable checkpoint among {', '.join(found)}: delete them to start from scratch")
@@ -130,7 +138,11 @@ def experiment_state(
 
 
 def newest_common(
-    path: str, identity: Mapping[str, Any], world: World, device: torch.device
+    path: str,
+    identity: Mapping[str, Any],
+    world: World,
+    device: torch.device,
+    absent: Optional[Mapping[str, Any]] = None,
 ) -> Optional[Tuple[str, Dict[str, Any]]]:
     """The newest readable generation of ``path`` at a step that every rank holds, as ``(file, state)``; None
     when no rank has one (start from scratch).
@@ -149,7 +161,7 @@ def newest_common(
     error: Optional[CheckpointError] = None
     found: List[Tuple[str, Dict[str, Any]]] = []
     try:
-        found = load_generations(path, identity)
+        found = load_generations(path, identity, absent)
     except CheckpointError as e:  # raised below on every rank, after the ranks agreed (none waits alone)
         error = e
     newest = found[0][1]["progress"]["step"] if found else -1

@@ -15,10 +15,12 @@ from synapse import catalog
 from . import presets
 from ._extras import missing_extras_message, missing_modules
 from .checkpoint import DEFAULT_EVERY, CheckpointError, parse_every
+from .config import OPTIMIZERS
 from .datasets import DATASETS, DatasetUnavailable
 from .loggers import BACKENDS, LoggerUnavailable
 from .models import INITS, ModelArgsError, ModelUnavailable, check_model_name
 from .run import TRAINING_TYPES, Config, Experiment, StoppedBeforeTraining, StopRequested, _Signals, check_scenario
+from .schedule import LR_SCHEDULES
 
 
 def _number(
@@ -270,7 +272,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr",
         type=_number(float, 0, low_open=True, high=None),
         default=None,
-        help="SGD learning rate (default: the protocol's: 0.03 MNIST-like, 0.1 CIFAR)",
+        help="the learning rate (default: the protocol's: 0.03 MNIST-like, 0.1 CIFAR)",
+    )
+    g.add_argument(
+        "--optimizer",
+        default=d.optimizer,
+        choices=list(OPTIMIZERS),
+        help="sgd (the DER protocol's: no momentum), adam (L2 weight decay, as torch's) or adamw (decoupled "
+        "weight decay), both with betas (0.9, 0.999); its state restarts at each task, as the prompt methods' "
+        "authors re-create theirs per task",
+    )
+    g.add_argument(
+        "--lr_schedule",
+        default=d.lr_schedule,
+        choices=list(LR_SCHEDULES),
+        help="the lr within each task: constant, or cosine: --lr times cos(0.495 pi t / (T - 1)) at step t of "
+        "the task's T steps (all its epochs), down to 1.6%% of --lr at its last step, restarted at each task "
+        "(CODA-Prompt's curve, there per epoch)",
     )
     g.add_argument(
         "--training_type",
@@ -372,7 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--weight_decay",
         type=_number(float, 0, high=None),
         default=d.weight_decay,
-        help="SGD's weight decay (L2), e.g. 5e-4 for the DER authors' LwF",
+        help="the optimizer's weight decay (L2 for sgd and adam, decoupled for adamw), e.g. 5e-4 for the DER "
+        "authors' LwF",
     )
     g.add_argument(
         "--preset",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -12,9 +12,18 @@ from synapse import catalog
 
 from .checkpoint import DEFAULT_EVERY
 from .datasets import DATASETS, DatasetSpec
+from .schedule import LR_SCHEDULES
 from .streaming import DATA_PATHS
 
 TRAINING_TYPES = ("joint", "sequential", "continual")
+# --optimizer's choices. SGD is the DER protocol's (no momentum); Adam and AdamW are what the prompt methods'
+# authors train with (L2P and DualPrompt through timm's create_optimizer, CODA-Prompt through torch.optim).
+OPTIMIZERS: Dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "sgd": torch.optim.SGD,
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+}
+ADAM_BETAS: Tuple[float, float] = (0.9, 0.999)  # torch's default, and all three authors' configurations
 # A checkpoint only resumes the experiment it came from: these settings must match.
 IDENTITY = (
     "dataset",
@@ -31,6 +40,10 @@ IDENTITY = (
     "buffer_sample_size",
     "method_args",
     "weight_decay",
+    # A checkpoint's optimizer state only fits the optimizer that wrote it, and the lr it continues at
+    # depends on the schedule.
+    "optimizer",
+    "lr_schedule",
     "normalize",
     "init",
     "evaluate_on",
@@ -50,6 +63,9 @@ IDENTITY = (
     "first_task_classes",
     "class_order_seed",
 )
+# Identity settings added after checkpoints were already written: a checkpoint that does not record one was
+# written by a run at the setting's default (what every run had before it existed), and resumes at it.
+ADDED_TO_IDENTITY = ("optimizer", "lr_schedule")
 
 
 @dataclass
@@ -69,6 +85,10 @@ class Config:
     # The method's hyperparameters by catalog name; unset ones take the catalog's defaults.
     method_args: Dict[str, Any] = dataclasses.field(default_factory=dict)
     weight_decay: float = 0.0
+    # The optimizer (OPTIMIZERS) and the lr within each task (schedule.LR_SCHEDULES); the optimizer's state
+    # restarts at each task's start.
+    optimizer: str = "sgd"
+    lr_schedule: str = "constant"
     normalize: Optional[bool] = None  # None: the protocol's
     init: Optional[str] = None  # None: the protocol's
     evaluate_on: str = "test"  # or "validation": the held-out part of each task's training data
@@ -163,6 +183,10 @@ def check_scenario(cfg: Config, spec: DatasetSpec) -> None:
 def validate(cfg: Config) -> Config:
     """Check ``cfg`` before any work or state change (ValueError, naming the setting); return it with the
     method's hyperparameters resolved from the catalog (a continual run)."""
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {tuple(OPTIMIZERS)}, got {cfg.optimizer!r}")
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {cfg.lr_schedule!r}")
     threads = cfg.threads
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive int or None, got {cfg.threads!r}")
@@ -198,3 +222,8 @@ def set_threads(cfg: Config) -> Config:
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     return dataclasses.replace(cfg, threads=torch.get_num_threads())
+
+
+def absent_identity() -> Dict[str, Any]:
+    """The value of each :data:`ADDED_TO_IDENTITY` setting in a checkpoint that does not record it: its default."""
+    return {f.name: f.default for f in dataclasses.fields(Config) if f.name in ADDED_TO_IDENTITY}

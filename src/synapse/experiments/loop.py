@@ -56,6 +56,7 @@ def train_epoch(
     log_every: int = 0,
     log_step: Optional[Callable[[Tensor, int], None]] = None,
     totals: Totals = (0.0, 0, 0),
+    before_step: Optional[Callable[[int], None]] = None,
 ) -> EpochResult:
     """Train over ``order`` from batch ``start_batch``; stop early (resumably) when ``should_stop``.
 
@@ -71,7 +72,8 @@ def train_epoch(
     ``boundaries`` replaces batches of ``batch_size``: batch ``b`` is ``order[boundaries[b]:boundaries[b + 1]]``
     (a task-free stream's own batches). Every ``log_every`` steps, ``log_step(interval_loss_sum, steps)``
     receives the loss summed over those steps, still on the device: the logger fetches it then, so the
-    steps in between make no host sync.
+    steps in between make no host sync. ``before_step(batch)`` runs before each batch's step (the lr
+    schedule).
     """
     model.train()
     device = next(model.parameters()).device
@@ -98,6 +100,8 @@ def train_epoch(
     while batch_index < num_batches:
         if should_stop(batch_index, running):
             break
+        if before_step is not None:
+            before_step(batch_index)
         inputs, targets = next(source)
         raw = inputs
         if augment:

@@ -22,7 +22,7 @@ from synapse import catalog, named_batches
 from synapse.scenarios import DomainIncremental, TaskFreeStream
 
 from . import report
-from .build import build_method, build_model, build_optimizer, wrap_for_world
+from .build import build_method, build_model, build_optimizer, describe_optimizer, wrap_for_world
 from .checkpoint import (
     Periodic,
     Writer,
@@ -33,12 +33,22 @@ from .checkpoint import (
     parse_every,
     pause_for_tests,
 )
-from .config import IDENTITY, TRAINING_TYPES, Config, check_scenario, check_world, set_threads, validate
+from .config import (
+    IDENTITY,
+    TRAINING_TYPES,
+    Config,
+    absent_identity,
+    check_scenario,
+    check_world,
+    set_threads,
+    validate,
+)
 from .data import prepare
 from .datasets import load_split, read_tasks
 from .distributed import World, device_for, init_from_env, reduce_ints
 from .loggers import Logger, create_loggers
 from .loop import Evaluation, Totals, evaluate, shard, train_epoch
+from .schedule import lr_factor, set_lr
 from .streaming import DEFAULT_WORKERS, Images, Streamed, batches, cat, choose, streamed_tasks
 from .streaming import close as close_streams
 
@@ -269,6 +279,7 @@ class Experiment:
         self.log(f"data: {self.data_path}")
         if self.spec.test_split:
             self.log(f"test set: {self.spec.test_split}")
+        self.log(f"optimizer: {describe_optimizer(self.cfg)}")
         if self.cfg.resume:
             self.restore()
         started = time.perf_counter() - self.elapsed
@@ -303,6 +314,10 @@ class Experiment:
             while self.stage < len(stages):
                 name, x, y = stages[self.stage]
                 gather, boundaries = self._gather(self.stage, x, y), self._boundaries()
+                if self.epoch == 0 and self.next_batch == 0:
+                    # A task starts with a fresh optimizer state (Adam's moments; plain SGD has none), as the
+                    # prompt methods' authors re-create their optimizer per task. Not on a resume mid-task.
+                    self.optimizer.state.clear()
                 while self.epoch < self.cfg.num_epochs:  # type: ignore[operator]
                     if self.order is None:
                         self.order = shard(self._new_order(len(y)), self.world.rank, self.world.size)
@@ -341,6 +356,7 @@ class Experiment:
                         log_every=self.cfg.log_interval if self.cfg.log else 0,
                         log_step=log_step,
                         totals=self.totals,
+                        before_step=self._schedule(num_batches),
                     )
                     bar.close()
                     if not result.completed:
@@ -367,6 +383,15 @@ class Experiment:
             self.elapsed = time.perf_counter() - started
             # Still deferred: a signal now waits for the results to be written, and the run ends complete.
             return self.finish()
+
+    def _schedule(self, num_batches: int) -> Optional[Callable[[int], None]]:
+        """What sets the lr before each batch of this epoch (None: a constant lr, left as it is): the
+        schedule over the task's ``num_epochs x num_batches`` steps, at this epoch's place in them."""
+        if self.cfg.lr_schedule == "constant":
+            return None
+        first, steps = self.epoch * num_batches, self.cfg.num_epochs * num_batches  # type: ignore[operator]
+        schedule, optimizer = self.cfg.lr_schedule, self.optimizer
+        return lambda batch: set_lr(optimizer, lr_factor(schedule, first + batch, steps))
 
     def _log_task(self, step: int) -> None:
         """After a task: its accuracy row, the averages, forgetting, and the memory's class histogram."""
@@ -520,7 +545,7 @@ class Experiment:
         there is none (checkpoint.newest_common)."""
         if self.ckpt_path is None:
             raise ValueError("--resume needs --output_dir, where the checkpoint is")
-        found = newest_common(self.ckpt_path, self.identity, self.world, self.device)
+        found = newest_common(self.ckpt_path, self.identity, self.world, self.device, absent_identity())
         if found is None:
             self.log(f"no checkpoint in {os.path.dirname(self.ckpt_path) or '.'}: starting from scratch")
             return
