@@ -522,14 +522,17 @@ python -m synapse.experiments --dataset cifar100 --model timm:vit_base_patch16_2
     --pretrained vit_base_patch16_224.augreg_in21k.safetensors --input_size 224 \\
     --synapse_type ranpac --num_epochs 1 --device cuda
 # ImageNet-R (a folder of 200 class folders), 10 tasks of 20 classes (or 20 of 10: --classes_per_task 10),
-# 20% of each class held out as its test set, images read at 224
-python -m synapse.experiments --dataset folder:/data/imagenet-r --image_size 224 --test_fraction 0.2 \\
+# the train/test split of CODA-Prompt's lists (imagenet-r_train.yaml, imagenet-r_test.yaml, which you bring),
+# images read at 224
+python -m synapse.experiments --dataset folder:/data/imagenet-r --image_size 224 --split_dir /data/splits \\
     --classes_per_task 20 --model timm:vit_base_patch16_224 \\
     --pretrained vit_base_patch16_224.augreg_in21k.safetensors --synapse_type simplecil --device cuda
 ```
 
-The random 80/20 hold-out of `--test_fraction` is not any paper's own file list: the papers' ImageNet-R
-splits differ from each other and from it, so compare with them as an approximation. The epochs, learning
+The papers' ImageNet-R splits differ: CODA-Prompt ships fixed lists (`--split_dir`, or the lists beside the
+tree, reads them; docs/vision.md), while L2P's and DualPrompt's code splits the tree 80/20 at random under
+their seed. Without lists, `--test_fraction` (default 0.2) holds out a seeded share of every class, which is
+no paper's own split: compare with them as an approximation. The epochs, learning
 rate and batch size of each paper's recipe are the method's (see its section in docs/methods/pretrained.md
 and its preset); the closed-form methods (SimpleCIL, RanPAC) train nothing and need one pass per task."""
 
