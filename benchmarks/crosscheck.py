@@ -60,8 +60,10 @@ from _runner import (  # noqa: E402  (benchmarks/ is not a package)
     presets,
     provenance,
     provenance_lines,
+    resolved_config,
     run_jobs,
     run_one,
+    same_config,
 )
 
 DERPP_360 = ("fashion-mnist-360", "der++", 500)
@@ -420,8 +422,9 @@ def render(
     return "\n".join(lines)
 
 
-# The presets each check's runs read, as (dataset, method, buffer): a cached run counts only while they hold
-# the values it was made with (its entry records them), so a changed preset runs the check again.
+# The rows each check's runs are made of, as (dataset, method, buffer): a cached run counts only while each
+# resolves to the configuration it had then (its entry records them; ``_runner.same_config``), so a changed
+# preset, catalog default or protocol default runs the check again.
 READS: Dict[str, Tuple[Tuple[str, str, int], ...]] = {
     "derpp-steps": (DERPP_360,),
     "gem-qp": (("perm-fashion-mnist", "gem", 200),),
@@ -430,17 +433,23 @@ READS: Dict[str, Tuple[Tuple[str, str, int], ...]] = {
 }
 
 
-def check_values(check: str) -> Dict[str, Any]:
-    """The preset values ``check`` runs with (see :data:`READS`), keyed ``"dataset method buffer"``."""
-    return {f"{dataset} {m} {b}": presets.values(m, presets.protocol_of(dataset), b) for dataset, m, b in READS[check]}
+def check_configs(check: str, seed: int) -> Dict[str, Any]:
+    """What the rows of ``check`` (see :data:`READS`) resolve to at ``seed``, keyed ``"dataset method buffer"``."""
+    return {f"{d} {m} {b}": resolved_config(config_for(d, m, b, seed)) for d, m, b in READS[check]}
+
+
+def _current(entry: Dict[str, Any]) -> bool:
+    recorded = entry.get("configs") or {}
+    today = check_configs(entry["check"], entry["seed"])
+    return set(recorded) == set(today) and all(same_config(recorded[k], v) for k, v in today.items())
 
 
 def _load_cache(path: Optional[str]) -> Tuple[Dict[Job, Any], Dict[Job, Optional[Dict[str, str]]]]:
-    """The cached runs' values and provenance, by job: those made with the presets' values of today."""
+    """The cached runs' values and provenance, by job: those whose rows resolve as they did then."""
     done: Dict[Job, Any] = {}
     made_by: Dict[Job, Optional[Dict[str, str]]] = {}
     for r in Cache(path).entries():
-        if r["check"] in READS and r.get("values") == check_values(r["check"]):
+        if r["check"] in READS and _current(r):
             job = (r["check"], r["side"], r["seed"])
             done[job], made_by[job] = r["value"], r.get("provenance")
     return done, made_by
@@ -472,7 +481,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         results[job], made_by[job] = value, prov
         print(f"{job}: {value} ({seconds:.0f} s)", flush=True)
         entry = {"check": job[0], "side": job[1], "seed": job[2], "value": value, "provenance": prov}
-        Cache(args.cache).append({**entry, "values": check_values(job[0])})
+        Cache(args.cache).append({**entry, "configs": check_configs(job[0], job[2])})
     wall = time.perf_counter() - start if len(todo) == len(jobs) else None
     summary = crosscheck_summary.render(args.results, summary_checks(results))
     # Checks left out whose cached runs all predate today's preset values: the page says so.
