@@ -84,3 +84,19 @@ def test_a_changed_preset_or_catalog_default_runs_the_row_again(tmp_path, monkey
     hparams = tuple(changed if h.name == changed.name else h for h in spec.hparams)
     monkeypatch.setitem(catalog._REGISTRY, ROW[1], dataclasses.replace(spec, hparams=hparams))
     assert _served(tmp_path, entry) == set()
+
+
+def test_a_crosscheck_run_is_served_while_its_rows_resolve_the_same(tmp_path, monkeypatch):
+    import crosscheck
+
+    check = "mir-200"
+    entry = {"check": check, "side": 0, "seed": 0, "value": {"final": 50.0}, "provenance": None,
+             "configs": crosscheck.check_configs(check, 0)}  # fmt: skip
+    cache = tmp_path / "runs.jsonl"
+    cache.write_text(json.dumps(entry) + "\n")
+    assert (check, 0, 0) in crosscheck._load_cache(str(cache))[0]
+
+    real = _runner.presets.values  # the preset's lr changes: the run no longer counts
+    changed = lambda *args, **kwargs: {**real(*args, **kwargs), "lr": 0.123}  # noqa: E731
+    monkeypatch.setattr(_runner.presets, "values", changed)
+    assert crosscheck._load_cache(str(cache))[0] == {}
