@@ -236,6 +236,22 @@ def test_split_dir_names_lists_kept_elsewhere_and_the_run_uses_them(imagenet_r, 
     )
 
 
+def test_split_dir_wins_over_broken_lists_beside_the_tree(imagenet_r, tmp_path, capsys):
+    """Lists beside the tree are not read when --split_dir names others: the CLI's early layout check and
+    the registry's spec read no lists."""
+    tree, parts = imagenet_r
+    (tree / "train.txt").write_text("n09999999/nowhere.jpg\n")  # half a pair, and a bad path
+    with pytest.raises(DatasetUnavailable, match="holds the split list train.txt but not test.txt"):
+        folder_spec(str(tree))
+    assert DATASETS[f"folder:{tree}"].num_classes == 3  # the layout only
+    write_lists(tmp_path / "splits", parts)
+    out = tmp_path / "run"
+    args = ["--dataset", f"folder:{tree}", "--split_dir", str(tmp_path / "splits"), "--image_size", "8"]
+    args += ["--model", "mlp", "--classes_per_task", "1", "--threads", "1", "--output_dir", str(out)]
+    assert main([*args, "--buffer_size", "4", "--max_train_per_task", "2"]) == 0
+    assert json.loads((out / "results.json").read_text())["test_samples_per_task"] == [2, 2, 2]
+
+
 def test_bad_split_lists_are_refused_with_what_is_wrong(imagenet_r, tmp_path):
     tree, parts = imagenet_r
     bad = {

@@ -160,7 +160,7 @@ class DatasetRegistry(Registry[DatasetSpec]):
 
     def __getitem__(self, name: str) -> DatasetSpec:
         if isinstance(name, str) and name.startswith(FOLDER_PREFIX):
-            return folder_spec(name[len(FOLDER_PREFIX) :])
+            return folder_spec(name[len(FOLDER_PREFIX) :], read_split=False)
         return super().__getitem__(name)
 
     def __contains__(self, name: object) -> bool:
@@ -552,7 +552,12 @@ def _annotated(folder: str, classes: List[str]) -> Dict[str, List[str]]:
 
 
 def folder_spec(
-    path: str, image_size: int = 32, test_fraction: Optional[float] = None, split_dir: Optional[str] = None
+    path: str,
+    image_size: int = 32,
+    test_fraction: Optional[float] = None,
+    split_dir: Optional[str] = None,
+    *,
+    read_split: bool = True,
 ) -> DatasetSpec:
     """A dataset of the images under ``path``, in ImageFolder layout: ``train/`` and ``test/`` (or ``val/``)
     with one folder per class, or one folder per class. One tree is split by the list files in ``split_dir``
@@ -562,6 +567,8 @@ def folder_spec(
     Images are read as RGB and resized to ``image_size`` squared
     (bilinear) when loaded; the CIFAR protocol applies (augmentation included). Classes are numbered in
     the folders' sorted order, split into 5 tasks when their number allows it (else one class per task).
+    ``read_split=False`` checks the layout only and leaves the split to the load (the registry's spec: its
+    protocol and classes, with no list files read).
 
     Example:
         >>> spec = folder_spec("my_images", image_size=64)  # doctest: +SKIP
@@ -571,7 +578,10 @@ def folder_spec(
     if test_fraction is not None and not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
     classes, held_out = _folder_layout(path)
-    split, test_split = _test_split(path, classes, held_out, test_fraction, split_dir)
+    def split_now() -> Tuple[Optional[Split], str]:
+        return _test_split(path, classes, held_out, test_fraction, split_dir)
+
+    split, test_split = split_now() if read_split else (None, "")
     k = len(classes)
     return DatasetSpec(
         f"{FOLDER_PREFIX}{path}",
@@ -583,7 +593,7 @@ def folder_spec(
         std=_FOLDER_STD,
         augment=True,
         protocol=_CIFAR_PROTOCOL,
-        load=lambda root: _load_folder(path, image_size, test_fraction or 0.2, split),
+        load=lambda root: _load_folder(path, image_size, test_fraction or 0.2, split if read_split else split_now()[0]),
         test_split=test_split,
     )
 
