@@ -223,12 +223,13 @@ def cpu_model() -> str:
     return cpu
 
 
-def provenance() -> Dict[str, str]:
+def provenance(threads: Optional[int] = None) -> Dict[str, str]:
     """What made a raw result: the commit (``+dirty`` with uncommitted changes to tracked files), the machine,
     torch's CPU threads and the library versions. Recorded with every raw result, so that a render states
     where its numbers came from rather than where it was rendered. The threads and the CPU's instruction set
     matter: the summation order and rounding change with them, and a run's numbers with it (by points, for
-    MIR, whose top-k follows float rounding)."""
+    MIR, whose top-k follows float rounding). ``threads``: those each run uses, where a parent process records
+    the provenance for workers that set their own (default: this process's)."""
     import numpy
     import torch
 
@@ -237,10 +238,11 @@ def provenance() -> Dict[str, str]:
     commit = _git("rev-parse", "--short=12", "HEAD") or "unknown"
     if commit != "unknown" and _git("status", "--porcelain", "--untracked-files=no"):
         commit += "+dirty"
+    threads = threads or torch.get_num_threads()
     return {
         "commit": commit,
         "machine": f"{cpu_model()} ({_kernels()} kernels), {os.cpu_count()} cores, {platform.system()} "
-        f"{platform.release()}, Python {platform.python_version()}, {torch.get_num_threads()} torch thread(s) per run",
+        f"{platform.release()}, Python {platform.python_version()}, {threads} torch thread(s) per run",
         "versions": f"Synapse {synapse.__version__}, torch {torch.__version__}, numpy {numpy.__version__}",
     }
 
