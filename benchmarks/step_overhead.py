@@ -346,14 +346,19 @@ def load_result(path: str) -> Dict[str, Any]:
 def from_json(paths: Sequence[str], readme: bool) -> None:
     """Print the tables of saved results, and with ``readme`` put them into README.md; runs nothing."""
     results = [load_result(p) for p in paths]
-    kinds = sorted({torch.device(r["device"]).type for r in results})
-    if readme and len(kinds) > 1:
-        raise ValueError(f"--readme puts one device's tables in its section; these results are from {kinds}")
+    sections = sorted({readme_section(r) for r in results})
+    if readme and len(sections) > 1:
+        raise ValueError(f"--readme puts one kind of result in its section; these results go to {sections}")
     text = "\n\n".join("\n".join(render(r)) for r in results)
     print(text)
     if readme:
-        write_readme_section(f"step-overhead-{kinds[0]}", text)
-        print(f"written into README.md (step-overhead-{kinds[0]})")
+        write_readme_section(sections[0], text)
+        print(f"written into README.md ({sections[0]})")
+
+
+def readme_section(result: Dict[str, Any]) -> str:
+    """The README section a result belongs in: its device's, and the ViT table's apart."""
+    return f"step-overhead-{torch.device(result['device']).type}{'-vit' if result.get('vit') else ''}"
 
 
 # What only a measurement uses: --from-json says which of these it was given, since it would ignore them.
@@ -550,7 +555,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.e2e:
         result["end_to_end"] = end_to_end(args.e2e_seeds)
     if args.readme:
-        write_readme_section(f"step-overhead-{device.type}{'-vit' if args.vit else ''}", "\n".join(render(result)))
+        write_readme_section(readme_section(result), "\n".join(render(result)))
     name = f"step_overhead_{device.type}{'_vit' if args.vit else ''}{'_compiled' if args.compile else ''}.json"
     path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", name)
     os.makedirs(os.path.dirname(path), exist_ok=True)

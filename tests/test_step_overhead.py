@@ -112,6 +112,20 @@ def test_from_json_writes_the_readme_between_the_markers_only(tmp_path, monkeypa
     assert section.count("| plain ") == 2 and "under torch.compile, Test GPU X1, torch 9.9.9:" in section
 
 
+def test_from_json_puts_a_vit_result_in_the_vit_section(tmp_path, monkeypatch, capsys):
+    readme = tmp_path / "README.md"
+    names = ("step-overhead-cpu", "step-overhead-cpu-vit")
+    readme.write_text("".join(f"<!-- {n} -->\nold {n}\n<!-- /{n} -->\n" for n in names))
+    monkeypatch.setattr(step_overhead, "README", str(readme))
+    step_overhead.main(["--from-json", saved(tmp_path, device="cpu", vit=True), "--readme"])
+    text = readme.read_text()
+    assert "old step-overhead-cpu\n" in text and "old step-overhead-cpu-vit" not in text
+    mlp, vit = saved(tmp_path, "mlp.json", device="cpu"), saved(tmp_path, "v.json", device="cpu", vit=True)
+    with pytest.raises(SystemExit):
+        step_overhead.main(["--from-json", mlp, vit, "--readme"])
+    assert "one kind of result" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "content, flags, message",
     [
