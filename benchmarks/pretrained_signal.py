@@ -78,23 +78,25 @@ ADAPTED: Dict[str, Tuple[Dict[str, Any], str]] = {
 DEFAULT_LR = 0.01
 LR_GRID = (DEFAULT_LR, 0.03, 0.1, 0.3)
 TUNE_SEED, VALIDATION_RATIO = 0, 0.1
-# The third rows: the prompt methods under their authors' optimizer, lr and schedule, read from the authors'
-# code (all three re-create it at each task, as the program's optimizer state restarts), at this page's batch
-# 32 and 1 epoch per task. The values and their sources are on the page.
+# The third rows: the prompt methods under their authors' optimizer, lr, schedule and gradient clipping, read
+# from the authors' code (all three re-create it at each task, as the program's optimizer state restarts), at
+# this page's batch 32 and 1 epoch per task. The values and their sources are on the page.
 AUTHORS_OPTIMIZER: Dict[str, Tuple[Dict[str, Any], str]] = {
     "l2p": (
-        {"optimizer": "adam", "lr": 0.00375},
+        {"optimizer": "adam", "lr": 0.00375, "clip_grad_norm": 1.0},
         "`JH-LEE-KR/l2p-pytorch`, `configs/cifar100_l2p.py`: `--opt adam` (timm's `create_optimizer`), betas "
         "(0.9, 0.999), `--lr 0.03`, `--weight-decay 0`, `--sched constant`, `--reinit_optimizer True`; `main.py` "
         "scales the lr by batch/256 (`unscale_lr`: 0.03 x 16/256 at their batch 16), so at batch 32: "
-        "0.03 x 32/256 = 0.00375. Not applied: their gradient clipping at norm 1 (`--clip-grad 1.0`)",
+        "0.03 x 32/256 = 0.00375. `--clip-grad 1.0`: `engine.py` clips the total gradient norm of "
+        "`model.parameters()` (the trained ones: the frozen have no gradient) to 1.0 between `loss.backward()` and "
+        "`optimizer.step()`, as `--clip_grad_norm 1.0` does over the optimizer's parameters",
     ),
     "dualprompt": (
-        {"optimizer": "adam", "lr": 0.00375},
+        {"optimizer": "adam", "lr": 0.00375, "clip_grad_norm": 1.0},
         "`JH-LEE-KR/dualprompt-pytorch`, `configs/cifar100_dualprompt.py`: the same optimizer settings as L2P's "
-        "(Adam, betas (0.9, 0.999), `--lr 0.03`, weight decay 0, constant, re-created per task) and the same "
-        "batch/256 scaling in `main.py` (0.03 x 24/256 at their batch 24), so at batch 32: 0.00375. Not applied: "
-        "their gradient clipping at norm 1",
+        "(Adam, betas (0.9, 0.999), `--lr 0.03`, weight decay 0, constant, re-created per task), the same "
+        "batch/256 scaling in `main.py` (0.03 x 24/256 at their batch 24), so at batch 32: 0.00375, and the same "
+        "clipping (`--clip-grad 1.0`, in `engine.py` as L2P's)",
     ),
     "coda-prompt": (
         {"optimizer": "adam", "lr": 0.001, "lr_schedule": "cosine"},
@@ -102,7 +104,8 @@ AUTHORS_OPTIMIZER: Dict[str, Tuple[Dict[str, Any], str]] = {
         "(`momentum` 0.9, 0.999) in `learners/prompt.py`, `weight_decay: 0`, `schedule_type: cosine` (their "
         "`utils/schedulers.py` `CosineSchedule`, stepped per epoch and rebuilt with the optimizer at every task: "
         "`learners/default.py`, `reset_optimizer`), batch 128. Their code scales no lr by the batch, so 0.001 as "
-        "given. The cosine runs per step over each task's steps: per epoch it would be constant over one epoch",
+        "given. The cosine runs per step over each task's steps: per epoch it would be constant over one epoch. "
+        "No clipping: `learners/prompt.py` steps right after `total_loss.backward()`",
     ),
 }
 # Pretraining: AdamW, as ViTs are commonly trained from scratch (e.g. DeiT, Touvron et al. 2021); fixed
@@ -234,7 +237,7 @@ def config(
     """The experiment program's configuration of one row: the protocol's defaults for a pretrained model
     (lr 0.01, batch 32, 1 epoch per task), the method's catalog defaults; ``lr`` in place of the default,
     ``validation``: score the held-out part of the training images, not the test set (for choosing ``lr``),
-    and ``authors``: the method's :data:`AUTHORS_OPTIMIZER` settings (optimizer, lr, schedule)."""
+    and ``authors``: the method's :data:`AUTHORS_OPTIMIZER` settings (optimizer, lr, schedule, clipping)."""
     from synapse.experiments.run import Config
 
     baseline = method in ("sequential", "joint")
@@ -428,11 +431,16 @@ def _stat(values: List[float]) -> str:
 
 
 def _authors_label(method: str) -> str:
-    """A third row's settings in words: "Adam, lr 0.001, cosine"."""
+    """A third row's settings in words: "Adam, lr 0.001, cosine", "Adam, lr 0.00375, clip 1.0"."""
     values = AUTHORS_OPTIMIZER[method][0]
     optimizer = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}[values["optimizer"]]
     schedule = values.get("lr_schedule", "constant")
-    return f"{optimizer}, lr {values['lr']}" + (f", {schedule}" if schedule != "constant" else "")
+    clip = values.get("clip_grad_norm")
+    return (
+        f"{optimizer}, lr {values['lr']}"
+        + (f", {schedule}" if schedule != "constant" else "")
+        + (f", clip {clip}" if clip is not None else "")
+    )
 
 
 def table(
@@ -560,10 +568,10 @@ over the same seeds. Final Class-IL average on the held-out images (%):
     )
     third = [m for m, _ in rows() if m in AUTHORS_OPTIMIZER]
     authors = f"""**Third rows: the authors' optimizer.** {", ".join(display_name(m) for m in third)} once more under
-the optimizer, lr and schedule of their authors' code, over the same seeds, batch 32 and 1 epoch per task as the
-other rows (the authors train 5 epochs at batch 16 or 24 (L2P, DualPrompt) and 20 at batch 128 (CODA-Prompt) on
-CIFAR-100). The program re-creates the optimizer's state at each task, as all three authors' code does. Each
-value and where it comes from:
+the optimizer, lr, schedule and gradient clipping of their authors' code, over the same seeds, batch 32 and 1 epoch
+per task as the other rows (the authors train 5 epochs at batch 16 or 24 (L2P, DualPrompt) and 20 at batch 128
+(CODA-Prompt) on CIFAR-100). The program re-creates the optimizer's state at each task, as all three authors' code
+does. Each value and where it comes from:
 
 | row | settings | source |
 |---|---|---|

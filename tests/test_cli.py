@@ -95,6 +95,12 @@ def test_protocol_defaults_and_config_printed(tmp_path, capsys):
     assert "optimizer: sgd (no momentum, weight decay 0.0) at lr 0.03, schedule constant" in printed
 
 
+def test_clip_grad_norm_reaches_the_run(tmp_path):
+    r = run_cli(tmp_path, "--training_type", "sequential", "--clip_grad_norm", "0.5")
+    assert r["config"]["clip_grad_norm"] == 0.5
+    assert run_cli(tmp_path / "unclipped", "--training_type", "sequential")["config"]["clip_grad_norm"] is None
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
@@ -106,6 +112,10 @@ def test_protocol_defaults_and_config_printed(tmp_path, capsys):
         (["--resume"], "--resume needs --output_dir"),
         (["--optimizer", "rmsprop"], "--optimizer"),
         (["--lr_schedule", "step"], "--lr_schedule"),
+        (["--clip_grad_norm", "0"], "--clip_grad_norm"),
+        (["--clip_grad_norm", "-1"], "--clip_grad_norm"),
+        (["--clip_grad_norm", "nan"], "--clip_grad_norm"),
+        (["--clip_grad_norm", "inf"], "--clip_grad_norm"),
     ],
 )
 def test_bad_flags_are_argparse_errors(flags, message, capsys):
@@ -150,6 +160,7 @@ def test_help_explains_every_flag():
         "--weight_decay",
         "--optimizer",
         "--lr_schedule",
+        "--clip_grad_norm",
         "--seed",
         "--device",
         "--num_workers",
@@ -359,6 +370,8 @@ def test_experiment_rejects_bad_threads(keep_threads):
         ({"optimizer": "rmsprop"}, "optimizer must be one of"),
         ({"optimizer": "Adam"}, "optimizer must be one of"),
         ({"lr_schedule": "step"}, "lr_schedule must be one of"),
+        ({"clip_grad_norm": 0.0}, "clip_grad_norm must be a finite number > 0"),
+        ({"clip_grad_norm": float("inf")}, "clip_grad_norm must be a finite number > 0"),
     ],
 )
 def test_experiment_rejects_an_unknown_optimizer_or_schedule_before_any_work(changes, message, keep_threads):

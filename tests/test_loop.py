@@ -2,10 +2,11 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from synapse.experiments.build import build_optimizer
-from synapse.experiments.config import Config
-from synapse.experiments.loop import random_crop_flip, shard
+from synapse.experiments.build import build_optimizer, describe_optimizer
+from synapse.experiments.config import Config, validate
+from synapse.experiments.loop import random_crop_flip, shard, train_epoch
 from synapse.experiments.schedule import lr_factor, set_lr
 
 
@@ -84,3 +85,55 @@ def test_the_optimizer_is_the_configured_one_and_the_schedule_scales_every_group
     fresh = build_optimizer(Config(lr=0.5, optimizer=name), model, _SlowBackbone(model))
     fresh.load_state_dict(optimizer.state_dict())  # a checkpoint carries the base lrs
     assert [g["initial_lr"] for g in fresh.param_groups] == [0.5, 0.05]
+
+
+class _DoubledLoss:
+    """A method whose backward pass is its own (twice the loss): the clip must act on its gradients."""
+
+    def backward(self, loss, targets, inputs=None):
+        (2 * loss).backward()
+
+
+def _two_groups(seed):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Linear(5, 3))
+    groups = [{"params": model[0].parameters(), "lr": 0.1}, {"params": model[1].parameters(), "lr": 0.05}]
+    return model, torch.optim.SGD(groups)
+
+
+@pytest.mark.parametrize("method", [None, _DoubledLoss()])
+def test_clipping_scales_the_step_as_clip_grad_norm_over_every_group(method):
+    """One step of train_epoch with --clip_grad_norm 0.1 equals, parameter for parameter, backward, then
+    clip_grad_norm_ over both optimizer groups, then step, by hand; and differs from the unclipped step (the
+    gradients' norm is far above 0.1)."""
+    x, y = torch.randn(8, 4, generator=torch.Generator().manual_seed(1)) * 10, torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    clip = 0.1
+
+    def loop(clip_grad_norm):
+        model, optimizer = _two_groups(0)
+        never = lambda *_: False  # noqa: E731
+        train_epoch(model, optimizer, method, x, y, torch.arange(8), 8, 0, False, torch.Generator(), never,
+                    lambda: None, clip_grad_norm=clip_grad_norm)  # fmt: skip
+        return [p.detach() for p in model.parameters()]
+
+    model, optimizer = _two_groups(0)
+    loss = F.cross_entropy(model(x), y)
+    (loss if method is None else 2 * loss).backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    assert norm > 10 * clip
+    optimizer.step()
+    by_hand = [p.detach() for p in model.parameters()]
+    clipped, unclipped = loop(clip), loop(None)
+    assert all(torch.equal(a, b) for a, b in zip(clipped, by_hand))
+    assert not any(torch.equal(a, b) for a, b in zip(unclipped, by_hand))
+
+
+@pytest.mark.parametrize("bad", [0, 0.0, -1.0, float("nan"), float("inf"), True, "1.0"])
+def test_a_bad_clip_grad_norm_is_refused_naming_it(bad):
+    with pytest.raises(ValueError, match="clip_grad_norm must be a finite number > 0"):
+        validate(Config(clip_grad_norm=bad))
+
+
+def test_the_optimizer_line_says_whether_gradients_are_clipped():
+    assert "no gradient clipping" in describe_optimizer(Config(lr=0.1))
+    assert "gradients clipped to total L2 norm 1.0" in describe_optimizer(Config(lr=0.1, clip_grad_norm=1.0))

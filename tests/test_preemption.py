@@ -234,19 +234,20 @@ def test_adam_with_a_cosine_schedule_resumes_exactly_and_restarts_at_each_task(t
     """Adam and the cosine schedule, 2 epochs of 4 steps per task: the checkpoint at step 15 is in task 2's
     second epoch (batch 3), so the lr there depends on the epoch as well as the batch, and Adam's moments on
     the task's first 7 steps only (its state restarts at each task). A run resumed from it ends as the
-    uninterrupted one; resuming it with another optimizer or schedule is refused, naming the setting."""
+    uninterrupted one (gradients clipped at 0.5 throughout); resuming it with another optimizer, schedule or
+    clipping is refused, naming the setting."""
     full, snap = str(tmp_path / "full"), str(tmp_path / "snap")
     _copy_checkpoint_at(15, full, snap, monkeypatch, fashion)
-    adam = {"optimizer": "adam", "lr_schedule": "cosine", "lr": 0.001, "num_epochs": 2}
+    adam = {"optimizer": "adam", "lr_schedule": "cosine", "lr": 0.001, "num_epochs": 2, "clip_grad_norm": 0.5}
     expected = Experiment(_tiny("er", full, **adam)).run()
     state = torch.load(os.path.join(snap, "checkpoint.pt"), weights_only=True)
     assert (state["progress"]["stage"], state["progress"]["epoch"], state["progress"]["next_batch"]) == (1, 1, 3)
     assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {7}  # task 2's steps, not 15
     lrs = {g["lr"] / g["initial_lr"] for g in state["optimizer"]["param_groups"]}
     assert lrs == {schedule.lr_factor("cosine", 6, 8)}  # the step it took last: the 7th of the task's 8
-    for other, named in (({"optimizer": "sgd"}, "optimizer"), ({"lr_schedule": "constant"}, "lr_schedule")):
+    for named, other in {"optimizer": "sgd", "lr_schedule": "constant", "clip_grad_norm": None}.items():
         with pytest.raises(checkpoint.CheckpointError, match=f"{named}: checkpoint has"):
-            Experiment(_tiny("er", snap, resume=True, **{**adam, **other})).run()
+            Experiment(_tiny("er", snap, resume=True, **{**adam, named: other})).run()
     resumed = Experiment(_tiny("er", snap, resume=True, **adam)).run()
     _same_run(resumed, expected)
     sgd = Experiment(_tiny("er", str(tmp_path / "sgd"), lr=0.001, num_epochs=2)).run()
@@ -254,19 +255,21 @@ def test_adam_with_a_cosine_schedule_resumes_exactly_and_restarts_at_each_task(t
 
 
 def test_a_checkpoint_from_before_the_optimizer_setting_resumes_as_sgd_and_refuses_adam(tmp_path, monkeypatch, fashion):
-    """A checkpoint written before ``optimizer`` and ``lr_schedule`` joined the identity (its identity and
-    optimizer groups without them) was written by plain SGD at a constant lr: it resumes so, exactly, and a
-    resume with Adam is refused, naming the setting."""
+    """A checkpoint written before ``optimizer``, ``lr_schedule`` and ``clip_grad_norm`` joined the identity
+    (its identity and optimizer groups without them) was written by plain SGD at a constant lr, unclipped: it
+    resumes so, exactly, and a resume with Adam or with clipping is refused, naming the setting."""
     full, snap = str(tmp_path / "full"), str(tmp_path / "snap")
     _copy_checkpoint_at(6, full, snap, monkeypatch, fashion)
     expected = Experiment(_tiny("er", full)).run()
     path = os.path.join(snap, "checkpoint.pt")
     state = torch.load(path, weights_only=True)
-    for key in ("optimizer", "lr_schedule"):
+    for key in ("optimizer", "lr_schedule", "clip_grad_norm"):
         del state["identity"][key]
     for group in state["optimizer"]["param_groups"]:
         del group["initial_lr"]
     torch.save(state, path)
     with pytest.raises(checkpoint.CheckpointError, match="optimizer: checkpoint has 'sgd', this run has 'adam'"):
         Experiment(_tiny("er", snap, resume=True, optimizer="adam")).run()
+    with pytest.raises(checkpoint.CheckpointError, match="clip_grad_norm: checkpoint has None, this run has 1.0"):
+        Experiment(_tiny("er", snap, resume=True, clip_grad_norm=1.0)).run()
     _same_run(Experiment(_tiny("er", snap, resume=True)).run(), expected)

@@ -149,6 +149,12 @@ def test_the_prompt_methods_third_rows_run_under_their_authors_optimizer():
     assert signal.config("l2p", None, 0, signal.WEIGHTS).optimizer == "sgd"
     assert signal.AUTHORS_OPTIMIZER["l2p"][0]["lr"] == 0.03 * 32 / 256  # their batch/256 scaling at batch 32
     assert signal.AUTHORS_OPTIMIZER["coda-prompt"][0]["lr_schedule"] == "cosine"
+    # L2P's and DualPrompt's authors clip the gradient norm at 1.0; CODA-Prompt's do not clip
+    clips = {
+        m: signal.config(m, None, 0, signal.WEIGHTS, authors=True).clip_grad_norm for m in signal.AUTHORS_OPTIMIZER
+    }
+    assert clips == {"l2p": 1.0, "dualprompt": 1.0, "coda-prompt": None}
+    assert signal.config("l2p", None, 0, signal.WEIGHTS).clip_grad_norm is None
 
 
 def test_a_third_row_reads_only_the_runs_under_the_authors_optimizer():

@@ -79,16 +79,21 @@ def build_optimizer(cfg: Config, model: nn.Module, method: Optional[synapse.Syna
 
 
 def describe_optimizer(cfg: Config) -> str:
-    """One line for the run's log: the optimizer, its settings and the lr schedule."""
+    """One line for the run's log: the optimizer, its settings, the lr schedule and the gradient clipping."""
     settings = "no momentum" if cfg.optimizer == "sgd" else f"betas {ADAM_BETAS}"
     schedule = (
         "constant"
         if cfg.lr_schedule == "constant"
         else "cosine over each task's steps, from lr to 1.6% of it (CODA-Prompt's curve)"
     )
+    clip = (
+        "no gradient clipping"
+        if cfg.clip_grad_norm is None
+        else f"gradients clipped to total L2 norm {cfg.clip_grad_norm}"
+    )
     return (
         f"{cfg.optimizer} ({settings}, weight decay {cfg.weight_decay}) at lr {cfg.lr}, schedule {schedule}; "
-        "its state restarts at each task"
+        f"{clip}; its state restarts at each task"
     )
 
 

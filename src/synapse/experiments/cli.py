@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import math
 import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence
@@ -289,6 +290,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="the lr within each task: constant, or cosine: --lr times cos(0.495 pi t / (T - 1)) at step t of "
         "the task's T steps (all its epochs), down to 1.6%% of --lr at its last step, restarted at each task "
         "(CODA-Prompt's curve, there per epoch)",
+    )
+    g.add_argument(
+        "--clip_grad_norm",
+        # finite: an infinite norm clips nothing, and says so less plainly than leaving the flag out
+        type=_number(float, 0, low_open=True, high=math.inf),
+        default=d.clip_grad_norm,
+        metavar="MAX",
+        help="scale the gradients of every parameter the optimizer updates to a total L2 norm of at most MAX, after "
+        "the backward pass and before the step (torch.nn.utils.clip_grad_norm_), as L2P's and DualPrompt's authors "
+        "do at 1.0 (default: no clipping)",
     )
     g.add_argument(
         "--training_type",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -44,6 +45,7 @@ IDENTITY = (
     # depends on the schedule.
     "optimizer",
     "lr_schedule",
+    "clip_grad_norm",
     "normalize",
     "init",
     "evaluate_on",
@@ -65,7 +67,7 @@ IDENTITY = (
 )
 # Identity settings added after checkpoints were already written: a checkpoint that does not record one was
 # written by a run at the setting's default (what every run had before it existed), and resumes at it.
-ADDED_TO_IDENTITY = ("optimizer", "lr_schedule")
+ADDED_TO_IDENTITY = ("optimizer", "lr_schedule", "clip_grad_norm")
 
 
 @dataclass
@@ -89,6 +91,9 @@ class Config:
     # restarts at each task's start.
     optimizer: str = "sgd"
     lr_schedule: str = "constant"
+    # The most total L2 norm of the gradients the optimizer steps with (L2P's and DualPrompt's authors clip at
+    # 1.0); None: no clipping.
+    clip_grad_norm: Optional[float] = None
     normalize: Optional[bool] = None  # None: the protocol's
     init: Optional[str] = None  # None: the protocol's
     evaluate_on: str = "test"  # or "validation": the held-out part of each task's training data
@@ -187,6 +192,9 @@ def validate(cfg: Config) -> Config:
         raise ValueError(f"optimizer must be one of {tuple(OPTIMIZERS)}, got {cfg.optimizer!r}")
     if cfg.lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {cfg.lr_schedule!r}")
+    clip = cfg.clip_grad_norm
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not 0 < clip < math.inf):
+        raise ValueError(f"clip_grad_norm must be a finite number > 0 or None (no clipping), got {clip!r}")
     threads = cfg.threads
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive int or None, got {cfg.threads!r}")

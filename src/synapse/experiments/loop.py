@@ -57,6 +57,7 @@ def train_epoch(
     log_step: Optional[Callable[[Tensor, int], None]] = None,
     totals: Totals = (0.0, 0, 0),
     before_step: Optional[Callable[[int], None]] = None,
+    clip_grad_norm: Optional[float] = None,
 ) -> EpochResult:
     """Train over ``order`` from batch ``start_batch``; stop early (resumably) when ``should_stop``.
 
@@ -73,7 +74,8 @@ def train_epoch(
     (a task-free stream's own batches). Every ``log_every`` steps, ``log_step(interval_loss_sum, steps)``
     receives the loss summed over those steps, still on the device: the logger fetches it then, so the
     steps in between make no host sync. ``before_step(batch)`` runs before each batch's step (the lr
-    schedule).
+    schedule). ``clip_grad_norm``: the gradients of every parameter the optimizer updates are scaled to at
+    most this total L2 norm between the backward pass and the step (None: not clipped).
     """
     model.train()
     device = next(model.parameters()).device
@@ -95,6 +97,7 @@ def train_epoch(
             else:
                 yield order[b * batch_size : (b + 1) * batch_size]
 
+    stepped = [p for group in optimizer.param_groups for p in group["params"]]
     # Gathered on the device, or read ahead by a streamed set's workers.
     source = batches(images, labels, index_batches()) if gather is None else map(gather, index_batches())
     while batch_index < num_batches:
@@ -115,6 +118,10 @@ def train_epoch(
             # A method that re-augments its replay stores the raw view; otherwise the view trained on.
             stored = raw if getattr(synapse, "replay_transform", None) is not None else inputs
             synapse.backward(loss, targets, inputs=stored)
+        if clip_grad_norm is not None:
+            # Where L2P's and DualPrompt's authors clip: after the backward pass, before the step. The norm
+            # stays on the device (no finiteness check, which would read it on the host): no host sync.
+            torch.nn.utils.clip_grad_norm_(stepped, clip_grad_norm, error_if_nonfinite=False, foreach=True)
         optimizer.step()
         # Accumulated on the device: one host sync per epoch, not per step.
         loss_sum += loss.detach() * len(targets)

@@ -357,6 +357,7 @@ class Experiment:
                         log_step=log_step,
                         totals=self.totals,
                         before_step=self._schedule(num_batches),
+                        clip_grad_norm=self.cfg.clip_grad_norm,
                     )
                     bar.close()
                     if not result.completed:
