@@ -373,7 +373,7 @@ def run(methods: Optional[Sequence[str]], seeds: Sequence[int], workers: int, da
     if not os.path.exists(WEIGHTS):
         raise SystemExit(f"no backbone at {WEIGHTS}: run `python benchmarks/pretrained_signal.py pretrain` first")
     sha = file_sha256(WEIGHTS)
-    made_by = provenance()
+    made_by = provenance(threads=1)  # each run sets one thread (its config), not this process's
     cache = Cache(RUNS)
 
     def run_keys(keys: List[Dict[str, Any]]) -> None:
