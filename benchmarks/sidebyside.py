@@ -328,8 +328,17 @@ def future_heads(seed: int, buffer: int, revision: str, values: Dict[str, Any]) 
 
 
 # -------------------------------------------------------------------------------------------------- GDumb
+# ``paper``: the GDumb authors' MNIST retraining, their optimizer included (drimpossible/GDumb ``src/opts.py``,
+# GDumb's class defaults), whatever the preset says; ``port``: over the preset, which is the port's retraining.
 GDUMB = {
-    "paper": {"retrain_epochs": 128, "retrain_cutmix": 0.0},
+    "paper": {
+        "retrain_epochs": 128,
+        "retrain_cutmix": 0.0,
+        "retrain_momentum": 0.9,
+        "retrain_weight_decay": 1e-6,
+        "retrain_batch_size": 16,
+        "retrain_clip_norm": 10.0,
+    },
     "port": {"retrain_epochs": 256, "retrain_cutmix": 1.0},
 }
 
