@@ -58,7 +58,9 @@ TEXTS: Dict[str, Texts] = {
     ),
     "gdumb": Texts(
         "the Seq-MNIST preset takes the port's whole retraining (256 epochs, `retrain_cutmix=1`, SGD momentum 0, "
-        "weight decay 0, minibatch 64, no clipping); the memory stays GDumb's class-balanced one",
+        "weight decay 0, minibatch 64, no clipping); the experiment program's retraining starts from its own "
+        "Xavier initialisation, as the port's rebuilt MLP (it took PyTorch's defaults); the memory stays GDumb's "
+        "class-balanced one",
         "REPRODUCIBILITY-sidebyside.md, GDumb against mammoth's `GDumb` (`benchmarks/sidebyside_gdumb.py`)",
     ),
     "mas": Texts(
