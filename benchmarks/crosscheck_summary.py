@@ -57,7 +57,10 @@ TEXTS: Dict[str, Texts] = {
         "docs/methods/rehearsal.md (X-DER in detail); issue 23's notes (stop 25, X-DER)",
     ),
     "gdumb": Texts(
-        "`GDumb(retrain_cutmix=...)` and the port's 256 epochs; the Seq-MNIST preset uses them",
+        "the Seq-MNIST preset takes the port's whole retraining (256 epochs, `retrain_cutmix=1`, SGD momentum 0, "
+        "weight decay 0, minibatch 64, no clipping); the experiment program's retraining starts from its own "
+        "Xavier initialisation, as the port's rebuilt MLP (it took PyTorch's defaults); the memory stays GDumb's "
+        "class-balanced one",
         "REPRODUCIBILITY-sidebyside.md, GDumb against mammoth's `GDumb` (`benchmarks/sidebyside_gdumb.py`)",
     ),
     "mas": Texts(
@@ -167,40 +170,36 @@ def xder_row(results_dir: str) -> Row:
 
 
 def gdumb_row(results_dir: str) -> Row:
-    """GDumb at the preset against mammoth's ``GDumb`` (``sidebyside_gdumb.py``), per buffer; Synapse with the
-    port's optimizer as the finding."""
+    """GDumb at the preset against mammoth's ``GDumb`` (``sidebyside_gdumb.py``), per buffer; the lockstep, the
+    memory swap and Synapse with the GDumb authors' optimizer as the finding."""
     import sidebyside_gdumb as gdumb
 
     finals, files = gdumb.summary(results_dir)
     if not finals:
         raise FileNotFoundError(f"no raw results {gdumb.PATTERN} in {results_dir}")
-    ours, theirs, finding, status = [], [], [], []
+    ours, theirs, optimizer, status = [], [], [], []
     for buffer, by in sorted(finals.items()):
-        preset, ref, port = by.get("preset", []), by.get("mammoth", []), by.get("port-optimizer", [])
+        preset, ref, other = by.get("preset", []), by.get("mammoth", []), by.get("gdumb-optimizer", [])
         ours.append(f"buffer {buffer}: {cell(preset)}")
         theirs.append(f"buffer {buffer}: {cell(ref)}")
         status.append(f"buffer {buffer}: {versus(preset, ref)}")
-        if port:
-            finding.append(f"buffer {buffer}: {cell(port)}, {versus(port, ref)}")
-    # Synapse alone (``sidebyside.py gdumb``): the port's retraining against the GDumb paper's.
-    alone = [(p, r) for p, r in _files(results_dir, "sidebyside_gdumb_*.json") if r["mode"] == "gdumb"]
-    settings = {r["setting"]: _finals(list(r["seeds"].values()), "synapse") for _, r in alone if r["buffer"] == 500}
-    versus_paper = ""
-    if settings.get("port") and settings.get("paper"):
-        gain = versus(settings["port"], settings["paper"])
-        versus_paper = f". Synapse, the port's retraining against the paper's, buffer 500: {gain}"
+        if other:
+            optimizer.append(f"buffer {buffer}: {cell(other)}, {versus(other, ref)}")
+    lockstep, lockstep_files = gdumb.lockstep_summary(results_dir)
+    finding = [lockstep] if lockstep else ["no lockstep run"]
+    if optimizer:
+        values = ", ".join(f"{k} {v:g}" for k, v in gdumb.gdumb_optimizer().items())
+        finding.append(f"Synapse with the GDumb authors' optimizer ({values}) against mammoth: " + "; ".join(optimizer))
     return Row(
         "GDumb",
-        "Seq-F-MNIST, the preset (the port's 256 epochs and CutMix); mammoth `gdumb` at its defaults",
+        "Seq-F-MNIST, the preset (the port's retraining: 256 epochs, CutMix, SGD momentum 0, minibatch 64); "
+        "mammoth `gdumb` at its defaults",
         "; ".join(ours),
         "mammoth `GDumb`, " + "; ".join(theirs),
-        "no lockstep run (the memories differ: mammoth's is a reservoir). Synapse with the port's retraining "
-        f"optimizer ({', '.join(f'{k} {v:g}' for k, v in gdumb.PORT_OPTIMIZER.items())}) against mammoth: "
-        + "; ".join(finding)
-        + versus_paper,
+        ". ".join(finding),
         TEXTS["gdumb"].done,
         "level with the authors' code: " + "; ".join(status),
-        tuple(dict.fromkeys([*files, *(p for p, _ in alone)])),
+        tuple(dict.fromkeys([*files, *lockstep_files])),
     )
 
 

@@ -21,8 +21,9 @@ Modes:
   items (not yet trained on), how far its classes' logits lie below the others': the state the last task
   starts from.
 - ``gdumb``: Synapse's GDumb at the reproduction's preset, with the GDumb authors' MNIST retraining
-  (``--gdumb paper``: 128 epochs, no CutMix) or the DER authors' port's (``--gdumb port``: 256 epochs, CutMix
-  with alpha 1). Synapse only; the port itself runs in ``benchmarks/sidebyside_gdumb.py``.
+  (``--gdumb paper``: 128 epochs, no CutMix, their optimizer) or the DER authors' port's (``--gdumb port``:
+  256 epochs, CutMix with alpha 1; the preset's). Synapse only; the port itself runs in
+  ``benchmarks/sidebyside_gdumb.py``.
 - ``render``: ``REPRODUCIBILITY-sidebyside.md`` from the committed raw results (``--results``; no run).
 - ``accuracy``: whole runs, per seed: Synapse's CLI experiment, and mammoth's ``XDerCe`` driven by a loop
   over the same batches (mammoth's ``end_task`` sees the task's items in the order Synapse's ``end_task``
@@ -328,8 +329,17 @@ def future_heads(seed: int, buffer: int, revision: str, values: Dict[str, Any]) 
 
 
 # -------------------------------------------------------------------------------------------------- GDumb
+# ``paper``: the GDumb authors' MNIST retraining, their optimizer included (drimpossible/GDumb ``src/opts.py``,
+# GDumb's class defaults), whatever the preset says; ``port``: over the preset, which is the port's retraining.
 GDUMB = {
-    "paper": {"retrain_epochs": 128, "retrain_cutmix": 0.0},
+    "paper": {
+        "retrain_epochs": 128,
+        "retrain_cutmix": 0.0,
+        "retrain_momentum": 0.9,
+        "retrain_weight_decay": 1e-6,
+        "retrain_batch_size": 16,
+        "retrain_clip_norm": 10.0,
+    },
     "port": {"retrain_epochs": 256, "retrain_cutmix": 1.0},
 }
 
@@ -444,8 +454,10 @@ def render(files: List[str]) -> str:
             "",
             "## GDumb on Seq-F-MNIST: the DER authors' retraining (Synapse only)",
             "",
-            "`paper`: the GDumb authors' MNIST retraining (128 epochs, no CutMix); `port`: the DER authors' port's",
-            "(256 epochs, CutMix with alpha 1 on half the batches). Class-IL, %, mean ± std over seeds.",
+            "`paper`: the GDumb authors' MNIST retraining (128 epochs, no CutMix, SGD with momentum 0.9, weight",
+            "decay 1e-6, minibatch 16, gradient norm clipped at 10); `port`: the DER authors' port's (256 epochs,",
+            "CutMix with alpha 1 on half the batches, SGD with momentum 0, minibatch 64, no clipping: the preset).",
+            "Class-IL, %, mean ± std over seeds; each file records the commit it ran at.",
             "",
             "| retraining | buffer | seeds | final | last task right after it | raw results |",
             "|---|---|---|---|---|---|",

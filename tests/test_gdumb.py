@@ -479,3 +479,41 @@ def test_cli_runs_gdumb(tmp_path):
     for t, row in enumerate(class_il):
         assert all(a == 0.0 for a in row[t + 1 :])
     assert class_il[0][0] > 0.8  # measured: 0.96 (two classes, 50 images)
+
+
+# ---------------------------------------------------------------------------- the experiment program
+@pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DIR), reason="needs dataset-fashion-mnist")
+@pytest.mark.parametrize("init", ["xavier", "default"])
+def test_the_experiment_program_retrains_from_its_own_initialisation(init):
+    """The program's GDumb re-initialises the network as the program built it: Glorot-uniform weights and
+    zero biases on the Xavier-initialised MLP (as the DER authors' port, which builds a fresh backbone), and
+    PyTorch's defaults otherwise."""
+    from synapse.experiments.run import Config, Experiment
+
+    cfg = Config(
+        dataset="fashion-mnist",
+        model="mlp",
+        init=init,
+        synapse_type="gdumb",
+        buffer_size=20,
+        max_train_per_task=10,
+        max_test_per_task=5,
+        threads=1,
+        quiet=True,
+    )
+    method = Experiment(cfg).synapse
+    assert isinstance(method, GDumb)
+    if init == "default":
+        assert method.reinitialize is True
+        return
+    linears = [m for m in method.module.modules() if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        for layer in linears:
+            layer.weight.fill_(5.0)
+            layer.bias.fill_(5.0)
+    method.reinitialize(method.module)
+    for layer in linears:
+        bound = (6.0 / (layer.in_features + layer.out_features)) ** 0.5
+        weight = layer.weight.detach()
+        assert float(weight.abs().max()) <= bound and float(weight.std()) > bound / 4
+        assert bool((layer.bias == 0).all())

@@ -28,7 +28,7 @@ __all__ = ["HParam", "MethodSpec", "register", "get", "names", "specs", "methods
 
 FAMILIES = ("rehearsal", "gradient", "structure", "distillation", "pretrained")
 # Arguments the experiment program sets from its own flags rather than from method hyperparameters.
-RUN_ARGUMENTS = ("buffer_size", "buffer_sample_size", "buffer_scope", "fused", "replay_transform")
+RUN_ARGUMENTS = ("buffer_size", "buffer_sample_size", "buffer_scope", "fused", "replay_transform", "reinitialize")
 
 
 @dataclass(frozen=True)

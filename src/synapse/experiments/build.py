@@ -15,7 +15,7 @@ from synapse.augment import RandomCropFlip
 from .config import ADAM_BETAS, OPTIMIZERS, Config
 from .datasets import DatasetSpec
 from .distributed import World
-from .models import create_model
+from .models import create_model, reinitializer
 from .schedule import remember_base_lr
 
 
@@ -110,4 +110,7 @@ def build_method(cfg: Config, model: nn.Module) -> Optional[synapse.Synapse]:
         fused=not cfg.unfused,
         # The train augmentation re-applied to replayed items, as the DER authors' code does.
         replay_transform=RandomCropFlip() if cfg.replay_augment else None,
+        # A method that retrains from scratch (GDumb) starts from the network as the program builds it (the
+        # DER authors' port builds a fresh backbone: their MNIST MLP is Xavier-initialised).
+        reinitialize=reinitializer(cfg.init or "default"),
     )

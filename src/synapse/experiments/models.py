@@ -219,6 +219,34 @@ def xavier_init_(model: nn.Module) -> nn.Module:
     return model
 
 
+def reinitializer(init: str) -> Optional[Callable[[nn.Module], None]]:
+    """How a method that trains a model from scratch (GDumb's retraining) re-initialises it to match the
+    program's ``init``: for ``'xavier'``, every submodule's ``reset_parameters()``, then
+    :func:`xavier_init_` (the network as :func:`create_model` built it); ``None`` for ``'default'`` (the
+    methods' own, PyTorch's defaults).
+
+    Example:
+        >>> fn = reinitializer("xavier")
+        >>> layer = nn.Linear(4, 2)
+        >>> fn(layer)
+        >>> bool((layer.bias == 0).all())
+        True
+    """
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    if init == "default":
+        return None
+
+    def reinitialize(model: nn.Module) -> None:
+        for module in model.modules():
+            reset = getattr(module, "reset_parameters", None)
+            if callable(reset):
+                reset()
+        xavier_init_(model)
+
+    return reinitialize
+
+
 class ModelArgsError(ValueError):
     """``model_args`` the model cannot take; the message names them."""
 
