@@ -184,3 +184,14 @@ def test_task_end_table_shows_end_task_against_an_epoch():
     assert lines[-1] == "| ewc                      |    40.00 |          32 |   0.50x |"
     older = step_overhead.task_end_lines({"items": 640, "rows": rows})  # saved before the column existed
     assert older[-1].endswith("|          32 |       - |")
+
+
+@pytest.mark.parametrize("name", ["step_overhead_cpu.json", "step_overhead_cpu_vit.json"])
+def test_the_readme_cpu_tables_are_the_render_of_the_committed_results(name):
+    """README.md's CPU step-overhead sections are what --from-json --readme writes from the committed JSON."""
+    result = step_overhead.load_result(os.path.join(ROOT, "benchmarks", "results", name))
+    section = step_overhead.readme_section(result)
+    with open(step_overhead.README) as f:
+        text = f.read()
+    shown = text.split(f"<!-- {section} -->\n", 1)[1].split(f"\n<!-- /{section} -->", 1)[0]
+    assert shown == "\n".join(step_overhead.render(result))
