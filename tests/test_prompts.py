@@ -93,6 +93,27 @@ def test_an_empty_prefix_and_no_prompt_leave_the_model_as_it_was():
     assert "forward" not in model.blocks[1].attn.__dict__ and torch.equal(model(x), plain)
 
 
+def test_the_query_runs_in_eval_mode_and_gives_each_module_its_mode_back():
+    """The query forward of a model with dropout is the eval-mode forward; a module the user put in eval mode
+    stays so, the others train again."""
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, depth=2, embed_dim=32, num_heads=2,
+        num_classes=10, drop_rate=0.5, attn_drop_rate=0.5, drop_path_rate=0.5,
+    )
+    model.blocks[1].mlp.eval()
+    modes = [m.training for m in model.modules()]
+    x, _ = images()
+    with torch.no_grad():
+        expected = model.eval().forward_head(model.forward_features(x), pre_logits=True)
+    for m, mode in zip(model.modules(), modes):
+        m.training = mode
+    injector = PromptedViT(model, lambda q, t: Injection())
+    model(x)
+    assert torch.equal(injector.last_query, expected)
+    assert [m.training for m in model.modules()] == modes and True in modes and False in modes
+
+
 def test_prefix_attention_in_a_block_is_the_attention_over_the_concatenated_keys():
     torch.manual_seed(0)
     model, (x, _) = vit(), images()
