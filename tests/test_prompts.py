@@ -93,6 +93,27 @@ def test_an_empty_prefix_and_no_prompt_leave_the_model_as_it_was():
     assert "forward" not in model.blocks[1].attn.__dict__ and torch.equal(model(x), plain)
 
 
+def test_the_query_runs_in_eval_mode_and_gives_each_module_its_mode_back():
+    """The query forward of a model with dropout is the eval-mode forward; a module the user put in eval mode
+    stays so, the others train again."""
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, depth=2, embed_dim=32, num_heads=2,
+        num_classes=10, drop_rate=0.5, attn_drop_rate=0.5, drop_path_rate=0.5,
+    )
+    model.blocks[1].mlp.eval()
+    modes = [m.training for m in model.modules()]
+    x, _ = images()
+    with torch.no_grad():
+        expected = model.eval().forward_head(model.forward_features(x), pre_logits=True)
+    for m, mode in zip(model.modules(), modes):
+        m.training = mode
+    injector = PromptedViT(model, lambda q, t: Injection())
+    model(x)
+    assert torch.equal(injector.last_query, expected)
+    assert [m.training for m in model.modules()] == modes and True in modes and False in modes
+
+
 def test_prefix_attention_in_a_block_is_the_attention_over_the_concatenated_keys():
     torch.manual_seed(0)
     model, (x, _) = vit(), images()
@@ -239,26 +260,52 @@ def test_dualprompt_copies_at_each_task_start_in_turn_as_the_authors():
     assert torch.equal(dual.e_prompt[:, :, 3], pool[:, :, 3])
 
 
-@pytest.mark.parametrize("floor_cls, method", [(L2PFloor, "l2p"), (DualPromptFloor, "dualprompt")])
-def test_the_floor_computes_the_same_logits_as_the_hooked_model(floor_cls, method):
+def test_the_l2p_floor_computes_the_same_logits_as_the_hooked_model():
     """Two implementations of one forward: hooks on the user's model, and timm's forward written out."""
     torch.manual_seed(0)
     spec_hp = {"pool_size": 4, "prompt_length": 2}
     a, b = vit(depth=3), vit(depth=3)
     b.load_state_dict(a.state_dict())
-    if method == "l2p":
-        syn = L2P(a, top_k=2, **spec_hp)
-        hp = {**spec_hp, "top_k": 2, "batchwise_prompt": True, "pull_constraint": 0.1}
-    else:
-        syn = DualPrompt(a, g_prompt_layers="0", e_prompt_layers="1,2", **spec_hp)
-        hp = {**spec_hp, "top_k": 1, "g_prompt_length": 5, "g_prompt_layers": "0", "e_prompt_layers": "1,2",
-              "pull_constraint": 1.0}
-    floor = floor_cls(b, 8, 4, (3, 16, 16), hp)
+    syn = L2P(a, top_k=2, **spec_hp)
+    floor = L2PFloor(b, 8, 4, (3, 16, 16), {**spec_hp, "top_k": 2, "batchwise_prompt": True, "pull_constraint": 0.1})
     with torch.no_grad():
         for mine, theirs in zip(syn.own_parameters(), floor.extra):
             theirs.copy_(mine)
     x, _ = images(4)
     assert torch.allclose(a(x), floor.forward(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("pool_size, chosen", [(4, 2), (2, 1)], ids=["task-2-prompt", "past-the-pool"])
+def test_the_dualprompt_floor_is_the_hooked_step_after_two_task_ends(pool_size, chosen):
+    """The floor is the step the benchmark times, after two task ends: task 2's own E-prompt while the pool has
+    it, else the key match's (here key 1, made to match every query). Same logits, same gradients."""
+    from synapse import catalog
+
+    torch.manual_seed(0)
+    a, b = vit(depth=3), vit(depth=3)
+    b.load_state_dict(a.state_dict())
+    layers = {"g_prompt_layers": "0", "e_prompt_layers": "1,2"}
+    hp = catalog.get("dualprompt").resolve({"pool_size": pool_size, "prompt_length": 2, **layers})
+    dual = DualPrompt(a, **hp)
+    x, y = images(4)
+    dual.end_task()
+    dual.end_task()
+    a(x)  # task 2's first training forward: the task starts copy the E-prompts along
+    with torch.no_grad():
+        dual.e_prompt.uniform_(-1, 1)  # every E-prompt different: the wrong one changes the logits
+        mean = dual.prompts.query(x).mean(0)
+        dual.key.copy_(torch.stack([-mean, mean, -mean, -mean][:pool_size]))
+    floor = DualPromptFloor(b, 8, 4, (3, 16, 16), hp)
+    with torch.no_grad():
+        for mine, theirs in zip(dual.own_parameters(), floor.extra):
+            theirs.copy_(mine)
+    logits, floor_logits = a(x), floor.forward(x)
+    assert dual.last_selection is not None and dual.last_selection.eq(chosen).all()
+    assert torch.allclose(logits, floor_logits, atol=1e-5)
+    dual.backward(F.cross_entropy(logits, y), y, x=x)
+    floor.backward(F.cross_entropy(floor_logits, y), y, x, floor_logits)
+    for mine, theirs in zip([*dual.own_parameters(), a.head.weight], [*floor.extra, b.head.weight]):
+        assert torch.allclose(mine.grad, theirs.grad, atol=1e-5)
 
 
 def test_a_ddp_wrapped_model_is_refused_before_anything_changes(monkeypatch):

@@ -159,6 +159,14 @@ def attention_with_prefix(
     return attn.proj_drop(attn.proj(out))
 
 
+def _set_training(modules: Sequence[nn.Module], mode: bool) -> None:
+    """Set each module's ``training`` flag as ``module.training = mode`` does, but past ``nn.Module.__setattr__``:
+    its checks for parameters, buffers and submodules, run for every module twice a forward, were the largest
+    Python cost the query adds to a forward; ``training`` is a plain attribute, so they end in this same write."""
+    for m in modules:
+        object.__setattr__(m, "training", mode)
+
+
 class PromptedViT:
     """Hooks a timm ``VisionTransformer`` so that each forward carries the prompts its owner provides.
 
@@ -250,16 +258,14 @@ class PromptedViT:
         """The un-prompted model's pre-logits of ``x``, ``(batch, D)``: a no-grad forward in eval mode (the
         modules in train mode are switched for it and back)."""
         training = [m for m in self.module.modules() if m.training]
-        for m in training:
-            m.training = False
+        _set_training(training, False)
         self._plain += 1
         try:
             features = self.module.forward_features(x)  # type: ignore[operator]
             return self.module.forward_head(features, pre_logits=True)  # type: ignore[operator]
         finally:
             self._plain -= 1
-            for m in training:
-                m.training = True
+            _set_training(training, True)
 
     def remove(self) -> None:
         """Take every hook off the model and give the patched attentions their class's ``forward`` back."""

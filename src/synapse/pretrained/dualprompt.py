@@ -43,6 +43,12 @@ def parse_layers(name: str, layers: Layers) -> Tuple[int, ...]:
     return parsed
 
 
+def task_prompts_in_pool(task: int, top_k: int, pool_size: int) -> bool:
+    """Whether task ``task``'s own E-prompts, ``task*top_k ... (task+1)*top_k - 1``, are in a pool of ``pool_size``
+    (past it, ``use_prompt_mask`` gives way to the key match)."""
+    return (task + 1) * top_k <= pool_size
+
+
 class DualPrompt(PromptMethod):
     """DualPrompt (Wang et al. 2022, "DualPrompt: Complementary Prompting for Rehearsal-free Continual
     Learning", ECCV; code: ``JH-LEE-KR/dualprompt-pytorch``).
@@ -160,7 +166,7 @@ class DualPrompt(PromptMethod):
         """The E-prompt indices ``(batch, top_k)``: the current task's in a training forward with
         ``use_prompt_mask`` (while the pool has them), else by matching ``query`` to the keys."""
         task = self.num_tasks_ended
-        if training and self.use_prompt_mask and (task + 1) * self.top_k <= self.pool_size:
+        if training and self.use_prompt_mask and task_prompts_in_pool(task, self.top_k, self.pool_size):
             key = (task, query.device)
             if key not in self._task_prompts:
                 start = task * self.top_k
@@ -184,7 +190,9 @@ class DualPrompt(PromptMethod):
         if training:
             self._start_task()
         idx = self.select(query, training)
-        masked = training and self.use_prompt_mask and (self.num_tasks_ended + 1) * self.top_k <= self.pool_size
+        masked = (
+            training and self.use_prompt_mask and task_prompts_in_pool(self.num_tasks_ended, self.top_k, self.pool_size)
+        )
         injection = Injection(prefixes=self.prefixes(idx, shared=masked or self.batchwise_prompt))
         return injection, idx, key_pull(query, self.key, idx)
 
@@ -195,14 +203,17 @@ class DualPrompt(PromptMethod):
         task ``t``'s E-prompt becomes a copy of task ``t - 1``'s, while both are in the pool)."""
         k = self.top_k
         for task in range(self.started_task + 1, self.num_tasks_ended + 1):
-            if self.shared_prompt_pool and (task + 1) * k <= self.pool_size:
+            if self.shared_prompt_pool and task_prompts_in_pool(task, k, self.pool_size):
                 self.e_prompt[:, :, task * k : (task + 1) * k] = self.e_prompt[:, :, (task - 1) * k : task * k]
         self.started_task = self.num_tasks_ended
 
 
 class DualPromptFloor(PromptFloor):
-    """The query forward, the task's E-prompt and the G-prompt as prefixes in the prompted forward, the
-    masked cross-entropy and the key pull, one backward."""
+    """The query forward, the E-prompts of the task the benchmark times (after its two task ends): that task's own
+    while the pool has them (``use_prompt_mask``), else the key match's; with the G-prompt as prefixes in the
+    prompted forward, the masked cross-entropy and the key pull, one backward."""
+
+    task = 2  # the task after the benchmark's two task ends (as _GEMFloor's past_tasks)
 
     def setup(self, dim: int, embed_dim: int) -> None:
         hp = self.hp
@@ -214,17 +225,22 @@ class DualPromptFloor(PromptFloor):
         self.e_prompt = nn.Parameter(torch.empty(shape).uniform_(-1, 1))
         self.key = nn.Parameter(torch.empty(hp["pool_size"], dim).uniform_(-1, 1))
         self.extra = [self.g_prompt, self.e_prompt, self.key]
+        self.masked = hp["use_prompt_mask"] and task_prompts_in_pool(self.task, hp["top_k"], hp["pool_size"])
 
     def prompted(self, x: Tensor, query: Tensor) -> Tuple[Tensor, Tensor]:
         k = self.hp["top_k"]
-        if not hasattr(self, "idx"):
-            self.idx = torch.arange(k, device=query.device)[None]  # task 0's E-prompt
+        if self.masked:
+            if not hasattr(self, "task_idx"):
+                self.task_idx = torch.arange(self.task * k, (self.task + 1) * k, device=query.device)[None]
+            idx, rows = self.task_idx.expand(query.shape[0], -1), self.task_idx
+        else:
+            idx = select_prompts(key_similarity(query, self.key), k, self.hp["batchwise_prompt"])
+            rows = idx[:1] if self.hp["batchwise_prompt"] else idx
         prefixes = {g: (self.g_prompt[j, 0][None], self.g_prompt[j, 1][None]) for j, g in enumerate(self.g_layers)}
         for j, layer in enumerate(self.e_layers):
-            chosen = self.e_prompt[j][:, self.idx].flatten(2, 3)
+            chosen = self.e_prompt[j][:, rows].flatten(2, 3)
             prefixes[layer] = (chosen[0], chosen[1])
-        pull = key_pull(query, self.key, self.idx.expand(query.shape[0], -1))
-        return self.forward_with(x, prefixes=prefixes), pull
+        return self.forward_with(x, prefixes=prefixes), key_pull(query, self.key, idx)
 
 
 register(
