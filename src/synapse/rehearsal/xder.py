@@ -443,28 +443,57 @@ _PAPER = "Boschini et al. 2022, *Class-Incremental Continual Learning into the e
 
 
 class _XDERFloor(Floor):
-    """X-DER's floor: the incoming batch's cross-entropy without the past heads (in place of the user's
-    loss), DER's seeded logit matching on one replayed minibatch, ``beta`` cross-entropy on the past heads
-    of a second, and the heads' margin constraint over all rows, in one backward. The update of the stored
-    logits is left out."""
+    """X-DER's floor, the step after two task ends (revision 2022): the incoming batch's cross-entropy without
+    the past heads (in place of the user's loss), DER's seeded logit matching on one replayed minibatch,
+    ``beta`` cross-entropy on the past heads of a second, the future constraint over all rows (a slot drawn
+    twice counted once) and the past constraint over the incoming rows, in one backward; then the memory
+    update: each replayed past item's count, the ``1/n`` draw (drawn in advance, as the indices), the
+    rewritten logits, written back at its slot."""
 
     fused = 2
 
+    def __init__(
+        self, model: nn.Module, buffer_size: int, minibatch: int, item: Tuple[int, ...], hparams: Mapping[str, Any]
+    ) -> None:
+        super().__init__(model, buffer_size, minibatch, item, hparams)
+        device = self.one.device
+        self.counts = torch.zeros(buffer_size, device=device)  # times each slot was chosen for an update
+        g = torch.Generator().manual_seed(2)
+        self.uniforms = torch.rand(len(self.blocks), self.rows(), generator=g).to(device).unbind(0)
+        self.incoming: Dict[int, Tensor] = {}  # a row of True per batch size, made once
+
     def backward(self, loss: Tensor, targets: Tensor, inputs: Tensor, logits: Tensor) -> None:
-        first, second = self.idx.split(self.k)
         classes = torch.arange(logits.shape[1], device=logits.device)
         class_task = classes // 2  # tasks of two classes; tasks 0 and 1 are past, 2 present
-        past, future = class_task < 2, class_task > 2
+        past, present, future = class_task < 2, class_task == 2, class_task > 2
+        stored_labels, stored = self.y.index_select(0, self.idx), self.z.index_select(0, self.idx)
         current = asymmetric_cross_entropy(logits, targets, (~past).index_fill(0, targets, True))
-        replay_ce = asymmetric_cross_entropy(self.replayed[1], self.y.index_select(0, second), past)
-        seed = logit_distillation_grad(self.replayed[0], self.z.index_select(0, first), weight=self.hp["alpha"])
+        replay_ce = asymmetric_cross_entropy(self.replayed[1], stored_labels[self.k :], past)
+        seed = logit_distillation_grad(self.replayed[0], stored[: self.k], weight=self.hp["alpha"])
+        earliest = _first_occurrence(self.idx)
+        distinct = earliest == torch.arange(earliest.shape[0], device=earliest.device)
         rows = torch.cat([logits, *self.replayed]).float()
-        labels = torch.cat([targets, self.y.index_select(0, self.idx)])
+        labels = torch.cat([targets, stored_labels])
         good = class_task.unsqueeze(0) == class_task[labels].unsqueeze(1)
-        weights = torch.ones_like(labels, dtype=torch.bool)
-        constraint = head_margin_constraint(rows, good, future, float(self.hp["m"]), weights)
-        roots = (current, replay_ce, constraint, self.replayed[0])
-        self.run_backward(roots, (self.one, self.weight("beta"), self.weight("eta"), seed))
+        n = targets.shape[0]
+        if n not in self.incoming:
+            self.incoming[n] = torch.ones(n, dtype=torch.bool, device=targets.device)
+        weights = torch.cat([self.incoming[n], distinct])
+        m = float(self.hp["m"])
+        future_constraint = head_margin_constraint(rows, good, future, m, weights)
+        probs = torch.softmax(logits.float().masked_fill(~(past | present), float("-inf")), 1)
+        past_constraint = head_margin_constraint(probs, present, past, m, present[targets], True)
+        roots = (current, replay_ce, future_constraint, past_constraint, self.replayed[0])
+        eta = self.weight("eta")
+        self.run_backward(roots, (self.one, self.weight("beta"), eta, eta, seed))
+        with torch.no_grad():
+            chosen = past[stored_labels] & distinct
+            self.counts.index_add_(0, self.idx, chosen.float())
+            chosen &= self.uniforms[(self.step - 1) % len(self.uniforms)] * self.counts[self.idx] < 1
+            responses = torch.cat(self.replayed)
+            rewritten = xder_update_logits(stored, responses, stored_labels, ~past, float(self.hp["gamma"]))
+            written = torch.where(chosen.unsqueeze(1), rewritten, stored)[earliest]
+            self.z.index_copy_(0, self.idx, torch.nan_to_num(written, 0.0, 0.0, 0.0))
 
 
 register(
