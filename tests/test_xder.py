@@ -4,6 +4,7 @@ memory (task-end fill, future-past updates), resume and rejected input."""
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +14,7 @@ from synapse import catalog
 from synapse.experiments.models import create_model
 from synapse.functional import head_margin_constraint, xder_update_logits
 from synapse.rehearsal import XDER
-from synapse.rehearsal.xder import _chunks, _first_occurrence
+from synapse.rehearsal.xder import AHEAD, _Ahead, _chunks, _first_occurrence
 
 CPT = 2  # classes per task in the class-incremental streams below: task t holds classes 2t, 2t + 1
 
@@ -316,3 +317,23 @@ def test_the_floor_updates_the_replayed_past_items_logits_as_the_method_does():
     counts = torch.zeros(40)
     counts[past] = 1
     assert torch.equal(floor.counts, counts)
+
+
+@pytest.mark.parametrize("buffered_half", [False, True])
+def test_draws_made_ahead_equal_step_by_step_draws_and_leave_the_generator_as_they_would(buffered_half):
+    # X-DER's memory-update draws come from a block drawn ahead; the values, and the generator's state whenever
+    # it is read (a checkpoint, a task end), must be those of one random(n) per step. A 32-bit draw before
+    # leaves half an output buffered, which double draws keep and advance() would clear.
+    plain = np.random.Generator(np.random.PCG64(7))
+    if buffered_half:
+        plain.integers(0, 5, size=3, dtype=np.uint32)
+    ahead = _Ahead(copy.deepcopy(plain))
+    for steps in (3, 0, AHEAD + 2):
+        for _ in range(steps):
+            want = torch.from_numpy(plain.random(6).astype(np.float32))
+            assert torch.equal(ahead.peek(6, torch.device("cpu")), want)
+            assert torch.equal(ahead.peek(6, torch.device("cpu")), want)  # a failed step draws again
+            ahead.consume()
+        ahead.peek(6, torch.device("cpu"))  # peeked, never consumed: not drawn
+        assert ahead.generator().bit_generator.state == plain.bit_generator.state
+    assert plain.bit_generator.state["has_uint32"] == int(buffered_half)
