@@ -242,3 +242,30 @@ def test_the_reservoir_keeps_its_old_import_path():
     assert from_buffer.__module__ == "synapse.memory.reservoir"
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         synapse.buffer.Nope  # noqa: B018
+
+
+def test_draws_from_a_memory_that_is_not_full_are_made_ahead_as_step_by_step_draws_would_be():
+    # A memory that is not full and stops changing (X-DER's between task ends) has its draws made
+    # SAMPLE_BLOCK steps at a time; every draw, and the generator's state whenever read (a checkpoint, an
+    # insertion), must be those of one draw per step.
+    import copy
+
+    from synapse.buffer import SAMPLE_BLOCK
+    from synapse.functional import distinct_subsets
+
+    buf = ReservoirBuffer(50, seed=3)
+    buf.add({"id": torch.arange(20)})  # filling: no draw
+    plain = copy.deepcopy(buf.state_dict()["rng_state"])
+    ref = np.random.Generator(np.random.PCG64())
+    ref.bit_generator.state = plain
+    for step in range(2 * SAMPLE_BLOCK + 10):
+        if step == SAMPLE_BLOCK + 7:
+            buf.add({"id": torch.arange(5)})  # the population grows mid-block (still filling: no draw)
+        n = len(buf)
+        assert torch.equal(
+            buf.sample_indices(4, 2).reshape(-1), torch.from_numpy(distinct_subsets(ref, n, 4, 2).reshape(-1))
+        )
+        if step == 1:
+            assert len(buf._ahead_rows) == SAMPLE_BLOCK  # drawn ahead from the second alike draw
+        if step in (5, SAMPLE_BLOCK + 3, 2 * SAMPLE_BLOCK + 9):
+            assert buf.state_dict()["rng_state"] == ref.bit_generator.state

@@ -4,15 +4,17 @@ memory (task-end fill, future-past updates), resume and rejected input."""
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import mlp
 from synapse import catalog
+from synapse.experiments.models import create_model
 from synapse.functional import head_margin_constraint, xder_update_logits
 from synapse.rehearsal import XDER
-from synapse.rehearsal.xder import _chunks, _first_occurrence
+from synapse.rehearsal.xder import AHEAD, _Ahead, _chunks, _first_occurrence
 
 CPT = 2  # classes per task in the class-incremental streams below: task t holds classes 2t, 2t + 1
 
@@ -284,3 +286,54 @@ def test_catalog_spec_runs_the_generic_loop():
     assert all(torch.isfinite(p).all() for p in model.parameters())
     counts = stored(syn)["targets"].bincount(minlength=10)
     assert counts.max() - counts.min() <= 4 and len(syn.buffer) <= 40
+
+
+def test_the_floor_updates_the_replayed_past_items_logits_as_the_method_does():
+    # The floor's step includes X-DER's memory update: the replayed items of past classes (0-3 in the floor's
+    # tasks of two classes), drawn for the first time, take today's responses on the other heads, rescaled.
+    torch.manual_seed(0)
+    spec = catalog.get("xder")
+    model = create_model("mlp", 1, 28, 10, [0.5], [0.25])
+    floor = spec.floor(model, 40, 5, (1, 28, 28), spec.resolve(spec.harness_hparams))
+    before = floor.z.clone()
+    x, y = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8), torch.randint(0, 10, (8,))
+    logits = floor.forward(x)
+    responses = torch.cat(floor.replayed).detach()
+    floor.backward(F.cross_entropy(logits, y), y, x, logits)
+    slots = floor.idx.tolist()
+    past = [s for s in set(slots) if int(floor.y[s]) < 4]
+    assert past and len(past) < len(set(slots))  # both kinds were drawn
+    want = before.clone()
+    for slot in past:
+        i = slots.index(slot)
+        want[slot] = xder_update_logits(
+            before[slot : slot + 1],
+            responses[i : i + 1],
+            floor.y[slot : slot + 1],
+            torch.arange(10) >= 4,
+            spec.resolve({})["gamma"],
+        )[0]
+    assert torch.allclose(floor.z, want) and not torch.equal(floor.z, before)
+    counts = torch.zeros(40)
+    counts[past] = 1
+    assert torch.equal(floor.counts, counts)
+
+
+@pytest.mark.parametrize("buffered_half", [False, True])
+def test_draws_made_ahead_equal_step_by_step_draws_and_leave_the_generator_as_they_would(buffered_half):
+    # X-DER's memory-update draws come from a block drawn ahead; the values, and the generator's state whenever
+    # it is read (a checkpoint, a task end), must be those of one random(n) per step. A 32-bit draw before
+    # leaves half an output buffered, which double draws keep and advance() would clear.
+    plain = np.random.Generator(np.random.PCG64(7))
+    if buffered_half:
+        plain.integers(0, 5, size=3, dtype=np.uint32)
+    ahead = _Ahead(copy.deepcopy(plain))
+    for steps in (3, 0, AHEAD + 2):
+        for _ in range(steps):
+            want = torch.from_numpy(plain.random(6).astype(np.float32))
+            assert torch.equal(ahead.peek(6, torch.device("cpu")), want)
+            assert torch.equal(ahead.peek(6, torch.device("cpu")), want)  # a failed step draws again
+            ahead.consume()
+        ahead.peek(6, torch.device("cpu"))  # peeked, never consumed: not drawn
+        assert ahead.generator().bit_generator.state == plain.bit_generator.state
+    assert plain.bit_generator.state["has_uint32"] == int(buffered_half)

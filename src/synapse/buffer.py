@@ -71,6 +71,11 @@ class Buffer(Stateful, ABC):
         check_positive_int("capacity", capacity)
         self.capacity = capacity
         self.num_seen = 0
+        self._ahead_rows: Tuple[Tensor, ...] = ()  # indices drawn ahead, one row per step (_step_indices)
+        self._ahead_states: List[Mapping[str, Any]] = []  # the generator's state after each row's draw
+        self._ahead_start: Mapping[str, Any] = {}  # its state before the first
+        self._ahead_pos = 0  # rows used
+        self._ahead_key: Optional[Tuple[int, int, int, torch.device]] = None  # the last draw's (n, k, rows, device)
         self._rng = np.random.Generator(np.random.PCG64(fresh_seed() if seed is None else int(seed)))
         self._storage: Dict[str, Tensor] = {}
         self._schema: Dict[str, Tuple[tuple, torch.dtype]] = {}
@@ -230,6 +235,22 @@ class Buffer(Stateful, ABC):
         """
         return self._next_indices(k, num_minibatches).view(num_minibatches, -1)
 
+    @property
+    def _rng(self) -> np.random.Generator:
+        """The memory's generator, in the state that drawing step by step would have left it: any draws
+        :meth:`_step_indices` made ahead and no step used are dropped."""
+        if self._ahead_rows:
+            used = self._ahead_pos
+            self._generator.bit_generator.state = self._ahead_states[used - 1] if used else self._ahead_start
+            self._ahead_rows, self._ahead_states, self._ahead_pos = (), [], 0
+        self._ahead_key = None  # the generator is used elsewhere: a streak of alike draws ends
+        return self._generator
+
+    @_rng.setter
+    def _rng(self, rng: np.random.Generator) -> None:
+        self._generator = rng
+        self._ahead_rows, self._ahead_states, self._ahead_pos, self._ahead_key = (), [], 0, None
+
     def sample(self, k: int, num_minibatches: int = 1, names: Optional[Iterable[str]] = None) -> Dict[str, Tensor]:
         """``num_minibatches`` independent minibatches as by :meth:`sample_indices`, gathered and stacked
         along dim 0 (minibatch ``i`` is rows ``i * k' : (i + 1) * k'`` with ``k' = min(k, len)``)."""
@@ -248,8 +269,8 @@ class Buffer(Stateful, ABC):
         k = min(k, n)
         device = self._device
         assert device is not None
-        if not self._population_fixed(n):  # still filling: the population changes with every batch
-            return indices_on(distinct_subsets(self._rng, n, k, num_minibatches).reshape(-1), device)
+        if not self._population_fixed(n):  # still filling: the population may change with every batch
+            return self._step_indices(n, k, num_minibatches, device)
         block = self._block
         if block is None or block.shape[1:] != (num_minibatches, k) or self._block_pos == len(block):
             picks = distinct_subsets(self._rng, n, k, SAMPLE_BLOCK * num_minibatches)
@@ -257,6 +278,29 @@ class Buffer(Stateful, ABC):
             self._block_pos = 0
         self._block_pos += 1
         return self._block_rows[self._block_pos - 1]
+
+    def _step_indices(self, n: int, k: int, num_minibatches: int, device: torch.device) -> Tensor:
+        """One step's draw from a population that may change. Once two steps in a row drew alike (same ``n``,
+        ``k``, minibatches, device) with no other use of the generator between them (X-DER's memory between
+        task ends, which is not full), the next :data:`SAMPLE_BLOCK` steps' draws are made at once: the same
+        calls, in the same order, their states kept, so that :attr:`_rng` is always where step-by-step
+        draws would have left it. A numpy call inside every step costs the step several times its own time."""
+        key = (n, k, num_minibatches, device)
+        if self._ahead_key == key and self._ahead_pos < len(self._ahead_rows):
+            self._ahead_pos += 1
+            return self._ahead_rows[self._ahead_pos - 1]
+        streak = self._ahead_key == key and self.draws_ahead
+        rng = self._rng  # settled: the rows drawn ahead are all used
+        self._ahead_key = key
+        if not streak:
+            return indices_on(distinct_subsets(rng, n, k, num_minibatches).reshape(-1), device)
+        start, picks, states = rng.bit_generator.state, [], []
+        for _ in range(SAMPLE_BLOCK):
+            picks.append(distinct_subsets(rng, n, k, num_minibatches).reshape(-1))
+            states.append(rng.bit_generator.state)
+        self._ahead_start, self._ahead_states = start, states
+        self._ahead_rows, self._ahead_pos = indices_on(np.stack(picks), device).unbind(0), 1
+        return self._ahead_rows[0]
 
     def _set_block(self, block: Optional[Tensor]) -> None:
         self._block = block

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, cast
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ __all__ = ["XDER"]
 
 SLOTS = "slots"  # the buffer slots a replay sample came from (not a stored field)
 REVISIONS = ("2022", "2024")  # mammoth's xder_ce before and from commit b558503 (December 2024)
+AHEAD = 64  # steps of memory-update draws made at once
 
 
 class XDER(DERpp):
@@ -135,7 +136,8 @@ class XDER(DERpp):
         self.m = float(m)
         self.current_loss = current_loss
         self.revision = revision
-        self._rng = np.random.Generator(np.random.PCG64(fresh_seed()))  # the update draws and quota ties
+        # The update draws and quota ties; the update's draws are made ahead (see _Ahead), behind _rng.
+        self._ahead = _Ahead(np.random.Generator(np.random.PCG64(fresh_seed())))
         self._class_task: Optional[Tensor] = None  # (classes,) long: the task each class was first seen in, -1
         self._has_past = False  # some class was seen before the current task (host-known: set by end_task)
         self._update_count = torch.zeros(self.buffer.capacity, device=self.device)  # per slot, this task
@@ -146,6 +148,15 @@ class XDER(DERpp):
         capacity = self.buffer.capacity
         self.add_state("update_count", dtype=torch.float32, shape=(capacity,), attr="_update_count")
         self.add_generator("xder_rng", "_rng")
+
+    @property
+    def _rng(self) -> np.random.Generator:
+        """The generator in the state that drawing step by step would have left it."""
+        return self._ahead.generator()
+
+    @_rng.setter
+    def _rng(self, rng: np.random.Generator) -> None:
+        self._ahead = _Ahead(rng)
 
     # ------------------------------------------------------------------ heads
     def _heads(self, class_task: Tensor) -> Tuple[Tensor, Tensor]:
@@ -236,22 +247,21 @@ class XDER(DERpp):
 
     def _memory_update(
         self, replay: Replay, labels: Tensor, past: Tensor, first: Tensor, distinct: Tensor
-    ) -> Tuple[Tensor, Tensor, Tensor, Mapping[str, Any]]:
-        """This step's rewrite of replayed past items (computed now, written by :meth:`_commit_step`):
-        ``(counts, slots, rows, rng_state)``, ``rows`` the logits to write at ``slots``."""
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        """This step's rewrite of replayed past items (computed now, written by :meth:`_commit_step`, which
+        also consumes the draws): ``(counts, slots, rows)``, ``rows`` the logits to write at ``slots``."""
         assert replay.outputs is not None
         slots, stored = replay.sample[SLOTS], replay.sample["logits"]
         chosen = past[labels] & distinct
         counts = self._update_count.to(slots.device).index_add(0, slots, chosen.float())
-        rng = _copy_rng(self._rng)
-        draws = to_device(torch.from_numpy(rng.random(slots.shape[0]).astype(np.float32)), slots.device)
+        draws = self._ahead.peek(slots.shape[0], slots.device)
         chosen = chosen & (draws * counts[slots] < 1)  # probability 1/n for the n-th time an item is drawn
         with torch.no_grad():
             responses = torch.cat(replay.outputs).detach()
             rewritten = xder_update_logits(stored, responses, labels, ~past, self.gamma)
             # A slot drawn twice takes its first occurrence's row, so that both writes agree.
             rows = torch.where(chosen.unsqueeze(1), rewritten, stored)[first]
-        return counts, slots, rows, rng.bit_generator.state
+        return counts, slots, rows
 
     def _commit_step(self) -> None:
         if self._pending is None:
@@ -259,10 +269,10 @@ class XDER(DERpp):
         self._class_task, update = self._pending
         self._pending = None
         if update is not None:
-            counts, slots, rows, rng_state = update
+            counts, slots, rows = update
             self._update_count = counts
             self._write_logits(slots, rows)
-            self._rng.bit_generator.state = rng_state
+            self._ahead.consume()
 
     def _store(self, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
         if not self._has_past:  # a reservoir until the first task end (mammoth's xder_ce)
@@ -432,6 +442,49 @@ def _chunks(n: int, size: int) -> List[slice]:
     return [slice(a, b) for a, b in zip(starts, starts[1:] + [n])]
 
 
+class _Ahead:
+    """The uniform draws of a numpy generator, made :data:`AHEAD` steps at a time: a numpy call in every
+    step costs X-DER's step far more than its own few microseconds (measured on the CPU MLP, issue 21).
+
+    :meth:`peek` gives the next step's ``n`` draws (as float32, on the device) and :meth:`consume` takes
+    them; :meth:`generator` returns the generator in the very state step-by-step draws (``random(n)`` each
+    step) would have left it, and forgets the draws made ahead. Bit-identical: ``random(AHEAD * n)`` is
+    the ``AHEAD`` draws of ``n`` one after the other, and a double takes one 64-bit output, as ``advance``
+    counts them.
+    """
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        self._rng = rng
+        self._start: Optional[Mapping[str, Any]] = None  # the generator's state before the block was drawn
+        self._block: Tuple[Tensor, ...] = ()  # one row of draws per step
+        self._used = 0  # rows consumed
+
+    def peek(self, n: int, device: torch.device) -> Tensor:
+        """The next step's ``n`` draws, as ``rng.random(n).astype(float32)`` on ``device``."""
+        if self._used == len(self._block) or self._block[0].shape[0] != n or self._block[0].device != device:
+            rng = self.generator()
+            self._start = rng.bit_generator.state
+            drawn = torch.from_numpy(rng.random(AHEAD * n).astype(np.float32))
+            self._block, self._used = to_device(drawn, device).view(AHEAD, n).unbind(0), 0
+        return self._block[self._used]
+
+    def consume(self) -> None:
+        """The draws :meth:`peek` gave were used (the step succeeded)."""
+        self._used += 1
+
+    def generator(self) -> np.random.Generator:
+        """The generator, in the state of step-by-step draws; the draws made ahead are dropped."""
+        if self._start is not None:
+            start, bits = self._start, self._rng.bit_generator
+            assert isinstance(bits, np.random.PCG64)  # X-DER's generators are PCG64 (made or loaded here)
+            bits.state = cast(Any, start)  # a state this generator gave (typed as a plain Mapping)
+            bits.advance(self._used * self._block[0].shape[0])
+            # advance() clears the buffered 32-bit half, which double draws leave as it was.
+            bits.state = {**bits.state, "has_uint32": start["has_uint32"], "uinteger": start["uinteger"]}
+            self._start, self._block, self._used = None, (), 0
+        return self._rng
+
+
 def _copy_rng(rng: np.random.Generator) -> np.random.Generator:
     """An independent copy, to draw from before a step is known to succeed."""
     copy = np.random.Generator(np.random.PCG64())
@@ -443,28 +496,57 @@ _PAPER = "Boschini et al. 2022, *Class-Incremental Continual Learning into the e
 
 
 class _XDERFloor(Floor):
-    """X-DER's floor: the incoming batch's cross-entropy without the past heads (in place of the user's
-    loss), DER's seeded logit matching on one replayed minibatch, ``beta`` cross-entropy on the past heads
-    of a second, and the heads' margin constraint over all rows, in one backward. The update of the stored
-    logits is left out."""
+    """X-DER's floor, the step after two task ends (revision 2022): the incoming batch's cross-entropy without
+    the past heads (in place of the user's loss), DER's seeded logit matching on one replayed minibatch,
+    ``beta`` cross-entropy on the past heads of a second, the future constraint over all rows (a slot drawn
+    twice counted once) and the past constraint over the incoming rows, in one backward; then the memory
+    update: each replayed past item's count, the ``1/n`` draw (drawn in advance, as the indices), the
+    rewritten logits, written back at its slot."""
 
     fused = 2
 
+    def __init__(
+        self, model: nn.Module, buffer_size: int, minibatch: int, item: Tuple[int, ...], hparams: Mapping[str, Any]
+    ) -> None:
+        super().__init__(model, buffer_size, minibatch, item, hparams)
+        device = self.one.device
+        self.counts = torch.zeros(buffer_size, device=device)  # times each slot was chosen for an update
+        g = torch.Generator().manual_seed(2)
+        self.uniforms = torch.rand(len(self.blocks), self.rows(), generator=g).to(device).unbind(0)
+        self.incoming: Dict[int, Tensor] = {}  # a row of True per batch size, made once
+
     def backward(self, loss: Tensor, targets: Tensor, inputs: Tensor, logits: Tensor) -> None:
-        first, second = self.idx.split(self.k)
         classes = torch.arange(logits.shape[1], device=logits.device)
         class_task = classes // 2  # tasks of two classes; tasks 0 and 1 are past, 2 present
-        past, future = class_task < 2, class_task > 2
+        past, present, future = class_task < 2, class_task == 2, class_task > 2
+        stored_labels, stored = self.y.index_select(0, self.idx), self.z.index_select(0, self.idx)
         current = asymmetric_cross_entropy(logits, targets, (~past).index_fill(0, targets, True))
-        replay_ce = asymmetric_cross_entropy(self.replayed[1], self.y.index_select(0, second), past)
-        seed = logit_distillation_grad(self.replayed[0], self.z.index_select(0, first), weight=self.hp["alpha"])
+        replay_ce = asymmetric_cross_entropy(self.replayed[1], stored_labels[self.k :], past)
+        seed = logit_distillation_grad(self.replayed[0], stored[: self.k], weight=self.hp["alpha"])
+        earliest = _first_occurrence(self.idx)
+        distinct = earliest == torch.arange(earliest.shape[0], device=earliest.device)
         rows = torch.cat([logits, *self.replayed]).float()
-        labels = torch.cat([targets, self.y.index_select(0, self.idx)])
+        labels = torch.cat([targets, stored_labels])
         good = class_task.unsqueeze(0) == class_task[labels].unsqueeze(1)
-        weights = torch.ones_like(labels, dtype=torch.bool)
-        constraint = head_margin_constraint(rows, good, future, float(self.hp["m"]), weights)
-        roots = (current, replay_ce, constraint, self.replayed[0])
-        self.run_backward(roots, (self.one, self.weight("beta"), self.weight("eta"), seed))
+        n = targets.shape[0]
+        if n not in self.incoming:
+            self.incoming[n] = torch.ones(n, dtype=torch.bool, device=targets.device)
+        weights = torch.cat([self.incoming[n], distinct])
+        m = float(self.hp["m"])
+        future_constraint = head_margin_constraint(rows, good, future, m, weights)
+        probs = torch.softmax(logits.float().masked_fill(~(past | present), float("-inf")), 1)
+        past_constraint = head_margin_constraint(probs, present, past, m, present[targets], True)
+        roots = (current, replay_ce, future_constraint, past_constraint, self.replayed[0])
+        eta = self.weight("eta")
+        self.run_backward(roots, (self.one, self.weight("beta"), eta, eta, seed))
+        with torch.no_grad():
+            chosen = past[stored_labels] & distinct
+            self.counts.index_add_(0, self.idx, chosen.float())
+            chosen &= self.uniforms[(self.step - 1) % len(self.uniforms)] * self.counts[self.idx] < 1
+            responses = torch.cat(self.replayed)
+            rewritten = xder_update_logits(stored, responses, stored_labels, ~past, float(self.hp["gamma"]))
+            written = torch.where(chosen.unsqueeze(1), rewritten, stored)[earliest]
+            self.z.index_copy_(0, self.idx, torch.nan_to_num(written, 0.0, 0.0, 0.0))
 
 
 register(
