@@ -30,17 +30,19 @@ def torchrun(*args, timeout=TIMEOUT, **kwargs):
     return proc.returncode, out, err
 
 
+def finished(code: int, err: str, written: bool) -> bool:
+    """Whether a torchrun run finished its work: exit code 0, or the abort that gloo occasionally gives a rank
+    on a loaded machine while the process group is torn down ("terminate called without an active
+    exception") after everything under test was ``written``: the training under test is complete then."""
+    return code == 0 or ("terminate called without an active exception" in err and written)
+
+
 @pytest.mark.parametrize("method", [*catalog.names(), "der++-unfused", "er-global"])
 def test_parameters_stay_identical_across_ranks(tmp_path, method):
     code, _, err = torchrun(
         "tests/ddp_worker.py", method, str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
-    saved = all((tmp_path / f"rank{r}.pt").exists() for r in (0, 1))
-    # On a loaded machine gloo occasionally aborts a rank while the process group is torn down ("terminate
-    # called without an active exception"), after both ranks saved what this test checks: that is not the
-    # training under test, whose results are complete.
-    teardown_abort = "terminate called without an active exception" in err and saved
-    assert code == 0 or teardown_abort, err[-3000:]
+    assert finished(code, err, all((tmp_path / f"rank{r}.pt").exists() for r in (0, 1))), err[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for a, b in zip(r0["params"], r1["params"]):
         assert torch.equal(a, b)
@@ -104,7 +106,7 @@ def results(folder):
 @pytest.mark.slow
 def test_two_process_cli_covers_the_full_test_set(tmp_path):
     code, _, err = torchrun(*CLI, "--output_dir", str(tmp_path / "ddp"), "--quiet", stderr=subprocess.PIPE)
-    assert code == 0, err[-3000:]
+    assert finished(code, err, (tmp_path / "ddp" / "results.json").exists()), err[-3000:]
     ddp = results(tmp_path / "ddp")
     assert ddp["config"]["world_size"] == 2
     assert ddp["test_samples_per_task"] == [301] * 5  # an odd count: every sample scored exactly once
@@ -125,7 +127,7 @@ def test_two_process_cli_covers_the_full_test_set(tmp_path):
 def test_two_process_kill_and_resume_equals_uninterrupted(tmp_path):
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
     code, _, err = torchrun(*CLI, "--output_dir", full, "--quiet", stderr=subprocess.PIPE)
-    assert code == 0, err[-3000:]
+    assert finished(code, err, os.path.exists(os.path.join(full, "results.json"))), err[-3000:]
     cmd = [
         sys.executable,
         "-m",
@@ -154,7 +156,7 @@ def test_two_process_kill_and_resume_equals_uninterrupted(tmp_path):
         proc.wait(timeout=60)
     assert not os.path.exists(os.path.join(killed, "results.json"))
     code, _, err = torchrun(*CLI, "--output_dir", killed, "--resume", "--quiet", stderr=subprocess.PIPE)
-    assert code == 0, err[-3000:]
+    assert finished(code, err, os.path.exists(os.path.join(killed, "results.json"))), err[-3000:]
     assert results(full)["accuracy_matrix"] == results(killed)["accuracy_matrix"]
 
 
@@ -162,7 +164,7 @@ def test_two_process_kill_and_resume_equals_uninterrupted(tmp_path):
 def test_resuming_with_another_world_size_is_a_clear_error(tmp_path):
     out = str(tmp_path)
     code, _, err = torchrun(*CLI, "--output_dir", out, "--quiet", "--max_train_per_task", "50", stderr=subprocess.PIPE)
-    assert code == 0, err[-3000:]
+    assert finished(code, err, os.path.exists(os.path.join(out, "results.json"))), err[-3000:]
     proc = subprocess.run(
         [sys.executable, *CLI, "--max_train_per_task", "50", "--output_dir", out, "--resume"],
         cwd=ROOT,
@@ -187,7 +189,7 @@ def test_elastic_restart_after_a_rank_is_killed_resumes_from_the_periodic_checkp
     args = [*CLI, "--checkpoint_every", "7"]
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
     code, _, err = torchrun(*args, "--output_dir", full, "--quiet", stderr=subprocess.PIPE)
-    assert code == 0, err[-3000:]
+    assert finished(code, err, os.path.exists(os.path.join(full, "results.json"))), err[-3000:]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1"]
     cmd += [*args, "--output_dir", killed, "--resume"]
     pause = "checkpoint:7"  # writes at steps 7, 14, 21, 28, 30 (task 1's end), 35, 42
@@ -214,7 +216,7 @@ def test_elastic_restart_after_a_rank_is_killed_resumes_from_the_periodic_checkp
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
             pytest.fail("the restarted group did not finish")
-    assert proc.returncode == 0, err[-3000:]
+    assert finished(proc.returncode, err, os.path.exists(os.path.join(killed, "results.json"))), err[-3000:]
     out = (tmp_path / "stdout.txt").read_text()
     assert "checkpoint-rank0.prev.pt: stage 2, epoch 1, batch 5 (step 35)" in out
     assert results(full)["accuracy_matrix"] == results(killed)["accuracy_matrix"]
