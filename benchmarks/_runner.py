@@ -8,7 +8,6 @@ checks and their tables. Every method, its display name and its values come from
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import json
@@ -169,9 +168,9 @@ def same_config(recorded: Optional[Dict[str, Any]], today: Dict[str, Any]) -> bo
     (new settings default to the old behaviour); an entry that recorded nothing never counts."""
     if recorded is None or set(recorded) - set(today):
         return False
-    from synapse.experiments.config import Config
+    from synapse.experiments.config import identity_defaults
 
-    defaults = json.loads(json.dumps(dataclasses.asdict(Config())))
+    defaults = json.loads(json.dumps(identity_defaults()))  # as a cache file holds them
     return all(recorded[k] == v if k in recorded else v == defaults.get(k) for k, v in today.items())
 
 

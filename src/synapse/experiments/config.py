@@ -65,9 +65,6 @@ IDENTITY = (
     "first_task_classes",
     "class_order_seed",
 )
-# Identity settings added after checkpoints were already written: a checkpoint that does not record one was
-# written by a run at the setting's default (what every run had before it existed), and resumes at it.
-ADDED_TO_IDENTITY = ("optimizer", "lr_schedule", "clip_grad_norm")
 
 
 @dataclass
@@ -232,6 +229,9 @@ def set_threads(cfg: Config) -> Config:
     return dataclasses.replace(cfg, threads=torch.get_num_threads())
 
 
-def absent_identity() -> Dict[str, Any]:
-    """The value of each :data:`ADDED_TO_IDENTITY` setting in a checkpoint that does not record it: its default."""
-    return {f.name: f.default for f in dataclasses.fields(Config) if f.name in ADDED_TO_IDENTITY}
+def identity_defaults() -> Dict[str, Any]:
+    """Each :data:`IDENTITY` setting's default. A record that lacks a setting (a checkpoint, a benchmark's cached
+    run) was made before the setting existed, by a run at its default: new settings default to the old
+    behaviour."""
+    defaults = Config()
+    return {name: getattr(defaults, name) for name in IDENTITY}

@@ -37,9 +37,9 @@ from .config import (
     IDENTITY,
     TRAINING_TYPES,
     Config,
-    absent_identity,
     check_scenario,
     check_world,
+    identity_defaults,
     set_threads,
     validate,
 )
@@ -546,7 +546,7 @@ class Experiment:
         there is none (checkpoint.newest_common)."""
         if self.ckpt_path is None:
             raise ValueError("--resume needs --output_dir, where the checkpoint is")
-        found = newest_common(self.ckpt_path, self.identity, self.world, self.device, absent_identity())
+        found = newest_common(self.ckpt_path, self.identity, self.world, self.device, identity_defaults())
         if found is None:
             self.log(f"no checkpoint in {os.path.dirname(self.ckpt_path) or '.'}: starting from scratch")
             return
