@@ -182,9 +182,9 @@ NO_SHARED_STORE = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 @pytest.mark.slow
 def test_elastic_restart_after_a_rank_is_killed_resumes_from_the_periodic_checkpoint(tmp_path):
     """torchrun --max-restarts 1, a checkpoint every 7 steps (30 steps a task): both ranks pause inside their
-    write at step 42 and rank 1 is SIGKILLed there. torchrun stops rank 0, which completes its write first,
-    so rank 0 holds step 42 and rank 1 only step 35. The restarted group (the same command) agrees on step
-    35, rank 0 from its previous generation, and ends with the accuracy matrices of an uninterrupted
+    write at step 42 and, once both are there, rank 1 is SIGKILLed. torchrun stops rank 0, which completes its
+    write first, so rank 0 holds step 42 and rank 1 only step 35. The restarted group (the same command) agrees
+    on step 35, rank 0 from its previous generation, and ends with the accuracy matrices of an uninterrupted
     2-process run."""
     args = [*CLI, "--checkpoint_every", "7"]
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
@@ -205,12 +205,19 @@ def test_elastic_restart_after_a_rank_is_killed_resumes_from_the_periodic_checkp
             env={**os.environ, "PYTHONUNBUFFERED": "1", "SYNAPSE_TEST_PAUSE": pause, **NO_SHARED_STORE},
         )
         try:
+            # Kill rank 1 only once both ranks sit inside the write: a rank 0 still short of it when torchrun
+            # stops it writes its stop checkpoint at step 42 as its 7th write, pauses there unsignalled until
+            # torchrun's SIGKILL, and so holds only step 35 (one CI run in about ten hit that order).
+            paused: dict[str, int] = {}
             for line in proc.stderr:
-                if f"synapse test pause at {pause} (rank 1, pid " in line:
-                    os.kill(int(line.rsplit("pid ", 1)[1].rstrip(")\n")), signal.SIGKILL)
-                    break
+                if line.startswith(f"synapse test pause at {pause} (rank "):
+                    rank, pid = line.split("(rank ", 1)[1].rstrip(")\n").split(", pid ")
+                    paused[rank] = int(pid)
+                    if len(paused) == 2:
+                        os.kill(paused["1"], signal.SIGKILL)
+                        break
             else:
-                pytest.fail(f"rank 1 did not reach {pause}")
+                pytest.fail(f"ranks {sorted(paused)} of 0, 1 reached {pause}")
             err = proc.communicate(timeout=TIMEOUT)[1]
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
