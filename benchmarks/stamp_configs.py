@@ -12,6 +12,7 @@ configuration, or name no commit, are left as they are (a cache ignores an entry
 
     python benchmarks/stamp_configs.py pretrained_signal benchmarks/results/pretrained_signal_runs.jsonl
     python benchmarks/stamp_configs.py protocols benchmarks/results/protocols_runs.jsonl
+    python benchmarks/stamp_configs.py vision_fmnist benchmarks/results/vision_fmnist.jsonl
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ import tempfile
 from typing import Any, Dict, List
 
 from _runner import ROOT, Cache
+
+# The field every run of a script's cache has (the scripts' other entries, if any, are not runs).
+RUN_FIELD = {"pretrained_signal": "method", "protocols": "method", "vision_fmnist": "model"}
 
 # Run at the entry's commit, in its benchmarks folder: rebuild each entry's Config with that commit's own
 # script, then resolve it as ``_runner.resolved_config`` does (written out here, since old commits lack it).
@@ -48,6 +52,9 @@ def config_of(script, entry):
         return dataclasses.replace(cfg, model_args=given["model_args"], first_task_classes=given["first"],
                                    classes_per_task=given["per_task"], max_train_per_task=given["max_train"],
                                    method_args={**cfg.method_args, **given.get("method_args", {})})
+    if script == "vision_fmnist":
+        import vision_fmnist as s
+        return s.config(entry["model"], entry["replay_augment"], entry["seed"])
     import protocols as s
     import _runner
     return _runner.config_for(s.DATASET[entry["protocol"]], entry["method"], entry["buffer"], entry["seed"],
@@ -72,7 +79,7 @@ def stamp(script: str, path: str) -> int:
     by_commit: Dict[str, List[int]] = {}
     for i, entry in enumerate(entries):
         commit = (entry.get("provenance") or entry.get("result", {}).get("provenance") or {}).get("commit")
-        if "config" not in entry and "method" in entry and commit and commit != "unknown":
+        if "config" not in entry and RUN_FIELD[script] in entry and commit and commit != "unknown":
             by_commit.setdefault(commit, []).append(i)
     for commit, indices in by_commit.items():
         clean = commit.removesuffix("+dirty")
@@ -102,7 +109,7 @@ def stamp(script: str, path: str) -> int:
 
 def main(argv: Any = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("script", choices=["pretrained_signal", "protocols"])
+    parser.add_argument("script", choices=sorted(RUN_FIELD))
     parser.add_argument("cache", help="the JSON-lines cache to stamp in place")
     args = parser.parse_args(argv)
     print(f"{stamp(args.script, args.cache)} entries stamped in {args.cache}")

@@ -6,8 +6,11 @@ without re-augmented replay, over seeds.
     python benchmarks/vision_fmnist.py --render [--docs]   # render the saved raw results (into docs/vision.md)
 
 Each run is the experiment program's (``synapse.experiments``) at one thread, appended to the JSON-lines
-file ``--results`` as it finishes (a rerun skips the runs it holds), with the user CPU time of the run, its
-wall time and the provenance of the process that made it. ``--docs`` puts the table between the markers
+file ``--results`` as it finishes, with the user CPU time of the run, its wall time, the provenance of the
+process that made it and the configuration the experiment resolved it to (``_runner.resolved_config``). A rerun
+serves a held run only while today's code resolves its row the same (``_runner.same_config``): a changed
+protocol default, model-family default or catalog default runs it again, and the table shows only the runs
+that still count. ``--docs`` puts the table between the markers
 ``<!-- vision-fmnist -->`` ... ``<!-- /vision-fmnist -->`` of docs/vision.md.
 """
 
@@ -19,7 +22,7 @@ import statistics
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from _runner import ROOT, Cache, provenance, provenance_lines
+from _runner import ROOT, Cache, provenance, provenance_lines, resolved_config, same_config
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "vision_fmnist.jsonl")
 DOCS = os.path.join(ROOT, "docs", "vision.md")
@@ -57,8 +60,10 @@ def run(model: str, replay_augment: bool, seed: int) -> Dict[str, Any]:
     """One run; its accuracies, forgetting and costs."""
     from synapse.experiments.run import Experiment
 
+    cfg = config(model, replay_augment, seed)
+    resolved = resolved_config(cfg)
     cpu, wall = time.process_time(), time.perf_counter()
-    results = Experiment(config(model, replay_augment, seed)).run()
+    results = Experiment(cfg).run()
     return {
         "model": model,
         "replay_augment": replay_augment,
@@ -70,7 +75,22 @@ def run(model: str, replay_augment: bool, seed: int) -> Dict[str, Any]:
         "wall_s": time.perf_counter() - wall,
         "defaults": results["config"]["defaults"],
         "provenance": provenance(),
+        "config": resolved,
     }
+
+
+def current(entries: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The entries today's code would compute the same: their recorded configuration is the one their row
+    (model, replay, seed) resolves to now. Resolved once per row."""
+    today: Dict[Key, Dict[str, Any]] = {}
+    kept = []
+    for e in entries:
+        key: Key = (e["model"], e["replay_augment"], e["seed"])
+        if key not in today:
+            today[key] = resolved_config(config(*key))
+        if same_config(e.get("config"), today[key]):
+            kept.append(e)
+    return kept
 
 
 def render(entries: Sequence[Dict[str, Any]]) -> str:
@@ -132,7 +152,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = p.parse_args(argv)
     cache = Cache(args.results)
     if not args.render:
-        done = {(e["model"], e["replay_augment"], e["seed"]) for e in cache.entries()}
+        done = {(e["model"], e["replay_augment"], e["seed"]) for e in current(cache.entries())}
         for seed in args.seeds:
             for model in args.models:
                 for reaug in (True, False):
@@ -144,7 +164,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                             f"{entry['cpu_s']:.0f} s CPU",
                             flush=True,
                         )
-    text = render(cache.entries())
+    entries = cache.entries()
+    kept = current(entries)
+    if len(kept) < len(entries):
+        print(f"{len(entries) - len(kept)} held run(s) left out: today's code resolves their rows otherwise")
+    text = render(kept)
     print(text)
     if args.docs:
         write_section(DOCS, "vision-fmnist", text)

@@ -100,3 +100,17 @@ def test_a_crosscheck_run_is_served_while_its_rows_resolve_the_same(tmp_path, mo
     changed = lambda *args, **kwargs: {**real(*args, **kwargs), "lr": 0.123}  # noqa: E731
     monkeypatch.setattr(_runner.presets, "values", changed)
     assert crosscheck._load_cache(str(cache))[0] == {}
+
+
+def test_a_vision_run_is_shown_while_its_row_resolves_the_same(monkeypatch):
+    import vision_fmnist
+
+    key = ("resnet18-reduced", True, 0)
+    entry = {"model": key[0], "replay_augment": key[1], "seed": key[2],
+             "config": _runner.resolved_config(vision_fmnist.config(*key))}  # fmt: skip
+    assert vision_fmnist.current([entry]) == [entry]
+    assert vision_fmnist.current([{k: v for k, v in entry.items() if k != "config"}]) == []  # recorded nothing
+
+    real = vision_fmnist.config  # the row's buffer changes: the held run no longer counts
+    monkeypatch.setattr(vision_fmnist, "config", lambda *k: dataclasses.replace(real(*k), buffer_size=200))
+    assert vision_fmnist.current([entry]) == []
