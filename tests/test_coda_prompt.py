@@ -249,10 +249,16 @@ def test_the_floor_computes_the_same_logits_and_gradients_as_the_hooked_model():
     b.load_state_dict(a.state_dict())
     hp = {**catalog.get("coda-prompt").defaults(), **SMALL, "prompt_layers": 3}
     coda = CODAPrompt(a, **{k: v for k, v in hp.items() if k != "current_loss"})
+    for _ in range(2):  # the floor's point: after two task ends, two frozen slices and the current one
+        coda.end_task()
     floor = CODAPromptFloor(b, 8, 4, (3, 16, 16), hp)
+    past = 2 * hp["pool_size"] // hp["num_tasks"]
+    assert coda.frozen_count == past and all(frozen.shape[1] == past for frozen in floor.frozen.values())
     with torch.no_grad():
         for mine, theirs in zip(coda.own_parameters(), floor.extra):
             theirs.copy_(mine)
+        for part, frozen in floor.frozen.items():
+            frozen.copy_(getattr(coda, f"frozen_{part}")[:, :past])
     x, y = batch(0)
     logits = floor.forward(x)
     assert torch.allclose(a(x), logits, atol=1e-5)

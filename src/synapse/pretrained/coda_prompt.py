@@ -294,8 +294,9 @@ class CODAPrompt(Synapse):
 
 
 class CODAPromptFloor(PromptFloor):
-    """The query forward, the weighted components as prefixes in the prompted forward (the first task's slice),
-    the masked cross-entropy (and the orthogonality penalty when ``ortho_mu > 0``), one backward."""
+    """The step after two task ends (the benchmark's point): the query forward, the components of the two
+    frozen slices and the current one weighted by query attention as prefixes in the prompted forward, the
+    masked cross-entropy (and the orthogonality penalty when ``ortho_mu > 0``), one backward."""
 
     def __init__(
         self, model: nn.Module, buffer_size: int, minibatch: int, item: Tuple[int, ...], hparams: Mapping[str, Any]
@@ -305,18 +306,21 @@ class CODAPromptFloor(PromptFloor):
     def setup(self, dim: int, embed_dim: int) -> None:
         hp = self.hp
         layers, per_task = hp["prompt_layers"], hp["pool_size"] // hp["num_tasks"]
+        past = min(2, hp["num_tasks"] - 1) * per_task  # what two task ends froze (none past the pool's end)
+        shapes = {"keys": (dim,), "attention": (dim,), "components": (hp["prompt_length"], embed_dim)}
+        device = self.one.device
+        self.frozen = {part: torch.randn(layers, past, *shape, device=device) for part, shape in shapes.items()}
         self.keys = nn.Parameter(torch.randn(layers, per_task, dim))
         self.attention = nn.Parameter(torch.randn(layers, per_task, dim))
         self.components = nn.Parameter(torch.randn(layers, per_task, hp["prompt_length"], embed_dim))
         self.extra = [self.keys, self.attention, self.components]
 
     def prompted(self, x: Tensor, query: Tensor) -> Tuple[Tensor, Tensor]:
-        prefixes = {
-            i: coda_split_prefix(
-                coda_assemble_prompt(coda_component_weights(query, self.keys[i], self.attention[i]), self.components[i])
-            )
-            for i in range(self.hp["prompt_layers"])
-        }
+        keys, attention, components = (
+            torch.cat([self.frozen[part], getattr(self, part)], dim=1) for part in ("keys", "attention", "components")
+        )
+        weights = [coda_component_weights(query, keys[i], attention[i]) for i in range(self.hp["prompt_layers"])]
+        prefixes = {i: coda_split_prefix(coda_assemble_prompt(w, components[i])) for i, w in enumerate(weights)}
         return self.forward_with(x, prefixes=prefixes), self.one
 
     def backward(self, loss: Tensor, targets: Tensor, inputs: Tensor, logits: Tensor) -> None:
