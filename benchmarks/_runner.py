@@ -313,3 +313,24 @@ def page_arguments(argv: List[str]) -> List[str]:
         elif arg != "--render-only" and not arg.startswith("--output="):
             kept.append(arg)
     return kept
+
+
+def has_section(path: str, name: str) -> bool:
+    """Whether ``path`` holds the markers ``<!-- name -->`` ... ``<!-- /name -->``, in that order."""
+    with open(path) as f:
+        content = f.read()
+    start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+    return start in content and end in content.split(start, 1)[1]
+
+
+def write_section(path: str, name: str, text: str) -> None:
+    """Replace what stands between ``<!-- name -->`` and ``<!-- /name -->`` in ``path`` (a generated table in a
+    page); without both markers, in that order, the file is left as it was."""
+    if not has_section(path, name):
+        raise SystemExit(f"{path} lacks the markers <!-- {name} --> ... <!-- /{name} -->; it was not changed")
+    with open(path) as f:
+        content = f.read()
+    start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+    head, rest = content.split(start, 1)
+    with open(path, "w") as f:
+        f.write(f"{head}{start}\n{text}\n{end}{rest.split(end, 1)[1]}")

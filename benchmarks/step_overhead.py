@@ -51,7 +51,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 README = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "README.md"))
 
 import synapse  # noqa: E402
-from _runner import cpu_model, display_name, order_key, provenance  # noqa: E402
+from _runner import cpu_model, display_name, has_section, order_key, provenance, write_section  # noqa: E402
 from synapse import catalog  # noqa: E402
 from synapse._floor import Floor  # noqa: E402
 from synapse.experiments.models import create_model  # noqa: E402
@@ -344,16 +344,20 @@ def load_result(path: str) -> Dict[str, Any]:
 
 
 def from_json(paths: Sequence[str], readme: bool) -> None:
-    """Print the tables of saved results, and with ``readme`` put them into README.md; runs nothing."""
+    """Print the tables of saved results, and with ``readme`` put each into its README section (the CPU and
+    GPU tables, the ViT tables apart; results of one section together, in the order given); runs nothing."""
     results = [load_result(p) for p in paths]
-    sections = sorted({readme_section(r) for r in results})
-    if readme and len(sections) > 1:
-        raise ValueError(f"--readme puts one kind of result in its section; these results go to {sections}")
-    text = "\n\n".join("\n".join(render(r)) for r in results)
-    print(text)
+    sections: Dict[str, List[str]] = {}
+    for result in results:
+        sections.setdefault(readme_section(result), []).append("\n".join(render(result)))
+    print("\n\n".join(text for texts in sections.values() for text in texts))
     if readme:
-        write_readme_section(sections[0], text)
-        print(f"written into README.md ({sections[0]})")
+        missing = [name for name in sections if not has_section(README, name)]
+        if missing:  # checked for all before any is written
+            raise SystemExit(f"{README} lacks the markers of {', '.join(missing)}; it was not changed")
+        for name, texts in sections.items():
+            write_readme_section(name, "\n\n".join(texts))
+            print(f"written into README.md ({name})")
 
 
 def readme_section(result: Dict[str, Any]) -> str:
@@ -369,19 +373,9 @@ MEASUREMENT_OPTIONS = (
 
 
 def write_readme_section(name: str, text: str) -> None:
-    """Replace what stands between ``<!-- name -->`` and ``<!-- /name -->`` in README.md (``README``).
-
-    Both markers must be there, in that order; otherwise the README is left as it was.
-    """
-    with open(README) as f:
-        content = f.read()
-    start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
-    if start not in content or end not in content.split(start, 1)[1]:
-        raise SystemExit(f"{README} lacks the markers {start} ... {end}; it was not changed")
-    head, rest = content.split(start, 1)
-    tail = rest.split(end, 1)[1]
-    with open(README, "w") as f:
-        f.write(f"{head}{start}\n{text}\n{end}{tail}")
+    """Replace what stands between ``<!-- name -->`` and ``<!-- /name -->`` in README.md (``README``); without
+    both markers, in that order, the README is left as it was."""
+    write_section(README, name, text)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

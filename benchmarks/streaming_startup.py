@@ -25,9 +25,8 @@ import tempfile
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
-from _runner import ROOT, provenance, provenance_lines
+from _runner import ROOT, provenance, provenance_lines, write_section
 from vision_checks import write_folder
-from vision_fmnist import write_section
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "streaming_startup.json")
 DOCS = os.path.join(ROOT, "docs", "vision.md")

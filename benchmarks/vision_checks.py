@@ -12,6 +12,7 @@
 
     python benchmarks/vision_checks.py --device cuda --json out.json    # the GPU rows
     python benchmarks/vision_checks.py --device cpu --quick             # the smoke path (tests/test_vision_checks.py)
+    python benchmarks/vision_checks.py --from-json out.json --docs      # the tables, into docs/vision.md
 """
 
 from __future__ import annotations
@@ -36,10 +37,14 @@ from synapse.augment import RandomCropFlip, random_crop_flip  # noqa: E402
 from synapse.experiments.models import ModelUnavailable, check_model_name, create_model  # noqa: E402
 from synapse.rehearsal import ER  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _runner import write_section  # noqa: E402
+
 # (model, input size): the issue's torchvision ResNet and small timm ViT; --quick takes tiny stand-ins.
 MODELS = (("resnet18", 32), ("timm:vit_tiny_patch16_224", 224))
 QUICK_MODELS = (("resnet18", 16), ("timm:test_vit", 32))
 CLASSES = 10
+VARIANTS = ("plain", "der++ stored", "der++ re-augmented")
 
 
 def _sync(device: torch.device) -> None:
@@ -64,7 +69,7 @@ def step_times(
     y = torch.randint(0, CLASSES, (batch,), generator=g).to(device)
     aug_gen = torch.Generator().manual_seed(0)  # a CPU generator, as the experiment program's (no host sync)
     out: Dict[str, Any] = {}
-    for variant in ("plain", "der++ stored", "der++ re-augmented"):
+    for variant in VARIANTS:
         model = make_model(name, size, device, bf16, compiled)
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
         method = None
@@ -178,6 +183,41 @@ def dataloader_throughput(folder: str, name: str, size: int, device: torch.devic
     return seen / (time.perf_counter() - t0)
 
 
+DOCS = os.path.join(ROOT, "docs", "vision.md")
+SECTION = "vision-checks"  # its markers in docs/vision.md
+
+
+def render(result: Dict[str, Any]) -> str:
+    """The two tables of a result: step times with their ratios to plain, and images per second."""
+    lines = [
+        f"{result['device']}, torch {result.get('torch', 'version not recorded')}, batch {result['batch']}, "
+        f"median of {result['steps']} steps "
+        f"(`python benchmarks/vision_checks.py`):",
+        "",
+        "| model | input | compiled | bf16 | plain ms | DER++ stored | DER++ re-augmented | host syncs (re-aug.) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in result["step_overhead"]:
+        if "skipped" in row:
+            lines.append(f"| `{row['model']}` | skipped: {row['skipped']} | | | | | | |")
+            continue
+        plain = row["plain"]["median_ms"]
+        ratio = {v: f"{row[v]['median_ms']:.2f} ms ({row[v]['median_ms'] / plain:.2f}x)" for v in VARIANTS[1:]}
+        syncs = row["der++ re-augmented"].get("host_syncs", "not counted (CPU)")
+        lines.append(
+            f"| `{row['model']}` | {row['input']} | {'yes' if row['compiled'] else 'no'} | "
+            f"{'yes' if row['bf16'] else 'no'} | {plain:.2f} | {ratio['der++ stored']} | "
+            f"{ratio['der++ re-augmented']} | {syncs} |"
+        )
+    loops = result["throughput"]
+    base = next((r["images_per_s"] for r in loops if r["loop"] == "plain DataLoader loop"), None)
+    lines += ["", "| training loop | model | images/s | x plain DataLoader loop |", "|---|---|---|---|"]
+    for r in loops:
+        versus = f"{r['images_per_s'] / base:.2f}x" if base else "n/a"
+        lines.append(f"| {r['loop']} | `{r['model']}` | {r['images_per_s']:.0f} | {versus} |")
+    return "\n".join(lines)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
@@ -188,14 +228,24 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     p.add_argument("--workers", type=int, default=4, help="the DataLoader loop's and the streaming path's workers")
     p.add_argument("--no_compile", action="store_true", help="leave the compiled rows out")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--from-json", default=None, metavar="FILE", help="measure nothing: render a saved result")
+    p.add_argument("--docs", action="store_true", help="also put the tables into docs/vision.md")
     args = p.parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved: Dict[str, Any] = json.load(f)
+        text = render(saved)
+        print(text)
+        if args.docs:
+            write_section(DOCS, SECTION, text)
+        return saved
     device = torch.device(args.device)
     batch = args.batch or (4 if args.quick else 32)
     steps = args.steps or (2 if args.quick else 50)
     warmup = 3 if args.quick else 20
     models = QUICK_MODELS if args.quick else MODELS
     result: Dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-    result["batch"], result["steps"] = batch, steps
+    result["batch"], result["steps"], result["torch"] = batch, steps, torch.__version__
     rows: List[Dict[str, Any]] = []
     for name, size in models:
         try:
@@ -226,6 +276,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
+    print(render(result))
+    if args.docs:
+        write_section(DOCS, SECTION, render(result))
     return result
 
 

@@ -22,7 +22,7 @@ import statistics
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from _runner import ROOT, Cache, provenance, provenance_lines, resolved_config, same_config
+from _runner import ROOT, Cache, provenance, provenance_lines, resolved_config, same_config, write_section
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "vision_fmnist.jsonl")
 DOCS = os.path.join(ROOT, "docs", "vision.md")
@@ -128,18 +128,6 @@ def render(entries: Sequence[Dict[str, Any]]) -> str:
         )
     machine, versions = provenance_lines(e.get("provenance") for e in entries)
     return "\n".join(lines + ["", machine + ".", "", versions + "."])
-
-
-def write_section(path: str, name: str, text: str) -> None:
-    """Replace what stands between ``<!-- name -->`` and ``<!-- /name -->`` in ``path``; both must be there."""
-    with open(path) as f:
-        content = f.read()
-    start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
-    if start not in content or end not in content.split(start, 1)[1]:
-        raise SystemExit(f"{path} lacks the markers {start} ... {end}; it was not changed")
-    head, rest = content.split(start, 1)
-    with open(path, "w") as f:
-        f.write(f"{head}{start}\n{text}\n{end}{rest.split(end, 1)[1]}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -112,7 +112,7 @@ def test_from_json_writes_the_readme_between_the_markers_only(tmp_path, monkeypa
     assert section.count("| plain ") == 2 and "under torch.compile, Test GPU X1, torch 9.9.9:" in section
 
 
-def test_from_json_puts_a_vit_result_in_the_vit_section(tmp_path, monkeypatch, capsys):
+def test_from_json_puts_a_vit_result_in_the_vit_section(tmp_path, monkeypatch):
     readme = tmp_path / "README.md"
     names = ("step-overhead-cpu", "step-overhead-cpu-vit")
     readme.write_text("".join(f"<!-- {n} -->\nold {n}\n<!-- /{n} -->\n" for n in names))
@@ -120,10 +120,34 @@ def test_from_json_puts_a_vit_result_in_the_vit_section(tmp_path, monkeypatch, c
     step_overhead.main(["--from-json", saved(tmp_path, device="cpu", vit=True), "--readme"])
     text = readme.read_text()
     assert "old step-overhead-cpu\n" in text and "old step-overhead-cpu-vit" not in text
-    mlp, vit = saved(tmp_path, "mlp.json", device="cpu"), saved(tmp_path, "v.json", device="cpu", vit=True)
-    with pytest.raises(SystemExit):
-        step_overhead.main(["--from-json", mlp, vit, "--readme"])
-    assert "one kind of result" in capsys.readouterr().err
+
+
+def test_from_json_puts_each_result_in_its_own_section_or_writes_none(tmp_path, monkeypatch):
+    """gpu_checks.sh renders the eager, compiled and ViT results in one call: two sections."""
+    readme = tmp_path / "README.md"
+    names = ("step-overhead-cuda", "step-overhead-cuda-vit")
+    readme.write_text("".join(f"<!-- {n} -->\nold {n}\n<!-- /{n} -->\n" for n in names))
+    monkeypatch.setattr(step_overhead, "README", str(readme))
+    eager, vit = saved(tmp_path), saved(tmp_path, "vit.json", setting="vit_small, Test GPU X1", vit=True)
+    compiled = saved(tmp_path, "compiled.json", setting="resnet18-reduced under torch.compile, Test GPU X1")
+    step_overhead.main(["--from-json", eager, vit, compiled, "--readme"])
+    text = readme.read_text()
+    mlp_part, vit_part = text.split("<!-- step-overhead-cuda-vit -->")
+    assert "old" not in text and mlp_part.count("| plain ") == 2 and vit_part.count("| plain ") == 1
+    assert mlp_part.index("under torch.compile") > mlp_part.index("resnet18-reduced, batch 32")
+    assert "vit_small" in vit_part and "vit_small" not in mlp_part
+    # A section without its markers: nothing is written, not even the sections that have theirs.
+    readme.write_text("<!-- step-overhead-cuda -->\nold\n<!-- /step-overhead-cuda -->\n")
+    with pytest.raises(SystemExit, match="step-overhead-cuda-vit"):
+        step_overhead.main(["--from-json", eager, vit, "--readme"])
+    assert readme.read_text() == "<!-- step-overhead-cuda -->\nold\n<!-- /step-overhead-cuda -->\n"
+
+
+def test_the_readme_has_a_section_for_every_table_the_scripts_write():
+    sections = {
+        step_overhead.readme_section({"device": device, "vit": vit}) for device in ("cpu", "cuda") for vit in (0, 1)
+    }
+    assert all(step_overhead.has_section(step_overhead.README, name) for name in sections), sections
 
 
 @pytest.mark.parametrize(

@@ -29,4 +29,24 @@ def test_the_vision_checks_run_on_the_cpu(tmp_path, monkeypatch):
     loops = [r["loop"] for r in result["throughput"]]
     assert loops == ["experiment program (memory)", "experiment program (stream)", "plain DataLoader loop"]
     assert all(r["images_per_s"] > 0 for r in result["throughput"])
+
+    # The saved result renders into docs/vision.md's section (a copy of it here), and only there.
+    docs = tmp_path / "vision.md"
+    docs.write_text("# Vision\n<!-- vision-checks -->\nold\n<!-- /vision-checks -->\n## Next\n")
+    monkeypatch.setattr(vision_checks, "DOCS", str(docs))
+    vision_checks.main(["--from-json", str(out), "--docs"])
+    text = docs.read_text()
+    assert text.startswith("# Vision\n<!-- vision-checks -->\ncpu, torch ") and text.endswith("## Next\n")
+    assert "old" not in text and text.count("| `resnet18` | 16 | no |") == 2  # float32 and bf16
+    plain = rows[0]["plain"]["median_ms"]
+    stored = rows[0]["der++ stored"]["median_ms"]
+    assert f"| {plain:.2f} | {stored:.2f} ms ({stored / plain:.2f}x) |" in text
+    assert "| plain DataLoader loop | `resnet18` |" in text and "| 1.00x |" in text
     sys.modules.pop("vision_checks", None)
+
+
+def test_the_vision_checks_section_is_in_the_docs():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import _runner
+
+    assert _runner.has_section(os.path.join(ROOT, "docs", "vision.md"), "vision-checks")
