@@ -277,7 +277,9 @@ class Buffer(Stateful, ABC):
             picks = [distinct_subsets(rng, n, k, num_minibatches).reshape(-1) for _ in range(steps)]
             return indices_on(np.stack(picks), device).unbind(0)
 
-        return self._draws_ahead.take(("indices", n, k, num_minibatches, device), draw)
+        row = self._draws_ahead.peek(("indices", n, k, num_minibatches, device), draw)
+        self._draws_ahead.consume()
+        return row
 
     def _set_block(self, block: Optional[Tensor]) -> None:
         self._block = block

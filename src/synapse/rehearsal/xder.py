@@ -444,8 +444,7 @@ def _chunks(n: int, size: int) -> List[slice]:
 
 
 def _float32_uniforms(n: int, device: torch.device) -> Callable[[np.random.Generator, int], Tuple[Tensor, ...]]:
-    """A :class:`DrawAhead` draw: each step's ``rng.random(n)``, as float32 on ``device``. One call for all
-    the steps: ``random(steps * n)`` draws as ``steps`` calls of ``random(n)`` (a double takes one output)."""
+    """A :class:`DrawAhead` draw: each step's ``rng.random(n)`` as float32 on ``device``, in one call."""
 
     def draw(rng: np.random.Generator, steps: int) -> Tuple[Tensor, ...]:
         drawn = torch.from_numpy(rng.random(steps * n).astype(np.float32))
