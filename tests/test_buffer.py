@@ -250,6 +250,7 @@ def test_draws_from_a_memory_that_is_not_full_are_made_ahead_as_step_by_step_dra
     # insertion), must be those of one draw per step.
     import copy
 
+    from synapse._draw_ahead import STEPS
     from synapse.buffer import SAMPLE_BLOCK
     from synapse.functional import distinct_subsets
 
@@ -266,6 +267,6 @@ def test_draws_from_a_memory_that_is_not_full_are_made_ahead_as_step_by_step_dra
             buf.sample_indices(4, 2).reshape(-1), torch.from_numpy(distinct_subsets(ref, n, 4, 2).reshape(-1))
         )
         if step == 1:
-            assert len(buf._ahead_rows) == SAMPLE_BLOCK  # drawn ahead from the second alike draw
+            assert len(buf._draws_ahead._rows) == STEPS  # drawn ahead from the second alike draw
         if step in (5, SAMPLE_BLOCK + 3, 2 * SAMPLE_BLOCK + 9):
             assert buf.state_dict()["rng_state"] == ref.bit_generator.state

@@ -11,10 +11,11 @@ import torch.nn.functional as F
 
 from conftest import mlp
 from synapse import catalog
+from synapse._draw_ahead import STEPS, DrawAhead
 from synapse.experiments.models import create_model
 from synapse.functional import head_margin_constraint, xder_update_logits
 from synapse.rehearsal import XDER
-from synapse.rehearsal.xder import AHEAD, _Ahead, _chunks, _first_occurrence
+from synapse.rehearsal.xder import _chunks, _first_occurrence, _float32_uniforms
 
 CPT = 2  # classes per task in the class-incremental streams below: task t holds classes 2t, 2t + 1
 
@@ -327,13 +328,14 @@ def test_draws_made_ahead_equal_step_by_step_draws_and_leave_the_generator_as_th
     plain = np.random.Generator(np.random.PCG64(7))
     if buffered_half:
         plain.integers(0, 5, size=3, dtype=np.uint32)
-    ahead = _Ahead(copy.deepcopy(plain))
-    for steps in (3, 0, AHEAD + 2):
+    ahead = DrawAhead(copy.deepcopy(plain))
+    cpu = torch.device("cpu")
+    for steps in (3, 0, STEPS + 2):
         for _ in range(steps):
             want = torch.from_numpy(plain.random(6).astype(np.float32))
-            assert torch.equal(ahead.peek(6, torch.device("cpu")), want)
-            assert torch.equal(ahead.peek(6, torch.device("cpu")), want)  # a failed step draws again
+            assert torch.equal(ahead.peek(("update", 6, cpu), _float32_uniforms(6, cpu)), want)
+            assert torch.equal(ahead.peek(("update", 6, cpu), _float32_uniforms(6, cpu)), want)  # a failed step
             ahead.consume()
-        ahead.peek(6, torch.device("cpu"))  # peeked, never consumed: not drawn
+        ahead.peek(("update", 6, cpu), _float32_uniforms(6, cpu))  # peeked, never consumed: not drawn
         assert ahead.generator().bit_generator.state == plain.bit_generator.state
     assert plain.bit_generator.state["has_uint32"] == int(buffered_half)

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from ._device import to_device
+from ._draw_ahead import STEPS, DrawAhead
 from ._state import StateError, Stateful
 from ._validation import check_positive_int
 from .functional import distinct_subsets
@@ -65,17 +66,12 @@ class Buffer(Stateful, ABC):
     """
 
     policy = ""  # the name make_buffer knows this policy by
-    draws_ahead = True  # replay indices are drawn SAMPLE_BLOCK steps ahead once the population is fixed
+    draws_ahead = True  # replay indices drawn ahead: SAMPLE_BLOCK steps once full, STEPS while unchanged
 
     def __init__(self, capacity: int, *, seed: Optional[int] = None) -> None:
         check_positive_int("capacity", capacity)
         self.capacity = capacity
         self.num_seen = 0
-        self._ahead_rows: Tuple[Tensor, ...] = ()  # indices drawn ahead, one row per step (_step_indices)
-        self._ahead_states: List[Mapping[str, Any]] = []  # the generator's state after each row's draw
-        self._ahead_start: Mapping[str, Any] = {}  # its state before the first
-        self._ahead_pos = 0  # rows used
-        self._ahead_key: Optional[Tuple[int, int, int, torch.device]] = None  # the last draw's (n, k, rows, device)
         self._rng = np.random.Generator(np.random.PCG64(fresh_seed() if seed is None else int(seed)))
         self._storage: Dict[str, Tensor] = {}
         self._schema: Dict[str, Tuple[tuple, torch.dtype]] = {}
@@ -237,19 +233,12 @@ class Buffer(Stateful, ABC):
 
     @property
     def _rng(self) -> np.random.Generator:
-        """The memory's generator, in the state that drawing step by step would have left it: any draws
-        :meth:`_step_indices` made ahead and no step used are dropped."""
-        if self._ahead_rows:
-            used = self._ahead_pos
-            self._generator.bit_generator.state = self._ahead_states[used - 1] if used else self._ahead_start
-            self._ahead_rows, self._ahead_states, self._ahead_pos = (), [], 0
-        self._ahead_key = None  # the generator is used elsewhere: a streak of alike draws ends
-        return self._generator
+        """The memory's generator, where step-by-step draws would have left it (see :class:`DrawAhead`)."""
+        return self._draws_ahead.generator()
 
     @_rng.setter
     def _rng(self, rng: np.random.Generator) -> None:
-        self._generator = rng
-        self._ahead_rows, self._ahead_states, self._ahead_pos, self._ahead_key = (), [], 0, None
+        self._draws_ahead: DrawAhead[Any] = DrawAhead(rng, STEPS if self.draws_ahead else 1)
 
     def sample(self, k: int, num_minibatches: int = 1, names: Optional[Iterable[str]] = None) -> Dict[str, Tensor]:
         """``num_minibatches`` independent minibatches as by :meth:`sample_indices`, gathered and stacked
@@ -280,27 +269,17 @@ class Buffer(Stateful, ABC):
         return self._block_rows[self._block_pos - 1]
 
     def _step_indices(self, n: int, k: int, num_minibatches: int, device: torch.device) -> Tensor:
-        """One step's draw from a population that may change. Once two steps in a row drew alike (same ``n``,
-        ``k``, minibatches, device) with no other use of the generator between them (X-DER's memory between
-        task ends, which is not full), the next :data:`SAMPLE_BLOCK` steps' draws are made at once: the same
-        calls, in the same order, their states kept, so that :attr:`_rng` is always where step-by-step
-        draws would have left it. A numpy call inside every step costs the step several times its own time."""
-        key = (n, k, num_minibatches, device)
-        if self._ahead_key == key and self._ahead_pos < len(self._ahead_rows):
-            self._ahead_pos += 1
-            return self._ahead_rows[self._ahead_pos - 1]
-        streak = self._ahead_key == key and self.draws_ahead
-        rng = self._rng  # settled: the rows drawn ahead are all used
-        self._ahead_key = key
-        if not streak:
-            return indices_on(distinct_subsets(rng, n, k, num_minibatches).reshape(-1), device)
-        start, picks, states = rng.bit_generator.state, [], []
-        for _ in range(SAMPLE_BLOCK):
-            picks.append(distinct_subsets(rng, n, k, num_minibatches).reshape(-1))
-            states.append(rng.bit_generator.state)
-        self._ahead_start, self._ahead_states = start, states
-        self._ahead_rows, self._ahead_pos = indices_on(np.stack(picks), device).unbind(0), 1
-        return self._ahead_rows[0]
+        """One step's draw from a population that may change, drawn ahead while it does not (X-DER's memory
+        between task ends, which is not full): see :class:`DrawAhead`."""
+
+        def draw(rng: np.random.Generator, steps: int) -> Tuple[Tensor, ...]:
+            # One distinct_subsets call per step: one call for all would redraw the repeats in another order.
+            picks = [distinct_subsets(rng, n, k, num_minibatches).reshape(-1) for _ in range(steps)]
+            return indices_on(np.stack(picks), device).unbind(0)
+
+        row = self._draws_ahead.peek(("indices", n, k, num_minibatches, device), draw)
+        self._draws_ahead.consume()
+        return row
 
     def _set_block(self, block: Optional[Tensor]) -> None:
         self._block = block

@@ -6,7 +6,7 @@ herding runs on the features' device.
 
 from __future__ import annotations
 
-from typing import Iterable, List, Tuple
+from typing import Callable, Iterable, List, Tuple, Union
 
 import numpy as np
 import torch
@@ -46,12 +46,15 @@ def last_wins(slots: Iterable[int], rows: Iterable[int]) -> Tuple[List[int], Lis
     return list(last), list(last.values())
 
 
-def reservoir_plan(num_seen: int, batch: int, capacity: int, rng: np.random.Generator) -> Tuple[List[int], List[int]]:
+def reservoir_plan(
+    num_seen: int, batch: int, capacity: int, rng: Union[np.random.Generator, Callable[[int], np.ndarray]]
+) -> Tuple[List[int], List[int]]:
     """Which rows of the next batch enter the reservoir, and where (Algorithm R, vectorised on the host).
 
     Item ``t`` (0-based over the whole stream) fills slot ``t`` while ``t < capacity``; afterwards it
     replaces a slot as :func:`reservoir_draws` says. When several rows of the batch pick the same slot
-    the last one wins, exactly as one-at-a-time insertion would.
+    the last one wins, exactly as one-at-a-time insertion would. ``rng`` is the generator, or a function
+    giving the ``n`` uniforms ``rng.random(n)`` would (draws made ahead); it is called at most once.
 
     Returns:
         ``(slots, rows)``: distinct slots, and for each the batch row that ends up there.
@@ -61,7 +64,8 @@ def reservoir_plan(num_seen: int, batch: int, capacity: int, rng: np.random.Gene
     slots = list(range(num_seen, num_seen + filling))
     if filling == batch:
         return slots, rows
-    hits, drawn = reservoir_draws(num_seen + filling, rng.random(batch - filling), capacity)
+    uniforms = (rng.random if isinstance(rng, np.random.Generator) else rng)(batch - filling)
+    hits, drawn = reservoir_draws(num_seen + filling, uniforms, capacity)
     return last_wins(slots + drawn.tolist(), rows + (hits + filling).tolist())
 
 

@@ -218,15 +218,14 @@ class BiC(ClassHistory, ER):
 
     def _plan(self, targets: Tensor) -> _Step:
         """This step's decisions, nothing committed: the seen flags with the batch's classes, and the rows
-        the held-out reservoir takes (on the host, from counters and a copy of its generator)."""
+        the held-out reservoir takes (on the host, from counters and draws it peeks)."""
         outputs = self._forward.outputs
         assert outputs is not None  # checked by _check
         width = outputs.shape[1]
         seen = self._seen_with(targets, width, self.device)
         if self.held_out is None:
-            return _Step(seen, [], [], None)
-        slots, rows, rng = self.held_out.plan(targets.shape[0])
-        return _Step(seen, slots, rows, rng)
+            return _Step(seen, [], [], False)
+        return _Step(seen, *self.held_out.plan(targets.shape[0]))
 
     def _objective(
         self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor], replay: Optional[Replay], step: _Step
@@ -300,8 +299,7 @@ class BiC(ClassHistory, ER):
         self._seen_store = step.seen
         self._batch_size = targets.shape[0]
         if self.held_out is not None:
-            assert step.rng is not None
-            self.held_out.commit(self._held_items(targets, model_inputs), step.slots, step.rows, step.rng)
+            self.held_out.commit(self._held_items(targets, model_inputs), step.slots, step.rows, step.drew)
 
     def _follow_model_device(self) -> None:
         super()._follow_model_device()
@@ -445,7 +443,7 @@ class _Step(NamedTuple):
     seen: Tensor  # the seen-class store with this batch's classes
     slots: List[int]  # held-out reservoir slots taken ...
     rows: List[int]  # ... by these batch rows (kept out of training)
-    rng: Optional[np.random.Generator]  # the reservoir's generator after the draws
+    drew: bool  # whether the plan peeked the reservoir's draws (taken by its commit)
 
 
 class _HeldOutReservoir(Buffer):
@@ -462,15 +460,20 @@ class _HeldOutReservoir(Buffer):
     def __len__(self) -> int:
         return min(self.num_seen, self.capacity)
 
-    def plan(self, batch: int) -> Tuple[List[int], List[int], np.random.Generator]:
-        """``(slots, rows, generator)`` for the next ``batch`` items; draws from a copy of the generator."""
-        rng = np.random.Generator(np.random.PCG64())
-        rng.bit_generator.state = self._rng.bit_generator.state
-        slots, rows = reservoir_plan(self.num_seen, batch, self.capacity, rng)
-        return slots, rows, rng
+    def plan(self, batch: int) -> Tuple[List[int], List[int], bool]:
+        """``(slots, rows, drew)`` for the next ``batch`` items, changing nothing: the draws are peeked (drawn
+        ahead while the step's count of draws repeats, see :class:`DrawAhead`), and ``drew`` says if any were."""
+        peeked: List[np.ndarray] = []
 
-    def commit(self, items: Mapping[str, Tensor], slots: List[int], rows: List[int], rng: np.random.Generator) -> None:
-        """Write a planned batch: ``items``' ``rows`` into ``slots``."""
+        def uniforms(n: int) -> np.ndarray:
+            peeked.append(self._draws_ahead.peek(("reservoir", n), lambda rng, steps: list(rng.random((steps, n)))))
+            return peeked[0]
+
+        slots, rows = reservoir_plan(self.num_seen, batch, self.capacity, uniforms)
+        return slots, rows, bool(peeked)
+
+    def commit(self, items: Mapping[str, Tensor], slots: List[int], rows: List[int], drew: bool) -> None:
+        """Write a planned batch: ``items``' ``rows`` into ``slots``; take the draws the plan peeked."""
         if not self._storage:
             self._allocate(items)
         if slots:
@@ -482,7 +485,8 @@ class _HeldOutReservoir(Buffer):
                 rows_of = value.detach().index_select(0, row_index.to(value.device))
                 self._storage[name].index_copy_(0, slot_index, self._clean(rows_of).to(device))
         self.num_seen += next(iter(items.values())).shape[0]
-        self._rng = rng
+        if drew:
+            self._draws_ahead.consume()
 
     def add(self, items: Mapping[str, Tensor], *, validate: bool = True) -> None:
         batch = self.check_batch(items) if validate else next(iter(items.values())).shape[0]

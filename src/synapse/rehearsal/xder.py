@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, cast
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from .._base import CURRENT_LOSS, TaskBatch
 from .._capture import Replay
 from .._device import to_device
+from .._draw_ahead import DrawAhead
 from .._floor import Floor
 from .._state import width_of
 from .._validation import check_non_empty, check_non_negative
@@ -30,7 +31,6 @@ __all__ = ["XDER"]
 
 SLOTS = "slots"  # the buffer slots a replay sample came from (not a stored field)
 REVISIONS = ("2022", "2024")  # mammoth's xder_ce before and from commit b558503 (December 2024)
-AHEAD = 64  # steps of memory-update draws made at once
 
 
 class XDER(DERpp):
@@ -136,8 +136,8 @@ class XDER(DERpp):
         self.m = float(m)
         self.current_loss = current_loss
         self.revision = revision
-        # The update draws and quota ties; the update's draws are made ahead (see _Ahead), behind _rng.
-        self._ahead = _Ahead(np.random.Generator(np.random.PCG64(fresh_seed())))
+        # The update draws and quota ties; the update's draws are made ahead (see DrawAhead), behind _rng.
+        self._rng = np.random.Generator(np.random.PCG64(fresh_seed()))
         self._class_task: Optional[Tensor] = None  # (classes,) long: the task each class was first seen in, -1
         self._has_past = False  # some class was seen before the current task (host-known: set by end_task)
         self._update_count = torch.zeros(self.buffer.capacity, device=self.device)  # per slot, this task
@@ -152,11 +152,11 @@ class XDER(DERpp):
     @property
     def _rng(self) -> np.random.Generator:
         """The generator in the state that drawing step by step would have left it."""
-        return self._ahead.generator()
+        return self._draws_ahead.generator()
 
     @_rng.setter
     def _rng(self, rng: np.random.Generator) -> None:
-        self._ahead = _Ahead(rng)
+        self._draws_ahead: DrawAhead[Tensor] = DrawAhead(rng)
 
     # ------------------------------------------------------------------ heads
     def _heads(self, class_task: Tensor) -> Tuple[Tensor, Tensor]:
@@ -254,7 +254,8 @@ class XDER(DERpp):
         slots, stored = replay.sample[SLOTS], replay.sample["logits"]
         chosen = past[labels] & distinct
         counts = self._update_count.to(slots.device).index_add(0, slots, chosen.float())
-        draws = self._ahead.peek(slots.shape[0], slots.device)
+        n, device = slots.shape[0], slots.device
+        draws = self._draws_ahead.peek(("update", n, device), _float32_uniforms(n, device))
         chosen = chosen & (draws * counts[slots] < 1)  # probability 1/n for the n-th time an item is drawn
         with torch.no_grad():
             responses = torch.cat(replay.outputs).detach()
@@ -272,7 +273,7 @@ class XDER(DERpp):
             counts, slots, rows = update
             self._update_count = counts
             self._write_logits(slots, rows)
-            self._ahead.consume()
+            self._draws_ahead.consume()
 
     def _store(self, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
         if not self._has_past:  # a reservoir until the first task end (mammoth's xder_ce)
@@ -442,47 +443,14 @@ def _chunks(n: int, size: int) -> List[slice]:
     return [slice(a, b) for a, b in zip(starts, starts[1:] + [n])]
 
 
-class _Ahead:
-    """The uniform draws of a numpy generator, made :data:`AHEAD` steps at a time: a numpy call in every
-    step costs X-DER's step far more than its own few microseconds (measured on the CPU MLP, issue 21).
+def _float32_uniforms(n: int, device: torch.device) -> Callable[[np.random.Generator, int], Tuple[Tensor, ...]]:
+    """A :class:`DrawAhead` draw: each step's ``rng.random(n)`` as float32 on ``device``, in one call."""
 
-    :meth:`peek` gives the next step's ``n`` draws (as float32, on the device) and :meth:`consume` takes
-    them; :meth:`generator` returns the generator in the very state step-by-step draws (``random(n)`` each
-    step) would have left it, and forgets the draws made ahead. Bit-identical: ``random(AHEAD * n)`` is
-    the ``AHEAD`` draws of ``n`` one after the other, and a double takes one 64-bit output, as ``advance``
-    counts them.
-    """
+    def draw(rng: np.random.Generator, steps: int) -> Tuple[Tensor, ...]:
+        drawn = torch.from_numpy(rng.random(steps * n).astype(np.float32))
+        return to_device(drawn, device).view(steps, n).unbind(0)
 
-    def __init__(self, rng: np.random.Generator) -> None:
-        self._rng = rng
-        self._start: Optional[Mapping[str, Any]] = None  # the generator's state before the block was drawn
-        self._block: Tuple[Tensor, ...] = ()  # one row of draws per step
-        self._used = 0  # rows consumed
-
-    def peek(self, n: int, device: torch.device) -> Tensor:
-        """The next step's ``n`` draws, as ``rng.random(n).astype(float32)`` on ``device``."""
-        if self._used == len(self._block) or self._block[0].shape[0] != n or self._block[0].device != device:
-            rng = self.generator()
-            self._start = rng.bit_generator.state
-            drawn = torch.from_numpy(rng.random(AHEAD * n).astype(np.float32))
-            self._block, self._used = to_device(drawn, device).view(AHEAD, n).unbind(0), 0
-        return self._block[self._used]
-
-    def consume(self) -> None:
-        """The draws :meth:`peek` gave were used (the step succeeded)."""
-        self._used += 1
-
-    def generator(self) -> np.random.Generator:
-        """The generator, in the state of step-by-step draws; the draws made ahead are dropped."""
-        if self._start is not None:
-            start, bits = self._start, self._rng.bit_generator
-            assert isinstance(bits, np.random.PCG64)  # X-DER's generators are PCG64 (made or loaded here)
-            bits.state = cast(Any, start)  # a state this generator gave (typed as a plain Mapping)
-            bits.advance(self._used * self._block[0].shape[0])
-            # advance() clears the buffered 32-bit half, which double draws leave as it was.
-            bits.state = {**bits.state, "has_uint32": start["has_uint32"], "uinteger": start["uinteger"]}
-            self._start, self._block, self._used = None, (), 0
-        return self._rng
+    return draw
 
 
 def _copy_rng(rng: np.random.Generator) -> np.random.Generator:
