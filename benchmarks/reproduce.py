@@ -74,7 +74,7 @@ def _worker(
     method, buffer, seed, dataset, overrides = job
     r = run_one(method, buffer, seed, dataset, **overrides)
     keep = ("average_accuracy", "forgetting", "wall_time_s", "accuracy_matrix", "predictor", "head_average_accuracy")
-    return (method, buffer, seed), {**{k: r.get(k) for k in keep}, "provenance": provenance()}
+    return (method, buffer, seed), {"seed": seed, **{k: r.get(k) for k in keep}, "provenance": provenance()}
 
 
 def rows_for(dataset: str, methods: Optional[List[str]] = None, buffers: Optional[List[int]] = None) -> List[Row]:
@@ -107,7 +107,8 @@ def run_all(
             f"  ({r['wall_time_s']:.1f} s)",
             flush=True,
         )
-    return {k: results[k] for k in rows}
+    # The pool hands runs back as they finish: each row's runs go back into the order of ``seeds``.
+    return {k: sorted(results[k], key=lambda r: seeds.index(r["seed"])) for k in rows}
 
 
 # The paper's qualitative findings on Seq-MNIST (DER paper, Table 2), and the expectations issue 12 states

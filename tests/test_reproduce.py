@@ -30,6 +30,23 @@ def test_a_broken_ordering_is_reported():
     assert any(f.startswith("buffer 500: DER++ 10.00 <") for f in failures)
 
 
+def test_runs_are_kept_in_seed_order_whatever_order_they_finish(monkeypatch):
+    """Two or more workers return runs as they finish; a row's runs (and the --json per-seed lists) must
+    still follow the seeds (they followed the finishing order, which mislabelled seeds in the raw file)."""
+    import reproduce
+
+    def finish_backwards(work, jobs, workers):
+        for method, buffer, seed, *_ in reversed(jobs):
+            yield (method, buffer, seed), {"seed": seed, "average_accuracy": {"class_il": seed / 10, "task_il": 0.5},
+                                           "wall_time_s": 0.0}  # fmt: skip
+
+    monkeypatch.setattr(reproduce, "run_jobs", finish_backwards)
+    results = reproduce.run_all("fashion-mnist", [2, 0, 1], 2, rows=[("er", 200), ("der", 500)])
+    for runs in results.values():
+        assert [r["seed"] for r in runs] == [2, 0, 1]
+        assert [r["average_accuracy"]["class_il"] for r in runs] == [0.2, 0.0, 0.1]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(
     not os.environ.get("SYNAPSE_FULL_REPRODUCTION"),
