@@ -127,6 +127,19 @@ def _oracle(method: Any, task: int, trained_with: Dict[int, List[int]]) -> Calla
     raise ValueError(f"no oracle for {kind}")
 
 
+def _check_forced(method: Any, task: int, trained_with: Dict[int, List[int]]) -> None:
+    """Raise unless the latest forward used the prompts :func:`_oracle` forced (the measurement's guard)."""
+    kind = type(method).__name__
+    if kind == "CODAPrompt":
+        used = all(bool((w[:, (task + 1) * method.per_task :] == 0).all()) for w in method.last_weights)
+    else:
+        k = method.top_k
+        own = list(range(task * k, (task + 1) * k)) if kind == "DualPrompt" else trained_with[task]
+        used = method.last_selection.tolist() == [own] * len(method.last_selection)
+    if not used:
+        raise RuntimeError(f"{kind}: the forced prompts of task {task + 1} were not the ones used")
+
+
 def _zero_after(weights: Tensor, keep: int) -> Tensor:
     """``weights`` ``(batch, components)`` with the columns from ``keep`` on set to zero."""
     return torch.cat([weights[:, :keep], torch.zeros_like(weights[:, keep:])], 1)
@@ -196,6 +209,7 @@ def diagnose(exp: Any, trained_with: Dict[int, List[int]]) -> Dict[str, Any]:
             undo = _oracle(method, t, trained_with)
             try:
                 oracle_preds.append((model(x) if predict is model else predict(x)).argmax(1))
+                _check_forced(method, t, trained_with)
             finally:
                 undo()
         n = len(labels)
@@ -388,9 +402,25 @@ def finding(runs: List[Dict[str, Any]]) -> str:
         f"{k['own_rows_max_logit']:.2f} among its own), and scores that task {_pct(k['last_task_just_trained'])}% "
         f"Class-IL right after training it. With `train_mask=false` and nothing else changed it scores "
         f"{_pct(k['unmasked_last_task_just_trained'])}% (while the first task falls to "
-        f"{_pct(k['unmasked_first_task_final'])}%), whereas forcing each task's own E-prompt at test leaves it at "
-        f"{_pct(k['oracle_last_task'])}%."
+        f"{_pct(k['unmasked_first_task_final'])}%{_others(runs)}), whereas forcing each task's own E-prompt at "
+        f"test leaves it at {_pct(k['oracle_last_task'])}%."
     )
+
+
+# The one-change variant of each other method that lifts the masking (CODA-Prompt has no train_mask).
+UNMASKED = {"coda-prompt": "user_loss", "l2p": "unmasked"}
+
+
+def _others(runs: List[Dict[str, Any]]) -> str:
+    """ " (unmasked likewise, the last task of CODA-Prompt: a% -> b%, ...)" for the other methods whose seed-0
+    default and unmasked runs exist ('' for none)."""
+    parts = []
+    for method, variant in UNMASKED.items():
+        base, changed = find(runs, method, "default", 0), find(runs, method, variant, 0)
+        if base and changed:
+            before, after = just_trained(base[0])[-1], just_trained(changed[0])[-1]
+            parts.append(f"{display_name(method)}: {_pct(before)}% -> {_pct(after)}%")
+    return f"; unmasked likewise, the last task of {', of '.join(parts)}" if parts else ""
 
 
 def _diagonals(found: List[Dict[str, Any]]) -> str:
@@ -429,11 +459,13 @@ def evidence(runs: List[Dict[str, Any]]) -> List[str]:
     out.append(
         f"- **The logits.** On the last task's images the largest logit among the first task's classes averages "
         f"{last['max_logit'][n - 1][0]:.2f}, among the task's own {last['max_logit'][n - 1][n - 1]:.2f}, with "
-        f"head rows of alike norms ({' / '.join(f'{v:.2f}' for v in last['head_row_norm'])} per task) and "
-        f"biases (all within ±{max(abs(v) for v in last['head_bias']):.3f}). The first task's rows never change after "
-        f"it (mean norm {' / '.join(f'{v:.3f}' for v in first_norms)} after each task): the masked loss gives "
-        "the classes outside the current task no gradient, so nothing trains them down on the new images, "
-        "which they score high, nor the new classes up against them."
+        f"head rows of alike norms ({' / '.join(f'{v:.2f}' for v in last['head_row_norm'])} per task). A "
+        "cross-entropy over one task's classes alone is unchanged by adding one constant to all their logits, so "
+        "it never sets one task's level against another's: each task's mean head bias stays at its initial 0 "
+        f"(largest |mean| {max(abs(v) for v in last['head_bias']):.0e}), and the first task's rows never change "
+        f"after it (mean norm {' / '.join(f'{v:.3f}' for v in first_norms)} after each task), as the classes "
+        "outside the current task get no gradient: nothing trains them down on the new images, which they score "
+        "high, nor the new classes up against them."
     )
     unmasked = find(runs, "dualprompt", "unmasked")
     if unmasked:
@@ -445,7 +477,8 @@ def evidence(runs: List[Dict[str, Any]]) -> List[str]:
             f"{_diagonals(unmasked)}% right after training (seeds {seeds}), against {_diagonals(everything)}% "
             f"with it (seeds {', '.join(str(r['seed']) for r in everything)}); the old tasks are then forgotten "
             f"instead, the usual recency bias: after the last task {into_last}% of tasks 1-{n - 1}'s images go "
-            f"to the last task's classes (seed 0)."
+            f"to the last task's classes, and each task's mean head bias now moves "
+            f"({' / '.join(f'{v:+.3f}' for v in unmasked[0]['points'][-1]['head_bias'])}; seed 0)."
         )
     more = [(v, find(runs, "dualprompt", v, 0)) for v in ("epochs3", "authors")]
     if all(found for _, found in more):
@@ -456,12 +489,13 @@ def evidence(runs: List[Dict[str, Any]]) -> List[str]:
             f"after training. The authors' Adam: {_diagonals(authors)}%, although its keys do move (own E-prompt "
             f"for {own_batch}% of the later tasks' images as scored)."
         )
-    for method, change_ in (("coda-prompt", "user_loss"), ("l2p", "unmasked")):
-        base, changed = find(runs, method, "default", 0), find(runs, method, change_, 0)
+    for method, change_ in UNMASKED.items():
+        base, changed = find(runs, method, "default"), find(runs, method, change_)
         if base and changed:
             out.append(
-                f"- **{display_name(method)}, seed 0.** Tasks 2-{n} right after training: {_diagonals(base)}% by "
-                f"default, {_diagonals(changed)}% with {VARIANTS[change_][2]}."
+                f"- **{display_name(method)}.** Tasks 2-{n} right after training: {_diagonals(base)}% by default "
+                f"(seeds {', '.join(str(r['seed']) for r in base)}), {_diagonals(changed)}% with "
+                f"{VARIANTS[change_][2]} (seeds {', '.join(str(r['seed']) for r in changed)})."
             )
     return out
 
@@ -537,7 +571,7 @@ def _method_section(run: Dict[str, Any]) -> List[str]:
     )
     out += [
         f"| head row norm | {' | '.join(f'{v:.3f}' for v in last['head_row_norm'])} |",
-        f"| head bias | {' | '.join(f'{v:.4f}' for v in last['head_bias'])} |",
+        f"| head bias, mean over the task's classes | {' | '.join(f'{v:.0e}' for v in last['head_bias'])} |",
         "",
     ]
     sel = last["selection"]

@@ -96,3 +96,38 @@ def test_the_finding_reads_its_numbers_from_the_runs_and_is_empty_without_them(m
     assert "77.0%" in signal.diagnosis_note() and "prompt_diagnosis.md" in signal.diagnosis_note()
     monkeypatch.setattr(diag, "load", lambda path=diag.OUTPUT_JSON: [])
     assert signal.diagnosis_note() == ""  # the page renders as before the diagnosis
+
+
+@pytest.mark.parametrize("name", ["dualprompt", "l2p", "coda-prompt"])
+def test_the_oracle_forces_the_tasks_own_prompts_and_the_guard_sees_whether_it_did(name):
+    timm = pytest.importorskip("timm")
+    from synapse import catalog
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, depth=2,
+                              embed_dim=32, num_heads=2, num_classes=10).eval()  # fmt: skip
+    args = {
+        "dualprompt": {"pool_size": 4, "g_prompt_layers": "0", "e_prompt_layers": "1"},
+        "l2p": {"pool_size": 4, "top_k": 2},
+        "coda-prompt": {"pool_size": 8, "num_tasks": 4, "prompt_layers": 2},
+    }[name]
+    method = catalog.get(name).cls(model, **args)
+    if name == "coda-prompt":
+        method.end_task()
+        method.end_task()  # tasks 1 and 2's components in use: forcing task 1 zeroes task 2's
+    x = torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        model(x)
+        # A task (DualPrompt) or a training selection (L2P) other than what the key match chose.
+        chosen = method.last_selection[0].tolist() if name != "coda-prompt" else []
+        task = next(t for t in range(4) if [t] != chosen) if name == "dualprompt" else 0
+        trained_with = {0: [0, 1] if sorted(chosen) != [0, 1] else [2, 3]}
+        with pytest.raises(RuntimeError, match="not the ones used"):
+            diag._check_forced(method, task, trained_with)
+        undo = diag._oracle(method, task, trained_with)
+        model(x)
+        diag._check_forced(method, task, trained_with)
+        undo()
+        model(x)
+        with pytest.raises(RuntimeError, match="not the ones used"):
+            diag._check_forced(method, task, trained_with)  # undone: the method chooses again
