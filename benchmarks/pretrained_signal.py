@@ -545,6 +545,23 @@ rate and batch size of each paper's recipe are the method's (see its section in 
 and its preset); the closed-form methods (SimpleCIL, RanPAC) train nothing and need one pass per task."""
 
 
+def diagnosis_note() -> str:
+    """A paragraph naming the established cause of the prompt methods' low Class-IL, with its numbers from
+    benchmarks/prompt_diagnosis.py's raw results, and linking its page ('' where it has not been run)."""
+    import textwrap
+
+    from prompt_diagnosis import finding, load
+
+    text = finding(load())
+    if not text:
+        return ""
+    paragraph = (
+        f"**Why the prompt methods' later tasks score near 0% Class-IL.** {text} Their diagnosis (task-level "
+        "confusion, prompt choice, logits, variants): `benchmarks/results/prompt_diagnosis.md`."
+    )
+    return textwrap.fill(paragraph, width=115, break_long_words=False, break_on_hyphens=False) + "\n\n"
+
+
 def render(path: str = OUTPUT, dataset_dir: str = "datasets") -> str:
     entries = Cache(RUNS).entries()
     with open(os.path.splitext(WEIGHTS)[0] + ".json") as f:
@@ -624,7 +641,7 @@ random left to vary with the seed. s/run: wall time of one run on a shared 2-cor
 
 {chr(10).join(lines)}
 
-{tuning}
+{diagnosis_note()}{tuning}
 {authors}
 
 {machine}.
