@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -208,14 +209,14 @@ def test_elastic_restart_after_a_rank_is_killed_resumes_from_the_periodic_checkp
             # Kill rank 1 only once both ranks sit inside the write: a rank 0 still short of it when torchrun
             # stops it writes its stop checkpoint at step 42 as its 7th write, pauses there unsignalled until
             # torchrun's SIGKILL, and so holds only step 35 (one CI run in about ten hit that order).
+            # Two ranks write to one pipe, so a line may carry both messages: each is matched where it stands.
+            said = re.compile(rf"synapse test pause at {pause} \(rank (\d+), pid (\d+)\)")
             paused: dict[str, int] = {}
             for line in proc.stderr:
-                if line.startswith(f"synapse test pause at {pause} (rank "):
-                    rank, pid = line.split("(rank ", 1)[1].rstrip(")\n").split(", pid ")
-                    paused[rank] = int(pid)
-                    if len(paused) == 2:
-                        os.kill(paused["1"], signal.SIGKILL)
-                        break
+                paused.update((rank, int(pid)) for rank, pid in said.findall(line))
+                if len(paused) == 2:
+                    os.kill(paused["1"], signal.SIGKILL)
+                    break
             else:
                 pytest.fail(f"ranks {sorted(paused)} of 0, 1 reached {pause}")
             err = proc.communicate(timeout=TIMEOUT)[1]

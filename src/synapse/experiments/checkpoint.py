@@ -215,7 +215,9 @@ def pause_for_tests(where: str) -> None:
     if os.environ.get("SYNAPSE_TEST_PAUSE") != where or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
         return
     rank = os.environ.get("RANK", "0")
-    print(f"synapse test pause at {where} (rank {rank}, pid {os.getpid()})", file=sys.stderr, flush=True)
+    # One write, newline included: the ranks of a group share one stderr, and a line must not split.
+    sys.stderr.write(f"synapse test pause at {where} (rank {rank}, pid {os.getpid()})\n")
+    sys.stderr.flush()
     received: List[Tuple[int, Any]] = []
     signals = (signal.SIGINT, signal.SIGTERM)
     previous: Dict[int, Any] = {
