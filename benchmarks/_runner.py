@@ -214,9 +214,7 @@ def _git(*args: str) -> str:
 
 def cpu_model() -> str:
     """The CPU's model name, with its family, model and stepping where Linux reports them: a virtual machine's
-    name may hide the generation ("AMD EPYC"), and two generations with the same instruction set round some
-    runs differently (MIR's top-k at buffer 200, seed 0: 69.37 on the machine of commit 4c88f1e, 66.50 at that
-    same commit on a family-26 one, both reporting AVX-512 kernels)."""
+    name may hide the generation ("AMD EPYC"), which a render should name beside the kernels it used."""
     fields: Dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
@@ -286,6 +284,12 @@ def mean_std(values: Sequence[float], digits: int = 1) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {std:.{digits}f}"
 
 
+def percent_over_seeds(fractions: Sequence[float], digits: int = 1) -> str:
+    """Fractions as percent: one value alone, several as :func:`mean_std` over them (the seeds)."""
+    values = [100 * x for x in fractions]
+    return mean_std(values, digits) if len(values) > 1 else f"{values[0]:.{digits}f}"
+
+
 def provenance_lines(recorded: Iterable[Optional[Dict[str, str]]]) -> Tuple[str, str]:
     """The "Machine:" and versions lines of a render, from the provenance its raw results recorded (one per
     run, or one for them all): each distinct value once, in the order first seen, and
@@ -315,22 +319,28 @@ def page_arguments(argv: List[str]) -> List[str]:
     return kept
 
 
+def _around_section(content: str, name: str) -> Optional[Tuple[str, str]]:
+    """What stands before ``<!-- name -->`` and after ``<!-- /name -->`` in ``content`` (None without both
+    markers, in that order)."""
+    start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+    head, found, rest = content.partition(start)
+    if not found or end not in rest:
+        return None
+    return head, rest.split(end, 1)[1]
+
+
 def has_section(path: str, name: str) -> bool:
     """Whether ``path`` holds the markers ``<!-- name -->`` ... ``<!-- /name -->``, in that order."""
     with open(path) as f:
-        content = f.read()
-    start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
-    return start in content and end in content.split(start, 1)[1]
+        return _around_section(f.read(), name) is not None
 
 
 def write_section(path: str, name: str, text: str) -> None:
     """Replace what stands between ``<!-- name -->`` and ``<!-- /name -->`` in ``path`` (a generated table in a
     page); without both markers, in that order, the file is left as it was."""
-    if not has_section(path, name):
-        raise SystemExit(f"{path} lacks the markers <!-- {name} --> ... <!-- /{name} -->; it was not changed")
     with open(path) as f:
-        content = f.read()
-    start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
-    head, rest = content.split(start, 1)
+        around = _around_section(f.read(), name)
+    if around is None:
+        raise SystemExit(f"{path} lacks the markers <!-- {name} --> ... <!-- /{name} -->; it was not changed")
     with open(path, "w") as f:
-        f.write(f"{head}{start}\n{text}\n{end}{rest.split(end, 1)[1]}")
+        f.write(f"{around[0]}<!-- {name} -->\n{text}\n<!-- /{name} -->{around[1]}")

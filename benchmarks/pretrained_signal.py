@@ -38,7 +38,7 @@ from _runner import (  # noqa: E402
     Cache,
     display_name,
     file_sha256,
-    mean_std,
+    percent_over_seeds,
     provenance,
     provenance_lines,
     resolved_config,
@@ -425,11 +425,6 @@ def overall_accuracy(result: Dict[str, Any], counts: Optional[List[int]] = None)
     return sum(a * n for a, n in zip(last, counts)) / sum(counts)
 
 
-def _stat(values: List[float]) -> str:
-    v = [100 * x for x in values]
-    return mean_std(v, digits=2) if len(v) > 1 else f"{v[0]:.2f}"
-
-
 def _authors_label(method: str) -> str:
     """A third row's settings in words: "Adam, lr 0.001, cosine", "Adam, lr 0.00375, clip 1.0"."""
     values = AUTHORS_OPTIMIZER[method][0]
@@ -472,10 +467,10 @@ def table(
             res = [e["result"] for e in runs]
             forgetting = [r["forgetting"]["class_il"] for r in res]
             lines.append(
-                f"| {label} | {_stat([r['average_accuracy']['class_il'] for r in res])} | "
-                f"{_stat([overall_accuracy(r, counts) for r in res])} | "
-                f"{_stat([r['average_accuracy']['task_il'] for r in res])} | "
-                f"{_stat(forgetting) if None not in forgetting else 'n/a'} | {len(runs)} | "
+                f"| {label} | {percent_over_seeds([r['average_accuracy']['class_il'] for r in res], 2)} | "
+                f"{percent_over_seeds([overall_accuracy(r, counts) for r in res], 2)} | "
+                f"{percent_over_seeds([r['average_accuracy']['task_il'] for r in res], 2)} | "
+                f"{percent_over_seeds(forgetting, 2) if None not in forgetting else 'n/a'} | {len(runs)} | "
                 f"{statistics.mean(e['wall_time_s'] for e in runs):.0f} |"
             )
     return lines, used

@@ -39,7 +39,7 @@ from torch import Tensor
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import pretrained_signal as signal  # noqa: E402
-from _runner import ROOT, display_name, provenance, provenance_lines  # noqa: E402
+from _runner import ROOT, display_name, percent_over_seeds, provenance, provenance_lines  # noqa: E402
 
 OUTPUT_JSON = os.path.join(ROOT, "benchmarks", "results", "prompt_diagnosis.json")
 OUTPUT_MD = os.path.join(ROOT, "benchmarks", "results", "prompt_diagnosis.md")
@@ -351,14 +351,6 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
-def _over_seeds(values: List[float]) -> str:
-    """Percent, as mean ± std over seeds when there are several."""
-    import statistics
-
-    v = [100 * x for x in values]
-    return f"{v[0]:.1f}" if len(v) == 1 else f"{statistics.mean(v):.1f} ± {statistics.stdev(v):.1f}"
-
-
 def find(runs: List[Dict[str, Any]], method: str, variant: str, seed: Optional[int] = None) -> List[Dict[str, Any]]:
     """The runs of ``method`` under ``variant`` (at ``seed``), in seed order."""
     found = [r for r in runs if r["method"] == method and r["variant"] == variant]
@@ -426,7 +418,7 @@ def _others(runs: List[Dict[str, Any]]) -> str:
 def _diagonals(found: List[Dict[str, Any]]) -> str:
     """The later tasks' Class-IL right after training, as "a / b / c" (%, mean over the runs' seeds)."""
     n = len(found[0]["accuracy_matrix"]["class_il"])
-    return " / ".join(_over_seeds([just_trained(r)[t] for r in found]) for t in range(1, n))
+    return " / ".join(percent_over_seeds([just_trained(r)[t] for r in found]) for t in range(1, n))
 
 
 def evidence(runs: List[Dict[str, Any]]) -> List[str]:
@@ -512,9 +504,9 @@ def _variants_table(runs: List[Dict[str, Any]]) -> List[str]:
             if not found:
                 continue
             n = len(found[0]["accuracy_matrix"]["class_il"])
-            diag = [_over_seeds([just_trained(r)[t] for r in found]) for t in range(n)]
-            final = [_over_seeds([r["accuracy_matrix"]["class_il"][-1][t] for r in found]) for t in range(n)]
-            oracle = [_over_seeds([r["points"][t]["oracle_class_il"][t] for r in found]) for t in range(n)]
+            diag = [percent_over_seeds([just_trained(r)[t] for r in found]) for t in range(n)]
+            final = [percent_over_seeds([r["accuracy_matrix"]["class_il"][-1][t] for r in found]) for t in range(n)]
+            oracle = [percent_over_seeds([r["points"][t]["oracle_class_il"][t] for r in found]) for t in range(n)]
             rows.append(
                 [
                     display_name(method),
@@ -523,8 +515,8 @@ def _variants_table(runs: List[Dict[str, Any]]) -> List[str]:
                     " / ".join(diag),
                     " / ".join(oracle),
                     " / ".join(final),
-                    _over_seeds([r["average_accuracy"]["class_il"] for r in found]),
-                    _over_seeds([r["average_accuracy"]["task_il"] for r in found]),
+                    percent_over_seeds([r["average_accuracy"]["class_il"] for r in found]),
+                    percent_over_seeds([r["average_accuracy"]["task_il"] for r in found]),
                 ]
             )
     header = [

@@ -22,7 +22,16 @@ import statistics
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from _runner import ROOT, Cache, provenance, provenance_lines, resolved_config, same_config, write_section
+from _runner import (
+    ROOT,
+    Cache,
+    percent_over_seeds,
+    provenance,
+    provenance_lines,
+    resolved_config,
+    same_config,
+    write_section,
+)
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "vision_fmnist.jsonl")
 DOCS = os.path.join(ROOT, "docs", "vision.md")
@@ -112,19 +121,13 @@ def render(entries: Sequence[Dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
 
-    def stat(values: List[float]) -> str:
-        values = [100 * v for v in values]
-        if len(values) == 1:
-            return f"{values[0]:.1f}"
-        return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
-
     for (model, reaug), runs in rows.items():
         seeds = ", ".join(f"{100 * r['class_il']:.1f} (seed {r['seed']})" for r in runs)
         cpu = statistics.mean(r["cpu_s"] for r in runs)
         lines.append(
             f"| `{model}` | {'re-augmented' if reaug else 'stored augmented view'} | {seeds} | "
-            f"{stat([r['class_il'] for r in runs])} | {stat([r['task_il'] for r in runs])} | "
-            f"{stat([r['forgetting'] for r in runs])} | {cpu:.0f} s |"
+            + " | ".join(percent_over_seeds([r[k] for r in runs]) for k in ("class_il", "task_il", "forgetting"))
+            + f" | {cpu:.0f} s |"
         )
     machine, versions = provenance_lines(e.get("provenance") for e in entries)
     return "\n".join(lines + ["", machine + ".", "", versions + "."])

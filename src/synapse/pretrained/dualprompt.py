@@ -226,12 +226,12 @@ class DualPromptFloor(PromptFloor):
         self.key = nn.Parameter(torch.empty(hp["pool_size"], dim).uniform_(-1, 1))
         self.extra = [self.g_prompt, self.e_prompt, self.key]
         self.masked = hp["use_prompt_mask"] and task_prompts_in_pool(self.task, hp["top_k"], hp["pool_size"])
+        k = hp["top_k"]
+        self.task_idx = torch.arange(self.task * k, (self.task + 1) * k, device=self.one.device)[None]
 
     def prompted(self, x: Tensor, query: Tensor) -> Tuple[Tensor, Tensor]:
         k = self.hp["top_k"]
         if self.masked:
-            if not hasattr(self, "task_idx"):
-                self.task_idx = torch.arange(self.task * k, (self.task + 1) * k, device=query.device)[None]
             idx, rows = self.task_idx.expand(query.shape[0], -1), self.task_idx
         else:
             idx = select_prompts(key_similarity(query, self.key), k, self.hp["batchwise_prompt"])
