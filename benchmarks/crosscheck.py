@@ -481,7 +481,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         results[job], made_by[job] = value, prov
         print(f"{job}: {value} ({seconds:.0f} s)", flush=True)
         entry = {"check": job[0], "side": job[1], "seed": job[2], "value": value, "provenance": prov}
-        Cache(args.cache).append({**entry, "configs": check_configs(job[0], job[2])})
+        Cache(args.cache).append({**entry, "seconds": round(seconds, 1), "configs": check_configs(job[0], job[2])})
     wall = time.perf_counter() - start if len(todo) == len(jobs) else None
     summary = crosscheck_summary.render(args.results, summary_checks(results))
     # Checks left out whose cached runs all predate today's preset values: the page says so.

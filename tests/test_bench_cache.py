@@ -114,3 +114,17 @@ def test_a_vision_run_is_shown_while_its_row_resolves_the_same(monkeypatch):
     real = vision_fmnist.config  # the row's buffer changes: the held run no longer counts
     monkeypatch.setattr(vision_fmnist, "config", lambda *k: dataclasses.replace(real(*k), buffer_size=200))
     assert vision_fmnist.current([entry]) == []
+
+
+def test_a_crosscheck_run_records_its_wall_time_in_the_cache(tmp_path, monkeypatch, capsys):
+    import crosscheck
+
+    made = [(("derpp-steps", 0, crosscheck.STEPS_SEED), (36, 0.5), 12.345, {"commit": "abc"})]
+    monkeypatch.setattr(crosscheck, "run_jobs", lambda fn, jobs, workers: iter(made))
+    monkeypatch.setattr(crosscheck, "render", lambda *args: "page")
+    monkeypatch.setattr(crosscheck, "summary_checks", lambda results: None)
+    monkeypatch.setattr(crosscheck.crosscheck_summary, "render", lambda *args: "summary")
+    cache = tmp_path / "runs.jsonl"
+    assert crosscheck.main(["--checks", "derpp-steps", "--cache", str(cache), "--output", "-"]) == 0
+    (entry,) = [json.loads(line) for line in cache.read_text().splitlines()]
+    assert entry["seconds"] == 12.3 and entry["value"] == [36, 0.5] and entry["provenance"] == {"commit": "abc"}
