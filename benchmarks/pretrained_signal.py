@@ -569,14 +569,17 @@ def diagnosis_note() -> str:
     benchmarks/prompt_diagnosis.py's raw results, and linking its page ('' where it has not been run)."""
     import textwrap
 
-    from prompt_diagnosis import finding, load
+    from prompt_diagnosis import backbone_finding, finding, load
 
-    text = finding(load())
+    runs = load()
+    text = finding(runs)
     if not text:
         return ""
+    backbone = backbone_finding(runs)
     paragraph = (
-        f"**Why the prompt methods' later tasks score near 0% Class-IL.** {text} Their diagnosis (task-level "
-        "confusion, prompt choice, logits, variants): `benchmarks/results/prompt_diagnosis.md`."
+        f"**Why the prompt methods' later tasks score near 0% Class-IL.** {text}{' ' + backbone if backbone else ''}"
+        " Their diagnosis (task-level confusion, prompt choice, logits, variants): "
+        "`benchmarks/results/prompt_diagnosis.md`."
     )
     return textwrap.fill(paragraph, width=115, break_long_words=False, break_on_hyphens=False) + "\n\n"
 
