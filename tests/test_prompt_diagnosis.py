@@ -209,3 +209,16 @@ def test_the_controls_note_reads_both_backbones_and_is_empty_without_them():
     text = diag.controls_note(runs)
     assert "DualPrompt (masked) 30.0% -> 60.0%" in text and "SimpleCIL 40.0% -> 70.0%" in text
     assert diag.controls_note(runs[:-1]) == ""
+
+
+def test_where_errors_go_reads_each_later_task_right_after_its_training():
+    def run(backbone, shares):
+        points = [{"confusion": [[1.0, 0.0, 0.0]]}] + [
+            {"confusion": [[1.0, 0.0, 0.0]] * t + [[share, 1 - share, 0.0]]} for t, share in enumerate(shares, 1)
+        ]
+        return {"method": "dualprompt", "variant": "default", "seed": 0, "backbone": backbone, "points": points}
+
+    runs = [run("first", [0.7, 0.9]), run("all", [0.25, 0.125])]
+    assert "send 25.0 / 12.5% of their images" in diag.where_errors_go(runs)
+    assert "70.0 / 90.0% on the page's backbone" in diag.where_errors_go(runs)
+    assert diag.where_errors_go(runs[:1]) == ""
