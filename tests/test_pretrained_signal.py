@@ -166,3 +166,19 @@ def test_a_third_row_reads_only_the_runs_under_the_authors_optimizer():
     assert rows[0].startswith("| CODA-Prompt | 30.00 ± 0.00 |") and rows[0].endswith("| 2 | 1 |")
     assert rows[1].startswith("| CODA-Prompt, Adam, lr 0.001, cosine (its authors') | 40.00 ± 0.00 |")
     assert rows[1].endswith("| 3 | 1 |")
+
+
+def test_the_every_class_backbone_has_its_own_file_and_the_same_recipe_but_its_epochs():
+    first, every = signal.PRETRAIN_CLASSES["first"], signal.PRETRAIN_CLASSES["all"]
+    assert first == (signal.WEIGHTS, signal.PRETRAIN) and every[0] != signal.WEIGHTS
+
+    def same(settings):
+        return {k: v for k, v in settings.items() if k not in ("epochs", "save_head")}
+
+    assert same(every[1]) == same(first[1])
+    assert every[1]["save_head"] is False and "save_head" not in first[1]  # the page's backbone as it was made
+    state = {"blocks.0.w": 1, "head.weight": 2, "head.bias": 3, "norm.bias": 4}
+    assert signal.without_head(state) == {"blocks.0.w": 1, "norm.bias": 4}
+    assert signal.without_head(state, keep=True) == state
+    with pytest.raises(SystemExit, match="choose from"):
+        signal.pretrain("datasets", "some")

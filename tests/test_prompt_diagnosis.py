@@ -131,3 +131,94 @@ def test_the_oracle_forces_the_tasks_own_prompts_and_the_guard_sees_whether_it_d
         model(x)
         with pytest.raises(RuntimeError, match="not the ones used"):
             diag._check_forced(method, task, trained_with)  # undone: the method chooses again
+
+
+def test_steps_counts_the_partial_last_batch_of_each_epoch():
+    assert diag.steps({"train_images": 21600, "settings": {"batch_size": 64, "epochs": 10}}) == 3380
+    assert diag.steps({"train_images": 54000, "settings": {"batch_size": 64, "epochs": 4}}) == 3376
+
+
+def test_gap_closed_and_its_verdict():
+    assert diag.gap_closed(0.1, 0.1, 0.9) == 0.0 and diag.gap_closed(0.1, 0.9, 0.9) == 1.0
+    assert diag.gap_closed(0.2, 0.5, 0.8) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="no gap"):
+        diag.gap_closed(0.5, 0.6, 0.5)
+    assert [diag.verdict(c) for c in (0.0, 0.3, 0.5, 0.7, 1.0)] == [
+        "does not hold", "does not hold", "holds in part", "holds", "holds"]  # fmt: skip
+
+
+def test_runs_are_found_per_backbone_and_the_older_ones_are_the_pages():
+    old, new = _fake_run("default", 0.004, 0.88), {**_fake_run("default", 0.5, 0.88), "backbone": "all"}
+    assert diag.find([old, new], "dualprompt", "default") == [old]
+    assert diag.find([old, new], "dualprompt", "default", backbone="all") == [new]
+    with pytest.raises(SystemExit, match="unknown backbone"):
+        diag.weights("imagenet")
+
+
+def test_the_backbone_finding_reads_both_backbones_and_is_empty_without_them(monkeypatch):
+    import pretrained_signal as signal
+
+    def final(run, average):
+        return {**run, "average_accuracy": {"class_il": average}}
+
+    runs = [final(_fake_run("default", 0.1, 0.88), 0.3), final(_fake_run("unmasked", 0.9, 0.3), 0.28)]
+    assert diag.backbone_finding(runs) == ""  # the every-class backbone not run
+    runs += [
+        {**final(_fake_run("default", 0.7, 0.88, last_into_first=0.02), 0.66), "backbone": "all"},
+        {**final(_fake_run("unmasked", 0.9, 0.3), 0.44), "backbone": "all"},
+    ]
+    text = diag.backbone_finding(runs)
+    # masked 10% -> 70%, of the way to 90%: 75% of the gap closed
+    for part in ("tasks 2-4 70.0% right after training instead of 10.0%", "unmasked there: 90.0%",
+                 "75.0% of the gap closed", "such a backbone holds)", "2.0% of the last task's images into the "
+                 "first task's classes instead of 90.0%", "at 66.0% final average Class-IL against 44.0% unmasked",
+                 "(30.0% and 28.0% on the page's"):  # fmt: skip
+        assert part in text
+    monkeypatch.setattr(diag, "load", lambda path=diag.OUTPUT_JSON: runs)
+    assert text in signal.diagnosis_note().replace("\n", " ")  # the page's paragraph carries the sentence
+
+
+@pytest.mark.parametrize("method", diag.CONTROLS)
+def test_the_controls_commands_start_from_the_chosen_backbone(method):
+    import pretrained_signal as signal
+
+    parser = build_parser()
+    args = parser.parse_args(shlex.split(diag.command(method, "default", 0, "all"))[3:])
+    assert os.path.join(ROOT, args.pretrained) == signal.WEIGHTS_ALL
+    assert (method, "default") in diag.parse_variants([f"{method}:default"]) and method not in diag.METHODS
+    if method == "sequential":  # plain fine-tuning: the training type, no method
+        assert args.training_type == "sequential"
+    else:
+        assert (args.training_type, args.synapse_type) == ("continual", method)
+
+
+def test_fitting_head_finds_a_classifier_the_continual_model_would_load():
+    state = {"head.weight": torch.zeros(4, 8), "head.bias": torch.zeros(4), "blocks.0.w": torch.zeros(10)}
+    assert diag.fitting_head(state, 10) == []  # the page's backbone: a 4-way head, left out by its shape
+    state.update({"head.weight": torch.zeros(10, 8), "head.bias": torch.zeros(10)})
+    assert diag.fitting_head(state, 10) == ["head.weight", "head.bias"]
+
+
+def test_the_controls_note_reads_both_backbones_and_is_empty_without_them():
+    runs = []
+    for method in ("dualprompt", *diag.CONTROLS):
+        for backbone, average in (("first", 0.3), ("all", 0.6)):
+            average += 0.1 if method == "simplecil" else 0
+            runs.append({"method": method, "variant": "default", "seed": 0, "backbone": backbone,
+                         "average_accuracy": {"class_il": average}})  # fmt: skip
+    text = diag.controls_note(runs)
+    assert "DualPrompt (masked) 30.0% -> 60.0%" in text and "SimpleCIL 40.0% -> 70.0%" in text
+    assert diag.controls_note(runs[:-1]) == ""
+
+
+def test_where_errors_go_reads_each_later_task_right_after_its_training():
+    def run(backbone, shares):
+        points = [{"confusion": [[1.0, 0.0, 0.0]]}] + [
+            {"confusion": [[1.0, 0.0, 0.0]] * t + [[share, 1 - share, 0.0]]} for t, share in enumerate(shares, 1)
+        ]
+        return {"method": "dualprompt", "variant": "default", "seed": 0, "backbone": backbone, "points": points}
+
+    runs = [run("first", [0.7, 0.9]), run("all", [0.25, 0.125])]
+    assert "send 25.0 / 12.5% of their images" in diag.where_errors_go(runs)
+    assert "70.0 / 90.0% on the page's backbone" in diag.where_errors_go(runs)
+    assert diag.where_errors_go(runs[:1]) == ""
