@@ -222,3 +222,20 @@ def test_where_errors_go_reads_each_later_task_right_after_its_training():
     assert "send 25.0 / 12.5% of their images" in diag.where_errors_go(runs)
     assert "70.0 / 90.0% on the page's backbone" in diag.where_errors_go(runs)
     assert diag.where_errors_go(runs[:1]) == ""
+
+
+def test_l2ps_first_task_bullet_reads_each_head_and_is_empty_without_them():
+    def run(method, variant, first, second, seed=0):
+        return {"method": method, "variant": variant, "seed": seed,
+                "accuracy_matrix": {"class_il": [[first, 0.0], [first, second]]}}  # fmt: skip
+
+    runs = [run("l2p", "default", 0.7, 0.01), run("l2p", "default", 0.72, 0.02, seed=1),
+            run("l2p", "token_head", 0.83, 0.05), run("dualprompt", "default", 0.9, 0.3)]  # fmt: skip
+    text = diag.l2p_first_task(runs)[0]
+    assert "first task 71.0 ± 1.4% (seeds 0, 1) against DualPrompt's 90.0% (seed 0)" in text
+    assert "`head_type=token`) it scores 83.0% (seed 0):" in text and "(5.0% with [CLS])" in text
+    assert "Adam" not in text  # no authors' row: not mentioned
+    assert "under its authors' Adam it is 88.0% (seed 0)" in diag.l2p_first_task(
+        [*runs, run("l2p", "authors", 0.88, 0.1)]
+    )[0]
+    assert diag.l2p_first_task(runs[:2] + runs[3:]) == []
