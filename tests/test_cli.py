@@ -392,3 +392,13 @@ def test_model_args_reach_the_timm_constructor_and_bad_ones_are_refused(tmp_path
     bad = ["--max_train_per_task", "8", "--output_dir", str(tmp_path / "bad")]
     assert main(["--dataset", "fashion-mnist", "--model", "mlp", *bad, "--model_args", "depth=2"]) == 2
     assert main(["--dataset", "fashion-mnist", *tiny, *bad, "--model_args", "no_such_argument=1"]) == 2
+
+
+def test_unusable_pretrained_weights_end_the_program_with_one_clear_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["--dataset", "fashion-mnist", "--model", "resnet18", "--pretrained", str(tmp_path / "none.pt")])
+    assert stopped.value.code == 2 and "argument --pretrained" in capsys.readouterr().err
+    (tmp_path / "notes.pt").write_text("not a checkpoint\n")
+    code = main(["--dataset", "fashion-mnist", "--model", "resnet18", "--pretrained", str(tmp_path / "notes.pt")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("synapse: error: pretrained weights") and "Traceback" not in err

@@ -83,6 +83,11 @@ def test_bad_weights_and_model_names_are_refused_clearly(tmp_path, monkeypatch):
     torch.save(create_model("mlp", 1, 28, 10, (0.5,), (0.25,)).state_dict(), path)
     with pytest.raises(ValueError, match="another architecture"):
         create_model("resnet18", 3, 32, 10, (0.5,) * 3, (0.25,) * 3, pretrained=str(path))
+    (tmp_path / "notes.pt").write_text("not a checkpoint\n")
+    torch.save(nn.Linear(2, 2), tmp_path / "pickled.pt")  # a whole model: not read, for safety
+    for name in ("notes.pt", "pickled.pt"):
+        with pytest.raises(ValueError, match=rf"weights .*{name} cannot be read \(\w+: .*torch.save\(model.state_dict"):
+            create_model("resnet18", 3, 32, 10, (0.5,) * 3, (0.25,) * 3, pretrained=str(tmp_path / name))
     with pytest.raises(KeyError, match="unknown timm model"):
         check_model_name("timm:no_such_model")
     monkeypatch.setitem(sys.modules, "timm", None)  # as if timm were not installed

@@ -19,7 +19,7 @@ from .checkpoint import DEFAULT_EVERY, CheckpointError, parse_every
 from .config import OPTIMIZERS
 from .datasets import DATASETS, DatasetUnavailable
 from .loggers import BACKENDS, LoggerUnavailable
-from .models import INITS, ModelArgsError, ModelUnavailable, check_model_name
+from .models import INITS, ModelArgsError, ModelUnavailable, WeightsError, check_model_name
 from .run import TRAINING_TYPES, Config, Experiment, StoppedBeforeTraining, StopRequested, _Signals, check_scenario
 from .schedule import LR_SCHEDULES
 
@@ -62,6 +62,12 @@ def _dataset_name(text: str) -> str:
         DATASETS[text]  # a folder: dataset's layout is checked here, before any work
     except DatasetUnavailable as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _weights_file(text: str) -> str:
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"{text!r}: no such file (weights are never downloaded)")
     return text
 
 
@@ -227,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--pretrained",
         default=None,
+        type=_weights_file,
         metavar="PATH",
         help="a local weights file (state dict or checkpoint; .safetensors too) loaded into the model by name and "
         "shape; the run reports what was loaded and what was left out (e.g. a new head). Nothing is downloaded",
@@ -644,7 +651,7 @@ def _main(argv: Optional[List[str]]) -> int:
     threads_before = torch.get_num_threads()  # put back at the end, for callers of main() in-process
     try:
         Experiment(cfg).run()
-    except (DatasetUnavailable, CheckpointError, LoggerUnavailable, ModelArgsError) as e:
+    except (DatasetUnavailable, CheckpointError, LoggerUnavailable, ModelArgsError, WeightsError) as e:
         print(f"synapse: error: {e}", file=sys.stderr)
         return 2
     except StopRequested as e:

@@ -251,6 +251,11 @@ class ModelArgsError(ValueError):
     """``model_args`` the model cannot take; the message names them."""
 
 
+class WeightsError(ValueError):
+    """Pretrained weights that cannot be used (unreadable, or for another architecture); the message names the
+    file."""
+
+
 def _timm_backbone(name: str, num_classes: int, size: int, channels: int, kwargs: Mapping[str, Any]) -> nn.Module:
     """A timm model without downloaded weights; those that take ``img_size`` (ViTs) are built for ``size``.
     ``kwargs`` go to ``timm.create_model`` unchanged (e.g. a ViT's ``depth``, ``embed_dim``, ``patch_size``)."""
@@ -397,20 +402,36 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def _read_weights(path: str) -> Dict[str, Tensor]:
+def _load_file(path: str) -> Any:
+    """What weights file ``path`` holds: a safetensors file's tensors, or a torch file read safely."""
     if path.endswith(".safetensors"):
         try:
             from safetensors.torch import load_file
         except ImportError as e:
             raise ModelUnavailable(f"{path} is a safetensors file: pip install safetensors") from e
-        state: Any = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _read_weights(path: str) -> Dict[str, Tensor]:
+    try:
+        state = _load_file(path)
+    except ModelUnavailable:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever the reader raises, say which file and what is expected
+        message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise WeightsError(
+            f"pretrained weights {path} cannot be read ({type(e).__name__}: {message}): expected a state dict "
+            "saved with torch.save(model.state_dict(), path) (a whole pickled model is not read, for safety) or a "
+            ".safetensors file"
+        ) from e
     for key in ("state_dict", "model", "model_state_dict"):  # a training checkpoint holding the weights
         if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
             state = state[key]
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{path} holds no state dict of tensors (nor one under 'state_dict' or 'model')")
+        raise WeightsError(
+            f"pretrained weights {path} hold no state dict of tensors (nor one under 'state_dict' or 'model')"
+        )
     return dict(state)
 
 
@@ -428,7 +449,7 @@ def load_pretrained(backbone: nn.Module, path: str) -> LoadReport:
 
     A timm model's own checkpoint filter runs first (it resizes position embeddings to the model's input
     size, for example). A new head (another number of classes) is left at its initialisation and listed.
-    Raises ValueError when nothing matches: the file is for another architecture.
+    Raises WeightsError when the file cannot be read, or nothing matches: the file is for another architecture.
     """
     own = backbone.state_dict()
     state = _strip_prefixes(_read_weights(path), own)
@@ -450,7 +471,7 @@ def load_pretrained(backbone: nn.Module, path: str) -> LoadReport:
     report.loaded = list(matched)
     report.unused = [k for k in state if k not in own]
     if not matched:
-        raise ValueError(
+        raise WeightsError(
             f"no tensor of {path} matches the model by name and shape: it holds weights for another architecture "
             f"(its first keys: {', '.join(list(state)[:4])}; the model's: {', '.join(list(own)[:4])})"
         )
