@@ -395,10 +395,20 @@ def test_model_args_reach_the_timm_constructor_and_bad_ones_are_refused(tmp_path
 
 
 def test_unusable_pretrained_weights_end_the_program_with_one_clear_line(tmp_path, capsys):
-    with pytest.raises(SystemExit) as stopped:
-        main(["--dataset", "fashion-mnist", "--model", "resnet18", "--pretrained", str(tmp_path / "none.pt")])
-    assert stopped.value.code == 2 and "argument --pretrained" in capsys.readouterr().err
     (tmp_path / "notes.pt").write_text("not a checkpoint\n")
-    code = main(["--dataset", "fashion-mnist", "--model", "resnet18", "--pretrained", str(tmp_path / "notes.pt")])
+    for name, says in (("none.pt", "no such file"), ("notes.pt", "cannot be read")):
+        code = main(["--dataset", "fashion-mnist", "--model", "resnet18", "--pretrained", str(tmp_path / name)])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("synapse: error: pretrained weights") and "Traceback" not in err
+        assert says in err
+
+
+def test_a_method_that_refuses_the_model_ends_the_program_with_one_line_naming_its_flags(capsys):
+    pytest.importorskip("timm")
+    code = main(["--dataset", "fashion-mnist", "--model", "timm:vit_tiny_patch16_224", "--model_args", "patch_size=7",
+                 "depth=2", "embed_dim=32", "num_heads=2", "--synapse_type", "dualprompt", "--max_train_per_task", "8",
+                 "--max_test_per_task", "4", "--quiet"])  # fmt: skip
     err = capsys.readouterr().err
-    assert code == 2 and err.startswith("synapse: error: pretrained weights") and "Traceback" not in err
+    assert code == 2 and "Traceback" not in err
+    assert "synapse: error: dualprompt cannot be built on timm:vit_tiny_patch16_224 with " in err
+    assert "e_prompt_layers='2,3,4'" in err and "the model's depth" in err and "--help` lists them" in err

@@ -137,3 +137,35 @@ def test_a_bad_clip_grad_norm_is_refused_naming_it(bad):
 def test_the_optimizer_line_says_whether_gradients_are_clipped():
     assert "no gradient clipping" in describe_optimizer(Config(lr=0.1))
     assert "gradients clipped to total L2 norm 1.0" in describe_optimizer(Config(lr=0.1, clip_grad_norm=1.0))
+
+
+def test_a_method_that_trains_nothing_trains_in_eval_mode_and_without_augmentation_by_default():
+    from synapse.experiments.datasets import DATASETS
+    from synapse.pretrained import SimpleCIL
+
+    class Net(torch.nn.Module):  # the program passes its batches as `inputs`
+        def __init__(self):
+            super().__init__()
+            self.norm, self.head = torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 3)
+
+        def forward(self, inputs):
+            return self.head(self.norm(inputs))
+
+    torch.manual_seed(0)
+    model = Net()
+    method, norm = SimpleCIL(model), model.norm
+    x, y = torch.randn(8, 4), torch.arange(8) % 3
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    never = lambda batch, running: False  # noqa: E731
+    train_epoch(model, optimizer, method, x, y, torch.arange(8), 4, 0, False, torch.Generator(), never, lambda: None)
+    assert not model.training and norm.num_batches_tracked == 0  # BatchNorm's statistics stayed put
+    train_epoch(model, optimizer, None, x, y, torch.arange(8), 4, 0, False, torch.Generator(), never, lambda: None)
+    assert model.training and norm.num_batches_tracked == 2  # plain training: train mode, as before
+
+    cifar = DATASETS["cifar10"]
+    closed_form = Config(dataset="cifar10", synapse_type="simplecil").with_protocol(cifar)
+    assert closed_form.augment is False and "simplecil trains nothing" in closed_form.defaults
+    assert Config(dataset="cifar10", synapse_type="simplecil", augment=True).with_protocol(cifar).augment is True
+    assert Config(dataset="cifar10", synapse_type="der++").with_protocol(cifar).augment is True
+    joint = Config(dataset="cifar10", synapse_type="simplecil", training_type="joint").with_protocol(cifar)
+    assert joint.augment is True  # no method in a joint run

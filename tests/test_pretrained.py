@@ -6,6 +6,7 @@ and any model whose head is an ``nn.Linear`` works (a timm ViT or a plain MLP).
 """
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -195,4 +196,36 @@ def test_backward_without_a_fresh_forward_is_refused(cls):
         method.backward(loss, y, x=x)
     with pytest.raises(ValueError, match="class indices"):
         method.backward(F.cross_entropy(model(x), y), y + 10, x=x)
+    assert testing.state_equal(method.state_dict(), before)
+
+
+
+def test_ranpac_predict_between_task_ends_warns_once_that_the_classifier_is_stale():
+    model = vit()
+    method = RanPAC(model, projection_dim=16, ridge=1.0)
+    (x, y), (x2, y2) = testing.toy_images(2, batch=8)
+    method.backward(F.cross_entropy(model(x), y), y, x=x)
+    with pytest.warns(UserWarning, match=r"solved at end_task\(\), and the 1 steps since the last one"):
+        method.predict(x=x)
+    method.end_task()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        method.predict(x=x)  # solved on every step: silent
+        method.backward(F.cross_entropy(model(x2), y2), y2, x=x2)
+        method.predict(x=x2)  # stale again, but said once
+
+
+@pytest.mark.parametrize("name", ["simplecil", "ranpac", "l2p", "dualprompt", "coda-prompt", "slca"])
+@pytest.mark.parametrize("width", [10, 12])
+def test_a_head_replaced_after_the_method_was_built_is_named_at_the_next_step(name, width):
+    from synapse import catalog
+
+    spec = catalog.get(name)
+    model = vit()
+    method = spec.create(model, spec.harness_hparams)
+    x, y = testing.toy_images(1)[0]
+    model.reset_classifier(width)  # a new layer, of the same width or wider
+    before = method.state_dict()
+    with pytest.raises(ValueError, match=rf"built on the model's head of 10 outputs, .* now another layer \({width} "):
+        method.backward(F.cross_entropy(model(x), y), y, x=x)
     assert testing.state_equal(method.state_dict(), before)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from synapse import named_batches
-from synapse.augment import Compose, RandomCropFlip, apply_transform, random_crop_flip
+from synapse.augment import Compose, PerImage, RandomCropFlip, apply_transform, random_crop_flip
 from synapse.gradient import AGEM
 from synapse.rehearsal import ER, MIR, XDER, BiC, GDumb, ICaRL
 
@@ -272,3 +272,80 @@ def test_replay_augment_needs_augment():
 
     with pytest.raises(ValueError, match="it needs augment"):
         Experiment(Config(dataset="fashion-mnist", replay_augment=True, max_train_per_task=10, max_test_per_task=5))
+
+
+# ---------------------------------------------------------------------------- misuse
+class Scaled(nn.Module):
+    """A classifier on float images in [0, 1]: the user's loop scales uint8 batches before the forward."""
+
+    def __init__(self, size: int = 6) -> None:
+        super().__init__()
+        self.fc = nn.Linear(size * size, 4)
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.fc(inputs.flatten(1))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_replayed_rows_that_would_skip_the_loops_preprocessing_are_refused_before_any_change(fused):
+    torch.manual_seed(0)
+    model = Scaled()
+    method = ER(model, buffer_size=8, buffer_sample_size=4, method="er", replay_transform=RandomCropFlip(PAD),
+                fused=fused)  # fmt: skip
+    x, y = images(4, 0), torch.arange(4)
+    method.backward(F.cross_entropy(model(x.float() / 255), y), y, inputs=x)  # stores the uint8 view
+
+    def replay_step(seen):  # fused: the forward refuses; unfused: backward, before its replay forward
+        method.backward(F.cross_entropy(model(seen), y), y, inputs=x)
+
+    stored = copy.deepcopy(method.buffer.state_dict())
+    with pytest.raises(ValueError, match=r"'inputs' rows are torch.uint8 .* forward's 'inputs' is torch.float32"):
+        replay_step(x.float() / 255)  # the replayed uint8 rows would reach the model unscaled
+    assert method.buffer.state_dict().keys() == stored.keys() and method.num_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(method.buffer.state_dict().values(), stored.values())
+               if isinstance(a, Tensor))  # fmt: skip
+    with pytest.raises(ValueError, match=r"of shape \(1, 6, 6\) per item, but .* shape \(1, 8, 8\)"):
+        model.fc = nn.Linear(64, 4)
+        replay_step(F.interpolate(x.float(), size=8))  # a resize in the loop, not in the replay transform
+    if not fused:
+        return
+
+    # The same preprocessing inside the replay transform: the rows arrive as the forward's, and join it.
+    model = Scaled()
+    scaled = Compose(RandomCropFlip(PAD), lambda t: t.float() / 255)
+    method = ER(model, buffer_size=8, buffer_sample_size=4, method="er", replay_transform=scaled)
+    method.backward(F.cross_entropy(model(x.float() / 255), y), y, inputs=x)
+    method.backward(F.cross_entropy(model(x.float() / 255), y), y, inputs=x)  # with the replay joined
+    assert method.last_replay is not None and method.last_replay["input:inputs"].dtype == torch.float32
+
+
+def test_a_torchvision_transform_is_warned_about_and_per_image_draws_one_view_per_image():
+    v2 = pytest.importorskip("torchvision.transforms.v2")
+    crop = v2.Compose([v2.RandomCrop(6, padding=PAD), v2.RandomHorizontalFlip()])
+    with pytest.warns(UserWarning, match=r"once per call.*PerImage") as caught:
+        ER(Recorder(), buffer_size=8, buffer_sample_size=4, method="er", replay_transform=crop)
+    assert caught[0].filename == __file__
+    with pytest.warns(UserWarning, match="once per call"):  # inside our Compose too
+        ER(Recorder(), buffer_size=8, buffer_sample_size=4, method="er", replay_transform=Compose(crop))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ER(Recorder(), buffer_size=8, buffer_sample_size=4, method="er", replay_transform=PerImage(crop))
+
+    same = images(1, 3).expand(16, -1, -1, -1).contiguous()
+    assert len({tuple(v.flatten().tolist()) for v in crop(same)}) == 1  # the trap: one view for the batch
+    before = torch.get_rng_state()
+    first = PerImage(crop)(same, torch.Generator().manual_seed(7))
+    assert torch.equal(torch.get_rng_state(), before)  # the caller's global RNG is left as it was
+    assert len({tuple(v.flatten().tolist()) for v in first}) > 4 and all(is_view_of(v, same[0]) for v in first)
+    assert torch.equal(PerImage(crop)(same, torch.Generator().manual_seed(7)), first)  # the generator decides
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        PerImage(crop)(same[0])
+
+
+def test_a_transform_class_in_place_of_an_instance_is_refused_naming_the_fix():
+    model = Recorder()
+    with pytest.raises(TypeError, match=r"the class RandomCropFlip, not a transform: .* RandomCropFlip\(\)"):
+        ER(model, buffer_size=8, buffer_sample_size=4, method="er", replay_transform=RandomCropFlip)
+    ER(model, buffer_size=8, buffer_sample_size=4, method="er", replay_transform=RandomCropFlip())  # nothing hooked

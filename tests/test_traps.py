@@ -16,12 +16,22 @@ from torch import nn
 from synapse import catalog, named_batches, testing
 from synapse.experiments.cli import main
 from synapse.gradient import AGEM
+from synapse.pretrained import RanPAC, SimpleCIL
 from synapse.rehearsal import ER
 from synapse.structure import EWC
 
 NAMES = catalog.names()
 LOGIT_READERS = [s.name for s in catalog.specs() if s.cls.reads_logits or s.fixed.get("method") in ("der", "der++")]
-TASK_END_METHODS = [s.name for s in catalog.specs() if s.cls.acts_at_task_end]
+
+
+def _acts_at_task_end(spec) -> bool:
+    """As the method is built with its defaults (L2P acts at task ends only with its default train_mask)."""
+    method = spec.create(testing.toy_for(spec).model(), spec.harness_hparams)
+    method.remove_hooks()
+    return method.acts_at_task_end
+
+
+TASK_END_METHODS = [s.name for s in catalog.specs() if _acts_at_task_end(s)]
 
 
 class Net(nn.Module):
@@ -227,6 +237,8 @@ def test_methods_without_task_work_do_not_warn():
         with warnings.catch_warnings():
             warnings.filterwarnings("error", message=".*end_task\\(named_batches")
             two_tasks(name, end_task=False)
+    assert "l2p" in TASK_END_METHODS  # its default train_mask is reset at task ends; without the mask, nothing is
+    assert not catalog.get("l2p").create(testing.toy_vit(), {"train_mask": False}).acts_at_task_end
     with pytest.warns(UserWarning, match="end_task"):  # A-GEM's episodic memory only constrains ended tasks
         model = Net()
         syn = AGEM(model, buffer_size=40, buffer_sample_size=8, memory="episodic")
@@ -367,3 +379,66 @@ def test_on_cuda_the_warnings_come_without_a_host_sync(name):
     messages = [str(w.message) for w in record]
     assert sum("log-probabilities" in m for m in messages) == 1
     assert sum("end_task(named_batches" in m for m in messages) == (1 if syn.acts_at_task_end else 0)
+
+
+@pytest.mark.parametrize("cls", [SimpleCIL, RanPAC])
+def test_a_batch_norm_layer_in_train_mode_is_warned_about_once_by_a_method_that_trains_nothing(cls):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 4))
+    method = cls(model, **({"projection_dim": 16, "ridge": 1.0} if cls is RanPAC else {}))
+    x, y = torch.randn(10, 8), torch.arange(10) % 4
+    model.eval()  # as it should be: silent
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        method.backward(F.cross_entropy(model(x), y), y, input=x)
+    model.train()  # the running statistics move, and each batch is normalised by its own
+    with pytest.warns(UserWarning, match=r"BatchNorm layers are in train mode.*model.eval\(\)") as caught:
+        method.backward(F.cross_entropy(model(x), y), y, input=x)
+    assert len(caught) == 1 and caught[0].filename == __file__  # points at the user's backward call
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once
+        method.backward(F.cross_entropy(model(x), y), y, input=x)
+
+
+@pytest.mark.parametrize("by_habit", [True, False])
+def test_prompts_an_optimizer_never_steps_are_warned_about_once(by_habit, monkeypatch):
+    pytest.importorskip("timm")
+    from synapse._watch import OwnParameterWatch
+    from synapse.pretrained import L2P
+
+    monkeypatch.setattr(OwnParameterWatch, "patience", 3)  # 50 steps in use; a few here
+    torch.manual_seed(0)
+    model = testing.toy_vit()
+    method = L2P(model)
+    assert method.own_parameters() and all(not any(p is q for q in model.parameters()) for p in method.own_parameters())
+    params = model.parameters() if by_habit else method.trainable_parameters()
+    optimizer = torch.optim.SGD(params, lr=0.01)
+    x, y = testing.toy_images(1)[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(method._own_watch.patience + 5):
+            optimizer.zero_grad()
+            method.backward(F.cross_entropy(model(x), y), y, x=x)
+            optimizer.step()
+    found = [w for w in caught if "optimizer does not hold them" in str(w.message)]
+    assert len(found) == (1 if by_habit else 0)
+    if by_habit:
+        assert "synapse.trainable_parameters()" in str(found[0].message) and found[0].filename == __file__
+
+
+@pytest.mark.parametrize("method", ["er", "der++"])
+def test_targets_outside_the_head_are_refused_at_each_tasks_first_step_before_anything_is_stored(method):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))  # a 2-way head trained on each task's local labels
+    syn = ER(model, buffer_size=16, buffer_sample_size=4, method=method)
+    x, y = torch.randn(4, 1, 4, 4), torch.tensor([2, 3, 2, 3])  # the global labels, given by mistake
+    with pytest.raises(ValueError, match=r"class indices in \[0, 2\) .* got values in \[2, 3\]"):
+        syn.backward(F.cross_entropy(model(x), y - 2), y, input=x)
+    assert len(syn.buffer) == 0 and syn.num_steps == 0
+    syn.backward(F.cross_entropy(model(x), y - 2), y - 2, input=x)
+    syn.backward(F.cross_entropy(model(x), y - 2), y - 2, input=x)
+    syn.end_task()
+    stored = len(syn.buffer)
+    with pytest.raises(ValueError, match="class indices"):  # read again at the next task's first step
+        syn.backward(F.cross_entropy(model(x), y - 2), y, input=x)
+    assert len(syn.buffer) == stored

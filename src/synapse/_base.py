@@ -13,18 +13,19 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import _autograd
-from ._capture import ForwardCapture, ReplaySource, live_captures
+from ._capture import ForwardCapture, ReplaySource, check_replay_rows, live_captures
 from ._model import distributed_world, unwrap_model
 from ._state import StateError, Stateful
 from ._validation import (
+    check_class_indices,
     check_forward_accepts,
     check_loss,
     check_positive_int,
     check_targets_and_inputs,
     forward_signature,
 )
-from ._watch import LogProbabilityCheck, NewClassWatch
-from .augment import Transform, apply_transform
+from ._watch import LogProbabilityCheck, NewClassWatch, OwnParameterWatch
+from .augment import Transform, apply_transform, check_replay_transform
 from .buffer import fresh_seed
 from .memory import STREAM_POLICIES, make_buffer
 
@@ -113,7 +114,10 @@ class Synapse(Stateful, ABC):
       without those calls it is plain fine-tuning, so it warns once when a new task seems to begin without
       one, and a task-free stream refuses it. Implied by the two ``needs_task_*`` attributes;
     * ``reads_logits``: the method's loss reads the model's raw logits (DER's logit matching, iCaRL's
-      sigmoids, LwF's temperature): it warns once when the outputs are log-probabilities instead.
+      sigmoids, LwF's temperature): it warns once when the outputs are log-probabilities instead;
+    * ``trains_model``: False for a method under which no weight of the model trains (the closed-form
+      methods): the training forwards then belong in ``eval()`` mode, as the experiment program runs them,
+      so that BatchNorm layers neither normalise by batch nor move their running statistics.
 
     The model's inputs keep the names ``backward`` was first given: later steps, :func:`named_batches`
     without a name, the task-end pass and :meth:`predict` use them, and a name ``forward`` cannot take is
@@ -131,6 +135,7 @@ class Synapse(Stateful, ABC):
     has_predictor: bool = False  # predict() is the method's own (iCaRL's nearest mean of exemplars)
     acts_at_task_end: bool = False  # without end_task() calls the method is fine-tuning (set for needs_task_*)
     reads_logits: bool = False  # the loss reads raw logits: log-probabilities change its meaning
+    trains_model: bool = True  # False: nothing in the model trains, so it runs in eval() mode while training
     requires_vit: bool = False  # works only on a timm VisionTransformer (prompts go into its tokens/attention)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -159,10 +164,12 @@ class Synapse(Stateful, ABC):
         )
         self._logprob_check = LogProbabilityCheck(type(self).__name__)
         self._class_watch = NewClassWatch(type(self).__name__)
+        self._own_watch = OwnParameterWatch(type(self).__name__)
         self._a_parameter = next(self.module.parameters())  # its device is the model's device
         self.scaler = scaler
         self.num_steps = 0
         self.num_tasks_ended = 0
+        self._last_step_task = -1  # num_tasks_ended at the last successful step (-1: none since built)
         self._constants: Dict[Tuple[float, torch.Size, torch.dtype, torch.device], Tensor] = {}
         self._capture: Optional[ForwardCapture] = None
         self._reads_outputs = False  # backward reads the outputs of the user's forward (set by the method)
@@ -191,6 +198,8 @@ class Synapse(Stateful, ABC):
         self._set_input_names(tuple(model_inputs))
         if self.acts_at_task_end:
             self._class_watch.observe(self.num_steps, targets)
+        self._own_watch.observe(self.own_parameters)
+        self._last_step_task = self.num_tasks_ended
         self.num_steps += 1
 
     def end_task(self, data: Optional[Iterable[TaskBatch]] = None) -> None:
@@ -397,6 +406,12 @@ class Synapse(Stateful, ABC):
     def trainable_parameters(self) -> List[nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
 
+    @property
+    def _first_step_of_task(self) -> bool:
+        """Whether this step is the first of a task (or since the method was built): where checks that cost a
+        host sync, or a walk over the model, are made once per task rather than at every step."""
+        return self._last_step_task != self.num_tasks_ended
+
     def own_parameters(self) -> List[nn.Parameter]:
         """The trainable parameters the method keeps outside the model (L2P's prompts and keys): an optimizer
         built on ``model.parameters()`` needs them added. Empty for a method that trains only the model."""
@@ -501,10 +516,7 @@ class BufferedSynapse(Synapse):
         replay_transform: Optional[Transform] = None,
     ) -> None:
         check_positive_int("buffer_size", buffer_size)
-        if replay_transform is not None and not callable(replay_transform):
-            raise TypeError(
-                f"replay_transform must be a callable (images -> images) or None, got {type(replay_transform).__name__}"
-            )
+        check_replay_transform(replay_transform)
         check_positive_int("buffer_sample_size", buffer_sample_size)
         if buffer_scope not in ("rank", "global"):
             raise ValueError(f"buffer_scope must be 'rank' or 'global', got {buffer_scope!r}")
@@ -540,6 +552,11 @@ class BufferedSynapse(Synapse):
         # Names, types and batch sizes were checked by backward; only what the user passed needs checking
         # against the stored layout: whatever a method adds is its own making.
         self.buffer.check_layout(BufferedSynapse._stored_items(self, targets, model_inputs), partial=True)
+        outputs = None if self._capture is None else self._capture.outputs
+        if outputs is not None and outputs.dim() == 2 and self._first_step_of_task:
+            # Targets outside the head would be stored and fail every later replay loss. Reading their range
+            # syncs on CUDA, so it is read at each task's first step (where a per-task label mapping slips).
+            check_class_indices(targets, outputs.shape[1], first_step=True)
 
     def _stored_items(self, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> Dict[str, Tensor]:
         """The named tensors one step stores."""
@@ -596,20 +613,23 @@ class BufferedSynapse(Synapse):
         )
 
     def _augment_replay(self, sample: Dict[str, Tensor]) -> Dict[str, Tensor]:
-        """``sample`` with its inputs passed through ``replay_transform`` (none: unchanged), in place.
+        """``sample`` with its inputs passed through ``replay_transform`` (none: unchanged), in place, and
+        checked against the training forward's inputs (:func:`~synapse._capture.check_replay_rows`).
 
         Every replay path calls it once per replayed minibatch, so the draws from the method's generator
         follow the steps in the same order, fused or not, and a resumed run repeats them."""
-        if self.replay_transform is None:
-            return sample
         for name in sample:
-            if name.startswith("input:"):
+            if name.startswith("input:") and self.replay_transform is not None:
                 rows = sample[name].shape[0]
                 out = apply_transform(self.replay_transform, sample[name], self._replay_generator)
                 if not isinstance(out, Tensor) or out.shape[0] != rows:
                     got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
                     raise ValueError(f"replay_transform must return a tensor of {rows} rows for {name!r}, got {got}")
                 sample[name] = out
+        live = None if self._capture is None else self._capture.inputs  # the training forward's, where known
+        for name, tensor in (live or {}).items():
+            if f"input:{name}" in sample:
+                check_replay_rows(name, tensor, sample[f"input:{name}"])
         return sample
 
     @staticmethod

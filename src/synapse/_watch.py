@@ -9,13 +9,26 @@ the copy has landed, a step or so later: the check costs no host sync, so ``back
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
-from typing import Optional, Set
+from typing import Callable, List, Optional, Set, Tuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["HostRead", "LogProbabilityCheck", "NewClassWatch"]
+__all__ = ["HostRead", "LogProbabilityCheck", "NewClassWatch", "OwnParameterWatch", "user_stacklevel"]
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that points a ``warnings.warn`` made inside Synapse at the user's line: the first
+    frame outside the package, however deep the call (a subclass's ``__init__`` chain, say)."""
+    level, frame = 1, sys._getframe(1)  # the frame that will call warnings.warn is level 1
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class HostRead:
@@ -117,7 +130,8 @@ class NewClassWatch:
             self.warned = True
             warnings.warn(
                 f"{self.method} does its work at task ends, but its targets moved to classes never seen before "
-                "with no end_task() since the last new classes: without it the method is plain fine-tuning. "
+                "with no end_task() since the last new classes: without it that work never happens (for most "
+                "methods, it is then plain fine-tuning). "
                 "Call synapse.end_task(named_batches(loader)) after each task's training.",
                 UserWarning,
                 stacklevel=4,
@@ -130,3 +144,47 @@ class NewClassWatch:
         self.poll()  # a read of the finished task that has landed still counts as seen
         self._pending = None
         self._task = set()
+
+
+class OwnParameterWatch:
+    """Warns once when the parameters a method keeps outside the model (L2P's prompts and keys) never change:
+    the optimizer was built on ``model.parameters()``, which does not hold them, so they never train.
+
+    It reads their version counters, which any in-place update bumps (``optimizer.step()``'s among them): no
+    values, no sync. Silent for good once one of them has changed; it warns after :attr:`patience` backward
+    calls without a change (a GradScaler may skip the first steps), and starts afresh when the method's
+    parameters are other tensors (a task end may make new ones).
+    """
+
+    patience = 50
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.done = False
+        self._versions: Tuple[Tuple[int, int], ...] = ()
+        self._unchanged = 0
+
+    def observe(self, params: Callable[[], List[nn.Parameter]]) -> None:
+        """Called after each successful ``backward`` with the method's ``own_parameters``."""
+        if self.done:
+            return
+        versions = tuple((id(p), p._version) for p in params())
+        if not versions:
+            self.done = True  # the method trains nothing outside the model
+            return
+        if [i for i, _ in versions] != [i for i, _ in self._versions]:
+            self._versions, self._unchanged = versions, 0  # first call, or new tensors: a new baseline
+            return
+        if versions != self._versions:
+            self.done = True  # stepped: the optimizer holds them
+            return
+        self._unchanged += 1
+        if self._unchanged >= self.patience:
+            self.done = True
+            warnings.warn(
+                f"{self.method}'s own parameters (prompts, keys: {len(versions)} tensors kept outside the model) have "
+                f"not changed in {self.patience} steps: the optimizer does not hold them. Build it on "
+                "synapse.trainable_parameters(), not model.parameters().",
+                UserWarning,
+                stacklevel=user_stacklevel(),
+            )

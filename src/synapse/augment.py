@@ -8,8 +8,9 @@ the memory keeps the raw images and each replay draws a fresh view, as the DER a
 A transform here is any callable ``images -> images`` on a batch ``(N, C, H, W)``. The ones this module
 defines also take a ``generator``: their random draws (a few numbers per image) come from it, on the
 generator's device, or on the CPU and then copied to the images' device without blocking; the image work
-itself is one batched gather on the images' device, with no host sync. Foreign transforms (kornia's,
-torchvision v2's) are accepted as they are, and draw from torch's global RNG instead.
+itself is one batched gather on the images' device, with no host sync. Foreign transforms are accepted as
+they are, and draw from torch's global RNG instead. Kornia's draw per image; torchvision's draw once per
+call, so that a whole batch gets one crop and one flip: wrap them in :class:`PerImage`.
 
 Example:
     >>> import torch
@@ -22,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -29,8 +31,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._device import to_device
+from ._watch import user_stacklevel
 
-__all__ = ["Compose", "RandomCropFlip", "Transform", "apply_transform", "random_crop_flip"]
+__all__ = [
+    "Compose",
+    "PerImage",
+    "RandomCropFlip",
+    "Transform",
+    "apply_transform",
+    "check_replay_transform",
+    "draws_per_batch",
+    "random_crop_flip",
+]
 
 # Any callable from a batch of images to a batch of images.
 Transform = Callable[[Tensor], Tensor]
@@ -149,3 +161,82 @@ class Compose:
 
     def __repr__(self) -> str:
         return f"Compose({', '.join(map(repr, self.transforms))})"
+
+
+class PerImage:
+    """A transform applied to each image of the batch on its own, for transforms that draw their random
+    parameters once per call (torchvision's, v1 and v2): each image then gets its own crop, flip, jitter.
+
+    Given a CPU generator (a replay method passes its own), the transform's draws from torch's global CPU RNG
+    are made under a seed drawn from that generator, with the global RNG put back afterwards: a resumed run
+    repeats them, and the caller's global RNG is left untouched. One call per image costs more than one
+    batched call: prefer :class:`RandomCropFlip` where it does the job.
+
+    Args:
+        transform: a callable ``image (C, H, W) -> image (C, H, W)``.
+
+    Example:
+        >>> from torchvision.transforms import v2
+        >>> augment = PerImage(v2.RandomHorizontalFlip())
+        >>> augment(torch.zeros(4, 3, 8, 8), torch.Generator().manual_seed(0)).shape
+        torch.Size([4, 3, 8, 8])
+    """
+
+    takes_generator = True
+
+    def __init__(self, transform: Callable[[Tensor], Tensor]) -> None:
+        if not callable(transform):
+            raise TypeError(f"transform must be callable (image -> image), got {type(transform).__name__}")
+        self.transform = transform
+
+    def __call__(self, images: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+        if not isinstance(images, Tensor) or images.dim() != 4:
+            got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+            raise ValueError(f"images must be a (N, C, H, W) tensor, got {got}")
+        if generator is None:
+            return self._each(images)
+        if generator.device.type != "cpu":
+            raise ValueError(f"PerImage seeds torch's CPU RNG from a CPU generator, got one on {generator.device}")
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))  # a CPU draw: no device sync
+        with torch.random.fork_rng(devices=[]):  # the CPU RNG only, put back on exit
+            torch.random.default_generator.manual_seed(seed)
+            return self._each(images)
+
+    def _each(self, images: Tensor) -> Tensor:
+        return torch.stack([self.transform(image) for image in images])
+
+    def __repr__(self) -> str:
+        return f"PerImage({self.transform!r})"
+
+
+def draws_per_batch(transform: Transform) -> bool:
+    """Whether ``transform`` is (or a :class:`Compose` holds) a torchvision transform not wrapped in
+    :class:`PerImage`: called on a batch, it gives every image the same random parameters."""
+    if isinstance(transform, Compose):
+        return any(draws_per_batch(t) for t in transform.transforms)
+    return type(transform).__module__.startswith("torchvision.transforms")
+
+
+def check_replay_transform(transform: Optional[Transform]) -> None:
+    """Refuse what cannot be a replay method's ``replay_transform`` (TypeError), and warn once about a
+    torchvision transform, which would give a whole replayed minibatch one crop and one flip."""
+    if transform is None:
+        return
+    if isinstance(transform, type):
+        raise TypeError(
+            f"replay_transform is the class {transform.__name__}, not a transform: pass an instance, "
+            f"e.g. {transform.__name__}()"
+        )
+    if not callable(transform):
+        raise TypeError(
+            f"replay_transform must be a callable (images -> images) or None, got {type(transform).__name__}"
+        )
+    if draws_per_batch(transform):
+        warnings.warn(
+            f"replay_transform ({type(transform).__module__}.{type(transform).__qualname__}) draws its random "
+            "parameters once per call (torchvision's transforms do), so every image of a replayed minibatch would "
+            "get the same crop and flip: wrap it as synapse.augment.PerImage(transform), or use "
+            "synapse.augment.RandomCropFlip",
+            UserWarning,
+            stacklevel=user_stacklevel(),
+        )

@@ -235,7 +235,10 @@ def usage_table() -> str:
         else:
             task_end = "optional"
         predictor = "`synapse.predict(...)` (its own rule)" if method.has_predictor else "the model (or `predict`)"
-        forward = "train mode, grad enabled" if method.needs_training_forward else "any"
+        if method.needs_training_forward:
+            forward = "train mode, grad enabled"
+        else:
+            forward = "any" if method.trains_model else "eval mode (nothing trains; BatchNorm stays put)"
         outputs = "raw logits" if method.reads_logits else "logits or log-probabilities"
         rows.append(f"| `{spec.name}` | {task_end} | {predictor} | {forward} | {outputs} |")
     return "\n".join(rows)

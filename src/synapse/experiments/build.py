@@ -97,20 +97,32 @@ def describe_optimizer(cfg: Config) -> str:
     )
 
 
+class MethodBuildError(ValueError):
+    """The method refused the model with the run's settings (a ViT too shallow for its prompt layers, say);
+    the message says which, and where the settings are."""
+
+
 def build_method(cfg: Config, model: nn.Module) -> Optional[synapse.Synapse]:
     """The catalog's method for a continual run (``cfg.method_args`` already resolved); None otherwise."""
     if cfg.training_type != "continual":
         return None
-    return catalog.get(cfg.synapse_type).create(
-        model,
-        cfg.method_args,
-        buffer_size=cfg.buffer_size,
-        buffer_sample_size=cfg.buffer_sample_size,
-        buffer_scope=cfg.buffer_scope,
-        fused=not cfg.unfused,
-        # The train augmentation re-applied to replayed items, as the DER authors' code does.
-        replay_transform=RandomCropFlip() if cfg.replay_augment else None,
-        # A method that retrains from scratch (GDumb) starts from the network as the program builds it (the
-        # DER authors' port builds a fresh backbone: their MNIST MLP is Xavier-initialised).
-        reinitialize=reinitializer(cfg.init or "default"),
-    )
+    try:
+        return catalog.get(cfg.synapse_type).create(
+            model,
+            cfg.method_args,
+            buffer_size=cfg.buffer_size,
+            buffer_sample_size=cfg.buffer_sample_size,
+            buffer_scope=cfg.buffer_scope,
+            fused=not cfg.unfused,
+            # The train augmentation re-applied to replayed items, as the DER authors' code does.
+            replay_transform=RandomCropFlip() if cfg.replay_augment else None,
+            # A method that retrains from scratch (GDumb) starts from the network as the program builds it (the
+            # DER authors' port builds a fresh backbone: their MNIST MLP is Xavier-initialised).
+            reinitialize=reinitializer(cfg.init or "default"),
+        )
+    except ValueError as e:
+        settings = ", ".join(f"{k}={v!r}" for k, v in cfg.method_args.items())
+        raise MethodBuildError(
+            f"{cfg.synapse_type} cannot be built on {cfg.model} with {settings or 'its defaults'}: {e}. Its "
+            f"settings have flags of their own (`--synapse_type {cfg.synapse_type} --help` lists them)"
+        ) from e

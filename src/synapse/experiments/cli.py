@@ -15,6 +15,7 @@ from synapse import catalog
 
 from . import presets
 from ._extras import missing_extras_message, missing_modules
+from .build import MethodBuildError
 from .checkpoint import DEFAULT_EVERY, CheckpointError, parse_every
 from .config import OPTIMIZERS
 from .datasets import DATASETS, DatasetUnavailable
@@ -62,12 +63,6 @@ def _dataset_name(text: str) -> str:
         DATASETS[text]  # a folder: dataset's layout is checked here, before any work
     except DatasetUnavailable as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-    return text
-
-
-def _weights_file(text: str) -> str:
-    if not os.path.isfile(text):
-        raise argparse.ArgumentTypeError(f"{text!r}: no such file (weights are never downloaded)")
     return text
 
 
@@ -233,7 +228,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--pretrained",
         default=None,
-        type=_weights_file,
         metavar="PATH",
         help="a local weights file (state dict or checkpoint; .safetensors too) loaded into the model by name and "
         "shape; the run reports what was loaded and what was left out (e.g. a new head). Nothing is downloaded",
@@ -624,6 +618,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 128 + e.signum
 
 
+# What a run's settings or files can be wrong about once it has started: each ends it with one line, exit 2.
+RUN_ERRORS = (DatasetUnavailable, CheckpointError, LoggerUnavailable, ModelArgsError, MethodBuildError, WeightsError)
+
+
 def _main(argv: Optional[List[str]]) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     # Before anything else, so that a run never starts and then fails at its first progress bar or plot.
@@ -651,7 +649,7 @@ def _main(argv: Optional[List[str]]) -> int:
     threads_before = torch.get_num_threads()  # put back at the end, for callers of main() in-process
     try:
         Experiment(cfg).run()
-    except (DatasetUnavailable, CheckpointError, LoggerUnavailable, ModelArgsError, WeightsError) as e:
+    except RUN_ERRORS as e:
         print(f"synapse: error: {e}", file=sys.stderr)
         return 2
     except StopRequested as e:

@@ -146,6 +146,11 @@ class Config:
         p, source = spec.protocol.for_model(self.model, self.pretrained is not None)
         batch = self.batch_size or p.batch_size
         augment = spec.augment if self.augment is None else self.augment
+        if self.augment is None and augment and self._trains_nothing():
+            # Its class statistics are read from the training forwards; its authors build them from un-augmented
+            # images (SimpleCIL's and RanPAC's code: the test transform), and there is nothing to regularise.
+            augment = False
+            source += f"; no augmentation: {self.synapse_type} trains nothing and keeps un-augmented class statistics"
         return dataclasses.replace(
             self,
             defaults=source,
@@ -159,6 +164,13 @@ class Config:
             normalize=p.normalize if self.normalize is None else self.normalize,
             init=self.init or p.init,
         )
+
+
+    def _trains_nothing(self) -> bool:
+        """A continual run of a method under which nothing in the model trains (the closed-form ones)."""
+        if self.training_type != "continual" or self.synapse_type not in catalog.names():
+            return False
+        return not getattr(catalog.get(self.synapse_type).cls, "trains_model", True)
 
 
 def check_scenario(cfg: Config, spec: DatasetSpec) -> None:

@@ -77,7 +77,9 @@ def train_epoch(
     schedule). ``clip_grad_norm``: the gradients of every parameter the optimizer updates are scaled to at
     most this total L2 norm between the backward pass and the step (None: not clipped).
     """
-    model.train()
+    # A method under which nothing in the model trains (the closed-form ones) runs the forwards in eval mode:
+    # BatchNorm then normalises with, and keeps, the statistics predict() uses.
+    model.train(getattr(synapse, "trains_model", True))
     device = next(model.parameters()).device
     loss_sum = torch.tensor(totals[0], dtype=torch.float32, device=device)
     correct = torch.tensor(totals[1], dtype=torch.int64, device=device)

@@ -256,6 +256,10 @@ class WeightsError(ValueError):
     file."""
 
 
+class WeightsMissing(WeightsError, FileNotFoundError):
+    """No file at the pretrained weights' path (nothing is downloaded)."""
+
+
 def _timm_backbone(name: str, num_classes: int, size: int, channels: int, kwargs: Mapping[str, Any]) -> nn.Module:
     """A timm model without downloaded weights; those that take ``img_size`` (ViTs) are built for ``size``.
     ``kwargs`` go to ``timm.create_model`` unchanged (e.g. a ViT's ``depth``, ``embed_dim``, ``patch_size``)."""
@@ -325,7 +329,7 @@ def create_model(
     if input_size is not None and (isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 1):
         raise ValueError(f"input_size must be a positive int or None, got {input_size!r}")
     if pretrained is not None and not os.path.isfile(pretrained):
-        raise FileNotFoundError(f"pretrained weights {pretrained!r}: no such file (weights are never downloaded)")
+        raise WeightsMissing(f"pretrained weights {pretrained!r}: no such file (weights are never downloaded)")
     check_model_name(name)
     kwargs = dict(model_args or {})
     if kwargs and name in MODELS:

@@ -33,6 +33,22 @@ def find_head(model: nn.Module) -> nn.Linear:
     return head
 
 
+def check_same_head(model: nn.Module, head: nn.Linear, who: str) -> None:
+    """Raise when ``model``'s classifier is no longer ``head``, the layer ``who`` was built on (replaced by
+    ``reset_classifier``, say): the method would read, train or hand the optimizer the old one."""
+    try:
+        now: Optional[nn.Module] = find_head(model)
+    except ValueError:
+        now = None
+    if now is not head:
+        got = f"{now.out_features} outputs" if isinstance(now, nn.Linear) else "no linear layer"
+        raise ValueError(
+            f"{who} was built on the model's head of {head.out_features} outputs, but the model's head is now another "
+            f"layer ({got}): a head replaced after the method was built is not the one it reads, trains or names in "
+            "trainable_parameters(). Build the method after replacing the head (and the optimizer after the method)"
+        )
+
+
 def refuse_ddp_wrapped(model: nn.Module, who: str) -> None:
     """Raise when ``model`` is already a ``DistributedDataParallel``: DDP reduces the parameters that were
     trainable when it was built, so a backbone frozen afterwards fails at the first backward pass, with an

@@ -3,18 +3,21 @@ forward, feed statistics that the method accumulates without a backward pass."""
 
 from __future__ import annotations
 
+import warnings
 from abc import abstractmethod
 from typing import Any, List, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .._base import Synapse
 from .._floor import Floor
 from .._model import distributed_world
 from .._validation import check_class_indices, check_non_empty
-from ._backbone import FeatureTap, find_head, float_features, freeze_backbone
+from .._watch import user_stacklevel
+from ._backbone import FeatureTap, check_same_head, find_head, float_features, freeze_backbone
 
 __all__ = ["FrozenFeatureMethod", "FrozenFeatureFloor"]
 
@@ -29,8 +32,10 @@ class FrozenFeatureMethod(Synapse):
     come from that forward). Nothing trains, so :meth:`trainable_parameters` is empty and the optimizer can
     be left out. :meth:`predict` scores the features by the method's own rule (:meth:`_scores`).
 
-    A backbone with BatchNorm layers should run in ``eval()`` mode during training too: in train mode
-    the frozen network's running statistics would still move.
+    The model should run in ``eval()`` mode during training too (:attr:`trains_model` is False): in train
+    mode BatchNorm layers normalise each batch by its own statistics and move their running statistics, so
+    that the features accumulated drift from those :meth:`predict` reads. ``backward`` warns once when it
+    finds a BatchNorm layer in train mode.
 
     Under ``DistributedDataParallel`` each rank adds its own stream between task ends; :meth:`end_task`
     (on every rank) sums the statistics over the ranks, so that every rank then classifies with all ranks'
@@ -39,6 +44,7 @@ class FrozenFeatureMethod(Synapse):
     """
 
     has_predictor = True
+    trains_model = False
 
     def __init__(self, model: nn.Module, *, scaler: Optional[torch.amp.GradScaler] = None) -> None:
         super().__init__(model, scaler=scaler)
@@ -46,6 +52,8 @@ class FrozenFeatureMethod(Synapse):
         self.num_classes, self.feature_dim = self.head.out_features, self.head.in_features
         freeze_backbone(self.module, self.head)  # validated above: the first change to the model
         self._tap = FeatureTap(self.head)
+        self._batch_norms = [m for m in self.module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+        self._warned_train_mode = False
 
     def trainable_parameters(self) -> List[nn.Parameter]:
         """Nothing trains: an empty list (no optimizer is needed)."""
@@ -57,6 +65,8 @@ class FrozenFeatureMethod(Synapse):
 
     def _check(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
         features = self._tap.features
+        if self._first_step_of_task or features is None:  # a replaced head also leaves the tap unfed
+            check_same_head(self.module, self.head, type(self).__name__)
         if features is None:
             raise ValueError(
                 f"{type(self).__name__}.backward found no forward of the model since the last backward: call "
@@ -69,6 +79,21 @@ class FrozenFeatureMethod(Synapse):
             )
         check_non_empty(type(self).__name__, targets)
         check_class_indices(targets, self.num_classes, first_step=self.num_steps == 0)
+        self._warn_if_batch_norm_trains()
+
+    def _warn_if_batch_norm_trains(self) -> None:
+        """Warn once when a BatchNorm layer ran the step's forward in train mode (a flag read: no sync)."""
+        if self._warned_train_mode or not any(m.training for m in self._batch_norms):
+            return
+        self._warned_train_mode = True
+        warnings.warn(
+            f"{type(self).__name__} trains nothing, but the model's BatchNorm layers are in train mode: they "
+            "normalise each batch by its own statistics and move their running statistics, so the features the "
+            "method accumulates drift from those predict() reads (eval mode). Call model.eval() before the "
+            "training steps (in place of model.train()).",
+            UserWarning,
+            stacklevel=user_stacklevel(),
+        )
 
     def _backward(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
         features = self._tap.take()

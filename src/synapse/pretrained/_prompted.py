@@ -17,7 +17,7 @@ from .._model import distributed_world
 from .._validation import check_class_indices, check_non_empty, check_non_negative, check_positive_int
 from ..catalog import HParam
 from ..functional import asymmetric_cross_entropy
-from ._backbone import find_head, freeze_backbone, refuse_ddp_wrapped
+from ._backbone import check_same_head, find_head, freeze_backbone, refuse_ddp_wrapped
 from ._prompt import Injection, PromptedViT, find_vit
 
 __all__ = [
@@ -135,6 +135,8 @@ class PromptMethod(Synapse):
         self.embed_dim = self.prompts.embed_dim
         self.pull_constraint = float(pull_constraint)
         self.train_mask = train_mask
+        if train_mask:  # the mask is the current task's classes, which end_task resets: without it the loss
+            self.acts_at_task_end = True  # spans every class seen, another method (and it warns)
         self.current_loss = current_loss
         self._forward = self._capture_forward()
         self._reads_outputs = current_loss == "method"
@@ -173,6 +175,8 @@ class PromptMethod(Synapse):
     # ------------------------------------------------------------------ backward
     def _check(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
         name = type(self).__name__
+        if self._first_step_of_task:
+            check_same_head(self.module, self.head, name)
         pull = self._pull
         if pull is None or self.prompts.last_query is None:
             raise ValueError(
@@ -187,6 +191,7 @@ class PromptMethod(Synapse):
         if self.current_loss == "method":
             logits = self._forward.checked_outputs(name, targets.shape[0])
             if logits.shape[1] != self.num_classes:
+                check_same_head(self.module, self.head, name)  # the likelier cause, named
                 raise ValueError(f"{name} reads (batch, {self.num_classes}) logits, got {tuple(logits.shape)}")
         check_non_empty(name, targets)
         check_class_indices(targets, self.num_classes, first_step=self.num_steps == 0)

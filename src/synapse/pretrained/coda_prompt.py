@@ -20,7 +20,7 @@ from ..functional.coda import (
     coda_ortho_penalty,
     coda_split_prefix,
 )
-from ._backbone import find_head, freeze_backbone
+from ._backbone import check_same_head, find_head, freeze_backbone
 from ._prompt import Injection, PromptedViT, find_vit
 from ._prompt_floor import PromptFloor
 from ._prompted import CURRENT_LOSS_HPARAM, average_over_ranks, declare_parameter
@@ -221,6 +221,8 @@ class CODAPrompt(Synapse):
         return Injection(prefixes=self.prefixes(query.to(self.keys.dtype)))
 
     def _check(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
+        if self._first_step_of_task:
+            check_same_head(self.module, self.head, "CODA-Prompt")
         if self.pool_exhausted:
             raise ValueError(
                 f"CODA-Prompt was built for num_tasks={self.num_tasks} tasks and all of them have ended: no "

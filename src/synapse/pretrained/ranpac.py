@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from .._base import TaskBatch
 from .._validation import check_non_negative, check_positive_int
+from .._watch import user_stacklevel
 from ..buffer import fresh_seed
 from ..catalog import HParam, MethodSpec, register
 from ._frozen import FrozenFeatureFloor, FrozenFeatureMethod
@@ -109,6 +110,10 @@ class RanPAC(FrozenFeatureMethod):
         self.add_state("class_counts", dtype=torch.float32, shape=(c,))
         self.add_state("weights", dtype=torch.float32, shape=(c, m))
         self._warned_no_held_out = False
+        # Steps whose statistics the classifier has not been solved on yet (host-side; a resumed object starts
+        # at 0, so it may miss the warning below, never give a false one).
+        self._unsolved_steps = 0
+        self._warned_unsolved = False
 
     def project(self, features: Tensor) -> Tensor:
         """``h = ReLU(phi W)``: ``(batch, projection_dim)``."""
@@ -116,6 +121,7 @@ class RanPAC(FrozenFeatureMethod):
 
     def _accumulate(self, features: Tensor, targets: Tensor) -> None:
         self._follow_device()
+        self._unsolved_steps += 1
         h = self.project(features)
         held = h.shape[0] // HELD_OUT if self.ridge == 0 else 0  # a host-known split: the last rows
         fit = h.shape[0] - held
@@ -150,7 +156,7 @@ class RanPAC(FrozenFeatureMethod):
                         "RanPAC: no rows were held out to choose the ridge (batches of under 5 rows), so it is "
                         "1.0: pass ridge= explicitly, or train with batches of 5 rows or more",
                         UserWarning,
-                        stacklevel=3,
+                        stacklevel=user_stacklevel(),
                     )
             else:
                 ridge = ridge_grid_search(
@@ -161,9 +167,19 @@ class RanPAC(FrozenFeatureMethod):
             gram, class_features = gram + self.held_out_gram, class_features + self.held_out_class_features
         self.weights = ridge_solve(gram, class_features, ridge)
         self.chosen_ridge = float(ridge)
+        self._unsolved_steps = 0
 
     def _scores(self, features: Tensor) -> Tensor:
         self._follow_device()
+        if self._unsolved_steps and not self._warned_unsolved:
+            self._warned_unsolved = True
+            warnings.warn(
+                f"RanPAC.predict: the classifier is solved at end_task(), and the {self._unsolved_steps} steps since "
+                "the last one are not in it: classes first seen in them score 0 (and before the first end_task(), "
+                "every class does). Call end_task() before evaluating.",
+                UserWarning,
+                stacklevel=user_stacklevel(),
+            )
         return (self.project(features) @ self.weights.T).masked_fill(self.class_counts == 0, float("-inf"))
 
     def _follow_device(self) -> None:

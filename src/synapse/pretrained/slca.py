@@ -17,7 +17,7 @@ from .._validation import check_class_indices, check_non_empty, check_non_negati
 from ..buffer import fresh_seed
 from ..catalog import HParam, MethodSpec, register
 from ..functional import align_classifier, asymmetric_cross_entropy, class_moments, mean_and_covariance, mean_decay
-from ._backbone import find_head, freeze_backbone, refuse_ddp_wrapped
+from ._backbone import check_same_head, find_head, freeze_backbone, refuse_ddp_wrapped
 
 __all__ = ["SLCA"]
 
@@ -166,6 +166,8 @@ class SLCA(Synapse):
 
     # ------------------------------------------------------------------ backward
     def _check(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:
+        if self._first_step_of_task:
+            check_same_head(self.module, self.head, "SLCA")
         if self._forward is not None:
             check_non_empty("SLCA", targets)
             logits = self._forward.checked_outputs("SLCA", targets.shape[0])
