@@ -542,6 +542,7 @@ class BufferedSynapse(Synapse):
         # Replay augmentation: the generator is made (and torch's global RNG read) only when asked for, so
         # that without a transform a run is bit-identical to one made before this option existed.
         self.replay_transform = replay_transform
+        self._replay_checked_task = -1  # num_tasks_ended at the last check of replayed rows (-1: never)
         self._replay_generator: Optional[torch.Generator] = None
         if replay_transform is not None:
             self._replay_generator = torch.Generator().manual_seed(fresh_seed())
@@ -553,7 +554,7 @@ class BufferedSynapse(Synapse):
         # against the stored layout: whatever a method adds is its own making.
         self.buffer.check_layout(BufferedSynapse._stored_items(self, targets, model_inputs), partial=True)
         outputs = None if self._capture is None else self._capture.outputs
-        if outputs is not None and outputs.dim() == 2 and self._first_step_of_task:
+        if self._first_step_of_task and outputs is not None and outputs.dim() == 2:
             # Targets outside the head would be stored and fail every later replay loss. Reading their range
             # syncs on CUDA, so it is read at each task's first step (where a per-task label mapping slips).
             check_class_indices(targets, outputs.shape[1], first_step=True)
@@ -626,10 +627,14 @@ class BufferedSynapse(Synapse):
                     got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
                     raise ValueError(f"replay_transform must return a tensor of {rows} rows for {name!r}, got {got}")
                 sample[name] = out
-        live = None if self._capture is None else self._capture.inputs  # the training forward's, where known
-        for name, tensor in (live or {}).items():
-            if f"input:{name}" in sample:
-                check_replay_rows(name, tensor, sample[f"input:{name}"])
+        # Checked at the first replay of each task against the training forward's inputs (where known): a loop's
+        # preprocessing does not change within a task, and this is a hot path.
+        live = None if self._capture is None else self._capture.inputs
+        if live and self._replay_checked_task != self.num_tasks_ended:
+            for name, tensor in live.items():
+                if f"input:{name}" in sample:
+                    check_replay_rows(name, tensor, sample[f"input:{name}"])
+            self._replay_checked_task = self.num_tasks_ended
         return sample
 
     @staticmethod
