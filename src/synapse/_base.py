@@ -555,9 +555,10 @@ class BufferedSynapse(Synapse):
         self.buffer.check_layout(BufferedSynapse._stored_items(self, targets, model_inputs), partial=True)
         outputs = None if self._capture is None else self._capture.outputs
         if self._first_step_of_task and outputs is not None and outputs.dim() == 2:
-            # Targets outside the head would be stored and fail every later replay loss. Reading their range
-            # syncs on CUDA, so it is read at each task's first step (where a per-task label mapping slips).
-            check_class_indices(targets, outputs.shape[1], first_step=True)
+            # Targets outside the head would be stored and fail every later replay loss. Read at each task's
+            # first step (where a per-task label mapping slips); on CUDA, where reading them is a host sync,
+            # at the very first step only, so that backward stays sync-free.
+            check_class_indices(targets, outputs.shape[1], first_step=self.num_steps == 0)
 
     def _stored_items(self, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> Dict[str, Tensor]:
         """The named tensors one step stores."""
