@@ -88,7 +88,7 @@ class LogProbabilityCheck:
                 "sigmoid term sees shifted, squashed values). Return the logits from forward (drop the final "
                 "log_softmax) and use F.cross_entropy on them in place of F.nll_loss.",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=user_stacklevel(),
             )
 
 
@@ -134,7 +134,7 @@ class NewClassWatch:
                 "methods, it is then plain fine-tuning). "
                 "Call synapse.end_task(named_batches(loader)) after each task's training.",
                 UserWarning,
-                stacklevel=4,
+                stacklevel=user_stacklevel(),
             )
         self._seen |= classes
         self._task |= classes

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from .._base import CURRENT_LOSS, BufferedSynapse, TaskBatch, distributed_world
 from .._floor import Floor
 from .._validation import check_non_negative, check_positive, check_positive_int
+from .._watch import user_stacklevel
 from ..augment import Transform
 from ..buffer import fresh_seed
 from ..catalog import HParam, MethodSpec, register
@@ -438,7 +439,7 @@ class GDumb(BufferedSynapse):
             warnings.warn(
                 f"GDumb: {', '.join(kept)} belong to modules without reset_parameters() and keep their trained "
                 "values; pass reinitialize=fn to re-initialise them your way",
-                stacklevel=2,
+                stacklevel=user_stacklevel(),
             )
 
     # ------------------------------------------------------------------ state
