@@ -165,7 +165,6 @@ class Config:
             init=self.init or p.init,
         )
 
-
     def _trains_nothing(self) -> bool:
         """A continual run of a method under which nothing in the model trains (the closed-form ones)."""
         if self.training_type != "continual" or self.synapse_type not in catalog.names():
