@@ -285,3 +285,20 @@ def test_a_train_test_tree_takes_no_split_lists(split_tree):
     with pytest.raises(DatasetUnavailable, match="that is its split, so split_dir and test_fraction do not apply"):
         folder_spec(str(split_tree), split_dir=str(split_tree))
     assert folder_spec(str(split_tree)).test_split == "the images in test/"
+
+
+def test_linked_folders_16_bit_images_and_unreadable_files(split_tree, tmp_path_factory):
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    write_images(str(elsewhere / "more"), 1, 2, first=50)
+    os.symlink(elsewhere / "more", split_tree / "train" / "bee" / "linked")  # images a user sees under bee/
+    os.symlink(split_tree / "train", split_tree / "train" / "bee" / "loop")  # a link to an ancestor: no loop
+    ramp = (torch.arange(16).repeat(16, 1) * 4369).numpy().astype("uint16")  # 0 .. 65535 across the image
+    Image.fromarray(ramp).save(split_tree / "test" / "ant" / "deep.png")
+    assert Image.open(split_tree / "test" / "ant" / "deep.png").mode.startswith("I;16")
+    spec, tensors, _ = load_tasks(f"folder:{split_tree}", "unused", image_size=16)
+    assert len(tensors[1][1]) == 3 + 2  # bee's own three and the two linked ones, each once
+    deep = tensors[0][2][-1].float()  # the 16-bit ramp, scaled to 8 bits rather than clipped at 255
+    assert deep.min() < 10 and 100 < deep.mean() < 160 and deep.max() > 245
+    (split_tree / "train" / "dog" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    with pytest.raises(DatasetUnavailable, match=r"cannot read image .*dog/bad.png"):
+        load_tasks(f"folder:{split_tree}", "unused", image_size=16)

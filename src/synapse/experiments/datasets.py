@@ -494,10 +494,19 @@ def _class_folders(path: str) -> List[str]:
 
 
 def _image_files(folder: str) -> List[str]:
-    """The images under ``folder``, at any depth (TinyImageNet's train/<class>/images/ too), sorted."""
-    found = []
-    for parent, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    """The images under ``folder``, at any depth (TinyImageNet's train/<class>/images/ too), sorted. Linked
+    folders are followed, each real folder once; a link to ``folder`` itself or above it is not (it would
+    loop, or reach other classes' images)."""
+    root = os.path.realpath(folder)
+    found, seen = [], {root}
+    for parent, dirs, files in os.walk(folder, followlinks=True):
+        keep = []
+        for d in sorted(d for d in dirs if not d.startswith(".")):
+            real = os.path.realpath(os.path.join(parent, d))
+            if real not in seen and os.path.commonpath([real, root]) != real:
+                seen.add(real)
+                keep.append(d)
+        dirs[:] = keep
         found += [os.path.join(parent, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
     return sorted(found)
 
@@ -622,13 +631,19 @@ def _test_split(
 
 
 def _read_images(files: Sequence[str], size: int) -> Tensor:
-    """uint8 ``(N, 3, size, size)``: every file as RGB, resized (bilinear)."""
+    """uint8 ``(N, 3, size, size)``: every file as RGB, resized (bilinear). 16-bit greyscale images are scaled
+    to 8 bits (``convert("RGB")`` alone would clip them at 255); a file that cannot be read is named."""
     from PIL import Image
 
     out = np.empty((len(files), size, size, 3), dtype=np.uint8)
     for i, f in enumerate(files):
-        with Image.open(f) as image:
-            out[i] = np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR))
+        try:
+            with Image.open(f) as image:
+                if image.mode.startswith("I;16"):
+                    image = Image.fromarray((np.asarray(image, dtype=np.uint32) // 257).astype(np.uint8))
+                out[i] = np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR))
+        except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError and truncated files are OSErrors
+            raise DatasetUnavailable(f"cannot read image {f}: {e} (remove or replace the file)") from e
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
 
