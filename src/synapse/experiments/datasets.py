@@ -638,7 +638,8 @@ def _read_images(files: Sequence[str], size: int) -> Tensor:
     out = np.empty((len(files), size, size, 3), dtype=np.uint8)
     for i, f in enumerate(files):
         try:
-            with Image.open(f) as image:
+            with Image.open(f) as opened:
+                image: Image.Image = opened
                 if image.mode.startswith("I;16"):
                     image = Image.fromarray((np.asarray(image, dtype=np.uint32) // 257).astype(np.uint8))
                 out[i] = np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR))
