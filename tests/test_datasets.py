@@ -302,3 +302,16 @@ def test_linked_folders_16_bit_images_and_unreadable_files(split_tree, tmp_path_
     (split_tree / "train" / "dog" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
     with pytest.raises(DatasetUnavailable, match=r"cannot read image .*dog/bad.png"):
         load_tasks(f"folder:{split_tree}", "unused", image_size=16)
+
+
+def test_a_folder_that_changed_while_a_run_was_stopped_is_not_resumed(one_tree, tmp_path_factory, capsys):
+    out = tmp_path_factory.mktemp("run")
+    args = ["--dataset", f"folder:{one_tree}", "--image_size", "8", "--model", "mlp", "--test_fraction", "0.4",
+            "--buffer_size", "8", "--threads", "1", "--quiet", "--output_dir", str(out)]  # fmt: skip
+    assert main(args) == 0
+    assert main([*args, "--resume"]) == 0  # the same files: resumes (here: already finished)
+    write_images(str(one_tree / "eel"), 4, 1, first=99)  # one new image moves the seeded hold-out
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("synapse: error: checkpoint") and "folder_files: checkpoint has" in err

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import hashlib
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -216,6 +217,18 @@ class SplitDataset(TaskDict):
 
     def _test_set(self, root: str) -> Dataset:
         return self._test
+
+    def files_fingerprint(self) -> Optional[str]:
+        """A short sha256 of a folder dataset's files and labels, train and test: what may change on disk between
+        a run and its resume (a new image also moves the seeded hold-out); None for an in-memory dataset."""
+        if not isinstance(self._train, FileImages) or not isinstance(self._test, FileImages):
+            return None
+        digest = hashlib.sha256()
+        for part in (self._train, self._test):
+            for file, label in zip(part.files, part.targets.tolist()):
+                digest.update(f"{label}\t{file}\n".encode())
+            digest.update(b"--\n")
+        return digest.hexdigest()[:16]
 
 
 def _relabel(dataset: Dataset, order: Sequence[int]) -> Dataset:

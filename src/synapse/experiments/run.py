@@ -184,6 +184,9 @@ class Experiment:
         cfg_dict = dataclasses.asdict(self.cfg)
         self.identity = {k: cfg_dict[k] for k in IDENTITY}
         self.identity["world_size"] = self.world.size
+        files = tasks.files_fingerprint()
+        if files is not None:  # a folder's images and split: adding one while a run is stopped must not go unseen
+            self.identity["folder_files"] = files
         self.ckpt_path = checkpoint_path(self.cfg.output_dir, self.world)
         self.writer = Writer(self.ckpt_path) if self.ckpt_path else None
         self.saved_step = -1  # the global step of the checkpoint on disk (none: -1)
@@ -546,7 +549,9 @@ class Experiment:
         there is none (checkpoint.newest_common)."""
         if self.ckpt_path is None:
             raise ValueError("--resume needs --output_dir, where the checkpoint is")
-        found = newest_common(self.ckpt_path, self.identity, self.world, self.device, identity_defaults())
+        # A checkpoint written before folder_files was recorded cannot be checked for it: it is taken as matching.
+        absent = {**identity_defaults(), "folder_files": self.identity.get("folder_files")}
+        found = newest_common(self.ckpt_path, self.identity, self.world, self.device, absent)
         if found is None:
             self.log(f"no checkpoint in {os.path.dirname(self.ckpt_path) or '.'}: starting from scratch")
             return
