@@ -315,3 +315,22 @@ def test_a_folder_that_changed_while_a_run_was_stopped_is_not_resumed(one_tree, 
     assert main([*args, "--resume"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("synapse: error: checkpoint") and "folder_files: checkpoint has" in err
+
+
+def test_train_and_test_folders_that_differ_are_named_and_a_split_that_does_not_fit_is_one_line(
+    split_tree, capsys
+):
+    write_images(str(split_tree / "test" / "eel"), 4, 1)
+    os.rename(split_tree / "test" / "ant", split_tree / "test" / "Ant")
+    with pytest.raises(DatasetUnavailable, match=r"test/ differs \(only in train/: ant; only in test/: Ant, eel\)"):
+        folder_spec(str(split_tree))
+    os.rename(split_tree / "test" / "Ant", split_tree / "test" / "ant")
+    for image in (split_tree / "test" / "eel").iterdir():
+        image.unlink()
+    (split_tree / "test" / "eel").rmdir()
+    for bad in (["--classes_per_task", "3"], ["--first_task_classes", "6"]):  # 4 classes: neither fits
+        with pytest.raises(SystemExit) as stopped:
+            main(["--dataset", f"folder:{split_tree}", *bad])
+        err = capsys.readouterr().err
+        assert stopped.value.code == 2 and "Traceback" not in err and "synapse: error:" in err
+    assert "has 4 classes: tasks of 1 and a first task of 6" in err

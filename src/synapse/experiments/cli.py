@@ -643,7 +643,9 @@ def _main(argv: Optional[List[str]]) -> int:
     fields = {k: v for k, v in vars(args).items() if not k.startswith("hp_") and k != "preset"}
     cfg = Config(**{**fields, "method_args": method_args, "model_args": _model_args(parser, args.model_args)})
     try:
-        check_scenario(cfg, DATASETS[cfg.dataset])
+        spec = DATASETS[cfg.dataset]
+        check_scenario(cfg, spec)
+        spec.with_split(cfg.classes_per_task, cfg.first_task_classes, cfg.class_order_seed)  # before any work
     except ValueError as e:
         parser.error(str(e))
     threads_before = torch.get_num_threads()  # put back at the end, for callers of main() in-process

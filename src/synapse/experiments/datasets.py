@@ -15,7 +15,7 @@ import gzip
 import hashlib
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
@@ -133,7 +133,12 @@ class DatasetSpec:
             raise ValueError(f"{self.name} is a {self.scenario.kind} scenario: its tasks are not split by class")
         k = self.classes_per_task if classes_per_task is None else classes_per_task
         first = k if first_task_classes is None else first_task_classes
-        if k < 1 or not 1 <= first <= self.num_classes or (self.num_classes - first) % k:
+        if k < 1 or first < 1 or first > self.num_classes:
+            raise ValueError(
+                f"{self.name} has {self.num_classes} classes: tasks of {k} and a first task of {first} classes "
+                f"need classes_per_task and first_task_classes from 1 to {self.num_classes}"
+            )
+        if (self.num_classes - first) % k:
             raise ValueError(
                 f"{self.num_classes} classes cannot be split into a first task of {first} and tasks of {k} classes: "
                 f"{self.num_classes} - first_task_classes must be a multiple of classes_per_task"
@@ -539,6 +544,26 @@ def _held_out_part(path: str, classes: List[str]) -> Optional[str]:
     return None
 
 
+def _class_differences(path: str, classes: List[str]) -> str:
+    """Which class folders ``train/`` and each of ``test/``/``val/`` do not share ('' where none is there)."""
+    notes = []
+    for part in ("test", "val"):
+        folder = os.path.join(path, part)
+        if not os.path.isdir(folder):
+            continue
+        theirs = set(_class_folders(folder))
+        sides = (("train/", set(classes) - theirs), (f"{part}/", theirs - set(classes)))
+        differences = [f"only in {where}: {_some(names)}" for where, names in sides if names]
+        if differences:
+            notes.append(f"{part}/ differs ({'; '.join(differences)})")
+    return "; " + "; ".join(notes) if notes else ""
+
+
+def _some(names: Set[str]) -> str:
+    shown = sorted(names)
+    return ", ".join(shown[:5]) + (f" and {len(shown) - 5} more" if len(shown) > 5 else "")
+
+
 def _folder_layout(path: str) -> Tuple[List[str], Optional[str]]:
     """The class names, and the held-out part (``test``/``val``) when ``path`` holds ``train/`` beside it;
     else (None) ``path`` is one tree of class folders."""
@@ -550,7 +575,7 @@ def _folder_layout(path: str) -> Tuple[List[str], Optional[str]]:
         if held_out is None:
             raise DatasetUnavailable(
                 f"{path}: beside train/ there must be test/ (or val/) with the same class folders, or TinyImageNet's "
-                f"val/ with {ANNOTATIONS}"
+                f"val/ with {ANNOTATIONS}{_class_differences(path, classes)}"
             )
     else:
         classes, held_out = _class_folders(path), None
