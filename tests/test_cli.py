@@ -412,3 +412,12 @@ def test_a_method_that_refuses_the_model_ends_the_program_with_one_line_naming_i
     assert code == 2 and "Traceback" not in err
     assert "synapse: error: dualprompt cannot be built on timm:vit_tiny_patch16_224 with " in err
     assert "e_prompt_layers='2,3,4'" in err and "the model's depth" in err and "--help` lists them" in err
+
+
+def test_a_run_whose_loss_diverges_says_so_once(capsys):
+    args = ["--dataset", "fashion-mnist", "--synapse_type", "er", "--buffer_size", "8", "--lr", "1e30",
+            "--max_train_per_task", "20", "--max_test_per_task", "10", "--threads", "1"]  # fmt: skip
+    with pytest.warns(UserWarning, match=r"training diverged: the mean loss of task 1, epoch 1 is nan") as caught:
+        assert main(args) == 0
+    assert sum("training diverged" in str(w.message) for w in caught) == 1
+    assert "training diverged in task 1, epoch 1" in capsys.readouterr().out

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import sys
 import time
+import warnings
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -199,6 +201,7 @@ class Experiment:
         self.epoch_log: List[Dict[str, Any]] = []
         self.test_samples: List[int] = []
         self.elapsed = 0.0
+        self.diverged: Optional[str] = None  # the first epoch whose mean loss was not finite
 
     @property
     def task_il_applies(self) -> bool:
@@ -449,6 +452,14 @@ class Experiment:
             result = evaluate(self.model, [(val_x, val_y)], [all_classes], rank=self.world.rank, world=self.world.size)
             row["validation_accuracy"] = result.class_il[0]
         self.epoch_log.append(row)
+        if not math.isfinite(row["train_loss"]) and self.diverged is None:
+            self.diverged = f"{name}, epoch {row['epoch']}"
+            warnings.warn(
+                f"training diverged: the mean loss of {self.diverged} is {row['train_loss']}, and every accuracy from "
+                f"here on is a diverged model's (lower --lr, now {self.cfg.lr}, or check the data)",
+                UserWarning,
+                stacklevel=2,
+            )
         self.logger.scalars(
             {f"epoch/{k}": v for k, v in row.items() if k in ("train_loss", "train_accuracy", "validation_accuracy")},
             len(self.epoch_log),
@@ -517,6 +528,8 @@ class Experiment:
             stream=self.stream is not None,
         )
         self.log("\nsummary (%):\n" + report.summary_text(results, self.elapsed))
+        if self.diverged is not None:
+            self.log(f"training diverged in {self.diverged} (a non-finite mean loss): a diverged model's numbers")
         if self.main and self.cfg.output_dir:
             title = f"{self.cfg.dataset} / {self.cfg.training_type}" + (
                 f" / {self.cfg.synapse_type}" if self.cfg.training_type == "continual" else ""
