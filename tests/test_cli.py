@@ -421,3 +421,14 @@ def test_a_run_whose_loss_diverges_says_so_once(capsys):
         assert main(args) == 0
     assert sum("training diverged" in str(w.message) for w in caught) == 1
     assert "training diverged in task 1, epoch 1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bad, says", [
+    (["--dataset", "cifar10", "--image_size", "64"], "apply to folder: datasets, not 'cifar10'"),
+    (["--evaluate_on", "validation"], "evaluate_on='validation' needs validation_ratio > 0"),
+])  # fmt: skip
+def test_settings_that_do_not_fit_the_dataset_are_one_line_before_any_work(bad, says, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(bad)
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and "Traceback" not in err and says in err.splitlines()[-1]

@@ -125,6 +125,12 @@ def test_tiny_imagenet_layout_reads_as_it_is(tmp_path):
     assert [len(t[1]) for t in tensors] == [3, 3, 3] and [len(t[3]) for t in tensors] == [2, 2, 2]
     for train_x, train_y, test_x, test_y in tensors:
         assert labels_match_pixels(train_x, train_y) and labels_match_pixels(test_x, test_y)
+    listing = tmp_path / "val" / "val_annotations.txt"
+    for bad, says in (("99.png\tn01\t0\t0\t8\t8\n", r"line 7: no file .*99.png"),
+                      ("0.png\tn09\t0\t0\t8\t8\n", r"line 7: '0.png\\tn09.*' names no class of train/")):  # fmt: skip
+        listing.write_text("".join(lines) + bad)
+        with pytest.raises(DatasetUnavailable, match=says):
+            load_tasks(f"folder:{tmp_path}", "unused", image_size=8)
 
 
 def test_imagenet_r_layout_is_one_tree_with_a_held_out_fraction(tmp_path):
@@ -334,3 +340,12 @@ def test_train_and_test_folders_that_differ_are_named_and_a_split_that_does_not_
         err = capsys.readouterr().err
         assert stopped.value.code == 2 and "Traceback" not in err and "synapse: error:" in err
     assert "has 4 classes: tasks of 1 and a first task of 6" in err
+
+
+def test_a_quick_runs_first_items_hold_every_class_and_a_class_without_test_images_is_refused(split_tree):
+    spec, tensors, _ = load_tasks(f"folder:{split_tree}", "unused", image_size=8, classes_per_task=2)
+    assert tensors[0][1].tolist() == [0, 1, 0, 1, 0, 1]  # in turns: the first 2 (a --max_train_per_task 2) hold both
+    for image in (split_tree / "test" / "dog").iterdir():
+        image.unlink()
+    with pytest.raises(DatasetUnavailable, match=r"no test images .* for class folder\(s\) \['dog'\]"):
+        load_tasks(f"folder:{split_tree}", "unused", image_size=8)

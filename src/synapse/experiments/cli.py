@@ -17,8 +17,8 @@ from . import presets
 from ._extras import missing_extras_message, missing_modules
 from .build import MethodBuildError
 from .checkpoint import DEFAULT_EVERY, CheckpointError, parse_every
-from .config import OPTIMIZERS
-from .datasets import DATASETS, DatasetUnavailable
+from .config import OPTIMIZERS, validate
+from .datasets import DATASETS, DatasetUnavailable, check_folder_options
 from .loggers import BACKENDS, LoggerUnavailable
 from .models import INITS, ModelArgsError, ModelUnavailable, WeightsError, check_model_name
 from .run import TRAINING_TYPES, Config, Experiment, StoppedBeforeTraining, StopRequested, _Signals, check_scenario
@@ -643,9 +643,11 @@ def _main(argv: Optional[List[str]]) -> int:
     fields = {k: v for k, v in vars(args).items() if not k.startswith("hp_") and k != "preset"}
     cfg = Config(**{**fields, "method_args": method_args, "model_args": _model_args(parser, args.model_args)})
     try:
+        validate(cfg)  # the settings' own checks, and the dataset's, before any work
+        check_folder_options(cfg.dataset, cfg.image_size, cfg.test_fraction, cfg.split_dir)
         spec = DATASETS[cfg.dataset]
         check_scenario(cfg, spec)
-        spec.with_split(cfg.classes_per_task, cfg.first_task_classes, cfg.class_order_seed)  # before any work
+        spec.with_split(cfg.classes_per_task, cfg.first_task_classes, cfg.class_order_seed)
     except ValueError as e:
         parser.error(str(e))
     threads_before = torch.get_num_threads()  # put back at the end, for callers of main() in-process

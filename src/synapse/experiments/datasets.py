@@ -453,6 +453,17 @@ for _base, (_mean, _std, _load) in _BASES.items():
         DATASETS.register(_spec.name)(_spec)
 
 
+def check_folder_options(
+    name: str, image_size: Optional[int], test_fraction: Optional[float], split_dir: Optional[str]
+) -> None:
+    """Raise ValueError when options that only a ``folder:`` dataset takes are given for another one."""
+    if not name.startswith(FOLDER_PREFIX) and (image_size, test_fraction, split_dir) != (None, None, None):
+        raise ValueError(
+            f"image_size, test_fraction and split_dir apply to folder: datasets, not {name!r} (to feed a model "
+            "another size, use input_size)"
+        )
+
+
 def load_split(
     name: str,
     root: str,
@@ -470,13 +481,9 @@ def load_split(
     ``image_size``, ``test_fraction`` and ``split_dir`` apply to ``folder:`` datasets (:func:`folder_spec`);
     the split options to any class-incremental one (:meth:`DatasetSpec.with_split`).
     """
+    check_folder_options(name, image_size, test_fraction, split_dir)
     if name.startswith(FOLDER_PREFIX):
         spec = folder_spec(name[len(FOLDER_PREFIX) :], image_size or 32, test_fraction, split_dir)
-    elif (image_size, test_fraction, split_dir) != (None, None, None):
-        raise ValueError(
-            f"image_size, test_fraction and split_dir apply to folder: datasets, not {name!r} (to feed a model "
-            "another size, use input_size)"
-        )
     else:
         spec = DATASETS[name]
     spec = spec.with_split(classes_per_task, first_task_classes, class_order_seed)
@@ -588,13 +595,21 @@ def _folder_layout(path: str) -> Tuple[List[str], Optional[str]]:
 
 
 def _annotated(folder: str, classes: List[str]) -> Dict[str, List[str]]:
-    """``{class: files}`` from TinyImageNet's ``val_annotations.txt`` (file name, class, box, tab-separated)."""
+    """``{class: files}`` from TinyImageNet's ``val_annotations.txt`` (file name, class, box, tab-separated).
+    A listed file that is missing, or a class that is not a ``train/`` folder, is refused with its line."""
     index: Dict[str, List[str]] = {c: [] for c in classes}
-    with open(os.path.join(folder, ANNOTATIONS), encoding="utf-8") as f:
-        for line in f:
-            fields = line.split("\t")
-            if len(fields) >= 2 and fields[1] in index:
-                index[fields[1]].append(os.path.join(folder, "images", fields[0]))
+    listing = os.path.join(folder, ANNOTATIONS)
+    with open(listing, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            fields = line.rstrip("\n").split("\t")
+            if not line.strip():
+                continue
+            if len(fields) < 2 or fields[1] not in index:
+                raise DatasetUnavailable(f"{listing}, line {number}: {line.strip()!r} names no class of train/")
+            file = os.path.join(folder, "images", fields[0])
+            if not os.path.isfile(file):
+                raise DatasetUnavailable(f"{listing}, line {number}: no file {file}")
+            index[fields[1]].append(file)
     return {c: sorted(files) for c, files in index.items()}
 
 
@@ -695,16 +710,30 @@ def _load_folder(path: str, size: int, test_fraction: float, split: Optional[Spl
         if split is not None
         else _listed(path, classes, held_out, test_fraction)
     )
-    present = set(parts["train"][1])
-    empty = [c for i, c in enumerate(classes) if i not in present]
-    if empty:
-        listed = "in the split list" if split is not None else f"({', '.join(IMAGE_EXTENSIONS)})"
-        raise DatasetUnavailable(f"{path}: no training images {listed} in class folder(s) {empty}")
+    for part, what in (("train", "training"), ("test", "test")):
+        present = set(parts[part][1])
+        empty = [c for i, c in enumerate(classes) if i not in present]
+        if empty:  # a task without test images would score 0% and pull the averages down, silently
+            listed = "in the split list" if split is not None else f"({', '.join(IMAGE_EXTENSIONS)})"
+            held = "" if part == "train" or split is not None or held_out else " (a class needs 2 images or more)"
+            raise DatasetUnavailable(f"{path}: no {what} images {listed} for class folder(s) {empty}{held}")
     train, test = (
         FileImages(files, torch.tensor(labels, dtype=torch.int64), size)
-        for files, labels in (parts["train"], parts["test"])
+        for files, labels in (_in_turns(*parts["train"]), _in_turns(*parts["test"]))
     )
     return train, test
+
+
+def _in_turns(files: List[str], labels: List[int]) -> Tuple[List[str], List[int]]:
+    """The items one class after another in turns (each class's own order kept), so that a task's first
+    ``n`` items (``--max_train_per_task``) hold its classes alike rather than its first class alone."""
+    counts: Dict[int, int] = {}
+    turn = []
+    for label in labels:
+        turn.append(counts.get(label, 0))
+        counts[label] = turn[-1] + 1
+    order = sorted(range(len(files)), key=lambda i: (turn[i], labels[i]))
+    return [files[i] for i in order], [labels[i] for i in order]
 
 
 def _listed(
