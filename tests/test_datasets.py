@@ -349,3 +349,18 @@ def test_a_quick_runs_first_items_hold_every_class_and_a_class_without_test_imag
         image.unlink()
     with pytest.raises(DatasetUnavailable, match=r"no test images .* for class folder\(s\) \['dog'\]"):
         load_tasks(f"folder:{split_tree}", "unused", image_size=8)
+
+
+def test_a_macos_zips_resource_forks_are_neither_classes_nor_images(one_tree):
+    write_images(str(one_tree / "__MACOSX" / "ant"), 0, 2)
+    (one_tree / "ant" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    spec, tensors, _ = load_tasks(f"folder:{one_tree}", "unused", image_size=8)
+    assert spec.num_classes == 5 and sum(len(t[1]) + len(t[3]) for t in tensors) == 25
+
+
+def test_a_folder_read_smaller_than_the_model_takes_is_said(one_tree):
+    args = ["--dataset", f"folder:{one_tree}", "--model", "resnet18-reduced", "--max_train_per_task", "4",
+            "--max_test_per_task", "2", "--num_epochs", "1", "--training_type", "joint", "--threads", "1",
+            "--quiet"]  # fmt: skip
+    with pytest.warns(UserWarning, match=r"read at 32x32 \(--image_size\) and upsampled to the model's 64"):
+        assert main([*args, "--input_size", "64"]) == 0

@@ -514,8 +514,16 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".
 _FOLDER_MEAN, _FOLDER_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+# Folders an archiver or OS leaves beside the data (a macOS zip's resource forks): never a class.
+_NOT_DATA = ("__MACOSX",)
+
+
 def _class_folders(path: str) -> List[str]:
-    return sorted(d for d in os.listdir(path) if not d.startswith(".") and os.path.isdir(os.path.join(path, d)))
+    return sorted(
+        d
+        for d in os.listdir(path)
+        if not d.startswith(".") and d not in _NOT_DATA and os.path.isdir(os.path.join(path, d))
+    )
 
 
 def _image_files(folder: str) -> List[str]:
@@ -526,13 +534,14 @@ def _image_files(folder: str) -> List[str]:
     found, seen = [], {root}
     for parent, dirs, files in os.walk(folder, followlinks=True):
         keep = []
-        for d in sorted(d for d in dirs if not d.startswith(".")):
+        for d in sorted(d for d in dirs if not d.startswith(".") and d not in _NOT_DATA):
             real = os.path.realpath(os.path.join(parent, d))
             if real not in seen and os.path.commonpath([real, root]) != real:
                 seen.add(real)
                 keep.append(d)
         dirs[:] = keep
-        found += [os.path.join(parent, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+        # Hidden files are no images (macOS's ._name.png resource forks among them).
+        found += [os.path.join(parent, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS) and f[0] != "."]
     return sorted(found)
 
 

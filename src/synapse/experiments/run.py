@@ -164,6 +164,14 @@ class Experiment:
             cfg.with_protocol(self.spec), data="stream" if path.stream else "memory", num_workers=workers
         )
         self.data_path = path.why + (f" ({workers} workers)" if path.stream else "")
+        if cfg.dataset.startswith("folder:") and cfg.input_size and cfg.input_size > self.spec.image_size:
+            warnings.warn(
+                f"the folder's images are read at {self.spec.image_size}x{self.spec.image_size} (--image_size) and "
+                f"upsampled to the model's {cfg.input_size} (--input_size): pass --image_size {cfg.input_size} to "
+                "read them at the size the model takes",
+                UserWarning,
+                stacklevel=2,
+            )
         tensors = streamed_tasks(tasks, self.device, workers) if path.stream else read_tasks(tasks)
         self.main = self.world.is_main
         torch.manual_seed(self.cfg.seed)
