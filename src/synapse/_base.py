@@ -5,15 +5,16 @@ from __future__ import annotations
 import copy
 import gc
 import inspect
+import warnings
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import _autograd
-from ._capture import ForwardCapture, ReplaySource, check_replay_rows, live_captures
+from ._capture import ForwardCapture, ReplaySource, live_captures
 from ._model import distributed_world, unwrap_model
 from ._state import StateError, Stateful
 from ._validation import (
@@ -21,10 +22,11 @@ from ._validation import (
     check_forward_accepts,
     check_loss,
     check_positive_int,
+    check_replay_rows,
     check_targets_and_inputs,
     forward_signature,
 )
-from ._watch import LogProbabilityCheck, NewClassWatch, OwnParameterWatch
+from ._watch import LogProbabilityCheck, NewClassWatch, OwnParameterWatch, user_stacklevel
 from .augment import Transform, apply_transform, check_replay_transform
 from .buffer import fresh_seed
 from .memory import STREAM_POLICIES, make_buffer
@@ -165,6 +167,7 @@ class Synapse(Stateful, ABC):
         self._logprob_check = LogProbabilityCheck(type(self).__name__)
         self._class_watch = NewClassWatch(type(self).__name__)
         self._own_watch = OwnParameterWatch(type(self).__name__)
+        self._warned: Set[str] = set()  # the one-time warnings given (_warn_once)
         self._a_parameter = next(self.module.parameters())  # its device is the model's device
         self.scaler = scaler
         self.num_steps = 0
@@ -406,6 +409,12 @@ class Synapse(Stateful, ABC):
     def trainable_parameters(self) -> List[nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
 
+    def _warn_once(self, key: str, message: str) -> None:
+        """A ``UserWarning`` the first time ``key`` comes up for this method, pointing at the user's line."""
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, UserWarning, stacklevel=user_stacklevel())
+
     @property
     def _first_step_of_task(self) -> bool:
         """Whether this step is the first of a task (or since the method was built): where checks that cost a
@@ -553,8 +562,8 @@ class BufferedSynapse(Synapse):
         # Names, types and batch sizes were checked by backward; only what the user passed needs checking
         # against the stored layout: whatever a method adds is its own making.
         self.buffer.check_layout(BufferedSynapse._stored_items(self, targets, model_inputs), partial=True)
-        outputs = None if self._capture is None else self._capture.outputs
-        if self._first_step_of_task and outputs is not None and outputs.dim() == 2:
+        outputs = None if self._capture is None or not self._first_step_of_task else self._capture.outputs
+        if outputs is not None and outputs.dim() == 2:
             # Targets outside the head would be stored and fail every later replay loss. Read at each task's
             # first step (where a per-task label mapping slips); on CUDA, where reading them is a host sync,
             # at the very first step only, so that backward stays sync-free.
@@ -616,14 +625,15 @@ class BufferedSynapse(Synapse):
 
     def _augment_replay(self, sample: Dict[str, Tensor]) -> Dict[str, Tensor]:
         """``sample`` with its inputs passed through ``replay_transform`` (none: unchanged), in place, and
-        checked against the training forward's inputs (:func:`~synapse._capture.check_replay_rows`).
+        checked against the training forward's inputs (:func:`~synapse._validation.check_replay_rows`).
 
         Every replay path calls it once per replayed minibatch, so the draws from the method's generator
         follow the steps in the same order, fused or not, and a resumed run repeats them."""
-        for name in sample:
-            if name.startswith("input:") and self.replay_transform is not None:
+        transform = self.replay_transform
+        if transform is not None:
+            for name in [name for name in sample if name.startswith("input:")]:
                 rows = sample[name].shape[0]
-                out = apply_transform(self.replay_transform, sample[name], self._replay_generator)
+                out = apply_transform(transform, sample[name], self._replay_generator)
                 if not isinstance(out, Tensor) or out.shape[0] != rows:
                     got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
                     raise ValueError(f"replay_transform must return a tensor of {rows} rows for {name!r}, got {got}")

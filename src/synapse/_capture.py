@@ -299,20 +299,3 @@ def live_captures(module: nn.Module) -> List[ForwardCapture]:
             elif capture.module is module and capture.live and capture not in found:
                 found.append(capture)
     return found
-
-
-def check_replay_rows(name: str, live: Tensor, rows: Tensor) -> None:
-    """Refuse replayed rows that cannot stand in for the training forward's input ``name``: another kind of
-    number (integer against floating point) or another shape per item. The memory stores what ``backward`` was
-    given, and replay feeds it to the model (after any ``replay_transform``) without the steps that made the
-    forward's input from it, so such rows would skip them (fused replay's ``torch.cat`` would even promote uint8
-    to float silently)."""
-    if rows.is_floating_point() == live.is_floating_point() and rows.shape[1:] == live.shape[1:]:
-        return
-    raise ValueError(
-        f"replay: the memory's {name!r} rows are {rows.dtype} of shape {tuple(rows.shape[1:])} per item, but the "
-        f"training forward's {name!r} is {live.dtype} of shape {tuple(live.shape[1:])}: backward stores the "
-        f"{name!r} it is given, and replayed rows reach the model as they are (after replay_transform), so they "
-        "would skip whatever made one from the other (a .float() / 255, a normalisation, a resize). Pass backward "
-        "the tensor the forward gets, or move that step into the model or into the replay_transform"
-    )

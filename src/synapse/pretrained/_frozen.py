@@ -3,7 +3,6 @@ forward, feed statistics that the method accumulates without a backward pass."""
 
 from __future__ import annotations
 
-import warnings
 from abc import abstractmethod
 from typing import Any, List, Mapping, Optional, Sequence
 
@@ -16,7 +15,6 @@ from .._base import Synapse
 from .._floor import Floor
 from .._model import distributed_world
 from .._validation import check_class_indices, check_non_empty
-from .._watch import user_stacklevel
 from ._backbone import FeatureTap, check_same_head, find_head, float_features, freeze_backbone
 
 __all__ = ["FrozenFeatureMethod", "FrozenFeatureFloor"]
@@ -53,7 +51,6 @@ class FrozenFeatureMethod(Synapse):
         freeze_backbone(self.module, self.head)  # validated above: the first change to the model
         self._tap = FeatureTap(self.head)
         self._batch_norms = [m for m in self.module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
-        self._warned_train_mode = False
 
     def trainable_parameters(self) -> List[nn.Parameter]:
         """Nothing trains: an empty list (no optimizer is needed)."""
@@ -83,16 +80,14 @@ class FrozenFeatureMethod(Synapse):
 
     def _warn_if_batch_norm_trains(self) -> None:
         """Warn once when a BatchNorm layer ran the step's forward in train mode (a flag read: no sync)."""
-        if self._warned_train_mode or not any(m.training for m in self._batch_norms):
+        if not any(m.training for m in self._batch_norms):
             return
-        self._warned_train_mode = True
-        warnings.warn(
+        self._warn_once(
+            "batch_norm_trains",
             f"{type(self).__name__} trains nothing, but the model's BatchNorm layers are in train mode: they "
             "normalise each batch by its own statistics and move their running statistics, so the features the "
             "method accumulates drift from those predict() reads (eval mode). Call model.eval() before the "
             "training steps (in place of model.train()).",
-            UserWarning,
-            stacklevel=user_stacklevel(),
         )
 
     def _backward(self, loss: Tensor, targets: Tensor, model_inputs: Mapping[str, Tensor]) -> None:

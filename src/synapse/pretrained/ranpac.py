@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Iterable, Optional
 
 import torch
@@ -11,7 +10,6 @@ from torch import Tensor, nn
 
 from .._base import TaskBatch
 from .._validation import check_non_negative, check_positive_int
-from .._watch import user_stacklevel
 from ..buffer import fresh_seed
 from ..catalog import HParam, MethodSpec, register
 from ._frozen import FrozenFeatureFloor, FrozenFeatureMethod
@@ -109,11 +107,9 @@ class RanPAC(FrozenFeatureMethod):
         self.add_state("held_out_class_features", dtype=torch.float32, shape=(c, held_out[0]))
         self.add_state("class_counts", dtype=torch.float32, shape=(c,))
         self.add_state("weights", dtype=torch.float32, shape=(c, m))
-        self._warned_no_held_out = False
         # Steps whose statistics the classifier has not been solved on yet (host-side; a resumed object starts
         # at 0, so it may miss the warning below, never give a false one).
         self._unsolved_steps = 0
-        self._warned_unsolved = False
 
     def project(self, features: Tensor) -> Tensor:
         """``h = ReLU(phi W)``: ``(batch, projection_dim)``."""
@@ -150,14 +146,11 @@ class RanPAC(FrozenFeatureMethod):
         if ridge == 0:
             if held_out_rows == 0:
                 ridge = 1.0
-                if not self._warned_no_held_out:
-                    self._warned_no_held_out = True
-                    warnings.warn(
-                        "RanPAC: no rows were held out to choose the ridge (batches of under 5 rows), so it is "
-                        "1.0: pass ridge= explicitly, or train with batches of 5 rows or more",
-                        UserWarning,
-                        stacklevel=user_stacklevel(),
-                    )
+                self._warn_once(
+                    "no_held_out",
+                    "RanPAC: no rows were held out to choose the ridge (batches of under 5 rows), so it is 1.0: "
+                    "pass ridge= explicitly, or train with batches of 5 rows or more",
+                )
             else:
                 ridge = ridge_grid_search(
                     self.gram, self.class_features, self.held_out_gram, self.held_out_class_features, RIDGE_GRID
@@ -171,14 +164,12 @@ class RanPAC(FrozenFeatureMethod):
 
     def _scores(self, features: Tensor) -> Tensor:
         self._follow_device()
-        if self._unsolved_steps and not self._warned_unsolved:
-            self._warned_unsolved = True
-            warnings.warn(
+        if self._unsolved_steps:
+            self._warn_once(
+                "unsolved",
                 f"RanPAC.predict: the classifier is solved at end_task(), and the {self._unsolved_steps} steps since "
                 "the last one are not in it: classes first seen in them score 0 (and before the first end_task(), "
                 "every class does). Call end_task() before evaluating.",
-                UserWarning,
-                stacklevel=user_stacklevel(),
             )
         return (self.project(features) @ self.weights.T).masked_fill(self.class_counts == 0, float("-inf"))
 

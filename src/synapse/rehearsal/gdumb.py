@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import warnings
 from typing import Any, Callable, Iterable, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
@@ -16,7 +15,6 @@ from torch import Tensor, nn
 from .._base import CURRENT_LOSS, BufferedSynapse, TaskBatch, distributed_world
 from .._floor import Floor
 from .._validation import check_non_negative, check_positive, check_positive_int
-from .._watch import user_stacklevel
 from ..augment import Transform
 from ..buffer import fresh_seed
 from ..catalog import HParam, MethodSpec, register
@@ -213,7 +211,6 @@ class GDumb(BufferedSynapse):
         # The retraining's own randomness (epoch orders, re-initialisation): in the state dict.
         self._generator = torch.Generator().manual_seed((fresh_seed() + 7919 * (rank + 1)) % 2**62)
         self.num_retrains = 0
-        self._warned_kept: bool = False
         self.add_generator("retrain_rng", "_generator")
         self.add_value("num_retrains", int)
 
@@ -434,12 +431,11 @@ class GDumb(BufferedSynapse):
                 reset()
             else:
                 kept.extend(f"{name}.{p}" if name else p for p, _ in module.named_parameters(recurse=False))
-        if kept and not self._warned_kept:
-            self._warned_kept = True
-            warnings.warn(
+        if kept:
+            self._warn_once(
+                "kept_parameters",
                 f"GDumb: {', '.join(kept)} belong to modules without reset_parameters() and keep their trained "
                 "values; pass reinitialize=fn to re-initialise them your way",
-                stacklevel=user_stacklevel(),
             )
 
     # ------------------------------------------------------------------ state
